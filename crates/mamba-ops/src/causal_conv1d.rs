@@ -1,0 +1,278 @@
+//! Depthwise causal convolution over time, and its one-step (decoding) update.
+//!
+//! With `xx = concat(initial_states, x)` along time (`W-1 + L` columns):
+//!
+//! ```text
+//! out[b,d,t] = act(bias[d] + sum_{k<W} weight[d,k] * xx[b,d,t+k])
+//! ```
+//!
+//! so `weight[d, W-1]` multiplies the current input. `final_states` are the last `W-1`
+//! columns of `xx`: the window that decoding continues from. Layouts follow
+//! `causal_conv1d_fn`: `x: (batch, dim, L)`, `weight: (dim, W)`, `bias: (dim)`,
+//! `initial_states, final_states: (batch, dim, W-1)`.
+
+use crate::error::{OpError, Result};
+use crate::math::silu;
+use rayon::prelude::*;
+
+/// Sizes of one convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvDims {
+    pub batch: usize,
+    pub dim: usize,
+    pub len: usize,
+    pub width: usize,
+}
+
+/// Inputs of the convolution (contiguous f32).
+#[derive(Debug, Clone, Copy)]
+pub struct ConvInputs<'a> {
+    pub x: &'a [f32],
+    pub weight: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub initial_states: Option<&'a [f32]>,
+    pub silu: bool,
+}
+
+/// `out: (batch, dim, L)` and `final_states: (batch, dim, W-1)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConvOutput {
+    pub out: Vec<f32>,
+    pub final_states: Vec<f32>,
+}
+
+fn shape_err(op: &'static str, msg: String) -> OpError {
+    OpError::Shape { op, msg }
+}
+
+fn expect_len(op: &'static str, name: &str, got: usize, want: usize) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(shape_err(op, format!("{name} has {got} elements, expected {want}")))
+    }
+}
+
+impl ConvDims {
+    /// Checks every input length against these sizes.
+    pub fn check(&self, x: &ConvInputs) -> Result<()> {
+        const OP: &str = "causal_conv1d";
+        if self.width == 0 {
+            return Err(shape_err(OP, "width must be at least 1".into()));
+        }
+        let rows = self.batch * self.dim;
+        expect_len(OP, "x", x.x.len(), rows * self.len)?;
+        expect_len(OP, "weight", x.weight.len(), self.dim * self.width)?;
+        if let Some(bias) = x.bias {
+            expect_len(OP, "bias", bias.len(), self.dim)?;
+        }
+        if let Some(init) = x.initial_states {
+            expect_len(OP, "initial_states", init.len(), rows * (self.width - 1))?;
+        }
+        Ok(())
+    }
+}
+
+/// The convolution written like its definition: build `xx`, slide the window.
+pub fn causal_conv1d_reference(dims: &ConvDims, x: &ConvInputs) -> Result<ConvOutput> {
+    dims.check(x)?;
+    let (nd, nl, w) = (dims.dim, dims.len, dims.width);
+    let rows = dims.batch * nd;
+    let mut out = vec![0.0; rows * nl];
+    let mut final_states = vec![0.0; rows * (w - 1)];
+    for row in 0..rows {
+        let d = row % nd;
+        let mut xx: Vec<f32> = match x.initial_states {
+            Some(init) => init[row * (w - 1)..][..w - 1].to_vec(),
+            None => vec![0.0; w - 1],
+        };
+        xx.extend_from_slice(&x.x[row * nl..][..nl]);
+        for t in 0..nl {
+            let mut acc = x.bias.map_or(0.0, |b| b[d]);
+            for k in 0..w {
+                acc += x.weight[d * w + k] * xx[t + k];
+            }
+            out[row * nl + t] = if x.silu { silu(acc) } else { acc };
+        }
+        final_states[row * (w - 1)..][..w - 1].copy_from_slice(&xx[xx.len() - (w - 1)..]);
+    }
+    Ok(ConvOutput { out, final_states })
+}
+
+/// The fast convolution: threaded over batch x channels; each channel's window is
+/// kept in registers while it slides along the row.
+pub fn causal_conv1d(dims: &ConvDims, x: &ConvInputs) -> Result<ConvOutput> {
+    dims.check(x)?;
+    let (nd, nl, w) = (dims.dim, dims.len, dims.width);
+    let rows = dims.batch * nd;
+    let mut out = vec![0.0; rows * nl];
+    let mut final_states = vec![0.0; rows * (w - 1)];
+    out.par_chunks_mut(nl.max(1))
+        .zip(final_states.par_chunks_mut((w - 1).max(1)))
+        .enumerate()
+        .for_each(|(row, (out_row, final_row))| {
+            let d = row % nd;
+            let history = x.initial_states.map(|s| &s[row * (w - 1)..][..w - 1]);
+            let weight = &x.weight[d * w..][..w];
+            let bias = x.bias.map_or(0.0, |b| b[d]);
+            let input = &x.x[row * nl..][..nl];
+            conv_row(input, history, weight, bias, x.silu, &mut out_row[..nl]);
+            if w > 1 {
+                last_window(history, input, final_row);
+            }
+        });
+    Ok(ConvOutput { out, final_states })
+}
+
+/// Convolves one channel: `out[t] = bias + sum_k weight[k] * xx[t+k]`.
+fn conv_row(
+    input: &[f32],
+    history: Option<&[f32]>,
+    weight: &[f32],
+    bias: f32,
+    act: bool,
+    out: &mut [f32],
+) {
+    let w = weight.len();
+    // Input at position `t + k - (W-1)`, reaching into the history for negative ones.
+    let at = |i: isize| -> f32 {
+        if i >= 0 {
+            input[i as usize]
+        } else {
+            history.map_or(0.0, |h| h[(h.len() as isize + i) as usize])
+        }
+    };
+    let warm = (w - 1).min(input.len());
+    for (t, o) in out.iter_mut().enumerate().take(warm) {
+        let mut acc = bias;
+        for (k, wk) in weight.iter().enumerate() {
+            acc += wk * at(t as isize + k as isize - (w as isize - 1));
+        }
+        *o = if act { silu(acc) } else { acc };
+    }
+    for (t, o) in out.iter_mut().enumerate().skip(warm) {
+        let window = &input[t + 1 - w..=t];
+        let acc = bias + window.iter().zip(weight).map(|(a, b)| a * b).sum::<f32>();
+        *o = if act { silu(acc) } else { acc };
+    }
+}
+
+/// The last `W-1` values of `concat(history, input)` (zeros where both run out).
+fn last_window(history: Option<&[f32]>, input: &[f32], dst: &mut [f32]) {
+    let keep = dst.len();
+    let from_input = keep.min(input.len());
+    let from_history = keep - from_input;
+    dst[from_history..].copy_from_slice(&input[input.len() - from_input..]);
+    match history {
+        Some(h) => dst[..from_history].copy_from_slice(&h[h.len() - from_history..]),
+        None => dst[..from_history].fill(0.0),
+    }
+}
+
+/// Sizes of a decoding update: `state_len >= W-1` past inputs per channel, `steps` new ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvUpdateDims {
+    pub batch: usize,
+    pub dim: usize,
+    pub width: usize,
+    pub state_len: usize,
+    pub steps: usize,
+}
+
+/// Inputs of a decoding update: `x: (batch, dim, steps)`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvUpdateInputs<'a> {
+    pub x: &'a [f32],
+    pub weight: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub silu: bool,
+}
+
+impl ConvUpdateDims {
+    /// Checks the state and every input length against these sizes.
+    pub fn check(&self, state: &[f32], x: &ConvUpdateInputs) -> Result<()> {
+        const OP: &str = "causal_conv1d_update";
+        if self.width == 0 || self.state_len + 1 < self.width {
+            return Err(shape_err(
+                OP,
+                format!("state_len {} must be at least width-1 = {}", self.state_len, self.width.max(1) - 1),
+            ));
+        }
+        let rows = self.batch * self.dim;
+        expect_len(OP, "conv_state", state.len(), rows * self.state_len)?;
+        expect_len(OP, "x", x.x.len(), rows * self.steps)?;
+        expect_len(OP, "weight", x.weight.len(), self.dim * self.width)?;
+        if let Some(bias) = x.bias {
+            expect_len(OP, "bias", bias.len(), self.dim)?;
+        }
+        Ok(())
+    }
+}
+
+/// The update written like its definition: `win = concat(state, x)`; each new position
+/// convolves the `W` values ending at it; the state becomes the last `state_len` of `win`.
+/// Returns `out: (batch, dim, steps)` and updates `state: (batch, dim, state_len)` in place.
+pub fn causal_conv1d_update_reference(
+    dims: &ConvUpdateDims,
+    state: &mut [f32],
+    x: &ConvUpdateInputs,
+) -> Result<Vec<f32>> {
+    dims.check(state, x)?;
+    let (nd, w, s, steps) = (dims.dim, dims.width, dims.state_len, dims.steps);
+    let mut out = vec![0.0; dims.batch * nd * steps];
+    for row in 0..dims.batch * nd {
+        let d = row % nd;
+        let mut win = state[row * s..][..s].to_vec();
+        win.extend_from_slice(&x.x[row * steps..][..steps]);
+        for t in 0..steps {
+            let mut acc = x.bias.map_or(0.0, |b| b[d]);
+            for k in 0..w {
+                acc += x.weight[d * w + k] * win[s + t + 1 - w + k];
+            }
+            out[row * steps + t] = if x.silu { silu(acc) } else { acc };
+        }
+        state[row * s..][..s].copy_from_slice(&win[win.len() - s..]);
+    }
+    Ok(out)
+}
+
+/// The fast update: per channel, shift the window in place and take one dot product per
+/// new input. No allocation per channel.
+pub fn causal_conv1d_update(
+    dims: &ConvUpdateDims,
+    state: &mut [f32],
+    x: &ConvUpdateInputs,
+) -> Result<Vec<f32>> {
+    dims.check(state, x)?;
+    let mut out = vec![0.0; dims.batch * dims.dim * dims.steps];
+    causal_conv1d_update_into(dims, state, x, &mut out);
+    Ok(out)
+}
+
+/// [`causal_conv1d_update`] writing into a caller's buffer (shapes already checked).
+pub fn causal_conv1d_update_into(
+    dims: &ConvUpdateDims,
+    state: &mut [f32],
+    x: &ConvUpdateInputs,
+    out: &mut [f32],
+) {
+    let (nd, w, s, steps) = (dims.dim, dims.width, dims.state_len, dims.steps);
+    for (row, (st, o)) in state.chunks_mut(s).zip(out.chunks_mut(steps)).enumerate() {
+        let d = row % nd;
+        let weight = &x.weight[d * w..][..w];
+        let bias = x.bias.map_or(0.0, |b| b[d]);
+        for (t, o_t) in o.iter_mut().enumerate() {
+            let new = x.x[row * steps + t];
+            // The window is the last W-1 state entries followed by the new input.
+            let past = &st[s + 1 - w..];
+            let acc = bias
+                + past.iter().zip(weight).map(|(a, b)| a * b).sum::<f32>()
+                + weight[w - 1] * new;
+            *o_t = if x.silu { silu(acc) } else { acc };
+            if s > 0 {
+                st.copy_within(1.., 0);
+                st[s - 1] = new;
+            }
+        }
+    }
+}

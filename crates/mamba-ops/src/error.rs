@@ -1,0 +1,12 @@
+//! The error type of the op layer.
+
+/// A wrong shape or an unsupported argument passed to an op.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("{op}: {msg}")]
+    Shape { op: &'static str, msg: String },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, OpError>;

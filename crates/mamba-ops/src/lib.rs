@@ -1,0 +1,18 @@
+//! The hot operations of Mamba models.
+//!
+//! Each op lives in its own module with the same three parts: a `*_reference` function
+//! written like the equations (the definition the tests trust), a fast CPU function
+//! (threaded with rayon, vectorised, chunked where the algorithm allows), and the shape
+//! types both share. Ops work on contiguous `f32` slices in the layouts of the
+//! `mamba_ssm` / `causal_conv1d` reference functions, so the golden fixtures apply as they are.
+
+pub mod causal_conv1d;
+pub mod error;
+pub mod gemm;
+pub mod math;
+pub mod rmsnorm_gated;
+pub mod selective_scan;
+pub mod selective_state_update;
+pub mod ssd;
+
+pub use error::{OpError, Result};

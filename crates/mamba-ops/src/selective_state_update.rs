@@ -1,0 +1,217 @@
+//! One recurrent step of the selective SSM, as used when decoding one token.
+//!
+//! Heads form (Mamba-2; Mamba-1 is the case `head_dim = 1, groups = 1, heads = dim`):
+//!
+//! ```text
+//! dt'        = softplus(dt[b,h,p] + dt_bias[h,p])      (softplus optional, then clamped)
+//! S[b,h,p,:] = exp(dt' * A[h,p,:]) * S[b,h,p,:] + dt' * x[b,h,p] * B[b,g(h),:]
+//! y[b,h,p]   = S[b,h,p,:] . C[b,g(h),:] + D[h,p] * x[b,h,p]
+//! y          = y * silu(z[b,h,p])                      (gate optional)
+//! ```
+//!
+//! with `g(h) = h / (heads / groups)`. When `per_head` is set, `A`, `dt`, `D` and `dt_bias`
+//! hold one value per head (`A: (H)`, `dt: (batch, H)`, `D, dt_bias: (H)`), as Mamba-2
+//! models keep them; otherwise they are full `(H, P, N)` / `(batch, H, P)` / `(H, P)`.
+
+use crate::error::{OpError, Result};
+use crate::math::{dot, process_dt, silu, with_simd};
+use crate::selective_scan::state_step;
+use rayon::prelude::*;
+
+/// Sizes of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepDims {
+    pub batch: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub state: usize,
+    pub groups: usize,
+    /// `A`, `dt`, `D`, `dt_bias` are per head rather than per `(head, p)`.
+    pub per_head: bool,
+}
+
+/// Inputs of one step (contiguous f32).
+#[derive(Debug, Clone, Copy)]
+pub struct StepInputs<'a> {
+    pub x: &'a [f32],
+    pub dt: &'a [f32],
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub c: &'a [f32],
+    pub d: Option<&'a [f32]>,
+    pub z: Option<&'a [f32]>,
+    pub dt_bias: Option<&'a [f32]>,
+    pub dt_softplus: bool,
+    /// Clamp of Δ after the softplus (Mamba-2's `time_step_limit`).
+    pub dt_limit: (f32, f32),
+}
+
+fn expect_len(name: &str, got: usize, want: usize) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(OpError::Shape {
+            op: "selective_state_update",
+            msg: format!("{name} has {got} elements, expected {want}"),
+        })
+    }
+}
+
+impl StepDims {
+    /// Mamba-1 form: `state: (batch, dim, N)`, `x, dt, z: (batch, dim)`, `A: (dim, N)`,
+    /// `B, C: (batch, N)`, `D, dt_bias: (dim)`.
+    pub fn mamba1(batch: usize, dim: usize, state: usize) -> Self {
+        StepDims {
+            batch,
+            heads: dim,
+            head_dim: 1,
+            state,
+            groups: 1,
+            per_head: false,
+        }
+    }
+
+    /// Elements per batch row of a per-`(head, p)` parameter (`dt`) .
+    fn dt_row(&self) -> usize {
+        if self.per_head {
+            self.heads
+        } else {
+            self.heads * self.head_dim
+        }
+    }
+
+    /// Checks the state and every input length.
+    pub fn check(&self, state: &[f32], x: &StepInputs) -> Result<()> {
+        let (b, h, p, n, g) = (self.batch, self.heads, self.head_dim, self.state, self.groups);
+        if g == 0 || h % g != 0 {
+            return Err(OpError::Shape {
+                op: "selective_state_update",
+                msg: format!("heads {h} is not a multiple of groups {g}"),
+            });
+        }
+        let a_len = if self.per_head { h } else { h * p * n };
+        expect_len("state", state.len(), b * h * p * n)?;
+        expect_len("x", x.x.len(), b * h * p)?;
+        expect_len("dt", x.dt.len(), b * self.dt_row())?;
+        expect_len("A", x.a.len(), a_len)?;
+        expect_len("B", x.b.len(), b * g * n)?;
+        expect_len("C", x.c.len(), b * g * n)?;
+        let hp = self.dt_row();
+        if let Some(d) = x.d {
+            expect_len("D", d.len(), hp)?;
+        }
+        if let Some(bias) = x.dt_bias {
+            expect_len("dt_bias", bias.len(), hp)?;
+        }
+        if let Some(z) = x.z {
+            expect_len("z", z.len(), b * h * p)?;
+        }
+        Ok(())
+    }
+
+    /// Index into a per-`(head, p)` parameter for head `h`, position `p`.
+    #[inline(always)]
+    fn param(&self, h: usize, p: usize) -> usize {
+        if self.per_head {
+            h
+        } else {
+            h * self.head_dim + p
+        }
+    }
+}
+
+/// The step written like the equations, element by element.
+/// Updates `state: (batch, H, P, N)` in place and returns `y: (batch, H, P)`.
+pub fn selective_state_update_reference(
+    dims: &StepDims,
+    state: &mut [f32],
+    x: &StepInputs,
+) -> Result<Vec<f32>> {
+    dims.check(state, x)?;
+    let (nb, nh, np, nn) = (dims.batch, dims.heads, dims.head_dim, dims.state);
+    let heads_per_group = nh / dims.groups;
+    let mut y = vec![0.0; nb * nh * np];
+    for b in 0..nb {
+        for h in 0..nh {
+            let g = h / heads_per_group;
+            for p in 0..np {
+                let i = (b * nh + h) * np + p;
+                let k = dims.param(h, p);
+                let raw = x.dt[b * dims.dt_row() + k];
+                let dt = process_dt(raw, x.dt_bias.map_or(0.0, |v| v[k]), x.dt_softplus, x.dt_limit);
+                let mut acc = 0.0;
+                for n in 0..nn {
+                    let a = if dims.per_head { x.a[h] } else { x.a[(h * np + p) * nn + n] };
+                    let s = &mut state[i * nn + n];
+                    *s = (dt * a).exp() * *s + dt * x.x[i] * x.b[(b * dims.groups + g) * nn + n];
+                    acc += *s * x.c[(b * dims.groups + g) * nn + n];
+                }
+                let out = acc + x.d.map_or(0.0, |v| v[k]) * x.x[i];
+                y[i] = x.z.map_or(out, |z| out * silu(z[i]));
+            }
+        }
+    }
+    Ok(y)
+}
+
+/// The fast step: threaded over batch x heads, vectorised over the state.
+pub fn selective_state_update(
+    dims: &StepDims,
+    state: &mut [f32],
+    x: &StepInputs,
+) -> Result<Vec<f32>> {
+    dims.check(state, x)?;
+    let mut y = vec![0.0; dims.batch * dims.heads * dims.head_dim];
+    selective_state_update_into(dims, state, x, &mut y);
+    Ok(y)
+}
+
+/// [`selective_state_update`] writing `y` into a caller's buffer (shapes already checked).
+pub fn selective_state_update_into(
+    dims: &StepDims,
+    state: &mut [f32],
+    x: &StepInputs,
+    y: &mut [f32],
+) {
+    let (nh, np, nn) = (dims.heads, dims.head_dim, dims.state);
+    let heads_per_group = nh / dims.groups;
+    let work = |bh: usize, head_state: &mut [f32], head_y: &mut [f32]| {
+        let (b, h) = (bh / nh, bh % nh);
+        let g = b * dims.groups + h / heads_per_group;
+        let bvec = &x.b[g * nn..][..nn];
+        let cvec = &x.c[g * nn..][..nn];
+        with_simd(|| {
+            for (p, (s, y_p)) in head_state.chunks_mut(nn).zip(head_y.iter_mut()).enumerate() {
+                let k = dims.param(h, p);
+                let i = bh * np + p;
+                let dt_raw = x.dt[b * dims.dt_row() + k];
+                let dt = process_dt(dt_raw, x.dt_bias.map_or(0.0, |v| v[k]), x.dt_softplus, x.dt_limit);
+                let xi = x.x[i];
+                let ssm = if dims.per_head {
+                    scalar_decay_step(s, (dt * x.a[h]).exp(), bvec, cvec, dt * xi)
+                } else {
+                    state_step(s, &x.a[(h * np + p) * nn..][..nn], bvec, cvec, dt, dt * xi)
+                };
+                let out = ssm + x.d.map_or(0.0, |v| v[k]) * xi;
+                *y_p = x.z.map_or(out, |z| out * silu(z[i]));
+            }
+        });
+    };
+    state
+        .par_chunks_mut(np * nn)
+        .zip(y.par_chunks_mut(np))
+        .enumerate()
+        .with_min_len(8)
+        .for_each(|(bh, (s, y))| work(bh, s, y));
+}
+
+/// One step with the same decay for the whole state row (per-head `A`):
+/// `s = decay*s + dtx*B`, returns `C . s`.
+#[inline(always)]
+pub(crate) fn scalar_decay_step(s: &mut [f32], decay: f32, b: &[f32], c: &[f32], dtx: f32) -> f32 {
+    let nn = s.len();
+    for (s_n, b_n) in s.iter_mut().zip(&b[..nn]) {
+        *s_n = decay * *s_n + dtx * b_n;
+    }
+    dot(c, s)
+}

@@ -1,0 +1,222 @@
+//! The fast paths against the reference implementations on random inputs of sizes the
+//! fixtures do not cover (longer sequences, more channels, initial states, splits).
+
+use mamba_ops::causal_conv1d::*;
+use mamba_ops::math::NO_DT_LIMIT;
+use mamba_ops::selective_scan::*;
+use mamba_ops::selective_state_update::*;
+use mamba_ops::ssd::*;
+use mamba_testing::max_abs_diff;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn random(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+struct ScanData {
+    u: Vec<f32>,
+    delta: Vec<f32>,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+    d: Vec<f32>,
+    z: Vec<f32>,
+    bias: Vec<f32>,
+    h0: Vec<f32>,
+}
+
+fn scan_data(rng: &mut StdRng, dims: &ScanDims) -> ScanData {
+    let (b, d, l, n) = (dims.batch, dims.dim, dims.len, dims.state);
+    let bc = match dims.bc {
+        BcForm::Varying { groups } => b * groups * n * l,
+        BcForm::TimeInvariant => d * n,
+    };
+    ScanData {
+        u: random(rng, b * d * l, -1.0, 1.0),
+        delta: random(rng, b * d * l, -3.0, 1.0),
+        a: random(rng, d * n, -4.0, -0.1),
+        b: random(rng, bc, -1.0, 1.0),
+        c: random(rng, bc, -1.0, 1.0),
+        d: random(rng, d, -1.0, 1.0),
+        z: random(rng, b * d * l, -2.0, 2.0),
+        bias: random(rng, d, -1.0, 0.5),
+        h0: random(rng, b * d * n, -1.0, 1.0),
+    }
+}
+
+impl ScanData {
+    fn inputs(&self) -> ScanInputs<'_> {
+        ScanInputs {
+            u: &self.u,
+            delta: &self.delta,
+            a: &self.a,
+            b: &self.b,
+            c: &self.c,
+            d: Some(&self.d),
+            z: Some(&self.z),
+            delta_bias: Some(&self.bias),
+            delta_softplus: true,
+            initial_state: Some(&self.h0),
+        }
+    }
+}
+
+#[test]
+fn fast_scan_matches_reference_with_initial_state() {
+    let mut rng = StdRng::seed_from_u64(1);
+    for bc in [BcForm::Varying { groups: 1 }, BcForm::Varying { groups: 4 }, BcForm::TimeInvariant] {
+        for state in [16, 5] {
+            let dims = ScanDims { batch: 2, dim: 24, len: 300, state, bc };
+            let data = scan_data(&mut rng, &dims);
+            let want = selective_scan_reference(&dims, &data.inputs()).unwrap();
+            let got = selective_scan(&dims, &data.inputs()).unwrap();
+            assert!(max_abs_diff(&got.out, &want.out) < 1e-4, "{bc:?} out");
+            assert!(max_abs_diff(&got.last_state, &want.last_state) < 1e-5, "{bc:?} state");
+        }
+    }
+}
+
+/// Splitting the sequence in two and carrying the state gives the whole-sequence result.
+#[test]
+fn scan_in_two_pieces_equals_whole() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let dims = ScanDims { batch: 1, dim: 8, len: 64, state: 16, bc: BcForm::Varying { groups: 1 } };
+    let data = scan_data(&mut rng, &dims);
+    let whole = selective_scan(&dims, &ScanInputs { initial_state: None, ..data.inputs() }).unwrap();
+    let split = 40;
+    let piece = |v: &[f32], rows: usize, from: usize, to: usize| -> Vec<f32> {
+        v.chunks(dims.len).take(rows).flat_map(|r| r[from..to].to_vec()).collect()
+    };
+    let mut outs = Vec::new();
+    let mut state: Option<Vec<f32>> = None;
+    for (from, to) in [(0, split), (split, dims.len)] {
+        let (u, delta, z) = (piece(&data.u, 8, from, to), piece(&data.delta, 8, from, to), piece(&data.z, 8, from, to));
+        let (b, c) = (piece(&data.b, 16, from, to), piece(&data.c, 16, from, to));
+        let part = ScanDims { len: to - from, ..dims };
+        let inputs = ScanInputs { u: &u, delta: &delta, z: Some(&z), b: &b, c: &c, initial_state: state.as_deref(), ..data.inputs() };
+        let out = selective_scan(&part, &inputs).unwrap();
+        outs.push(out.out);
+        state = Some(out.last_state);
+    }
+    let joined: Vec<f32> = outs[0].chunks(split).zip(outs[1].chunks(dims.len - split)).flat_map(|(a, b)| [a, b].concat()).collect();
+    assert!(max_abs_diff(&joined, &whole.out) < 1e-5);
+    assert!(max_abs_diff(state.as_ref().unwrap(), &whole.last_state) < 1e-6);
+}
+
+/// Running the one-token step L times reproduces the scan.
+#[test]
+fn repeated_state_updates_reproduce_the_scan() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let dims = ScanDims { batch: 2, dim: 6, len: 20, state: 8, bc: BcForm::Varying { groups: 1 } };
+    let data = scan_data(&mut rng, &dims);
+    let scan = selective_scan(&dims, &ScanInputs { initial_state: None, ..data.inputs() }).unwrap();
+    let step = StepDims::mamba1(dims.batch, dims.dim, dims.state);
+    let mut state = vec![0.0; 2 * 6 * 8];
+    for t in 0..dims.len {
+        let at = |v: &[f32]| -> Vec<f32> { v.chunks(dims.len).map(|r| r[t]).collect() };
+        let (x, dt, z) = (at(&data.u), at(&data.delta), at(&data.z));
+        let (b, c) = (at(&data.b), at(&data.c));
+        let inputs = StepInputs {
+            x: &x,
+            dt: &dt,
+            a: &data.a,
+            b: &b,
+            c: &c,
+            d: Some(&data.d),
+            z: Some(&z),
+            dt_bias: Some(&data.bias),
+            dt_softplus: true,
+            dt_limit: NO_DT_LIMIT,
+        };
+        let y = selective_state_update(&step, &mut state, &inputs).unwrap();
+        let want: Vec<f32> = scan.out.chunks(dims.len).map(|r| r[t]).collect();
+        assert!(max_abs_diff(&y, &want) < 1e-5, "step {t}");
+    }
+    assert!(max_abs_diff(&state, &scan.last_state) < 1e-6);
+}
+
+#[test]
+fn fast_conv_matches_reference_and_update_continues_it() {
+    let mut rng = StdRng::seed_from_u64(4);
+    for width in [2, 4] {
+        let dims = ConvDims { batch: 2, dim: 10, len: 33, width };
+        let x = random(&mut rng, 2 * 10 * 33, -1.0, 1.0);
+        let weight = random(&mut rng, 10 * width, -1.0, 1.0);
+        let bias = random(&mut rng, 10, -1.0, 1.0);
+        let init = random(&mut rng, 2 * 10 * (width - 1), -1.0, 1.0);
+        let inputs = ConvInputs { x: &x, weight: &weight, bias: Some(&bias), initial_states: Some(&init), silu: true };
+        let want = causal_conv1d_reference(&dims, &inputs).unwrap();
+        let got = causal_conv1d(&dims, &inputs).unwrap();
+        assert!(max_abs_diff(&got.out, &want.out) < 1e-6);
+        assert_eq!(got.final_states, want.final_states);
+        // Decoding 3 more inputs from the final state equals convolving the longer sequence.
+        let more = random(&mut rng, 2 * 10 * 3, -1.0, 1.0);
+        let mut state = got.final_states.clone();
+        let upd = ConvUpdateDims { batch: 2, dim: 10, width, state_len: width - 1, steps: 3 };
+        let upd_in = ConvUpdateInputs { x: &more, weight: &weight, bias: Some(&bias), silu: true };
+        let stepped = causal_conv1d_update(&upd, &mut state, &upd_in).unwrap();
+        let longer: Vec<f32> = x.chunks(33).zip(more.chunks(3)).flat_map(|(a, b)| [a, b].concat()).collect();
+        let full = causal_conv1d(&ConvDims { len: 36, ..dims }, &ConvInputs { x: &longer, ..inputs }).unwrap();
+        let tail: Vec<f32> = full.out.chunks(36).flat_map(|r| r[33..].to_vec()).collect();
+        assert!(max_abs_diff(&stepped, &tail) < 1e-6);
+        assert_eq!(state, full.final_states);
+    }
+}
+
+#[test]
+fn chunked_ssd_matches_sequential_at_every_chunk_size() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let base = SsdDims { batch: 2, len: 70, heads: 6, head_dim: 8, groups: 2, state: 16, chunk_size: 1 };
+    let (b, l, h, p, g, n) = (2, 70, 6, 8, 2, 16);
+    let x = random(&mut rng, b * l * h * p, -1.0, 1.0);
+    let dt = random(&mut rng, b * l * h, -3.0, 1.0);
+    let a = random(&mut rng, h, -3.0, -0.2);
+    let bm = random(&mut rng, b * l * g * n, -1.0, 1.0);
+    let cm = random(&mut rng, b * l * g * n, -1.0, 1.0);
+    let d = random(&mut rng, h, -1.0, 1.0);
+    let z = random(&mut rng, b * l * h * p, -2.0, 2.0);
+    let bias = random(&mut rng, h, -1.0, 0.5);
+    let init = random(&mut rng, b * h * p * n, -1.0, 1.0);
+    let inputs = SsdInputs {
+        x: &x,
+        dt: &dt,
+        a: &a,
+        b: &bm,
+        c: &cm,
+        d: Some(&d),
+        z: Some(&z),
+        dt_bias: Some(&bias),
+        dt_softplus: true,
+        dt_limit: (0.001, 2.0),
+        initial_states: Some(&init),
+    };
+    let want = ssd_reference(&base, &inputs).unwrap();
+    for q in [1, 7, 16, 64, 256] {
+        let got = ssd(&SsdDims { chunk_size: q, ..base }, &inputs).unwrap();
+        assert!(max_abs_diff(&got.y, &want.y) < 2e-4, "chunk {q}: y");
+        assert!(max_abs_diff(&got.final_state, &want.final_state) < 2e-4, "chunk {q}: state");
+    }
+}
+
+#[test]
+fn wrong_lengths_are_errors_not_panics() {
+    let dims = ScanDims { batch: 1, dim: 4, len: 3, state: 2, bc: BcForm::Varying { groups: 1 } };
+    let v = vec![0.0; 12];
+    let inputs = ScanInputs {
+        u: &v,
+        delta: &v,
+        a: &v[..7],
+        b: &v[..6],
+        c: &v[..6],
+        d: None,
+        z: None,
+        delta_bias: None,
+        delta_softplus: true,
+        initial_state: None,
+    };
+    let err = selective_scan(&dims, &inputs).unwrap_err().to_string();
+    assert!(err.contains("A has 7 elements, expected 8"), "{err}");
+    let grouped = ScanDims { bc: BcForm::Varying { groups: 3 }, ..dims };
+    assert!(selective_scan(&grouped, &inputs).is_err());
+}
