@@ -49,7 +49,10 @@ fn expect_len(op: &'static str, name: &str, got: usize, want: usize) -> Result<(
     if got == want {
         Ok(())
     } else {
-        Err(shape_err(op, format!("{name} has {got} elements, expected {want}")))
+        Err(shape_err(
+            op,
+            format!("{name} has {got} elements, expected {want}"),
+        ))
     }
 }
 
@@ -195,7 +198,11 @@ impl ConvUpdateDims {
         if self.width == 0 || self.state_len + 1 < self.width {
             return Err(shape_err(
                 OP,
-                format!("state_len {} must be at least width-1 = {}", self.state_len, self.width.max(1) - 1),
+                format!(
+                    "state_len {} must be at least width-1 = {}",
+                    self.state_len,
+                    self.width.max(1) - 1
+                ),
             ));
         }
         let rows = self.batch * self.dim;

@@ -50,7 +50,10 @@ pub fn matmul(
 ) {
     let dst_view = MatRef::rows(dst, dst_row_stride);
     assert!(dst_view.covers(m, n), "matmul: destination too short");
-    assert!(lhs.covers(m, k) && rhs.covers(k, n), "matmul: operand too short");
+    assert!(
+        lhs.covers(m, k) && rhs.covers(k, n),
+        "matmul: operand too short"
+    );
     if m == 0 || n == 0 {
         return;
     }

@@ -38,10 +38,18 @@ fn check(dims: &NormDims, x: &[f32], weight: &[f32], z: Option<&[f32]>) -> Resul
         ));
     }
     if x.len() != dims.rows * dims.hidden {
-        return err(format!("x has {} elements, expected {}", x.len(), dims.rows * dims.hidden));
+        return err(format!(
+            "x has {} elements, expected {}",
+            x.len(),
+            dims.rows * dims.hidden
+        ));
     }
     if weight.len() != dims.hidden {
-        return err(format!("weight has {} elements, expected {}", weight.len(), dims.hidden));
+        return err(format!(
+            "weight has {} elements, expected {}",
+            weight.len(),
+            dims.hidden
+        ));
     }
     if z.is_some_and(|z| z.len() != x.len()) {
         return err("z must have the shape of x".into());
@@ -98,7 +106,10 @@ fn normalize_row(dims: &NormDims, row: &mut [f32], weight: &[f32], z: Option<&[f
     if let (Some(z), false) = (z, dims.norm_before_gate) {
         row.iter_mut().zip(z).for_each(|(v, z)| *v *= silu(*z));
     }
-    for (group, w) in row.chunks_mut(dims.group_size).zip(weight.chunks(dims.group_size)) {
+    for (group, w) in row
+        .chunks_mut(dims.group_size)
+        .zip(weight.chunks(dims.group_size))
+    {
         let inv = 1.0 / (dot(group, group) / group.len() as f32 + dims.eps).sqrt();
         group.iter_mut().zip(w).for_each(|(v, w)| *v *= inv * w);
     }

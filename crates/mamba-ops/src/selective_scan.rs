@@ -72,7 +72,9 @@ impl ScanDims {
         let (b, d, l, n) = (self.batch, self.dim, self.len, self.state);
         if let BcForm::Varying { groups } = self.bc {
             if groups == 0 || d % groups != 0 {
-                return Err(shape_err(format!("dim {d} is not a multiple of groups {groups}")));
+                return Err(shape_err(format!(
+                    "dim {d} is not a multiple of groups {groups}"
+                )));
             }
         }
         expect_len("u", x.u.len(), b * d * l)?;
@@ -110,7 +112,9 @@ fn expect_len(name: &str, got: usize, want: usize) -> Result<()> {
     if got == want {
         Ok(())
     } else {
-        Err(shape_err(format!("{name} has {got} elements, expected {want}")))
+        Err(shape_err(format!(
+            "{name} has {got} elements, expected {want}"
+        )))
     }
 }
 

@@ -82,7 +82,13 @@ impl StepDims {
 
     /// Checks the state and every input length.
     pub fn check(&self, state: &[f32], x: &StepInputs) -> Result<()> {
-        let (b, h, p, n, g) = (self.batch, self.heads, self.head_dim, self.state, self.groups);
+        let (b, h, p, n, g) = (
+            self.batch,
+            self.heads,
+            self.head_dim,
+            self.state,
+            self.groups,
+        );
         if g == 0 || h % g != 0 {
             return Err(OpError::Shape {
                 op: "selective_state_update",
@@ -138,10 +144,19 @@ pub fn selective_state_update_reference(
                 let i = (b * nh + h) * np + p;
                 let k = dims.param(h, p);
                 let raw = x.dt[b * dims.dt_row() + k];
-                let dt = process_dt(raw, x.dt_bias.map_or(0.0, |v| v[k]), x.dt_softplus, x.dt_limit);
+                let dt = process_dt(
+                    raw,
+                    x.dt_bias.map_or(0.0, |v| v[k]),
+                    x.dt_softplus,
+                    x.dt_limit,
+                );
                 let mut acc = 0.0;
                 for n in 0..nn {
-                    let a = if dims.per_head { x.a[h] } else { x.a[(h * np + p) * nn + n] };
+                    let a = if dims.per_head {
+                        x.a[h]
+                    } else {
+                        x.a[(h * np + p) * nn + n]
+                    };
                     let s = &mut state[i * nn + n];
                     *s = (dt * a).exp() * *s + dt * x.x[i] * x.b[(b * dims.groups + g) * nn + n];
                     acc += *s * x.c[(b * dims.groups + g) * nn + n];
@@ -185,7 +200,12 @@ pub fn selective_state_update_into(
                 let k = dims.param(h, p);
                 let i = bh * np + p;
                 let dt_raw = x.dt[b * dims.dt_row() + k];
-                let dt = process_dt(dt_raw, x.dt_bias.map_or(0.0, |v| v[k]), x.dt_softplus, x.dt_limit);
+                let dt = process_dt(
+                    dt_raw,
+                    x.dt_bias.map_or(0.0, |v| v[k]),
+                    x.dt_softplus,
+                    x.dt_limit,
+                );
                 let xi = x.x[i];
                 let ssm = if dims.per_head {
                     scalar_decay_step(s, (dt * x.a[h]).exp(), bvec, cvec, dt * xi)

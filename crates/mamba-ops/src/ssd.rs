@@ -67,16 +67,27 @@ fn expect_len(name: &str, got: usize, want: usize) -> Result<()> {
     if got == want {
         Ok(())
     } else {
-        Err(shape_err(format!("{name} has {got} elements, expected {want}")))
+        Err(shape_err(format!(
+            "{name} has {got} elements, expected {want}"
+        )))
     }
 }
 
 impl SsdDims {
     /// Checks every input length against these sizes.
     pub fn check(&self, x: &SsdInputs) -> Result<()> {
-        let (b, l, h, p, g, n) = (self.batch, self.len, self.heads, self.head_dim, self.groups, self.state);
+        let (b, l, h, p, g, n) = (
+            self.batch,
+            self.len,
+            self.heads,
+            self.head_dim,
+            self.groups,
+            self.state,
+        );
         if g == 0 || h % g != 0 {
-            return Err(shape_err(format!("heads {h} is not a multiple of groups {g}")));
+            return Err(shape_err(format!(
+                "heads {h} is not a multiple of groups {g}"
+            )));
         }
         if self.chunk_size == 0 {
             return Err(shape_err("chunk_size must be at least 1".into()));
@@ -88,7 +99,11 @@ impl SsdDims {
         expect_len("C", x.c.len(), b * l * g * n)?;
         if let Some(d) = x.d {
             if d.len() != h && d.len() != h * p {
-                return Err(shape_err(format!("D has {} elements, expected {h} or {}", d.len(), h * p)));
+                return Err(shape_err(format!(
+                    "D has {} elements, expected {h} or {}",
+                    d.len(),
+                    h * p
+                )));
             }
         }
         if let Some(z) = x.z {
@@ -147,10 +162,19 @@ impl SsdInputs<'_> {
 /// The recurrence written like the equations, one step at a time.
 pub fn ssd_reference(dims: &SsdDims, x: &SsdInputs) -> Result<SsdOutput> {
     dims.check(x)?;
-    let (nb, nl, nh, np, ng, nn) = (dims.batch, dims.len, dims.heads, dims.head_dim, dims.groups, dims.state);
+    let (nb, nl, nh, np, ng, nn) = (
+        dims.batch,
+        dims.len,
+        dims.heads,
+        dims.head_dim,
+        dims.groups,
+        dims.state,
+    );
     let dtp = x.processed_dt(dims);
     let mut y = vec![0.0; x.x.len()];
-    let mut final_state = x.initial_states.map_or_else(|| vec![0.0; nb * nh * np * nn], <[f32]>::to_vec);
+    let mut final_state = x
+        .initial_states
+        .map_or_else(|| vec![0.0; nb * nh * np * nn], <[f32]>::to_vec);
     for b in 0..nb {
         for h in 0..nh {
             let g = h / dims.heads_per_group();
@@ -216,11 +240,18 @@ fn chunk_tasks<'a>(
     states: &'a mut [f32],
     cums: &'a mut [f32],
 ) -> Vec<ChunkTask<'a>> {
-    let (nl, nh, np, nn, q) = (dims.len, dims.heads, dims.head_dim, dims.state, dims.chunk_size);
-    let y_chunks = y
-        .chunks_mut(nl * nh * np)
-        .enumerate()
-        .flat_map(|(b, yb)| yb.chunks_mut(q * nh * np).enumerate().map(move |(c, yc)| (b, c, yc)));
+    let (nl, nh, np, nn, q) = (
+        dims.len,
+        dims.heads,
+        dims.head_dim,
+        dims.state,
+        dims.chunk_size,
+    );
+    let y_chunks = y.chunks_mut(nl * nh * np).enumerate().flat_map(|(b, yb)| {
+        yb.chunks_mut(q * nh * np)
+            .enumerate()
+            .map(move |(c, yc)| (b, c, yc))
+    });
     y_chunks
         .zip(states.chunks_mut(nh * np * nn))
         .zip(cums.chunks_mut(nh * q))
@@ -242,7 +273,13 @@ fn row_offset(dims: &SsdDims, b: usize, t: usize, k: usize, inner: usize, width:
 
 /// Within one chunk: the diagonal-block outputs and the state the chunk alone produces.
 fn chunk_diagonal_and_state(dims: &SsdDims, x: &SsdInputs, dtp: &[f32], task: &mut ChunkTask) {
-    let (nh, np, ng, nn, q) = (dims.heads, dims.head_dim, dims.groups, dims.state, dims.chunk_size);
+    let (nh, np, ng, nn, q) = (
+        dims.heads,
+        dims.head_dim,
+        dims.groups,
+        dims.state,
+        dims.chunk_size,
+    );
     let (b, t0) = (task.batch, task.start);
     let ql = task.y.len() / (nh * np);
     let dt_at = |i: usize, h: usize| dtp[(b * dims.len + t0 + i) * nh + h];
@@ -297,7 +334,10 @@ fn chunk_diagonal_and_state(dims: &SsdDims, x: &SsdInputs, dtp: &[f32], task: &m
         for j in 0..ql {
             let w = (cum[ql - 1] - cum[j]).exp() * dt_at(j, h);
             let src = &x.b[bc_at + j * ng * nn..][..nn];
-            b_weighted[j * nn..][..nn].iter_mut().zip(src).for_each(|(d, s)| *d = w * s);
+            b_weighted[j * nn..][..nn]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, s)| *d = w * s);
         }
         matmul(
             (np, nn, ql),
@@ -318,9 +358,16 @@ fn pass_states_between_chunks(
     states: &mut [f32],
     cums: &[f32],
 ) -> Vec<f32> {
-    let (nh, np, nn, q, nc) = (dims.heads, dims.head_dim, dims.state, dims.chunk_size, dims.chunks());
+    let (nh, np, nn, q, nc) = (
+        dims.heads,
+        dims.head_dim,
+        dims.state,
+        dims.chunk_size,
+        dims.chunks(),
+    );
     let per_batch = nh * np * nn;
-    let mut final_state = initial.map_or_else(|| vec![0.0; dims.batch * per_batch], <[f32]>::to_vec);
+    let mut final_state =
+        initial.map_or_else(|| vec![0.0; dims.batch * per_batch], <[f32]>::to_vec);
     final_state
         .par_chunks_mut(per_batch)
         .zip(states.par_chunks_mut(nc * per_batch))
@@ -347,7 +394,13 @@ fn pass_states_between_chunks(
 
 /// Adds the contribution of the state entering the chunk, then the `D` skip and `z` gate.
 fn chunk_off_diagonal_and_finish(dims: &SsdDims, x: &SsdInputs, task: &mut ChunkTask) {
-    let (nh, np, ng, nn, q) = (dims.heads, dims.head_dim, dims.groups, dims.state, dims.chunk_size);
+    let (nh, np, ng, nn, q) = (
+        dims.heads,
+        dims.head_dim,
+        dims.groups,
+        dims.state,
+        dims.chunk_size,
+    );
     let (b, t0) = (task.batch, task.start);
     let ql = task.y.len() / (nh * np);
     let mut from_state = vec![0.0; ql * np];

@@ -65,14 +65,27 @@ impl ScanData {
 #[test]
 fn fast_scan_matches_reference_with_initial_state() {
     let mut rng = StdRng::seed_from_u64(1);
-    for bc in [BcForm::Varying { groups: 1 }, BcForm::Varying { groups: 4 }, BcForm::TimeInvariant] {
+    for bc in [
+        BcForm::Varying { groups: 1 },
+        BcForm::Varying { groups: 4 },
+        BcForm::TimeInvariant,
+    ] {
         for state in [16, 5] {
-            let dims = ScanDims { batch: 2, dim: 24, len: 300, state, bc };
+            let dims = ScanDims {
+                batch: 2,
+                dim: 24,
+                len: 300,
+                state,
+                bc,
+            };
             let data = scan_data(&mut rng, &dims);
             let want = selective_scan_reference(&dims, &data.inputs()).unwrap();
             let got = selective_scan(&dims, &data.inputs()).unwrap();
             assert!(max_abs_diff(&got.out, &want.out) < 1e-4, "{bc:?} out");
-            assert!(max_abs_diff(&got.last_state, &want.last_state) < 1e-5, "{bc:?} state");
+            assert!(
+                max_abs_diff(&got.last_state, &want.last_state) < 1e-5,
+                "{bc:?} state"
+            );
         }
     }
 }
@@ -81,25 +94,60 @@ fn fast_scan_matches_reference_with_initial_state() {
 #[test]
 fn scan_in_two_pieces_equals_whole() {
     let mut rng = StdRng::seed_from_u64(2);
-    let dims = ScanDims { batch: 1, dim: 8, len: 64, state: 16, bc: BcForm::Varying { groups: 1 } };
+    let dims = ScanDims {
+        batch: 1,
+        dim: 8,
+        len: 64,
+        state: 16,
+        bc: BcForm::Varying { groups: 1 },
+    };
     let data = scan_data(&mut rng, &dims);
-    let whole = selective_scan(&dims, &ScanInputs { initial_state: None, ..data.inputs() }).unwrap();
+    let whole = selective_scan(
+        &dims,
+        &ScanInputs {
+            initial_state: None,
+            ..data.inputs()
+        },
+    )
+    .unwrap();
     let split = 40;
     let piece = |v: &[f32], rows: usize, from: usize, to: usize| -> Vec<f32> {
-        v.chunks(dims.len).take(rows).flat_map(|r| r[from..to].to_vec()).collect()
+        v.chunks(dims.len)
+            .take(rows)
+            .flat_map(|r| r[from..to].to_vec())
+            .collect()
     };
     let mut outs = Vec::new();
     let mut state: Option<Vec<f32>> = None;
     for (from, to) in [(0, split), (split, dims.len)] {
-        let (u, delta, z) = (piece(&data.u, 8, from, to), piece(&data.delta, 8, from, to), piece(&data.z, 8, from, to));
+        let (u, delta, z) = (
+            piece(&data.u, 8, from, to),
+            piece(&data.delta, 8, from, to),
+            piece(&data.z, 8, from, to),
+        );
         let (b, c) = (piece(&data.b, 16, from, to), piece(&data.c, 16, from, to));
-        let part = ScanDims { len: to - from, ..dims };
-        let inputs = ScanInputs { u: &u, delta: &delta, z: Some(&z), b: &b, c: &c, initial_state: state.as_deref(), ..data.inputs() };
+        let part = ScanDims {
+            len: to - from,
+            ..dims
+        };
+        let inputs = ScanInputs {
+            u: &u,
+            delta: &delta,
+            z: Some(&z),
+            b: &b,
+            c: &c,
+            initial_state: state.as_deref(),
+            ..data.inputs()
+        };
         let out = selective_scan(&part, &inputs).unwrap();
         outs.push(out.out);
         state = Some(out.last_state);
     }
-    let joined: Vec<f32> = outs[0].chunks(split).zip(outs[1].chunks(dims.len - split)).flat_map(|(a, b)| [a, b].concat()).collect();
+    let joined: Vec<f32> = outs[0]
+        .chunks(split)
+        .zip(outs[1].chunks(dims.len - split))
+        .flat_map(|(a, b)| [a, b].concat())
+        .collect();
     assert!(max_abs_diff(&joined, &whole.out) < 1e-5);
     assert!(max_abs_diff(state.as_ref().unwrap(), &whole.last_state) < 1e-6);
 }
@@ -108,9 +156,22 @@ fn scan_in_two_pieces_equals_whole() {
 #[test]
 fn repeated_state_updates_reproduce_the_scan() {
     let mut rng = StdRng::seed_from_u64(3);
-    let dims = ScanDims { batch: 2, dim: 6, len: 20, state: 8, bc: BcForm::Varying { groups: 1 } };
+    let dims = ScanDims {
+        batch: 2,
+        dim: 6,
+        len: 20,
+        state: 8,
+        bc: BcForm::Varying { groups: 1 },
+    };
     let data = scan_data(&mut rng, &dims);
-    let scan = selective_scan(&dims, &ScanInputs { initial_state: None, ..data.inputs() }).unwrap();
+    let scan = selective_scan(
+        &dims,
+        &ScanInputs {
+            initial_state: None,
+            ..data.inputs()
+        },
+    )
+    .unwrap();
     let step = StepDims::mamba1(dims.batch, dims.dim, dims.state);
     let mut state = vec![0.0; 2 * 6 * 8];
     for t in 0..dims.len {
@@ -140,12 +201,23 @@ fn repeated_state_updates_reproduce_the_scan() {
 fn fast_conv_matches_reference_and_update_continues_it() {
     let mut rng = StdRng::seed_from_u64(4);
     for width in [2, 4] {
-        let dims = ConvDims { batch: 2, dim: 10, len: 33, width };
+        let dims = ConvDims {
+            batch: 2,
+            dim: 10,
+            len: 33,
+            width,
+        };
         let x = random(&mut rng, 2 * 10 * 33, -1.0, 1.0);
         let weight = random(&mut rng, 10 * width, -1.0, 1.0);
         let bias = random(&mut rng, 10, -1.0, 1.0);
         let init = random(&mut rng, 2 * 10 * (width - 1), -1.0, 1.0);
-        let inputs = ConvInputs { x: &x, weight: &weight, bias: Some(&bias), initial_states: Some(&init), silu: true };
+        let inputs = ConvInputs {
+            x: &x,
+            weight: &weight,
+            bias: Some(&bias),
+            initial_states: Some(&init),
+            silu: true,
+        };
         let want = causal_conv1d_reference(&dims, &inputs).unwrap();
         let got = causal_conv1d(&dims, &inputs).unwrap();
         assert!(max_abs_diff(&got.out, &want.out) < 1e-6);
@@ -153,11 +225,33 @@ fn fast_conv_matches_reference_and_update_continues_it() {
         // Decoding 3 more inputs from the final state equals convolving the longer sequence.
         let more = random(&mut rng, 2 * 10 * 3, -1.0, 1.0);
         let mut state = got.final_states.clone();
-        let upd = ConvUpdateDims { batch: 2, dim: 10, width, state_len: width - 1, steps: 3 };
-        let upd_in = ConvUpdateInputs { x: &more, weight: &weight, bias: Some(&bias), silu: true };
+        let upd = ConvUpdateDims {
+            batch: 2,
+            dim: 10,
+            width,
+            state_len: width - 1,
+            steps: 3,
+        };
+        let upd_in = ConvUpdateInputs {
+            x: &more,
+            weight: &weight,
+            bias: Some(&bias),
+            silu: true,
+        };
         let stepped = causal_conv1d_update(&upd, &mut state, &upd_in).unwrap();
-        let longer: Vec<f32> = x.chunks(33).zip(more.chunks(3)).flat_map(|(a, b)| [a, b].concat()).collect();
-        let full = causal_conv1d(&ConvDims { len: 36, ..dims }, &ConvInputs { x: &longer, ..inputs }).unwrap();
+        let longer: Vec<f32> = x
+            .chunks(33)
+            .zip(more.chunks(3))
+            .flat_map(|(a, b)| [a, b].concat())
+            .collect();
+        let full = causal_conv1d(
+            &ConvDims { len: 36, ..dims },
+            &ConvInputs {
+                x: &longer,
+                ..inputs
+            },
+        )
+        .unwrap();
         let tail: Vec<f32> = full.out.chunks(36).flat_map(|r| r[33..].to_vec()).collect();
         assert!(max_abs_diff(&stepped, &tail) < 1e-6);
         assert_eq!(state, full.final_states);
@@ -167,7 +261,15 @@ fn fast_conv_matches_reference_and_update_continues_it() {
 #[test]
 fn chunked_ssd_matches_sequential_at_every_chunk_size() {
     let mut rng = StdRng::seed_from_u64(5);
-    let base = SsdDims { batch: 2, len: 70, heads: 6, head_dim: 8, groups: 2, state: 16, chunk_size: 1 };
+    let base = SsdDims {
+        batch: 2,
+        len: 70,
+        heads: 6,
+        head_dim: 8,
+        groups: 2,
+        state: 16,
+        chunk_size: 1,
+    };
     let (b, l, h, p, g, n) = (2, 70, 6, 8, 2, 16);
     let x = random(&mut rng, b * l * h * p, -1.0, 1.0);
     let dt = random(&mut rng, b * l * h, -3.0, 1.0);
@@ -193,15 +295,31 @@ fn chunked_ssd_matches_sequential_at_every_chunk_size() {
     };
     let want = ssd_reference(&base, &inputs).unwrap();
     for q in [1, 7, 16, 64, 256] {
-        let got = ssd(&SsdDims { chunk_size: q, ..base }, &inputs).unwrap();
+        let got = ssd(
+            &SsdDims {
+                chunk_size: q,
+                ..base
+            },
+            &inputs,
+        )
+        .unwrap();
         assert!(max_abs_diff(&got.y, &want.y) < 2e-4, "chunk {q}: y");
-        assert!(max_abs_diff(&got.final_state, &want.final_state) < 2e-4, "chunk {q}: state");
+        assert!(
+            max_abs_diff(&got.final_state, &want.final_state) < 2e-4,
+            "chunk {q}: state"
+        );
     }
 }
 
 #[test]
 fn wrong_lengths_are_errors_not_panics() {
-    let dims = ScanDims { batch: 1, dim: 4, len: 3, state: 2, bc: BcForm::Varying { groups: 1 } };
+    let dims = ScanDims {
+        batch: 1,
+        dim: 4,
+        len: 3,
+        state: 2,
+        bc: BcForm::Varying { groups: 1 },
+    };
     let v = vec![0.0; 12];
     let inputs = ScanInputs {
         u: &v,
@@ -217,6 +335,9 @@ fn wrong_lengths_are_errors_not_panics() {
     };
     let err = selective_scan(&dims, &inputs).unwrap_err().to_string();
     assert!(err.contains("A has 7 elements, expected 8"), "{err}");
-    let grouped = ScanDims { bc: BcForm::Varying { groups: 3 }, ..dims };
+    let grouped = ScanDims {
+        bc: BcForm::Varying { groups: 3 },
+        ..dims
+    };
     assert!(selective_scan(&grouped, &inputs).is_err());
 }

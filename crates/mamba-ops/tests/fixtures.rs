@@ -9,7 +9,9 @@ use mamba_ops::ssd::*;
 use mamba_testing::Case;
 
 fn usize_param(case: &Case, name: &str) -> usize {
-    case.param(name).as_u64().unwrap_or_else(|| panic!("param {name}")) as usize
+    case.param(name)
+        .as_u64()
+        .unwrap_or_else(|| panic!("param {name}")) as usize
 }
 
 #[test]
@@ -18,7 +20,11 @@ fn selective_scan_matches_fixtures() {
         let case = Case::op("selective_scan", &name);
         let (u, delta, a) = (case.input("u"), case.input("delta"), case.input("A"));
         let (b, c) = (case.input("B"), case.input("C"));
-        let (d, z, bias) = (case.optional_input("D"), case.optional_input("z"), case.optional_input("delta_bias"));
+        let (d, z, bias) = (
+            case.optional_input("D"),
+            case.optional_input("z"),
+            case.optional_input("delta_bias"),
+        );
         let b_shape = &case.inputs["B"].shape;
         let bc = match b_shape.len() {
             2 => BcForm::TimeInvariant,
@@ -57,7 +63,10 @@ fn causal_conv1d_matches_fixtures() {
     for name in Case::names("causal_conv1d") {
         let case = Case::op("causal_conv1d", &name);
         let (x, weight) = (case.input("x"), case.input("weight"));
-        let (bias, init) = (case.optional_input("bias"), case.optional_input("initial_states"));
+        let (bias, init) = (
+            case.optional_input("bias"),
+            case.optional_input("initial_states"),
+        );
         let dims = ConvDims {
             batch: usize_param(&case, "batch"),
             dim: usize_param(&case, "dim"),
@@ -83,7 +92,11 @@ fn causal_conv1d_matches_fixtures() {
 fn causal_conv1d_update_matches_fixtures() {
     for name in Case::names("causal_conv1d_update") {
         let case = Case::op("causal_conv1d_update", &name);
-        let (x, weight, bias) = (case.input("x"), case.input("weight"), case.optional_input("bias"));
+        let (x, weight, bias) = (
+            case.input("x"),
+            case.input("weight"),
+            case.optional_input("bias"),
+        );
         let steps = case.param("seqlen").as_u64().map_or(1, |s| s as usize);
         let dims = ConvUpdateDims {
             batch: usize_param(&case, "batch"),
@@ -116,14 +129,36 @@ fn selective_state_update_matches_fixtures() {
         let heads_form = case.param("form").as_str().unwrap().starts_with("heads");
         let full = StepDims {
             batch,
-            heads: if heads_form { usize_param(&case, "nheads") } else { usize_param(&case, "dim") },
-            head_dim: if heads_form { usize_param(&case, "headdim") } else { 1 },
+            heads: if heads_form {
+                usize_param(&case, "nheads")
+            } else {
+                usize_param(&case, "dim")
+            },
+            head_dim: if heads_form {
+                usize_param(&case, "headdim")
+            } else {
+                1
+            },
             state: state_size,
-            groups: if heads_form { usize_param(&case, "ngroups") } else { 1 },
+            groups: if heads_form {
+                usize_param(&case, "ngroups")
+            } else {
+                1
+            },
             per_head: false,
         };
-        let (x, dt, a, b, c) = (case.input("x"), case.input("dt"), case.input("A"), case.input("B"), case.input("C"));
-        let (d, z, dt_bias) = (case.optional_input("D"), case.optional_input("z"), case.optional_input("dt_bias"));
+        let (x, dt, a, b, c) = (
+            case.input("x"),
+            case.input("dt"),
+            case.input("A"),
+            case.input("B"),
+            case.input("C"),
+        );
+        let (d, z, dt_bias) = (
+            case.optional_input("D"),
+            case.optional_input("z"),
+            case.optional_input("dt_bias"),
+        );
         let inputs = StepInputs {
             x: &x,
             dt: &dt,
@@ -145,13 +180,25 @@ fn selective_state_update_matches_fixtures() {
         if case.param("tied_per_head").as_bool() == Some(true) {
             // The same step with one value per head, as Mamba-2 models hold them.
             let (h, p) = (full.heads, full.head_dim);
-            let per_head = |v: &[f32], stride: usize| (0..h).map(|i| v[i * stride]).collect::<Vec<f32>>();
+            let per_head =
+                |v: &[f32], stride: usize| (0..h).map(|i| v[i * stride]).collect::<Vec<f32>>();
             let a_h = per_head(&a, p * state_size);
-            let dt_h: Vec<f32> = (0..batch).flat_map(|bi| per_head(&dt[bi * h * p..], p)).collect();
+            let dt_h: Vec<f32> = (0..batch)
+                .flat_map(|bi| per_head(&dt[bi * h * p..], p))
+                .collect();
             let d_h = d.as_deref().map(|v| per_head(v, p));
             let bias_h = dt_bias.as_deref().map(|v| per_head(v, p));
-            let tied = StepInputs { dt: &dt_h, a: &a_h, d: d_h.as_deref(), dt_bias: bias_h.as_deref(), ..inputs };
-            let dims = StepDims { per_head: true, ..full };
+            let tied = StepInputs {
+                dt: &dt_h,
+                a: &a_h,
+                d: d_h.as_deref(),
+                dt_bias: bias_h.as_deref(),
+                ..inputs
+            };
+            let dims = StepDims {
+                per_head: true,
+                ..full
+            };
             for run in [selective_state_update_reference, selective_state_update] {
                 let mut state = case.input("state");
                 let out = run(&dims, &mut state, &tied).unwrap();
@@ -166,9 +213,18 @@ fn selective_state_update_matches_fixtures() {
 fn ssd_matches_fixtures() {
     for name in Case::names("ssd") {
         let case = Case::op("ssd", &name);
-        let (x, dt, a, b, c) = (case.input("x"), case.input("dt"), case.input("A"), case.input("B"), case.input("C"));
+        let (x, dt, a, b, c) = (
+            case.input("x"),
+            case.input("dt"),
+            case.input("A"),
+            case.input("B"),
+            case.input("C"),
+        );
         let (d, z) = (case.optional_input("D"), case.optional_input("z"));
-        let (dt_bias, init) = (case.optional_input("dt_bias"), case.optional_input("initial_states"));
+        let (dt_bias, init) = (
+            case.optional_input("dt_bias"),
+            case.optional_input("initial_states"),
+        );
         let dims = SsdDims {
             batch: usize_param(&case, "batch"),
             len: usize_param(&case, "seqlen"),
@@ -194,10 +250,17 @@ fn ssd_matches_fixtures() {
         let reference = ssd_reference(&dims, &inputs).unwrap();
         case.assert_output("y_seq", &reference.y);
         case.assert_output("final_state_seq", &reference.final_state);
-        let no_skip = SsdInputs { d: None, z: None, ..inputs };
+        let no_skip = SsdInputs {
+            d: None,
+            z: None,
+            ..inputs
+        };
         for q in case.param("chunk_sizes").as_array().unwrap() {
             let q = q.as_u64().unwrap() as usize;
-            let dims = SsdDims { chunk_size: q, ..dims };
+            let dims = SsdDims {
+                chunk_size: q,
+                ..dims
+            };
             let got = ssd(&dims, &inputs).unwrap();
             case.assert_output(&format!("y_chunked_cs{q}"), &got.y);
             case.assert_output_as("y_seq", &format!("y_chunked_cs{q}"), &got.y);
@@ -213,12 +276,19 @@ fn ssd_matches_fixtures() {
 fn rmsnorm_gated_matches_fixtures() {
     for name in Case::names("rmsnorm_gated") {
         let case = Case::op("rmsnorm_gated", &name);
-        let (x, weight, z) = (case.input("x"), case.input("weight"), case.optional_input("z"));
+        let (x, weight, z) = (
+            case.input("x"),
+            case.input("weight"),
+            case.optional_input("z"),
+        );
         let hidden = weight.len();
         let dims = NormDims {
             rows: x.len() / hidden,
             hidden,
-            group_size: case.param("group_size").as_u64().map_or(hidden, |g| g as usize),
+            group_size: case
+                .param("group_size")
+                .as_u64()
+                .map_or(hidden, |g| g as usize),
             eps: case.param("eps").as_f64().unwrap() as f32,
             norm_before_gate: case.param("norm_before_gate").as_bool().unwrap(),
         };

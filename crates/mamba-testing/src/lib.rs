@@ -45,7 +45,13 @@ pub fn read_safetensors(path: &Path) -> HashMap<String, Tensor> {
         .into_iter()
         .map(|(name, view)| {
             let data = decode(view.dtype(), view.data());
-            (name, Tensor { shape: view.shape().to_vec(), data })
+            (
+                name,
+                Tensor {
+                    shape: view.shape().to_vec(),
+                    data,
+                },
+            )
         })
         .collect()
 }
@@ -53,9 +59,18 @@ pub fn read_safetensors(path: &Path) -> HashMap<String, Tensor> {
 fn decode(dtype: safetensors::Dtype, bytes: &[u8]) -> Vec<f64> {
     use safetensors::Dtype;
     match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
-        Dtype::F64 => bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
-        Dtype::I64 => bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        Dtype::I64 => bytes
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect(),
         other => panic!("fixture dtype {other:?} not handled"),
     }
 }
@@ -144,7 +159,13 @@ pub fn read_json(path: &Path) -> serde_json::Value {
 
 /// Asserts `|got - want| <= atol + rtol * |want|` element-wise, with a report of the worst.
 pub fn assert_close(label: &str, got: &[f32], want: &[f64], (atol, rtol): (f64, f64)) {
-    assert_eq!(got.len(), want.len(), "{label}: length {} != {}", got.len(), want.len());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{label}: length {} != {}",
+        got.len(),
+        want.len()
+    );
     let mut worst: Option<(usize, f64)> = None;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let excess = (g as f64 - w).abs() - (atol + rtol * w.abs());
@@ -163,5 +184,8 @@ pub fn assert_close(label: &str, got: &[f32], want: &[f64], (atol, rtol): (f64, 
 /// The largest absolute difference between two f32 slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
