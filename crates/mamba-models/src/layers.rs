@@ -94,7 +94,10 @@ fn bf16_gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         .with_min_len(64)
         .for_each(|(dst, w_row)| {
             for (r, d) in dst.iter_mut().enumerate() {
-                *d = mamba_ops::math::with_simd(|| dot_bf16(w_row, &xs[r * inp..][..inp]));
+                *d = mamba_ops::math::with_simd(
+                    #[inline(always)]
+                    || dot_bf16(w_row, &xs[r * inp..][..inp]),
+                );
             }
         });
     for (o, col) in by_feature.chunks(rows).enumerate() {

@@ -4,6 +4,8 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod generate;
+pub mod init;
 pub mod layers;
 pub mod mamba1;
 pub mod mamba2;

@@ -27,7 +27,7 @@ use mamba_ops::causal_conv1d::{
     causal_conv1d, causal_conv1d_update, ConvDims, ConvInputs, ConvUpdateDims, ConvUpdateInputs,
 };
 use mamba_ops::math::NO_DT_LIMIT;
-use mamba_ops::selective_scan::{selective_scan, BcForm, ScanDims, ScanInputs};
+use mamba_ops::selective_scan::{selective_scan_token_major, BcForm, ScanDims, ScanInputs};
 use mamba_ops::selective_state_update::{selective_state_update, StepDims, StepInputs};
 
 /// The selective SSM mixer of one layer.
@@ -115,8 +115,7 @@ impl Mixer for MambaMixer {
         let (batch, len, _) = x.dims3()?;
         let di = self.d_inner;
         let xz = self.in_proj.forward(x)?; // (b, L, 2 d_inner)
-        let xs = transposed_vec(&columns(&xz, 0, di)?)?; // (b, d_inner, L)
-        let z = transposed_vec(&columns(&xz, di, di)?)?; // (b, d_inner, L)
+        let xs = transposed_vec(&columns(&xz, 0, di)?)?; // (b, d_inner, L) for the conv
         let conv = causal_conv1d(
             &ConvDims {
                 batch,
@@ -133,9 +132,12 @@ impl Mixer for MambaMixer {
             },
         )?;
         state.conv = conv.final_states;
-        let xc = tensor3(conv.out, (batch, di, len))?.transpose(1, 2)?; // (b, L, d_inner)
+        let xc = tensor3(conv.out, (batch, di, len))?
+            .transpose(1, 2)?
+            .contiguous()?; // (b, L, d_inner)
         let (delta, b, c) = self.project_dt_b_c(&xc)?;
-        let scan = selective_scan(
+        // The scan reads everything token-major, as the projections produce it.
+        let scan = selective_scan_token_major(
             &ScanDims {
                 batch,
                 dim: di,
@@ -144,21 +146,20 @@ impl Mixer for MambaMixer {
                 bc: BcForm::Varying { groups: 1 },
             },
             &ScanInputs {
-                u: &f32_vec(&xc.transpose(1, 2)?.contiguous()?)?,
-                delta: &transposed_vec(&delta)?,
+                u: &f32_vec(&xc)?,
+                delta: &f32_vec(&delta)?,
                 a: &self.a,
-                b: &transposed_vec(&b)?, // (b, N, L)
-                c: &transposed_vec(&c)?,
+                b: &f32_vec(&b)?, // (b, L, N)
+                c: &f32_vec(&c)?,
                 d: Some(&self.d),
-                z: Some(&z),
+                z: Some(&f32_vec(&columns(&xz, di, di)?)?),
                 delta_bias: Some(&self.dt_bias),
                 delta_softplus: true,
                 initial_state: Some(&state.ssm),
             },
         )?;
         state.ssm = scan.last_state;
-        let y = tensor3(scan.out, (batch, di, len))?.transpose(1, 2)?;
-        self.out_proj.forward(&y.contiguous()?)
+        self.out_proj.forward(&tensor3(scan.out, (batch, len, di))?)
     }
 
     /// One token per sequence, `x: (b, hidden)`, through the recurrent updates.

@@ -29,6 +29,7 @@ pub const NO_DT_LIMIT: (f32, f32) = (f32::NEG_INFINITY, f32::INFINITY);
 
 /// `exp(x)` in f32 without branches or library calls (Cephes polynomial, about 1 ulp),
 /// so that a loop over it compiles to SIMD. Inputs below -87 give about 1e-38, not 0.
+/// Uses fused multiply-adds: call it from code compiled for FMA (see [`with_simd`]).
 #[inline(always)]
 pub fn exp_fast(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -37,16 +38,16 @@ pub fn exp_fast(x: f32) -> f32 {
     // 1.5 * 2^23: adding it rounds to the nearest integer, kept in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let shifted = x * LOG2E + ROUND;
+    let shifted = x.mul_add(LOG2E, ROUND);
     let n = shifted - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
     let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let poly = p * r * r + r + 1.0;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 5.000_000_1e-1);
+    let poly = (p * r).mul_add(r, r) + 1.0;
     let n_int = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
     let scale = f32::from_bits(((n_int + 127) << 23) as u32);
     poly * scale
@@ -69,19 +70,72 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Runs `body` compiled for AVX2+FMA when the CPU has them, otherwise as built.
-/// `body` must be `#[inline(always)]` code so that it is compiled inside the
+/// `ln(x)` for positive normal `x` without branches or library calls (Cephes polynomial).
+#[inline(always)]
+pub fn ln_fast(x: f32) -> f32 {
+    const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
+    let bits = x.to_bits();
+    // x = m * 2^e with m in [0.5, 1).
+    let e = ((bits >> 23) & 0xff) as i32 - 126;
+    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f00_0000);
+    let small = m < SQRT_HALF;
+    let e = (e - small as i32) as f32;
+    let r = if small { m + m - 1.0 } else { m - 1.0 };
+    let z = r * r;
+    let mut p = 7.037_683_6e-2_f32;
+    p = p * r - 1.151_461e-1;
+    p = p * r + 1.167_699_9e-1;
+    p = p * r - 1.242_014_1e-1;
+    p = p * r + 1.424_932_3e-1;
+    p = p * r - 1.666_805_8e-1;
+    p = p * r + 2.000_071_4e-1;
+    p = p * r - 2.499_999_4e-1;
+    p = p * r + 3.333_333_1e-1;
+    let y = p * r * z - 2.121_944_4e-4 * e - 0.5 * z;
+    r + y + 0.693_359_4 * e
+}
+
+/// [`softplus`] built from [`exp_fast`] and [`ln_fast`], for vectorised loops:
+/// `max(x, 0) + ln(1 + exp(-|x|))`, and `x` itself above 20 as PyTorch does.
+#[inline(always)]
+pub fn softplus_fast(x: f32) -> f32 {
+    let y = x.max(0.0) + ln_fast(1.0 + exp_fast(-x.abs()));
+    if x > 20.0 {
+        x
+    } else {
+        y
+    }
+}
+
+/// [`silu`] built from [`exp_fast`], for vectorised loops.
+#[inline(always)]
+pub fn silu_fast(x: f32) -> f32 {
+    x / (1.0 + exp_fast(-x))
+}
+
+/// Runs `body` compiled for AVX-512 or AVX2+FMA when the CPU has them, otherwise as
+/// built. `body` should be `#[inline(always)]` code so that it is compiled inside the
 /// feature-enabled function.
 #[inline(always)]
 pub fn with_simd<R>(body: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512vl") && has!("fma") {
             // SAFETY: the features were detected on this CPU just above.
+            return unsafe { run_avx512(body) };
+        }
+        if has!("avx2") && has!("fma") {
+            // SAFETY: as above.
             return unsafe { run_avx2(body) };
         }
     }
+    body()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn run_avx512<R>(body: impl FnOnce() -> R) -> R {
     body()
 }
 
@@ -105,6 +159,28 @@ mod tests {
             x += 0.0137;
         }
         assert!(worst < 4e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn fast_ln_softplus_and_silu_are_close_to_std() {
+        let mut x = -30.0f32;
+        while x < 30.0 {
+            let sp = softplus(x);
+            assert!(
+                (softplus_fast(x) - sp).abs() <= 2e-7 * sp.max(1.0),
+                "softplus({x})"
+            );
+            assert!(
+                (silu_fast(x) - silu(x)).abs() <= 1e-6 * silu(x).abs().max(1.0),
+                "silu({x})"
+            );
+            let y = x.abs() * 7.3 + 1e-3;
+            assert!(
+                (ln_fast(y) - y.ln()).abs() <= 2e-7 * y.ln().abs().max(1.0),
+                "ln({y})"
+            );
+            x += 0.0173;
+        }
     }
 
     #[test]

@@ -310,16 +310,19 @@ fn chunk_diagonal_and_state(dims: &SsdDims, x: &SsdInputs, dtp: &[f32], task: &m
         let cum = &task.cum[h * q..][..ql];
         // M[i][j] = (C_i . B_j) exp(cum_i - cum_j) dt'_j for j <= i.
         let dt_h: Vec<f32> = (0..ql).map(|j| dt_at(j, h)).collect();
-        with_simd(|| {
-            for (i, m_row) in m.chunks_mut(ql).enumerate() {
-                let cb_row = &cb[(g * ql + i) * ql..][..=i];
-                let (lower, upper) = m_row.split_at_mut(i + 1);
-                for (j, m_ij) in lower.iter_mut().enumerate() {
-                    *m_ij = cb_row[j] * exp_fast(cum[i] - cum[j]) * dt_h[j];
+        with_simd(
+            #[inline(always)]
+            || {
+                for (i, m_row) in m.chunks_mut(ql).enumerate() {
+                    let cb_row = &cb[(g * ql + i) * ql..][..=i];
+                    let (lower, upper) = m_row.split_at_mut(i + 1);
+                    for (j, m_ij) in lower.iter_mut().enumerate() {
+                        *m_ij = cb_row[j] * exp_fast(cum[i] - cum[j]) * dt_h[j];
+                    }
+                    upper.fill(0.0);
                 }
-                upper.fill(0.0);
-            }
-        });
+            },
+        );
         let x_at = row_offset(dims, b, t0, h, nh, np);
         matmul(
             (ql, np, ql),

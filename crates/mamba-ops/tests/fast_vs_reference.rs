@@ -341,3 +341,48 @@ fn wrong_lengths_are_errors_not_panics() {
     };
     assert!(selective_scan(&grouped, &inputs).is_err());
 }
+
+/// The token-major scan (the layout models use) equals the channel-major reference,
+/// both for the 16-channel block kernel and for the fallback shapes.
+#[test]
+fn token_major_scan_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(6);
+    for (dim, groups, state) in [(32, 1, 16), (64, 2, 16), (32, 1, 5), (24, 2, 8)] {
+        let dims = ScanDims {
+            batch: 2,
+            dim,
+            len: 45,
+            state,
+            bc: BcForm::Varying { groups },
+        };
+        let data = scan_data(&mut rng, &dims);
+        let want = selective_scan_reference(&dims, &data.inputs()).unwrap();
+        let (l, gn) = (dims.len, groups * state);
+        let to_tokens = |v: &[f32], width: usize| -> Vec<f32> {
+            (0..2 * l * width)
+                .map(|i| (i / (l * width), (i / width) % l, i % width))
+                .map(|(b, t, c)| v[(b * width + c) * l + t])
+                .collect()
+        };
+        let (u, delta, z) = (
+            to_tokens(&data.u, dim),
+            to_tokens(&data.delta, dim),
+            to_tokens(&data.z, dim),
+        );
+        let (b, c) = (to_tokens(&data.b, gn), to_tokens(&data.c, gn));
+        let inputs = ScanInputs {
+            u: &u,
+            delta: &delta,
+            z: Some(&z),
+            b: &b,
+            c: &c,
+            ..data.inputs()
+        };
+        let got = selective_scan_token_major(&dims, &inputs).unwrap();
+        assert!(
+            max_abs_diff(&got.out, &to_tokens(&want.out, dim)) < 1e-4,
+            "dim {dim} groups {groups} state {state}"
+        );
+        assert!(max_abs_diff(&got.last_state, &want.last_state) < 1e-5);
+    }
+}
