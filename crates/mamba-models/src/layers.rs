@@ -153,7 +153,7 @@ impl Embedding {
                 "token id {bad} is out of range for a vocabulary of {vocab}"
             )));
         }
-        if batch == 0 || ids.is_empty() || ids.len() % batch != 0 {
+        if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
             return Err(Error::Input("empty input or ragged batch".into()));
         }
         let index = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;

@@ -46,7 +46,7 @@ pub fn exp_fast(x: f32) -> f32 {
     p = p.mul_add(r, 8.333_452e-3);
     p = p.mul_add(r, 4.166_579_6e-2);
     p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 5.000_000_1e-1);
+    p = p.mul_add(r, 0.5);
     let poly = (p * r).mul_add(r, r) + 1.0;
     let n_int = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
     let scale = f32::from_bits(((n_int + 127) << 23) as u32);
@@ -90,7 +90,7 @@ pub fn ln_fast(x: f32) -> f32 {
     p = p * r - 1.666_805_8e-1;
     p = p * r + 2.000_071_4e-1;
     p = p * r - 2.499_999_4e-1;
-    p = p * r + 3.333_333_1e-1;
+    p = p * r + 0.333_333_3;
     let y = p * r * z - 2.121_944_4e-4 * e - 0.5 * z;
     r + y + 0.693_359_4 * e
 }

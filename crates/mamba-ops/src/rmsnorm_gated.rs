@@ -31,7 +31,7 @@ fn check(dims: &NormDims, x: &[f32], weight: &[f32], z: Option<&[f32]>) -> Resul
             msg,
         })
     };
-    if dims.group_size == 0 || dims.hidden % dims.group_size != 0 {
+    if dims.group_size == 0 || !dims.hidden.is_multiple_of(dims.group_size) {
         return err(format!(
             "hidden {} is not a multiple of group_size {}",
             dims.hidden, dims.group_size

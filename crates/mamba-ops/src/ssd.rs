@@ -19,7 +19,7 @@
 
 use crate::error::{OpError, Result};
 use crate::gemm::{matmul, MatRef};
-use crate::math::{exp_fast, process_dt, silu, with_simd};
+use crate::math::{exp_fast, process_dt, silu, silu_fast, with_simd};
 use rayon::prelude::*;
 
 /// Sizes of one SSD scan.
@@ -144,6 +144,19 @@ impl SsdInputs<'_> {
         let hp = i % (dims.heads * dims.head_dim);
         let out = y + self.skip(dims, hp / dims.head_dim, hp % dims.head_dim) * self.x[i];
         self.z.map_or(out, |z| out * silu(z[i]))
+    }
+
+    /// [`SsdInputs::finish`] for one `(t, h)` row of `P` outputs, vectorised.
+    #[inline(always)]
+    fn finish_row(&self, dims: &SsdDims, h: usize, x: &[f32], z: Option<&[f32]>, y: &mut [f32]) {
+        for (p, (y_p, x_p)) in y.iter_mut().zip(x).enumerate() {
+            *y_p += self.skip(dims, h, p) * x_p;
+        }
+        if let Some(z) = z {
+            for (y_p, z_p) in y.iter_mut().zip(z) {
+                *y_p *= silu_fast(*z_p);
+            }
+        }
     }
 
     /// `dt'` for every `(batch, t, head)`.
@@ -427,7 +440,19 @@ fn chunk_off_diagonal_and_finish(dims: &SsdDims, x: &SsdInputs, task: &mut Chunk
         }
     }
     let first = row_offset(dims, b, t0, 0, nh, np);
-    for (k, y) in task.y.iter_mut().enumerate() {
-        *y = x.finish(dims, first + k, *y);
-    }
+    with_simd(
+        #[inline(always)]
+        || {
+            for (r, row) in task.y.chunks_mut(np).enumerate() {
+                let at = first + r * np;
+                x.finish_row(
+                    dims,
+                    r % nh,
+                    &x.x[at..at + np],
+                    x.z.map(|z| &z[at..at + np]),
+                    row,
+                );
+            }
+        },
+    );
 }

@@ -168,8 +168,14 @@ pub fn assert_close(label: &str, got: &[f32], want: &[f64], (atol, rtol): (f64, 
     );
     let mut worst: Option<(usize, f64)> = None;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let excess = (g as f64 - w).abs() - (atol + rtol * w.abs());
-        if !(excess <= 0.0) && worst.is_none_or(|(_, e)| excess > e || excess.is_nan()) {
+        // NaN counts as the worst possible excess.
+        let excess = ((g as f64 - w).abs() - (atol + rtol * w.abs())).max(f64::NEG_INFINITY);
+        let excess = if excess.is_nan() {
+            f64::INFINITY
+        } else {
+            excess
+        };
+        if excess > 0.0 && worst.is_none_or(|(_, e)| excess > e) {
             worst = Some((i, excess));
         }
     }
