@@ -91,6 +91,76 @@ impl Mamba2Config {
     }
 }
 
+/// A float as Hugging Face writes it in `config.json`: infinities as `{"__float__": "Infinity"}`.
+fn hf_float(v: f64) -> serde_json::Value {
+    match v {
+        f64::INFINITY => serde_json::json!({ "__float__": "Infinity" }),
+        f64::NEG_INFINITY => serde_json::json!({ "__float__": "-Infinity" }),
+        v => serde_json::json!(v),
+    }
+}
+
+impl MambaConfig {
+    fn to_hf_json(&self, architecture: &str, model_type: &str) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "architectures": [architecture],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "state_size": self.state_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "expand": self.expand,
+            "intermediate_size": self.intermediate_size,
+            "conv_kernel": self.conv_kernel,
+            "use_bias": self.use_bias,
+            "use_conv_bias": self.use_conv_bias,
+            "time_step_rank": self.time_step_rank,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "residual_in_fp32": true,
+            "eos_token_id": self.eos_token_id,
+            "bos_token_id": self.bos_token_id,
+            "pad_token_id": self.pad_token_id,
+        });
+        if let Some(eps) = self.mixer_rms_eps {
+            v["mixer_rms_eps"] = serde_json::json!(eps);
+        }
+        v
+    }
+}
+
+impl Mamba2Config {
+    fn to_hf_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["Mamba2ForCausalLM"],
+            "model_type": "mamba2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "state_size": self.state_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "expand": self.expand,
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "n_groups": self.n_groups,
+            "chunk_size": self.chunk_size,
+            "conv_kernel": self.conv_kernel,
+            "use_bias": self.use_bias,
+            "use_conv_bias": self.use_conv_bias,
+            "time_step_limit": [hf_float(self.time_step_limit.0), hf_float(self.time_step_limit.1)],
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "norm_before_gate": self.norm_before_gate,
+            "hidden_act": "silu",
+            "rms_norm": true,
+            "residual_in_fp32": true,
+            "eos_token_id": self.eos_token_id,
+            "bos_token_id": self.bos_token_id,
+            "pad_token_id": self.pad_token_id,
+        })
+    }
+}
+
 /// A parsed and validated model configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelConfig {
@@ -115,6 +185,16 @@ impl ModelConfig {
     /// Parses the text of a `config.json`.
     pub fn from_json_str(s: &str) -> Result<Self> {
         parse_config(s, Path::new("<config string>"))
+    }
+
+    /// The Hugging Face `config.json` for this configuration (what `save_pretrained`
+    /// would write, limited to the keys this crate reads); parsing it gives `self` back.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        match self {
+            ModelConfig::Mamba(c) => c.to_hf_json("MambaForCausalLM", "mamba"),
+            ModelConfig::FalconMamba(c) => c.to_hf_json("FalconMambaForCausalLM", "falcon_mamba"),
+            ModelConfig::Mamba2(c) => c.to_hf_json(),
+        }
     }
 
     /// The model family.

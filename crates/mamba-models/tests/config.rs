@@ -736,3 +736,19 @@ fn corrupt_safetensors_names_the_file() {
         }
     }
 }
+
+/// Writing a configuration as Hugging Face JSON and parsing it back is the identity,
+/// for every fixture model and every preset.
+#[test]
+fn hf_json_round_trips() {
+    let fixtures = mamba_testing::fixtures_dir().join("models");
+    let mut configs: Vec<ModelConfig> = ["mamba_tied", "mamba_untied", "falcon_mamba", "mamba2"]
+        .iter()
+        .map(|m| ModelConfig::from_file(&fixtures.join(m).join("checkpoint/config.json")).unwrap())
+        .collect();
+    configs.extend(mamba_models::config::PRESETS.iter().map(|p| mamba_models::config::preset(p).unwrap()));
+    for config in configs {
+        let text = serde_json::to_string_pretty(&config.to_hf_json()).unwrap();
+        assert_eq!(ModelConfig::from_json_str(&text).unwrap(), config, "{text}");
+    }
+}
