@@ -746,7 +746,11 @@ fn hf_json_round_trips() {
         .iter()
         .map(|m| ModelConfig::from_file(&fixtures.join(m).join("checkpoint/config.json")).unwrap())
         .collect();
-    configs.extend(mamba_models::config::PRESETS.iter().map(|p| mamba_models::config::preset(p).unwrap()));
+    configs.extend(
+        mamba_models::config::PRESETS
+            .iter()
+            .map(|p| mamba_models::config::preset(p).unwrap()),
+    );
     for config in configs {
         let text = serde_json::to_string_pretty(&config.to_hf_json()).unwrap();
         assert_eq!(ModelConfig::from_json_str(&text).unwrap(), config, "{text}");

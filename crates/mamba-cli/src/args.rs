@@ -1,0 +1,254 @@
+//! The command line: subcommands, their flags, and parsers for flag values.
+
+use candle_core::DType;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use mamba_models::sampling::SamplingParams;
+use std::path::PathBuf;
+
+/// Run, score, inspect and benchmark Mamba models on the CPU.
+#[derive(Debug, Parser)]
+#[command(name = "mamba", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Worker threads for matrix products and kernels (default: all cores).
+    #[arg(long, global = true, value_name = "T", value_parser = parse_positive)]
+    pub threads: Option<usize>,
+
+    /// Print one JSON object on stdout instead of human-readable output.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Negative log-likelihood and perplexity of token sequences.
+    Score(ScoreArgs),
+    /// Describe a checkpoint: dimensions, parameters, weight and state sizes.
+    Info(InfoArgs),
+    /// Time prefill and decoding of a randomly initialised preset model.
+    Bench(BenchArgs),
+}
+
+/// Weight precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WeightDtype {
+    F32,
+    Bf16,
+}
+
+impl WeightDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            WeightDtype::F32 => DType::F32,
+            WeightDtype::Bf16 => DType::BF16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// A checkpoint directory and the precision to load it in.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Checkpoint directory (config.json, *.safetensors, optionally tokenizer.json).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+
+    /// Precision of the weights in memory.
+    #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
+    pub dtype: WeightDtype,
+}
+
+/// Comma-separated token ids, e.g. `1,2,3`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenIds(pub Vec<u32>);
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+
+    /// Most new tokens to generate (fewer when an end-of-sequence token comes first).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_tokens: usize,
+
+    /// Sampling temperature; 0 picks the most likely token (greedy).
+    #[arg(
+        long,
+        value_name = "T",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    pub temperature: f64,
+
+    /// Sample among the K most likely tokens only.
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+
+    /// Sample among the most likely tokens whose probabilities add up to P.
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    pub top_p: Option<f64>,
+
+    /// Penalty on tokens already seen (1.0 is none).
+    #[arg(
+        long,
+        value_name = "R",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
+    pub repetition_penalty: f32,
+
+    /// Seed of the sampler's random generator.
+    #[arg(long, value_name = "S", default_value_t = 42)]
+    pub seed: u64,
+}
+
+impl GenerateArgs {
+    pub fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        }
+    }
+}
+
+/// The prompt, as text or as token ids.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct PromptArgs {
+    /// Prompt text (needs a tokenizer).
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: Option<String>,
+
+    /// Prompt token ids, comma-separated.
+    #[arg(long, value_name = "IDS", value_parser = parse_token_ids)]
+    pub prompt_ids: Option<TokenIds>,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub input: ScoreInput,
+
+    /// Write the logits as a safetensors file with one f32 tensor `logits`, shape
+    /// (batch, len, vocab); every sequence must have the same length.
+    #[arg(long, value_name = "PATH")]
+    pub logits_out: Option<PathBuf>,
+}
+
+/// The sequences to score: one text, one file, or token-id rows.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ScoreInput {
+    /// Text to score (needs a tokenizer).
+    #[arg(long, value_name = "TEXT")]
+    pub text: Option<String>,
+
+    /// File whose text to score (needs a tokenizer).
+    #[arg(long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
+
+    /// Token ids of one sequence, comma-separated; repeat for more sequences.
+    #[arg(long, value_name = "IDS", value_parser = parse_token_ids)]
+    pub ids: Vec<TokenIds>,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Checkpoint directory.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model dimensions to benchmark, e.g. mamba-130m or mamba2-130m.
+    #[arg(long, value_name = "NAME")]
+    pub preset: String,
+
+    /// Prompt tokens per sequence.
+    #[arg(long, value_name = "N", default_value_t = 512, value_parser = parse_positive)]
+    pub prompt_len: usize,
+
+    /// Decoding steps to time.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_positive)]
+    pub gen_len: usize,
+
+    /// Sequences processed together.
+    #[arg(long, value_name = "B", default_value_t = 1, value_parser = parse_positive)]
+    pub batch: usize,
+
+    /// Precision of the weights.
+    #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
+    pub dtype: WeightDtype,
+}
+
+/// An integer of at least 1.
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("expected an integer of at least 1, got {s:?}")),
+    }
+}
+
+/// `1,2,3` (spaces around ids allowed) into token ids; empty lists and items are errors.
+fn parse_token_ids(s: &str) -> Result<TokenIds, String> {
+    if s.trim().is_empty() {
+        return Err("no token ids given: expected comma-separated ids such as 1,2,3".into());
+    }
+    s.split(',')
+        .map(|item| {
+            let item = item.trim();
+            item.parse::<u32>()
+                .map_err(|_| format!("{item:?} is not a token id (a non-negative integer)"))
+        })
+        .collect::<Result<Vec<u32>, String>>()
+        .map(TokenIds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_ids_parse_with_spaces() {
+        assert_eq!(parse_token_ids("1, 2,3"), Ok(TokenIds(vec![1, 2, 3])));
+    }
+
+    #[test]
+    fn bad_token_ids_are_errors() {
+        for bad in ["", " ", "1,x", "1,,2", "-1", "1,", "4294967296"] {
+            assert!(parse_token_ids(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn zero_is_not_positive() {
+        assert!(parse_positive("0").is_err());
+        assert_eq!(parse_positive("3"), Ok(3));
+    }
+
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

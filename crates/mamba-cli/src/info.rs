@@ -1,0 +1,148 @@
+//! `mamba info`: what a checkpoint holds: family and dimensions, parameters and bytes of
+//! weights as stored, and bytes of recurrent state per sequence.
+
+use crate::args::InfoArgs;
+use crate::loading::tokenizer_for;
+use anyhow::{ensure, Context, Result};
+use candle_core::DType;
+use mamba_models::checkpoint::Checkpoint;
+use mamba_models::config::ModelConfig;
+use mamba_models::tokenizer::Tokenizer;
+use mamba_models::Model;
+use safetensors::tensor::Metadata;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+pub fn run(args: &InfoArgs, json: bool) -> Result<()> {
+    let checkpoint = Checkpoint::open(&args.model)?;
+    let model = Model::load(&checkpoint, DType::F32)?;
+    let tokenizer = tokenizer_for(&checkpoint)?;
+    let weights = stored_weights(&checkpoint.weight_files)?;
+    let mut facts = config_facts(&checkpoint.config);
+    facts.extend([
+        ("parameters", json!(weights.parameters)),
+        ("weight_bytes", json!(weights.bytes)),
+        ("weight_dtypes", json!(weights.dtypes)),
+        (
+            "state_bytes_per_sequence",
+            json!(model.new_state(1).bytes_per_sequence()),
+        ),
+    ]);
+    facts.extend(tokenizer_facts(&checkpoint, tokenizer.as_ref()));
+    let mut out = io::stdout().lock();
+    if json {
+        let object: Map<String, Value> = facts
+            .into_iter()
+            .map(|(key, value)| (key.to_string(), value))
+            .collect();
+        writeln!(out, "{}", Value::Object(object))?;
+    } else {
+        for (key, value) in &facts {
+            writeln!(out, "{}: {}", key.replace('_', " "), plain(value))?;
+        }
+    }
+    Ok(())
+}
+
+/// Totals over every tensor of the weight files, as stored.
+#[derive(Debug, Default)]
+struct StoredWeights {
+    parameters: usize,
+    bytes: usize,
+    dtypes: BTreeSet<String>,
+}
+
+fn stored_weights(files: &[PathBuf]) -> Result<StoredWeights> {
+    let mut totals = StoredWeights::default();
+    for file in files {
+        for info in safetensors_header(file)?.tensors().values() {
+            let count: usize = info.shape.iter().product();
+            totals.parameters += count;
+            totals.bytes += count * info.dtype.bitsize() / 8;
+            totals.dtypes.insert(info.dtype.to_string());
+        }
+    }
+    Ok(totals)
+}
+
+/// The header of a safetensors file (tensor names, dtypes, shapes), read without the data.
+fn safetensors_header(path: &Path) -> Result<Metadata> {
+    let context = || format!("{}: cannot read the safetensors header", path.display());
+    let mut file = File::open(path).with_context(context)?;
+    let file_len = file.metadata().with_context(context)?.len();
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes).with_context(context)?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    ensure!(
+        header_len <= file_len.saturating_sub(8),
+        "{}: header length {header_len} exceeds the file size {file_len}",
+        path.display()
+    );
+    let mut header = vec![0u8; usize::try_from(header_len).with_context(context)?];
+    file.read_exact(&mut header).with_context(context)?;
+    serde_json::from_slice(&header).with_context(context)
+}
+
+/// Family and dimensions, by key.
+fn config_facts(config: &ModelConfig) -> Vec<(&'static str, Value)> {
+    let mut facts = vec![
+        ("family", json!(config.family().to_string())),
+        ("layers", json!(config.num_layers())),
+        ("hidden_size", json!(config.hidden_size())),
+        ("vocab_size", json!(config.vocab_size())),
+    ];
+    match config {
+        ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => facts.extend([
+            ("d_inner", json!(c.intermediate_size)),
+            ("state_size", json!(c.state_size)),
+            ("conv_kernel", json!(c.conv_kernel)),
+            ("time_step_rank", json!(c.time_step_rank)),
+            ("tied_embeddings", json!(c.tie_word_embeddings)),
+        ]),
+        ModelConfig::Mamba2(c) => facts.extend([
+            ("d_inner", json!(c.d_inner())),
+            ("heads", json!(c.num_heads)),
+            ("head_dim", json!(c.head_dim)),
+            ("groups", json!(c.n_groups)),
+            ("state_size", json!(c.state_size)),
+            ("conv_dim", json!(c.conv_dim())),
+            ("conv_kernel", json!(c.conv_kernel)),
+            ("chunk_size", json!(c.chunk_size)),
+            ("tied_embeddings", json!(c.tie_word_embeddings)),
+        ]),
+    }
+    facts.push(("eos_token_id", json!(config.eos_token_id())));
+    facts
+}
+
+/// Which tokenizer text goes through, and its vocabulary size.
+fn tokenizer_facts(
+    checkpoint: &Checkpoint,
+    tokenizer: Option<&Tokenizer>,
+) -> [(&'static str, Value); 2] {
+    let kind = match (&checkpoint.tokenizer_file, tokenizer) {
+        (Some(path), _) => json!(path.display().to_string()),
+        (None, Some(_)) => json!("bytes"),
+        (None, None) => Value::Null,
+    };
+    [
+        ("tokenizer", kind),
+        (
+            "tokenizer_vocab_size",
+            json!(tokenizer.map(Tokenizer::vocab_size)),
+        ),
+    ]
+}
+
+/// A value as a human reads it: strings unquoted, lists comma-separated, null as "none".
+fn plain(value: &Value) -> String {
+    match value {
+        Value::Null => "none".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items.iter().map(plain).collect::<Vec<_>>().join(", "),
+        other => other.to_string(),
+    }
+}

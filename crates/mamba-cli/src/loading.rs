@@ -1,0 +1,59 @@
+//! Opening a checkpoint for inference: the model, its tokenizer and its stop tokens.
+
+use crate::args::ModelArgs;
+use anyhow::{anyhow, Result};
+use mamba_models::checkpoint::Checkpoint;
+use mamba_models::config::ModelConfig;
+use mamba_models::tokenizer::Tokenizer;
+use mamba_models::Model;
+
+/// The largest vocabulary read as byte-level (token id = byte value) when the checkpoint
+/// ships no tokenizer: the 256 byte values plus a few padding or special ids.
+const BYTE_LEVEL_MAX_VOCAB: usize = 256 + 16;
+
+/// A model ready to run, with the tokenizer its checkpoint implies (if any).
+pub struct Loaded {
+    pub model: Model,
+    pub tokenizer: Option<Tokenizer>,
+}
+
+pub fn load(args: &ModelArgs) -> Result<Loaded> {
+    let checkpoint = Checkpoint::open(&args.model)?;
+    let tokenizer = tokenizer_for(&checkpoint)?;
+    let model = Model::load(&checkpoint, args.dtype.dtype())?;
+    Ok(Loaded { model, tokenizer })
+}
+
+/// `tokenizer.json` when the checkpoint has one, else bytes for a byte-sized vocabulary.
+pub fn tokenizer_for(checkpoint: &Checkpoint) -> Result<Option<Tokenizer>> {
+    if let Some(path) = &checkpoint.tokenizer_file {
+        return Ok(Some(Tokenizer::from_file(path)?));
+    }
+    Ok((checkpoint.config.vocab_size() <= BYTE_LEVEL_MAX_VOCAB).then(Tokenizer::bytes))
+}
+
+/// The tokenizer, or an error pointing at `ids_flag` to give token ids directly.
+pub fn require_tokenizer<'a>(
+    tokenizer: Option<&'a Tokenizer>,
+    ids_flag: &str,
+) -> Result<&'a Tokenizer> {
+    tokenizer.ok_or_else(|| {
+        anyhow!(
+            "the checkpoint has no tokenizer.json to encode text: pass token ids with {ids_flag}"
+        )
+    })
+}
+
+/// The config's end-of-sequence token, else the tokenizer's `<|endoftext|>`.
+pub fn stop_tokens(config: &ModelConfig, tokenizer: Option<&Tokenizer>) -> Vec<u32> {
+    config
+        .eos_token_id()
+        .or_else(|| tokenizer.and_then(|t| t.token_id("<|endoftext|>")))
+        .into_iter()
+        .collect()
+}
+
+/// Whether `tokenizer` can decode `id`: a model's vocabulary may be padded beyond it.
+pub fn is_decodable(tokenizer: &Tokenizer, id: u32) -> bool {
+    (id as usize) < tokenizer.vocab_size()
+}
