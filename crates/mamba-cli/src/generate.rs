@@ -9,7 +9,6 @@ use mamba_models::tokenizer::{TokenStream, Tokenizer};
 use mamba_models::Model;
 use serde_json::json;
 use std::io::{self, Write};
-use std::path::PathBuf;
 
 pub fn run(args: &GenerateArgs, json: bool) -> Result<()> {
     let sampling = args.sampling();
@@ -110,11 +109,8 @@ fn write_flushed(out: &mut impl Write, text: &str) -> io::Result<()> {
 }
 
 /// A failed write to stdout (such as a closed pipe) as an error that stops generation.
-fn stdout_error(source: io::Error) -> mamba_models::Error {
-    mamba_models::Error::Io {
-        path: PathBuf::from("<stdout>"),
-        source,
-    }
+fn stdout_error(cause: io::Error) -> mamba_models::Error {
+    mamba_models::Error::Caller(Box::new(cause))
 }
 
 /// The text of the generated ids the tokenizer knows.

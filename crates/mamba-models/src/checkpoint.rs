@@ -133,13 +133,13 @@ fn find_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// The distinct shard files named by an index's `weight_map`, sorted, each checked to exist.
 fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|source| Error::Io {
+    let text = std::fs::read_to_string(index).map_err(|cause| Error::Io {
         path: index.to_path_buf(),
-        source,
+        cause,
     })?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|cause| Error::Json {
         path: index.to_path_buf(),
-        source,
+        cause,
     })?;
     let bad_index = || {
         Error::Checkpoint(format!(
@@ -180,9 +180,9 @@ fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
 
 /// Every `*.safetensors` file directly in `dir`.
 fn safetensors_in(dir: &Path) -> Result<Vec<PathBuf>> {
-    let io_error = |source| Error::Io {
+    let io_error = |cause| Error::Io {
         path: dir.to_path_buf(),
-        source,
+        cause,
     };
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_error)? {

@@ -172,9 +172,9 @@ pub enum ModelConfig {
 impl ModelConfig {
     /// Reads and parses a `config.json` file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        let text = std::fs::read_to_string(path).map_err(|cause| Error::Io {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         parse_config(&text, path).map_err(|e| match e {
             Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
@@ -292,9 +292,9 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
 /// Parses a config text; `origin` names it in JSON errors.
 fn parse_config(text: &str, origin: &Path) -> Result<ModelConfig> {
     let value: Value =
-        serde_json::from_str(&quote_non_finite(text)).map_err(|source| Error::Json {
+        serde_json::from_str(&quote_non_finite(text)).map_err(|cause| Error::Json {
             path: PathBuf::from(origin),
-            source,
+            cause,
         })?;
     let fields = Fields::root(as_object(&value)?);
     let config = match config_form(&fields)? {

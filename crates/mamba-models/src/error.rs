@@ -5,15 +5,17 @@ use std::path::PathBuf;
 /// Everything that can go wrong while loading or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    /// The message carries the cause; it is not also reported as a `source`, so that
+    /// a printed error chain does not repeat it.
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{path}: malformed JSON: {source}")]
+    #[error("{path}: malformed JSON: {cause}")]
     Json {
         path: PathBuf,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     #[error("config: {0}")]
     Config(String),
@@ -26,9 +28,24 @@ pub enum Error {
     #[error("input: {0}")]
     Input(String),
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
     #[error(transparent)]
     Op(#[from] mamba_ops::OpError),
+    /// An error of the caller's, raised from a callback (e.g. writing streamed text).
+    #[error(transparent)]
+    Caller(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl From<candle_core::Error> for Error {
+    /// Keeps candle's message and drops the backtrace it attaches when
+    /// `RUST_BACKTRACE` is set, so that errors stay one line.
+    fn from(e: candle_core::Error) -> Self {
+        let mut e = e;
+        while let candle_core::Error::WithBacktrace { inner, .. } = e {
+            e = *inner;
+        }
+        Error::Candle(e)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
