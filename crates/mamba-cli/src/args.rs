@@ -31,6 +31,10 @@ pub enum Command {
     Info(InfoArgs),
     /// Time prefill and decoding of a randomly initialised preset model.
     Bench(BenchArgs),
+    /// Write a freshly initialised checkpoint (Hugging Face layout).
+    Init(InitArgs),
+    /// Train a model from scratch or fine-tune a checkpoint on text.
+    Train(TrainArgs),
 }
 
 /// Weight precision.
@@ -199,6 +203,116 @@ pub struct BenchArgs {
     /// Precision of the weights.
     #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
     pub dtype: WeightDtype,
+}
+
+/// The architecture of a new model: a preset's dimensions or a config.json.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ArchitectureArgs {
+    /// Dimensions of a published model, e.g. mamba-130m or mamba2-130m.
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+
+    /// A config.json (Hugging Face or mamba_ssm form).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub architecture: ArchitectureArgs,
+
+    /// Output directory.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Seed of the initialisation.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Where training starts from: a checkpoint, a preset or a config.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct StartArgs {
+    /// Fine-tune this checkpoint.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+
+    /// Train a new model with a preset's dimensions.
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+
+    /// Train a new model described by a config.json.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub start: StartArgs,
+
+    /// A text file or a folder of text files.
+    #[arg(long, value_name = "PATH")]
+    pub data: PathBuf,
+
+    /// Output directory for checkpoints, the loss curve and the trainer state.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Optimiser steps.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = parse_positive)]
+    pub steps: usize,
+
+    /// Sequences per micro-batch.
+    #[arg(long, value_name = "B", default_value_t = 8, value_parser = parse_positive)]
+    pub batch: usize,
+
+    /// Tokens per sequence.
+    #[arg(long, value_name = "L", default_value_t = 256, value_parser = parse_positive)]
+    pub seq_len: usize,
+
+    /// Peak learning rate.
+    #[arg(long, value_name = "X", default_value_t = 1e-3)]
+    pub lr: f64,
+
+    /// Warmup steps (default: 10 % of the steps, at most 200).
+    #[arg(long, value_name = "N")]
+    pub warmup: Option<usize>,
+
+    /// Micro-batches per optimiser step.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_positive)]
+    pub grad_accum: usize,
+
+    /// Weight decay (not applied to A_log, D, norms and biases).
+    #[arg(long, value_name = "X", default_value_t = 0.1)]
+    pub weight_decay: f64,
+
+    /// Validate every N steps (default: ten times per run).
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub eval_every: Option<usize>,
+
+    /// Write a checkpoint every N steps (default: ten times per run).
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub save_every: Option<usize>,
+
+    /// Fraction of the data held out for validation.
+    #[arg(long, value_name = "F", default_value_t = 0.05)]
+    pub val_fraction: f64,
+
+    /// tokenizer.json for the data (default: the checkpoint's, else bytes).
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+
+    /// Seed of initialisation and data order.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+
+    /// Continue from the checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 /// An integer of at least 1.

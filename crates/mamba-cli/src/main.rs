@@ -6,8 +6,10 @@ mod args;
 mod bench;
 mod generate;
 mod info;
+mod init;
 mod loading;
 mod score;
+mod train;
 
 use anyhow::{Context, Result};
 use args::{Cli, Command};
@@ -37,6 +39,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Score(args) => score::run(&args, cli.json),
         Command::Info(args) => info::run(&args, cli.json),
         Command::Bench(args) => bench::run(&args, cli.json),
+        Command::Init(args) => init::run(&args, cli.json),
+        Command::Train(args) => train::run(&args, cli.json),
     }
 }
 

@@ -162,7 +162,7 @@ impl Embedding {
     }
 }
 
-/// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension (f32).
+/// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension (f32), differentiable.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
@@ -171,18 +171,22 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(vb: &VarBuilder, name: &str, size: usize, eps: f64) -> Result<Self> {
-        let weight = vb.to_dtype(DType::F32).get(size, name)?;
         Ok(RmsNorm {
-            weight,
+            weight: load_f32(vb, name, &[size])?,
             eps: eps as f32,
         })
     }
 
+    /// One group over the whole last dimension, no gate: the plain RMSNorm.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
+        let hidden = self.weight.elem_count();
+        Ok(mamba_ops::tensor::rmsnorm_gated(
+            x,
             &self.weight,
+            None,
+            hidden,
             self.eps,
+            true,
         )?)
     }
 }
@@ -198,23 +202,23 @@ pub fn f32_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// A small parameter (A_log, D, biases, conv weights) as an f32 vector of `len` values.
-pub fn load_f32(vb: &VarBuilder, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-    f32_vec(&vb.to_dtype(DType::F32).get(shape, name)?)
+/// A small parameter (A_log, D, biases, conv weights, norm weights) as an f32 tensor of
+/// `shape`; it stays a training variable when the builder holds variables.
+pub fn load_f32(vb: &VarBuilder, name: &str, shape: &[usize]) -> Result<Tensor> {
+    Ok(vb.to_dtype(DType::F32).get(shape, name)?)
 }
 
-/// A `(batch, len, width)` tensor from an f32 vector.
-pub fn tensor3(data: Vec<f32>, dims: (usize, usize, usize)) -> Result<Tensor> {
-    Ok(Tensor::from_vec(data, dims, &Device::Cpu)?)
+/// A recurrent state held as an f32 vector, viewed as a tensor of `shape` (no gradient).
+pub fn state_tensor(values: &[f32], shape: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::from_slice(values, shape, &Device::Cpu)?)
 }
 
-/// Columns `[start, start + width)` of the last dimension, made contiguous.
+/// Columns `[start, start + width)` of the last dimension.
 pub fn columns(t: &Tensor, start: usize, width: usize) -> Result<Tensor> {
-    Ok(t.narrow(D::Minus1, start, width)?.contiguous()?)
+    Ok(t.narrow(D::Minus1, start, width)?)
 }
 
-/// Swaps the last two dimensions of a 3-d tensor and returns the values:
-/// `(b, L, C)` → `(b, C, L)` and back.
-pub fn transposed_vec(t: &Tensor) -> Result<Vec<f32>> {
-    f32_vec(&t.transpose(1, 2)?.contiguous()?)
+/// `(b, L, C)` → `(b, C, L)` and back, contiguous.
+pub fn swap_time_channels(t: &Tensor) -> Result<Tensor> {
+    Ok(t.transpose(1, 2)?.contiguous()?)
 }

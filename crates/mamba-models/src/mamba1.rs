@@ -18,37 +18,52 @@
 
 use crate::config::MambaConfig;
 use crate::error::Result;
-use crate::layers::{columns, f32_vec, load_f32, rms_normalize, tensor3, transposed_vec, Linear};
+use crate::layers::{
+    columns, f32_vec, load_f32, rms_normalize, state_tensor, swap_time_channels, Linear,
+};
 use crate::model::Mixer;
 use crate::state::LayerState;
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
-use mamba_ops::causal_conv1d::{
-    causal_conv1d, causal_conv1d_update, ConvDims, ConvInputs, ConvUpdateDims, ConvUpdateInputs,
-};
+use mamba_ops::causal_conv1d::{causal_conv1d_update, ConvUpdateDims, ConvUpdateInputs};
 use mamba_ops::math::NO_DT_LIMIT;
-use mamba_ops::selective_scan::{selective_scan_token_major, BcForm, ScanDims, ScanInputs};
 use mamba_ops::selective_state_update::{selective_state_update, StepDims, StepInputs};
+use mamba_ops::tensor::{causal_conv1d, selective_scan, ScanOptions};
 
 /// The selective SSM mixer of one layer.
 #[derive(Debug, Clone)]
 pub struct MambaMixer {
     in_proj: Linear,
-    conv_weight: Vec<f32>,
-    conv_bias: Option<Vec<f32>>,
+    /// `(d_inner, W)`.
+    conv_weight: Tensor,
+    conv_bias: Option<Tensor>,
     x_proj: Linear,
     dt_proj: Linear,
-    dt_bias: Vec<f32>,
-    /// `A = -exp(A_log)`, `(d_inner, N)`.
-    a: Vec<f32>,
-    d: Vec<f32>,
+    dt_bias: Tensor,
+    /// `(d_inner, N)`; `A = -exp(A_log)`.
+    a_log: Tensor,
+    d: Tensor,
     out_proj: Linear,
+    /// The small parameters as vectors for the one-token path, taken at load time.
+    decode: DecodeParams,
     d_inner: usize,
     state_size: usize,
     dt_rank: usize,
     conv_kernel: usize,
     /// FalconMamba's weightless RMS norm on dt, B and C.
     bcdt_norm_eps: Option<f64>,
+}
+
+/// Conv weights, A, D and the Δ bias as plain vectors, so that decoding does not convert
+/// them on every token. Training updates the tensors only, so decode from a model built
+/// after training (as `mamba generate` does from a checkpoint).
+#[derive(Debug, Clone)]
+struct DecodeParams {
+    conv_weight: Vec<f32>,
+    conv_bias: Option<Vec<f32>>,
+    a: Vec<f32>,
+    d: Vec<f32>,
+    dt_bias: Vec<f32>,
 }
 
 impl MambaMixer {
@@ -60,20 +75,32 @@ impl MambaMixer {
             cfg.time_step_rank,
             cfg.conv_kernel,
         );
+        let conv_weight = load_f32(vb, "conv1d.weight", &[di, 1, w])?.reshape((di, w))?;
+        let conv_bias = cfg
+            .use_conv_bias
+            .then(|| load_f32(vb, "conv1d.bias", &[di]))
+            .transpose()?;
         let a_log = load_f32(vb, "A_log", &[di, n])?;
+        let d = load_f32(vb, "D", &[di])?;
+        let dt_bias = load_f32(vb, "dt_proj.bias", &[di])?;
+        let decode = DecodeParams {
+            conv_weight: f32_vec(&conv_weight)?,
+            conv_bias: conv_bias.as_ref().map(f32_vec).transpose()?,
+            a: f32_vec(&a_log)?.iter().map(|v| -v.exp()).collect(),
+            d: f32_vec(&d)?,
+            dt_bias: f32_vec(&dt_bias)?,
+        };
         Ok(MambaMixer {
             in_proj: Linear::load(vb, "in_proj", (2 * di, h), cfg.use_bias)?,
-            conv_weight: load_f32(vb, "conv1d.weight", &[di, 1, w])?,
-            conv_bias: cfg
-                .use_conv_bias
-                .then(|| load_f32(vb, "conv1d.bias", &[di]))
-                .transpose()?,
+            conv_weight,
+            conv_bias,
             x_proj: Linear::load(vb, "x_proj", (r + 2 * n, di), false)?,
             dt_proj: Linear::load(vb, "dt_proj", (di, r), false)?,
-            dt_bias: load_f32(vb, "dt_proj.bias", &[di])?,
-            a: a_log.iter().map(|v| -v.exp()).collect(),
-            d: load_f32(vb, "D", &[di])?,
+            dt_bias,
+            a_log,
+            d,
             out_proj: Linear::load(vb, "out_proj", (h, di), cfg.use_bias)?,
+            decode,
             d_inner: di,
             state_size: n,
             dt_rank: r,
@@ -82,7 +109,8 @@ impl MambaMixer {
         })
     }
 
-    /// `[dt | B | C]` from the conv output `xc: (b, L, d_inner)`, normalised for FalconMamba.
+    /// `[Δ | B | C]` from the conv output `xc: (..., d_inner)`, normalised for FalconMamba:
+    /// `Δ: (..., d_inner)` before its bias, `B, C: (..., N)`.
     fn project_dt_b_c(&self, xc: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let dbc = self.x_proj.forward(xc)?;
         let (r, n) = (self.dt_rank, self.state_size);
@@ -110,62 +138,48 @@ impl Mixer for MambaMixer {
         )
     }
 
-    /// Whole-sequence forward of `x: (b, L, hidden)` starting from `state`, which it advances.
+    /// Whole-sequence forward of `x: (b, L, hidden)` starting from `state`, which it
+    /// advances. Differentiable with respect to every weight.
     fn forward(&self, x: &Tensor, state: &mut LayerState) -> Result<Tensor> {
         let (batch, len, _) = x.dims3()?;
-        let di = self.d_inner;
+        let (di, n, w) = (self.d_inner, self.state_size, self.conv_kernel);
         let xz = self.in_proj.forward(x)?; // (b, L, 2 d_inner)
-        let xs = transposed_vec(&columns(&xz, 0, di)?)?; // (b, d_inner, L) for the conv
-        let conv = causal_conv1d(
-            &ConvDims {
-                batch,
-                dim: di,
-                len,
-                width: self.conv_kernel,
-            },
-            &ConvInputs {
-                x: &xs,
-                weight: &self.conv_weight,
-                bias: self.conv_bias.as_deref(),
-                initial_states: Some(&state.conv),
-                silu: true,
-            },
+        let xs = swap_time_channels(&columns(&xz, 0, di)?)?; // (b, d_inner, L)
+        let (xc, conv_final) = causal_conv1d(
+            &xs,
+            &self.conv_weight,
+            self.conv_bias.as_ref(),
+            Some(&state_tensor(&state.conv, &[batch, di, w - 1])?),
+            true,
         )?;
-        state.conv = conv.final_states;
-        let xc = tensor3(conv.out, (batch, di, len))?
-            .transpose(1, 2)?
-            .contiguous()?; // (b, L, d_inner)
+        let xc = swap_time_channels(&xc)?; // (b, L, d_inner)
         let (delta, b, c) = self.project_dt_b_c(&xc)?;
-        // The scan reads everything token-major, as the projections produce it.
-        let scan = selective_scan_token_major(
-            &ScanDims {
-                batch,
-                dim: di,
-                len,
-                state: self.state_size,
-                bc: BcForm::Varying { groups: 1 },
-            },
-            &ScanInputs {
-                u: &f32_vec(&xc)?,
-                delta: &f32_vec(&delta)?,
-                a: &self.a,
-                b: &f32_vec(&b)?, // (b, L, N)
-                c: &f32_vec(&c)?,
+        let a = self.a_log.exp()?.neg()?;
+        let z = columns(&xz, di, di)?;
+        let (y, last_state) = selective_scan(
+            &xc,
+            &delta,
+            &a,
+            &b.reshape((batch, len, 1, n))?,
+            &c.reshape((batch, len, 1, n))?,
+            ScanOptions {
                 d: Some(&self.d),
-                z: Some(&f32_vec(&columns(&xz, di, di)?)?),
+                z: Some(&z),
                 delta_bias: Some(&self.dt_bias),
                 delta_softplus: true,
-                initial_state: Some(&state.ssm),
+                initial_state: Some(&state_tensor(&state.ssm, &[batch, di, n])?),
             },
         )?;
-        state.ssm = scan.last_state;
-        self.out_proj.forward(&tensor3(scan.out, (batch, len, di))?)
+        state.conv = f32_vec(&conv_final)?;
+        state.ssm = f32_vec(&last_state)?;
+        self.out_proj.forward(&y)
     }
 
     /// One token per sequence, `x: (b, hidden)`, through the recurrent updates.
     fn step(&self, x: &Tensor, state: &mut LayerState) -> Result<Tensor> {
         let batch = x.dim(0)?;
         let di = self.d_inner;
+        let p = &self.decode;
         let xz = self.in_proj.forward(x)?; // (b, 2 d_inner)
         let xs = f32_vec(&columns(&xz, 0, di)?)?;
         let z = f32_vec(&columns(&xz, di, di)?)?;
@@ -180,8 +194,8 @@ impl Mixer for MambaMixer {
             &mut state.conv,
             &ConvUpdateInputs {
                 x: &xs,
-                weight: &self.conv_weight,
-                bias: self.conv_bias.as_deref(),
+                weight: &p.conv_weight,
+                bias: p.conv_bias.as_deref(),
                 silu: true,
             },
         )?;
@@ -193,12 +207,12 @@ impl Mixer for MambaMixer {
             &StepInputs {
                 x: &xc,
                 dt: &f32_vec(&delta)?,
-                a: &self.a,
+                a: &p.a,
                 b: &f32_vec(&b)?,
                 c: &f32_vec(&c)?,
-                d: Some(&self.d),
+                d: Some(&p.d),
                 z: Some(&z),
-                dt_bias: Some(&self.dt_bias),
+                dt_bias: Some(&p.dt_bias),
                 dt_softplus: true,
                 dt_limit: NO_DT_LIMIT,
             },

@@ -12,31 +12,44 @@
 
 use crate::config::Mamba2Config;
 use crate::error::Result;
-use crate::layers::{columns, f32_vec, load_f32, tensor3, transposed_vec, Linear};
+use crate::layers::{columns, f32_vec, load_f32, state_tensor, swap_time_channels, Linear};
 use crate::model::Mixer;
 use crate::state::LayerState;
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
-use mamba_ops::causal_conv1d::{
-    causal_conv1d, causal_conv1d_update, ConvDims, ConvInputs, ConvUpdateDims, ConvUpdateInputs,
-};
-use mamba_ops::rmsnorm_gated::{rmsnorm_gated, NormDims};
+use mamba_ops::causal_conv1d::{causal_conv1d_update, ConvUpdateDims, ConvUpdateInputs};
+use mamba_ops::rmsnorm_gated::NormDims;
 use mamba_ops::selective_state_update::{selective_state_update, StepDims, StepInputs};
-use mamba_ops::ssd::{ssd, SsdDims, SsdInputs};
+use mamba_ops::tensor::{causal_conv1d, rmsnorm_gated, ssd, SsdOptions};
 
 /// The SSD mixer of one layer.
 #[derive(Debug, Clone)]
 pub struct Mamba2Mixer {
     in_proj: Linear,
+    /// `(conv_dim, W)`.
+    conv_weight: Tensor,
+    conv_bias: Option<Tensor>,
+    dt_bias: Tensor,
+    /// `(H)`; `A = -exp(A_log)`, one per head.
+    a_log: Tensor,
+    d: Tensor,
+    norm_weight: Tensor,
+    out_proj: Linear,
+    /// The small parameters as vectors for the one-token path, taken at load time.
+    decode: DecodeParams,
+    cfg: Mamba2Config,
+}
+
+/// Conv weights, A, D, the dt bias and the norm weight as plain vectors for decoding.
+/// Training updates the tensors only, so decode from a model built after training.
+#[derive(Debug, Clone)]
+struct DecodeParams {
     conv_weight: Vec<f32>,
     conv_bias: Option<Vec<f32>>,
-    dt_bias: Vec<f32>,
-    /// `A = -exp(A_log)`, one per head.
     a: Vec<f32>,
     d: Vec<f32>,
+    dt_bias: Vec<f32>,
     norm_weight: Vec<f32>,
-    out_proj: Linear,
-    cfg: Mamba2Config,
 }
 
 impl Mamba2Mixer {
@@ -49,19 +62,34 @@ impl Mamba2Mixer {
         );
         let conv_dim = cfg.conv_dim();
         let in_features = 2 * di + 2 * cfg.n_groups * cfg.state_size + nh;
+        let conv_weight =
+            load_f32(vb, "conv1d.weight", &[conv_dim, 1, w])?.reshape((conv_dim, w))?;
+        let conv_bias = cfg
+            .use_conv_bias
+            .then(|| load_f32(vb, "conv1d.bias", &[conv_dim]))
+            .transpose()?;
+        let dt_bias = load_f32(vb, "dt_bias", &[nh])?;
         let a_log = load_f32(vb, "A_log", &[nh])?;
+        let d = load_f32(vb, "D", &[nh])?;
+        let norm_weight = load_f32(vb, "norm.weight", &[di])?;
+        let decode = DecodeParams {
+            conv_weight: f32_vec(&conv_weight)?,
+            conv_bias: conv_bias.as_ref().map(f32_vec).transpose()?,
+            a: f32_vec(&a_log)?.iter().map(|v| -v.exp()).collect(),
+            d: f32_vec(&d)?,
+            dt_bias: f32_vec(&dt_bias)?,
+            norm_weight: f32_vec(&norm_weight)?,
+        };
         Ok(Mamba2Mixer {
             in_proj: Linear::load(vb, "in_proj", (in_features, hid), cfg.use_bias)?,
-            conv_weight: load_f32(vb, "conv1d.weight", &[conv_dim, 1, w])?,
-            conv_bias: cfg
-                .use_conv_bias
-                .then(|| load_f32(vb, "conv1d.bias", &[conv_dim]))
-                .transpose()?,
-            dt_bias: load_f32(vb, "dt_bias", &[nh])?,
-            a: a_log.iter().map(|v| -v.exp()).collect(),
-            d: load_f32(vb, "D", &[nh])?,
-            norm_weight: load_f32(vb, "norm.weight", &[di])?,
+            conv_weight,
+            conv_bias,
+            dt_bias,
+            a_log,
+            d,
+            norm_weight,
             out_proj: Linear::load(vb, "out_proj", (hid, di), cfg.use_bias)?,
+            decode,
             cfg: cfg.clone(),
         })
     }
@@ -73,17 +101,8 @@ impl Mamba2Mixer {
         )
     }
 
-    /// `y * silu(z)` normalised in groups, over rows of `d_inner`.
-    fn gated_norm(&self, y: &[f32], z: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let c = &self.cfg;
-        let dims = NormDims {
-            rows,
-            hidden: c.d_inner(),
-            group_size: c.d_inner() / c.n_groups,
-            eps: c.layer_norm_epsilon as f32,
-            norm_before_gate: c.norm_before_gate,
-        };
-        Ok(rmsnorm_gated(&dims, y, &self.norm_weight, Some(z))?)
+    fn norm_group_size(&self) -> usize {
+        self.cfg.d_inner() / self.cfg.n_groups
     }
 }
 
@@ -98,69 +117,65 @@ impl Mixer for Mamba2Mixer {
     }
 
     /// Whole-sequence forward of `x: (b, L, hidden)` from `state`, which it advances.
+    /// Differentiable with respect to every weight.
     fn forward(&self, x: &Tensor, state: &mut LayerState) -> Result<Tensor> {
         let c = &self.cfg;
         let (batch, len, _) = x.dims3()?;
-        let (di, conv_dim, nh, gn) = (
-            c.d_inner(),
-            c.conv_dim(),
-            c.num_heads,
-            c.n_groups * c.state_size,
-        );
+        let (di, conv_dim, nh, p) = (c.d_inner(), c.conv_dim(), c.num_heads, c.head_dim);
+        let (g, n) = (c.n_groups, c.state_size);
         let zxbcdt = self.in_proj.forward(x)?; // (b, L, 2 d_inner + 2GN + H)
-        let z = f32_vec(&columns(&zxbcdt, 0, di)?)?;
-        let xbc = transposed_vec(&columns(&zxbcdt, di, conv_dim)?)?; // (b, conv_dim, L)
-        let dt = f32_vec(&columns(&zxbcdt, di + conv_dim, nh)?)?; // (b, L, H)
-        let conv = causal_conv1d(
-            &ConvDims {
-                batch,
-                dim: conv_dim,
-                len,
-                width: c.conv_kernel,
-            },
-            &ConvInputs {
-                x: &xbc,
-                weight: &self.conv_weight,
-                bias: self.conv_bias.as_deref(),
-                initial_states: Some(&state.conv),
-                silu: true,
-            },
+        let z = columns(&zxbcdt, 0, di)?; // (b, L, d_inner)
+        let xbc = swap_time_channels(&columns(&zxbcdt, di, conv_dim)?)?; // (b, conv_dim, L)
+        let dt = columns(&zxbcdt, di + conv_dim, nh)?; // (b, L, H)
+        let (xbc, conv_final) = causal_conv1d(
+            &xbc,
+            &self.conv_weight,
+            self.conv_bias.as_ref(),
+            Some(&state_tensor(
+                &state.conv,
+                &[batch, conv_dim, c.conv_kernel - 1],
+            )?),
+            true,
         )?;
-        state.conv = conv.final_states;
-        let xbc = tensor3(conv.out, (batch, conv_dim, len))?.transpose(1, 2)?; // (b, L, conv_dim)
-        let scan = ssd(
-            &SsdDims {
-                batch,
-                len,
-                heads: nh,
-                head_dim: c.head_dim,
-                groups: c.n_groups,
-                state: c.state_size,
-                chunk_size: c.chunk_size,
-            },
-            &SsdInputs {
-                x: &f32_vec(&columns(&xbc, 0, di)?)?,
-                dt: &dt,
-                a: &self.a,
-                b: &f32_vec(&columns(&xbc, di, gn)?)?,
-                c: &f32_vec(&columns(&xbc, di + gn, gn)?)?,
+        let xbc = swap_time_channels(&xbc)?; // (b, L, conv_dim)
+        let xs = columns(&xbc, 0, di)?.reshape((batch, len, nh, p))?;
+        let b = columns(&xbc, di, g * n)?.reshape((batch, len, g, n))?;
+        let cm = columns(&xbc, di + g * n, g * n)?.reshape((batch, len, g, n))?;
+        let a = self.a_log.exp()?.neg()?;
+        let (y, final_state) = ssd(
+            &xs,
+            &dt,
+            &a,
+            &b,
+            &cm,
+            SsdOptions {
                 d: Some(&self.d),
                 z: None,
                 dt_bias: Some(&self.dt_bias),
                 dt_softplus: true,
                 dt_limit: self.dt_limit(),
-                initial_states: Some(&state.ssm),
+                initial_states: Some(&state_tensor(&state.ssm, &[batch, nh, p, n])?),
+                chunk_size: c.chunk_size,
             },
         )?;
-        state.ssm = scan.final_state;
-        let y = self.gated_norm(&scan.y, &z, batch * len)?;
-        self.out_proj.forward(&tensor3(y, (batch, len, di))?)
+        state.conv = f32_vec(&conv_final)?;
+        state.ssm = f32_vec(&final_state)?;
+        let y = rmsnorm_gated(
+            &y.reshape((batch, len, di))?,
+            &self.norm_weight,
+            Some(&z),
+            self.norm_group_size(),
+            c.layer_norm_epsilon as f32,
+            c.norm_before_gate,
+        )?;
+        self.out_proj.forward(&y)
     }
 
     /// One token per sequence, `x: (b, hidden)`, through the recurrent updates.
     fn step(&self, x: &Tensor, state: &mut LayerState) -> Result<Tensor> {
         let c = &self.cfg;
         let batch = x.dim(0)?;
+        let pr = &self.decode;
         let (di, conv_dim, nh, gn) = (
             c.d_inner(),
             c.conv_dim(),
@@ -182,8 +197,8 @@ impl Mixer for Mamba2Mixer {
             &mut state.conv,
             &ConvUpdateInputs {
                 x: &xbc,
-                weight: &self.conv_weight,
-                bias: self.conv_bias.as_deref(),
+                weight: &pr.conv_weight,
+                bias: pr.conv_bias.as_deref(),
                 silu: true,
             },
         )?;
@@ -205,17 +220,24 @@ impl Mixer for Mamba2Mixer {
             &StepInputs {
                 x: &split(0, di),
                 dt: &dt,
-                a: &self.a,
+                a: &pr.a,
                 b: &split(di, gn),
                 c: &split(di + gn, gn),
-                d: Some(&self.d),
+                d: Some(&pr.d),
                 z: None,
-                dt_bias: Some(&self.dt_bias),
+                dt_bias: Some(&pr.dt_bias),
                 dt_softplus: true,
                 dt_limit: self.dt_limit(),
             },
         )?;
-        let y = self.gated_norm(&y, &z, batch)?;
+        let dims = NormDims {
+            rows: batch,
+            hidden: di,
+            group_size: self.norm_group_size(),
+            eps: c.layer_norm_epsilon as f32,
+            norm_before_gate: c.norm_before_gate,
+        };
+        let y = mamba_ops::rmsnorm_gated::rmsnorm_gated(&dims, &y, &pr.norm_weight, Some(&z))?;
         self.out_proj
             .forward(&Tensor::from_vec(y, (batch, di), &Device::Cpu)?)
     }

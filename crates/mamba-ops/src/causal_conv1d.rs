@@ -12,7 +12,8 @@
 //! `initial_states, final_states: (batch, dim, W-1)`.
 
 use crate::error::{OpError, Result};
-use crate::math::silu;
+use crate::math::{dot, silu, silu_grad_fast, with_simd};
+use crate::selective_scan::{narrow, split_optional_rows, split_rows};
 use rayon::prelude::*;
 
 /// Sizes of one convolution.
@@ -282,4 +283,231 @@ pub fn causal_conv1d_update_into(
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------
+
+/// Gradients of a scalar loss with respect to the convolution's inputs, in their layouts.
+/// `bias` and `initial_states` are `Some` exactly when the input was given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConvGrads {
+    pub x: Vec<f32>,
+    pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+    pub initial_states: Option<Vec<f32>>,
+}
+
+impl ConvDims {
+    /// Checks the incoming gradients: `grad_out: (batch, dim, L)`,
+    /// `grad_final_states: (batch, dim, W-1)`.
+    fn check_grads(&self, grad_out: &[f32], grad_final_states: Option<&[f32]>) -> Result<()> {
+        const OP: &str = "causal_conv1d_backward";
+        let rows = self.batch * self.dim;
+        expect_len(OP, "grad_out", grad_out.len(), rows * self.len)?;
+        if let Some(g) = grad_final_states {
+            expect_len(OP, "grad_final_states", g.len(), rows * (self.width - 1))?;
+        }
+        Ok(())
+    }
+}
+
+/// The backward pass written like the equations, in f64, one channel at a time.
+///
+/// With `pre[t] = bias + sum_k weight[k] * xx[t+k]` and `out = act(pre)`:
+///
+/// ```text
+/// g_pre[t]    = g_out[t] * silu'(pre[t])            (g_out[t] without the activation)
+/// g_xx[t+k]  += weight[k] * g_pre[t]                 g_weight[k] += g_pre[t] * xx[t+k]
+/// g_xx[L+j]  += g_final_states[j]                    g_bias      += g_pre[t]
+/// g_initial_states = g_xx[..W-1],   g_x = g_xx[W-1..]
+/// ```
+///
+/// `weight` and `bias` gradients add up over the batch.
+pub fn causal_conv1d_backward_reference(
+    dims: &ConvDims,
+    x: &ConvInputs,
+    grad_out: &[f32],
+    grad_final_states: Option<&[f32]>,
+) -> Result<ConvGrads> {
+    use crate::math::f64_ref::silu_grad;
+    dims.check(x)?;
+    dims.check_grads(grad_out, grad_final_states)?;
+    let (nd, nl, w) = (dims.dim, dims.len, dims.width);
+    let rows = dims.batch * nd;
+    let mut gx = vec![0.0f64; rows * nl];
+    let mut g_init = vec![0.0f64; rows * (w - 1)];
+    let mut g_weight = vec![0.0f64; nd * w];
+    let mut g_bias = vec![0.0f64; nd];
+    for row in 0..rows {
+        let d = row % nd;
+        let mut xx: Vec<f64> = match x.initial_states {
+            Some(init) => init[row * (w - 1)..][..w - 1]
+                .iter()
+                .map(|&v| v as f64)
+                .collect(),
+            None => vec![0.0; w - 1],
+        };
+        xx.extend(x.x[row * nl..][..nl].iter().map(|&v| v as f64));
+        let mut g_xx = vec![0.0f64; nl + w - 1];
+        if let Some(g) = grad_final_states {
+            for j in 0..w - 1 {
+                g_xx[nl + j] += g[row * (w - 1) + j] as f64;
+            }
+        }
+        for t in 0..nl {
+            let mut pre = x.bias.map_or(0.0, |b| b[d] as f64);
+            for k in 0..w {
+                pre += x.weight[d * w + k] as f64 * xx[t + k];
+            }
+            let g_out = grad_out[row * nl + t] as f64;
+            let g_pre = if x.silu {
+                g_out * silu_grad(pre)
+            } else {
+                g_out
+            };
+            g_bias[d] += g_pre;
+            for k in 0..w {
+                g_xx[t + k] += x.weight[d * w + k] as f64 * g_pre;
+                g_weight[d * w + k] += g_pre * xx[t + k];
+            }
+        }
+        g_init[row * (w - 1)..][..w - 1].copy_from_slice(&g_xx[..w - 1]);
+        gx[row * nl..][..nl].copy_from_slice(&g_xx[w - 1..]);
+    }
+    Ok(ConvGrads {
+        x: narrow(&gx),
+        weight: narrow(&g_weight),
+        bias: x.bias.map(|_| narrow(&g_bias)),
+        initial_states: x.initial_states.map(|_| narrow(&g_init)),
+    })
+}
+
+/// The fast backward pass: threaded over batch x channels, each channel's sums over time
+/// written as shifted multiply-adds and dot products that vectorise. The `weight` and `bias`
+/// gradients are kept per channel and batch row, then summed over the batch.
+pub fn causal_conv1d_backward(
+    dims: &ConvDims,
+    x: &ConvInputs,
+    grad_out: &[f32],
+    grad_final_states: Option<&[f32]>,
+) -> Result<ConvGrads> {
+    dims.check(x)?;
+    dims.check_grads(grad_out, grad_final_states)?;
+    let (nd, nl, w) = (dims.dim, dims.len, dims.width);
+    let rows = dims.batch * nd;
+    let mut gx = vec![0.0; rows * nl];
+    let mut g_init = x.initial_states.map(|_| vec![0.0; rows * (w - 1)]);
+    // Per row: [g_weight (W) | g_bias].
+    let mut per_row = vec![0.0; rows * (w + 1)];
+    let mut outs: Vec<_> = split_rows(&mut gx, rows, nl)
+        .into_iter()
+        .zip(split_optional_rows(g_init.as_deref_mut(), rows, w - 1))
+        .zip(split_rows(&mut per_row, rows, w + 1))
+        .collect();
+    outs.par_iter_mut().enumerate().for_each_init(
+        || (vec![0.0; nl + w - 1], vec![0.0; nl], vec![0.0; nl + w - 1]),
+        |(xx, g_pre, g_xx), (row, ((gx_row, g_init_row), shares))| {
+            let d = row % nd;
+            let channel = ConvChannel {
+                x: &x.x[row * nl..][..nl],
+                history: x.initial_states.map(|s| &s[row * (w - 1)..][..w - 1]),
+                weight: &x.weight[d * w..][..w],
+                bias: x.bias.map_or(0.0, |b| b[d]),
+                silu: x.silu,
+            };
+            let incoming = (
+                &grad_out[row * nl..][..nl],
+                grad_final_states.map(|g| &g[row * (w - 1)..][..w - 1]),
+            );
+            with_simd(
+                #[inline(always)]
+                || backward_row(&channel, incoming, xx, g_pre, g_xx, shares),
+            );
+            gx_row.copy_from_slice(&g_xx[w - 1..]);
+            if let Some(g) = g_init_row {
+                g.copy_from_slice(&g_xx[..w - 1]);
+            }
+        },
+    );
+    drop(outs);
+    let mut g_weight = vec![0.0; nd * w];
+    let mut g_bias = vec![0.0; nd];
+    for (row, shares) in per_row.chunks_exact(w + 1).enumerate() {
+        let d = row % nd;
+        g_weight[d * w..][..w]
+            .iter_mut()
+            .zip(&shares[..w])
+            .for_each(|(g, s)| *g += s);
+        g_bias[d] += shares[w];
+    }
+    Ok(ConvGrads {
+        x: gx,
+        weight: g_weight,
+        bias: x.bias.map(|_| g_bias),
+        initial_states: g_init,
+    })
+}
+
+/// What one channel's backward reads.
+struct ConvChannel<'a> {
+    /// `(L)`.
+    x: &'a [f32],
+    /// `(W-1)`.
+    history: Option<&'a [f32]>,
+    /// `(W)`.
+    weight: &'a [f32],
+    bias: f32,
+    silu: bool,
+}
+
+/// One channel: fills `g_xx` (`(L + W-1)`, the gradient of `concat(history, x)`) and
+/// `shares = [g_weight (W) | g_bias]`, using `xx` and `g_pre` as work space.
+#[inline(always)]
+fn backward_row(
+    ch: &ConvChannel,
+    (g_out, g_final): (&[f32], Option<&[f32]>),
+    xx: &mut [f32],
+    g_pre: &mut [f32],
+    g_xx: &mut [f32],
+    shares: &mut [f32],
+) {
+    let (nl, w) = (ch.x.len(), ch.weight.len());
+    let (history, input) = xx.split_at_mut(w - 1);
+    match ch.history {
+        Some(h) => history.copy_from_slice(h),
+        None => history.fill(0.0),
+    }
+    input.copy_from_slice(ch.x);
+    if ch.silu {
+        g_pre.fill(ch.bias);
+        for (k, wk) in ch.weight.iter().enumerate() {
+            axpy(*wk, &xx[k..k + nl], g_pre);
+        }
+        for (g, o) in g_pre.iter_mut().zip(g_out) {
+            *g = o * silu_grad_fast(*g);
+        }
+    } else {
+        g_pre.copy_from_slice(g_out);
+    }
+    for (k, share) in shares[..w].iter_mut().enumerate() {
+        *share = dot(g_pre, &xx[k..k + nl]);
+    }
+    shares[w] = g_pre.iter().sum();
+    g_xx.fill(0.0);
+    if let Some(g) = g_final {
+        g_xx[nl..].copy_from_slice(g);
+    }
+    for (k, wk) in ch.weight.iter().enumerate() {
+        axpy(*wk, g_pre, &mut g_xx[k..k + nl]);
+    }
+}
+
+/// `dst += a * src`.
+#[inline(always)]
+fn axpy(a: f32, src: &[f32], dst: &mut [f32]) {
+    dst.iter_mut()
+        .zip(src)
+        .for_each(|(d, s)| *d = a.mul_add(*s, *d));
 }

@@ -5,14 +5,18 @@
 //! (threaded with rayon, vectorised, chunked where the algorithm allows), and the shape
 //! types both share. Ops work on contiguous `f32` slices in the layouts of the
 //! `mamba_ssm` / `causal_conv1d` reference functions, so the golden fixtures apply as they are.
+//! [`tensor`] wraps them as differentiable candle operations for the models.
 
 pub mod causal_conv1d;
 pub mod error;
 pub mod gemm;
+pub mod layout;
 pub mod math;
+pub mod parallel;
 pub mod rmsnorm_gated;
 pub mod selective_scan;
 pub mod selective_state_update;
 pub mod ssd;
+pub mod tensor;
 
 pub use error::{OpError, Result};

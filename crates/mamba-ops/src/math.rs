@@ -27,6 +27,80 @@ pub fn process_dt(raw: f32, bias: f32, apply_softplus: bool, limit: (f32, f32)) 
 /// No clamp on Δ.
 pub const NO_DT_LIMIT: (f32, f32) = (f32::NEG_INFINITY, f32::INFINITY);
 
+/// `sigmoid(x) = 1 / (1 + exp(-x))`: the derivative of [`softplus`].
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// [`sigmoid`] built from [`exp_fast`], for vectorised loops.
+#[inline(always)]
+pub fn sigmoid_fast(x: f32) -> f32 {
+    1.0 / (1.0 + exp_fast(-x))
+}
+
+/// `d silu(x) / dx = sigmoid(x) * (1 + x * (1 - sigmoid(x)))`, built from [`exp_fast`].
+#[inline(always)]
+pub fn silu_grad_fast(x: f32) -> f32 {
+    let s = sigmoid_fast(x);
+    s * x.mul_add(1.0 - s, 1.0)
+}
+
+/// [`process_dt`] and its derivative with respect to `raw`: `sigmoid(raw + bias)` through
+/// the softplus (1 above its threshold, 1 without it), and 0 where the clamp is active.
+#[inline(always)]
+pub fn process_dt_with_grad(
+    raw: f32,
+    bias: f32,
+    apply_softplus: bool,
+    limit: (f32, f32),
+) -> (f32, f32) {
+    let v = raw + bias;
+    let (dt, grad) = match (apply_softplus, v > 20.0) {
+        (true, false) => (softplus(v), sigmoid(v)),
+        _ => (v, 1.0),
+    };
+    if dt < limit.0 || dt > limit.1 {
+        (dt.clamp(limit.0, limit.1), 0.0)
+    } else {
+        (dt, grad)
+    }
+}
+
+/// Double-precision versions of the pointwise functions, for the reference backward passes.
+pub mod f64_ref {
+    /// `sigmoid(x)` in f64.
+    pub fn sigmoid(x: f64) -> f64 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
+    /// `silu(x)` in f64.
+    pub fn silu(x: f64) -> f64 {
+        x * sigmoid(x)
+    }
+
+    /// `d silu(x) / dx` in f64.
+    pub fn silu_grad(x: f64) -> f64 {
+        let s = sigmoid(x);
+        s * (1.0 + x * (1.0 - s))
+    }
+
+    /// [`super::process_dt_with_grad`] in f64: `(dt, d dt / d raw)`.
+    pub fn process_dt(raw: f32, bias: f32, apply_softplus: bool, limit: (f32, f32)) -> (f64, f64) {
+        let v = raw as f64 + bias as f64;
+        let (dt, grad) = match (apply_softplus, v > 20.0) {
+            (true, false) => (v.exp().ln_1p(), sigmoid(v)),
+            _ => (v, 1.0),
+        };
+        let (lo, hi) = (limit.0 as f64, limit.1 as f64);
+        if dt < lo || dt > hi {
+            (dt.clamp(lo, hi), 0.0)
+        } else {
+            (dt, grad)
+        }
+    }
+}
+
 /// `exp(x)` in f32 without branches or library calls (Cephes polynomial, about 1 ulp),
 /// so that a loop over it compiles to SIMD. Inputs below -87 give about 1e-38, not 0.
 /// Uses fused multiply-adds: call it from code compiled for FMA (see [`with_simd`]).

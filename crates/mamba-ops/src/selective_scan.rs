@@ -15,9 +15,14 @@
 
 use crate::error::{OpError, Result};
 use crate::math::{
-    dot, exp_fast, process_dt, silu, silu_fast, softplus_fast, with_simd, NO_DT_LIMIT,
+    dot, exp_fast, process_dt, sigmoid_fast, silu, silu_fast, silu_grad_fast, softplus_fast,
+    with_simd, NO_DT_LIMIT,
 };
+use crate::parallel::{add_into, fold_in_blocks};
 use rayon::prelude::*;
+
+/// Channels per block of the deterministic `B`/`C` gradient sums.
+const CHANNELS_PER_BLOCK: usize = 32;
 
 /// How `B` and `C` are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -530,4 +535,682 @@ impl BlockScan<'_> {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------
+
+/// Gradients of a scalar loss with respect to every input of a scan, each in its input's
+/// layout. The optional fields are `Some` exactly when the input was given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScanGrads {
+    pub u: Vec<f32>,
+    /// With respect to the raw `delta` (before `delta_bias` and the softplus).
+    pub delta: Vec<f32>,
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+    pub c: Vec<f32>,
+    pub d: Option<Vec<f32>>,
+    pub z: Option<Vec<f32>>,
+    pub delta_bias: Option<Vec<f32>>,
+    pub initial_state: Option<Vec<f32>>,
+}
+
+impl ScanDims {
+    /// Checks the incoming gradients: `grad_out: (batch, dim, L)`, `grad_last_state: (batch, dim, N)`.
+    fn check_grads(&self, grad_out: &[f32], grad_last_state: Option<&[f32]>) -> Result<()> {
+        let (b, d, l, n) = (self.batch, self.dim, self.len, self.state);
+        expect_len("grad_out", grad_out.len(), b * d * l)?;
+        check_optional("grad_last_state", grad_last_state, b * d * n)
+    }
+}
+
+/// The backward pass written like the equations, in f64, one channel and one step at a time.
+///
+/// The forward is rerun keeping every state (`h_0` = initial state, `h_t` after step `t`);
+/// then, walking back from `g_h = grad_last_state` (or 0), for `t = L .. 1`:
+///
+/// ```text
+/// go_t   = g_out_t * silu(z_t)            g_z_t  = g_out_t * (C_t . h_t + D u_t) * silu'(z_t)
+/// g_D   += go_t * u_t                     g_u_t  = go_t * D + dt_t * (g_h . B_t)
+/// g_h   += go_t * C_t                     g_C_t += go_t * h_t
+/// g_B_t += g_h * dt_t * u_t               g_A   += g_h * h_{t-1} * exp(dt_t A) * dt_t
+/// g_dt_t = sum_n g_h[n] * (h_{t-1}[n] * exp(dt_t A[n]) * A[n] + B_t[n] * u_t)
+/// g_h    = g_h * exp(dt_t A)              (the gradient of h_{t-1})
+/// g_delta_t = g_dt_t * sigmoid(delta_t + delta_bias)   (1 without the softplus)
+/// ```
+///
+/// and finally `g_delta_bias = sum g_delta`, `g_initial_state = g_h`. `B`/`C` gradients
+/// add up over the channels (and batch rows) that share a value.
+// Index loops on purpose: the reference reads like the equations' subscripts.
+#[allow(clippy::needless_range_loop)]
+pub fn selective_scan_backward_reference(
+    dims: &ScanDims,
+    x: &ScanInputs,
+    grad_out: &[f32],
+    grad_last_state: Option<&[f32]>,
+) -> Result<ScanGrads> {
+    use crate::math::f64_ref::{process_dt, silu, silu_grad};
+    dims.check(x)?;
+    dims.check_grads(grad_out, grad_last_state)?;
+    let (nb, nd, nl, nn) = (dims.batch, dims.dim, dims.len, dims.state);
+    let mut g = ScanGrads64::zeros(dims);
+    for b in 0..nb {
+        for d in 0..nd {
+            let row = b * nd + d;
+            let bias = x.delta_bias.map_or(0.0, |v| v[d]);
+            let skip = x.d.map_or(0.0, |v| v[d] as f64);
+            let (dt, dt_grad): (Vec<f64>, Vec<f64>) = x.delta[row * nl..][..nl]
+                .iter()
+                .map(|&raw| process_dt(raw, bias, x.delta_softplus, NO_DT_LIMIT))
+                .unzip();
+            let a = |n: usize| x.a[d * nn + n] as f64;
+            let (bv, cv) = (
+                |n, t| x.b[dims.bc_index(b, d, n, t)] as f64,
+                |n, t| x.c[dims.bc_index(b, d, n, t)] as f64,
+            );
+            // h[t]: the state after step t; h[0] is the initial state.
+            let mut h = vec![vec![0.0f64; nn]; nl + 1];
+            if let Some(h0) = x.initial_state {
+                h[0] = widen(&h0[row * nn..][..nn]);
+            }
+            let mut y = vec![0.0f64; nl];
+            for t in 0..nl {
+                let u = x.u[row * nl + t] as f64;
+                for n in 0..nn {
+                    h[t + 1][n] = (dt[t] * a(n)).exp() * h[t][n] + dt[t] * bv(n, t) * u;
+                    y[t] += cv(n, t) * h[t + 1][n];
+                }
+            }
+            let mut gh =
+                grad_last_state.map_or_else(|| vec![0.0; nn], |v| widen(&v[row * nn..][..nn]));
+            for t in (0..nl).rev() {
+                let i = row * nl + t;
+                let (u, g_out) = (x.u[i] as f64, grad_out[i] as f64);
+                let go = match x.z {
+                    Some(z) => {
+                        let z = z[i] as f64;
+                        g.z[i] = g_out * (y[t] + skip * u) * silu_grad(z);
+                        g_out * silu(z)
+                    }
+                    None => g_out,
+                };
+                g.d[d] += go * u;
+                g.u[i] = go * skip;
+                let mut g_dt = 0.0;
+                for n in 0..nn {
+                    let (j, decay) = (dims.bc_index(b, d, n, t), (dt[t] * a(n)).exp());
+                    gh[n] += go * cv(n, t);
+                    g.c[j] += go * h[t + 1][n];
+                    g.b[j] += gh[n] * dt[t] * u;
+                    g.u[i] += gh[n] * dt[t] * bv(n, t);
+                    g.a[d * nn + n] += gh[n] * h[t][n] * decay * dt[t];
+                    g_dt += gh[n] * (h[t][n] * decay * a(n) + bv(n, t) * u);
+                    gh[n] *= decay;
+                }
+                g.delta[i] = g_dt * dt_grad[t];
+                g.delta_bias[d] += g.delta[i];
+            }
+            g.initial_state[row * nn..][..nn].copy_from_slice(&gh);
+        }
+    }
+    Ok(g.narrow(x))
+}
+
+/// f64 accumulators of the reference backward, every field allocated.
+struct ScanGrads64 {
+    u: Vec<f64>,
+    delta: Vec<f64>,
+    a: Vec<f64>,
+    b: Vec<f64>,
+    c: Vec<f64>,
+    d: Vec<f64>,
+    z: Vec<f64>,
+    delta_bias: Vec<f64>,
+    initial_state: Vec<f64>,
+}
+
+impl ScanGrads64 {
+    fn zeros(dims: &ScanDims) -> Self {
+        let rows = dims.batch * dims.dim;
+        ScanGrads64 {
+            u: vec![0.0; rows * dims.len],
+            delta: vec![0.0; rows * dims.len],
+            a: vec![0.0; dims.dim * dims.state],
+            b: vec![0.0; dims.bc_len()],
+            c: vec![0.0; dims.bc_len()],
+            d: vec![0.0; dims.dim],
+            z: vec![0.0; rows * dims.len],
+            delta_bias: vec![0.0; dims.dim],
+            initial_state: vec![0.0; rows * dims.state],
+        }
+    }
+
+    /// Rounds to f32, keeping the optional gradients whose input `x` has.
+    fn narrow(self, x: &ScanInputs) -> ScanGrads {
+        let keep = |given: bool, v: Vec<f64>| given.then(|| narrow(&v));
+        ScanGrads {
+            u: narrow(&self.u),
+            delta: narrow(&self.delta),
+            a: narrow(&self.a),
+            b: narrow(&self.b),
+            c: narrow(&self.c),
+            d: keep(x.d.is_some(), self.d),
+            z: keep(x.z.is_some(), self.z),
+            delta_bias: keep(x.delta_bias.is_some(), self.delta_bias),
+            initial_state: keep(x.initial_state.is_some(), self.initial_state),
+        }
+    }
+}
+
+pub(crate) fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&a| a as f64).collect()
+}
+
+pub(crate) fn narrow(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&a| a as f32).collect()
+}
+
+/// `v` cut into `count` consecutive rows of `width` values (`width` may be 0).
+pub(crate) fn split_rows(mut v: &mut [f32], count: usize, width: usize) -> Vec<&mut [f32]> {
+    (0..count)
+        .map(|_| {
+            let (row, rest) = std::mem::take(&mut v).split_at_mut(width);
+            v = rest;
+            row
+        })
+        .collect()
+}
+
+/// Like [`split_rows`] for an optional buffer: `count` rows of `None` when it is absent.
+pub(crate) fn split_optional_rows(
+    v: Option<&mut [f32]>,
+    count: usize,
+    width: usize,
+) -> Vec<Option<&mut [f32]>> {
+    match v {
+        Some(v) => split_rows(v, count, width).into_iter().map(Some).collect(),
+        None => (0..count).map(|_| None).collect(),
+    }
+}
+
+/// The fast backward pass: the equations of [`selective_scan_backward_reference`] in f32,
+/// threaded over channels and vectorised over the state.
+///
+/// Each channel reruns its forward keeping its own `(L+1, N)` states in a per-thread
+/// buffer (never the whole batch's), then walks back. Channels that share `B`/`C` (one
+/// batch row's group, or, for the time-invariant form, a whole batch row whose channels
+/// each own a row of `B`) form a "slab"; their `B`/`C` gradients are summed with a rayon
+/// fold into per-thread `(L, N)` (or `(dim, N)`) buffers. Per-channel parameter gradients
+/// (`A`, `D`, `delta_bias`) are kept per batch row and summed over the batch at the end.
+pub fn selective_scan_backward(
+    dims: &ScanDims,
+    x: &ScanInputs,
+    grad_out: &[f32],
+    grad_last_state: Option<&[f32]>,
+) -> Result<ScanGrads> {
+    dims.check(x)?;
+    dims.check_grads(grad_out, grad_last_state)?;
+    let (nb, nd, nl, nn) = (dims.batch, dims.dim, dims.len, dims.state);
+    let rows = nb * nd;
+    let (bt, ct) = (time_major_bc(dims, x.b), time_major_bc(dims, x.c));
+    let slab = Slab::of(dims);
+    let slabs = rows / slab.rows;
+    let mut gu = vec![0.0; rows * nl];
+    let mut gdelta = vec![0.0; rows * nl];
+    let mut gz = x.z.map(|_| vec![0.0; rows * nl]);
+    let mut gh0 = x.initial_state.map(|_| vec![0.0; rows * nn]);
+    let mut per_row = vec![0.0; rows * PerRow::width(nn)];
+    let mut gb_slabs = vec![0.0; slabs * slab.sink_len];
+    let mut gc_slabs = vec![0.0; slabs * slab.sink_len];
+    let mut outs = row_grads(
+        dims,
+        &mut gu,
+        &mut gdelta,
+        gz.as_deref_mut(),
+        gh0.as_deref_mut(),
+        &mut per_row,
+    );
+    outs.par_chunks_mut(slab.rows.max(1))
+        .zip(gb_slabs.par_chunks_mut(slab.sink_len.max(1)))
+        .zip(gc_slabs.par_chunks_mut(slab.sink_len.max(1)))
+        .for_each(|((slab_rows, gb), gc)| {
+            let (sum_b, sum_c) = fold_in_blocks(
+                slab_rows,
+                CHANNELS_PER_BLOCK,
+                || SlabScratch::new(dims, &slab),
+                |mut acc, out| {
+                    let (b, d) = (out.row / nd, out.row % nd);
+                    let channel = Channel {
+                        u: &x.u[out.row * nl..][..nl],
+                        delta: &x.delta[out.row * nl..][..nl],
+                        z: x.z.map(|z| &z[out.row * nl..][..nl]),
+                        a: &x.a[d * nn..][..nn],
+                        d: x.d.map_or(0.0, |v| v[d]),
+                        bias: x.delta_bias.map_or(0.0, |v| v[d]),
+                        softplus: x.delta_softplus,
+                        b: bt.for_channel(dims, b, d),
+                        c: ct.for_channel(dims, b, d),
+                    };
+                    let incoming = Incoming {
+                        out: &grad_out[out.row * nl..][..nl],
+                        last_state: grad_last_state.map(|g| &g[out.row * nn..][..nn]),
+                        initial_state: x.initial_state.map(|h| &h[out.row * nn..][..nn]),
+                    };
+                    let sink = Slab::sink_of(dims, d);
+                    with_simd(
+                        #[inline(always)]
+                        || match nn {
+                            16 => backward_channel(
+                                Fixed::<16>,
+                                &channel,
+                                &incoming,
+                                out,
+                                &mut acc,
+                                sink,
+                            ),
+                            8 => backward_channel(
+                                Fixed::<8>, &channel, &incoming, out, &mut acc, sink,
+                            ),
+                            32 => backward_channel(
+                                Fixed::<32>,
+                                &channel,
+                                &incoming,
+                                out,
+                                &mut acc,
+                                sink,
+                            ),
+                            _ => backward_channel(nn, &channel, &incoming, out, &mut acc, sink),
+                        },
+                    );
+                    acc
+                },
+            )
+            .into_iter()
+            .fold(
+                (vec![0.0; slab.sink_len], vec![0.0; slab.sink_len]),
+                |(mut b1, mut c1), acc| {
+                    add_into(&mut b1, &acc.gb);
+                    add_into(&mut c1, &acc.gc);
+                    (b1, c1)
+                },
+            );
+            gb.copy_from_slice(&sum_b[..gb.len()]);
+            gc.copy_from_slice(&sum_c[..gc.len()]);
+        });
+    drop(outs);
+    let channel_grads = sum_per_row_over_batch(dims, &per_row);
+    Ok(ScanGrads {
+        u: gu,
+        delta: gdelta,
+        a: channel_grads.a,
+        b: slab.bc_grad(dims, &gb_slabs),
+        c: slab.bc_grad(dims, &gc_slabs),
+        d: x.d.map(|_| channel_grads.d),
+        z: gz,
+        delta_bias: x.delta_bias.map(|_| channel_grads.delta_bias),
+        initial_state: gh0,
+    })
+}
+
+/// The gradients one channel (one row `(b, d)`) writes.
+struct RowGrads<'a> {
+    row: usize,
+    /// `(L)` rows of the `u`, `delta` and `z` gradients.
+    u: &'a mut [f32],
+    delta: &'a mut [f32],
+    z: Option<&'a mut [f32]>,
+    /// `(N)`.
+    initial_state: Option<&'a mut [f32]>,
+    /// This row's share of the per-channel gradients, laid out as [`PerRow`] says.
+    per_row: &'a mut [f32],
+}
+
+/// Layout of a row's share of the per-channel gradients: `[g_A (N) | g_D | g_delta_bias]`.
+struct PerRow;
+
+impl PerRow {
+    fn width(n: usize) -> usize {
+        n + 2
+    }
+}
+
+/// The channels' per-row shares summed over the batch: `A: (dim, N)`, `D, delta_bias: (dim)`.
+struct ChannelGrads {
+    a: Vec<f32>,
+    d: Vec<f32>,
+    delta_bias: Vec<f32>,
+}
+
+fn sum_per_row_over_batch(dims: &ScanDims, per_row: &[f32]) -> ChannelGrads {
+    let (nd, nn) = (dims.dim, dims.state);
+    let width = PerRow::width(nn);
+    let mut g = ChannelGrads {
+        a: vec![0.0; nd * nn],
+        d: vec![0.0; nd],
+        delta_bias: vec![0.0; nd],
+    };
+    for (row, share) in per_row.chunks_exact(width).enumerate() {
+        let d = row % nd;
+        add_into(&mut g.a[d * nn..][..nn], &share[..nn]);
+        g.d[d] += share[nn];
+        g.delta_bias[d] += share[nn + 1];
+    }
+    g
+}
+
+fn row_grads<'a>(
+    dims: &ScanDims,
+    u: &'a mut [f32],
+    delta: &'a mut [f32],
+    z: Option<&'a mut [f32]>,
+    initial_state: Option<&'a mut [f32]>,
+    per_row: &'a mut [f32],
+) -> Vec<RowGrads<'a>> {
+    let (rows, nl, nn) = (dims.batch * dims.dim, dims.len, dims.state);
+    split_rows(u, rows, nl)
+        .into_iter()
+        .zip(split_rows(delta, rows, nl))
+        .zip(split_optional_rows(z, rows, nl))
+        .zip(split_optional_rows(initial_state, rows, nn))
+        .zip(split_rows(per_row, rows, PerRow::width(nn)))
+        .enumerate()
+        .map(
+            |(row, ((((u, delta), z), initial_state), per_row))| RowGrads {
+                row,
+                u,
+                delta,
+                z,
+                initial_state,
+                per_row,
+            },
+        )
+        .collect()
+}
+
+/// Channels that share one `B`/`C` gradient buffer (the "sink") of `sink_len` values.
+///
+/// Varying form: the `dim / G` channels of one group of one batch row share an `(L, N)`
+/// time-major sink. Time-invariant form: a batch row's channels share a `(dim, N)` sink,
+/// channel `d` adding its sum over time into row `d`.
+struct Slab {
+    rows: usize,
+    sink_len: usize,
+}
+
+/// Where a channel adds its `B`/`C` gradient: step `t` goes to `offset + t * step_stride`.
+#[derive(Clone, Copy)]
+struct Sink {
+    offset: usize,
+    step_stride: usize,
+}
+
+impl Slab {
+    fn of(dims: &ScanDims) -> Self {
+        match dims.bc {
+            BcForm::Varying { groups } => Slab {
+                rows: dims.dim / groups,
+                sink_len: dims.len * dims.state,
+            },
+            BcForm::TimeInvariant => Slab {
+                rows: dims.dim,
+                sink_len: dims.dim * dims.state,
+            },
+        }
+    }
+
+    /// Where channel `d` adds its `B`/`C` gradient inside its slab's sink.
+    fn sink_of(dims: &ScanDims, d: usize) -> Sink {
+        match dims.bc {
+            BcForm::Varying { .. } => Sink {
+                offset: 0,
+                step_stride: dims.state,
+            },
+            BcForm::TimeInvariant => Sink {
+                offset: d * dims.state,
+                step_stride: 0,
+            },
+        }
+    }
+
+    /// The slabs' sinks turned into the `B`/`C` gradient in its input layout.
+    fn bc_grad(&self, dims: &ScanDims, sinks: &[f32]) -> Vec<f32> {
+        let (nl, nn) = (dims.len, dims.state);
+        match dims.bc {
+            BcForm::Varying { .. } => {
+                let mut g = vec![0.0; sinks.len()];
+                for (dst, src) in g
+                    .chunks_mut(self.sink_len.max(1))
+                    .zip(sinks.chunks(self.sink_len.max(1)))
+                {
+                    for n in 0..nn {
+                        for t in 0..nl {
+                            dst[n * nl + t] = src[t * nn + n];
+                        }
+                    }
+                }
+                g
+            }
+            BcForm::TimeInvariant => {
+                let mut g = vec![0.0; self.sink_len];
+                for batch_row in sinks.chunks(self.sink_len.max(1)) {
+                    add_into(&mut g, batch_row);
+                }
+                g
+            }
+        }
+    }
+}
+
+/// The incoming gradients and the initial state of one channel.
+struct Incoming<'a> {
+    /// `(L)`.
+    out: &'a [f32],
+    /// `(N)`.
+    last_state: Option<&'a [f32]>,
+    initial_state: Option<&'a [f32]>,
+}
+
+/// A fold accumulator of [`selective_scan_backward`]: the slab's `B`/`C` gradient sums and
+/// the per-channel work buffers, reused from channel to channel.
+struct SlabScratch {
+    gb: Vec<f32>,
+    gc: Vec<f32>,
+    /// `(L)`: processed Δ and its derivative with respect to the raw `delta`.
+    dt: Vec<f32>,
+    dt_grad: Vec<f32>,
+    /// `(L)`: `C_t . h_t`, then the gradient of the ungated output.
+    go: Vec<f32>,
+    /// `(L+1, N)`: `h_0` (initial state) and the state after every step.
+    states: Vec<f32>,
+}
+
+impl SlabScratch {
+    fn new(dims: &ScanDims, slab: &Slab) -> Self {
+        let (nl, nn) = (dims.len, dims.state);
+        SlabScratch {
+            gb: vec![0.0; slab.sink_len],
+            gc: vec![0.0; slab.sink_len],
+            dt: vec![0.0; nl],
+            dt_grad: vec![0.0; nl],
+            go: vec![0.0; nl],
+            states: vec![0.0; (nl + 1) * nn],
+        }
+    }
+}
+
+/// One channel's backward (see [`selective_scan_backward_reference`] for the equations):
+/// Δ and its derivative, the forward keeping every state, the gate and skip, then the walk
+/// back through time, vectorised over the state. The running vectors live in locals of
+/// `state_len`'s vector type (registers when `N` is fixed).
+#[inline(always)]
+fn backward_channel<S: StateLen>(
+    state_len: S,
+    ch: &Channel,
+    incoming: &Incoming,
+    out: &mut RowGrads,
+    s: &mut SlabScratch,
+    sink: Sink,
+) {
+    let nn = state_len.get();
+    for ((dt, dt_grad), raw) in s.dt.iter_mut().zip(&mut s.dt_grad).zip(ch.delta) {
+        let v = raw + ch.bias;
+        (*dt, *dt_grad) = if ch.softplus {
+            (softplus_fast(v), sigmoid_fast(v))
+        } else {
+            (v, 1.0)
+        };
+    }
+    forward_keeping_states(state_len, ch, incoming.initial_state, s);
+    gate_and_skip_backward(ch, incoming.out, out, &mut s.go);
+    let a = state_len.vector(Some(ch.a));
+    let (a, mut gh) = (a.as_ref(), state_len.vector(incoming.last_state));
+    let (mut g_decay, mut g_a) = (state_len.vector(None), state_len.vector(None));
+    let mut g_bias = 0.0;
+    for t in (0..ch.u.len()).rev() {
+        let (dt, u, go) = (s.dt[t], ch.u[t], s.go[t]);
+        let du = dt * u;
+        let b_t = &ch.b.rows[t * ch.b.step_stride..][..nn];
+        let c_t = &ch.c.rows[t * ch.c.step_stride..][..nn];
+        let at = sink.offset + t * sink.step_stride;
+        let (gb, gc) = (&mut s.gb[at..][..nn], &mut s.gc[at..][..nn]);
+        let h_prev = &s.states[t * nn..][..nn];
+        let h_t = &s.states[(t + 1) * nn..][..nn];
+        let (gh, g_decay, g_a) = (gh.as_mut(), g_decay.as_mut(), g_a.as_mut());
+        for n in 0..nn {
+            gh[n] = c_t[n].mul_add(go, gh[n]);
+            gc[n] = go.mul_add(h_t[n], gc[n]);
+        }
+        let gh_dot_b = state_len.dot(gh, b_t);
+        for n in 0..nn {
+            let decay = exp_fast(dt * a[n]);
+            g_decay[n] = gh[n] * h_prev[n] * decay;
+            g_a[n] = g_decay[n].mul_add(dt, g_a[n]);
+            gb[n] = gh[n].mul_add(du, gb[n]);
+            gh[n] *= decay;
+        }
+        out.u[t] = dt.mul_add(gh_dot_b, out.u[t]);
+        out.delta[t] = u.mul_add(gh_dot_b, state_len.dot(g_decay, a)) * s.dt_grad[t];
+        g_bias += out.delta[t];
+    }
+    out.per_row[..nn].copy_from_slice(g_a.as_ref());
+    out.per_row[nn + 1] = g_bias;
+    if let Some(g0) = out.initial_state.as_deref_mut() {
+        g0.copy_from_slice(gh.as_ref());
+    }
+}
+
+/// The state size `N`, a compile-time constant for the common sizes so that the loops over
+/// it unroll into whole vectors and the sums over it into trees of vector adds.
+trait StateLen: Copy {
+    /// `N` values: an array when `N` is fixed.
+    type Vector: AsRef<[f32]> + AsMut<[f32]>;
+
+    fn get(self) -> usize;
+
+    /// A copy of the first `N` values of `from`, or zeros.
+    fn vector(self, from: Option<&[f32]>) -> Self::Vector;
+
+    /// `a . b` over the first `N` values.
+    fn dot(self, a: &[f32], b: &[f32]) -> f32;
+}
+
+/// `N` known at compile time.
+#[derive(Clone, Copy)]
+struct Fixed<const N: usize>;
+
+impl<const N: usize> StateLen for Fixed<N> {
+    type Vector = [f32; N];
+
+    #[inline(always)]
+    fn get(self) -> usize {
+        N
+    }
+
+    #[inline(always)]
+    fn vector(self, from: Option<&[f32]>) -> [f32; N] {
+        from.map_or([0.0; N], |v| v[..N].try_into().expect("N values"))
+    }
+
+    #[inline(always)]
+    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+        let (a, b) = (&a[..N], &b[..N]);
+        let mut products = [0.0f32; N];
+        for n in 0..N {
+            products[n] = a[n] * b[n];
+        }
+        tree_sum(products)
+    }
+}
+
+impl StateLen for usize {
+    type Vector = Vec<f32>;
+
+    #[inline(always)]
+    fn get(self) -> usize {
+        self
+    }
+
+    #[inline(always)]
+    fn vector(self, from: Option<&[f32]>) -> Vec<f32> {
+        from.map_or_else(|| vec![0.0; self], |v| v[..self].to_vec())
+    }
+
+    #[inline(always)]
+    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+        dot(&a[..self], &b[..self])
+    }
+}
+
+/// Reruns one channel's recurrence from its initial state, storing every state in
+/// `s.states` and `C_t . h_t` in `s.go`.
+#[inline(always)]
+fn forward_keeping_states<S: StateLen>(
+    state_len: S,
+    ch: &Channel,
+    initial_state: Option<&[f32]>,
+    s: &mut SlabScratch,
+) {
+    let nn = state_len.get();
+    let a = state_len.vector(Some(ch.a));
+    let (a, mut h) = (a.as_ref(), state_len.vector(initial_state));
+    let (first, rest) = s.states.split_at_mut(nn);
+    first.copy_from_slice(h.as_ref());
+    for ((t, stored), y) in rest.chunks_exact_mut(nn).enumerate().zip(&mut s.go) {
+        let (dt, du) = (s.dt[t], s.dt[t] * ch.u[t]);
+        let b_t = &ch.b.rows[t * ch.b.step_stride..][..nn];
+        let c_t = &ch.c.rows[t * ch.c.step_stride..][..nn];
+        let h = h.as_mut();
+        for n in 0..nn {
+            h[n] = exp_fast(dt * a[n]).mul_add(h[n], du * b_t[n]);
+        }
+        *y = state_len.dot(c_t, h);
+        stored.copy_from_slice(h);
+    }
+}
+
+/// From `go = C_t . h_t` and the incoming `g_out`: the `z` gradient, the gradient of the
+/// ungated output (left in `go`), and the skip's share of the `u` and `D` gradients.
+#[inline(always)]
+fn gate_and_skip_backward(ch: &Channel, g_out: &[f32], out: &mut RowGrads, go: &mut [f32]) {
+    let nn = ch.a.len();
+    match (ch.z, out.z.as_deref_mut()) {
+        (Some(z), Some(gz)) => {
+            for (((go, gz), &z), (&g, &u)) in
+                go.iter_mut().zip(gz).zip(z).zip(g_out.iter().zip(ch.u))
+            {
+                let o = ch.d.mul_add(u, *go);
+                *gz = g * o * silu_grad_fast(z);
+                *go = g * silu_fast(z);
+            }
+        }
+        _ => go.copy_from_slice(g_out),
+    }
+    let mut g_d = 0.0;
+    for ((gu, &go), &u) in out.u.iter_mut().zip(go.iter()).zip(ch.u) {
+        *gu = go * ch.d;
+        g_d = go.mul_add(u, g_d);
+    }
+    out.per_row[nn] = g_d;
 }

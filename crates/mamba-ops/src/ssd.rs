@@ -19,8 +19,15 @@
 
 use crate::error::{OpError, Result};
 use crate::gemm::{matmul, MatRef};
-use crate::math::{exp_fast, process_dt, silu, silu_fast, with_simd};
+use crate::math::{
+    dot, exp_fast, process_dt, process_dt_with_grad, silu, silu_fast, silu_grad_fast, with_simd,
+};
+use crate::parallel::{fold_in_blocks, sum_in_order};
+use crate::selective_scan::narrow;
 use rayon::prelude::*;
+
+/// Rows `(batch, t)` per block of the deterministic `D` gradient sum.
+const ROWS_PER_BLOCK: usize = 64;
 
 /// Sizes of one SSD scan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,7 +245,13 @@ pub fn ssd(dims: &SsdDims, x: &SsdInputs) -> Result<SsdOutput> {
     tasks
         .par_iter_mut()
         .for_each(|task| chunk_diagonal_and_state(dims, x, &dtp, task));
-    let final_state = pass_states_between_chunks(dims, x.initial_states, &mut states, &cums);
+    let final_state = pass_between_chunks(
+        dims,
+        x.initial_states,
+        &mut states,
+        &cums,
+        Direction::Forward,
+    );
     // The tasks' `state` now hold the state entering each chunk.
     let mut tasks = chunk_tasks(dims, &mut y, &mut states, &mut cums);
     tasks
@@ -366,13 +379,30 @@ fn chunk_diagonal_and_state(dims: &SsdDims, x: &SsdInputs, dtp: &[f32], task: &m
     }
 }
 
-/// Runs the recurrence over chunks: replaces each chunk's own state with the state entering
-/// it and returns the state after the last chunk, `(batch, H, P, N)`.
-fn pass_states_between_chunks(
+/// Which way [`pass_between_chunks`] walks the chunks.
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    /// States, from the first chunk to the last.
+    Forward,
+    /// State gradients, from the last chunk to the first.
+    Backward,
+}
+
+/// Runs `running = exp(cum_last(c)) * running + own(c)` over the chunks `c` in `direction`,
+/// starting from `start` (zeros when absent), and replaces each chunk's `own` value with the
+/// running value that reaches it; returns the value after the last chunk visited,
+/// `(batch, H, P, N)`.
+///
+/// Forward, over the states the chunks produce alone: leaves the state entering each chunk
+/// and returns the final state. Backward, over each chunk's own gradient of its entering
+/// state: leaves the gradient of the state leaving each chunk and returns the gradient of
+/// the initial state.
+fn pass_between_chunks(
     dims: &SsdDims,
-    initial: Option<&[f32]>,
-    states: &mut [f32],
+    start: Option<&[f32]>,
+    per_chunk: &mut [f32],
     cums: &[f32],
+    direction: Direction,
 ) -> Vec<f32> {
     let (nh, np, nn, q, nc) = (
         dims.heads,
@@ -382,20 +412,21 @@ fn pass_states_between_chunks(
         dims.chunks(),
     );
     let per_batch = nh * np * nn;
-    let mut final_state =
-        initial.map_or_else(|| vec![0.0; dims.batch * per_batch], <[f32]>::to_vec);
-    final_state
-        .par_chunks_mut(per_batch)
-        .zip(states.par_chunks_mut(nc * per_batch))
+    let order: Vec<usize> = match direction {
+        Direction::Forward => (0..nc).collect(),
+        Direction::Backward => (0..nc).rev().collect(),
+    };
+    let mut last = start.map_or_else(|| vec![0.0; dims.batch * per_batch], <[f32]>::to_vec);
+    last.par_chunks_mut(per_batch)
+        .zip(per_chunk.par_chunks_mut(nc * per_batch))
         .zip(cums.par_chunks(nc * nh * q))
-        .enumerate()
-        .for_each(|(_, ((running, batch_states), batch_cums))| {
-            for c in 0..nc {
+        .for_each(|((running, batch_chunks), batch_cums)| {
+            for &c in &order {
                 let ql = (dims.len - c * q).min(q);
-                let chunk_states = &mut batch_states[c * per_batch..][..per_batch];
+                let chunk = &mut batch_chunks[c * per_batch..][..per_batch];
                 for h in 0..nh {
                     let decay = batch_cums[(c * nh + h) * q + ql - 1].exp();
-                    let own = &mut chunk_states[h * np * nn..][..np * nn];
+                    let own = &mut chunk[h * np * nn..][..np * nn];
                     let run = &mut running[h * np * nn..][..np * nn];
                     for (o, r) in own.iter_mut().zip(run.iter_mut()) {
                         let produced = *o;
@@ -405,7 +436,7 @@ fn pass_states_between_chunks(
                 }
             }
         });
-    final_state
+    last
 }
 
 /// Adds the contribution of the state entering the chunk, then the `D` skip and `z` gate.
@@ -455,4 +486,785 @@ fn chunk_off_diagonal_and_finish(dims: &SsdDims, x: &SsdInputs, task: &mut Chunk
             }
         },
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------
+
+/// Gradients of a scalar loss with respect to every SSD input, each in its input's layout
+/// (`D`'s gradient has `D`'s shape). The optional fields are `Some` exactly when the input
+/// was given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SsdGrads {
+    pub x: Vec<f32>,
+    /// With respect to the raw `dt` (before `dt_bias`, the softplus and the clamp).
+    pub dt: Vec<f32>,
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+    pub c: Vec<f32>,
+    pub d: Option<Vec<f32>>,
+    pub z: Option<Vec<f32>>,
+    pub dt_bias: Option<Vec<f32>>,
+    pub initial_states: Option<Vec<f32>>,
+}
+
+impl SsdDims {
+    /// Checks the incoming gradients: `grad_y: (batch, L, H, P)`,
+    /// `grad_final_state: (batch, H, P, N)`.
+    fn check_grads(&self, grad_y: &[f32], grad_final_state: Option<&[f32]>) -> Result<()> {
+        expect_len(
+            "grad_y",
+            grad_y.len(),
+            self.batch * self.len * self.heads * self.head_dim,
+        )?;
+        if let Some(g) = grad_final_state {
+            expect_len(
+                "grad_final_state",
+                g.len(),
+                self.batch * self.heads * self.head_dim * self.state,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl SsdInputs<'_> {
+    /// Index into `D` for head `h`, position `p`.
+    #[inline(always)]
+    fn skip_index(&self, dims: &SsdDims, h: usize, p: usize) -> usize {
+        match self.d {
+            Some(d) if d.len() == dims.heads * dims.head_dim => h * dims.head_dim + p,
+            _ => h,
+        }
+    }
+}
+
+/// The backward pass written like the equations, in f64, one step at a time.
+///
+/// The forward recurrence is rerun keeping every state (`S_0` = initial state, `S_t` after
+/// step `t`, each `P x N`); then, walking back from `G = grad_final_state` (or 0), with
+/// `a_t = exp(dt_t A)`, for `t = L .. 1`:
+///
+/// ```text
+/// go_t   = g_y_t * silu(z_t)        g_z_t = g_y_t * (S_t C_t + D x_t) * silu'(z_t)
+/// g_D   += go_t * x_t               g_x_t = go_t * D + dt_t * G B_t
+/// G     += outer(go_t, C_t)         g_C_t = S_t^T go_t
+/// g_B_t  = dt_t * G^T x_t           g_A  += <G, S_{t-1}> * a_t * dt_t
+/// g_dt_t = <G, S_{t-1}> * a_t * A + x_t^T G B_t
+/// G      = a_t * G                  (the gradient of S_{t-1})
+/// g_rawdt_t = g_dt_t * d dt_t / d raw_t     (sigmoid through the softplus, 0 where clamped)
+/// ```
+///
+/// and finally `g_dt_bias = sum g_rawdt`, `g_initial_states = G`. `B`/`C` gradients add
+/// up over the heads of a group.
+// Index loops on purpose: the reference reads like the equations' subscripts.
+#[allow(clippy::needless_range_loop)]
+pub fn ssd_backward_reference(
+    dims: &SsdDims,
+    x: &SsdInputs,
+    grad_y: &[f32],
+    grad_final_state: Option<&[f32]>,
+) -> Result<SsdGrads> {
+    use crate::math::f64_ref::{process_dt, silu, silu_grad};
+    dims.check(x)?;
+    dims.check_grads(grad_y, grad_final_state)?;
+    let (nb, nl, nh, np, ng, nn) = (
+        dims.batch,
+        dims.len,
+        dims.heads,
+        dims.head_dim,
+        dims.groups,
+        dims.state,
+    );
+    let f = |v: &[f32], i: usize| v[i] as f64;
+    let mut g = SsdGrads64::zeros(dims, x);
+    for b in 0..nb {
+        for h in 0..nh {
+            let gr = h / dims.heads_per_group();
+            let bias = x.dt_bias.map_or(0.0, |v| v[h]);
+            let (dt, dt_grad): (Vec<f64>, Vec<f64>) = (0..nl)
+                .map(|t| process_dt(x.dt[(b * nl + t) * nh + h], bias, x.dt_softplus, x.dt_limit))
+                .unzip();
+            let a = x.a[h] as f64;
+            let xi = |t: usize, p: usize| ((b * nl + t) * nh + h) * np + p;
+            let bci = |t: usize, n: usize| ((b * nl + t) * ng + gr) * nn + n;
+            // s[t][p * N + n]: the state after step t; s[0] is the initial state.
+            let mut s = vec![vec![0.0f64; np * nn]; nl + 1];
+            if let Some(init) = x.initial_states {
+                let at = (b * nh + h) * np * nn;
+                s[0] = init[at..at + np * nn].iter().map(|&v| v as f64).collect();
+            }
+            let mut y = vec![vec![0.0f64; np]; nl];
+            for t in 0..nl {
+                let decay = (dt[t] * a).exp();
+                for p in 0..np {
+                    for n in 0..nn {
+                        let k = p * nn + n;
+                        s[t + 1][k] =
+                            decay * s[t][k] + dt[t] * f(x.x, xi(t, p)) * f(x.b, bci(t, n));
+                        y[t][p] += s[t + 1][k] * f(x.c, bci(t, n));
+                    }
+                }
+            }
+            let mut gs = match grad_final_state {
+                Some(gf) => {
+                    let at = (b * nh + h) * np * nn;
+                    gf[at..at + np * nn].iter().map(|&v| v as f64).collect()
+                }
+                None => vec![0.0f64; np * nn],
+            };
+            for t in (0..nl).rev() {
+                let decay = (dt[t] * a).exp();
+                let mut go = vec![0.0f64; np];
+                for (p, go) in go.iter_mut().enumerate() {
+                    let i = xi(t, p);
+                    let skip_at = x.skip_index(dims, h, p);
+                    let skip = x.d.map_or(0.0, |d| f(d, skip_at));
+                    let g_y = f(grad_y, i);
+                    *go = match x.z {
+                        Some(z) => {
+                            g.z[i] = g_y * (y[t][p] + skip * f(x.x, i)) * silu_grad(f(z, i));
+                            g_y * silu(f(z, i))
+                        }
+                        None => g_y,
+                    };
+                    if x.d.is_some() {
+                        g.d[skip_at] += *go * f(x.x, i);
+                    }
+                    g.x[i] = *go * skip;
+                }
+                for p in 0..np {
+                    for n in 0..nn {
+                        let k = p * nn + n;
+                        gs[k] += go[p] * f(x.c, bci(t, n));
+                        g.c[bci(t, n)] += go[p] * s[t + 1][k];
+                    }
+                }
+                let mut g_dt = 0.0;
+                for p in 0..np {
+                    for n in 0..nn {
+                        let k = p * nn + n;
+                        let (xv, bv) = (f(x.x, xi(t, p)), f(x.b, bci(t, n)));
+                        g_dt += gs[k] * (s[t][k] * decay * a + xv * bv);
+                        g.a[h] += gs[k] * s[t][k] * decay * dt[t];
+                        g.x[xi(t, p)] += gs[k] * dt[t] * bv;
+                        g.b[bci(t, n)] += gs[k] * dt[t] * xv;
+                        gs[k] *= decay;
+                    }
+                }
+                let i = (b * nl + t) * nh + h;
+                g.dt[i] = g_dt * dt_grad[t];
+                g.dt_bias[h] += g.dt[i];
+            }
+            let at = (b * nh + h) * np * nn;
+            g.initial_states[at..at + np * nn].copy_from_slice(&gs);
+        }
+    }
+    Ok(g.narrow(x))
+}
+
+/// f64 accumulators of the reference backward, every field allocated.
+struct SsdGrads64 {
+    x: Vec<f64>,
+    dt: Vec<f64>,
+    a: Vec<f64>,
+    b: Vec<f64>,
+    c: Vec<f64>,
+    d: Vec<f64>,
+    z: Vec<f64>,
+    dt_bias: Vec<f64>,
+    initial_states: Vec<f64>,
+}
+
+impl SsdGrads64 {
+    fn zeros(dims: &SsdDims, x: &SsdInputs) -> Self {
+        let zeros = |n: usize| vec![0.0; n];
+        SsdGrads64 {
+            x: zeros(x.x.len()),
+            dt: zeros(x.dt.len()),
+            a: zeros(dims.heads),
+            b: zeros(x.b.len()),
+            c: zeros(x.c.len()),
+            d: zeros(x.d.map_or(0, <[f32]>::len)),
+            z: zeros(x.x.len()),
+            dt_bias: zeros(dims.heads),
+            initial_states: zeros(dims.batch * dims.heads * dims.head_dim * dims.state),
+        }
+    }
+
+    /// Rounds to f32, keeping the optional gradients whose input `x` has.
+    fn narrow(self, x: &SsdInputs) -> SsdGrads {
+        let keep = |given: bool, v: Vec<f64>| given.then(|| narrow(&v));
+        SsdGrads {
+            x: narrow(&self.x),
+            dt: narrow(&self.dt),
+            a: narrow(&self.a),
+            b: narrow(&self.b),
+            c: narrow(&self.c),
+            d: keep(x.d.is_some(), self.d),
+            z: keep(x.z.is_some(), self.z),
+            dt_bias: keep(x.dt_bias.is_some(), self.dt_bias),
+            initial_states: keep(x.initial_states.is_some(), self.initial_states),
+        }
+    }
+}
+
+/// The fast backward pass through the chunked algorithm (see the module docs), threaded
+/// over chunks and heads, with the matmul-shaped parts through [`crate::gemm`].
+///
+/// Inside a chunk, with `l_ij = exp(cum_i - cum_j)` (`j <= i`), `go` the gradient of the
+/// ungated output, `S_in` the state entering the chunk and `G` the gradient of the state
+/// leaving it, `w_j = dt_j exp(cum_last - cum_j)`:
+///
+/// ```text
+/// GX = go X^T                 M = (C B^T) ∘ l ∘ dt_j      W = GX ∘ l ∘ dt_j      (masked, ql x ql)
+/// g_X = M^T go + w ∘ (B G^T)                     g_B = W^T C + w ∘ (X G)
+/// g_C = W B + exp(cum) ∘ (go S_in)
+/// g_dt_j (direct)  = sum_i (C B^T ∘ l ∘ GX)_ij + exp(cum_last - cum_j) x_j^T G B_j
+/// g_cum_i          = rowsum_i(M ∘ GX) - colsum_i(M ∘ GX) + exp(cum_i) go_i . (S_in C_i)
+///                    - w_i x_i^T G B_i  [+ sum_j w_j x_j^T G B_j + exp(cum_last) <G, S_in> at i = last]
+/// g_dt_j += A * sum_{i >= j} g_cum_i,            g_A = sum_i g_cum_i * sum_{j <= i} dt_j
+/// ```
+///
+/// The state gradients between chunks run backwards like the states run forwards:
+/// `g_S_in(c) = exp(cum_last(c)) G(c) + sum_i exp(cum_i) outer(go_i, C_i)`, `G(c-1) = g_S_in(c)`,
+/// starting from `grad_final_state`; `g_S_in(0)` is the initial states' gradient. The forward
+/// is rerun first for the states entering each chunk (and the output, when `z` needs it).
+pub fn ssd_backward(
+    dims: &SsdDims,
+    x: &SsdInputs,
+    grad_y: &[f32],
+    grad_final_state: Option<&[f32]>,
+) -> Result<SsdGrads> {
+    dims.check(x)?;
+    dims.check_grads(grad_y, grad_final_state)?;
+    let (dtp, dt_grad) = x.processed_dt_with_grad(dims);
+    let forward = ChunkForward::run(dims, x, &dtp);
+    let gate = gate_and_skip_backward(dims, x, grad_y, forward.out.as_deref());
+    let mut grad_states = chunk_own_state_grads(dims, x, &gate.go, &forward.cums);
+    let g_init = pass_between_chunks(
+        dims,
+        grad_final_state,
+        &mut grad_states,
+        &forward.cums,
+        Direction::Backward,
+    );
+    let context = GradContext {
+        dims,
+        x,
+        dtp: &dtp,
+        forward: &forward,
+        go: &gate.go,
+        grad_states: &grad_states,
+        cb: &chunk_cb(dims, x),
+    };
+    let head_major = context.chunk_grads();
+    Ok(head_major.assemble(dims, x, gate, &dt_grad, g_init))
+}
+
+impl SsdInputs<'_> {
+    /// `dt'` and `d dt' / d dt` for every `(batch, t, head)`.
+    fn processed_dt_with_grad(&self, dims: &SsdDims) -> (Vec<f32>, Vec<f32>) {
+        self.dt
+            .iter()
+            .enumerate()
+            .map(|(i, &raw)| {
+                let bias = self.dt_bias.map_or(0.0, |v| v[i % dims.heads]);
+                process_dt_with_grad(raw, bias, self.dt_softplus, self.dt_limit)
+            })
+            .unzip()
+    }
+}
+
+/// What the backward pass needs from the forward.
+struct ChunkForward {
+    /// `(batch, chunks, H, P, N)`: the state entering each chunk.
+    states: Vec<f32>,
+    /// `(batch, chunks, H, Q)`: cumulative `dt' * A` inside each chunk.
+    cums: Vec<f32>,
+    /// `(batch, L, H, P)`: the output before the `z` gate (`D` skip included); only with `z`.
+    out: Option<Vec<f32>>,
+}
+
+impl ChunkForward {
+    fn run(dims: &SsdDims, x: &SsdInputs, dtp: &[f32]) -> Self {
+        let (nb, nh, np, nn) = (dims.batch, dims.heads, dims.head_dim, dims.state);
+        let (q, nc) = (dims.chunk_size, dims.chunks());
+        let mut y = vec![0.0; x.x.len()];
+        let mut states = vec![0.0; nb * nc * nh * np * nn];
+        let mut cums = vec![0.0; nb * nc * nh * q];
+        chunk_tasks(dims, &mut y, &mut states, &mut cums)
+            .par_iter_mut()
+            .for_each(|task| chunk_diagonal_and_state(dims, x, dtp, task));
+        pass_between_chunks(
+            dims,
+            x.initial_states,
+            &mut states,
+            &cums,
+            Direction::Forward,
+        );
+        if x.z.is_some() {
+            let ungated = SsdInputs { z: None, ..*x };
+            chunk_tasks(dims, &mut y, &mut states, &mut cums)
+                .par_iter_mut()
+                .for_each(|task| chunk_off_diagonal_and_finish(dims, &ungated, task));
+        }
+        ChunkForward {
+            states,
+            cums,
+            out: x.z.map(|_| y),
+        }
+    }
+}
+
+/// The gate's and skip's gradients: `go = g_y * silu(z)` (the gradient of the ungated
+/// output, `(batch, L, H, P)`), `g_z = g_y * out * silu'(z)`, `g_D = sum go * x`.
+struct GateGrads {
+    go: Vec<f32>,
+    z: Option<Vec<f32>>,
+    d: Option<Vec<f32>>,
+}
+
+fn gate_and_skip_backward(
+    dims: &SsdDims,
+    x: &SsdInputs,
+    grad_y: &[f32],
+    out: Option<&[f32]>,
+) -> GateGrads {
+    let (np, width) = (dims.head_dim, (dims.heads * dims.head_dim).max(1));
+    let mut go = grad_y.to_vec();
+    let mut gz = x.z.map(|_| vec![0.0; go.len()]);
+    if let (Some(z), Some(out), Some(gz)) = (x.z, out, gz.as_deref_mut()) {
+        go.par_chunks_mut(width)
+            .zip(gz.par_chunks_mut(width))
+            .enumerate()
+            .for_each(|(r, (go, gz))| {
+                let at = r * width;
+                let (z, out) = (&z[at..at + go.len()], &out[at..at + go.len()]);
+                with_simd(
+                    #[inline(always)]
+                    || {
+                        for (((g, gz), z), o) in go.iter_mut().zip(gz).zip(z).zip(out) {
+                            *gz = *g * o * silu_grad_fast(*z);
+                            *g *= silu_fast(*z);
+                        }
+                    },
+                );
+            });
+    }
+    let d = x.d.map(|d| {
+        let mut rows: Vec<_> = go.chunks(width).zip(x.x.chunks(width)).collect();
+        let partials = fold_in_blocks(
+            &mut rows,
+            ROWS_PER_BLOCK,
+            || vec![0.0; d.len()],
+            |mut g_d, (go, xs)| {
+                for (i, (g, xv)) in go.iter().zip(xs.iter()).enumerate() {
+                    g_d[x.skip_index(dims, i / np, i % np)] += g * xv;
+                }
+                g_d
+            },
+        );
+        sum_in_order(partials, d.len())
+    });
+    GateGrads { go, z: gz, d }
+}
+
+/// Each chunk's own gradient of the state entering it, `sum_i exp(cum_i) outer(go_i, C_i)`,
+/// `(batch, chunks, H, P, N)`.
+fn chunk_own_state_grads(dims: &SsdDims, x: &SsdInputs, go: &[f32], cums: &[f32]) -> Vec<f32> {
+    let (nl, nh, np, ng, nn) = (dims.len, dims.heads, dims.head_dim, dims.groups, dims.state);
+    let (q, nc) = (dims.chunk_size, dims.chunks());
+    let mut grads = vec![0.0; dims.batch * nc * nh * np * nn];
+    grads
+        .par_chunks_mut((np * nn).max(1))
+        .enumerate()
+        .for_each_init(
+            || vec![0.0; q.min(nl) * np],
+            |scaled, (task, grad)| {
+                let (b, c, h) = (task / (nc * nh), (task / nh) % nc, task % nh);
+                let (t0, ql) = (c * q, (nl - c * q).min(q));
+                let cum = &cums[task * q..][..ql];
+                scale_rows_by_exp(dims, go, (b, t0, h), cum, &mut scaled[..ql * np]);
+                let c_at = row_offset(dims, b, t0, h / dims.heads_per_group(), ng, nn);
+                matmul(
+                    (np, nn, ql),
+                    grad,
+                    nn,
+                    MatRef::transposed(scaled, np),
+                    MatRef::rows(&x.c[c_at..], ng * nn),
+                    false,
+                );
+            },
+        );
+    grads
+}
+
+/// `dst[i] = exp(cum[i]) * go[b, t0 + i, h, :]`, `(ql, P)`.
+fn scale_rows_by_exp(
+    dims: &SsdDims,
+    go: &[f32],
+    (b, t0, h): (usize, usize, usize),
+    cum: &[f32],
+    dst: &mut [f32],
+) {
+    let np = dims.head_dim;
+    for (i, row) in dst.chunks_exact_mut(np).enumerate() {
+        let src = &go[row_offset(dims, b, t0 + i, h, dims.heads, np)..][..np];
+        let scale = cum[i].exp();
+        row.iter_mut().zip(src).for_each(|(d, s)| *d = scale * s);
+    }
+}
+
+/// `C B^T` inside every chunk, once per group: `(batch, chunks, G, q, q)` blocks of
+/// `q = min(Q, L)` squared, the chunk's `ql x ql` values first.
+fn chunk_cb(dims: &SsdDims, x: &SsdInputs) -> Vec<f32> {
+    let (nl, ng, nn) = (dims.len, dims.groups, dims.state);
+    let (q, nc) = (dims.chunk_size, dims.chunks());
+    let block = q.min(nl).pow(2).max(1);
+    let mut cb = vec![0.0; dims.batch * nc * ng * block];
+    cb.par_chunks_mut(block).enumerate().for_each(|(task, cb)| {
+        let (b, c, g) = (task / (nc * ng), (task / ng) % nc, task % ng);
+        let (t0, ql) = (c * q, (nl - c * q).min(q));
+        let at = row_offset(dims, b, t0, g, ng, nn);
+        matmul(
+            (ql, ql, nn),
+            cb,
+            ql,
+            MatRef::rows(&x.c[at..], ng * nn),
+            MatRef::transposed(&x.b[at..], ng * nn),
+            false,
+        );
+    });
+    cb
+}
+
+/// Everything the per-chunk gradient tasks read.
+struct GradContext<'a> {
+    dims: &'a SsdDims,
+    x: &'a SsdInputs<'a>,
+    /// `(batch, L, H)`.
+    dtp: &'a [f32],
+    forward: &'a ChunkForward,
+    /// `(batch, L, H, P)`.
+    go: &'a [f32],
+    /// `(batch, chunks, H, P, N)`: the gradient of the state leaving each chunk.
+    grad_states: &'a [f32],
+    /// See [`chunk_cb`].
+    cb: &'a [f32],
+}
+
+/// The chunk tasks' gradients, laid out head-major so that each `(batch, head, chunk)` task
+/// writes contiguous rows.
+struct HeadMajorGrads {
+    /// `(batch, H, L, P)`.
+    x: Vec<f32>,
+    /// `(batch, H, L)`: with respect to the processed `dt'`.
+    dt: Vec<f32>,
+    /// `(batch, H, L, N)`: each head's share, summed over the group's heads at the end.
+    b: Vec<f32>,
+    c: Vec<f32>,
+    /// `(batch, H, chunks)`.
+    a: Vec<f32>,
+}
+
+/// One `(batch, head, chunk)` task's rows of the [`HeadMajorGrads`].
+struct GradTask<'a> {
+    batch: usize,
+    head: usize,
+    chunk: usize,
+    /// `(ql, P)`.
+    x: &'a mut [f32],
+    /// `(ql)`.
+    dt: &'a mut [f32],
+    /// `(ql, N)`.
+    b: &'a mut [f32],
+    c: &'a mut [f32],
+    a: &'a mut f32,
+}
+
+impl GradContext<'_> {
+    fn chunk_grads(&self) -> HeadMajorGrads {
+        let d = self.dims;
+        let (nb, nl, nh, np, nn) = (d.batch, d.len, d.heads, d.head_dim, d.state);
+        let (q, nc) = (d.chunk_size, d.chunks());
+        let mut g = HeadMajorGrads {
+            x: vec![0.0; nb * nh * nl * np],
+            dt: vec![0.0; nb * nh * nl],
+            b: vec![0.0; nb * nh * nl * nn],
+            c: vec![0.0; nb * nh * nl * nn],
+            a: vec![0.0; nb * nh * nc],
+        };
+        let mut tasks: Vec<GradTask> = chunk_rows(&mut g.x, nl, q, np)
+            .into_iter()
+            .zip(chunk_rows(&mut g.dt, nl, q, 1))
+            .zip(
+                chunk_rows(&mut g.b, nl, q, nn)
+                    .into_iter()
+                    .zip(chunk_rows(&mut g.c, nl, q, nn)),
+            )
+            .zip(g.a.iter_mut())
+            .enumerate()
+            .map(|(i, (((x, dt), (b, c)), a))| GradTask {
+                batch: i / (nh * nc),
+                head: (i / nc) % nh,
+                chunk: i % nc,
+                x,
+                dt,
+                b,
+                c,
+                a,
+            })
+            .collect();
+        tasks
+            .par_iter_mut()
+            .for_each(|task| self.chunk_backward(task));
+        drop(tasks);
+        g
+    }
+
+    /// One chunk of one head (equations at [`ssd_backward`]).
+    fn chunk_backward(&self, task: &mut GradTask) {
+        let d = self.dims;
+        let (nl, nh, np, ng, nn) = (d.len, d.heads, d.head_dim, d.groups, d.state);
+        let (q, nc) = (d.chunk_size, d.chunks());
+        let (b, h, c) = (task.batch, task.head, task.chunk);
+        let (g, t0, ql) = (h / d.heads_per_group(), c * q, task.dt.len());
+        let at = ((b * nc + c) * nh + h) * np * nn;
+        let s_in = &self.forward.states[at..][..np * nn];
+        let g_out = &self.grad_states[at..][..np * nn];
+        let cum = &self.forward.cums[((b * nc + c) * nh + h) * q..][..ql];
+        let dt: Vec<f32> = (0..ql)
+            .map(|i| self.dtp[(b * nl + t0 + i) * nh + h])
+            .collect();
+        let cb_block = q.min(nl).pow(2);
+        let cb = &self.cb[((b * nc + c) * ng + g) * cb_block..][..ql * ql];
+        let x_at = row_offset(d, b, t0, h, nh, np);
+        let bc_at = row_offset(d, b, t0, g, ng, nn);
+        let xs = MatRef::rows(&self.x.x[x_at..], nh * np);
+        let gos = MatRef::rows(&self.go[x_at..], nh * np);
+        let bs = MatRef::rows(&self.x.b[bc_at..], ng * nn);
+        let cs = MatRef::rows(&self.x.c[bc_at..], ng * nn);
+
+        // The diagonal block: GX_ij = go_i . x_j, then M, W and the dt/cum shares.
+        let mut gx_gram = vec![0.0; ql * ql];
+        matmul(
+            (ql, ql, np),
+            &mut gx_gram,
+            ql,
+            gos,
+            MatRef::transposed(&self.x.x[x_at..], nh * np),
+            false,
+        );
+        let mut m = vec![0.0; ql * ql];
+        let mut w = vec![0.0; ql * ql];
+        let mut g_cum = vec![0.0; ql];
+        with_simd(
+            #[inline(always)]
+            || {
+                diagonal_masks(
+                    cb,
+                    cum,
+                    &dt,
+                    &mut gx_gram,
+                    &mut m,
+                    &mut w,
+                    task.dt,
+                    &mut g_cum,
+                )
+            },
+        );
+        // g_C = exp(cum) ∘ (go S_in) + W B.
+        let mut scaled = vec![0.0; ql * np];
+        scale_rows_by_exp(d, self.go, (b, t0, h), cum, &mut scaled);
+        matmul(
+            (ql, nn, np),
+            task.c,
+            nn,
+            MatRef::rows(&scaled, np),
+            MatRef::rows(s_in, nn),
+            false,
+        );
+        for (i, (g_c, gc)) in task.c.chunks_exact(nn).zip(&mut g_cum).enumerate() {
+            *gc += dot(g_c, &self.x.c[bc_at + i * ng * nn..][..nn]);
+        }
+        matmul((ql, nn, ql), task.c, nn, MatRef::rows(&w, ql), bs, true);
+        // g_B = w ∘ (X G) + W^T C.
+        let last = cum[ql - 1];
+        let into_state: Vec<f32> = (0..ql).map(|j| (last - cum[j]).exp()).collect();
+        matmul((ql, nn, np), task.b, nn, xs, MatRef::rows(g_out, nn), false);
+        for ((row, e), dt) in task.b.chunks_exact_mut(nn).zip(&into_state).zip(&dt) {
+            row.iter_mut().for_each(|v| *v *= e * dt);
+        }
+        matmul(
+            (ql, nn, ql),
+            task.b,
+            nn,
+            MatRef::transposed(&w, ql),
+            cs,
+            true,
+        );
+        // g_X = w ∘ (B G^T) + M^T go, with the state's dt/cum shares from x_j . (G B_j).
+        matmul(
+            (ql, np, nn),
+            task.x,
+            np,
+            bs,
+            MatRef::transposed(g_out, nn),
+            false,
+        );
+        let mut to_last = 0.0;
+        for (j, row) in task.x.chunks_exact_mut(np).enumerate() {
+            let u = dot(row, &self.x.x[x_at + j * nh * np..][..np]);
+            let wj = into_state[j] * dt[j];
+            task.dt[j] += into_state[j] * u;
+            g_cum[j] -= wj * u;
+            to_last += wj * u;
+            row.iter_mut().for_each(|v| *v *= wj);
+        }
+        matmul(
+            (ql, np, ql),
+            task.x,
+            np,
+            MatRef::transposed(&m, ql),
+            gos,
+            true,
+        );
+        g_cum[ql - 1] += to_last + last.exp() * dot(g_out, s_in);
+        // cum_i = A * sum_{j <= i} dt_j.
+        let a = self.x.a[h];
+        let (mut dt_sum, mut g_a) = (0.0, 0.0);
+        for (dt, gc) in dt.iter().zip(&g_cum) {
+            dt_sum += dt;
+            g_a += gc * dt_sum;
+        }
+        let mut suffix = 0.0;
+        for (g_dt, gc) in task.dt.iter_mut().zip(&g_cum).rev() {
+            suffix += gc;
+            *g_dt += a * suffix;
+        }
+        *task.a = g_a;
+    }
+}
+
+/// The masked `ql x ql` products of a chunk's diagonal block. Reads `cb = C B^T`, `cum`,
+/// `dt` and `gx = go X^T` (overwritten); writes `M = cb ∘ l ∘ dt_j`, `W = gx ∘ l ∘ dt_j`,
+/// adds `colsum(cb ∘ l ∘ gx)` to `g_dt` and `rowsum(F) - colsum(F)`, `F = M ∘ gx`, to `g_cum`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn diagonal_masks(
+    cb: &[f32],
+    cum: &[f32],
+    dt: &[f32],
+    gx: &mut [f32],
+    m: &mut [f32],
+    w: &mut [f32],
+    g_dt: &mut [f32],
+    g_cum: &mut [f32],
+) {
+    let ql = dt.len();
+    for i in 0..ql {
+        let row = i * ql..i * ql + i + 1;
+        let (cb, gx) = (&cb[row.clone()], &mut gx[row.clone()]);
+        let (m, w) = (&mut m[row.clone()], &mut w[row]);
+        for j in 0..=i {
+            let l = exp_fast(cum[i] - cum[j]);
+            let e = cb[j] * l * gx[j];
+            m[j] = cb[j] * l * dt[j];
+            w[j] = gx[j] * l * dt[j];
+            g_dt[j] += e;
+            gx[j] = e * dt[j];
+            g_cum[j] -= gx[j];
+        }
+        g_cum[i] += lane_sum(gx);
+    }
+}
+
+/// `v`, a `(slabs, len, width)` tensor, cut into `(slabs, chunks)` blocks of `(ql, width)`.
+fn chunk_rows(v: &mut [f32], len: usize, chunk: usize, width: usize) -> Vec<&mut [f32]> {
+    v.chunks_mut((len * width).max(1))
+        .flat_map(|slab| slab.chunks_mut((chunk * width).max(1)))
+        .collect()
+}
+
+/// Sum with eight independent partial sums, so that it vectorises.
+#[inline(always)]
+fn lane_sum(v: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+impl HeadMajorGrads {
+    /// The gradients in the inputs' layouts: adds the skip's share of `g_x`, sums `B`/`C`
+    /// over each group's heads, chains `dt` through the softplus and the clamp.
+    fn assemble(
+        self,
+        dims: &SsdDims,
+        x: &SsdInputs,
+        gate: GateGrads,
+        dt_grad: &[f32],
+        g_init: Vec<f32>,
+    ) -> SsdGrads {
+        let (nl, nh, np, ng, nn) = (dims.len, dims.heads, dims.head_dim, dims.groups, dims.state);
+        let hpg = dims.heads_per_group();
+        let mut gx = vec![0.0; x.x.len()];
+        gx.par_chunks_mut((nh * np).max(1))
+            .enumerate()
+            .for_each(|(r, row)| {
+                let (b, t) = (r / nl, r % nl);
+                for (i, v) in row.iter_mut().enumerate() {
+                    let (h, p) = (i / np, i % np);
+                    let skip = x.d.map_or(0.0, |d| d[x.skip_index(dims, h, p)]);
+                    *v = self.x[((b * nh + h) * nl + t) * np + p] + skip * gate.go[r * nh * np + i];
+                }
+            });
+        let group_sum = |src: &[f32]| -> Vec<f32> {
+            let mut dst = vec![0.0; x.b.len()];
+            dst.par_chunks_mut((ng * nn).max(1))
+                .enumerate()
+                .for_each(|(r, row)| {
+                    let (b, t) = (r / nl, r % nl);
+                    for (g, row) in row.chunks_exact_mut(nn).enumerate() {
+                        for h in g * hpg..(g + 1) * hpg {
+                            let share = &src[((b * nh + h) * nl + t) * nn..][..nn];
+                            row.iter_mut().zip(share).for_each(|(d, s)| *d += s);
+                        }
+                    }
+                });
+            dst
+        };
+        let g_dt: Vec<f32> = (0..x.dt.len())
+            .map(|i| {
+                let (b, t, h) = (i / (nl * nh), (i / nh) % nl, i % nh);
+                self.dt[(b * nh + h) * nl + t] * dt_grad[i]
+            })
+            .collect();
+        let mut g_a = vec![0.0; nh];
+        for (i, share) in self.a.iter().enumerate() {
+            g_a[(i / dims.chunks().max(1)) % nh] += share;
+        }
+        let mut g_bias = vec![0.0; nh];
+        for (i, g) in g_dt.iter().enumerate() {
+            g_bias[i % nh] += g;
+        }
+        SsdGrads {
+            x: gx,
+            a: g_a,
+            b: group_sum(&self.b),
+            c: group_sum(&self.c),
+            dt: g_dt,
+            d: gate.d,
+            z: gate.z,
+            dt_bias: x.dt_bias.map(|_| g_bias),
+            initial_states: x.initial_states.map(|_| g_init),
+        }
+    }
 }

@@ -2,10 +2,12 @@
 //! schedule, gradient clipping and accumulation, atomic checkpoints that resume exactly,
 //! and a loss-curve plot.
 
+pub mod checkpoint;
 pub mod data;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
+pub mod train;
 
 /// What can go wrong while training.
 #[derive(Debug, thiserror::Error)]
