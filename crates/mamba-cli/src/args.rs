@@ -63,13 +63,26 @@ impl WeightDtype {
 /// A checkpoint directory and the precision to load it in.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// Checkpoint directory (config.json, *.safetensors, optionally tokenizer.json).
+    /// Checkpoint directory (config.json, *.safetensors, optionally tokenizer.json)
+    /// [default: the bundled byte-level model trained on the King James Bible]
     #[arg(long, value_name = "DIR")]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
 
     /// Precision of the weights in memory.
     #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
     pub dtype: WeightDtype,
+}
+
+/// The model this repository ships, found from the source tree the binary was built in.
+pub const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/kjv-byte");
+
+impl ModelArgs {
+    /// `--model`, or the bundled model when it is not given.
+    pub fn dir(&self) -> PathBuf {
+        self.model
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(BUNDLED_MODEL))
+    }
 }
 
 /// Comma-separated token ids, e.g. `1,2,3`.

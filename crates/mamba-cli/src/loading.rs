@@ -18,7 +18,7 @@ pub struct Loaded {
 }
 
 pub fn load(args: &ModelArgs) -> Result<Loaded> {
-    let checkpoint = Checkpoint::open(&args.model)?;
+    let checkpoint = Checkpoint::open(&args.dir())?;
     let tokenizer = tokenizer_for(&checkpoint)?;
     let model = Model::load(&checkpoint, args.dtype.dtype())?;
     Ok(Loaded { model, tokenizer })

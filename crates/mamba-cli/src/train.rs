@@ -128,10 +128,21 @@ pub fn run(args: &TrainArgs, json: bool) -> Result<()> {
                 p.loss, p.lr, p.tokens_per_s
             ));
             if let Some(v) = p.val_loss {
-                bar.println(format!(
-                    "step {}: train loss {:.4}, validation loss {v:.4}",
-                    p.step, p.loss
-                ));
+                let bpb = if byte_level {
+                    format!(" ({:.3} bits per byte)", v / std::f64::consts::LN_2)
+                } else {
+                    String::new()
+                };
+                let line = format!(
+                    "step {}: train loss {:.4}, validation loss {v:.4}{bpb}, {:.0} tokens/s",
+                    p.step, p.loss, p.tokens_per_s
+                );
+                // Without a terminal the bar is hidden: log the line instead.
+                if bar.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
             }
             true
         },

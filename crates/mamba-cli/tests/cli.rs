@@ -2,12 +2,14 @@
 //! generation, scoring and logits, `info` sizes, `bench` output, and clean failures on
 //! bad input.
 
+mod common;
+
+use common::*;
 use mamba_models::tokenizer::Tokenizer;
 use mamba_testing::{assert_close, fixtures_dir, read_json, read_safetensors, Tensor};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use tempfile::TempDir;
 
 /// The fixture models that `generate` must reproduce.
@@ -15,17 +17,6 @@ const MODELS: [&str; 4] = ["mamba_tied", "mamba_untied", "falcon_mamba", "mamba2
 
 /// Blanket float32 tolerance for the fixtures' logits (see the fixtures README).
 const LOGITS_TOLERANCE: (f64, f64) = (1e-4, 1e-3);
-
-/// Runs the binary with backtraces enabled, so that tests see that errors stay one line
-/// even then.
-fn mamba(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mamba"))
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .output()
-        .expect("cannot run the mamba binary")
-}
 
 fn checkpoint(model: &str) -> PathBuf {
     fixtures_dir().join("models").join(model).join("checkpoint")
@@ -49,63 +40,12 @@ fn ids_arg(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
-fn path_arg(path: &Path) -> &str {
-    path.to_str().expect("a UTF-8 path")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_success(out: &Output) {
-    assert!(
-        out.status.success(),
-        "mamba failed ({}): {}",
-        out.status,
-        stderr(out)
-    );
-}
-
-/// The last stdout line of a successful run, parsed as JSON.
-fn json_output(out: &Output) -> Value {
-    assert_success(out);
-    let text = stdout(out);
-    let last = text.lines().last().expect("no output on stdout");
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("{last:?} is not JSON: {e}"))
-}
-
 fn u32_list(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap_or_else(|| panic!("{v} is not a list"))
         .iter()
         .map(|x| u32::try_from(x.as_u64().unwrap()).unwrap())
         .collect()
-}
-
-/// A failure as the CLI promises it: exit code 1 and one `error:` line on stderr, no panic.
-fn assert_clean_failure(out: &Output, what: &str) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(1), "{what}: stderr {err:?}");
-    assert!(!err.contains("panicked"), "{what}: panicked: {err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "{what}: expected one line: {err:?}");
-    assert!(lines[0].starts_with("error: "), "{what}: {err:?}");
-}
-
-/// A failing run whose error line mentions `needle`.
-fn assert_fails_with(args: &[&str], needle: &str) {
-    let out = mamba(args);
-    let what = args.join(" ");
-    assert_clean_failure(&out, &what);
-    assert!(
-        stderr(&out).contains(needle),
-        "{what}: error does not mention {needle:?}: {}",
-        stderr(&out)
-    );
 }
 
 /// A writable copy of a fixture checkpoint.
