@@ -1,5 +1,6 @@
-//! `mamba info`: what a checkpoint holds: family and dimensions, parameters and bytes of
-//! weights as stored, and bytes of recurrent state per sequence.
+//! `mamba info`: what a checkpoint holds: family and dimensions (for Jamba, what each layer
+//! is made of), parameters and bytes of weights as stored, bytes of recurrent state per
+//! sequence and bytes of key/value cache per token.
 
 use crate::args::InfoArgs;
 use crate::loading::tokenizer_for;
@@ -7,6 +8,7 @@ use anyhow::{ensure, Context, Result};
 use candle_core::DType;
 use mamba_models::checkpoint::Checkpoint;
 use mamba_models::config::ModelConfig;
+use mamba_models::jamba::layer_layout;
 use mamba_models::tokenizer::Tokenizer;
 use mamba_models::Model;
 use safetensors::tensor::Metadata;
@@ -22,13 +24,18 @@ pub fn run(args: &InfoArgs, json: bool) -> Result<()> {
     let tokenizer = tokenizer_for(&checkpoint)?;
     let weights = stored_weights(&checkpoint.weight_files)?;
     let mut facts = config_facts(&checkpoint.config);
+    let state = model.new_state(1);
     facts.extend([
         ("parameters", json!(weights.parameters)),
         ("weight_bytes", json!(weights.bytes)),
         ("weight_dtypes", json!(weights.dtypes)),
         (
             "state_bytes_per_sequence",
-            json!(model.new_state(1).bytes_per_sequence()),
+            json!(state.bytes_per_sequence()),
+        ),
+        (
+            "kv_cache_bytes_per_token",
+            json!(state.kv_bytes_per_token()),
         ),
     ]);
     facts.extend(tokenizer_facts(&checkpoint, tokenizer.as_ref()));
@@ -111,6 +118,20 @@ fn config_facts(config: &ModelConfig) -> Vec<(&'static str, Value)> {
             ("conv_dim", json!(c.conv_dim())),
             ("conv_kernel", json!(c.conv_kernel)),
             ("chunk_size", json!(c.chunk_size)),
+            ("tied_embeddings", json!(c.tie_word_embeddings)),
+        ]),
+        ModelConfig::Jamba(c) => facts.extend([
+            ("layer_layout", json!(layer_layout(c))),
+            ("d_inner", json!(c.mamba_d_inner())),
+            ("state_size", json!(c.mamba_d_state)),
+            ("conv_kernel", json!(c.mamba_d_conv)),
+            ("time_step_rank", json!(c.mamba_dt_rank)),
+            ("heads", json!(c.num_attention_heads)),
+            ("kv_heads", json!(c.num_key_value_heads)),
+            ("head_dim", json!(c.head_dim())),
+            ("intermediate_size", json!(c.intermediate_size)),
+            ("experts", json!(c.num_experts)),
+            ("experts_per_token", json!(c.num_experts_per_tok)),
             ("tied_embeddings", json!(c.tie_word_embeddings)),
         ]),
     }

@@ -13,7 +13,13 @@ use std::path::{Path, PathBuf};
 use tempfile::TempDir;
 
 /// The fixture models that `generate` must reproduce.
-const MODELS: [&str; 4] = ["mamba_tied", "mamba_untied", "falcon_mamba", "mamba2"];
+const MODELS: [&str; 5] = [
+    "mamba_tied",
+    "mamba_untied",
+    "falcon_mamba",
+    "mamba2",
+    "jamba",
+];
 
 /// Blanket float32 tolerance for the fixtures' logits (see the fixtures README).
 const LOGITS_TOLERANCE: (f64, f64) = (1e-4, 1e-3);
@@ -129,7 +135,7 @@ fn mean_nll(logits: &[f64], ids: &[u32], vocab: usize) -> f64 {
 
 #[test]
 fn score_matches_fixture_logits_and_nll() {
-    for model in ["mamba2", "mamba_tied"] {
+    for model in ["mamba2", "mamba_tied", "jamba"] {
         let expected = expected(model);
         let input = &expected["input_ids"];
         let (batch, len) = (input.shape[0], input.shape[1]);
@@ -266,7 +272,65 @@ fn info_reports_parameters_and_state_size() {
             "family: {}\n",
             config["model_type"].as_str().unwrap()
         )));
+        assert!(text.contains("kv cache bytes per token: 0\n"), "{text}");
     }
+}
+
+/// Jamba: what each layer is made of, the recurrent state of its Mamba layers and the
+/// key/value cache of its attention layers, all derived from `config.json`.
+#[test]
+fn info_reports_jamba_layout_and_cache_sizes() {
+    let ckpt = checkpoint("jamba");
+    let config = read_json(&ckpt.join("config.json"));
+    let c = |key| config_usize(&config, key);
+    let layers = c("num_hidden_layers");
+    let is_attention = |i: usize| i % c("attn_layer_period") == c("attn_layer_offset");
+    let has_experts = |i: usize| i % c("expert_layer_period") == c("expert_layer_offset");
+    let layout: Vec<String> = (0..layers)
+        .map(|i| {
+            let mixer = if is_attention(i) {
+                "attention"
+            } else {
+                "mamba"
+            };
+            let ffn = if has_experts(i) { "+moe" } else { "" };
+            format!("{mixer}{ffn}")
+        })
+        .collect();
+    let attention_layers = (0..layers).filter(|&i| is_attention(i)).count();
+    let d_inner = c("mamba_expand") * c("hidden_size");
+    let mamba_floats = d_inner * (c("mamba_d_conv") - 1) + d_inner * c("mamba_d_state");
+    let state_bytes = (layers - attention_layers) * mamba_floats * 4;
+    let head_dim = c("hidden_size") / c("num_attention_heads");
+    let kv_bytes = attention_layers * 2 * c("num_key_value_heads") * head_dim * 4;
+    let parameters = stored_parameters(&ckpt.join("model.safetensors"));
+    assert!(
+        attention_layers > 0 && attention_layers < layers,
+        "a hybrid"
+    );
+
+    let report = json_output(&mamba(&["info", "--model", path_arg(&ckpt), "--json"]));
+    assert_eq!(report["family"], "jamba");
+    assert_eq!(report["parameters"], parameters);
+    assert_eq!(report["layers"], layers);
+    assert_eq!(report["layer_layout"], serde_json::json!(layout));
+    assert_eq!(report["state_bytes_per_sequence"], state_bytes);
+    assert_eq!(report["kv_cache_bytes_per_token"], kv_bytes);
+    assert_eq!(report["kv_heads"], c("num_key_value_heads"));
+    assert_eq!(report["experts"], c("num_experts"));
+
+    let human = mamba(&["info", "--model", path_arg(&ckpt)]);
+    assert_success(&human);
+    let text = stdout(&human);
+    assert!(text.contains("family: jamba\n"), "{text}");
+    assert!(
+        text.contains(&format!("layer layout: {}\n", layout.join(", "))),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("kv cache bytes per token: {kv_bytes}\n")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -400,6 +464,19 @@ fn config_disagreeing_with_tensors_fails_cleanly() {
         c.insert("hidden_size".into(), 32.into());
     });
     assert_checkpoint_rejected(dir.path(), "shape mismatch");
+
+    // Jamba: key/value heads that the attention weights do not have, and more experts
+    // than the checkpoint stores.
+    let dir = copy_checkpoint("jamba");
+    edit_config(dir.path(), |c| {
+        c.insert("num_key_value_heads".into(), 4.into());
+    });
+    assert_checkpoint_rejected(dir.path(), "shape mismatch");
+    let dir = copy_checkpoint("jamba");
+    edit_config(dir.path(), |c| {
+        c.insert("num_experts".into(), 5.into());
+    });
+    assert_checkpoint_rejected(dir.path(), "experts.4");
 }
 
 #[test]
@@ -413,6 +490,7 @@ fn malformed_config_fails_cleanly() {
 fn bad_prompts_fail_cleanly() {
     let mamba2 = checkpoint("mamba2");
     let tied = checkpoint("mamba_tied");
+    let jamba = checkpoint("jamba");
     let generate = |model: &Path, flag: &'static str, value: &'static str| {
         let model = path_arg(model).to_string();
         move || mamba(&["generate", "--model", &model, flag, value])
@@ -421,6 +499,11 @@ fn bad_prompts_fail_cleanly() {
         (
             "id beyond vocab",
             generate(&mamba2, "--prompt-ids", "99999"),
+            "out of range",
+        ),
+        (
+            "id beyond vocab, jamba",
+            generate(&jamba, "--prompt-ids", "3,256"),
             "out of range",
         ),
         ("empty text", generate(&tied, "--prompt", ""), "empty"),

@@ -1,8 +1,9 @@
 //! Model configurations: Hugging Face `config.json` files, the `mamba_ssm` native
 //! `config.json` form, and presets with the dimensions of the published checkpoints.
 //!
-//! Missing keys take the defaults of transformers' `MambaConfig`, `FalconMambaConfig`
-//! and `Mamba2Config` (or of `mamba_ssm`'s `MambaConfig` and mixers for the native form).
+//! Missing keys take the defaults of transformers' `MambaConfig`, `FalconMambaConfig`,
+//! `Mamba2Config` and `JambaConfig` (or of `mamba_ssm`'s `MambaConfig` and mixers for the
+//! native form).
 
 use crate::error::{Error, Result};
 use serde_json::{Map, Value};
@@ -15,6 +16,8 @@ pub enum Family {
     Mamba,
     FalconMamba,
     Mamba2,
+    /// Mamba-1 and attention layers, each followed by a dense or mixture-of-experts MLP.
+    Jamba,
 }
 
 impl fmt::Display for Family {
@@ -23,6 +26,7 @@ impl fmt::Display for Family {
             Family::Mamba => "mamba",
             Family::FalconMamba => "falcon_mamba",
             Family::Mamba2 => "mamba2",
+            Family::Jamba => "jamba",
         })
     }
 }
@@ -88,6 +92,94 @@ impl Mamba2Config {
     /// Channels through the convolution: `x`, `B` and `C`, i.e. `d_inner + 2 * n_groups * state_size`.
     pub fn conv_dim(&self) -> usize {
         self.d_inner() + 2 * self.n_groups * self.state_size
+    }
+}
+
+/// Hyper-parameters of a Jamba model (`JambaForCausalLM`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JambaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    /// Width of the gated MLPs (the dense one and every expert).
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub num_experts: usize,
+    pub num_experts_per_tok: usize,
+    /// Layer `i` has experts when `i % expert_layer_period == expert_layer_offset`
+    /// (and `num_experts > 1`).
+    pub expert_layer_period: usize,
+    pub expert_layer_offset: usize,
+    /// Layer `i` is attention when `i % attn_layer_period == attn_layer_offset`, else Mamba.
+    pub attn_layer_period: usize,
+    pub attn_layer_offset: usize,
+    pub mamba_d_state: usize,
+    pub mamba_d_conv: usize,
+    pub mamba_expand: usize,
+    /// Rank of the Δ projection (`"auto"` in the file resolves to `ceil(hidden_size / 16)`).
+    pub mamba_dt_rank: usize,
+    pub mamba_conv_bias: bool,
+    /// Bias on the Mamba `in_proj` and `out_proj`.
+    pub mamba_proj_bias: bool,
+    /// Epsilon of every RMSNorm, the Δ, B and C norms of the Mamba mixers included.
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    pub eos_token_id: Option<u32>,
+    pub bos_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+}
+
+impl JambaConfig {
+    /// Whether layer `i` mixes with attention (else with a Mamba mixer).
+    pub fn is_attention_layer(&self, i: usize) -> bool {
+        i % self.attn_layer_period == self.attn_layer_offset
+    }
+
+    /// Whether layer `i`'s feed-forward part is a mixture of experts (else a dense MLP).
+    pub fn is_expert_layer(&self, i: usize) -> bool {
+        self.num_experts > 1 && i % self.expert_layer_period == self.expert_layer_offset
+    }
+
+    /// Width of one attention head: `hidden_size / num_attention_heads`.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Width of the Mamba mixers: `mamba_expand * hidden_size`.
+    pub fn mamba_d_inner(&self) -> usize {
+        self.mamba_expand * self.hidden_size
+    }
+
+    fn to_hf_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["JambaForCausalLM"],
+            "model_type": "jamba",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "num_experts": self.num_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "expert_layer_period": self.expert_layer_period,
+            "expert_layer_offset": self.expert_layer_offset,
+            "attn_layer_period": self.attn_layer_period,
+            "attn_layer_offset": self.attn_layer_offset,
+            "mamba_d_state": self.mamba_d_state,
+            "mamba_d_conv": self.mamba_d_conv,
+            "mamba_expand": self.mamba_expand,
+            "mamba_dt_rank": self.mamba_dt_rank,
+            "mamba_conv_bias": self.mamba_conv_bias,
+            "mamba_proj_bias": self.mamba_proj_bias,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "eos_token_id": self.eos_token_id,
+            "bos_token_id": self.bos_token_id,
+            "pad_token_id": self.pad_token_id,
+        })
     }
 }
 
@@ -167,6 +259,7 @@ pub enum ModelConfig {
     Mamba(MambaConfig),
     FalconMamba(MambaConfig),
     Mamba2(Mamba2Config),
+    Jamba(JambaConfig),
 }
 
 impl ModelConfig {
@@ -194,6 +287,7 @@ impl ModelConfig {
             ModelConfig::Mamba(c) => c.to_hf_json("MambaForCausalLM", "mamba"),
             ModelConfig::FalconMamba(c) => c.to_hf_json("FalconMambaForCausalLM", "falcon_mamba"),
             ModelConfig::Mamba2(c) => c.to_hf_json(),
+            ModelConfig::Jamba(c) => c.to_hf_json(),
         }
     }
 
@@ -203,6 +297,7 @@ impl ModelConfig {
             ModelConfig::Mamba(_) => Family::Mamba,
             ModelConfig::FalconMamba(_) => Family::FalconMamba,
             ModelConfig::Mamba2(_) => Family::Mamba2,
+            ModelConfig::Jamba(_) => Family::Jamba,
         }
     }
 
@@ -211,6 +306,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => c.vocab_size,
             ModelConfig::Mamba2(c) => c.vocab_size,
+            ModelConfig::Jamba(c) => c.vocab_size,
         }
     }
 
@@ -219,6 +315,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => c.hidden_size,
             ModelConfig::Mamba2(c) => c.hidden_size,
+            ModelConfig::Jamba(c) => c.hidden_size,
         }
     }
 
@@ -227,6 +324,25 @@ impl ModelConfig {
         match self {
             ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => c.num_hidden_layers,
             ModelConfig::Mamba2(c) => c.num_hidden_layers,
+            ModelConfig::Jamba(c) => c.num_hidden_layers,
+        }
+    }
+
+    /// Epsilon of the block and final RMSNorms.
+    pub fn norm_epsilon(&self) -> f64 {
+        match self {
+            ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => c.layer_norm_epsilon,
+            ModelConfig::Mamba2(c) => c.layer_norm_epsilon,
+            ModelConfig::Jamba(c) => c.rms_norm_eps,
+        }
+    }
+
+    /// Whether the output head reuses the embedding matrix.
+    pub fn tie_word_embeddings(&self) -> bool {
+        match self {
+            ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => c.tie_word_embeddings,
+            ModelConfig::Mamba2(c) => c.tie_word_embeddings,
+            ModelConfig::Jamba(c) => c.tie_word_embeddings,
         }
     }
 
@@ -235,6 +351,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => c.eos_token_id,
             ModelConfig::Mamba2(c) => c.eos_token_id,
+            ModelConfig::Jamba(c) => c.eos_token_id,
         }
     }
 }
@@ -305,6 +422,7 @@ fn parse_config(text: &str, origin: &Path) -> Result<ModelConfig> {
             ModelConfig::FalconMamba(hf_mamba_config(&fields, true)?)
         }
         ConfigForm::HuggingFace(Family::Mamba2) => ModelConfig::Mamba2(hf_mamba2_config(&fields)?),
+        ConfigForm::HuggingFace(Family::Jamba) => ModelConfig::Jamba(hf_jamba_config(&fields)?),
         ConfigForm::Native => native_config(&fields)?,
     };
     Ok(config)
@@ -394,6 +512,7 @@ fn family_of_architecture(name: &str) -> Option<Family> {
         "MambaForCausalLM" | "MambaModel" => Some(Family::Mamba),
         "FalconMambaForCausalLM" | "FalconMambaModel" => Some(Family::FalconMamba),
         "Mamba2ForCausalLM" | "Mamba2Model" => Some(Family::Mamba2),
+        "JambaForCausalLM" | "JambaModel" => Some(Family::Jamba),
         _ => None,
     }
 }
@@ -403,6 +522,7 @@ fn family_of_model_type(name: &str) -> Option<Family> {
         "mamba" => Some(Family::Mamba),
         "falcon_mamba" => Some(Family::FalconMamba),
         "mamba2" => Some(Family::Mamba2),
+        "jamba" => Some(Family::Jamba),
         _ => None,
     }
 }
@@ -465,6 +585,64 @@ fn hf_mamba2_config(f: &Fields) -> Result<Mamba2Config> {
     };
     validate_mamba2(&config)?;
     Ok(config)
+}
+
+/// A Hugging Face `JambaConfig`.
+fn hf_jamba_config(f: &Fields) -> Result<JambaConfig> {
+    reject_jamba_extras(f)?;
+    let hidden_size = f.usize_or("hidden_size", 4096)?;
+    let num_attention_heads = f.usize_or("num_attention_heads", 32)?;
+    // transformers reads an explicit null as "one key/value head per query head".
+    let num_key_value_heads = match f.raw("num_key_value_heads") {
+        Some(Value::Null) => num_attention_heads,
+        _ => f.usize_or("num_key_value_heads", 8)?,
+    };
+    let config = JambaConfig {
+        vocab_size: f.usize_or("vocab_size", 65536)?,
+        hidden_size,
+        intermediate_size: f.usize_or("intermediate_size", 14336)?,
+        num_hidden_layers: f.usize_or("num_hidden_layers", 32)?,
+        num_attention_heads,
+        num_key_value_heads,
+        num_experts: f.usize_or("num_experts", 16)?,
+        num_experts_per_tok: f.usize_or("num_experts_per_tok", 2)?,
+        expert_layer_period: f.usize_or("expert_layer_period", 2)?,
+        expert_layer_offset: f.usize_or("expert_layer_offset", 1)?,
+        attn_layer_period: f.usize_or("attn_layer_period", 8)?,
+        attn_layer_offset: f.usize_or("attn_layer_offset", 4)?,
+        mamba_d_state: f.usize_or("mamba_d_state", 16)?,
+        mamba_d_conv: f.usize_or("mamba_d_conv", 4)?,
+        mamba_expand: f.usize_or("mamba_expand", 2)?,
+        mamba_dt_rank: f.rank_or_auto("mamba_dt_rank", hidden_size)?,
+        mamba_conv_bias: f.bool_or("mamba_conv_bias", true)?,
+        mamba_proj_bias: f.bool_or("mamba_proj_bias", false)?,
+        rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6)?,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        eos_token_id: f.token_id_or("eos_token_id", Some(2))?,
+        bos_token_id: f.token_id_or("bos_token_id", Some(1))?,
+        pad_token_id: f.token_id_or("pad_token_id", Some(0))?,
+    };
+    validate_jamba(&config)?;
+    Ok(config)
+}
+
+/// Jamba options that change the numerics and are not implemented.
+fn reject_jamba_extras(f: &Fields) -> Result<()> {
+    if let Some(v) = f.get("hidden_act") {
+        if v.as_str() != Some("silu") {
+            return Err(f.invalid(
+                "hidden_act",
+                "\"silu\" (the only MLP activation supported)",
+                v,
+            ));
+        }
+    }
+    if let Some(v) = f.get("sliding_window") {
+        return Err(Error::Config(format!(
+            "sliding_window: sliding-window attention is not supported (got {v}); use null"
+        )));
+    }
+    Ok(())
 }
 
 /// A `mamba_ssm` native config: `ssm_cfg.layer` picks Mamba-1 (default) or Mamba-2.
@@ -690,6 +868,65 @@ fn validate_mamba2(c: &Mamba2Config) -> Result<()> {
             "time_step_limit must be an ordered pair of numbers, got ({lo}, {hi})"
         )));
     }
+    Ok(())
+}
+
+/// Checks the sizes and the layer pattern of a Jamba config.
+fn validate_jamba(c: &JambaConfig) -> Result<()> {
+    for (key, value) in [
+        ("vocab_size", c.vocab_size),
+        ("hidden_size", c.hidden_size),
+        ("intermediate_size", c.intermediate_size),
+        ("num_hidden_layers", c.num_hidden_layers),
+        ("num_attention_heads", c.num_attention_heads),
+        ("num_key_value_heads", c.num_key_value_heads),
+        ("num_experts", c.num_experts),
+        ("num_experts_per_tok", c.num_experts_per_tok),
+        ("expert_layer_period", c.expert_layer_period),
+        ("attn_layer_period", c.attn_layer_period),
+        ("mamba_d_state", c.mamba_d_state),
+        ("mamba_d_conv", c.mamba_d_conv),
+        ("mamba_expand", c.mamba_expand),
+        ("mamba_dt_rank", c.mamba_dt_rank),
+    ] {
+        require_positive(key, value)?;
+    }
+    require_epsilon("rms_norm_eps", c.rms_norm_eps)?;
+    for (what, period, offset) in [
+        ("attn", c.attn_layer_period, c.attn_layer_offset),
+        ("expert", c.expert_layer_period, c.expert_layer_offset),
+    ] {
+        if offset >= period {
+            return Err(Error::Config(format!(
+                "{what}_layer_offset {offset} must be smaller than {what}_layer_period {period}"
+            )));
+        }
+    }
+    if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+        return Err(Error::Config(format!(
+            "hidden_size {} is not a multiple of num_attention_heads {}",
+            c.hidden_size, c.num_attention_heads
+        )));
+    }
+    if !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
+        return Err(Error::Config(format!(
+            "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+            c.num_attention_heads, c.num_key_value_heads
+        )));
+    }
+    // With a single expert every layer is dense and the top-k is never used.
+    if c.num_experts > 1 && c.num_experts_per_tok > c.num_experts {
+        return Err(Error::Config(format!(
+            "num_experts_per_tok {} exceeds num_experts {}",
+            c.num_experts_per_tok, c.num_experts
+        )));
+    }
+    let d_inner = product("mamba_expand * hidden_size", c.mamba_expand, c.hidden_size)?;
+    // The widest projections: the Mamba in_proj (2 * d_inner) and x_proj (dt_rank + 2N).
+    product("2 * mamba_expand * hidden_size", 2, d_inner)?;
+    product("2 * mamba_d_state", 2, c.mamba_d_state)?
+        .checked_add(c.mamba_dt_rank)
+        .ok_or_else(|| Error::Config("mamba_dt_rank + 2 * mamba_d_state is too large".into()))?;
     Ok(())
 }
 

@@ -19,7 +19,7 @@ pub enum Error {
     },
     #[error("config: {0}")]
     Config(String),
-    #[error("unknown architecture {0:?}: supported are MambaForCausalLM, FalconMambaForCausalLM and Mamba2ForCausalLM")]
+    #[error("unknown architecture {0:?}: supported are MambaForCausalLM, FalconMambaForCausalLM, Mamba2ForCausalLM and JambaForCausalLM")]
     UnknownArchitecture(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),

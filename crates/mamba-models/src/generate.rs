@@ -128,19 +128,11 @@ fn prefill_all(model: &Model, prompts: &[Vec<u32>]) -> Result<(State, Tensor)> {
     Ok((stack_states(&states), Tensor::cat(&logits, 0)?))
 }
 
-/// Stacks single-sequence states into one batched state (layouts are batch-major).
+/// Stacks single-sequence states into one batched state (recurrent layouts are
+/// batch-major; key/value caches stay per sequence, whatever their lengths).
 pub fn stack_states(states: &[State]) -> State {
     let layers = (0..states[0].layers.len())
-        .map(|l| LayerState {
-            conv: states
-                .iter()
-                .flat_map(|s| s.layers[l].conv.iter().copied())
-                .collect(),
-            ssm: states
-                .iter()
-                .flat_map(|s| s.layers[l].ssm.iter().copied())
-                .collect(),
-        })
+        .map(|l| LayerState::stack(&states.iter().map(|s| &s.layers[l]).collect::<Vec<_>>()))
         .collect();
     State {
         batch: states.iter().map(|s| s.batch).sum(),

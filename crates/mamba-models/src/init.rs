@@ -1,10 +1,14 @@
 //! Random weights initialised as `mamba_ssm` does, under Hugging Face tensor names:
 //! S4D-real `A_log`, Δ bias from `dt_min..dt_max` through the inverse softplus, `D = 1`,
 //! uniform fan-in linear layers, `out_proj` rescaled by `1/sqrt(layers)`, N(0, 0.02) embeddings.
+//! Jamba's attention and MLPs get uniform fan-in layers too, their output projections
+//! (`o_proj`, `down_proj`) rescaled like `out_proj`; every norm weight starts at 1.
 
-use crate::config::{Mamba2Config, MambaConfig, ModelConfig};
+use crate::config::{JambaConfig, Mamba2Config, ModelConfig};
 use crate::error::Result;
-use crate::model::Model;
+use crate::jamba;
+use crate::mamba1::{DtBcNorm, MixerSpec};
+use crate::model::{Model, TensorNames};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
@@ -95,45 +99,77 @@ impl Init {
         self.put(name, vec![1.0; n], &[n])
     }
 
-    fn embeddings_and_head(&mut self, vocab: usize, hidden: usize, tied: bool) -> Result<()> {
+    fn embeddings_and_head(&mut self, config: &ModelConfig) -> Result<()> {
+        let (vocab, hidden) = (config.vocab_size(), config.hidden_size());
+        let names = TensorNames::of(config.family());
         let e = self.normal(vocab * hidden, 0.02);
-        self.put_matrix("backbone.embeddings.weight".into(), e, &[vocab, hidden])?;
-        self.ones("backbone.norm_f.weight".into(), hidden)?;
-        if !tied {
+        let embedding = format!("{}.{}", names.root, names.embedding);
+        self.put_matrix(embedding, e, &[vocab, hidden])?;
+        self.ones(format!("{}.{}", names.root, names.final_norm), hidden)?;
+        if !config.tie_word_embeddings() {
             self.linear("lm_head", vocab, hidden, false, 1.0)?;
         }
         Ok(())
     }
 
-    fn mamba1_layer(&mut self, i: usize, c: &MambaConfig) -> Result<()> {
-        let (h, di, n, r) = (
-            c.hidden_size,
-            c.intermediate_size,
-            c.state_size,
-            c.time_step_rank,
-        );
-        let p = format!("backbone.layers.{i}");
-        self.ones(format!("{p}.norm.weight"), h)?;
-        self.linear(&format!("{p}.mixer.in_proj"), 2 * di, h, c.use_bias, 1.0)?;
-        self.conv(
-            &format!("{p}.mixer.conv1d"),
-            di,
-            c.conv_kernel,
-            c.use_conv_bias,
-        )?;
-        self.linear(&format!("{p}.mixer.x_proj"), r + 2 * n, di, false, 1.0)?;
+    /// A Mamba-1 mixer under `{p}.`, its `out_proj` scaled by `out_scale`.
+    fn mamba1_mixer(&mut self, p: &str, s: &MixerSpec, out_scale: f32) -> Result<()> {
+        let (h, di, n, r) = (s.hidden_size, s.d_inner, s.state_size, s.dt_rank);
+        self.linear(&format!("{p}.in_proj"), 2 * di, h, s.proj_bias, 1.0)?;
+        self.conv(&format!("{p}.conv1d"), di, s.conv_kernel, s.conv_bias)?;
+        self.linear(&format!("{p}.x_proj"), r + 2 * n, di, false, 1.0)?;
         let dt_std = (r as f32).powf(-0.5);
         let w = self.uniform(di * r, dt_std);
-        self.put_matrix(format!("{p}.mixer.dt_proj.weight"), w, &[di, r])?;
+        self.put_matrix(format!("{p}.dt_proj.weight"), w, &[di, r])?;
         let b = self.dt_bias(di);
-        self.put(format!("{p}.mixer.dt_proj.bias"), b, &[di])?;
+        self.put(format!("{p}.dt_proj.bias"), b, &[di])?;
         let a_log: Vec<f32> = (0..di)
             .flat_map(|_| (1..=n).map(|k| (k as f32).ln()))
             .collect();
-        self.put(format!("{p}.mixer.A_log"), a_log, &[di, n])?;
-        self.ones(format!("{p}.mixer.D"), di)?;
-        let scale = 1.0 / (c.num_hidden_layers as f32).sqrt();
-        self.linear(&format!("{p}.mixer.out_proj"), h, di, c.use_bias, scale)
+        self.put(format!("{p}.A_log"), a_log, &[di, n])?;
+        self.ones(format!("{p}.D"), di)?;
+        self.linear(&format!("{p}.out_proj"), h, di, s.proj_bias, out_scale)?;
+        if let DtBcNorm::Weighted { .. } = s.dt_bc_norm {
+            self.ones(format!("{p}.dt_layernorm.weight"), r)?;
+            self.ones(format!("{p}.b_layernorm.weight"), n)?;
+            self.ones(format!("{p}.c_layernorm.weight"), n)?;
+        }
+        Ok(())
+    }
+
+    /// A gated MLP under `{p}.`, its `down_proj` scaled by `out_scale`.
+    fn gated_mlp(&mut self, p: &str, hidden: usize, inter: usize, out_scale: f32) -> Result<()> {
+        self.linear(&format!("{p}.gate_proj"), inter, hidden, false, 1.0)?;
+        self.linear(&format!("{p}.up_proj"), inter, hidden, false, 1.0)?;
+        self.linear(&format!("{p}.down_proj"), hidden, inter, false, out_scale)
+    }
+
+    fn jamba_layer(&mut self, i: usize, c: &JambaConfig) -> Result<()> {
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let out_scale = 1.0 / (c.num_hidden_layers as f32).sqrt();
+        let p = format!("model.layers.{i}");
+        self.ones(format!("{p}.input_layernorm.weight"), h)?;
+        if c.is_attention_layer(i) {
+            let a = jamba::attention_spec(c);
+            let (q, kv) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
+            self.linear(&format!("{p}.self_attn.q_proj"), q, h, false, 1.0)?;
+            self.linear(&format!("{p}.self_attn.k_proj"), kv, h, false, 1.0)?;
+            self.linear(&format!("{p}.self_attn.v_proj"), kv, h, false, 1.0)?;
+            self.linear(&format!("{p}.self_attn.o_proj"), h, q, false, out_scale)?;
+        } else {
+            self.mamba1_mixer(&format!("{p}.mamba"), &jamba::mamba_spec(c), out_scale)?;
+        }
+        self.ones(format!("{p}.pre_ff_layernorm.weight"), h)?;
+        let ffn = format!("{p}.feed_forward");
+        if c.is_expert_layer(i) {
+            self.linear(&format!("{ffn}.router"), c.num_experts, h, false, 1.0)?;
+            for e in 0..c.num_experts {
+                self.gated_mlp(&format!("{ffn}.experts.{e}"), h, inter, out_scale)?;
+            }
+            Ok(())
+        } else {
+            self.gated_mlp(&ffn, h, inter, out_scale)
+        }
     }
 
     fn mamba2_layer(&mut self, i: usize, c: &Mamba2Config) -> Result<()> {
@@ -179,18 +215,17 @@ pub fn init_tensors(
         dtype,
         tensors: HashMap::new(),
     };
-    match config {
-        ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => {
-            init.embeddings_and_head(c.vocab_size, c.hidden_size, c.tie_word_embeddings)?;
-            for i in 0..c.num_hidden_layers {
-                init.mamba1_layer(i, c)?;
+    init.embeddings_and_head(config)?;
+    for i in 0..config.num_layers() {
+        match config {
+            ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => {
+                let p = format!("backbone.layers.{i}");
+                init.ones(format!("{p}.norm.weight"), c.hidden_size)?;
+                let out_scale = 1.0 / (c.num_hidden_layers as f32).sqrt();
+                init.mamba1_mixer(&format!("{p}.mixer"), &MixerSpec::from(c), out_scale)?;
             }
-        }
-        ModelConfig::Mamba2(c) => {
-            init.embeddings_and_head(c.vocab_size, c.hidden_size, c.tie_word_embeddings)?;
-            for i in 0..c.num_hidden_layers {
-                init.mamba2_layer(i, c)?;
-            }
+            ModelConfig::Mamba2(c) => init.mamba2_layer(i, c)?,
+            ModelConfig::Jamba(c) => init.jamba_layer(i, c)?,
         }
     }
     Ok(init.tensors)

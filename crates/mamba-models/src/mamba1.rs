@@ -1,4 +1,5 @@
-//! Mamba-1 (`MambaForCausalLM`) and FalconMamba (`FalconMambaForCausalLM`).
+//! Mamba-1 (`MambaForCausalLM`) and FalconMamba (`FalconMambaForCausalLM`), and the
+//! Mamba layers of Jamba.
 //!
 //! Each layer is a pre-norm residual block around the selective SSM mixer:
 //!
@@ -7,7 +8,8 @@
 //! [xs | z] = x W_in^T                              (b, L, 2 d_inner)
 //! xc       = silu(causal_conv1d(xs))               depthwise over time
 //! [dt | B | C] = xc W_x^T                          sizes [dt_rank, N, N]
-//!              (FalconMamba: each RMS-normalised without a weight)
+//!              (FalconMamba: each RMS-normalised without a weight;
+//!               Jamba: each through an RMSNorm with its own weight)
 //! Δ        = dt W_dt^T                              (+ dt_proj.bias inside the scan)
 //! y        = selective_scan(xc, Δ, A = -exp(A_log), B, C, D, z)
 //! h        = h + y W_out^T
@@ -19,16 +21,98 @@
 use crate::config::MambaConfig;
 use crate::error::Result;
 use crate::layers::{
-    columns, f32_vec, load_f32, rms_normalize, state_tensor, swap_time_channels, Linear,
+    columns, f32_vec, load_f32, rms_normalize, state_tensor, swap_time_channels, Linear, RmsNorm,
 };
 use crate::model::Mixer;
-use crate::state::LayerState;
+use crate::state::{LayerState, StateSize};
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use mamba_ops::causal_conv1d::{causal_conv1d_update, ConvUpdateDims, ConvUpdateInputs};
 use mamba_ops::math::NO_DT_LIMIT;
 use mamba_ops::selective_state_update::{selective_state_update, StepDims, StepInputs};
 use mamba_ops::tensor::{causal_conv1d, selective_scan, ScanOptions};
+
+/// The sizes and options of one Mamba-1 mixer, whichever family it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MixerSpec {
+    pub hidden_size: usize,
+    pub d_inner: usize,
+    /// `N`.
+    pub state_size: usize,
+    pub dt_rank: usize,
+    pub conv_kernel: usize,
+    /// Bias on `in_proj` and `out_proj`.
+    pub proj_bias: bool,
+    pub conv_bias: bool,
+    pub dt_bc_norm: DtBcNorm,
+}
+
+/// The RMS norms applied to the low-rank Δ, to B and to C as `x_proj` gives them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DtBcNorm {
+    /// Mamba-1: none.
+    Off,
+    /// FalconMamba: `v / sqrt(mean(v^2) + eps)`, no weight.
+    Unweighted { eps: f64 },
+    /// Jamba: RMSNorms with the weights `dt_layernorm`, `b_layernorm` and `c_layernorm`.
+    Weighted { eps: f64 },
+}
+
+impl From<&MambaConfig> for MixerSpec {
+    fn from(c: &MambaConfig) -> Self {
+        MixerSpec {
+            hidden_size: c.hidden_size,
+            d_inner: c.intermediate_size,
+            state_size: c.state_size,
+            dt_rank: c.time_step_rank,
+            conv_kernel: c.conv_kernel,
+            proj_bias: c.use_bias,
+            conv_bias: c.use_conv_bias,
+            dt_bc_norm: match c.mixer_rms_eps {
+                Some(eps) => DtBcNorm::Unweighted { eps },
+                None => DtBcNorm::Off,
+            },
+        }
+    }
+}
+
+/// The loaded form of [`DtBcNorm`].
+#[derive(Debug, Clone)]
+enum DtBcNorms {
+    Off,
+    Unweighted(f64),
+    Weighted([RmsNorm; 3]),
+}
+
+impl DtBcNorms {
+    fn load(vb: &VarBuilder, spec: &MixerSpec) -> Result<Self> {
+        Ok(match spec.dt_bc_norm {
+            DtBcNorm::Off => DtBcNorms::Off,
+            DtBcNorm::Unweighted { eps } => DtBcNorms::Unweighted(eps),
+            DtBcNorm::Weighted { eps } => DtBcNorms::Weighted([
+                RmsNorm::load(vb, "dt_layernorm.weight", spec.dt_rank, eps)?,
+                RmsNorm::load(vb, "b_layernorm.weight", spec.state_size, eps)?,
+                RmsNorm::load(vb, "c_layernorm.weight", spec.state_size, eps)?,
+            ]),
+        })
+    }
+
+    /// `[dt, B, C]` normalised, each over its last dimension.
+    fn apply(&self, parts: [Tensor; 3]) -> Result<[Tensor; 3]> {
+        let [dt, b, c] = parts;
+        Ok(match self {
+            DtBcNorms::Off => [dt, b, c],
+            DtBcNorms::Unweighted(eps) => [
+                rms_normalize(&dt, *eps)?,
+                rms_normalize(&b, *eps)?,
+                rms_normalize(&c, *eps)?,
+            ],
+            DtBcNorms::Weighted([n_dt, n_b, n_c]) => {
+                [n_dt.forward(&dt)?, n_b.forward(&b)?, n_c.forward(&c)?]
+            }
+        })
+    }
+}
 
 /// The selective SSM mixer of one layer.
 #[derive(Debug, Clone)]
@@ -50,8 +134,7 @@ pub struct MambaMixer {
     state_size: usize,
     dt_rank: usize,
     conv_kernel: usize,
-    /// FalconMamba's weightless RMS norm on dt, B and C.
-    bcdt_norm_eps: Option<f64>,
+    dt_bc_norms: DtBcNorms,
 }
 
 /// Conv weights, A, D and the Δ bias as plain vectors, so that decoding does not convert
@@ -67,17 +150,18 @@ struct DecodeParams {
 }
 
 impl MambaMixer {
-    pub fn load(vb: &VarBuilder, cfg: &MambaConfig) -> Result<Self> {
+    /// Loads the mixer's tensors from `vb` (the `mixer` or `mamba` folder of a layer).
+    pub fn load(vb: &VarBuilder, spec: &MixerSpec) -> Result<Self> {
         let (h, di, n, r, w) = (
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.state_size,
-            cfg.time_step_rank,
-            cfg.conv_kernel,
+            spec.hidden_size,
+            spec.d_inner,
+            spec.state_size,
+            spec.dt_rank,
+            spec.conv_kernel,
         );
         let conv_weight = load_f32(vb, "conv1d.weight", &[di, 1, w])?.reshape((di, w))?;
-        let conv_bias = cfg
-            .use_conv_bias
+        let conv_bias = spec
+            .conv_bias
             .then(|| load_f32(vb, "conv1d.bias", &[di]))
             .transpose()?;
         let a_log = load_f32(vb, "A_log", &[di, n])?;
@@ -91,7 +175,7 @@ impl MambaMixer {
             dt_bias: f32_vec(&dt_bias)?,
         };
         Ok(MambaMixer {
-            in_proj: Linear::load(vb, "in_proj", (2 * di, h), cfg.use_bias)?,
+            in_proj: Linear::load(vb, "in_proj", (2 * di, h), spec.proj_bias)?,
             conv_weight,
             conv_bias,
             x_proj: Linear::load(vb, "x_proj", (r + 2 * n, di), false)?,
@@ -99,43 +183,37 @@ impl MambaMixer {
             dt_bias,
             a_log,
             d,
-            out_proj: Linear::load(vb, "out_proj", (h, di), cfg.use_bias)?,
+            out_proj: Linear::load(vb, "out_proj", (h, di), spec.proj_bias)?,
             decode,
             d_inner: di,
             state_size: n,
             dt_rank: r,
             conv_kernel: w,
-            bcdt_norm_eps: cfg.mixer_rms_eps,
+            dt_bc_norms: DtBcNorms::load(vb, spec)?,
         })
     }
 
-    /// `[Δ | B | C]` from the conv output `xc: (..., d_inner)`, normalised for FalconMamba:
-    /// `Δ: (..., d_inner)` before its bias, `B, C: (..., N)`.
+    /// `[Δ | B | C]` from the conv output `xc: (..., d_inner)`, normalised for FalconMamba
+    /// and Jamba: `Δ: (..., d_inner)` before its bias, `B, C: (..., N)`.
     fn project_dt_b_c(&self, xc: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let dbc = self.x_proj.forward(xc)?;
         let (r, n) = (self.dt_rank, self.state_size);
-        let mut parts = [
+        let [dt, b, c] = self.dt_bc_norms.apply([
             columns(&dbc, 0, r)?,
             columns(&dbc, r, n)?,
             columns(&dbc, r + n, n)?,
-        ];
-        if let Some(eps) = self.bcdt_norm_eps {
-            for p in parts.iter_mut() {
-                *p = rms_normalize(p, eps)?;
-            }
-        }
-        let [dt, b, c] = parts;
+        ])?;
         Ok((self.dt_proj.forward(&dt)?, b, c))
     }
 }
 
 impl Mixer for MambaMixer {
     /// The recurrent state one sequence needs: `(d_inner, W-1)` conv window and `(d_inner, N)` SSM state.
-    fn state_sizes(&self) -> (usize, usize) {
-        (
-            self.d_inner * (self.conv_kernel - 1),
-            self.d_inner * self.state_size,
-        )
+    fn state_size(&self) -> StateSize {
+        StateSize::Recurrent {
+            conv: self.d_inner * (self.conv_kernel - 1),
+            ssm: self.d_inner * self.state_size,
+        }
     }
 
     /// Whole-sequence forward of `x: (b, L, hidden)` starting from `state`, which it

@@ -14,7 +14,7 @@ use crate::config::Mamba2Config;
 use crate::error::Result;
 use crate::layers::{columns, f32_vec, load_f32, state_tensor, swap_time_channels, Linear};
 use crate::model::Mixer;
-use crate::state::LayerState;
+use crate::state::{LayerState, StateSize};
 use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use mamba_ops::causal_conv1d::{causal_conv1d_update, ConvUpdateDims, ConvUpdateInputs};
@@ -108,12 +108,12 @@ impl Mamba2Mixer {
 
 impl Mixer for Mamba2Mixer {
     /// Per-sequence state sizes: `(conv_dim, W-1)` conv window and `(H, P, N)` SSM state.
-    fn state_sizes(&self) -> (usize, usize) {
+    fn state_size(&self) -> StateSize {
         let c = &self.cfg;
-        (
-            c.conv_dim() * (c.conv_kernel - 1),
-            c.num_heads * c.head_dim * c.state_size,
-        )
+        StateSize::Recurrent {
+            conv: c.conv_dim() * (c.conv_kernel - 1),
+            ssm: c.num_heads * c.head_dim * c.state_size,
+        }
     }
 
     /// Whole-sequence forward of `x: (b, L, hidden)` from `state`, which it advances.

@@ -1,31 +1,101 @@
-//! A causal language model made of pre-norm residual blocks around a sequence mixer,
-//! shared by every family: `embed → [h + mixer(RMSNorm(h))]* → RMSNorm → lm_head`.
+//! A causal language model made of pre-norm residual blocks, shared by every family:
+//!
+//! ```text
+//! h = embed(ids)
+//! for each block:  h = h + mixer(RMSNorm(h))
+//!                  h = h + ffn(RMSNorm(h))        (Jamba only: a dense MLP or experts)
+//! logits = lm_head(RMSNorm(h))
+//! ```
+//!
+//! The mixer is a Mamba-1 or Mamba-2 SSM, or attention (Jamba).
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{Family, ModelConfig};
 use crate::error::{Error, Result};
 use crate::layers::{Embedding, Linear, RmsNorm};
-use crate::mamba1::MambaMixer;
+use crate::mamba1::{MambaMixer, MixerSpec};
 use crate::mamba2::Mamba2Mixer;
-use crate::state::{LayerState, State};
+use crate::moe::FeedForward;
+use crate::state::{LayerState, State, StateSize};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 
-/// What a sequence mixer (the SSM part of a block) provides.
+/// What a sequence mixer (the SSM or attention part of a block) provides.
 pub trait Mixer: Send + Sync + std::fmt::Debug {
-    /// Per-sequence `(conv, ssm)` state sizes, in f32 values.
-    fn state_sizes(&self) -> (usize, usize);
+    /// What the mixer keeps for each sequence between calls.
+    fn state_size(&self) -> StateSize;
     /// Whole-sequence forward of `x: (b, L, hidden)` from `state`, which it advances.
     fn forward(&self, x: &Tensor, state: &mut LayerState) -> Result<Tensor>;
-    /// One token per sequence, `x: (b, hidden)`, through the recurrent updates.
+    /// One token per sequence, `x: (b, hidden)`, through the recurrent updates (or the
+    /// key/value cache).
     fn step(&self, x: &Tensor, state: &mut LayerState) -> Result<Tensor>;
 }
 
-/// `h + mixer(RMSNorm(h))`.
+/// `h + mixer(RMSNorm(h))`, then `h + ffn(RMSNorm(h))` when the block has a feed-forward part.
 #[derive(Debug)]
-struct Block {
+pub(crate) struct Block {
     norm: RmsNorm,
     mixer: Box<dyn Mixer>,
+    feed_forward: Option<(RmsNorm, FeedForward)>,
+}
+
+impl Block {
+    pub(crate) fn new(
+        norm: RmsNorm,
+        mixer: Box<dyn Mixer>,
+        feed_forward: Option<(RmsNorm, FeedForward)>,
+    ) -> Self {
+        Block {
+            norm,
+            mixer,
+            feed_forward,
+        }
+    }
+
+    /// `h: (b, L, hidden)` through the whole-sequence mixer.
+    fn forward(&self, h: &Tensor, state: &mut LayerState) -> Result<Tensor> {
+        let h = (self.mixer.forward(&self.norm.forward(h)?, state)? + h)?;
+        self.add_feed_forward(h)
+    }
+
+    /// `h: (b, hidden)` through the mixer's one-token update.
+    fn step(&self, h: &Tensor, state: &mut LayerState) -> Result<Tensor> {
+        let h = (self.mixer.step(&self.norm.forward(h)?, state)? + h)?;
+        self.add_feed_forward(h)
+    }
+
+    /// `h + ffn(RMSNorm(h))`, or `h` for blocks without a feed-forward part.
+    fn add_feed_forward(&self, h: Tensor) -> Result<Tensor> {
+        match &self.feed_forward {
+            None => Ok(h),
+            Some((norm, ffn)) => Ok((ffn.forward(&norm.forward(&h)?)? + h)?),
+        }
+    }
+}
+
+/// Where a family keeps its tensors: the folder of the embedding, blocks (`layers.{i}`) and
+/// final norm, and their names inside it.
+pub(crate) struct TensorNames {
+    pub root: &'static str,
+    pub embedding: &'static str,
+    pub final_norm: &'static str,
+}
+
+impl TensorNames {
+    pub(crate) fn of(family: Family) -> Self {
+        match family {
+            Family::Mamba | Family::FalconMamba | Family::Mamba2 => TensorNames {
+                root: "backbone",
+                embedding: "embeddings.weight",
+                final_norm: "norm_f.weight",
+            },
+            Family::Jamba => TensorNames {
+                root: "model",
+                embedding: "embed_tokens.weight",
+                final_norm: "final_layernorm.weight",
+            },
+        }
+    }
 }
 
 /// A loaded model of any supported family.
@@ -59,37 +129,19 @@ impl Model {
 
     /// Builds the model from weights under their Hugging Face names.
     pub fn from_var_builder(vb: &VarBuilder, config: &ModelConfig) -> Result<Self> {
-        let (h, v, eps) = match config {
-            ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => {
-                (c.hidden_size, c.vocab_size, c.layer_norm_epsilon)
-            }
-            ModelConfig::Mamba2(c) => (c.hidden_size, c.vocab_size, c.layer_norm_epsilon),
-        };
-        let backbone = vb.pp("backbone");
-        let embedding = backbone
-            .get((v, h), "embeddings.weight")
-            .map_err(checkpoint_err)?;
+        let (h, v, eps) = (
+            config.hidden_size(),
+            config.vocab_size(),
+            config.norm_epsilon(),
+        );
+        let names = TensorNames::of(config.family());
+        let root = vb.pp(names.root);
+        let embedding = root.get((v, h), names.embedding).map_err(checkpoint_err)?;
         let layers = (0..config.num_layers())
-            .map(|i| {
-                let lvb = backbone.pp(format!("layers.{i}"));
-                let mixer: Box<dyn Mixer> = match config {
-                    ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => {
-                        Box::new(MambaMixer::load(&lvb.pp("mixer"), c)?)
-                    }
-                    ModelConfig::Mamba2(c) => Box::new(Mamba2Mixer::load(&lvb.pp("mixer"), c)?),
-                };
-                Ok(Block {
-                    norm: RmsNorm::load(&lvb, "norm.weight", h, eps)?,
-                    mixer,
-                })
-            })
+            .map(|i| load_block(&root.pp(format!("layers.{i}")), config, i))
             .collect::<Result<Vec<_>>>()
             .map_err(checkpoint_err)?;
-        let tied = match config {
-            ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => c.tie_word_embeddings,
-            ModelConfig::Mamba2(c) => c.tie_word_embeddings,
-        };
-        let lm_head = if tied || !vb.contains_tensor("lm_head.weight") {
+        let lm_head = if config.tie_word_embeddings() || !vb.contains_tensor("lm_head.weight") {
             Linear::new(embedding.clone(), None)
         } else {
             Linear::load(vb, "lm_head", (v, h), false).map_err(checkpoint_err)?
@@ -99,7 +151,7 @@ impl Model {
             weight_dtype: embedding.dtype(),
             embedding: Embedding::new(embedding),
             layers,
-            norm_f: RmsNorm::load(&backbone, "norm_f.weight", h, eps).map_err(checkpoint_err)?,
+            norm_f: RmsNorm::load(&root, names.final_norm, h, eps).map_err(checkpoint_err)?,
             lm_head,
         })
     }
@@ -116,10 +168,10 @@ impl Model {
         self.weight_dtype
     }
 
-    /// A zero recurrent state for `batch` sequences.
+    /// The state of `batch` sequences before any token: zero recurrent states, empty
+    /// key/value caches.
     pub fn new_state(&self, batch: usize) -> State {
-        let sizes: Vec<(usize, usize)> =
-            self.layers.iter().map(|l| l.mixer.state_sizes()).collect();
+        let sizes: Vec<StateSize> = self.layers.iter().map(|l| l.mixer.state_size()).collect();
         State::zeros(batch, &sizes)
     }
 
@@ -141,7 +193,7 @@ impl Model {
         let mut h = embeddings.clone();
         let mut layers = Vec::new();
         for (block, layer_state) in self.layers.iter().zip(state.layers.iter_mut()) {
-            h = (block.mixer.forward(&block.norm.forward(&h)?, layer_state)? + &h)?;
+            h = block.forward(&h, layer_state)?;
             if record {
                 layers.push(h.clone());
             }
@@ -180,11 +232,29 @@ impl Model {
         }
         let mut h = self.embedding.forward(ids, state.batch)?.squeeze(1)?;
         for (block, layer_state) in self.layers.iter().zip(state.layers.iter_mut()) {
-            h = (block.mixer.step(&block.norm.forward(&h)?, layer_state)? + &h)?;
+            h = block.step(&h, layer_state)?;
         }
         state.tokens_seen += 1;
         self.logits(&self.norm_f.forward(&h)?)
     }
+}
+
+/// Block `i` of a model, from the tensors under `vb` (its `layers.{i}` folder).
+fn load_block(vb: &VarBuilder, config: &ModelConfig, i: usize) -> Result<Block> {
+    let norm = |name| RmsNorm::load(vb, name, config.hidden_size(), config.norm_epsilon());
+    Ok(match config {
+        ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => Block::new(
+            norm("norm.weight")?,
+            Box::new(MambaMixer::load(&vb.pp("mixer"), &MixerSpec::from(c))?),
+            None,
+        ),
+        ModelConfig::Mamba2(c) => Block::new(
+            norm("norm.weight")?,
+            Box::new(Mamba2Mixer::load(&vb.pp("mixer"), c)?),
+            None,
+        ),
+        ModelConfig::Jamba(c) => crate::jamba::load_block(vb, c, i)?,
+    })
 }
 
 fn check_weight_dtype(dtype: DType) -> Result<()> {

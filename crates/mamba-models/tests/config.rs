@@ -3,7 +3,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use mamba_models::checkpoint::Checkpoint;
-use mamba_models::config::{preset, Family, Mamba2Config, MambaConfig, ModelConfig, PRESETS};
+use mamba_models::config::{
+    preset, Family, JambaConfig, Mamba2Config, MambaConfig, ModelConfig, PRESETS,
+};
 use mamba_models::Error;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,6 +41,13 @@ fn mamba2(config: &ModelConfig) -> &Mamba2Config {
     match config {
         ModelConfig::Mamba2(c) => c,
         other => panic!("expected a Mamba-2 config, got {other:?}"),
+    }
+}
+
+fn jamba(config: &ModelConfig) -> &JambaConfig {
+    match config {
+        ModelConfig::Jamba(c) => c,
+        other => panic!("expected a Jamba config, got {other:?}"),
     }
 }
 
@@ -176,12 +185,65 @@ fn mamba2_fixture_config_parses_float_object_infinity() {
 }
 
 #[test]
-fn jamba_is_an_unknown_architecture() {
-    let result = ModelConfig::from_file(&fixture_checkpoint("jamba").join("config.json"));
-    match result {
-        Err(Error::UnknownArchitecture(name)) => assert_eq!(name, "JambaForCausalLM"),
-        other => panic!("expected UnknownArchitecture, got {other:?}"),
-    }
+fn jamba_fixture_config_parses() {
+    let config = fixture_config("jamba");
+    assert_eq!(config.family(), Family::Jamba);
+    let c = jamba(&config);
+    assert_eq!(
+        (
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers
+        ),
+        (256, 64, 128, 4)
+    );
+    assert_eq!(
+        (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.num_experts,
+            c.num_experts_per_tok
+        ),
+        (4, 2, 4, 2)
+    );
+    assert_eq!(
+        (
+            c.attn_layer_period,
+            c.attn_layer_offset,
+            c.expert_layer_period,
+            c.expert_layer_offset
+        ),
+        (4, 2, 2, 1)
+    );
+    assert_eq!(
+        (
+            c.mamba_d_state,
+            c.mamba_d_conv,
+            c.mamba_expand,
+            c.mamba_dt_rank
+        ),
+        (16, 4, 2, 4)
+    );
+    assert!(c.mamba_conv_bias && !c.mamba_proj_bias && !c.tie_word_embeddings);
+    assert_eq!(c.rms_norm_eps, 1e-6);
+    assert_eq!((c.head_dim(), c.mamba_d_inner()), (16, 128));
+    assert_eq!(
+        (c.eos_token_id, c.bos_token_id, c.pad_token_id),
+        (Some(2), Some(1), Some(0))
+    );
+    let attention: Vec<bool> = (0..4).map(|i| c.is_attention_layer(i)).collect();
+    let experts: Vec<bool> = (0..4).map(|i| c.is_expert_layer(i)).collect();
+    assert_eq!(attention, [false, false, true, false]);
+    assert_eq!(experts, [false, true, false, true]);
+    assert_eq!(
+        mamba_models::jamba::layer_layout(c),
+        ["mamba", "mamba+moe", "attention", "mamba+moe"]
+    );
+    assert_eq!(
+        (config.norm_epsilon(), config.tie_word_embeddings()),
+        (1e-6, false)
+    );
 }
 
 // ---------------------------------------------------------------- HF form rules
@@ -247,6 +309,81 @@ fn hf_mamba2_defaults_follow_transformers() {
 }
 
 #[test]
+fn hf_jamba_defaults_follow_transformers() {
+    let config = ModelConfig::from_json_str(r#"{"architectures": ["JambaForCausalLM"]}"#).unwrap();
+    let c = jamba(&config);
+    assert_eq!(
+        (
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers
+        ),
+        (65536, 4096, 14336, 32)
+    );
+    assert_eq!(
+        (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.num_experts,
+            c.num_experts_per_tok
+        ),
+        (32, 8, 16, 2)
+    );
+    assert_eq!(
+        (
+            c.attn_layer_period,
+            c.attn_layer_offset,
+            c.expert_layer_period,
+            c.expert_layer_offset
+        ),
+        (8, 4, 2, 1)
+    );
+    assert_eq!(
+        (
+            c.mamba_d_state,
+            c.mamba_d_conv,
+            c.mamba_expand,
+            c.mamba_dt_rank
+        ),
+        (16, 4, 2, 256)
+    );
+    assert!(c.mamba_conv_bias && !c.mamba_proj_bias && !c.tie_word_embeddings);
+    assert_eq!(c.rms_norm_eps, 1e-6);
+    assert_eq!(
+        (c.eos_token_id, c.bos_token_id, c.pad_token_id),
+        (Some(2), Some(1), Some(0))
+    );
+}
+
+#[test]
+fn jamba_key_value_heads_null_means_one_per_query_head() {
+    let config = ModelConfig::from_json_str(
+        r#"{"model_type": "jamba", "num_attention_heads": 6, "hidden_size": 60,
+            "num_key_value_heads": null, "mamba_dt_rank": "auto"}"#,
+    )
+    .unwrap();
+    let c = jamba(&config);
+    assert_eq!(
+        (c.num_key_value_heads, c.head_dim(), c.mamba_dt_rank),
+        (6, 10, 4)
+    );
+}
+
+#[test]
+fn jamba_with_one_expert_has_only_dense_layers() {
+    let config = ModelConfig::from_json_str(
+        r#"{"model_type": "jamba", "num_experts": 1,
+            "num_hidden_layers": 4, "attn_layer_period": 2, "attn_layer_offset": 1}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        mamba_models::jamba::layer_layout(jamba(&config)),
+        ["mamba", "attention", "mamba", "attention"]
+    );
+}
+
+#[test]
 fn time_step_rank_auto_is_ceil_hidden_over_16() {
     let config = ModelConfig::from_json_str(
         r#"{"architectures": ["MambaForCausalLM"], "hidden_size": 100, "time_step_rank": "auto"}"#,
@@ -291,6 +428,7 @@ fn family_display_names() {
     assert_eq!(Family::Mamba.to_string(), "mamba");
     assert_eq!(Family::FalconMamba.to_string(), "falcon_mamba");
     assert_eq!(Family::Mamba2.to_string(), "mamba2");
+    assert_eq!(Family::Jamba.to_string(), "jamba");
 }
 
 #[test]
@@ -387,6 +525,42 @@ fn invalid_values_name_their_key() {
             "expand",
         ),
         (r#"{"architectures": "MambaForCausalLM"}"#, "architectures"),
+        (
+            r#"{"model_type": "jamba", "attn_layer_period": 4, "attn_layer_offset": 4}"#,
+            "attn_layer_offset",
+        ),
+        (
+            r#"{"model_type": "jamba", "expert_layer_period": 0}"#,
+            "expert_layer_period",
+        ),
+        (
+            r#"{"model_type": "jamba", "hidden_size": 64, "num_attention_heads": 5}"#,
+            "num_attention_heads",
+        ),
+        (
+            r#"{"model_type": "jamba", "num_attention_heads": 32, "num_key_value_heads": 5}"#,
+            "num_key_value_heads",
+        ),
+        (
+            r#"{"model_type": "jamba", "num_experts": 4, "num_experts_per_tok": 5}"#,
+            "num_experts_per_tok",
+        ),
+        (
+            r#"{"model_type": "jamba", "mamba_dt_rank": "full"}"#,
+            "mamba_dt_rank",
+        ),
+        (
+            r#"{"model_type": "jamba", "rms_norm_eps": -1}"#,
+            "rms_norm_eps",
+        ),
+        (
+            r#"{"model_type": "jamba", "hidden_act": "gelu"}"#,
+            "hidden_act",
+        ),
+        (
+            r#"{"model_type": "jamba", "sliding_window": 4096}"#,
+            "sliding_window",
+        ),
     ] {
         let result = ModelConfig::from_json_str(text);
         match result {
@@ -742,10 +916,16 @@ fn corrupt_safetensors_names_the_file() {
 #[test]
 fn hf_json_round_trips() {
     let fixtures = mamba_testing::fixtures_dir().join("models");
-    let mut configs: Vec<ModelConfig> = ["mamba_tied", "mamba_untied", "falcon_mamba", "mamba2"]
-        .iter()
-        .map(|m| ModelConfig::from_file(&fixtures.join(m).join("checkpoint/config.json")).unwrap())
-        .collect();
+    let mut configs: Vec<ModelConfig> = [
+        "mamba_tied",
+        "mamba_untied",
+        "falcon_mamba",
+        "mamba2",
+        "jamba",
+    ]
+    .iter()
+    .map(|m| ModelConfig::from_file(&fixtures.join(m).join("checkpoint/config.json")).unwrap())
+    .collect();
     configs.extend(
         mamba_models::config::PRESETS
             .iter()

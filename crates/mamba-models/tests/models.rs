@@ -120,6 +120,14 @@ fn check_split_prefill(case: &ModelCase) {
     for (x, y) in state.layers.iter().zip(&whole.layers) {
         assert!(mamba_testing::max_abs_diff(&x.ssm, &y.ssm) < 1e-5);
         assert!(mamba_testing::max_abs_diff(&x.conv, &y.conv) < 1e-5);
+        assert_eq!(x.kv.is_some(), y.kv.is_some());
+        if let (Some(a), Some(b)) = (&x.kv, &y.kv) {
+            assert_eq!(a.sequences.len(), b.sequences.len());
+            for (p, q) in a.sequences.iter().zip(&b.sequences) {
+                assert!(mamba_testing::max_abs_diff(&p.keys, &q.keys) < 1e-5);
+                assert!(mamba_testing::max_abs_diff(&p.values, &q.values) < 1e-5);
+            }
+        }
     }
 }
 
@@ -150,10 +158,15 @@ fn mamba2_matches_transformers() {
     check_all("mamba2");
 }
 
+#[test]
+fn jamba_matches_transformers() {
+    check_all("jamba");
+}
+
 /// bf16 weights (f32 state and accumulation) stay close to the f32 model.
 #[test]
 fn bf16_weights_track_f32() {
-    for name in ["mamba_untied", "mamba2"] {
+    for name in ["mamba_untied", "mamba2", "jamba"] {
         let dir = fixtures_dir().join("models").join(name);
         let checkpoint = Checkpoint::open(&dir.join("checkpoint")).unwrap();
         let f32_model = Model::load(&checkpoint, DType::F32).unwrap();

@@ -1,0 +1,420 @@
+//! Causal multi-head attention with grouped key/value heads (GQA) and a key/value cache
+//! kept for each sequence.
+//!
+//! ```text
+//! q = x W_q^T: H heads,  k = x W_k^T, v = x W_v^T: G heads, all of width d   (no biases)
+//! (optional) q, k rotated by their absolute positions (rotary embedding)
+//! K, V = cached keys, values ++ k, v                           (S = past + L tokens)
+//! o_j  = softmax(q_j K_g^T / sqrt(d) + causal mask) V_g        query head j uses g = j / (H/G)
+//! out  = [o_0 | ... | o_{H-1}] W_o^T
+//! ```
+//!
+//! Jamba uses no positional encoding at all (its Mamba layers carry the order); the rotary
+//! option is for hybrids that rotate queries and keys. The whole-sequence path is
+//! differentiable; cached keys and values enter as constants, as the recurrent states do.
+
+use crate::error::{Error, Result};
+use crate::layers::{f32_vec, state_tensor, Linear};
+use crate::model::Mixer;
+use crate::state::{KvCache, LayerState, SequenceKv, StateSize};
+use candle_core::{IndexOp, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// The sizes of an attention mixer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionSpec {
+    pub hidden_size: usize,
+    /// Query heads `H`.
+    pub heads: usize,
+    /// Key/value heads `G`; `H` must be a multiple of it.
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Rotary position embedding of queries and keys, or `None` for no positional encoding.
+    pub rotary: Option<RotarySpec>,
+}
+
+/// Rotary embedding in the GPT-NeoX layout: the first `dim` features of each head form the
+/// pairs `(i, i + dim/2)`, rotated by `position * base^(-2i/dim)`; the rest pass unchanged.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RotarySpec {
+    pub dim: usize,
+    pub base: f64,
+}
+
+impl RotarySpec {
+    /// `x: (L, heads, head_dim)` at positions `start .. start + L`, rotated.
+    fn rotate(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (len, _, head_dim) = x.dims3()?;
+        let half = self.dim / 2;
+        let (cos, sin) = self.cos_sin(start, len, x.device())?; // (L, 1, dim/2) each
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        let mut parts = vec![r1, r2];
+        if self.dim < head_dim {
+            parts.push(x.narrow(D::Minus1, self.dim, head_dim - self.dim)?);
+        }
+        Ok(Tensor::cat(&parts, D::Minus1)?)
+    }
+
+    /// `cos` and `sin` of the angles of positions `start .. start + len`, `(len, 1, dim/2)`.
+    fn cos_sin(
+        &self,
+        start: usize,
+        len: usize,
+        device: &candle_core::Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.dim / 2;
+        let angles: Vec<f64> = (start..start + len)
+            .flat_map(|pos| {
+                (0..half)
+                    .map(move |i| pos as f64 * self.base.powf(-2.0 * i as f64 / self.dim as f64))
+            })
+            .collect();
+        let table = |f: fn(f64) -> f64| {
+            let values: Vec<f32> = angles.iter().map(|&a| f(a) as f32).collect();
+            Tensor::from_vec(values, (len, 1, half), device)
+        };
+        Ok((table(f64::cos)?, table(f64::sin)?))
+    }
+}
+
+/// One attention layer.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    spec: AttentionSpec,
+}
+
+impl Attention {
+    /// Loads `q_proj`, `k_proj`, `v_proj` and `o_proj` (no biases) from `vb`.
+    pub fn load(vb: &VarBuilder, spec: &AttentionSpec) -> Result<Self> {
+        check_spec(spec)?;
+        let (h, q_width, kv_width) = (
+            spec.hidden_size,
+            spec.heads * spec.head_dim,
+            spec.kv_heads * spec.head_dim,
+        );
+        Ok(Attention {
+            q_proj: Linear::load(vb, "q_proj", (q_width, h), false)?,
+            k_proj: Linear::load(vb, "k_proj", (kv_width, h), false)?,
+            v_proj: Linear::load(vb, "v_proj", (kv_width, h), false)?,
+            o_proj: Linear::load(vb, "o_proj", (h, q_width), false)?,
+            spec: *spec,
+        })
+    }
+
+    /// f32 values per token in the keys: `kv_heads * head_dim`.
+    fn kv_width(&self) -> usize {
+        self.spec.kv_heads * self.spec.head_dim
+    }
+
+    /// The layer's cache in `state`, checked against the batch and the head sizes.
+    fn cache<'a>(&self, state: &'a mut LayerState, batch: usize) -> Result<&'a mut KvCache> {
+        let width = self.kv_width();
+        match state.kv.as_mut() {
+            Some(kv) if kv.width == width && kv.sequences.len() == batch => Ok(kv),
+            _ => Err(Error::Input(format!(
+                "the state of an attention layer must hold a key/value cache of width {width} \
+                 for {batch} sequences"
+            ))),
+        }
+    }
+
+    /// One sequence: `q: (L, H d)`, `k, v: (L, G d)` of new tokens, attending to the cached
+    /// tokens and to each other causally; appends `k, v` to the cache. Returns `(L, H d)`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, cache: &mut SequenceKv) -> Result<Tensor> {
+        let s = &self.spec;
+        let len = q.dim(0)?;
+        let past = cache.keys.len() / self.kv_width();
+        let q = q.reshape((len, s.heads, s.head_dim))?;
+        let k = k.reshape((len, s.kv_heads, s.head_dim))?;
+        let v = v.reshape((len, s.kv_heads, s.head_dim))?;
+        let (q, k) = match &s.rotary {
+            Some(r) => (r.rotate(&q, past)?, r.rotate(&k, past)?),
+            None => (q, k),
+        };
+        let keys = after_cached(&cache.keys, &k, past)?; // (S, G, d)
+        let values = after_cached(&cache.values, &v, past)?; // (S, G, d)
+        cache.keys.extend(f32_vec(&k)?);
+        cache.values.extend(f32_vec(&v)?);
+        grouped_attention(&q, &keys, &values, past)
+    }
+}
+
+fn check_spec(s: &AttentionSpec) -> Result<()> {
+    if s.heads == 0 || s.kv_heads == 0 || s.head_dim == 0 || !s.heads.is_multiple_of(s.kv_heads) {
+        return Err(Error::Config(format!(
+            "attention needs heads ({}) a positive multiple of kv_heads ({}) and head_dim ({}) >= 1",
+            s.heads, s.kv_heads, s.head_dim
+        )));
+    }
+    if let Some(r) = &s.rotary {
+        if r.dim == 0 || !r.dim.is_multiple_of(2) || r.dim > s.head_dim {
+            return Err(Error::Config(format!(
+                "rotary dimension {} must be even, positive and at most head_dim {}",
+                r.dim, s.head_dim
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The `past` cached rows (`(past, G, d)` as f32 values) followed by `new: (L, G, d)`.
+fn after_cached(cached: &[f32], new: &Tensor, past: usize) -> Result<Tensor> {
+    if past == 0 {
+        return Ok(new.clone());
+    }
+    let (_, g, d) = new.dims3()?;
+    let cached = state_tensor(cached, &[past, g, d])?;
+    Ok(Tensor::cat(&[&cached, new], 0)?)
+}
+
+/// `softmax(q K^T / sqrt(d) + mask) V` for `q: (L, H, d)` at positions `past ..`, and
+/// `k, v: (S, G, d)` at positions `0 .. S`; query head `j` reads key/value head
+/// `j / (H/G)`. Returns `(L, H d)`.
+fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
+    let (len, heads, d) = q.dims3()?;
+    let (keys, kv_heads, _) = k.dims3()?;
+    let group = heads / kv_heads;
+    // Query heads of one key/value head side by side: (G, group * L, d).
+    let q = q
+        .reshape((len, kv_heads, group, d))?
+        .permute((1, 2, 0, 3))?
+        .reshape((kv_heads, group * len, d))?;
+    let k = k.transpose(0, 1)?.contiguous()?; // (G, S, d)
+    let v = v.transpose(0, 1)?.contiguous()?; // (G, S, d)
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (G, group * L, S)
+    let scores = scores.reshape((kv_heads, group, len, keys))?;
+    let scores = if len > 1 {
+        scores.broadcast_add(&causal_mask(len, past, q.device())?)?
+    } else {
+        scores // a single new token sees every key
+    };
+    let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let out = weights.reshape((kv_heads, group * len, keys))?.matmul(&v)?; // (G, group * L, d)
+    Ok(out
+        .reshape((kv_heads, group, len, d))?
+        .permute((2, 0, 1, 3))?
+        .reshape((len, heads * d))?)
+}
+
+/// `(L, past + L)`: 0 where query `t` (at position `past + t`) may see key `s`, else -inf.
+fn causal_mask(len: usize, past: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let keys = past + len;
+    let mask: Vec<f32> = (0..len)
+        .flat_map(|t| (0..keys).map(move |s| if s > past + t { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (len, keys), device)?)
+}
+
+impl Mixer for Attention {
+    /// Keys and values of `kv_heads * head_dim` each per token.
+    fn state_size(&self) -> StateSize {
+        StateSize::KeyValue {
+            width: self.kv_width(),
+        }
+    }
+
+    /// Whole-sequence forward of `x: (b, L, hidden)` after the cached tokens of each
+    /// sequence, whose keys and values it appends.
+    fn forward(&self, x: &Tensor, state: &mut LayerState) -> Result<Tensor> {
+        let batch = x.dim(0)?;
+        let cache = self.cache(state, batch)?;
+        let q = self.q_proj.forward(x)?; // (b, L, H d)
+        let k = self.k_proj.forward(x)?; // (b, L, G d)
+        let v = self.v_proj.forward(x)?; // (b, L, G d)
+        let per_sequence = cache
+            .sequences
+            .iter_mut()
+            .enumerate()
+            .map(|(row, seq)| self.attend(&q.i(row)?, &k.i(row)?, &v.i(row)?, seq))
+            .collect::<Result<Vec<_>>>()?;
+        self.o_proj.forward(&Tensor::stack(&per_sequence, 0)?) // (b, L, hidden)
+    }
+
+    /// One token per sequence, `x: (b, hidden)`.
+    fn step(&self, x: &Tensor, state: &mut LayerState) -> Result<Tensor> {
+        Ok(self.forward(&x.unsqueeze(1)?, state)?.squeeze(1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use std::collections::HashMap;
+
+    /// Values in [-0.5, 0.5) that differ from entry to entry.
+    fn filler(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104729) % 1000) as f32 / 1000.0 - 0.5)
+            .collect()
+    }
+
+    fn tensor(data: Vec<f32>, shape: &[usize]) -> Tensor {
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+    }
+
+    fn layer(spec: &AttentionSpec) -> Attention {
+        let (h, qw, kw) = (
+            spec.hidden_size,
+            spec.heads * spec.head_dim,
+            spec.kv_heads * spec.head_dim,
+        );
+        let weights = HashMap::from([
+            (
+                "q_proj.weight".to_string(),
+                tensor(filler(qw * h, 1), &[qw, h]),
+            ),
+            (
+                "k_proj.weight".to_string(),
+                tensor(filler(kw * h, 2), &[kw, h]),
+            ),
+            (
+                "v_proj.weight".to_string(),
+                tensor(filler(kw * h, 3), &[kw, h]),
+            ),
+            (
+                "o_proj.weight".to_string(),
+                tensor(filler(h * qw, 4), &[h, qw]),
+            ),
+        ]);
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+        Attention::load(&vb, spec).unwrap()
+    }
+
+    const SPEC: AttentionSpec = AttentionSpec {
+        hidden_size: 12,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 6,
+        rotary: Some(RotarySpec {
+            dim: 4,
+            base: 10000.0,
+        }),
+    };
+
+    /// Prefilling part of the sequences and feeding the rest one token at a time gives
+    /// the outputs of one whole pass: the cache and the rotary positions line up.
+    #[test]
+    fn cached_steps_equal_the_whole_pass() {
+        for rotary in [None, SPEC.rotary] {
+            let spec = AttentionSpec { rotary, ..SPEC };
+            let attn = layer(&spec);
+            let (batch, len, h, split) = (2, 7, spec.hidden_size, 3);
+            let x = tensor(filler(batch * len * h, 5), &[batch, len, h]);
+            let mut whole = LayerState::zeros(batch, attn.state_size());
+            let want = attn.forward(&x, &mut whole).unwrap(); // (b, L, h)
+
+            let mut state = LayerState::zeros(batch, attn.state_size());
+            let mut got = vec![attn
+                .forward(&x.narrow(1, 0, split).unwrap(), &mut state)
+                .unwrap()];
+            for t in split..len {
+                let token = x.narrow(1, t, 1).unwrap().squeeze(1).unwrap();
+                got.push(attn.step(&token, &mut state).unwrap().unsqueeze(1).unwrap());
+            }
+            let got = Tensor::cat(&got, 1).unwrap();
+            let diff = max_diff(&f32_vec(&got).unwrap(), &f32_vec(&want).unwrap());
+            assert!(diff < 1e-5, "rotary {rotary:?}: differs by {diff}");
+            let (a, b) = (state.kv.unwrap(), whole.kv.unwrap());
+            for (x, y) in a.sequences.iter().zip(&b.sequences) {
+                assert!(max_diff(&x.keys, &y.keys) < 1e-5, "rotary {rotary:?}: keys");
+                assert!(
+                    max_diff(&x.values, &y.values) < 1e-5,
+                    "rotary {rotary:?}: values"
+                );
+            }
+        }
+    }
+
+    /// A token's output does not depend on the tokens after it.
+    #[test]
+    fn later_tokens_do_not_change_earlier_outputs() {
+        let attn = layer(&SPEC);
+        let (len, h) = (6, SPEC.hidden_size);
+        let x = tensor(filler(len * h, 6), &[1, len, h]);
+        let mut changed = filler(len * h, 6);
+        for v in &mut changed[4 * h..] {
+            *v += 1.0;
+        }
+        let run = |x: &Tensor| {
+            let mut state = LayerState::zeros(1, attn.state_size());
+            f32_vec(&attn.forward(x, &mut state).unwrap()).unwrap()
+        };
+        let (a, b) = (run(&x), run(&tensor(changed, &[1, len, h])));
+        assert_eq!(a[..4 * h], b[..4 * h]);
+        assert!(max_diff(&a[4 * h..], &b[4 * h..]) > 1e-3);
+    }
+
+    /// Rotated queries and keys score by their distance only: shifting both positions by
+    /// the same amount leaves `q . k` unchanged.
+    #[test]
+    fn rotary_scores_depend_on_relative_position() {
+        let rotary = SPEC.rotary.unwrap();
+        let q = tensor(filler(6, 7), &[1, 1, 6]);
+        let k = tensor(filler(6, 8), &[1, 1, 6]);
+        let score = |qpos: usize, kpos: usize| {
+            let q = f32_vec(&rotary.rotate(&q, qpos).unwrap()).unwrap();
+            let k = f32_vec(&rotary.rotate(&k, kpos).unwrap()).unwrap();
+            q.iter().zip(&k).map(|(a, b)| a * b).sum::<f32>()
+        };
+        let base = score(5, 2);
+        for shift in [1, 10, 100] {
+            assert!(
+                (score(5 + shift, 2 + shift) - base).abs() < 1e-4,
+                "shift {shift}"
+            );
+        }
+        assert!(
+            (score(5, 3) - base).abs() > 1e-3,
+            "the distance should matter"
+        );
+        let untouched = f32_vec(&rotary.rotate(&q, 9).unwrap()).unwrap();
+        assert_eq!(untouched[4..], f32_vec(&q).unwrap()[4..]);
+    }
+
+    #[test]
+    fn a_state_without_a_cache_is_an_input_error() {
+        let attn = layer(&SPEC);
+        let x = tensor(filler(2 * SPEC.hidden_size, 9), &[1, 2, SPEC.hidden_size]);
+        let mut recurrent = LayerState::zeros(1, StateSize::Recurrent { conv: 4, ssm: 4 });
+        assert!(matches!(
+            attn.forward(&x, &mut recurrent),
+            Err(Error::Input(_))
+        ));
+        let mut two = LayerState::zeros(2, attn.state_size());
+        assert!(matches!(attn.forward(&x, &mut two), Err(Error::Input(_))));
+    }
+
+    #[test]
+    fn inconsistent_head_counts_are_config_errors() {
+        let vb = VarBuilder::from_tensors(HashMap::new(), DType::F32, &Device::Cpu);
+        for spec in [
+            AttentionSpec {
+                kv_heads: 3,
+                ..SPEC
+            },
+            AttentionSpec {
+                rotary: Some(RotarySpec { dim: 5, base: 1e4 }),
+                ..SPEC
+            },
+            AttentionSpec {
+                rotary: Some(RotarySpec { dim: 8, base: 1e4 }),
+                ..SPEC
+            },
+        ] {
+            assert!(matches!(Attention::load(&vb, &spec), Err(Error::Config(_))));
+        }
+    }
+}
