@@ -197,7 +197,7 @@ pub struct InfoArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Model dimensions to benchmark, e.g. mamba-130m or mamba2-130m.
+    /// Model dimensions to benchmark, e.g. mamba-130m, mamba2-130m or transformer-130m.
     #[arg(long, value_name = "NAME")]
     pub preset: String,
 
@@ -222,11 +222,12 @@ pub struct BenchArgs {
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct ArchitectureArgs {
-    /// Dimensions of a published model, e.g. mamba-130m or mamba2-130m.
+    /// A preset architecture, e.g. mamba-130m, mamba2-130m, hybrid-130m, moe-mamba-130m
+    /// or transformer-130m.
     #[arg(long, value_name = "NAME")]
     pub preset: Option<String>,
 
-    /// A config.json (Hugging Face or mamba_ssm form).
+    /// A config.json (Hugging Face or mamba_ssm form, hybrids included, or MoEMambaForCausalLM).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }

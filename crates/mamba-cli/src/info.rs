@@ -1,14 +1,15 @@
-//! `mamba info`: what a checkpoint holds: family and dimensions (for Jamba, what each layer
-//! is made of), parameters and bytes of weights as stored, bytes of recurrent state per
-//! sequence and bytes of key/value cache per token.
+//! `mamba info`: what a checkpoint holds: family and dimensions (for Jamba, hybrids and
+//! MoE-Mamba, what each layer is made of), parameters and bytes of weights as stored, bytes
+//! of recurrent state per sequence and bytes of key/value cache per token.
 
 use crate::args::InfoArgs;
 use crate::loading::tokenizer_for;
 use anyhow::{ensure, Context, Result};
 use candle_core::DType;
 use mamba_models::checkpoint::Checkpoint;
-use mamba_models::config::ModelConfig;
-use mamba_models::jamba::layer_layout;
+use mamba_models::config::{
+    AttentionLayers, HybridConfig, Mamba2Config, MambaConfig, ModelConfig, SsmConfig,
+};
 use mamba_models::tokenizer::Tokenizer;
 use mamba_models::Model;
 use safetensors::tensor::Metadata;
@@ -101,27 +102,13 @@ fn config_facts(config: &ModelConfig) -> Vec<(&'static str, Value)> {
         ("hidden_size", json!(config.hidden_size())),
         ("vocab_size", json!(config.vocab_size())),
     ];
+    if let Some(layout) = config.layer_layout() {
+        facts.push(("layer_layout", json!(layout)));
+    }
     match config {
-        ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => facts.extend([
-            ("d_inner", json!(c.intermediate_size)),
-            ("state_size", json!(c.state_size)),
-            ("conv_kernel", json!(c.conv_kernel)),
-            ("time_step_rank", json!(c.time_step_rank)),
-            ("tied_embeddings", json!(c.tie_word_embeddings)),
-        ]),
-        ModelConfig::Mamba2(c) => facts.extend([
-            ("d_inner", json!(c.d_inner())),
-            ("heads", json!(c.num_heads)),
-            ("head_dim", json!(c.head_dim)),
-            ("groups", json!(c.n_groups)),
-            ("state_size", json!(c.state_size)),
-            ("conv_dim", json!(c.conv_dim())),
-            ("conv_kernel", json!(c.conv_kernel)),
-            ("chunk_size", json!(c.chunk_size)),
-            ("tied_embeddings", json!(c.tie_word_embeddings)),
-        ]),
+        ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => facts.extend(mamba_facts(c)),
+        ModelConfig::Mamba2(c) => facts.extend(mamba2_facts(c, ["heads", "head_dim"])),
         ModelConfig::Jamba(c) => facts.extend([
-            ("layer_layout", json!(layer_layout(c))),
             ("d_inner", json!(c.mamba_d_inner())),
             ("state_size", json!(c.mamba_d_state)),
             ("conv_kernel", json!(c.mamba_d_conv)),
@@ -132,11 +119,73 @@ fn config_facts(config: &ModelConfig) -> Vec<(&'static str, Value)> {
             ("intermediate_size", json!(c.intermediate_size)),
             ("experts", json!(c.num_experts)),
             ("experts_per_token", json!(c.num_experts_per_tok)),
-            ("tied_embeddings", json!(c.tie_word_embeddings)),
         ]),
+        ModelConfig::Hybrid(c) => facts.extend(hybrid_facts(c)),
+        ModelConfig::MoeMamba(c) => facts.extend(mamba_facts(&c.mamba).into_iter().chain([
+            ("intermediate_size", json!(c.moe_intermediate_size)),
+            ("experts", json!(c.num_experts)),
+            ("experts_per_token", json!(c.num_experts_per_tok)),
+            ("router_aux_loss_coef", json!(c.router_aux_loss_coef)),
+        ])),
     }
-    facts.push(("eos_token_id", json!(config.eos_token_id())));
+    facts.extend([
+        ("tied_embeddings", json!(config.tie_word_embeddings())),
+        ("eos_token_id", json!(config.eos_token_id())),
+    ]);
     facts
+}
+
+/// The sizes of Mamba-1 mixers.
+fn mamba_facts(c: &MambaConfig) -> [(&'static str, Value); 4] {
+    [
+        ("d_inner", json!(c.intermediate_size)),
+        ("state_size", json!(c.state_size)),
+        ("conv_kernel", json!(c.conv_kernel)),
+        ("time_step_rank", json!(c.time_step_rank)),
+    ]
+}
+
+/// The sizes of Mamba-2 mixers, their heads and head width under `head_keys`.
+fn mamba2_facts(c: &Mamba2Config, head_keys: [&'static str; 2]) -> [(&'static str, Value); 8] {
+    [
+        ("d_inner", json!(c.d_inner())),
+        (head_keys[0], json!(c.num_heads)),
+        (head_keys[1], json!(c.head_dim)),
+        ("groups", json!(c.n_groups)),
+        ("state_size", json!(c.state_size)),
+        ("conv_dim", json!(c.conv_dim())),
+        ("conv_kernel", json!(c.conv_kernel)),
+        ("chunk_size", json!(c.chunk_size)),
+    ]
+}
+
+/// The sizes of a hybrid's SSM layers (when it has any; Mamba-2 heads as `ssm_heads`,
+/// `ssm_head_dim`), attention layers (when it has any) and MLPs (when it has them).
+fn hybrid_facts(c: &HybridConfig) -> Vec<(&'static str, Value)> {
+    let mut facts = Vec::new();
+    let attention_layers = c.attention.as_ref().map_or(0, |a| a.layer_idx.len());
+    if attention_layers < c.ssm.num_layers() {
+        match &c.ssm {
+            SsmConfig::Mamba1(m) => facts.extend(mamba_facts(m)),
+            SsmConfig::Mamba2(m) => facts.extend(mamba2_facts(m, ["ssm_heads", "ssm_head_dim"])),
+        }
+    }
+    if let Some(a) = &c.attention {
+        facts.extend(attention_facts(a));
+    }
+    if c.d_intermediate > 0 {
+        facts.push(("intermediate_size", json!(c.mlp_width())));
+    }
+    facts
+}
+
+fn attention_facts(a: &AttentionLayers) -> [(&'static str, Value); 4] {
+    [
+        ("heads", json!(a.num_heads)),
+        ("kv_heads", json!(a.num_heads_kv)),
+        ("head_dim", json!(a.head_dim)),
+        ("rotary_dim", json!(a.rotary_emb_dim)),
+    ]
 }
 
 /// Which tokenizer text goes through, and its vocabulary size.

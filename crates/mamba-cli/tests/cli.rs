@@ -335,7 +335,7 @@ fn info_reports_jamba_layout_and_cache_sizes() {
 
 #[test]
 fn bench_reports_positive_speeds() {
-    for preset in ["mamba-130m", "mamba2-130m"] {
+    for preset in ["mamba-130m", "mamba2-130m", "transformer-130m"] {
         let report = json_output(&mamba(&[
             "bench",
             "--preset",

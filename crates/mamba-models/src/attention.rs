@@ -2,19 +2,22 @@
 //! kept for each sequence.
 //!
 //! ```text
-//! q = x W_q^T: H heads,  k = x W_k^T, v = x W_v^T: G heads, all of width d   (no biases)
+//! q = x W_q^T: H heads,  k = x W_k^T, v = x W_v^T: G heads, all of width d   (+ optional biases)
 //! (optional) q, k rotated by their absolute positions (rotary embedding)
 //! K, V = cached keys, values ++ k, v                           (S = past + L tokens)
 //! o_j  = softmax(q_j K_g^T / sqrt(d) + causal mask) V_g        query head j uses g = j / (H/G)
 //! out  = [o_0 | ... | o_{H-1}] W_o^T
 //! ```
 //!
-//! Jamba uses no positional encoding at all (its Mamba layers carry the order); the rotary
-//! option is for hybrids that rotate queries and keys. The whole-sequence path is
-//! differentiable; cached keys and values enter as constants, as the recurrent states do.
+//! Jamba uses no positional encoding at all (its Mamba layers carry the order) and separate
+//! `q_proj`, `k_proj`, `v_proj`, `o_proj` without biases; `mamba_ssm`'s `MHA` (hybrids and
+//! Transformers) has one `in_proj` giving `[q | k | v]` and an `out_proj`, both with
+//! optional biases, and rotates the first `rotary_emb_dim` features of each head. The
+//! whole-sequence path is differentiable; cached keys and values enter as constants, as
+//! the recurrent states do.
 
 use crate::error::{Error, Result};
-use crate::layers::{f32_vec, state_tensor, Linear};
+use crate::layers::{columns, f32_vec, state_tensor, Linear};
 use crate::model::Mixer;
 use crate::state::{KvCache, LayerState, SequenceKv, StateSize};
 use candle_core::{IndexOp, Tensor, D};
@@ -31,6 +34,20 @@ pub struct AttentionSpec {
     pub head_dim: usize,
     /// Rotary position embedding of queries and keys, or `None` for no positional encoding.
     pub rotary: Option<RotarySpec>,
+    pub layout: ProjectionLayout,
+    /// Bias on the query, key and value projections.
+    pub qkv_bias: bool,
+    /// Bias on the output projection.
+    pub out_bias: bool,
+}
+
+/// How a checkpoint stores the projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProjectionLayout {
+    /// `q_proj`, `k_proj`, `v_proj` and `o_proj` (Jamba).
+    Separate,
+    /// `in_proj`, whose outputs are `[q | k | v]`, and `out_proj` (`mamba_ssm`'s `MHA`).
+    Fused,
 }
 
 /// Rotary embedding in the GPT-NeoX layout: the first `dim` features of each head form the
@@ -83,15 +100,24 @@ impl RotarySpec {
 /// One attention layer.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    qkv: QkvProjection,
+    out_proj: Linear,
     spec: AttentionSpec,
 }
 
+/// The query, key and value projections in the checkpoint's layout.
+#[derive(Debug, Clone)]
+enum QkvProjection {
+    Separate {
+        q_proj: Linear,
+        k_proj: Linear,
+        v_proj: Linear,
+    },
+    Fused(Linear),
+}
+
 impl Attention {
-    /// Loads `q_proj`, `k_proj`, `v_proj` and `o_proj` (no biases) from `vb`.
+    /// Loads the projections from `vb`, named as `spec.layout` says.
     pub fn load(vb: &VarBuilder, spec: &AttentionSpec) -> Result<Self> {
         check_spec(spec)?;
         let (h, q_width, kv_width) = (
@@ -99,13 +125,50 @@ impl Attention {
             spec.heads * spec.head_dim,
             spec.kv_heads * spec.head_dim,
         );
+        let (qkv, out_name) = match spec.layout {
+            ProjectionLayout::Separate => (
+                QkvProjection::Separate {
+                    q_proj: Linear::load(vb, "q_proj", (q_width, h), spec.qkv_bias)?,
+                    k_proj: Linear::load(vb, "k_proj", (kv_width, h), spec.qkv_bias)?,
+                    v_proj: Linear::load(vb, "v_proj", (kv_width, h), spec.qkv_bias)?,
+                },
+                "o_proj",
+            ),
+            ProjectionLayout::Fused => (
+                QkvProjection::Fused(Linear::load(
+                    vb,
+                    "in_proj",
+                    (q_width + 2 * kv_width, h),
+                    spec.qkv_bias,
+                )?),
+                "out_proj",
+            ),
+        };
         Ok(Attention {
-            q_proj: Linear::load(vb, "q_proj", (q_width, h), false)?,
-            k_proj: Linear::load(vb, "k_proj", (kv_width, h), false)?,
-            v_proj: Linear::load(vb, "v_proj", (kv_width, h), false)?,
-            o_proj: Linear::load(vb, "o_proj", (h, q_width), false)?,
+            qkv,
+            out_proj: Linear::load(vb, out_name, (h, q_width), spec.out_bias)?,
             spec: *spec,
         })
+    }
+
+    /// `q: (..., H d)`, `k, v: (..., G d)` of `x: (..., hidden)`.
+    fn project(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        match &self.qkv {
+            QkvProjection::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => Ok((q_proj.forward(x)?, k_proj.forward(x)?, v_proj.forward(x)?)),
+            QkvProjection::Fused(in_proj) => {
+                let (q_width, kv_width) = (self.spec.heads * self.spec.head_dim, self.kv_width());
+                let qkv = in_proj.forward(x)?; // (..., (H + 2G) d)
+                Ok((
+                    columns(&qkv, 0, q_width)?,
+                    columns(&qkv, q_width, kv_width)?,
+                    columns(&qkv, q_width + kv_width, kv_width)?,
+                ))
+            }
+        }
     }
 
     /// f32 values per token in the keys: `kv_heads * head_dim`.
@@ -225,16 +288,14 @@ impl Mixer for Attention {
     fn forward(&self, x: &Tensor, state: &mut LayerState) -> Result<Tensor> {
         let batch = x.dim(0)?;
         let cache = self.cache(state, batch)?;
-        let q = self.q_proj.forward(x)?; // (b, L, H d)
-        let k = self.k_proj.forward(x)?; // (b, L, G d)
-        let v = self.v_proj.forward(x)?; // (b, L, G d)
+        let (q, k, v) = self.project(x)?; // (b, L, H d), (b, L, G d), (b, L, G d)
         let per_sequence = cache
             .sequences
             .iter_mut()
             .enumerate()
             .map(|(row, seq)| self.attend(&q.i(row)?, &k.i(row)?, &v.i(row)?, seq))
             .collect::<Result<Vec<_>>>()?;
-        self.o_proj.forward(&Tensor::stack(&per_sequence, 0)?) // (b, L, hidden)
+        self.out_proj.forward(&Tensor::stack(&per_sequence, 0)?) // (b, L, hidden)
     }
 
     /// One token per sequence, `x: (b, hidden)`.
@@ -302,6 +363,9 @@ mod tests {
             dim: 4,
             base: 10000.0,
         }),
+        layout: ProjectionLayout::Separate,
+        qkv_bias: false,
+        out_bias: false,
     };
 
     /// Prefilling part of the sequences and feeding the rest one token at a time gives
@@ -382,6 +446,100 @@ mod tests {
         );
         let untouched = f32_vec(&rotary.rotate(&q, 9).unwrap()).unwrap();
         assert_eq!(untouched[4..], f32_vec(&q).unwrap()[4..]);
+    }
+
+    /// `mamba_ssm`'s fused `in_proj` stacks `[q | k | v]`: a fused layer made of the separate
+    /// layer's weights and biases computes what the separate layer does.
+    #[test]
+    fn fused_projections_equal_separate_ones() {
+        let separate_spec = AttentionSpec {
+            qkv_bias: true,
+            out_bias: true,
+            ..SPEC
+        };
+        let fused_spec = AttentionSpec {
+            layout: ProjectionLayout::Fused,
+            ..separate_spec
+        };
+        let (h, qw, kw) = (
+            SPEC.hidden_size,
+            SPEC.heads * SPEC.head_dim,
+            SPEC.kv_heads * SPEC.head_dim,
+        );
+        let part = |rows: usize, seed: usize| {
+            (
+                tensor(filler(rows * h, seed), &[rows, h]),
+                tensor(filler(rows, seed + 10), &[rows]),
+            )
+        };
+        let ((q, qb), (k, kb), (v, vb)) = (part(qw, 1), part(kw, 2), part(kw, 3));
+        let (o, ob) = (
+            tensor(filler(h * qw, 4), &[h, qw]),
+            tensor(filler(h, 5), &[h]),
+        );
+        let mut separate = HashMap::new();
+        for (name, w, b) in [
+            ("q_proj", &q, &qb),
+            ("k_proj", &k, &kb),
+            ("v_proj", &v, &vb),
+            ("o_proj", &o, &ob),
+        ] {
+            separate.insert(format!("{name}.weight"), w.clone());
+            separate.insert(format!("{name}.bias"), b.clone());
+        }
+        let fused = HashMap::from([
+            (
+                "in_proj.weight".to_string(),
+                Tensor::cat(&[&q, &k, &v], 0).unwrap(),
+            ),
+            (
+                "in_proj.bias".to_string(),
+                Tensor::cat(&[&qb, &kb, &vb], 0).unwrap(),
+            ),
+            ("out_proj.weight".to_string(), o),
+            ("out_proj.bias".to_string(), ob),
+        ]);
+        let load = |weights: HashMap<String, Tensor>, spec: &AttentionSpec| {
+            let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+            Attention::load(&vb, spec).unwrap()
+        };
+        let x = tensor(filler(2 * 5 * h, 6), &[2, 5, h]);
+        let run = |attn: &Attention| {
+            let mut state = LayerState::zeros(2, attn.state_size());
+            f32_vec(&attn.forward(&x, &mut state).unwrap()).unwrap()
+        };
+        let want = run(&load(separate, &separate_spec));
+        let got = run(&load(fused, &fused_spec));
+        assert!(max_diff(&got, &want) < 1e-6);
+        // The biases matter: without them the outputs differ.
+        let plain = run(&layer(&SPEC));
+        assert!(max_diff(&plain, &want) > 1e-3);
+    }
+
+    /// The GPT-NeoX layout that `mamba_ssm`'s (flash-attn's) non-interleaved rotary uses:
+    /// feature `i` pairs with `i + dim/2` and turns by `position * base^(-2i/dim)`.
+    #[test]
+    fn rotary_turns_feature_pairs_half_a_rotary_dim_apart() {
+        let rotary = RotarySpec {
+            dim: 4,
+            base: 100.0,
+        };
+        let x = filler(6, 3);
+        let position = 7;
+        let got = f32_vec(
+            &rotary
+                .rotate(&tensor(x.clone(), &[1, 1, 6]), position)
+                .unwrap(),
+        )
+        .unwrap();
+        let mut want = x.clone();
+        for i in 0..2 {
+            let angle = position as f64 * 100f64.powf(-2.0 * i as f64 / 4.0);
+            let (cos, sin) = (angle.cos() as f32, angle.sin() as f32);
+            want[i] = x[i] * cos - x[i + 2] * sin;
+            want[i + 2] = x[i + 2] * cos + x[i] * sin;
+        }
+        assert!(max_diff(&got, &want) < 1e-6, "{got:?} vs {want:?}");
     }
 
     #[test]

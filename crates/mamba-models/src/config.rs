@@ -1,9 +1,18 @@
 //! Model configurations: Hugging Face `config.json` files, the `mamba_ssm` native
-//! `config.json` form, and presets with the dimensions of the published checkpoints.
+//! `config.json` form (pure Mamba-1/Mamba-2 models, and hybrids with attention layers and
+//! MLPs: [`hybrid`]), this project's `MoEMambaForCausalLM` ([`moe_mamba`]), and presets.
 //!
 //! Missing keys take the defaults of transformers' `MambaConfig`, `FalconMambaConfig`,
-//! `Mamba2Config` and `JambaConfig` (or of `mamba_ssm`'s `MambaConfig` and mixers for the
-//! native form).
+//! `Mamba2Config` and `JambaConfig` (or of `mamba_ssm`'s `MambaConfig`, mixers and `MHA`
+//! for the native form).
+
+pub mod hybrid;
+pub mod moe_mamba;
+mod presets;
+
+pub use hybrid::{AttentionLayers, HybridConfig, SsmConfig};
+pub use moe_mamba::MoeMambaConfig;
+pub use presets::{preset, PRESETS};
 
 use crate::error::{Error, Result};
 use serde_json::{Map, Value};
@@ -18,6 +27,10 @@ pub enum Family {
     Mamba2,
     /// Mamba-1 and attention layers, each followed by a dense or mixture-of-experts MLP.
     Jamba,
+    /// A `mamba_ssm` model with attention layers and/or gated MLPs (Transformers included).
+    Hybrid,
+    /// Mamba-1 layers, each followed by a mixture of experts.
+    MoeMamba,
 }
 
 impl fmt::Display for Family {
@@ -27,6 +40,8 @@ impl fmt::Display for Family {
             Family::FalconMamba => "falcon_mamba",
             Family::Mamba2 => "mamba2",
             Family::Jamba => "jamba",
+            Family::Hybrid => "hybrid",
+            Family::MoeMamba => "moe_mamba",
         })
     }
 }
@@ -125,6 +140,8 @@ pub struct JambaConfig {
     /// Epsilon of every RMSNorm, the Δ, B and C norms of the Mamba mixers included.
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
+    /// Weight of the routers' load-balancing loss in the training objective.
+    pub router_aux_loss_coef: f64,
     pub eos_token_id: Option<u32>,
     pub bos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
@@ -175,6 +192,7 @@ impl JambaConfig {
             "mamba_proj_bias": self.mamba_proj_bias,
             "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
+            "router_aux_loss_coef": self.router_aux_loss_coef,
             "hidden_act": "silu",
             "eos_token_id": self.eos_token_id,
             "bos_token_id": self.bos_token_id,
@@ -260,6 +278,8 @@ pub enum ModelConfig {
     FalconMamba(MambaConfig),
     Mamba2(Mamba2Config),
     Jamba(JambaConfig),
+    Hybrid(HybridConfig),
+    MoeMamba(MoeMambaConfig),
 }
 
 impl ModelConfig {
@@ -280,14 +300,17 @@ impl ModelConfig {
         parse_config(s, Path::new("<config string>"))
     }
 
-    /// The Hugging Face `config.json` for this configuration (what `save_pretrained`
-    /// would write, limited to the keys this crate reads); parsing it gives `self` back.
+    /// The `config.json` for this configuration (what `save_pretrained` would write,
+    /// limited to the keys this crate reads; for hybrids, which transformers has no class
+    /// for, `mamba_ssm`'s native form); parsing it gives `self` back.
     pub fn to_hf_json(&self) -> serde_json::Value {
         match self {
             ModelConfig::Mamba(c) => c.to_hf_json("MambaForCausalLM", "mamba"),
             ModelConfig::FalconMamba(c) => c.to_hf_json("FalconMambaForCausalLM", "falcon_mamba"),
             ModelConfig::Mamba2(c) => c.to_hf_json(),
             ModelConfig::Jamba(c) => c.to_hf_json(),
+            ModelConfig::Hybrid(c) => c.to_native_json(),
+            ModelConfig::MoeMamba(c) => c.to_hf_json(),
         }
     }
 
@@ -298,6 +321,8 @@ impl ModelConfig {
             ModelConfig::FalconMamba(_) => Family::FalconMamba,
             ModelConfig::Mamba2(_) => Family::Mamba2,
             ModelConfig::Jamba(_) => Family::Jamba,
+            ModelConfig::Hybrid(_) => Family::Hybrid,
+            ModelConfig::MoeMamba(_) => Family::MoeMamba,
         }
     }
 
@@ -307,6 +332,8 @@ impl ModelConfig {
             ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => c.vocab_size,
             ModelConfig::Mamba2(c) => c.vocab_size,
             ModelConfig::Jamba(c) => c.vocab_size,
+            ModelConfig::Hybrid(c) => c.ssm.vocab_size(),
+            ModelConfig::MoeMamba(c) => c.mamba.vocab_size,
         }
     }
 
@@ -316,6 +343,8 @@ impl ModelConfig {
             ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => c.hidden_size,
             ModelConfig::Mamba2(c) => c.hidden_size,
             ModelConfig::Jamba(c) => c.hidden_size,
+            ModelConfig::Hybrid(c) => c.ssm.hidden_size(),
+            ModelConfig::MoeMamba(c) => c.mamba.hidden_size,
         }
     }
 
@@ -325,6 +354,8 @@ impl ModelConfig {
             ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => c.num_hidden_layers,
             ModelConfig::Mamba2(c) => c.num_hidden_layers,
             ModelConfig::Jamba(c) => c.num_hidden_layers,
+            ModelConfig::Hybrid(c) => c.ssm.num_layers(),
+            ModelConfig::MoeMamba(c) => c.mamba.num_hidden_layers,
         }
     }
 
@@ -334,6 +365,8 @@ impl ModelConfig {
             ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => c.layer_norm_epsilon,
             ModelConfig::Mamba2(c) => c.layer_norm_epsilon,
             ModelConfig::Jamba(c) => c.rms_norm_eps,
+            ModelConfig::Hybrid(c) => c.ssm.norm_epsilon(),
+            ModelConfig::MoeMamba(c) => c.mamba.layer_norm_epsilon,
         }
     }
 
@@ -343,6 +376,8 @@ impl ModelConfig {
             ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => c.tie_word_embeddings,
             ModelConfig::Mamba2(c) => c.tie_word_embeddings,
             ModelConfig::Jamba(c) => c.tie_word_embeddings,
+            ModelConfig::Hybrid(c) => c.ssm.tie_word_embeddings(),
+            ModelConfig::MoeMamba(c) => c.mamba.tie_word_embeddings,
         }
     }
 
@@ -352,58 +387,32 @@ impl ModelConfig {
             ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => c.eos_token_id,
             ModelConfig::Mamba2(c) => c.eos_token_id,
             ModelConfig::Jamba(c) => c.eos_token_id,
+            // The native form names no special tokens.
+            ModelConfig::Hybrid(_) => None,
+            ModelConfig::MoeMamba(c) => c.mamba.eos_token_id,
         }
     }
-}
 
-/// Names accepted by [`preset`].
-pub const PRESETS: &[&str] = &[
-    "mamba-130m",
-    "mamba-370m",
-    "mamba-790m",
-    "mamba-1.4b",
-    "mamba-2.8b",
-    "mamba2-130m",
-    "mamba2-370m",
-    "mamba2-780m",
-    "mamba2-1.3b",
-    "mamba2-2.7b",
-];
-
-/// The configuration of a published `state-spaces` checkpoint, built from the same
-/// native `config.json` it ships with (GPT-NeoX vocabulary of 50277 tokens, padded to a
-/// multiple of 8 for Mamba and 16 for Mamba-2; tied embeddings).
-pub fn preset(name: &str) -> Result<ModelConfig> {
-    let (layer, pad_multiple, d_model, n_layer) = match name {
-        "mamba-130m" => ("Mamba1", 8, 768, 24),
-        "mamba-370m" => ("Mamba1", 8, 1024, 48),
-        "mamba-790m" => ("Mamba1", 8, 1536, 48),
-        "mamba-1.4b" => ("Mamba1", 8, 2048, 48),
-        "mamba-2.8b" => ("Mamba1", 8, 2560, 64),
-        "mamba2-130m" => ("Mamba2", 16, 768, 24),
-        "mamba2-370m" => ("Mamba2", 16, 1024, 48),
-        "mamba2-780m" => ("Mamba2", 16, 1536, 48),
-        "mamba2-1.3b" => ("Mamba2", 16, 2048, 48),
-        "mamba2-2.7b" => ("Mamba2", 16, 2560, 64),
-        _ => {
-            return Err(Error::Config(format!(
-                "unknown preset {name:?}; valid presets are {}",
-                PRESETS.join(", ")
-            )))
+    /// Weight of the routers' load-balancing loss in the training objective (0 for models
+    /// without experts).
+    pub fn router_aux_loss_coef(&self) -> f64 {
+        match self {
+            ModelConfig::Jamba(c) => c.router_aux_loss_coef,
+            ModelConfig::MoeMamba(c) => c.router_aux_loss_coef,
+            _ => 0.0,
         }
-    };
-    let native = serde_json::json!({
-        "d_model": d_model,
-        "n_layer": n_layer,
-        "vocab_size": 50277,
-        "ssm_cfg": { "layer": layer },
-        "rms_norm": true,
-        "residual_in_fp32": true,
-        "fused_add_norm": true,
-        "pad_vocab_size_multiple": pad_multiple,
-        "tie_embeddings": true,
-    });
-    native_config(&Fields::root(as_object(&native)?))
+    }
+
+    /// What each layer is made of, for the families that mix layer kinds (`None` for the
+    /// pure Mamba families).
+    pub fn layer_layout(&self) -> Option<Vec<String>> {
+        match self {
+            ModelConfig::Jamba(c) => Some(crate::jamba::layer_layout(c)),
+            ModelConfig::Hybrid(c) => Some(c.layer_layout()),
+            ModelConfig::MoeMamba(c) => Some(c.layer_layout()),
+            _ => None,
+        }
+    }
 }
 
 /// Parses a config text; `origin` names it in JSON errors.
@@ -413,7 +422,12 @@ fn parse_config(text: &str, origin: &Path) -> Result<ModelConfig> {
             path: PathBuf::from(origin),
             cause,
         })?;
-    let fields = Fields::root(as_object(&value)?);
+    parse_value(&value)
+}
+
+/// Parses a `config.json` already read as JSON.
+fn parse_value(value: &Value) -> Result<ModelConfig> {
+    let fields = Fields::root(as_object(value)?);
     let config = match config_form(&fields)? {
         ConfigForm::HuggingFace(Family::Mamba) => {
             ModelConfig::Mamba(hf_mamba_config(&fields, false)?)
@@ -423,7 +437,11 @@ fn parse_config(text: &str, origin: &Path) -> Result<ModelConfig> {
         }
         ConfigForm::HuggingFace(Family::Mamba2) => ModelConfig::Mamba2(hf_mamba2_config(&fields)?),
         ConfigForm::HuggingFace(Family::Jamba) => ModelConfig::Jamba(hf_jamba_config(&fields)?),
-        ConfigForm::Native => native_config(&fields)?,
+        ConfigForm::HuggingFace(Family::MoeMamba) => {
+            ModelConfig::MoeMamba(moe_mamba::moe_mamba_config(&fields)?)
+        }
+        // Hybrids have the native form only: no architecture or model type names them.
+        ConfigForm::HuggingFace(Family::Hybrid) | ConfigForm::Native => native_config(&fields)?,
     };
     Ok(config)
 }
@@ -513,6 +531,7 @@ fn family_of_architecture(name: &str) -> Option<Family> {
         "FalconMambaForCausalLM" | "FalconMambaModel" => Some(Family::FalconMamba),
         "Mamba2ForCausalLM" | "Mamba2Model" => Some(Family::Mamba2),
         "JambaForCausalLM" | "JambaModel" => Some(Family::Jamba),
+        "MoEMambaForCausalLM" => Some(Family::MoeMamba),
         _ => None,
     }
 }
@@ -523,6 +542,7 @@ fn family_of_model_type(name: &str) -> Option<Family> {
         "falcon_mamba" => Some(Family::FalconMamba),
         "mamba2" => Some(Family::Mamba2),
         "jamba" => Some(Family::Jamba),
+        "moe_mamba" => Some(Family::MoeMamba),
         _ => None,
     }
 }
@@ -618,6 +638,7 @@ fn hf_jamba_config(f: &Fields) -> Result<JambaConfig> {
         mamba_proj_bias: f.bool_or("mamba_proj_bias", false)?,
         rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6)?,
         tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        router_aux_loss_coef: f.f64_or("router_aux_loss_coef", 0.001)?,
         eos_token_id: f.token_id_or("eos_token_id", Some(2))?,
         bos_token_id: f.token_id_or("bos_token_id", Some(1))?,
         pad_token_id: f.token_id_or("pad_token_id", Some(0))?,
@@ -645,10 +666,15 @@ fn reject_jamba_extras(f: &Fields) -> Result<()> {
     Ok(())
 }
 
-/// A `mamba_ssm` native config: `ssm_cfg.layer` picks Mamba-1 (default) or Mamba-2.
+/// A `mamba_ssm` native config: `ssm_cfg.layer` picks Mamba-1 (default) or Mamba-2 for
+/// the SSM layers; `attn_layer_idx` and `d_intermediate` make it a hybrid.
 /// The file names no special tokens, so the token ids are `None`.
 fn native_config(f: &Fields) -> Result<ModelConfig> {
-    reject_native_extras(f)?;
+    if !f.bool_or("rms_norm", true)? {
+        return Err(Error::Config(
+            "rms_norm: LayerNorm models (rms_norm = false) are not supported".into(),
+        ));
+    }
     let ssm = f.child("ssm_cfg")?;
     let layer = match ssm.get("layer") {
         None => "Mamba1",
@@ -656,34 +682,16 @@ fn native_config(f: &Fields) -> Result<ModelConfig> {
             .as_str()
             .ok_or_else(|| ssm.invalid("layer", "a string", v))?,
     };
-    match layer {
-        "Mamba1" => native_mamba1(f, &ssm).map(ModelConfig::Mamba),
-        "Mamba2" => native_mamba2(f, &ssm).map(ModelConfig::Mamba2),
-        other => Err(Error::Config(format!(
-            "ssm_cfg.layer: unsupported layer {other:?} (expected \"Mamba1\" or \"Mamba2\")"
-        ))),
-    }
-}
-
-/// Native features that the models here do not implement.
-fn reject_native_extras(f: &Fields) -> Result<()> {
-    let attn_layers = f.get("attn_layer_idx").and_then(Value::as_array);
-    if attn_layers.is_some_and(|l| !l.is_empty()) {
-        return Err(Error::Config(
-            "attn_layer_idx: hybrid models with attention layers are not supported yet".into(),
-        ));
-    }
-    if f.usize_or("d_intermediate", 0)? != 0 {
-        return Err(Error::Config(
-            "d_intermediate: models with MLP blocks after the mixer are not supported".into(),
-        ));
-    }
-    if !f.bool_or("rms_norm", true)? {
-        return Err(Error::Config(
-            "rms_norm: LayerNorm models (rms_norm = false) are not supported".into(),
-        ));
-    }
-    Ok(())
+    let ssm = match layer {
+        "Mamba1" => SsmConfig::Mamba1(native_mamba1(f, &ssm)?),
+        "Mamba2" => SsmConfig::Mamba2(native_mamba2(f, &ssm)?),
+        other => {
+            return Err(Error::Config(format!(
+                "ssm_cfg.layer: unsupported layer {other:?} (expected \"Mamba1\" or \"Mamba2\")"
+            )))
+        }
+    };
+    hybrid::native_model(f, ssm)
 }
 
 /// Shared native fields: `(vocab_size padded, d_model, n_layer, tie_embeddings)`.
@@ -892,6 +900,7 @@ fn validate_jamba(c: &JambaConfig) -> Result<()> {
         require_positive(key, value)?;
     }
     require_epsilon("rms_norm_eps", c.rms_norm_eps)?;
+    require_epsilon("router_aux_loss_coef", c.router_aux_loss_coef)?;
     for (what, period, offset) in [
         ("attn", c.attn_layer_period, c.attn_layer_offset),
         ("expert", c.expert_layer_period, c.expert_layer_offset),

@@ -19,7 +19,7 @@ pub enum Error {
     },
     #[error("config: {0}")]
     Config(String),
-    #[error("unknown architecture {0:?}: supported are MambaForCausalLM, FalconMambaForCausalLM, Mamba2ForCausalLM and JambaForCausalLM")]
+    #[error("unknown architecture {0:?}: supported are MambaForCausalLM, FalconMambaForCausalLM, Mamba2ForCausalLM, JambaForCausalLM and MoEMambaForCausalLM, and mamba_ssm's native config.json (hybrids included)")]
     UnknownArchitecture(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),

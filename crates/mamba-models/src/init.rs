@@ -1,14 +1,19 @@
 //! Random weights initialised as `mamba_ssm` does, under Hugging Face tensor names:
 //! S4D-real `A_log`, Δ bias from `dt_min..dt_max` through the inverse softplus, `D = 1`,
-//! uniform fan-in linear layers, `out_proj` rescaled by `1/sqrt(layers)`, N(0, 0.02) embeddings.
-//! Jamba's attention and MLPs get uniform fan-in layers too, their output projections
-//! (`o_proj`, `down_proj`) rescaled like `out_proj`; every norm weight starts at 1.
+//! uniform fan-in linear layers (PyTorch's default) with zero biases, N(0, 0.02)
+//! embeddings, every norm weight 1, and the projections that write into the residual
+//! stream (`out_proj`, and `fc2` / `down_proj` / `o_proj` of MLPs, experts and attention)
+//! rescaled by `1/sqrt(residual writes per layer * layers)`: one write per layer for pure
+//! Mamba models, two (mixer and MLP) for hybrids with MLPs and for MoE-Mamba. Jamba keeps
+//! one write per layer.
 
-use crate::config::{JambaConfig, Mamba2Config, ModelConfig};
+use crate::config::{
+    HybridConfig, JambaConfig, Mamba2Config, ModelConfig, MoeMambaConfig, SsmConfig,
+};
 use crate::error::Result;
-use crate::jamba;
 use crate::mamba1::{DtBcNorm, MixerSpec};
 use crate::model::{Model, TensorNames};
+use crate::{hybrid, jamba};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
@@ -146,7 +151,7 @@ impl Init {
 
     fn jamba_layer(&mut self, i: usize, c: &JambaConfig) -> Result<()> {
         let (h, inter) = (c.hidden_size, c.intermediate_size);
-        let out_scale = 1.0 / (c.num_hidden_layers as f32).sqrt();
+        let out_scale = residual_scale(1, c.num_hidden_layers);
         let p = format!("model.layers.{i}");
         self.ones(format!("{p}.input_layernorm.weight"), h)?;
         if c.is_attention_layer(i) {
@@ -172,35 +177,78 @@ impl Init {
         }
     }
 
-    fn mamba2_layer(&mut self, i: usize, c: &Mamba2Config) -> Result<()> {
+    /// A Mamba-2 mixer under `{p}.`, its `out_proj` scaled by `out_scale`.
+    fn mamba2_mixer(&mut self, p: &str, c: &Mamba2Config, out_scale: f32) -> Result<()> {
         let (h, di, nh) = (c.hidden_size, c.d_inner(), c.num_heads);
-        let p = format!("backbone.layers.{i}");
-        self.ones(format!("{p}.norm.weight"), h)?;
         let in_features = 2 * di + 2 * c.n_groups * c.state_size + nh;
-        self.linear(
-            &format!("{p}.mixer.in_proj"),
-            in_features,
-            h,
-            c.use_bias,
-            1.0,
-        )?;
+        self.linear(&format!("{p}.in_proj"), in_features, h, c.use_bias, 1.0)?;
         self.conv(
-            &format!("{p}.mixer.conv1d"),
+            &format!("{p}.conv1d"),
             c.conv_dim(),
             c.conv_kernel,
             c.use_conv_bias,
         )?;
         let b = self.dt_bias(nh);
-        self.put(format!("{p}.mixer.dt_bias"), b, &[nh])?;
+        self.put(format!("{p}.dt_bias"), b, &[nh])?;
         let a_log: Vec<f32> = (0..nh)
             .map(|_| self.rng.random_range(1.0f32..16.0).ln())
             .collect();
-        self.put(format!("{p}.mixer.A_log"), a_log, &[nh])?;
-        self.ones(format!("{p}.mixer.D"), nh)?;
-        self.ones(format!("{p}.mixer.norm.weight"), di)?;
-        let scale = 1.0 / (c.num_hidden_layers as f32).sqrt();
-        self.linear(&format!("{p}.mixer.out_proj"), h, di, c.use_bias, scale)
+        self.put(format!("{p}.A_log"), a_log, &[nh])?;
+        self.ones(format!("{p}.D"), nh)?;
+        self.ones(format!("{p}.norm.weight"), di)?;
+        self.linear(&format!("{p}.out_proj"), h, di, c.use_bias, out_scale)
     }
+
+    /// A hybrid's layer `i`: SSM or attention mixer, then the gated MLP if any.
+    fn hybrid_layer(&mut self, i: usize, c: &HybridConfig) -> Result<()> {
+        let h = c.ssm.hidden_size();
+        let writes = if c.d_intermediate > 0 { 2 } else { 1 };
+        let out_scale = residual_scale(writes, c.ssm.num_layers());
+        let p = format!("backbone.layers.{i}");
+        self.ones(format!("{p}.norm.weight"), h)?;
+        let mixer = format!("{p}.mixer");
+        match (&c.attention, &c.ssm) {
+            (Some(a), _) if c.is_attention_layer(i) => {
+                let s = hybrid::attention_spec(a, h);
+                let (q, kv) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+                self.linear(&format!("{mixer}.in_proj"), q + 2 * kv, h, s.qkv_bias, 1.0)?;
+                self.linear(&format!("{mixer}.out_proj"), h, q, s.out_bias, out_scale)?;
+            }
+            (_, SsmConfig::Mamba1(m)) => {
+                self.mamba1_mixer(&mixer, &MixerSpec::from(m), out_scale)?
+            }
+            (_, SsmConfig::Mamba2(m)) => self.mamba2_mixer(&mixer, m, out_scale)?,
+        }
+        if c.d_intermediate > 0 {
+            let w = c.mlp_width();
+            self.ones(format!("{p}.norm2.weight"), h)?;
+            self.linear(&format!("{p}.mlp.fc1"), 2 * w, h, false, 1.0)?;
+            self.linear(&format!("{p}.mlp.fc2"), h, w, false, out_scale)?;
+        }
+        Ok(())
+    }
+
+    /// A MoE-Mamba layer `i`: the Mamba mixer, then the router and its experts.
+    fn moe_mamba_layer(&mut self, i: usize, c: &MoeMambaConfig) -> Result<()> {
+        let h = c.mamba.hidden_size;
+        let out_scale = residual_scale(2, c.mamba.num_hidden_layers);
+        let p = format!("backbone.layers.{i}");
+        self.ones(format!("{p}.norm.weight"), h)?;
+        self.mamba1_mixer(&format!("{p}.mixer"), &MixerSpec::from(&c.mamba), out_scale)?;
+        self.ones(format!("{p}.norm2.weight"), h)?;
+        self.linear(&format!("{p}.moe.router"), c.num_experts, h, false, 1.0)?;
+        for e in 0..c.num_experts {
+            let expert = format!("{p}.moe.experts.{e}");
+            self.gated_mlp(&expert, h, c.moe_intermediate_size, out_scale)?;
+        }
+        Ok(())
+    }
+}
+
+/// `1/sqrt(writes * layers)`: the scale of the projections that write into the residual
+/// stream, for `writes` of them per layer.
+fn residual_scale(writes: usize, layers: usize) -> f32 {
+    1.0 / ((writes * layers) as f32).sqrt()
 }
 
 /// Every tensor of a freshly initialised model, by Hugging Face name, in `dtype`
@@ -221,11 +269,18 @@ pub fn init_tensors(
             ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => {
                 let p = format!("backbone.layers.{i}");
                 init.ones(format!("{p}.norm.weight"), c.hidden_size)?;
-                let out_scale = 1.0 / (c.num_hidden_layers as f32).sqrt();
+                let out_scale = residual_scale(1, c.num_hidden_layers);
                 init.mamba1_mixer(&format!("{p}.mixer"), &MixerSpec::from(c), out_scale)?;
             }
-            ModelConfig::Mamba2(c) => init.mamba2_layer(i, c)?,
+            ModelConfig::Mamba2(c) => {
+                let p = format!("backbone.layers.{i}");
+                init.ones(format!("{p}.norm.weight"), c.hidden_size)?;
+                let out_scale = residual_scale(1, c.num_hidden_layers);
+                init.mamba2_mixer(&format!("{p}.mixer"), c, out_scale)?;
+            }
             ModelConfig::Jamba(c) => init.jamba_layer(i, c)?,
+            ModelConfig::Hybrid(c) => init.hybrid_layer(i, c)?,
+            ModelConfig::MoeMamba(c) => init.moe_mamba_layer(i, c)?,
         }
     }
     Ok(init.tensors)

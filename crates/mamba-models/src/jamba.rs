@@ -14,7 +14,7 @@
 //! `c_layernorm`). Attention is grouped-query attention without any positional encoding.
 //! Tensors live under `model.layers.{i}.{mamba, self_attn, feed_forward}`.
 
-use crate::attention::{Attention, AttentionSpec};
+use crate::attention::{Attention, AttentionSpec, ProjectionLayout};
 use crate::config::JambaConfig;
 use crate::error::Result;
 use crate::layers::RmsNorm;
@@ -47,6 +47,9 @@ pub fn attention_spec(c: &JambaConfig) -> AttentionSpec {
         kv_heads: c.num_key_value_heads,
         head_dim: c.head_dim(),
         rotary: None,
+        layout: ProjectionLayout::Separate,
+        qkv_bias: false,
+        out_bias: false,
     }
 }
 

@@ -1,12 +1,15 @@
-//! Mamba model families (Mamba-1, FalconMamba, Mamba-2) and the Jamba hybrid (Mamba and
-//! attention layers with mixture-of-experts MLPs): configs, checkpoint loading, the
-//! per-layer state (recurrent state or key/value cache), sampling and generation.
+//! Mamba model families (Mamba-1, FalconMamba, Mamba-2), the Jamba hybrid (Mamba and
+//! attention layers with mixture-of-experts MLPs), `mamba_ssm`-style hybrids (attention
+//! layers and gated MLPs; Transformers among them) and MoE-Mamba: configs, checkpoint
+//! loading, the per-layer state (recurrent state or key/value cache), sampling and
+//! generation.
 
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod hybrid;
 pub mod init;
 pub mod jamba;
 pub mod layers;
@@ -14,6 +17,7 @@ pub mod mamba1;
 pub mod mamba2;
 pub mod model;
 pub mod moe;
+pub mod moe_mamba;
 pub mod sampling;
 pub mod state;
 pub mod tokenizer;

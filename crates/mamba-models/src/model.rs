@@ -3,11 +3,13 @@
 //! ```text
 //! h = embed(ids)
 //! for each block:  h = h + mixer(RMSNorm(h))
-//!                  h = h + ffn(RMSNorm(h))        (Jamba only: a dense MLP or experts)
+//!                  h = h + ffn(RMSNorm(h))        (when the block has one: a gated MLP or experts)
 //! logits = lm_head(RMSNorm(h))
 //! ```
 //!
-//! The mixer is a Mamba-1 or Mamba-2 SSM, or attention (Jamba).
+//! The mixer is a Mamba-1 or Mamba-2 SSM, or attention (Jamba, hybrids, Transformers).
+//! Blocks with experts also give their load-balancing loss, which training adds to the
+//! objective.
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{Family, ModelConfig};
@@ -52,20 +54,22 @@ impl Block {
         }
     }
 
-    /// `h: (b, L, hidden)` through the whole-sequence mixer.
-    fn forward(&self, h: &Tensor, state: &mut LayerState) -> Result<Tensor> {
+    /// `h: (b, L, hidden)` through the whole-sequence mixer, with the load-balancing loss
+    /// of the block's experts (`None` for blocks without).
+    fn forward(&self, h: &Tensor, state: &mut LayerState) -> Result<(Tensor, Option<Tensor>)> {
         let h = (self.mixer.forward(&self.norm.forward(h)?, state)? + h)?;
-        self.add_feed_forward(h)
+        match &self.feed_forward {
+            None => Ok((h, None)),
+            Some((norm, ffn)) => {
+                let (y, aux) = ffn.forward_with_balance_loss(&norm.forward(&h)?)?;
+                Ok(((y + h)?, aux))
+            }
+        }
     }
 
     /// `h: (b, hidden)` through the mixer's one-token update.
     fn step(&self, h: &Tensor, state: &mut LayerState) -> Result<Tensor> {
         let h = (self.mixer.step(&self.norm.forward(h)?, state)? + h)?;
-        self.add_feed_forward(h)
-    }
-
-    /// `h + ffn(RMSNorm(h))`, or `h` for blocks without a feed-forward part.
-    fn add_feed_forward(&self, h: Tensor) -> Result<Tensor> {
         match &self.feed_forward {
             None => Ok(h),
             Some((norm, ffn)) => Ok((ffn.forward(&norm.forward(&h)?)? + h)?),
@@ -84,7 +88,11 @@ pub(crate) struct TensorNames {
 impl TensorNames {
     pub(crate) fn of(family: Family) -> Self {
         match family {
-            Family::Mamba | Family::FalconMamba | Family::Mamba2 => TensorNames {
+            Family::Mamba
+            | Family::FalconMamba
+            | Family::Mamba2
+            | Family::Hybrid
+            | Family::MoeMamba => TensorNames {
                 root: "backbone",
                 embedding: "embeddings.weight",
                 final_norm: "norm_f.weight",
@@ -117,6 +125,9 @@ pub struct HiddenStates {
     pub layers: Vec<Tensor>,
     /// Output of the final norm.
     pub final_norm: Tensor,
+    /// The mean of the mixture-of-experts layers' load-balancing losses (a scalar), or
+    /// `None` for models without experts.
+    pub router_aux_loss: Option<Tensor>,
 }
 
 impl Model {
@@ -192,8 +203,11 @@ impl Model {
         let embeddings = self.embedding.forward(ids, state.batch)?;
         let mut h = embeddings.clone();
         let mut layers = Vec::new();
+        let mut balance_losses = Vec::new();
         for (block, layer_state) in self.layers.iter().zip(state.layers.iter_mut()) {
-            h = block.forward(&h, layer_state)?;
+            let (next, aux) = block.forward(&h, layer_state)?;
+            h = next;
+            balance_losses.extend(aux);
             if record {
                 layers.push(h.clone());
             }
@@ -203,6 +217,7 @@ impl Model {
             embeddings,
             layers,
             final_norm: self.norm_f.forward(&h)?,
+            router_aux_loss: mean_of_scalars(&balance_losses)?,
         })
     }
 
@@ -254,7 +269,18 @@ fn load_block(vb: &VarBuilder, config: &ModelConfig, i: usize) -> Result<Block> 
             None,
         ),
         ModelConfig::Jamba(c) => crate::jamba::load_block(vb, c, i)?,
+        ModelConfig::Hybrid(c) => crate::hybrid::load_block(vb, c, i)?,
+        ModelConfig::MoeMamba(c) => crate::moe_mamba::load_block(vb, c)?,
     })
+}
+
+/// The mean of scalar tensors, or `None` when there are none.
+fn mean_of_scalars(values: &[Tensor]) -> Result<Option<Tensor>> {
+    if values.is_empty() {
+        return Ok(None);
+    }
+    let sum = Tensor::stack(values, 0)?.sum_all()?;
+    Ok(Some((sum / values.len() as f64)?))
 }
 
 fn check_weight_dtype(dtype: DType) -> Result<()> {

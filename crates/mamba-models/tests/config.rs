@@ -4,8 +4,10 @@
 use candle_core::{DType, Device, Tensor};
 use mamba_models::checkpoint::Checkpoint;
 use mamba_models::config::{
-    preset, Family, JambaConfig, Mamba2Config, MambaConfig, ModelConfig, PRESETS,
+    preset, Family, HybridConfig, JambaConfig, Mamba2Config, MambaConfig, ModelConfig,
+    MoeMambaConfig, SsmConfig, PRESETS,
 };
+use mamba_models::init::init_tensors;
 use mamba_models::Error;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +50,20 @@ fn jamba(config: &ModelConfig) -> &JambaConfig {
     match config {
         ModelConfig::Jamba(c) => c,
         other => panic!("expected a Jamba config, got {other:?}"),
+    }
+}
+
+fn hybrid(config: &ModelConfig) -> &HybridConfig {
+    match config {
+        ModelConfig::Hybrid(c) => c,
+        other => panic!("expected a hybrid config, got {other:?}"),
+    }
+}
+
+fn moe_mamba(config: &ModelConfig) -> &MoeMambaConfig {
+    match config {
+        ModelConfig::MoeMamba(c) => c,
+        other => panic!("expected a MoE-Mamba config, got {other:?}"),
     }
 }
 
@@ -662,17 +678,131 @@ fn native_mamba2_config_derives_heads() {
     );
 }
 
+/// A `mamba_ssm` hybrid: `MHA` defaults (as many key/value heads as query heads,
+/// `d_model / num_heads` wide, biases on), the MLP width rounded up to a multiple of 128,
+/// and the attention layers sorted and deduplicated.
+#[test]
+fn native_hybrid_config_applies_mha_and_mlp_defaults() {
+    let text = r#"{"d_model": 96, "n_layer": 6, "vocab_size": 250, "pad_vocab_size_multiple": 16,
+        "ssm_cfg": {"layer": "Mamba2", "d_state": 16, "headdim": 32, "chunk_size": 64},
+        "attn_layer_idx": [4, 1, 4], "attn_cfg": {"num_heads": 6, "rotary_emb_dim": 8, "causal": true},
+        "d_intermediate": 200, "rms_norm": true, "residual_in_fp32": true, "fused_add_norm": true,
+        "tie_embeddings": false}"#;
+    let config = ModelConfig::from_json_str(text).unwrap();
+    assert_eq!(config.family(), Family::Hybrid);
+    assert_eq!(
+        (
+            config.vocab_size(),
+            config.hidden_size(),
+            config.num_layers()
+        ),
+        (256, 96, 6)
+    );
+    assert_eq!((config.norm_epsilon(), config.eos_token_id()), (1e-5, None));
+    assert!(!config.tie_word_embeddings());
+    let c = hybrid(&config);
+    let SsmConfig::Mamba2(m) = &c.ssm else {
+        panic!("expected Mamba-2 layers: {:?}", c.ssm)
+    };
+    assert_eq!((m.num_heads, m.head_dim, m.state_size), (6, 32, 16));
+    let a = c.attention.as_ref().unwrap();
+    assert_eq!(a.layer_idx, [1, 4]);
+    assert_eq!((a.num_heads, a.num_heads_kv, a.head_dim), (6, 6, 16));
+    assert_eq!((a.rotary_emb_dim, a.rotary_emb_base), (8, 10000.0));
+    assert!(a.qkv_proj_bias && a.out_proj_bias);
+    assert_eq!((c.d_intermediate, c.mlp_width()), (200, 256));
+    assert_eq!(
+        c.layer_layout(),
+        [
+            "mamba2+mlp",
+            "attention+mlp",
+            "mamba2+mlp",
+            "mamba2+mlp",
+            "attention+mlp",
+            "mamba2+mlp"
+        ]
+    );
+    assert_eq!(config.layer_layout(), Some(c.layer_layout()));
+}
+
+/// Attention or MLPs alone also make a hybrid; neither gives the pure model.
+#[test]
+fn native_models_are_hybrids_when_they_have_attention_or_mlps() {
+    let mlp_only = ModelConfig::from_json_str(
+        r#"{"d_model": 64, "n_layer": 2, "d_intermediate": 128, "attn_layer_idx": []}"#,
+    )
+    .unwrap();
+    let c = hybrid(&mlp_only);
+    assert!(c.attention.is_none() && matches!(c.ssm, SsmConfig::Mamba1(_)));
+    assert_eq!(c.layer_layout(), ["mamba+mlp", "mamba+mlp"]);
+    let attention_only = ModelConfig::from_json_str(
+        r#"{"d_model": 64, "n_layer": 2, "attn_layer_idx": [0, 1],
+        "attn_cfg": {"num_heads": 4, "num_heads_kv": 2, "head_dim": 32, "qkv_proj_bias": false,
+        "causal": true}}"#,
+    )
+    .unwrap();
+    let c = hybrid(&attention_only);
+    assert_eq!(c.layer_layout(), ["attention", "attention"]);
+    let a = c.attention.as_ref().unwrap();
+    assert_eq!((a.num_heads_kv, a.head_dim), (2, 32));
+    assert!(!a.qkv_proj_bias && a.out_proj_bias);
+    let pure = ModelConfig::from_json_str(
+        r#"{"d_model": 64, "n_layer": 2, "d_intermediate": 0, "attn_layer_idx": [], "attn_cfg": {}}"#,
+    )
+    .unwrap();
+    assert_eq!(pure.family(), Family::Mamba);
+}
+
+#[test]
+fn moe_mamba_config_takes_mamba_keys_and_expert_defaults() {
+    let config = ModelConfig::from_json_str(
+        r#"{"architectures": ["MoEMambaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 3,
+        "vocab_size": 300, "state_size": 8}"#,
+    )
+    .unwrap();
+    assert_eq!(config.family(), Family::MoeMamba);
+    let c = moe_mamba(&config);
+    assert_eq!(
+        (
+            c.mamba.hidden_size,
+            c.mamba.intermediate_size,
+            c.mamba.state_size
+        ),
+        (64, 128, 8)
+    );
+    assert_eq!(
+        (
+            c.moe_intermediate_size,
+            c.num_experts,
+            c.num_experts_per_tok
+        ),
+        (128, 8, 1)
+    );
+    assert_eq!(config.router_aux_loss_coef(), 0.01);
+    assert_eq!(config.layer_layout().unwrap(), ["mamba+moe"; 3]);
+    let by_type = ModelConfig::from_json_str(
+        r#"{"model_type": "moe_mamba", "num_experts": 4, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 96, "router_aux_loss_coef": 0.5}"#,
+    )
+    .unwrap();
+    let c = moe_mamba(&by_type);
+    assert_eq!(
+        (
+            c.moe_intermediate_size,
+            c.num_experts,
+            c.num_experts_per_tok
+        ),
+        (96, 4, 2)
+    );
+    assert_eq!(by_type.router_aux_loss_coef(), 0.5);
+    // Jamba has the coefficient too (transformers' default 0.001); pure models have none.
+    assert_eq!(fixture_config("jamba").router_aux_loss_coef(), 0.001);
+    assert_eq!(fixture_config("mamba2").router_aux_loss_coef(), 0.0);
+}
+
 #[test]
 fn native_unsupported_features_are_clear_errors() {
     for (text, key) in [
-        (
-            r#"{"d_model": 64, "n_layer": 4, "attn_layer_idx": [1]}"#,
-            "attn_layer_idx",
-        ),
-        (
-            r#"{"d_model": 64, "n_layer": 4, "d_intermediate": 128}"#,
-            "d_intermediate",
-        ),
         (
             r#"{"d_model": 64, "n_layer": 4, "rms_norm": false}"#,
             "rms_norm",
@@ -702,6 +832,70 @@ fn native_unsupported_features_are_clear_errors() {
             r#"{"d_model": 64, "n_layer": 4, "pad_vocab_size_multiple": 0}"#,
             "pad_vocab_size_multiple",
         ),
+        (
+            r#"{"d_model": 64, "n_layer": 4, "attn_layer_idx": [1]}"#,
+            "attn_cfg.num_heads",
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": 4, "attn_layer_idx": [4], "attn_cfg": {"num_heads": 4, "causal": true}}"#,
+            "attn_layer_idx",
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": 4, "attn_layer_idx": "all"}"#,
+            "attn_layer_idx",
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": 4, "attn_layer_idx": [1], "attn_cfg": {"num_heads": 4}}"#,
+            "attn_cfg.causal",
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": 4, "attn_layer_idx": [1], "attn_cfg": {"num_heads": 5, "causal": true}}"#,
+            "attn_cfg.num_heads",
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": 4, "attn_layer_idx": [1], "attn_cfg": {"num_heads": 4, "num_heads_kv": 3, "causal": true}}"#,
+            "attn_cfg.num_heads_kv",
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": 4, "attn_layer_idx": [1], "attn_cfg": {"num_heads": 4, "rotary_emb_dim": 18, "causal": true}}"#,
+            "attn_cfg.rotary_emb_dim",
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": 4, "attn_layer_idx": [1], "attn_cfg": {"num_heads": 4, "rotary_emb_dim": 8, "rotary_emb_interleaved": true, "causal": true}}"#,
+            "attn_cfg.rotary_emb_interleaved",
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": 4, "attn_layer_idx": [1], "attn_cfg": {"num_heads": 4, "d_conv": 4, "causal": true}}"#,
+            "attn_cfg.d_conv",
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": 4, "attn_layer_idx": [1], "attn_cfg": {"num_heads": 4, "mlp_dim": 256, "causal": true}}"#,
+            "attn_cfg.mlp_dim",
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": 4, "attn_layer_idx": [1], "attn_cfg": {"num_heads": 4, "softmax_scale": 0.5, "causal": true}}"#,
+            "attn_cfg.softmax_scale",
+        ),
+        (
+            r#"{"d_model": 64, "n_layer": 4, "d_intermediate": "wide"}"#,
+            "d_intermediate",
+        ),
+        (
+            r#"{"model_type": "moe_mamba", "num_experts": 4, "num_experts_per_tok": 5}"#,
+            "num_experts_per_tok",
+        ),
+        (
+            r#"{"model_type": "moe_mamba", "num_experts": 0}"#,
+            "num_experts",
+        ),
+        (
+            r#"{"model_type": "moe_mamba", "router_aux_loss_coef": -1}"#,
+            "router_aux_loss_coef",
+        ),
+        (
+            r#"{"model_type": "jamba", "router_aux_loss_coef": "high"}"#,
+            "router_aux_loss_coef",
+        ),
     ] {
         let msg = config_error(ModelConfig::from_json_str(text));
         assert!(msg.contains(key), "{text}: {msg}");
@@ -712,7 +906,7 @@ fn native_unsupported_features_are_clear_errors() {
 
 #[test]
 fn presets_have_the_published_dimensions() {
-    let expected: [(&str, usize, usize); 10] = [
+    let expected: [(&str, usize, usize); 14] = [
         ("mamba-130m", 768, 24),
         ("mamba-370m", 1024, 48),
         ("mamba-790m", 1536, 48),
@@ -723,6 +917,10 @@ fn presets_have_the_published_dimensions() {
         ("mamba2-780m", 1536, 48),
         ("mamba2-1.3b", 2048, 48),
         ("mamba2-2.7b", 2560, 64),
+        ("hybrid-130m", 768, 12),
+        ("moe-mamba-130m", 768, 12),
+        ("transformer-130m", 768, 13),
+        ("transformer-370m", 1024, 25),
     ];
     assert_eq!(PRESETS, expected.map(|e| e.0));
     for (name, d_model, n_layer) in expected {
@@ -748,9 +946,63 @@ fn presets_have_the_published_dimensions() {
                 assert_eq!(c.num_heads, 2 * d_model / 64);
                 assert!(c.tie_word_embeddings);
             }
+            ModelConfig::Hybrid(c) => {
+                let a = c.attention.as_ref().expect("attention layers");
+                assert_eq!(a.num_heads * a.head_dim, d_model, "{name}");
+                assert!(a.rotary_emb_dim > 0 && c.d_intermediate > 0, "{name}");
+                let attention = (0..n_layer).filter(|&i| c.is_attention_layer(i)).count();
+                if name.starts_with("transformer") {
+                    assert_eq!(attention, n_layer, "{name}");
+                    assert_eq!(c.mlp_width(), c.d_intermediate, "{name}");
+                    assert!(!a.qkv_proj_bias && !a.out_proj_bias, "{name}");
+                } else {
+                    assert!(attention > 0 && attention < n_layer, "{name}");
+                }
+            }
+            ModelConfig::MoeMamba(c) => {
+                assert_eq!(c.mamba.vocab_size, 50280);
+                assert!(c.num_experts > c.num_experts_per_tok);
+                assert!(config.router_aux_loss_coef() > 0.0);
+            }
             other => panic!("{name}: unexpected {other:?}"),
         }
     }
+}
+
+/// The Transformer and hybrid presets have about the parameters of the Mamba model they
+/// compare with; MoE-Mamba has about as many active ones (those of `num_experts_per_tok`
+/// experts per layer) as `mamba-130m` has in all.
+#[test]
+fn comparison_presets_match_their_mamba_parameter_counts() {
+    let counts = |name: &str| {
+        let weights = init_tensors(&preset(name).unwrap(), DType::BF16, 0).unwrap();
+        let total: usize = weights.values().map(Tensor::elem_count).sum();
+        let idle: usize = weights
+            .iter()
+            .filter(|(n, _)| n.contains(".experts.") && !n.contains(".experts.0."))
+            .map(|(_, t)| t.elem_count())
+            .sum();
+        (total, total - idle)
+    };
+    for (name, reference, tolerance) in [
+        ("transformer-130m", "mamba-130m", 0.02),
+        ("transformer-370m", "mamba-370m", 0.02),
+        ("hybrid-130m", "mamba2-130m", 0.02),
+        ("moe-mamba-130m", "mamba-130m", 0.03),
+    ] {
+        let (total, active) = counts(name);
+        let (reference_total, _) = counts(reference);
+        let ratio = active as f64 / reference_total as f64;
+        assert!(
+            (ratio - 1.0).abs() < tolerance,
+            "{name}: {active} active of {total} parameters against {reference_total} in {reference}"
+        );
+    }
+    assert_eq!(
+        moe_mamba(&preset("moe-mamba-130m").unwrap()).num_experts_per_tok,
+        1,
+        "the count of active experts above assumes one"
+    );
 }
 
 #[test]
@@ -931,6 +1183,21 @@ fn hf_json_round_trips() {
             .iter()
             .map(|p| mamba_models::config::preset(p).unwrap()),
     );
+    for text in [
+        // Mamba-1 layers with every mixer option set, attention without biases.
+        r#"{"d_model": 32, "n_layer": 3, "vocab_size": 100, "ssm_cfg": {"d_state": 8, "d_conv": 3,
+        "expand": 3, "dt_rank": 5, "bias": true, "conv_bias": false}, "attn_layer_idx": [2],
+        "attn_cfg": {"num_heads": 4, "num_heads_kv": 1, "head_dim": 16, "rotary_emb_dim": 16,
+        "rotary_emb_base": 500.0, "qkv_proj_bias": false, "out_proj_bias": false, "causal": true},
+        "d_intermediate": 100, "tie_embeddings": false}"#,
+        // Mamba-2 layers with a finite Δ limit, MLPs only.
+        r#"{"d_model": 64, "n_layer": 2, "ssm_cfg": {"layer": "Mamba2", "headdim": 16,
+        "ngroups": 2, "dt_limit": [0.001, 0.1], "norm_before_gate": true}, "d_intermediate": 128}"#,
+        r#"{"model_type": "moe_mamba", "hidden_size": 32, "num_experts": 3, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 40, "router_aux_loss_coef": 0.2, "eos_token_id": 7}"#,
+    ] {
+        configs.push(ModelConfig::from_json_str(text).unwrap());
+    }
     for config in configs {
         let text = serde_json::to_string_pretty(&config.to_hf_json()).unwrap();
         assert_eq!(ModelConfig::from_json_str(&text).unwrap(), config, "{text}");

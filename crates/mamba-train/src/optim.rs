@@ -49,6 +49,7 @@ pub fn skips_weight_decay(name: &str) -> bool {
         || name.ends_with(".D")
         || name.ends_with("bias")
         || name.ends_with("norm.weight")
+        || name.ends_with("norm2.weight")
         || name.ends_with("norm_f.weight")
 }
 
@@ -182,6 +183,8 @@ mod tests {
         assert!(skips_weight_decay("backbone.layers.0.mixer.D"));
         assert!(skips_weight_decay("backbone.layers.0.mixer.dt_proj.bias"));
         assert!(skips_weight_decay("backbone.norm_f.weight"));
+        assert!(skips_weight_decay("backbone.layers.3.norm2.weight"));
+        assert!(skips_weight_decay("backbone.layers.3.mixer.out_proj.bias"));
         assert!(!skips_weight_decay(
             "backbone.layers.0.mixer.in_proj.weight"
         ));

@@ -1,5 +1,6 @@
-//! The training loop: next-token cross-entropy, gradient accumulation, global-norm
-//! clipping, AdamW on a warmup + cosine schedule, periodic validation and checkpoints.
+//! The training loop: next-token cross-entropy (plus the routers' load-balancing loss for
+//! models with experts), gradient accumulation, global-norm clipping, AdamW on a warmup +
+//! cosine schedule, periodic validation and checkpoints.
 
 use crate::checkpoint::{self, TrainerState};
 use crate::data::{Batch, Batches};
@@ -72,6 +73,17 @@ impl TrainConfig {
     }
 }
 
+/// The terms of the training objective on one batch.
+#[derive(Debug, Clone)]
+pub struct Loss {
+    /// Mean next-token cross-entropy (nats per token): what is reported and validated.
+    pub cross_entropy: Tensor,
+    /// What training minimises: the cross-entropy plus `router_aux_loss_coef` times the
+    /// mean load-balancing loss of the mixture-of-experts layers (the cross-entropy alone
+    /// for models without experts).
+    pub objective: Tensor,
+}
+
 /// A model whose weights are trainable variables.
 pub struct Trainable {
     pub config: ModelConfig,
@@ -118,15 +130,30 @@ impl Trainable {
         self.vars.iter().map(|(_, v)| v.elem_count()).sum()
     }
 
-    /// Mean next-token cross-entropy (nats) of a batch, from a zero state.
-    pub fn loss(&self, batch: &Batch, rows: usize) -> Result<Tensor> {
+    /// The loss terms of a batch of `rows` sequences, from a zero state.
+    pub fn loss_terms(&self, batch: &Batch, rows: usize) -> Result<Loss> {
         let mut state = self.model.new_state(rows);
-        let hidden = self.model.forward(&batch.inputs, &mut state)?;
-        let logits = self.model.logits(&hidden)?;
+        let hidden = self
+            .model
+            .forward_hidden(&batch.inputs, &mut state, false)?;
+        let logits = self.model.logits(&hidden.final_norm)?;
         let vocab = logits.dim(2)?;
         let logits = logits.reshape((batch.inputs.len(), vocab))?;
         let targets = Tensor::from_slice(&batch.targets, batch.targets.len(), &Device::Cpu)?;
-        Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+        let cross_entropy = candle_nn::loss::cross_entropy(&logits, &targets)?;
+        let objective = match hidden.router_aux_loss {
+            Some(aux) => (&cross_entropy + (aux * self.config.router_aux_loss_coef())?)?,
+            None => cross_entropy.clone(),
+        };
+        Ok(Loss {
+            cross_entropy,
+            objective,
+        })
+    }
+
+    /// The training objective of a batch (see [`Loss::objective`]).
+    pub fn loss(&self, batch: &Batch, rows: usize) -> Result<Tensor> {
+        Ok(self.loss_terms(batch, rows)?.objective)
     }
 }
 
@@ -170,11 +197,14 @@ fn accumulate(total: &mut Option<GradStore>, add: GradStore, vars: &[(String, Va
     Ok(())
 }
 
-/// Validation loss: the mean over the given batches.
+/// Validation loss: the mean cross-entropy over the given batches.
 fn evaluate(model: &Trainable, batches: &[Batch], rows: usize) -> Result<f64> {
     let mut total = 0.0;
     for b in batches {
-        total += model.loss(b, rows)?.to_scalar::<f32>()? as f64;
+        total += model
+            .loss_terms(b, rows)?
+            .cross_entropy
+            .to_scalar::<f32>()? as f64;
     }
     Ok(total / batches.len().max(1) as f64)
 }
@@ -230,9 +260,9 @@ pub fn train(
         let mut loss_sum = 0.0;
         for micro in 0..cfg.grad_accum {
             let batch = train.shuffled((step * cfg.grad_accum + micro) as u64);
-            let loss = model.loss(&batch, cfg.batch)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            accumulate(&mut grads, loss.backward()?, &model.vars)?;
+            let loss = model.loss_terms(&batch, cfg.batch)?;
+            loss_sum += loss.cross_entropy.to_scalar::<f32>()? as f64;
+            accumulate(&mut grads, loss.objective.backward()?, &model.vars)?;
         }
         let grads = grads.expect("at least one micro-batch");
         let loss = loss_sum / cfg.grad_accum as f64;

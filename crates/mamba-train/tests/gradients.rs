@@ -1,5 +1,6 @@
 //! The gradients autograd computes through the whole model (embedding, norms, projections,
-//! conv, scan or SSD, gated norm, head) agree with finite differences of the loss.
+//! conv, scan or SSD, gated norm, attention, MLPs, experts, head) agree with finite
+//! differences of the training objective, for every family.
 //!
 //! The ops compute in f32, so the differences are taken in f32 with a five-point stencil and a step large
 //! enough to stay above rounding, and the loss is a sum over tokens so that gradients are not tiny.
@@ -22,11 +23,42 @@ fn tiny_config(family: &str) -> ModelConfig {
             "num_hidden_layers": 2, "state_size": 4, "expand": 2, "conv_kernel": 3, "time_step_rank": 2,
             "mixer_rms_eps": 1e-6}"#
         }
-        _ => {
+        "mamba2" => {
             r#"{"architectures": ["Mamba2ForCausalLM"], "vocab_size": 32, "hidden_size": 16,
             "num_hidden_layers": 2, "state_size": 8, "expand": 2, "num_heads": 4, "head_dim": 8,
             "n_groups": 2, "chunk_size": 4, "conv_kernel": 3}"#
         }
+        // Mamba-1 and rotary grouped-query attention (with biases), gated MLPs.
+        "hybrid" => {
+            r#"{"d_model": 16, "n_layer": 2, "vocab_size": 32, "ssm_cfg": {"d_state": 4,
+            "d_conv": 3, "dt_rank": 2}, "attn_layer_idx": [1], "attn_cfg": {"num_heads": 4,
+            "num_heads_kv": 2, "head_dim": 4, "rotary_emb_dim": 2, "causal": true},
+            "d_intermediate": 8, "tie_embeddings": false}"#
+        }
+        // Mamba-2 and attention, no MLPs.
+        "hybrid_mamba2" => {
+            r#"{"d_model": 16, "n_layer": 2, "vocab_size": 32, "ssm_cfg": {"layer": "Mamba2",
+            "d_state": 8, "headdim": 8, "ngroups": 2, "chunk_size": 4, "d_conv": 3},
+            "attn_layer_idx": [0], "attn_cfg": {"num_heads": 2, "rotary_emb_dim": 8, "causal": true}}"#
+        }
+        // Every token uses every expert, as in `jamba` below: the top-k choice is
+        // piecewise constant, and finite differences across a change of choice would
+        // measure the jump, not the gradient.
+        "moe_mamba" => {
+            r#"{"architectures": ["MoEMambaForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+            "num_hidden_layers": 2, "state_size": 4, "conv_kernel": 3, "time_step_rank": 2,
+            "num_experts": 3, "num_experts_per_tok": 3, "moe_intermediate_size": 12,
+            "router_aux_loss_coef": 0.1}"#
+        }
+        "jamba" => {
+            r#"{"architectures": ["JambaForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+            "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_experts": 2, "num_experts_per_tok": 2,
+            "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
+            "expert_layer_offset": 0, "mamba_d_state": 4, "mamba_d_conv": 3, "mamba_expand": 2,
+            "mamba_dt_rank": 2, "router_aux_loss_coef": 0.1}"#
+        }
+        other => panic!("no tiny {other} config"),
     };
     ModelConfig::from_json_str(json).unwrap()
 }
@@ -138,4 +170,20 @@ fn falcon_mamba_gradients_match_finite_differences() {
 #[test]
 fn mamba2_gradients_match_finite_differences() {
     check_family("mamba2");
+}
+
+#[test]
+fn hybrid_gradients_match_finite_differences() {
+    check_family("hybrid");
+    check_family("hybrid_mamba2");
+}
+
+#[test]
+fn moe_mamba_gradients_match_finite_differences() {
+    check_family("moe_mamba");
+}
+
+#[test]
+fn jamba_gradients_match_finite_differences() {
+    check_family("jamba");
 }

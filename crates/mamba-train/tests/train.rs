@@ -1,5 +1,7 @@
-//! Training end to end on tiny models: a small text is memorised, an interrupted and
-//! resumed run lands exactly where an uninterrupted one does, and bad data is a clear error.
+//! Training end to end on tiny models: a small text is memorised (pure Mamba models,
+//! hybrids with attention and MLPs, MoE-Mamba), the routers' load-balancing loss enters the
+//! objective, an interrupted and resumed run lands exactly where an uninterrupted one
+//! does, and bad data is a clear error.
 
 use candle_core::DType;
 use mamba_models::config::ModelConfig;
@@ -15,11 +17,24 @@ fn tiny_config(family: &str) -> ModelConfig {
             r#"{"architectures": ["MambaForCausalLM"], "vocab_size": 256, "hidden_size": 32,
             "num_hidden_layers": 2, "state_size": 8, "expand": 2, "conv_kernel": 4, "time_step_rank": 4}"#
         }
-        _ => {
+        "mamba2" => {
             r#"{"architectures": ["Mamba2ForCausalLM"], "vocab_size": 256, "hidden_size": 32,
             "num_hidden_layers": 2, "state_size": 16, "expand": 2, "num_heads": 4, "head_dim": 16,
             "n_groups": 1, "chunk_size": 16, "conv_kernel": 4}"#
         }
+        // A Mamba-1 layer, then rotary attention; a gated MLP after each.
+        "hybrid" => {
+            r#"{"d_model": 32, "n_layer": 2, "vocab_size": 256, "ssm_cfg": {"d_state": 8,
+            "dt_rank": 4}, "attn_layer_idx": [1], "attn_cfg": {"num_heads": 4, "num_heads_kv": 2,
+            "rotary_emb_dim": 8, "causal": true}, "d_intermediate": 64}"#
+        }
+        "moe_mamba" => {
+            r#"{"architectures": ["MoEMambaForCausalLM"], "vocab_size": 256, "hidden_size": 32,
+            "num_hidden_layers": 2, "state_size": 8, "expand": 2, "conv_kernel": 4,
+            "time_step_rank": 4, "num_experts": 4, "num_experts_per_tok": 1,
+            "moe_intermediate_size": 32, "router_aux_loss_coef": 0.01}"#
+        }
+        other => panic!("no tiny {other} config"),
     };
     ModelConfig::from_json_str(json).unwrap()
 }
@@ -43,31 +58,88 @@ fn batches(seq_len: usize, batch: usize) -> (Batches, Batches) {
 }
 
 /// Loss falls from ln(256) ~ 5.5 to below 1.0 nats per byte on a repeated sentence.
+fn memorise(family: &str) {
+    let config = tiny_config(family);
+    let model = Trainable::new(&config, init_tensors(&config, DType::F32, 0).unwrap()).unwrap();
+    let (train_b, val_b) = batches(32, 4);
+    let mut cfg = TrainConfig::for_steps(120);
+    (cfg.batch, cfg.seq_len, cfg.lr, cfg.eval_batches) = (4, 32, 1e-2, 2);
+    let out = temp_dir(&format!("memorise-{family}"));
+    let summary = train(model, &train_b, &val_b, &cfg, &out, false, |_| true).unwrap();
+    assert!(
+        summary.final_train_loss < 1.0,
+        "{family}: train loss {}",
+        summary.final_train_loss
+    );
+    assert!(
+        summary.final_val_loss < 1.0,
+        "{family}: validation loss {}",
+        summary.final_val_loss
+    );
+    assert!(out.join("loss.svg").is_file() && out.join(checkpoint::WEIGHTS).is_file());
+    // The output folder is a checkpoint the inference code loads.
+    let loaded = mamba_models::checkpoint::Checkpoint::open(&out).unwrap();
+    assert_eq!(loaded.config, config);
+    mamba_models::Model::load(&loaded, DType::F32).unwrap();
+}
+
 #[test]
 fn tiny_models_memorise_a_sentence() {
-    for family in ["mamba", "mamba2"] {
-        let config = tiny_config(family);
-        let model = Trainable::new(&config, init_tensors(&config, DType::F32, 0).unwrap()).unwrap();
-        let (train_b, val_b) = batches(32, 4);
-        let mut cfg = TrainConfig::for_steps(120);
-        (cfg.batch, cfg.seq_len, cfg.lr, cfg.eval_batches) = (4, 32, 1e-2, 2);
-        let out = temp_dir(&format!("memorise-{family}"));
-        let summary = train(model, &train_b, &val_b, &cfg, &out, false, |_| true).unwrap();
-        assert!(
-            summary.final_train_loss < 1.0,
-            "{family}: train loss {}",
-            summary.final_train_loss
-        );
-        assert!(
-            summary.final_val_loss < 1.0,
-            "{family}: validation loss {}",
-            summary.final_val_loss
-        );
-        assert!(out.join("loss.svg").is_file() && out.join(checkpoint::WEIGHTS).is_file());
-        // The output folder is a checkpoint the inference code loads.
-        let loaded = mamba_models::checkpoint::Checkpoint::open(&out).unwrap();
-        assert_eq!(loaded.config, config);
-    }
+    memorise("mamba");
+    memorise("mamba2");
+}
+
+#[test]
+fn tiny_hybrid_and_moe_mamba_memorise_a_sentence() {
+    memorise("hybrid");
+    memorise("moe_mamba");
+}
+
+/// The objective is the cross-entropy plus `router_aux_loss_coef` times the mean of the
+/// expert layers' load-balancing losses, and that term reaches the routers' gradients.
+#[test]
+fn router_balance_loss_enters_the_objective() {
+    let config = tiny_config("moe_mamba");
+    let coef = config.router_aux_loss_coef();
+    let model = Trainable::new(&config, init_tensors(&config, DType::F32, 2).unwrap()).unwrap();
+    let (train_b, _) = batches(16, 2);
+    let batch = train_b.shuffled(0);
+    let terms = model.loss_terms(&batch, 2).unwrap();
+    let mut state = model.model.new_state(2);
+    let aux = model
+        .model
+        .forward_hidden(&batch.inputs, &mut state, false)
+        .unwrap()
+        .router_aux_loss
+        .expect("a MoE model reports its balance loss");
+    let scalar = |t: &candle_core::Tensor| t.to_scalar::<f32>().unwrap() as f64;
+    let added = scalar(&terms.objective) - scalar(&terms.cross_entropy);
+    assert!(
+        (added - coef * scalar(&aux)).abs() < 1e-6,
+        "objective - cross-entropy = {added}, coef * aux = {}",
+        coef * scalar(&aux)
+    );
+    assert!(scalar(&aux) > 0.0);
+
+    let router = |name: &str| name.ends_with("moe.router.weight");
+    let (objective, cross_entropy) = (
+        terms.objective.backward().unwrap(),
+        terms.cross_entropy.backward().unwrap(),
+    );
+    let (name, var) = model.vars().iter().find(|(n, _)| router(n)).unwrap();
+    let diff = (objective.get(var.as_tensor()).unwrap()
+        - cross_entropy.get(var.as_tensor()).unwrap())
+    .unwrap()
+    .abs()
+    .unwrap()
+    .max_all()
+    .unwrap()
+    .to_scalar::<f32>()
+    .unwrap();
+    assert!(
+        diff > 0.0,
+        "{name}: the balance loss adds nothing to the gradient"
+    );
 }
 
 /// Stopping after 3 of 6 steps and resuming gives bit-identical weights.
