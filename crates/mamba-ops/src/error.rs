@@ -5,6 +5,8 @@
 pub enum OpError {
     #[error("{op}: {msg}")]
     Shape { op: &'static str, msg: String },
+    #[error("{op}: no backward pass (a decoding step is not differentiable)")]
+    NoBackward { op: &'static str },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -5,9 +5,13 @@
 //! (threaded with rayon, vectorised, chunked where the algorithm allows), and the shape
 //! types both share. Ops work on contiguous `f32` slices in the layouts of the
 //! `mamba_ssm` / `causal_conv1d` reference functions, so the golden fixtures apply as they are.
-//! [`tensor`] wraps them as differentiable candle operations for the models.
+//! [`tensor`] wraps them as differentiable candle operations for the models; with the cargo
+//! feature `cuda` their forward passes also run on CUDA tensors, through the kernels of the
+//! `cuda` module.
 
 pub mod causal_conv1d;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod gemm;
 pub mod layout;

@@ -1,27 +1,49 @@
 //! The ops as candle tensor operations with a backward pass, so that models can run them
 //! inside candle's autograd (training) as well as plainly (inference).
 //!
-//! Each op is a [`candle_core::CustomOp1`] over its inputs packed into one flat f32 tensor
+//! Each op is a [`candle_core::CustomOp1`] over its inputs packed into one flat tensor
 //! (candle's custom ops take at most three arguments; packing by `cat` is itself
-//! differentiable, so every input receives its gradient). The forward runs the fast CPU
-//! kernel of the op's module, the backward its fast backward kernel.
+//! differentiable, so every input receives its gradient). On the CPU the forward runs the fast
+//! CPU kernel of the op's module; on a CUDA device (cargo feature `cuda`) it runs the op's CUDA
+//! kernel (see `crate::cuda`), reading bf16 directly when every input is bf16. Outputs are f32.
+//! The backward always runs the op's fast CPU backward kernel: for tensors on a GPU it copies
+//! the inputs to the host and the gradients back (correct, slow; GPU backward kernels are a
+//! later step).
+//!
+//! Every op comes in two forms: `op(...)` returns its outputs, and `op_call(...)` returns a
+//! [`PackedCall`], the inputs already packed, whose [`PackedCall::run`] launches only the kernel
+//! (so that benchmarks can time it apart from the packing).
 
 use crate::causal_conv1d::{
-    causal_conv1d as conv_fwd, causal_conv1d_backward, ConvDims, ConvInputs,
+    causal_conv1d as conv_fwd, causal_conv1d_backward, causal_conv1d_update as conv_update_fwd,
+    ConvDims, ConvInputs, ConvUpdateDims, ConvUpdateInputs,
 };
+#[cfg(feature = "cuda")]
+use crate::cuda;
+use crate::error::OpError;
 use crate::layout::swap_inner;
 use crate::math::NO_DT_LIMIT;
 use crate::rmsnorm_gated::{rmsnorm_gated as norm_fwd, rmsnorm_gated_backward, NormDims};
 use crate::selective_scan::{
     selective_scan_backward, selective_scan_token_major, BcForm, ScanDims, ScanInputs,
 };
+use crate::selective_state_update::{selective_state_update as step_fwd, StepDims, StepInputs};
 use crate::ssd::{ssd as ssd_fwd, ssd_backward, SsdDims, SsdInputs};
+#[cfg(feature = "cuda")]
+use candle_core::{cuda_backend::cudarc::driver::CudaSlice, CudaStorage};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use std::sync::Arc;
 
 /// A kernel over packed inputs: the inputs' flat slices in, the outputs' flat values out.
 trait PackedKernel: Send + Sync + 'static {
     const NAME: &'static str;
+    /// The element count each present input must have, by name, in packing order; or why the
+    /// sizes cannot work.
+    fn input_sizes(&self) -> crate::Result<Vec<(&'static str, usize)>>;
     fn forward(&self, inputs: &[&[f32]]) -> crate::Result<Vec<f32>>;
+    /// The forward on the GPU, writing the same flat output as [`PackedKernel::forward`].
+    #[cfg(feature = "cuda")]
+    fn cuda_forward(&self, packed: &cuda::Packed) -> candle_core::Result<CudaSlice<f32>>;
     /// Gradients of every input, concatenated in input order.
     fn backward(&self, inputs: &[&[f32]], grad_out: &[f32]) -> crate::Result<Vec<f32>>;
 }
@@ -29,6 +51,8 @@ trait PackedKernel: Send + Sync + 'static {
 struct PackedOp<K> {
     kernel: K,
     sizes: Vec<usize>,
+    /// Elements of the flat output.
+    out_len: usize,
 }
 
 fn split<'a>(data: &'a [f32], sizes: &[usize]) -> Vec<&'a [f32]> {
@@ -45,6 +69,10 @@ fn split<'a>(data: &'a [f32], sizes: &[usize]) -> Vec<&'a [f32]> {
 
 fn to_candle(e: crate::OpError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
+}
+
+fn shape_err(op: &'static str, msg: String) -> OpError {
+    OpError::Shape { op, msg }
 }
 
 impl<K: PackedKernel> CustomOp1 for PackedOp<K> {
@@ -65,47 +93,158 @@ impl<K: PackedKernel> CustomOp1 for PackedOp<K> {
             .kernel
             .forward(&split(data, &self.sizes))
             .map_err(to_candle)?;
-        let n = out.len();
-        Ok((CpuStorage::F32(out), Shape::from(n)))
+        if out.len() != self.out_len {
+            return Err(candle_core::Error::Msg(format!(
+                "{}: {} output values, expected {}",
+                K::NAME,
+                out.len(),
+                self.out_len
+            )));
+        }
+        Ok((CpuStorage::F32(out), Shape::from(self.out_len)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let packed = cuda::Packed::new(storage, layout, &self.sizes)?;
+        let out = self.kernel.cuda_forward(&packed)?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, packed.device().clone()),
+            Shape::from(self.out_len),
+        ))
+    }
+
+    /// Runs the CPU backward kernel; tensors on a GPU go to the host and their gradients back.
     fn bwd(
         &self,
         arg: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let inputs = arg.to_vec1::<f32>()?;
-        let grad_out = grad_res.to_vec1::<f32>()?;
+        let inputs = arg.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let grad_out = grad_res.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let grads = self
             .kernel
             .backward(&split(&inputs, &self.sizes), &grad_out)
             .map_err(to_candle)?;
-        Ok(Some(Tensor::from_vec(grads, arg.shape(), arg.device())?))
+        let grads = Tensor::from_vec(grads, arg.shape(), arg.device())?;
+        Ok(Some(grads.to_dtype(arg.dtype())?))
     }
 }
 
-/// Packs `inputs`, applies the kernel and splits its flat output into tensors of `out_shapes`.
-fn apply<K: PackedKernel>(
+/// An op call with its inputs packed into one flat tensor, ready to run.
+pub struct PackedCall {
+    packed: Tensor,
+    op: Arc<Box<dyn CustomOp1 + Send + Sync>>,
+    out_shapes: Vec<Vec<usize>>,
+}
+
+impl PackedCall {
+    /// The packed inputs: bf16 when every input is bf16 and on a CUDA device, else f32.
+    pub fn packed(&self) -> &Tensor {
+        &self.packed
+    }
+
+    /// Runs the op's kernel on the packed inputs and splits its flat output into the op's
+    /// outputs (views, no copies). Differentiable where the op is.
+    pub fn run(&self) -> crate::Result<Vec<Tensor>> {
+        let out = self.packed.apply_op1_arc(self.op.clone())?;
+        let mut offset = 0;
+        let mut outputs = Vec::with_capacity(self.out_shapes.len());
+        for shape in &self.out_shapes {
+            let n: usize = shape.iter().product();
+            outputs.push(out.narrow(0, offset, n)?.reshape(shape.as_slice())?);
+            offset += n;
+        }
+        Ok(outputs)
+    }
+}
+
+/// Packs `inputs` into one flat tensor: bf16 when every input is bf16 and on a CUDA device (the
+/// GPU kernels read bf16 themselves), else f32.
+fn pack(inputs: &[&Tensor]) -> crate::Result<Tensor> {
+    let all_bf16_on_gpu = inputs
+        .iter()
+        .all(|t| t.dtype() == DType::BF16 && t.device().is_cuda());
+    let dtype = if all_bf16_on_gpu && !inputs.is_empty() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let flat = inputs
+        .iter()
+        .map(|t| t.to_dtype(dtype)?.flatten_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&flat, 0)?)
+}
+
+/// Checks every input's element count against what the kernel expects.
+fn check_sizes(
+    op: &'static str,
+    expected: &[(&'static str, usize)],
+    inputs: &[&Tensor],
+) -> crate::Result<()> {
+    if expected.len() != inputs.len() {
+        return Err(shape_err(
+            op,
+            format!("{} inputs, expected {}", inputs.len(), expected.len()),
+        ));
+    }
+    for ((name, want), t) in expected.iter().zip(inputs) {
+        if t.elem_count() != *want {
+            return Err(shape_err(
+                op,
+                format!(
+                    "{name} {:?} has {} elements, expected {want}",
+                    t.dims(),
+                    t.elem_count()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks and packs `inputs` for `kernel`, whose flat output splits into `out_shapes`.
+fn prepare<K: PackedKernel>(
     kernel: K,
     inputs: &[&Tensor],
     out_shapes: &[&[usize]],
-) -> crate::Result<Vec<Tensor>> {
-    let flat = inputs
-        .iter()
-        .map(|t| t.to_dtype(DType::F32)?.flatten_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let sizes = flat.iter().map(Tensor::elem_count).collect();
-    let packed = Tensor::cat(&flat, 0)?;
-    let out = packed.apply_op1(PackedOp { kernel, sizes })?;
-    let mut offset = 0;
-    let mut outputs = Vec::with_capacity(out_shapes.len());
-    for shape in out_shapes {
-        let n: usize = shape.iter().product();
-        outputs.push(out.narrow(0, offset, n)?.reshape(*shape)?);
-        offset += n;
-    }
-    Ok(outputs)
+) -> crate::Result<PackedCall> {
+    check_sizes(K::NAME, &kernel.input_sizes()?, inputs)?;
+    let sizes = inputs.iter().map(|t| t.elem_count()).collect();
+    let out_len = out_shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+    Ok(PackedCall {
+        packed: pack(inputs)?,
+        op: Arc::new(Box::new(PackedOp {
+            kernel,
+            sizes,
+            out_len,
+        })),
+        out_shapes: out_shapes.iter().map(|s| s.to_vec()).collect(),
+    })
+}
+
+/// The two outputs of a call.
+fn two(op: &'static str, outputs: Vec<Tensor>) -> crate::Result<(Tensor, Tensor)> {
+    let [first, second]: [Tensor; 2] = outputs
+        .try_into()
+        .map_err(|v: Vec<Tensor>| shape_err(op, format!("{} outputs, expected 2", v.len())))?;
+    Ok((first, second))
+}
+
+/// The inputs that are present, by name and element count, in packing order.
+fn present_sizes<const K: usize>(
+    sizes: [(&'static str, Option<usize>); K],
+) -> Vec<(&'static str, usize)> {
+    sizes
+        .into_iter()
+        .filter_map(|(name, n)| n.map(|n| (name, n)))
+        .collect()
 }
 
 /// Gradients in input order, with absent optional inputs skipped.
@@ -124,11 +263,11 @@ fn next_if<'a>(present: bool, it: &mut impl Iterator<Item = &'a [f32]>) -> Optio
 
 /// Which optional inputs a call passed.
 #[derive(Debug, Clone, Copy)]
-struct Present {
-    d: bool,
-    z: bool,
-    bias: bool,
-    init: bool,
+pub(crate) struct Present {
+    pub d: bool,
+    pub z: bool,
+    pub bias: bool,
+    pub init: bool,
 }
 
 fn present_inputs<'a>(
@@ -155,6 +294,7 @@ fn present_inputs<'a>(
 
 struct ScanKernel {
     dims: ScanDims,
+    groups: usize,
     present: Present,
     softplus: bool,
 }
@@ -180,19 +320,45 @@ impl ScanKernel {
 impl PackedKernel for ScanKernel {
     const NAME: &'static str = "selective_scan";
 
+    fn input_sizes(&self) -> crate::Result<Vec<(&'static str, usize)>> {
+        let d = &self.dims;
+        if self.groups == 0 || !d.dim.is_multiple_of(self.groups) {
+            return Err(shape_err(
+                Self::NAME,
+                format!("dim {} is not a multiple of groups {}", d.dim, self.groups),
+            ));
+        }
+        let tokens = d.batch * d.len * d.dim;
+        let bc = d.batch * d.len * self.groups * d.state;
+        let p = self.present;
+        Ok(present_sizes([
+            ("u", Some(tokens)),
+            ("delta", Some(tokens)),
+            ("A", Some(d.dim * d.state)),
+            ("B", Some(bc)),
+            ("C", Some(bc)),
+            ("D", p.d.then_some(d.dim)),
+            ("z", p.z.then_some(tokens)),
+            ("delta_bias", p.bias.then_some(d.dim)),
+            ("initial_state", p.init.then_some(d.batch * d.dim * d.state)),
+        ]))
+    }
+
     fn forward(&self, inputs: &[&[f32]]) -> crate::Result<Vec<f32>> {
         let out = selective_scan_token_major(&self.dims, &self.inputs(inputs))?;
         Ok([out.out, out.last_state].concat())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_forward(&self, packed: &cuda::Packed) -> candle_core::Result<CudaSlice<f32>> {
+        cuda::selective_scan(packed, &self.dims, self.groups, self.present, self.softplus)
     }
 
     /// The backward kernel works channel-major: transpose in, run it, transpose back.
     fn backward(&self, inputs: &[&[f32]], grad_out: &[f32]) -> crate::Result<Vec<f32>> {
         let x = self.inputs(inputs);
         let (b, d, l) = (self.dims.batch, self.dims.dim, self.dims.len);
-        let BcForm::Varying { groups } = self.dims.bc else {
-            unreachable!("the tensor scan always takes varying B and C")
-        };
-        let gn = groups * self.dims.state;
+        let gn = self.groups * self.dims.state;
         let to_channels = |v: &[f32], width: usize| swap_inner(v, b, l, width);
         let to_tokens = |v: &[f32], width: usize| swap_inner(v, b, width, l);
         let (u, delta, bm, cm) = (
@@ -256,6 +422,21 @@ pub fn selective_scan(
     c: &Tensor,
     opts: ScanOptions,
 ) -> crate::Result<(Tensor, Tensor)> {
+    two(
+        "selective_scan",
+        selective_scan_call(u, delta, a, b, c, opts)?.run()?,
+    )
+}
+
+/// [`selective_scan`] packed, ready to run.
+pub fn selective_scan_call(
+    u: &Tensor,
+    delta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    opts: ScanOptions,
+) -> crate::Result<PackedCall> {
     let (batch, len, dim) = u.dims3()?;
     let (_, _, groups, state) = b.dims4()?;
     let dims = ScanDims {
@@ -271,12 +452,11 @@ pub fn selective_scan(
     );
     let kernel = ScanKernel {
         dims,
+        groups,
         present,
         softplus: opts.delta_softplus,
     };
-    let mut out = apply(kernel, &inputs, &[&[batch, len, dim], &[batch, dim, state]])?;
-    let last = out.pop().expect("two outputs");
-    Ok((out.pop().expect("two outputs"), last))
+    prepare(kernel, &inputs, &[&[batch, len, dim], &[batch, dim, state]])
 }
 
 // ---------------------------------------------------------------------------------------
@@ -305,9 +485,31 @@ impl ConvKernel {
 impl PackedKernel for ConvKernel {
     const NAME: &'static str = "causal_conv1d";
 
+    fn input_sizes(&self) -> crate::Result<Vec<(&'static str, usize)>> {
+        let d = &self.dims;
+        if d.width == 0 {
+            return Err(shape_err(Self::NAME, "width must be at least 1".into()));
+        }
+        let rows = d.batch * d.dim;
+        Ok(present_sizes([
+            ("x", Some(rows * d.len)),
+            ("weight", Some(d.dim * d.width)),
+            ("bias", self.has_bias.then_some(d.dim)),
+            (
+                "initial_states",
+                self.has_init.then_some(rows * (d.width - 1)),
+            ),
+        ]))
+    }
+
     fn forward(&self, inputs: &[&[f32]]) -> crate::Result<Vec<f32>> {
         let out = conv_fwd(&self.dims, &self.inputs(inputs))?;
         Ok([out.out, out.final_states].concat())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_forward(&self, packed: &cuda::Packed) -> candle_core::Result<CudaSlice<f32>> {
+        cuda::causal_conv1d(packed, &self.dims, self.has_bias, self.has_init, self.silu)
     }
 
     fn backward(&self, inputs: &[&[f32]], grad_out: &[f32]) -> crate::Result<Vec<f32>> {
@@ -333,6 +535,20 @@ pub fn causal_conv1d(
     initial_states: Option<&Tensor>,
     silu: bool,
 ) -> crate::Result<(Tensor, Tensor)> {
+    two(
+        "causal_conv1d",
+        causal_conv1d_call(x, weight, bias, initial_states, silu)?.run()?,
+    )
+}
+
+/// [`causal_conv1d`] packed, ready to run.
+pub fn causal_conv1d_call(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    initial_states: Option<&Tensor>,
+    silu: bool,
+) -> crate::Result<PackedCall> {
     let (batch, dim, len) = x.dims3()?;
     let width = weight.elem_count() / dim.max(1);
     let dims = ConvDims {
@@ -352,9 +568,286 @@ pub fn causal_conv1d(
         silu,
     };
     let keep = width.saturating_sub(1);
-    let mut out = apply(kernel, &inputs, &[&[batch, dim, len], &[batch, dim, keep]])?;
-    let final_states = out.pop().expect("two outputs");
-    Ok((out.pop().expect("two outputs"), final_states))
+    prepare(kernel, &inputs, &[&[batch, dim, len], &[batch, dim, keep]])
+}
+
+// ---------------------------------------------------------------------------------------
+// Causal conv1d decoding update
+
+struct ConvUpdateKernel {
+    dims: ConvUpdateDims,
+    has_bias: bool,
+    silu: bool,
+}
+
+impl PackedKernel for ConvUpdateKernel {
+    const NAME: &'static str = "causal_conv1d_update";
+
+    fn input_sizes(&self) -> crate::Result<Vec<(&'static str, usize)>> {
+        let d = &self.dims;
+        if d.width == 0 || d.state_len + 1 < d.width {
+            return Err(shape_err(
+                Self::NAME,
+                format!(
+                    "conv_state keeps {} steps, the width {} needs at least width-1",
+                    d.state_len, d.width
+                ),
+            ));
+        }
+        let rows = d.batch * d.dim;
+        Ok(present_sizes([
+            ("conv_state", Some(rows * d.state_len)),
+            ("x", Some(rows * d.steps)),
+            ("weight", Some(d.dim * d.width)),
+            ("bias", self.has_bias.then_some(d.dim)),
+        ]))
+    }
+
+    fn forward(&self, inputs: &[&[f32]]) -> crate::Result<Vec<f32>> {
+        let mut state = inputs[0].to_vec();
+        let x = ConvUpdateInputs {
+            x: inputs[1],
+            weight: inputs[2],
+            bias: self.has_bias.then(|| inputs[3]),
+            silu: self.silu,
+        };
+        let out = conv_update_fwd(&self.dims, &mut state, &x)?;
+        Ok([out, state].concat())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_forward(&self, packed: &cuda::Packed) -> candle_core::Result<CudaSlice<f32>> {
+        cuda::causal_conv1d_update(packed, &self.dims, self.has_bias, self.silu)
+    }
+
+    fn backward(&self, _inputs: &[&[f32]], _grad_out: &[f32]) -> crate::Result<Vec<f32>> {
+        Err(OpError::NoBackward { op: Self::NAME })
+    }
+}
+
+/// One decoding update of the causal convolution: `conv_state: (batch, dim, S)` (oldest first,
+/// `S >= W-1`), `x: (batch, dim)` or `(batch, dim, T)` new inputs, `weight: (dim, W)`, optional
+/// `bias: (dim)`; returns the outputs, shaped like `x`, and the new state `(batch, dim, S)`
+/// (see [`crate::causal_conv1d::causal_conv1d_update`]). Not differentiable.
+pub fn causal_conv1d_update(
+    conv_state: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    silu: bool,
+) -> crate::Result<(Tensor, Tensor)> {
+    two(
+        "causal_conv1d_update",
+        causal_conv1d_update_call(conv_state, x, weight, bias, silu)?.run()?,
+    )
+}
+
+/// [`causal_conv1d_update`] packed, ready to run.
+pub fn causal_conv1d_update_call(
+    conv_state: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    silu: bool,
+) -> crate::Result<PackedCall> {
+    let (batch, dim, state_len) = conv_state.dims3()?;
+    let steps = match x.dims() {
+        &[_, _] => 1,
+        &[_, _, t] => t,
+        other => {
+            return Err(shape_err(
+                "causal_conv1d_update",
+                format!("x must be (batch, dim) or (batch, dim, T), not {other:?}"),
+            ))
+        }
+    };
+    let dims = ConvUpdateDims {
+        batch,
+        dim,
+        width: weight.elem_count() / dim.max(1),
+        state_len,
+        steps,
+    };
+    let inputs: Vec<&Tensor> = [Some(conv_state), Some(x), Some(weight), bias]
+        .into_iter()
+        .flatten()
+        .collect();
+    let kernel = ConvUpdateKernel {
+        dims,
+        has_bias: bias.is_some(),
+        silu,
+    };
+    prepare(kernel, &inputs, &[x.dims(), conv_state.dims()])
+}
+
+// ---------------------------------------------------------------------------------------
+// Selective state update (one decoding step)
+
+struct StepKernel {
+    dims: StepDims,
+    present: Present,
+    softplus: bool,
+    dt_limit: (f32, f32),
+}
+
+impl PackedKernel for StepKernel {
+    const NAME: &'static str = "selective_state_update";
+
+    fn input_sizes(&self) -> crate::Result<Vec<(&'static str, usize)>> {
+        let d = &self.dims;
+        if d.groups == 0 || !d.heads.is_multiple_of(d.groups) {
+            return Err(shape_err(
+                Self::NAME,
+                format!("heads {} is not a multiple of groups {}", d.heads, d.groups),
+            ));
+        }
+        let rows = d.batch * d.heads * d.head_dim;
+        let (a, param) = if d.per_head {
+            (d.heads, d.heads)
+        } else {
+            (d.heads * d.head_dim * d.state, d.heads * d.head_dim)
+        };
+        let bc = d.batch * d.groups * d.state;
+        let p = self.present;
+        Ok(present_sizes([
+            ("state", Some(rows * d.state)),
+            ("x", Some(rows)),
+            ("dt", Some(d.batch * param)),
+            ("A", Some(a)),
+            ("B", Some(bc)),
+            ("C", Some(bc)),
+            ("D", p.d.then_some(param)),
+            ("z", p.z.then_some(rows)),
+            ("dt_bias", p.bias.then_some(param)),
+        ]))
+    }
+
+    fn forward(&self, inputs: &[&[f32]]) -> crate::Result<Vec<f32>> {
+        let mut state = inputs[0].to_vec();
+        let mut rest = inputs[6..].iter().copied();
+        let x = StepInputs {
+            x: inputs[1],
+            dt: inputs[2],
+            a: inputs[3],
+            b: inputs[4],
+            c: inputs[5],
+            d: next_if(self.present.d, &mut rest),
+            z: next_if(self.present.z, &mut rest),
+            dt_bias: next_if(self.present.bias, &mut rest),
+            dt_softplus: self.softplus,
+            dt_limit: self.dt_limit,
+        };
+        let y = step_fwd(&self.dims, &mut state, &x)?;
+        Ok([y, state].concat())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_forward(&self, packed: &cuda::Packed) -> candle_core::Result<CudaSlice<f32>> {
+        cuda::selective_state_update(
+            packed,
+            &self.dims,
+            self.present,
+            self.softplus,
+            self.dt_limit,
+        )
+    }
+
+    fn backward(&self, _inputs: &[&[f32]], _grad_out: &[f32]) -> crate::Result<Vec<f32>> {
+        Err(OpError::NoBackward { op: Self::NAME })
+    }
+}
+
+/// Options of [`selective_state_update`] beyond its main inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOptions<'a> {
+    /// Skip connection `D * x`: shaped like `dt_bias`.
+    pub d: Option<&'a Tensor>,
+    /// Output gate `silu(z)`: shaped like `x`.
+    pub z: Option<&'a Tensor>,
+    /// Added to Δ before the softplus: `(H)` when `A` is per head, else `(H, P)` (`(dim)` for
+    /// Mamba-1).
+    pub dt_bias: Option<&'a Tensor>,
+    pub dt_softplus: bool,
+    /// Clamp of Δ after the softplus (Mamba-2's `time_step_limit`).
+    pub dt_limit: (f32, f32),
+}
+
+impl Default for StepOptions<'_> {
+    fn default() -> Self {
+        StepOptions {
+            d: None,
+            z: None,
+            dt_bias: None,
+            dt_softplus: false,
+            dt_limit: NO_DT_LIMIT,
+        }
+    }
+}
+
+/// One decoding step of the selective SSM (see [`crate::selective_state_update`]). Mamba-1
+/// form: `state: (batch, dim, N)`, `x, dt: (batch, dim)`, `a: (dim, N)`, `b, c: (batch, N)`.
+/// Heads form: `state: (batch, H, P, N)`, `x: (batch, H, P)`, `b, c: (batch, G, N)`, and either
+/// `a: (H)` with `dt: (batch, H)` (one value per head, as Mamba-2 holds them) or
+/// `a: (H, P, N)` with `dt: (batch, H, P)`. Returns `y`, shaped like `x`, and the new state.
+/// Not differentiable.
+pub fn selective_state_update(
+    state: &Tensor,
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    opts: StepOptions,
+) -> crate::Result<(Tensor, Tensor)> {
+    two(
+        "selective_state_update",
+        selective_state_update_call(state, x, dt, a, b, c, opts)?.run()?,
+    )
+}
+
+/// [`selective_state_update`] packed, ready to run.
+pub fn selective_state_update_call(
+    state: &Tensor,
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    opts: StepOptions,
+) -> crate::Result<PackedCall> {
+    let (batch, heads, head_dim, n) = match *state.dims() {
+        [batch, dim, n] => (batch, dim, 1, n),
+        [batch, h, p, n] => (batch, h, p, n),
+        ref other => {
+            return Err(shape_err(
+                "selective_state_update",
+                format!("state must be (batch, dim, N) or (batch, H, P, N), not {other:?}"),
+            ))
+        }
+    };
+    let groups = match *b.dims() {
+        [_, g, _] => g,
+        _ => 1,
+    };
+    let dims = StepDims {
+        batch,
+        heads,
+        head_dim,
+        state: n,
+        groups,
+        per_head: state.rank() == 4 && a.rank() == 1,
+    };
+    let (inputs, present) = present_inputs(
+        vec![state, x, dt, a, b, c],
+        [opts.d, opts.z, opts.dt_bias, None],
+    );
+    let kernel = StepKernel {
+        dims,
+        present,
+        softplus: opts.dt_softplus,
+        dt_limit: opts.dt_limit,
+    };
+    prepare(kernel, &inputs, &[x.dims(), state.dims()])
 }
 
 // ---------------------------------------------------------------------------------------
@@ -363,6 +856,8 @@ pub fn causal_conv1d(
 struct SsdKernel {
     dims: SsdDims,
     present: Present,
+    /// `D` is `(H, P)` rather than `(H)`.
+    d_per_p: bool,
     softplus: bool,
     dt_limit: (f32, f32),
 }
@@ -389,9 +884,58 @@ impl SsdKernel {
 impl PackedKernel for SsdKernel {
     const NAME: &'static str = "ssd";
 
+    fn input_sizes(&self) -> crate::Result<Vec<(&'static str, usize)>> {
+        let d = &self.dims;
+        if d.groups == 0 || !d.heads.is_multiple_of(d.groups) {
+            return Err(shape_err(
+                Self::NAME,
+                format!("heads {} is not a multiple of groups {}", d.heads, d.groups),
+            ));
+        }
+        if d.chunk_size == 0 {
+            return Err(shape_err(
+                Self::NAME,
+                "chunk_size must be at least 1".into(),
+            ));
+        }
+        let tokens = d.batch * d.len * d.heads * d.head_dim;
+        let bc = d.batch * d.len * d.groups * d.state;
+        let skip = if self.d_per_p {
+            d.heads * d.head_dim
+        } else {
+            d.heads
+        };
+        let p = self.present;
+        Ok(present_sizes([
+            ("x", Some(tokens)),
+            ("dt", Some(d.batch * d.len * d.heads)),
+            ("A", Some(d.heads)),
+            ("B", Some(bc)),
+            ("C", Some(bc)),
+            ("D", p.d.then_some(skip)),
+            ("z", p.z.then_some(tokens)),
+            ("dt_bias", p.bias.then_some(d.heads)),
+            (
+                "initial_states",
+                p.init.then_some(d.batch * d.heads * d.head_dim * d.state),
+            ),
+        ]))
+    }
+
     fn forward(&self, inputs: &[&[f32]]) -> crate::Result<Vec<f32>> {
         let out = ssd_fwd(&self.dims, &self.inputs(inputs))?;
         Ok([out.y, out.final_state].concat())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_forward(&self, packed: &cuda::Packed) -> candle_core::Result<CudaSlice<f32>> {
+        let flags = cuda::SsdFlags {
+            present: self.present,
+            d_per_p: self.d_per_p,
+            softplus: self.softplus,
+            dt_limit: self.dt_limit,
+        };
+        cuda::ssd(packed, &self.dims, flags)
     }
 
     fn backward(&self, inputs: &[&[f32]], grad_out: &[f32]) -> crate::Result<Vec<f32>> {
@@ -425,6 +969,8 @@ pub struct SsdOptions<'a> {
     pub dt_limit: (f32, f32),
     /// `(batch, H, P, N)`.
     pub initial_states: Option<&'a Tensor>,
+    /// Chunk length of the CPU path; the GPU path uses its own (64): any length gives the same
+    /// result up to rounding.
     pub chunk_size: usize,
 }
 
@@ -453,6 +999,18 @@ pub fn ssd(
     c: &Tensor,
     opts: SsdOptions,
 ) -> crate::Result<(Tensor, Tensor)> {
+    two("ssd", ssd_call(x, dt, a, b, c, opts)?.run()?)
+}
+
+/// [`ssd`] packed, ready to run.
+pub fn ssd_call(
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    opts: SsdOptions,
+) -> crate::Result<PackedCall> {
     let (batch, len, heads, head_dim) = x.dims4()?;
     let (_, _, groups, state) = b.dims4()?;
     let dims = SsdDims {
@@ -464,6 +1022,9 @@ pub fn ssd(
         state,
         chunk_size: opts.chunk_size,
     };
+    let d_per_p = opts
+        .d
+        .is_some_and(|d| d.elem_count() == heads * head_dim && head_dim != 1);
     let (inputs, present) = present_inputs(
         vec![x, dt, a, b, c],
         [opts.d, opts.z, opts.dt_bias, opts.initial_states],
@@ -471,19 +1032,18 @@ pub fn ssd(
     let kernel = SsdKernel {
         dims,
         present,
+        d_per_p,
         softplus: opts.dt_softplus,
         dt_limit: opts.dt_limit,
     };
-    let mut out = apply(
+    prepare(
         kernel,
         &inputs,
         &[
             &[batch, len, heads, head_dim],
             &[batch, heads, head_dim, state],
         ],
-    )?;
-    let last = out.pop().expect("two outputs");
-    Ok((out.pop().expect("two outputs"), last))
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -497,6 +1057,24 @@ struct NormKernel {
 impl PackedKernel for NormKernel {
     const NAME: &'static str = "rmsnorm_gated";
 
+    fn input_sizes(&self) -> crate::Result<Vec<(&'static str, usize)>> {
+        let d = &self.dims;
+        if d.group_size == 0 || !d.hidden.is_multiple_of(d.group_size) {
+            return Err(shape_err(
+                Self::NAME,
+                format!(
+                    "hidden {} is not a multiple of group_size {}",
+                    d.hidden, d.group_size
+                ),
+            ));
+        }
+        Ok(present_sizes([
+            ("x", Some(d.rows * d.hidden)),
+            ("weight", Some(d.hidden)),
+            ("z", self.has_z.then_some(d.rows * d.hidden)),
+        ]))
+    }
+
     fn forward(&self, inputs: &[&[f32]]) -> crate::Result<Vec<f32>> {
         norm_fwd(
             &self.dims,
@@ -504,6 +1082,11 @@ impl PackedKernel for NormKernel {
             inputs[1],
             self.has_z.then(|| inputs[2]),
         )
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_forward(&self, packed: &cuda::Packed) -> candle_core::Result<CudaSlice<f32>> {
+        cuda::rmsnorm_gated(packed, &self.dims, self.has_z)
     }
 
     fn backward(&self, inputs: &[&[f32]], grad_out: &[f32]) -> crate::Result<Vec<f32>> {
@@ -528,6 +1111,20 @@ pub fn rmsnorm_gated(
     eps: f32,
     norm_before_gate: bool,
 ) -> crate::Result<Tensor> {
+    let mut out = rmsnorm_gated_call(x, weight, z, group_size, eps, norm_before_gate)?.run()?;
+    out.pop()
+        .ok_or_else(|| shape_err("rmsnorm_gated", "no output".into()))
+}
+
+/// [`rmsnorm_gated`] packed, ready to run.
+pub fn rmsnorm_gated_call(
+    x: &Tensor,
+    weight: &Tensor,
+    z: Option<&Tensor>,
+    group_size: usize,
+    eps: f32,
+    norm_before_gate: bool,
+) -> crate::Result<PackedCall> {
     let hidden = weight.elem_count();
     let dims = NormDims {
         rows: x.elem_count() / hidden.max(1),
@@ -537,14 +1134,9 @@ pub fn rmsnorm_gated(
         norm_before_gate,
     };
     let inputs: Vec<&Tensor> = [Some(x), Some(weight), z].into_iter().flatten().collect();
-    let shape = x.dims().to_vec();
-    let mut out = apply(
-        NormKernel {
-            dims,
-            has_z: z.is_some(),
-        },
-        &inputs,
-        &[&shape],
-    )?;
-    Ok(out.pop().expect("one output"))
+    let kernel = NormKernel {
+        dims,
+        has_z: z.is_some(),
+    };
+    prepare(kernel, &inputs, &[x.dims()])
 }

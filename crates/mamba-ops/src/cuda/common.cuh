@@ -1,0 +1,42 @@
+// Helpers shared by every kernel source; prepended to each one before NVRTC compiles it.
+//
+// The packed inputs are f32, or bf16 when the module is compiled with IN_BF16. Every value is
+// widened to f32 as it is read; states, sums and outputs are f32.
+
+#ifdef IN_BF16
+typedef unsigned short in_t;
+// bf16 is the upper half of an f32: shift its bits back into place.
+__device__ __forceinline__ float ld(const in_t* p, long long i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+#else
+typedef float in_t;
+__device__ __forceinline__ float ld(const in_t* p, long long i) { return p[i]; }
+#endif
+
+// An optional input: its value at i, or `absent` when its offset is -1.
+__device__ __forceinline__ float ld_or(const in_t* p, long long offset, long long i, float absent) {
+    return offset < 0 ? absent : ld(p, offset + i);
+}
+
+// silu(x) = x * sigmoid(x) = x / (1 + exp(-x)).
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// softplus(x) = ln(1 + exp(x)), and x itself above 20 as PyTorch does.
+__device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+// The step the SSM uses: dt = raw + bias, softplus if asked, then clamped to [lo, hi].
+__device__ __forceinline__ float process_dt(float raw, float bias, int apply_softplus, float lo,
+                                            float hi) {
+    float dt = raw + bias;
+    if (apply_softplus) dt = softplus(dt);
+    return fminf(fmaxf(dt, lo), hi);
+}
+
+// Sum of v over groups of `width` consecutive lanes (a power of two, at most 32); every lane of
+// the warp must call it.
+__device__ __forceinline__ float lane_group_sum(float v, int width) {
+    for (int offset = width / 2; offset > 0; offset /= 2)
+        v += __shfl_xor_sync(0xffffffffu, v, offset, width);
+    return v;
+}

@@ -1,0 +1,344 @@
+//! CUDA forward kernels of the ops, used by [`crate::tensor`] when its tensors live on a CUDA
+//! device (cargo feature `cuda`).
+//!
+//! The kernels are CUDA C++ (the `.cu` files beside this one, each with the equations it
+//! implements) compiled **at run time with NVRTC**, through the cudarc that candle re-exports,
+//! rather than at build time, because:
+//! - the sizes a kernel keeps in registers (the state length `N`, the convolution width `W`) and
+//!   the input type (f32 or bf16) become compile-time constants of a module built for the shapes
+//!   actually met, so per-channel state arrays stay in registers for any `N` without a fixed list
+//!   of instantiations;
+//! - the code is built for the architecture of the GPU found at run time (`sm_90` on an H100 or
+//!   H200), whatever machine built the binary;
+//! - building the crate needs nothing beyond what candle's own `cuda` feature needs: no build
+//!   script and no `nvcc` run of ours.
+//!
+//! Each module is compiled once per process (well under a second) and loaded once per device.
+//!
+//! Inputs arrive as candle's custom ops in [`crate::tensor`] hand them over: one flat tensor, f32
+//! or bf16, holding every input one after another. A kernel takes that buffer, one argument
+//! struct with the element offset of each input (-1 for an absent optional one) and the sizes,
+//! and writes f32 outputs into one flat buffer laid out like the CPU op's output. States, sums
+//! and accumulators are f32 whatever the input type.
+//!
+//! Only forward passes run here. A backward pass of a tensor on the GPU copies its inputs to the
+//! host, runs the CPU backward kernel and copies the gradients back (correct, slow); GPU backward
+//! kernels are a later step.
+
+mod launch;
+
+pub(crate) use launch::*;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtrMut, LaunchArgs, LaunchConfig,
+    PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::{self, nvrtc};
+use candle_core::cuda_backend::{CudaStorageSlice, DeviceId, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, Layout};
+use half::bf16;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Fills every output and scratch buffer with NaNs before the kernels run, so that a check can
+/// tell an element no kernel wrote from a computed one. Off by default (it costs a memset).
+pub fn set_poison_outputs(on: bool) {
+    POISON.store(on, Ordering::Relaxed);
+}
+
+static POISON: AtomicBool = AtomicBool::new(false);
+
+/// A kernel source file and the helpers it is compiled with.
+pub(crate) struct Source {
+    name: &'static str,
+    code: &'static str,
+}
+
+const COMMON: &str = include_str!("common.cuh");
+
+/// How one module of a source is specialised: `-D` definitions, and bf16 or f32 inputs.
+struct Variant<'a> {
+    defines: &'a [(&'static str, usize)],
+    bf16: bool,
+}
+
+impl Variant<'_> {
+    /// The module's name: the source's name and every definition, unique per compiled variant.
+    fn module_name(&self, source: &Source) -> String {
+        let mut name = format!("mamba_ops_{}_{}", source.name, self.type_name());
+        for (key, value) in self.defines {
+            name.push_str(&format!("_{key}{value}"));
+        }
+        name
+    }
+
+    fn type_name(&self) -> &'static str {
+        if self.bf16 {
+            "bf16"
+        } else {
+            "f32"
+        }
+    }
+
+    fn options(&self, arch: String) -> nvrtc::CompileOptions {
+        let mut options = vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()];
+        options.extend(self.defines.iter().map(|(k, v)| format!("-D{k}={v}")));
+        if self.bf16 {
+            options.push("-DIN_BF16".into());
+        }
+        nvrtc::CompileOptions {
+            options,
+            ..Default::default()
+        }
+    }
+}
+
+/// What this process has compiled and loaded.
+#[derive(Default)]
+struct Cache {
+    /// PTX of every module compiled, by module name.
+    ptx: HashMap<String, String>,
+    /// Every kernel loaded, by device and `module/function`.
+    functions: HashMap<(DeviceId, String), CudaFunction>,
+}
+
+fn cache() -> &'static Mutex<Cache> {
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+fn cuda_err(msg: String) -> candle_core::Error {
+    candle_core::Error::Cuda(msg.into())
+}
+
+/// The architecture NVRTC compiles for: the device's own, e.g. `sm_90`.
+fn device_arch(dev: &CudaDevice) -> candle_core::Result<String> {
+    let (major, minor) = dev.cuda_stream().context().compute_capability().w()?;
+    Ok(format!("sm_{major}{minor}"))
+}
+
+/// PTX of `source` compiled as `variant` for `arch`.
+fn compile(source: &Source, variant: &Variant, arch: String) -> candle_core::Result<String> {
+    let code = format!("{COMMON}\n{}", source.code);
+    nvrtc::compile_ptx_with_opts(code, variant.options(arch))
+        .map(|ptx| ptx.to_src())
+        .map_err(|e| cuda_err(format!("compiling {}: {e:?}", variant.module_name(source))))
+}
+
+/// The device's number of multiprocessors.
+fn multiprocessors(dev: &CudaDevice) -> candle_core::Result<usize> {
+    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT as COUNT;
+    let count = dev.cuda_stream().context().attribute(COUNT).w()?;
+    Ok(count.max(1) as usize)
+}
+
+/// Kernel `function` of `source` compiled as `variant`, compiling the module on first use and
+/// loading it on first use on `dev`.
+fn kernel(
+    dev: &CudaDevice,
+    source: &Source,
+    variant: &Variant,
+    function: &str,
+) -> candle_core::Result<CudaFunction> {
+    let module = variant.module_name(source);
+    let key = (dev.id(), format!("{module}/{function}"));
+    let mut cache = cache()
+        .lock()
+        .map_err(|_| cuda_err("the kernel cache lock was poisoned".into()))?;
+    if let Some(f) = cache.functions.get(&key) {
+        return Ok(f.clone());
+    }
+    if !cache.ptx.contains_key(&module) {
+        let ptx = compile(source, variant, device_arch(dev)?)?;
+        cache.ptx.insert(module.clone(), ptx);
+    }
+    let f = dev
+        .get_or_load_custom_func(function, &module, &cache.ptx[&module])?
+        .into_cuda_function();
+    cache.functions.insert(key, f.clone());
+    Ok(f)
+}
+
+/// The packed inputs of one op call on the GPU: a view of the flat input tensor and the element
+/// offset at which each present input starts.
+pub(crate) struct Packed<'a> {
+    device: &'a CudaDevice,
+    stream: Arc<CudaStream>,
+    input: Input<'a>,
+    starts: Vec<i64>,
+}
+
+enum Input<'a> {
+    F32(CudaView<'a, f32>),
+    Bf16(CudaView<'a, bf16>),
+}
+
+impl<'a> Packed<'a> {
+    /// The packed tensor's storage and layout, split into inputs of `sizes` elements.
+    pub(crate) fn new(
+        storage: &'a CudaStorage,
+        layout: &Layout,
+        sizes: &[usize],
+    ) -> candle_core::Result<Self> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| cuda_err("packed input must be contiguous".into()))?;
+        let input = match &storage.slice {
+            CudaStorageSlice::F32(s) => Input::F32(s.slice(start..end)),
+            CudaStorageSlice::BF16(s) => Input::Bf16(s.slice(start..end)),
+            _ => {
+                return Err(cuda_err(format!(
+                    "packed input must be f32 or bf16, not {:?}",
+                    storage.dtype()
+                )))
+            }
+        };
+        let starts = sizes
+            .iter()
+            .scan(0i64, |at, &n| {
+                let start = *at;
+                *at += n as i64;
+                Some(start)
+            })
+            .collect();
+        Ok(Packed {
+            device: &storage.device,
+            stream: storage.device.cuda_stream(),
+            input,
+            starts,
+        })
+    }
+
+    /// The start of each input in `present` order, taking the packed inputs in turn for the
+    /// present ones and giving -1 for the absent ones.
+    fn offsets<const K: usize>(&self, present: [bool; K]) -> candle_core::Result<[i64; K]> {
+        let mut next = self.starts.iter().copied();
+        let mut offsets = [-1i64; K];
+        for (offset, here) in offsets.iter_mut().zip(present) {
+            if here {
+                *offset = next
+                    .next()
+                    .ok_or_else(|| cuda_err("fewer packed inputs than the op takes".into()))?;
+            }
+        }
+        Ok(offsets)
+    }
+
+    fn variant<'d>(&self, defines: &'d [(&'static str, usize)]) -> Variant<'d> {
+        Variant {
+            defines,
+            bf16: matches!(self.input, Input::Bf16(_)),
+        }
+    }
+
+    /// A launch of `func` with the packed inputs as its first argument.
+    fn builder<'b>(&'b self, func: &'b CudaFunction) -> LaunchArgs<'b> {
+        let mut builder = self.stream.launch_builder(func);
+        match &self.input {
+            Input::F32(v) => builder.arg(v),
+            Input::Bf16(v) => builder.arg(v),
+        };
+        builder
+    }
+
+    /// An f32 buffer of `len` elements for the kernels to fill (NaNs when poisoning).
+    fn buffer(&self, len: usize) -> candle_core::Result<CudaSlice<f32>> {
+        // SAFETY: every element is written by the kernels before it is read.
+        let mut buf = unsafe { self.device.alloc::<f32>(len.max(1))? };
+        if POISON.load(Ordering::Relaxed) {
+            let bytes = buf.num_bytes();
+            let (ptr, _record) = buf.device_ptr_mut(&self.stream);
+            // SAFETY: `ptr` points to `bytes` bytes allocated just above on this stream.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, self.stream.cu_stream())
+            }
+            .w()?;
+        }
+        Ok(buf)
+    }
+
+    pub(crate) fn device(&self) -> &CudaDevice {
+        self.device
+    }
+}
+
+/// A launch configuration, or `None` when the grid is empty (nothing to compute).
+fn config(
+    grid: (usize, usize, usize),
+    block: usize,
+    shared: usize,
+) -> candle_core::Result<Option<LaunchConfig>> {
+    let dim = |v: usize| {
+        u32::try_from(v).map_err(|_| cuda_err(format!("launch dimension {v} is too large")))
+    };
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        return Ok(None);
+    }
+    Ok(Some(LaunchConfig {
+        grid_dim: (dim(grid.0)?, dim(grid.1)?, dim(grid.2)?),
+        block_dim: (dim(block)?, 1, 1),
+        shared_mem_bytes: dim(shared)?,
+    }))
+}
+
+/// Launches a prepared kernel, or does nothing for an empty grid.
+///
+/// # Safety
+/// The arguments pushed on `builder` must match the kernel's parameters, and every buffer must
+/// hold the elements the kernel reads and writes for the sizes in its argument struct.
+unsafe fn launch(builder: &mut LaunchArgs, cfg: Option<LaunchConfig>) -> candle_core::Result<()> {
+    match cfg {
+        Some(cfg) => unsafe { builder.launch(cfg) }.map(|_| ()).w(),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every source compiles with NVRTC for sm_90, f32 and bf16, with the definitions its
+    /// launcher passes (for a few state sizes). Needs libnvrtc, not a GPU.
+    #[test]
+    fn sources_compile_with_nvrtc() {
+        type Defines = Vec<(&'static str, usize)>;
+        let sources: [(&Source, Vec<Defines>); 5] = [
+            (
+                &launch::SELECTIVE_SCAN,
+                [1, 16, 64]
+                    .map(|n| vec![("STATE_N", n), ("SCAN_WARPS", 8)])
+                    .into(),
+            ),
+            (
+                &launch::CAUSAL_CONV1D,
+                vec![
+                    vec![("CONV_W", 1), ("CONV_ITEMS", 4)],
+                    vec![("CONV_W", 4), ("CONV_ITEMS", 4)],
+                ],
+            ),
+            (
+                &launch::SELECTIVE_STATE_UPDATE,
+                [(4, 4), (16, 16), (128, 32)]
+                    .map(|(n, lanes)| vec![("STATE_N", n), ("ROW_LANES", lanes)])
+                    .into(),
+            ),
+            (
+                &launch::SSD,
+                vec![vec![("SSD_Q", 64), ("TILE", 64), ("PRODUCT_THREADS", 256)]],
+            ),
+            (&launch::RMSNORM_GATED, vec![vec![("NORM_THREADS", 256)]]),
+        ];
+        for (source, variants) in sources {
+            for defines in &variants {
+                for bf16 in [false, true] {
+                    let variant = Variant { defines, bf16 };
+                    let ptx =
+                        compile(source, &variant, "sm_90".into()).unwrap_or_else(|e| panic!("{e}"));
+                    assert!(ptx.contains(".entry"), "{}", variant.module_name(source));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,315 @@
+// Mamba-2 state space duality (SSD), the chunked algorithm of the Mamba-2 paper, forward.
+//
+// With dt' the processed step (bias, softplus, clamp) and g(h) = h / (H / G), the scan is
+//   S_t[h] = exp(dt'_t[h] A[h]) S_{t-1}[h] + dt'_t[h] outer(x_t[h], B_t[g(h)])      (P x N)
+//   y_t[h] = S_t[h] C_t[g(h)] + D[h] x_t[h],   then y *= silu(z) when z is given.
+// Time is cut into chunks of SSD_Q steps (the last one padded with dt' = 0, x = B = C = 0, which
+// is exact). Inside a chunk, a_t = dt'_t A[h] and cum_t = a_1 + ... + a_t. Four kernels:
+//   ssd_dt           dt'_t and cum_t for every (batch, head, chunk);
+//   ssd_chunk_products  CB[i][j] = C_i . B_j for every pair of steps of a chunk, once per group,
+//                    and Z(c) = sum_j exp(cum_last - cum_j) dt'_j outer(x_j, B_j), the state the
+//                    chunk alone produces;
+//   ssd_state_passing  S_in(0) = initial_states, S_in(c+1) = exp(cum_last(c)) S_in(c) + Z(c),
+//                    walking the chunks in order; leaves S_in(c) in place of Z(c) and writes
+//                    the final state;
+//   ssd_chunk_scan   y_i = exp(cum_i) S_in(c) C_i                                (off-diagonal)
+//                        + sum_{j<=i} CB[i][j] exp(cum_i - cum_j) dt'_j x_j          (diagonal)
+//                    then the D skip and the z gate.
+// The matrix-shaped parts run as block products over shared-memory slabs in f32 (no tensor
+// cores yet). Layouts: x, z, y: (batch, L, H, P); dt: (batch, L, H); A, dt_bias: (H); D: (H) or
+// (H, P); B, C: (batch, L, G, N); initial_states, final state: (batch, H, P, N).
+// Scratch: dt', cum: (batch, H, chunks * SSD_Q); CB: (batch, chunks, G, SSD_Q, SSD_Q);
+// chunk states: (batch, chunks, H, P, N).
+
+// SSD_Q (chunk length), TILE (a block product's output tile is TILE x TILE) and PRODUCT_THREADS
+// are defined by the launcher (launch.rs); each thread of a block product owns 4 x 4 outputs.
+static_assert(TILE == 64 && PRODUCT_THREADS == 256 && SSD_Q == TILE, "one chunk is one tile");
+#define SLAB 16  // depth of one shared-memory slab
+#define PAD 4    // keeps rows 16-byte aligned while spreading them over the banks
+
+struct SsdArgs {
+    // Element offsets of the inputs in the packed buffer; -1 for an absent optional input.
+    long long x, dt, a, b, c, d, z, dt_bias, initial_states;
+    int batch, len, heads, head_dim, groups, state, chunks, d_per_p, softplus;
+    float dt_lo, dt_hi;
+};
+
+// Indices of a (batch, chunk, head) block.
+struct ChunkHead {
+    long long b, bc, bch;  // batch; batch * chunks + chunk; bc * heads + head
+    int c, h, g, t0;       // chunk; head; its group; first step of the chunk
+};
+
+__device__ __forceinline__ ChunkHead chunk_head(const SsdArgs& s, long long bch) {
+    ChunkHead k;
+    k.bch = bch;
+    k.h = (int)(bch % s.heads);
+    k.bc = bch / s.heads;
+    k.c = (int)(k.bc % s.chunks);
+    k.b = k.bc / s.chunks;
+    k.g = k.h / (s.heads / s.groups);
+    k.t0 = k.c * SSD_Q;
+    return k;
+}
+
+// Offset of row t of batch b in a (batch, L, K, width) tensor, at inner index k.
+__device__ __forceinline__ long long token_row(const SsdArgs& s, long long b, int t, int k, int inner,
+                                               int width) {
+    return ((b * s.len + t) * inner + k) * (long long)width;
+}
+
+// acc[r][q] += sum_k A(k, m) Bm(k, n) for this thread's 4 x 4 outputs (m = 4 * (tid / 16) + r,
+// n = 4 * (tid % 16) + q) of a TILE x TILE product over k < depth, in slabs of SLAB. a_at(k, m)
+// and b_at(k, n) read the operands, 0 outside them. A_K_FAST says a_at's consecutive k are
+// adjacent in memory (else consecutive m), and likewise B_K_FAST, so that adjacent threads load
+// adjacent values. Every thread of the block must call it.
+template <bool A_K_FAST, bool B_K_FAST, class AAt, class BAt>
+__device__ __forceinline__ void block_product(int depth, AAt a_at, BAt b_at, float (&acc)[4][4],
+                                              float (*as)[TILE + PAD], float (*bs)[TILE + PAD]) {
+    const int tid = threadIdx.x, tm = tid / 16, tn = tid % 16;
+    for (int k0 = 0; k0 < depth; k0 += SLAB) {
+#pragma unroll
+        for (int r = 0; r < SLAB * TILE / PRODUCT_THREADS; ++r) {
+            const int e = tid + r * PRODUCT_THREADS;
+            const int ka = A_K_FAST ? e % SLAB : e / TILE, ma = A_K_FAST ? e / SLAB : e % TILE;
+            as[ka][ma] = a_at(k0 + ka, ma);
+            const int kb = B_K_FAST ? e % SLAB : e / TILE, nb = B_K_FAST ? e / SLAB : e % TILE;
+            bs[kb][nb] = b_at(k0 + kb, nb);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < SLAB; ++k) {
+            const float4 a4 = *reinterpret_cast<const float4*>(&as[k][tm * 4]);
+            const float4 b4 = *reinterpret_cast<const float4*>(&bs[k][tn * 4]);
+            const float av[4] = {a4.x, a4.y, a4.z, a4.w}, bv[4] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+            for (int r = 0; r < 4; ++r)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) acc[r][q] += av[r] * bv[q];
+        }
+        __syncthreads();
+    }
+}
+
+// dt'_t and cum_t = sum_{j<=t} dt'_j A[h] inside each chunk. Block: SSD_Q threads, one step each;
+// grid: batch * heads * chunks.
+extern "C" __global__ void ssd_dt(const in_t* __restrict__ x, SsdArgs s, float* __restrict__ dtp,
+                                  float* __restrict__ cum) {
+    __shared__ float warp_sums[SSD_Q / 32];
+    const long long bhc = blockIdx.x;
+    const int c = (int)(bhc % s.chunks);
+    const long long bh = bhc / s.chunks;
+    const int h = (int)(bh % s.heads);
+    const long long b = bh / s.heads;
+    const int k = threadIdx.x, lane = k % 32, warp = k / 32;
+    const int t = c * SSD_Q + k;
+    const float dt = t < s.len ? process_dt(ld(x, s.dt + (b * s.len + t) * s.heads + h),
+                                            ld_or(x, s.dt_bias, h, 0.0f), s.softplus, s.dt_lo, s.dt_hi)
+                               : 0.0f;
+    // Inclusive prefix sum of dt' A over the chunk: within each warp, then across warps.
+    float sum = dt * ld(x, s.a + h);
+    for (int offset = 1; offset < 32; offset *= 2) {
+        const float before = __shfl_up_sync(0xffffffffu, sum, offset);
+        if (lane >= offset) sum += before;
+    }
+    if (lane == 31) warp_sums[warp] = sum;
+    __syncthreads();
+    for (int w = 0; w < warp; ++w) sum += warp_sums[w];
+    const long long at = bh * ((long long)s.chunks * SSD_Q) + t;
+    dtp[at] = dt;
+    cum[at] = sum;
+}
+
+// CB[i][j] = C_{t0+i} . B_{t0+j} for one (batch, chunk, group) `bcg`.
+__device__ __forceinline__ void chunk_cb(const in_t* __restrict__ x, const SsdArgs& s, long long bcg,
+                                         float* __restrict__ cb, float (*as)[TILE + PAD],
+                                         float (*bs)[TILE + PAD]) {
+    const int g = (int)(bcg % s.groups);
+    const long long bc = bcg / s.groups;
+    const int t0 = (int)(bc % s.chunks) * SSD_Q;
+    const long long b = bc / s.chunks;
+    const auto row_of = [&](long long offset, int k, int i) {
+        const int t = t0 + i;
+        return (k < s.state && t < s.len) ? ld(x, offset + token_row(s, b, t, g, s.groups, s.state) + k)
+                                          : 0.0f;
+    };
+    float acc[4][4] = {};
+    block_product<true, true>(
+        s.state, [&](int k, int i) { return row_of(s.c, k, i); },
+        [&](int k, int j) { return row_of(s.b, k, j); }, acc, as, bs);
+    const int tm = threadIdx.x / 16, tn = threadIdx.x % 16;
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) cb[(bcg * SSD_Q + tm * 4 + r) * SSD_Q + tn * 4 + q] = acc[r][q];
+}
+
+// Z(c)[p][n] = sum_j exp(cum_last - cum_j) dt'_j x_j[p] B_j[n] for one (batch, chunk, head)
+// `bch` and one TILE x TILE tile (n0, p0) of (P, N).
+__device__ __forceinline__ void chunk_state(const in_t* __restrict__ x, const SsdArgs& s, long long bch,
+                                            int n0, int p0, const float* __restrict__ dtp,
+                                            const float* __restrict__ cum, float* __restrict__ states,
+                                            float (*as)[TILE + PAD], float (*bs)[TILE + PAD],
+                                            float* weight) {
+    const ChunkHead k = chunk_head(s, bch);
+    const long long step0 = (k.b * s.heads + k.h) * ((long long)s.chunks * SSD_Q) + k.t0;
+    if (threadIdx.x < SSD_Q)
+        weight[threadIdx.x] = __expf(cum[step0 + SSD_Q - 1] - cum[step0 + threadIdx.x]) * dtp[step0 + threadIdx.x];
+    __syncthreads();
+    float acc[4][4] = {};
+    block_product<false, false>(
+        SSD_Q,
+        [&](int j, int m) {
+            const int t = k.t0 + j, p = p0 + m;
+            return (t < s.len && p < s.head_dim)
+                       ? ld(x, s.x + token_row(s, k.b, t, k.h, s.heads, s.head_dim) + p) * weight[j]
+                       : 0.0f;
+        },
+        [&](int j, int n) {
+            const int t = k.t0 + j, nn = n0 + n;
+            return (t < s.len && nn < s.state)
+                       ? ld(x, s.b + token_row(s, k.b, t, k.g, s.groups, s.state) + nn)
+                       : 0.0f;
+        },
+        acc, as, bs);
+    const int tm = threadIdx.x / 16, tn = threadIdx.x % 16;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const int p = p0 + tm * 4 + r;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int n = n0 + tn * 4 + q;
+            if (p < s.head_dim && n < s.state)
+                states[(k.bch * s.head_dim + p) * (long long)s.state + n] = acc[r][q];
+        }
+    }
+}
+
+// The two products that only read the inputs, in one launch so that they overlap: the first
+// batch * chunks * groups blocks compute CB, the others one chunk-state tile each, taking
+// (batch, chunk, head), then N tiles, then P tiles.
+extern "C" __global__ void ssd_chunk_products(const in_t* __restrict__ x, SsdArgs s,
+                                              const float* __restrict__ dtp, const float* __restrict__ cum,
+                                              float* __restrict__ cb, float* __restrict__ states) {
+    __shared__ __align__(16) float as[SLAB][TILE + PAD];
+    __shared__ __align__(16) float bs[SLAB][TILE + PAD];
+    __shared__ float weight[SSD_Q];  // exp(cum_last - cum_j) dt'_j
+    const long long cb_blocks = (long long)s.batch * s.chunks * s.groups;
+    if (blockIdx.x < cb_blocks) {
+        chunk_cb(x, s, blockIdx.x, cb, as, bs);
+        return;
+    }
+    const long long tile = blockIdx.x - cb_blocks;
+    const int n_tiles = (s.state + TILE - 1) / TILE, p_tiles = (s.head_dim + TILE - 1) / TILE;
+    const int p0 = (int)(tile % p_tiles) * TILE;
+    const int n0 = (int)(tile / p_tiles % n_tiles) * TILE;
+    chunk_state(x, s, tile / p_tiles / n_tiles, n0, p0, dtp, cum, states, as, bs, weight);
+}
+
+// S_in(c+1) = exp(cum_last(c)) S_in(c) + Z(c) over the chunks in order, one (p, n) entry per
+// thread; S_in(c) replaces Z(c) and the state after the last chunk goes to final_state. The
+// chunks are taken PASS_AHEAD at a time, their Z(c) loaded together before the short recurrence
+// over them, so that several loads are in flight rather than one per chunk.
+// Grid: (batch * heads, P * N / blockDim.x).
+#define PASS_AHEAD 8
+extern "C" __global__ void ssd_state_passing(const in_t* __restrict__ x, SsdArgs s,
+                                             const float* __restrict__ cum, float* __restrict__ states,
+                                             float* __restrict__ final_state) {
+    const long long bh = blockIdx.x;
+    const int h = (int)(bh % s.heads);
+    const long long b = bh / s.heads;
+    const long long entries = (long long)s.head_dim * s.state;
+    const long long e = (long long)blockIdx.y * blockDim.x + threadIdx.x;
+    if (e >= entries) return;
+    const long long cum_last = bh * ((long long)s.chunks * SSD_Q) + SSD_Q - 1;
+    const auto at = [&](int c) { return ((b * s.chunks + c) * s.heads + h) * entries + e; };
+    float running = ld_or(x, s.initial_states, bh * entries + e, 0.0f);
+    for (int c0 = 0; c0 < s.chunks; c0 += PASS_AHEAD) {
+        float own[PASS_AHEAD], decay[PASS_AHEAD];
+#pragma unroll
+        for (int k = 0; k < PASS_AHEAD; ++k) {
+            if (c0 + k >= s.chunks) break;
+            own[k] = states[at(c0 + k)];
+            decay[k] = __expf(cum[cum_last + (long long)(c0 + k) * SSD_Q]);
+        }
+#pragma unroll
+        for (int k = 0; k < PASS_AHEAD; ++k) {
+            if (c0 + k >= s.chunks) break;
+            states[at(c0 + k)] = running;
+            running = decay[k] * running + own[k];
+        }
+    }
+    final_state[bh * entries + e] = running;
+}
+
+// y for one (batch, chunk, head) and one tile of TILE values of P: the off-diagonal product
+// (entering state), rows scaled by exp(cum_i), plus the masked diagonal product, then the D skip
+// and the z gate. Grid: (batch * chunks * heads, P tiles).
+extern "C" __global__ void ssd_chunk_scan(const in_t* __restrict__ x, SsdArgs s,
+                                          const float* __restrict__ dtp, const float* __restrict__ cum,
+                                          const float* __restrict__ cb, const float* __restrict__ states,
+                                          float* __restrict__ y) {
+    __shared__ __align__(16) float as[SLAB][TILE + PAD];
+    __shared__ __align__(16) float bs[SLAB][TILE + PAD];
+    __shared__ float cum_c[SSD_Q], dt_c[SSD_Q];
+    const ChunkHead k = chunk_head(s, blockIdx.x);
+    const int p0 = blockIdx.y * TILE;
+    const long long step0 = (k.b * s.heads + k.h) * ((long long)s.chunks * SSD_Q) + k.t0;
+    if (threadIdx.x < SSD_Q) {
+        cum_c[threadIdx.x] = cum[step0 + threadIdx.x];
+        dt_c[threadIdx.x] = dtp[step0 + threadIdx.x];
+    }
+    __syncthreads();
+    float acc[4][4] = {};
+    // Off-diagonal: sum_n C_i[n] S_in[p][n].
+    block_product<true, true>(
+        s.state,
+        [&](int n, int i) {
+            const int t = k.t0 + i;
+            return (n < s.state && t < s.len)
+                       ? ld(x, s.c + token_row(s, k.b, t, k.g, s.groups, s.state) + n)
+                       : 0.0f;
+        },
+        [&](int n, int m) {
+            const int p = p0 + m;
+            return (n < s.state && p < s.head_dim)
+                       ? states[(k.bch * s.head_dim + p) * (long long)s.state + n]
+                       : 0.0f;
+        },
+        acc, as, bs);
+    const int tm = threadIdx.x / 16, tn = threadIdx.x % 16;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const float decay = __expf(cum_c[tm * 4 + r]);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[r][q] *= decay;
+    }
+    // Diagonal: sum_{j<=i} CB[i][j] exp(cum_i - cum_j) dt'_j x_j[p].
+    const long long cb0 = (k.bc * s.groups + k.g) * (long long)SSD_Q * SSD_Q;
+    block_product<true, false>(
+        SSD_Q,
+        [&](int j, int i) {
+            return j <= i ? cb[cb0 + i * SSD_Q + j] * __expf(cum_c[i] - cum_c[j]) * dt_c[j] : 0.0f;
+        },
+        [&](int j, int m) {
+            const int t = k.t0 + j, p = p0 + m;
+            return (t < s.len && p < s.head_dim)
+                       ? ld(x, s.x + token_row(s, k.b, t, k.h, s.heads, s.head_dim) + p)
+                       : 0.0f;
+        },
+        acc, as, bs);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const int t = k.t0 + tm * 4 + r;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int p = p0 + tn * 4 + q;
+            if (t >= s.len || p >= s.head_dim) continue;
+            const long long at = token_row(s, k.b, t, k.h, s.heads, s.head_dim) + p;
+            const float skip = s.d < 0 ? 0.0f : ld(x, s.d + (s.d_per_p ? k.h * s.head_dim + p : k.h));
+            float v = acc[r][q] + skip * ld(x, s.x + at);
+            if (s.z >= 0) v *= silu(ld(x, s.z + at));
+            y[at] = v;
+        }
+    }
+}
