@@ -5,7 +5,7 @@
 #       on a machine without a GPU, from the repository root: builds the example with the
 #       `cuda` feature into target-cuda/ (the CPU build in target/ is left alone), using the
 #       toolchain of ../shared/tools/cuda-toolchain.sh, and packs the stripped binary, the op
-#       fixtures (default ../shared/fixtures/ops) and this script into .gpu/ (ignored by git:
+#       fixtures with their gradients (default ../shared/fixtures/ops) and this script into .gpu/ (ignored by git:
 #       add /.gpu/ and /target-cuda to .git/info/exclude).
 #   bash .gpu/gpu-check.sh run
 #       on the GPU machine, from the repository root (.gpu carried there): finds the CUDA
@@ -20,7 +20,7 @@ prepare() {
   eval "$(bash ../shared/tools/cuda-toolchain.sh)"
   CARGO_TARGET_DIR=target-cuda nice -n 10 cargo build --release -p mamba-ops --features cuda --example cuda_check
   rm -rf .gpu && mkdir -p .gpu/fixtures
-  (cd "$fixtures" && find . -name manifest.json -o -name inputs.safetensors -o -name outputs.safetensors) |
+  (cd "$fixtures" && find . -name manifest.json -o -name inputs.safetensors -o -name outputs.safetensors -o -name grads.safetensors) |
     while read -r f; do mkdir -p ".gpu/fixtures/ops/$(dirname "$f")"; cp "$fixtures/$f" ".gpu/fixtures/ops/$f"; done
   strip -o .gpu/cuda_check target-cuda/release/examples/cuda_check
   gzip -9 .gpu/cuda_check
@@ -42,10 +42,10 @@ run() {
   timeout 200 /tmp/cuda_check --fixtures .gpu/fixtures/ops --out "$out" > "$out/check.txt" 2>&1
   echo "exit $?" | tee -a "$out/check.txt"
   echo "=== ncu"
-  for case in "m1 selective_scan" "m2 ssd" "m2 rmsnorm" "m1 causal_conv1d d"; do
+  for case in "m1 selective_scan" "m2 ssd" "m2 rmsnorm" "m1 causal_conv1d d" "bwd m2 rmsnorm_gated 2048x1536" "bwd m2 causal_conv1d"; do
     timeout 45 ncu --clock-control none \
       --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed \
-      -k regex:'ssd_|selective_scan_|rmsnorm_gated_fwd|causal_conv1d_fwd' -c 12 \
+      -k regex:'ssd_|selective_scan_|rmsnorm_gated_|causal_conv1d_fwd|causal_conv1d_bwd|sum_parts' -c 16 \
       /tmp/cuda_check --no-fixtures --cases "$case" --no-timings --out /tmp >> "$out/ncu.txt" 2>&1
   done
   echo "=== compute-sanitizer"

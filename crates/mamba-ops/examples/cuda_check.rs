@@ -7,7 +7,12 @@
 //!    one mamba2-130m layer (H = 24, P = 64, N = 128, L = 2048), plus decoding steps at batch 1
 //!    and 64, run on the GPU with f32 and with bf16 inputs and are compared with the fast CPU path
 //!    on the same (rounded) values by relative L2 error;
-//! 3. each kernel is timed with CUDA events (warm-up, then the median of many batches of
+//! 3. the backward kernels (gated RMSNorm, causal conv1d, selective scan; the SSD's still runs
+//!    on the CPU) at those sizes and one small grouped scan, on fresh random inputs and output gradients: gradients of every input compared
+//!    with the fast CPU backward by relative L2 error, two GPU runs compared bit for bit (the
+//!    summed weight gradients are deterministic), and the conv fixtures' gradients of
+//!    `sum(out * proj_out)` through candle's autograd on the GPU;
+//! 4. each kernel is timed with CUDA events (warm-up, then the median of many batches of
 //!    launches queued behind a long copy, so that the device runs them back to back, rotating
 //!    between input sets so that L2 does not hold them): the kernel alone (`PackedCall::run`)
 //!    and the whole op (packing included), and the host time to queue each; bandwidth is the
@@ -17,14 +22,14 @@
 //! Outputs are poisoned with NaNs before every checked run, so an unwritten element fails.
 //! Prints a short table last and writes the full log to `--out DIR` (default `.`); exits with
 //! status 1 when a check fails. `--cases TEXT` keeps the model-size cases whose name contains
-//! TEXT, `--no-fixtures` skips part 1 and `--no-timings` part 3 (for runs under a profiler or
+//! TEXT, `--no-fixtures` skips part 1 and `--no-timings` part 4 (for runs under a profiler or
 //! `compute-sanitizer`).
 //!
 //! `cargo run --release -p mamba-ops --features cuda --example cuda_check -- --fixtures DIR`
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Storage, Tensor, Var};
 use mamba_ops::math::NO_DT_LIMIT;
 use mamba_ops::tensor::{
     causal_conv1d, causal_conv1d_call, causal_conv1d_update, causal_conv1d_update_call,
@@ -45,6 +50,8 @@ type R<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Relative L2 error allowed between the GPU and the fast CPU path (both accumulate in f32).
 const MODEL_SIZE_LIMIT: f64 = 1e-4;
+/// The same for gradients returned in bf16 (bf16 inputs): their rounding alone is ~2e-3.
+const BF16_GRAD_LIMIT: f64 = 1e-2;
 /// Launches per timed batch, timed batches per measurement, input sets rotated through.
 const BATCH: usize = 5;
 const SAMPLES: usize = 40;
@@ -146,6 +153,18 @@ fn run(plan: &Plan, log: &mut Log) -> R<Vec<Row>> {
     for case in &cases {
         check_model_case(case, &gpu, &mut rng, log, &mut rows)?;
     }
+    log.line("\n== backward at model sizes, GPU vs fast CPU backward ==");
+    let bwd_cases: Vec<ModelCase> = backward_cases()
+        .into_iter()
+        .filter(|c| {
+            plan.cases
+                .as_ref()
+                .is_none_or(|only| c.name.contains(only.as_str()))
+        })
+        .collect();
+    for case in &bwd_cases {
+        check_backward_case(case, &gpu, &mut rng, log, &mut rows)?;
+    }
     mamba_ops::cuda::set_poison_outputs(false);
     if !plan.timings {
         return Ok(rows);
@@ -173,6 +192,13 @@ fn run(plan: &Plan, log: &mut Log) -> R<Vec<Row>> {
             rows.push(row);
         }
     }
+    for case in &bwd_cases {
+        for dtype in [DType::F32, DType::BF16] {
+            let row = time_backward_case(case, dtype, &gpu, &mut rng, &mut timer, copy)?;
+            log.line(format!("{:<48} {}", row.what, row.measure));
+            rows.push(row);
+        }
+    }
     Ok(rows)
 }
 
@@ -188,11 +214,18 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// The fixture in `dir`; its gradients (`grads.safetensors`, where present) join the
+    /// outputs under their own names (`grad_x`, ...).
     fn load(dir: &Path, name: String) -> Fixture {
+        let mut outputs = read_safetensors(&dir.join("outputs.safetensors"));
+        let grads = dir.join("grads.safetensors");
+        if grads.exists() {
+            outputs.extend(read_safetensors(&grads));
+        }
         Fixture {
             manifest: read_json(&dir.join("manifest.json")),
             inputs: read_safetensors(&dir.join("inputs.safetensors")),
-            outputs: read_safetensors(&dir.join("outputs.safetensors")),
+            outputs,
             name,
         }
     }
@@ -332,17 +365,47 @@ fn fixture_scan(f: &Fixture, gpu: &Device, rows: &mut Vec<Row>) -> R<()> {
     f.compare("last_state", "last_state", &last, rows)
 }
 
+/// The conv fixture's outputs, and its gradients of `sum(out * proj_out)` through candle's
+/// autograd on the GPU (the conv's GPU backward kernels).
 fn fixture_conv(f: &Fixture, gpu: &Device, rows: &mut Vec<Row>) -> R<()> {
-    let (bias, init) = (f.input("bias", gpu)?, f.input("initial_states", gpu)?);
+    let var = |name: &str| -> R<Option<Var>> {
+        Ok(f.input(name, gpu)?
+            .map(|t| Var::from_tensor(&t))
+            .transpose()?)
+    };
+    let (x, weight) = (
+        Var::from_tensor(&f.required("x", gpu)?)?,
+        Var::from_tensor(&f.required("weight", gpu)?)?,
+    );
+    let (bias, init) = (var("bias")?, var("initial_states")?);
     let (out, final_states) = causal_conv1d(
-        &f.required("x", gpu)?,
-        &f.required("weight", gpu)?,
-        bias.as_ref(),
-        init.as_ref(),
+        x.as_tensor(),
+        weight.as_tensor(),
+        bias.as_ref().map(Var::as_tensor),
+        init.as_ref().map(Var::as_tensor),
         f.param("activation").as_str() == Some("silu"),
     )?;
     f.compare("out", "out", &out, rows)?;
-    f.compare("final_states", "final_states", &final_states, rows)
+    f.compare("final_states", "final_states", &final_states, rows)?;
+    let Some(proj) = f.input("proj_out", gpu)? else {
+        return Ok(());
+    };
+    let grads = (out * proj)?.sum_all()?.backward()?;
+    let named = [
+        ("grad_x", Some(&x)),
+        ("grad_weight", Some(&weight)),
+        ("grad_bias", bias.as_ref()),
+        ("grad_initial_states", init.as_ref()),
+    ];
+    for (name, v) in named {
+        if let Some(v) = v {
+            let g = grads
+                .get(v.as_tensor())
+                .ok_or_else(|| format!("{}: no gradient for {name}", f.name))?;
+            f.compare(name, name, g, rows)?;
+        }
+    }
+    Ok(())
 }
 
 fn fixture_conv_update(f: &Fixture, gpu: &Device, rows: &mut Vec<Row>) -> R<()> {
@@ -481,6 +544,7 @@ fn fixture_norm(f: &Fixture, gpu: &Device, rows: &mut Vec<Row>) -> R<()> {
 // Model sizes
 
 /// One random input: name, shape and the uniform range it is drawn from.
+#[derive(Clone)]
 struct Spec {
     name: &'static str,
     shape: Vec<usize>,
@@ -789,6 +853,210 @@ fn check_model_case(
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward at model sizes
+
+/// The ops with GPU backward kernels, at model sizes: every path of their kernels (bias and
+/// initial states of the conv; gating first and last, one group and several, of the norm; every
+/// optional input of the scan, and none with two groups, batch 2 and a ragged last segment).
+fn backward_cases() -> Vec<ModelCase> {
+    const L: usize = 2048;
+    let (d1, n1, conv2, w) = (1536, 16, 1792, 4);
+    let conv = |channels: usize| {
+        vec![
+            spec("x", &[1, channels, L], -1.0, 1.0),
+            spec("weight", &[channels, w], -0.5, 0.5),
+            spec("bias", &[channels], -0.5, 0.5),
+            spec("initial_states", &[1, channels, w - 1], -1.0, 1.0),
+        ]
+    };
+    let norm = vec![
+        spec("x", &[1, L, d1], -1.0, 1.0),
+        spec("weight", &[d1], 0.5, 1.5),
+        spec("z", &[1, L, d1], -2.0, 2.0),
+    ];
+    vec![
+        ModelCase {
+            name: "bwd m1 selective_scan d1536 N16 L2048",
+            specs: vec![
+                spec("u", &[1, L, d1], -1.0, 1.0),
+                spec("delta", &[1, L, d1], -0.5, 0.5),
+                spec("A", &[d1, n1], -16.0, -1.0),
+                spec("B", &[1, L, 1, n1], -1.0, 1.0),
+                spec("C", &[1, L, 1, n1], -1.0, 1.0),
+                spec("D", &[d1], 0.5, 1.5),
+                spec("z", &[1, L, d1], -2.0, 2.0),
+                spec("delta_bias", &[d1], -6.0, -2.0),
+                spec("initial_state", &[1, d1, n1], -1.0, 1.0),
+            ],
+            call: |t| {
+                selective_scan_call(
+                    &t[0],
+                    &t[1],
+                    &t[2],
+                    &t[3],
+                    &t[4],
+                    ScanOptions {
+                        d: Some(&t[5]),
+                        z: Some(&t[6]),
+                        delta_bias: Some(&t[7]),
+                        delta_softplus: true,
+                        initial_state: Some(&t[8]),
+                    },
+                )
+            },
+            flops: 0.0,
+        },
+        ModelCase {
+            name: "bwd selective_scan b2 d64 G2 N4 L37 plain",
+            specs: vec![
+                spec("u", &[2, 37, 64], -1.0, 1.0),
+                spec("delta", &[2, 37, 64], 0.01, 0.5),
+                spec("A", &[64, 4], -4.0, -0.5),
+                spec("B", &[2, 37, 2, 4], -1.0, 1.0),
+                spec("C", &[2, 37, 2, 4], -1.0, 1.0),
+            ],
+            call: |t| selective_scan_call(&t[0], &t[1], &t[2], &t[3], &t[4], Default::default()),
+            flops: 0.0,
+        },
+        ModelCase {
+            name: "bwd m1 causal_conv1d d1536 L2048",
+            specs: conv(d1)[..3].to_vec(),
+            call: |t| causal_conv1d_call(&t[0], &t[1], Some(&t[2]), None, true),
+            flops: 0.0,
+        },
+        ModelCase {
+            name: "bwd m2 causal_conv1d d1792 L2048 init",
+            specs: conv(conv2),
+            call: |t| causal_conv1d_call(&t[0], &t[1], Some(&t[2]), Some(&t[3]), true),
+            flops: 0.0,
+        },
+        ModelCase {
+            name: "bwd m2 rmsnorm_gated 2048x1536",
+            specs: norm.clone(),
+            call: |t| rmsnorm_gated_call(&t[0], &t[1], Some(&t[2]), 1536, 1e-5, false),
+            flops: 0.0,
+        },
+        ModelCase {
+            name: "bwd m2 rmsnorm_gated 2048x1536 g256 gate-last",
+            specs: norm,
+            call: |t| rmsnorm_gated_call(&t[0], &t[1], Some(&t[2]), 256, 1e-5, true),
+            flops: 0.0,
+        },
+    ]
+}
+
+/// A random output gradient for `call` (on the CPU): one value per element of its flat output.
+fn draw_grad(call: &PackedCall, rng: &mut StdRng) -> R<Tensor> {
+    let n: usize = call.run()?.iter().map(Tensor::elem_count).sum();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Ok(Tensor::from_vec(v, n, &Device::Cpu)?)
+}
+
+fn check_backward_case(
+    case: &ModelCase,
+    gpu: &Device,
+    rng: &mut StdRng,
+    log: &mut Log,
+    rows: &mut Vec<Row>,
+) -> R<()> {
+    for dtype in [DType::F32, DType::BF16] {
+        let cpu_inputs = draw(&case.specs, rng, dtype)?;
+        let cpu_call = (case.call)(&cpu_inputs)?;
+        let grad = draw_grad(&cpu_call, rng)?;
+        let want = cpu_call.backward(&grad)?;
+        let gpu_call = (case.call)(&on_gpu(&cpu_inputs, dtype, gpu)?)?;
+        let grad_gpu = grad.to_device(gpu)?;
+        let got = gpu_call.backward(&grad_gpu)?.to_dtype(DType::F32)?;
+        let again = gpu_call.backward(&grad_gpu)?.to_dtype(DType::F32)?;
+        gpu.synchronize()?;
+        let limit = if dtype == DType::F32 {
+            MODEL_SIZE_LIMIT
+        } else {
+            BF16_GRAD_LIMIT
+        };
+        let mut offset = 0;
+        for s in &case.specs {
+            let n: usize = s.shape.iter().product();
+            let (rel, max_abs) =
+                relative_error(&got.narrow(0, offset, n)?, &want.narrow(0, offset, n)?)?;
+            offset += n;
+            rows.push(Row {
+                what: format!("{} {dtype:?} grad {}", case.name, s.name),
+                measure: format!("rel L2 {rel:.1e} (limit {limit:.0e}), max abs {max_abs:.1e}"),
+                pass: rel <= limit,
+            });
+        }
+        let (a, b) = (got.to_vec1::<f32>()?, again.to_vec1::<f32>()?);
+        let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+        rows.push(Row {
+            what: format!("{} {dtype:?} run to run", case.name),
+            measure: if same {
+                "bit-identical".into()
+            } else {
+                "DIFFERENT".into()
+            },
+            pass: same,
+        });
+        for r in &rows[rows.len() - case.specs.len() - 1..] {
+            log.line(format!(
+                "{} {:<48} {}",
+                if r.pass { "ok  " } else { "FAIL" },
+                r.what,
+                r.measure
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Times the op's backward alone ([`PackedCall::backward`]) on the GPU. Bytes: the packed
+/// inputs and the output gradient read, the input gradients written (f32, then cast for bf16).
+fn time_backward_case(
+    case: &ModelCase,
+    dtype: DType,
+    gpu: &Device,
+    rng: &mut StdRng,
+    timer: &mut Timer,
+    copy: f64,
+) -> R<Row> {
+    let calls: Vec<PackedCall> = (0..ROTATE)
+        .map(|_| {
+            Ok((case.call)(&on_gpu(
+                &draw(&case.specs, rng, dtype)?,
+                dtype,
+                gpu,
+            )?)?)
+        })
+        .collect::<R<_>>()?;
+    let grads: Vec<Tensor> = calls
+        .iter()
+        .map(|c| Ok(draw_grad(c, rng)?.to_device(gpu)?))
+        .collect::<R<_>>()?;
+    let packed = calls[0].packed();
+    let bytes = (packed.elem_count() * (packed.dtype().size_in_bytes() + 4)
+        + grads[0].elem_count() * 4) as f64;
+    let t = timer.time(gpu, |i| {
+        calls[i % ROTATE].backward(&grads[i % ROTATE])?;
+        Ok(())
+    })?;
+    let bandwidth = bytes / (t.median * 1e-6);
+    Ok(Row {
+        what: format!("{} {dtype:?}", case.name),
+        measure: format!(
+            "backward {:7.1} us (min {:.1}, max {:.1}); host {:5.1} us; {:6.1} MB, {:5.0} GB/s = {:3.0}% of copy",
+            t.median,
+            t.min,
+            t.max,
+            t.host,
+            bytes / 1e6,
+            bandwidth / 1e9,
+            100.0 * bandwidth / copy
+        ),
+        pass: true,
+    })
 }
 
 // ---------------------------------------------------------------------------------------

@@ -6,9 +6,10 @@
 //! differentiable, so every input receives its gradient). On the CPU the forward runs the fast
 //! CPU kernel of the op's module; on a CUDA device (cargo feature `cuda`) it runs the op's CUDA
 //! kernel (see `crate::cuda`), reading bf16 directly when every input is bf16. Outputs are f32.
-//! The backward always runs the op's fast CPU backward kernel: for tensors on a GPU it copies
-//! the inputs to the host and the gradients back (correct, slow; GPU backward kernels are a
-//! later step).
+//! The backward of a tensor on a CUDA device runs the op's CUDA backward kernels where it has
+//! them (gated RMSNorm, causal conv1d, the selective scan) and otherwise copies the inputs to
+//! the host, runs the fast CPU backward kernel and copies the gradients back (the SSD, for now);
+//! on the CPU it runs the fast CPU backward kernel.
 //!
 //! Every op comes in two forms: `op(...)` returns its outputs, and `op_call(...)` returns a
 //! [`PackedCall`], the inputs already packed, whose [`PackedCall::run`] launches only the kernel
@@ -30,7 +31,11 @@ use crate::selective_scan::{
 use crate::selective_state_update::{selective_state_update as step_fwd, StepDims, StepInputs};
 use crate::ssd::{ssd as ssd_fwd, ssd_backward, SsdDims, SsdInputs};
 #[cfg(feature = "cuda")]
-use candle_core::{cuda_backend::cudarc::driver::CudaSlice, CudaStorage};
+use candle_core::{
+    cuda_backend::cudarc::driver::{CudaSlice, CudaView},
+    op::BackpropOp,
+    CudaStorage, Storage,
+};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use std::sync::Arc;
 
@@ -44,6 +49,17 @@ trait PackedKernel: Send + Sync + 'static {
     /// The forward on the GPU, writing the same flat output as [`PackedKernel::forward`].
     #[cfg(feature = "cuda")]
     fn cuda_forward(&self, packed: &cuda::Packed) -> candle_core::Result<CudaSlice<f32>>;
+    /// The backward on the GPU, given the output's gradient (f32, the flat output's layout):
+    /// the same flat gradients as [`PackedKernel::backward`], or `None` where the op has no GPU
+    /// backward for these sizes (the caller then runs the CPU backward).
+    #[cfg(feature = "cuda")]
+    fn cuda_backward(
+        &self,
+        _packed: &cuda::Packed,
+        _grad_out: &CudaView<f32>,
+    ) -> candle_core::Result<Option<CudaSlice<f32>>> {
+        Ok(None)
+    }
     /// Gradients of every input, concatenated in input order.
     fn backward(&self, inputs: &[&[f32]], grad_out: &[f32]) -> crate::Result<Vec<f32>>;
 }
@@ -118,13 +134,18 @@ impl<K: PackedKernel> CustomOp1 for PackedOp<K> {
         ))
     }
 
-    /// Runs the CPU backward kernel; tensors on a GPU go to the host and their gradients back.
+    /// Runs the GPU backward kernels for a tensor on a CUDA device where the op has them, else
+    /// the CPU backward kernel (tensors on a GPU go to the host and their gradients back).
     fn bwd(
         &self,
         arg: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if let Some(grads) = self.cuda_bwd(arg, grad_res)? {
+            return Ok(Some(grads.to_dtype(arg.dtype())?));
+        }
         let inputs = arg.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let grad_out = grad_res.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let grads = self
@@ -133,6 +154,48 @@ impl<K: PackedKernel> CustomOp1 for PackedOp<K> {
             .map_err(to_candle)?;
         let grads = Tensor::from_vec(grads, arg.shape(), arg.device())?;
         Ok(Some(grads.to_dtype(arg.dtype())?))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl<K: PackedKernel> PackedOp<K> {
+    /// The gradients of the packed input `arg` (f32) from the GPU backward kernels, or `None`
+    /// when `arg` is not on a CUDA device or the op has no GPU backward for its sizes.
+    fn cuda_bwd(&self, arg: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if !arg.device().is_cuda() {
+            return Ok(None);
+        }
+        let grad = grad_res.to_dtype(DType::F32)?.contiguous()?;
+        if grad.elem_count() != self.out_len {
+            return Err(candle_core::Error::Msg(format!(
+                "{}: output gradient has {} values, expected {}",
+                K::NAME,
+                grad.elem_count(),
+                self.out_len
+            )));
+        }
+        let (arg_storage, arg_layout) = arg.storage_and_layout();
+        let (grad_storage, grad_layout) = grad.storage_and_layout();
+        let (Storage::Cuda(arg_storage), Storage::Cuda(grad_storage)) =
+            (&*arg_storage, &*grad_storage)
+        else {
+            return Ok(None);
+        };
+        let packed = cuda::Packed::new(arg_storage, arg_layout, &self.sizes)?;
+        let (start, end) = grad_layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: output gradient not contiguous", K::NAME))
+        })?;
+        let grad_view = grad_storage.as_cuda_slice::<f32>()?.slice(start..end);
+        let Some(grads) = self.kernel.cuda_backward(&packed, &grad_view)? else {
+            return Ok(None);
+        };
+        let storage = CudaStorage::wrap_cuda_slice(grads, packed.device().clone());
+        Ok(Some(Tensor::from_storage(
+            Storage::Cuda(storage),
+            arg.shape(),
+            BackpropOp::none(),
+            false,
+        )))
     }
 }
 
@@ -147,6 +210,17 @@ impl PackedCall {
     /// The packed inputs: bf16 when every input is bf16 and on a CUDA device, else f32.
     pub fn packed(&self) -> &Tensor {
         &self.packed
+    }
+
+    /// The op's backward alone, as autograd runs it: the gradient of the packed inputs (flat,
+    /// in the packed tensor's dtype) from the gradient of the flat output, all outputs one
+    /// after another. Runs the GPU backward kernels for inputs on a CUDA device where the op
+    /// has them.
+    pub fn backward(&self, grad_out: &Tensor) -> crate::Result<Tensor> {
+        let name = self.op.name();
+        self.op
+            .bwd(&self.packed, &self.packed, grad_out)?
+            .ok_or_else(|| shape_err(name, "no gradient".into()))
     }
 
     /// Runs the op's kernel on the packed inputs and splits its flat output into the op's
@@ -354,6 +428,22 @@ impl PackedKernel for ScanKernel {
         cuda::selective_scan(packed, &self.dims, self.groups, self.present, self.softplus)
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_backward(
+        &self,
+        packed: &cuda::Packed,
+        grad_out: &CudaView<f32>,
+    ) -> candle_core::Result<Option<CudaSlice<f32>>> {
+        cuda::selective_scan_backward(
+            packed,
+            &self.dims,
+            self.groups,
+            self.present,
+            self.softplus,
+            grad_out,
+        )
+    }
+
     /// The backward kernel works channel-major: transpose in, run it, transpose back.
     fn backward(&self, inputs: &[&[f32]], grad_out: &[f32]) -> crate::Result<Vec<f32>> {
         let x = self.inputs(inputs);
@@ -510,6 +600,22 @@ impl PackedKernel for ConvKernel {
     #[cfg(feature = "cuda")]
     fn cuda_forward(&self, packed: &cuda::Packed) -> candle_core::Result<CudaSlice<f32>> {
         cuda::causal_conv1d(packed, &self.dims, self.has_bias, self.has_init, self.silu)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_backward(
+        &self,
+        packed: &cuda::Packed,
+        grad_out: &CudaView<f32>,
+    ) -> candle_core::Result<Option<CudaSlice<f32>>> {
+        cuda::causal_conv1d_backward(
+            packed,
+            &self.dims,
+            self.has_bias,
+            self.has_init,
+            self.silu,
+            grad_out,
+        )
     }
 
     fn backward(&self, inputs: &[&[f32]], grad_out: &[f32]) -> crate::Result<Vec<f32>> {
@@ -1087,6 +1193,15 @@ impl PackedKernel for NormKernel {
     #[cfg(feature = "cuda")]
     fn cuda_forward(&self, packed: &cuda::Packed) -> candle_core::Result<CudaSlice<f32>> {
         cuda::rmsnorm_gated(packed, &self.dims, self.has_z)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_backward(
+        &self,
+        packed: &cuda::Packed,
+        grad_out: &CudaView<f32>,
+    ) -> candle_core::Result<Option<CudaSlice<f32>>> {
+        cuda::rmsnorm_gated_backward(packed, &self.dims, self.has_z, grad_out)
     }
 
     fn backward(&self, inputs: &[&[f32]], grad_out: &[f32]) -> crate::Result<Vec<f32>> {

@@ -40,3 +40,21 @@ __device__ __forceinline__ float lane_group_sum(float v, int width) {
         v += __shfl_xor_sync(0xffffffffu, v, offset, width);
     return v;
 }
+
+// silu'(x) = s * (1 + x * (1 - s)) with s = sigmoid(x).
+__device__ __forceinline__ float silu_grad(float x) {
+    const float s = 1.0f / (1.0f + expf(-x));
+    return s * (1.0f + x * (1.0f - s));
+}
+
+// Deterministic sum of per-block partial sums: out[j] = sum_{p < count} parts[p * stride + j]
+// for j < width, the parts added in order p = 0, 1, ... (no atomics), so that a gradient summed
+// over blocks is the same on every run. One thread per j.
+extern "C" __global__ void sum_parts(const float* __restrict__ parts, int count, int stride,
+                                     int width, float* __restrict__ out) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= width) return;
+    float total = 0.0f;
+    for (int p = 0; p < count; ++p) total += parts[(long long)p * stride + j];
+    out[j] = total;
+}

@@ -8,7 +8,7 @@ use crate::selective_scan::ScanDims;
 use crate::selective_state_update::StepDims;
 use crate::ssd::SsdDims;
 use crate::tensor::Present;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
 
 type Result<T> = candle_core::Result<T>;
 
@@ -96,37 +96,9 @@ pub(crate) fn selective_scan(
     softplus: bool,
 ) -> Result<CudaSlice<f32>> {
     let (nb, nd, nl, nn) = (dims.batch, dims.dim, dims.len, dims.state);
-    let [u, delta, a, b, c, d, z, delta_bias, initial_state] = p.offsets([
-        true,
-        true,
-        true,
-        true,
-        true,
-        present.d,
-        present.z,
-        present.bias,
-        present.init,
-    ])?;
     let segments = scan_segments(dims, multiprocessors(p.device())?);
-    let args = ScanArgs {
-        u,
-        delta,
-        a,
-        b,
-        c,
-        d,
-        z,
-        delta_bias,
-        initial_state,
-        batch: int(nb)?,
-        len: int(nl)?,
-        dim: int(nd)?,
-        groups: int(groups)?,
-        softplus: softplus.into(),
-        segments: int(segments)?,
-        segment_len: int(nl.div_ceil(segments).max(1))?,
-    };
-    let defines = [("STATE_N", nn), ("SCAN_WARPS", SCAN_WARPS)];
+    let args = scan_args(p, dims, groups, present, softplus, segments)?;
+    let defines = scan_defines(nn);
     let variant = p.variant(&defines);
     let func = |name: &str| kernel(p.device(), &SELECTIVE_SCAN, &variant, name);
     let mut seg_state = p.buffer(nb * segments * nd * nn)?;
@@ -145,12 +117,13 @@ pub(crate) fn selective_scan(
     }
     {
         let f = func("selective_scan_combine")?;
+        let mut last_state = out.slice_mut(nb * nl * nd..);
         let mut builder = p.builder(&f);
         builder
             .arg(&args)
             .arg(&mut seg_state)
             .arg(&seg_dt)
-            .arg(&mut out);
+            .arg(&mut last_state);
         let cfg = config(((nb * nd * nn).div_ceil(THREADS), 1, 1), THREADS, 0)?;
         unsafe { launch(&mut builder, cfg) }?;
     }
@@ -162,6 +135,205 @@ pub(crate) fn selective_scan(
         unsafe { launch(&mut builder, cfg) }?;
     }
     Ok(out)
+}
+
+/// Most steps per segment of the scan's backward: each thread keeps a segment's states.
+const SCAN_BWD_SEG: usize = 16;
+
+/// The compile-time sizes of the scan's module (forward and backward kernels).
+pub(super) fn scan_defines(state: usize) -> [(&'static str, usize); 3] {
+    [
+        ("STATE_N", state),
+        ("SCAN_WARPS", SCAN_WARPS),
+        ("SCAN_BWD_SEG", SCAN_BWD_SEG),
+    ]
+}
+
+/// The `ScanArgs` of a call cut into `segments` segments.
+fn scan_args(
+    p: &Packed,
+    dims: &ScanDims,
+    groups: usize,
+    present: Present,
+    softplus: bool,
+    segments: usize,
+) -> Result<ScanArgs> {
+    let [u, delta, a, b, c, d, z, delta_bias, initial_state] = p.offsets([
+        true,
+        true,
+        true,
+        true,
+        true,
+        present.d,
+        present.z,
+        present.bias,
+        present.init,
+    ])?;
+    Ok(ScanArgs {
+        u,
+        delta,
+        a,
+        b,
+        c,
+        d,
+        z,
+        delta_bias,
+        initial_state,
+        batch: int(dims.batch)?,
+        len: int(dims.len)?,
+        dim: int(dims.dim)?,
+        groups: int(groups)?,
+        softplus: softplus.into(),
+        segments: int(segments)?,
+        segment_len: int(dims.len.div_ceil(segments).max(1))?,
+    })
+}
+
+/// Gradients of the token-major selective scan, given `grad = [g_out (batch, L, dim) |
+/// g_last_state (batch, dim, N)]`: `[g_u | g_delta | g_A | g_B | g_C | g_D | g_z | g_delta_bias
+/// | g_initial_state]` (the optional ones where given), or `None` unless `dim` and
+/// `dim / groups` are multiples of 32 (a warp is 32 channels of one group), left to the CPU.
+/// Seven kernels in order (see `selective_scan.cu`).
+pub(crate) fn selective_scan_backward(
+    p: &Packed,
+    dims: &ScanDims,
+    groups: usize,
+    present: Present,
+    softplus: bool,
+    grad: &CudaView<f32>,
+) -> Result<Option<CudaSlice<f32>>> {
+    let (nb, nd, nl, nn) = (dims.batch, dims.dim, dims.len, dims.state);
+    if !nd.is_multiple_of(32) || groups == 0 || !(nd / groups).is_multiple_of(32) {
+        return Ok(None);
+    }
+    let segments = nl.div_ceil(SCAN_BWD_SEG).div_ceil(SCAN_WARPS).max(1) * SCAN_WARPS;
+    let args = scan_args(p, dims, groups, present, softplus, segments)?;
+    let defines = scan_defines(nn);
+    let variant = p.variant(&defines);
+    let func = |name: &str| kernel(p.device(), &SELECTIVE_SCAN, &variant, name);
+    // Layout of the gradients: offsets of each input's gradient, in input order.
+    let tokens = nb * nl * nd;
+    let bc = nb * nl * groups * nn;
+    let sizes = [
+        tokens,
+        tokens,
+        nd * nn,
+        bc,
+        bc,
+        if present.d { nd } else { 0 },
+        if present.z { tokens } else { 0 },
+        if present.bias { nd } else { 0 },
+        if present.init { nb * nd * nn } else { 0 },
+    ];
+    let starts: Vec<usize> = sizes
+        .iter()
+        .scan(0, |at, &n| {
+            let start = *at;
+            *at += n;
+            Some(start)
+        })
+        .collect();
+    let total: usize = sizes.iter().sum();
+    let at_if = |here: bool, i: usize| if here { starts[i] as i64 } else { -1 };
+    let (gz_at, init_at) = (at_if(present.z, 6), at_if(present.init, 8));
+    let mut grads = p.buffer(total)?;
+    let mut seg_state = p.buffer(nb * segments * nd * nn)?;
+    let mut seg_dt = p.buffer(nb * segments * nd)?;
+    let mut last_state = p.buffer(nb * nd * nn)?;
+    let mut adj = p.buffer(nb * segments * nd * nn)?;
+    let width = nd * nn + 2 * nd;
+    let mut parts = p.buffer(nb * segments * width)?;
+    let mut b_parts = p.buffer(nb * nl * (nd / 32) * nn)?;
+    let mut c_parts = p.buffer(nb * nl * (nd / 32) * nn)?;
+    let segment_grid = (nd / 32, segments / SCAN_WARPS, nb);
+    let per_state = config(((nb * nd * nn).div_ceil(THREADS), 1, 1), THREADS, 0)?;
+    // SAFETY (every launch below): the arguments match the kernel's parameters, the packed
+    // inputs were checked against `dims`, `grad` holds g_out and g_last_state (checked by the
+    // caller), and the scratch and gradient buffers have the sizes `selective_scan.cu` gives
+    // them.
+    {
+        let f = func("selective_scan_segments")?;
+        let mut builder = p.builder(&f);
+        builder.arg(&args).arg(&mut seg_state).arg(&mut seg_dt);
+        unsafe { launch(&mut builder, config(segment_grid, 32 * SCAN_WARPS, 0)?) }?;
+    }
+    {
+        let f = func("selective_scan_combine")?;
+        let mut builder = p.builder(&f);
+        builder
+            .arg(&args)
+            .arg(&mut seg_state)
+            .arg(&seg_dt)
+            .arg(&mut last_state);
+        unsafe { launch(&mut builder, per_state) }?;
+    }
+    {
+        let f = func("selective_scan_bwd_segments")?;
+        let mut builder = p.builder(&f);
+        builder.arg(&args).arg(grad).arg(&mut adj);
+        unsafe { launch(&mut builder, config(segment_grid, 32 * SCAN_WARPS, 0)?) }?;
+    }
+    {
+        let f = func("selective_scan_bwd_combine")?;
+        let mut builder = p.builder(&f);
+        builder
+            .arg(&args)
+            .arg(grad)
+            .arg(&seg_dt)
+            .arg(&mut adj)
+            .arg(&mut grads)
+            .arg(&init_at);
+        unsafe { launch(&mut builder, per_state) }?;
+    }
+    {
+        let f = func("selective_scan_bwd")?;
+        let mut builder = p.builder(&f);
+        builder
+            .arg(&args)
+            .arg(grad)
+            .arg(&seg_state)
+            .arg(&adj)
+            .arg(&mut grads)
+            .arg(&gz_at)
+            .arg(&mut parts)
+            .arg(&mut b_parts)
+            .arg(&mut c_parts);
+        unsafe { launch(&mut builder, config(segment_grid, 32 * SCAN_WARPS, 0)?) }?;
+    }
+    // The A, D and delta_bias sums: columns of the (batch, segment) parts.
+    let count = int(nb * segments)?;
+    let stride = int(width)?;
+    for (here, column, len, input) in [
+        (true, 0, nd * nn, 2),
+        (present.d, nd * nn, nd, 5),
+        (present.bias, nd * nn + nd, nd, 7),
+    ] {
+        if !here {
+            continue;
+        }
+        let f = func("sum_parts")?;
+        let part = parts.slice(column..);
+        let mut out = grads.slice_mut(starts[input]..starts[input] + len);
+        let mut builder = p.stream.launch_builder(&f);
+        let len_arg = int(len)?;
+        builder
+            .arg(&part)
+            .arg(&count)
+            .arg(&stride)
+            .arg(&len_arg)
+            .arg(&mut out);
+        let cfg = config((len.div_ceil(THREADS), 1, 1), THREADS, 0)?;
+        unsafe { launch(&mut builder, cfg) }?;
+    }
+    for (part, input) in [(&b_parts, 3), (&c_parts, 4)] {
+        let f = func("selective_scan_bwd_sum_bc")?;
+        let mut out = grads.slice_mut(starts[input]..starts[input] + bc);
+        let mut builder = p.stream.launch_builder(&f);
+        builder.arg(&args).arg(part).arg(&mut out);
+        let cfg = config((bc.div_ceil(THREADS), 1, 1), THREADS, 0)?;
+        unsafe { launch(&mut builder, cfg) }?;
+    }
+    Ok(Some(grads))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -227,6 +399,67 @@ pub(crate) fn causal_conv1d(
         unsafe { launch(&mut builder, cfg) }?;
     }
     Ok(out)
+}
+
+/// Gradients of causal conv1d, given `grad = [g_out (batch, dim, L) | g_final (batch, dim,
+/// W-1)]`: `[g_x | g_weight | g_bias if bias | g_initial_states if given]`, or `None` for a
+/// width the block cannot hold (more than `THREADS - 1`), left to the CPU.
+pub(crate) fn causal_conv1d_backward(
+    p: &Packed,
+    dims: &ConvDims,
+    has_bias: bool,
+    has_init: bool,
+    silu: bool,
+    grad: &CudaView<f32>,
+) -> Result<Option<CudaSlice<f32>>> {
+    if dims.width + 1 > THREADS {
+        return Ok(None);
+    }
+    let rows = dims.batch * dims.dim;
+    let [x, weight, bias, initial_states] = p.offsets([true, true, has_bias, has_init])?;
+    let args = ConvArgs {
+        x,
+        weight,
+        bias,
+        initial_states,
+        rows: int(rows)?,
+        dim: int(dims.dim)?,
+        len: int(dims.len)?,
+        silu: silu.into(),
+    };
+    let defines = [("CONV_W", dims.width), ("CONV_ITEMS", CONV_ITEMS)];
+    let variant = p.variant(&defines);
+    let tiles = dims.len.div_ceil(THREADS * CONV_ITEMS).max(1);
+    let stride = dims.dim * (dims.width + 1);
+    let sums = dims.dim * dims.width + if has_bias { dims.dim } else { 0 };
+    let x_len = rows * dims.len;
+    let init_len = if has_init { rows * (dims.width - 1) } else { 0 };
+    let mut grads = p.buffer(x_len + sums + init_len)?;
+    let mut parts = p.buffer(dims.batch * tiles * stride)?;
+    // SAFETY (both launches): the arguments match the kernels' parameters, the packed inputs
+    // were checked against `dims`, `grad` holds g_out and g_final (checked by the caller) and
+    // `grads` and `parts` have the sizes `causal_conv1d.cu` gives them.
+    {
+        let f = kernel(p.device(), &CAUSAL_CONV1D, &variant, "causal_conv1d_bwd")?;
+        let mut builder = p.builder(&f);
+        builder.arg(&args).arg(grad).arg(&mut grads).arg(&mut parts);
+        unsafe { launch(&mut builder, config((rows, tiles, 1), THREADS, 0)?) }?;
+    }
+    {
+        let f = kernel(p.device(), &CAUSAL_CONV1D, &variant, "sum_parts")?;
+        let mut out = grads.slice_mut(x_len..x_len + sums);
+        let mut builder = p.stream.launch_builder(&f);
+        let (count, stride, width) = (int(dims.batch * tiles)?, int(stride)?, int(sums)?);
+        builder
+            .arg(&parts)
+            .arg(&count)
+            .arg(&stride)
+            .arg(&width)
+            .arg(&mut out);
+        let cfg = config((sums.div_ceil(THREADS), 1, 1), THREADS, 0)?;
+        unsafe { launch(&mut builder, cfg) }?;
+    }
+    Ok(Some(grads))
 }
 
 /// `ConvUpdateArgs` of `causal_conv1d.cu`.
@@ -592,4 +825,73 @@ pub(crate) fn rmsnorm_gated(p: &Packed, dims: &NormDims, has_z: bool) -> Result<
         unsafe { launch(&mut builder, cfg) }?;
     }
     Ok(out)
+}
+
+/// Largest group the norm's backward keeps in shared memory (48 KiB of f32 weight sums).
+const NORM_BWD_MAX_GROUP: usize = 48 * 1024 / 4;
+/// Blocks per multiprocessor the norm's backward aims for.
+const NORM_BWD_BLOCKS_PER_SM: usize = 4;
+
+/// Gradients of gated RMSNorm, given `grad = g_out (rows, hidden)`: `[g_x | g_weight | g_z if
+/// z]`, or `None` for a group larger than [`NORM_BWD_MAX_GROUP`], left to the CPU.
+pub(crate) fn rmsnorm_gated_backward(
+    p: &Packed,
+    dims: &NormDims,
+    has_z: bool,
+    grad: &CudaView<f32>,
+) -> Result<Option<CudaSlice<f32>>> {
+    if dims.group_size > NORM_BWD_MAX_GROUP {
+        return Ok(None);
+    }
+    let [x, weight, z] = p.offsets([true, true, has_z])?;
+    let args = NormArgs {
+        x,
+        weight,
+        z,
+        rows: int(dims.rows)?,
+        hidden: int(dims.hidden)?,
+        group_size: int(dims.group_size)?,
+        norm_before_gate: dims.norm_before_gate.into(),
+        eps: dims.eps,
+    };
+    let groups = dims.hidden / dims.group_size;
+    let target = (NORM_BWD_BLOCKS_PER_SM * multiprocessors(p.device())?).div_ceil(groups);
+    let rows_per_block = dims.rows.div_ceil(target.max(1)).max(1);
+    let row_blocks = dims.rows.div_ceil(rows_per_block);
+    let variant = p.variant(&[("NORM_THREADS", NORM_THREADS)]);
+    let size = dims.rows * dims.hidden;
+    let mut grads = p.buffer(size + dims.hidden + if has_z { size } else { 0 })?;
+    let mut parts = p.buffer(row_blocks * dims.hidden)?;
+    // SAFETY (both launches): the arguments match the kernels' parameters, the packed inputs
+    // were checked against `dims`, `grad` holds g_out (checked by the caller), `grads` and
+    // `parts` have the sizes `rmsnorm_gated.cu` gives them, and the dynamic shared memory holds
+    // one group of f32.
+    {
+        let f = kernel(p.device(), &RMSNORM_GATED, &variant, "rmsnorm_gated_bwd")?;
+        let mut builder = p.builder(&f);
+        let rows_per_block = int(rows_per_block)?;
+        builder
+            .arg(&args)
+            .arg(&rows_per_block)
+            .arg(grad)
+            .arg(&mut grads)
+            .arg(&mut parts);
+        let cfg = config((row_blocks, groups, 1), NORM_THREADS, dims.group_size * 4)?;
+        unsafe { launch(&mut builder, cfg) }?;
+    }
+    {
+        let f = kernel(p.device(), &RMSNORM_GATED, &variant, "sum_parts")?;
+        let mut out = grads.slice_mut(size..size + dims.hidden);
+        let mut builder = p.stream.launch_builder(&f);
+        let (count, width) = (int(row_blocks)?, int(dims.hidden)?);
+        builder
+            .arg(&parts)
+            .arg(&count)
+            .arg(&width)
+            .arg(&width)
+            .arg(&mut out);
+        let cfg = config((dims.hidden.div_ceil(THREADS), 1, 1), THREADS, 0)?;
+        unsafe { launch(&mut builder, cfg) }?;
+    }
+    Ok(Some(grads))
 }

@@ -1,4 +1,4 @@
-//! CUDA forward kernels of the ops, used by [`crate::tensor`] when its tensors live on a CUDA
+//! CUDA kernels of the ops, used by [`crate::tensor`] when its tensors live on a CUDA
 //! device (cargo feature `cuda`).
 //!
 //! The kernels are CUDA C++ (the `.cu` files beside this one, each with the equations it
@@ -21,9 +21,14 @@
 //! and writes f32 outputs into one flat buffer laid out like the CPU op's output. States, sums
 //! and accumulators are f32 whatever the input type.
 //!
-//! Only forward passes run here. A backward pass of a tensor on the GPU copies its inputs to the
-//! host, runs the CPU backward kernel and copies the gradients back (correct, slow); GPU backward
-//! kernels are a later step.
+//! Every forward runs here. Backward kernels exist for gated RMSNorm, causal conv1d and the
+//! selective scan (where `dim` and `dim / groups` are multiples of 32): they
+//! take the packed inputs and the output's gradient (f32) and write the flat gradients in the
+//! CPU backward's layout; gradients summed over rows or batch (weights, biases) are per-block
+//! partial sums added in a fixed order by `sum_parts` (`common.cuh`), never float atomics, so
+//! they are the same on every run. The backward of the SSD (and of a scan of other sizes) on a
+//! GPU still copies the inputs to the host, runs the CPU backward kernel and copies the gradients
+//! back (correct, slow).
 
 mod launch;
 
@@ -307,9 +312,7 @@ mod tests {
         let sources: [(&Source, Vec<Defines>); 5] = [
             (
                 &launch::SELECTIVE_SCAN,
-                [1, 16, 64]
-                    .map(|n| vec![("STATE_N", n), ("SCAN_WARPS", 8)])
-                    .into(),
+                [1, 16, 64].map(|n| launch::scan_defines(n).to_vec()).into(),
             ),
             (
                 &launch::CAUSAL_CONV1D,

@@ -137,14 +137,13 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
     seg_dt[((long long)th.b * s.segments + th.k) * s.dim + th.d] = dt_sum;
 }
 
-// 2. The state entering each segment, in place of the segment's own end state, and last_state
-// (in out, after the outputs). One (batch, channel, n) per thread; the segments are taken
+// 2. The state entering each segment, in place of the segment's own end state, and last_state. One (batch, channel, n) per thread; the segments are taken
 // COMBINE_AHEAD at a time, their loads issued together.
 #define COMBINE_AHEAD 16
 extern "C" __global__ void selective_scan_combine(const in_t* __restrict__ x, ScanArgs s,
                                                   float* __restrict__ seg_state,
                                                   const float* __restrict__ seg_dt,
-                                                  float* __restrict__ out) {
+                                                  float* __restrict__ last_state) {
     const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // (b, d, n)
     if (e >= (long long)s.batch * s.dim * STATE_N) return;
     const int n = (int)(e % STATE_N);
@@ -167,7 +166,7 @@ extern "C" __global__ void selective_scan_combine(const in_t* __restrict__ x, Sc
             running = decay[j] * running + own[j];
         }
     }
-    out[(long long)s.batch * s.len * s.dim + e] = running;
+    last_state[e] = running;
 }
 
 // 3. Each segment again from its entering state, writing the outputs.
@@ -183,4 +182,192 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
     for (int n = 0; n < STATE_N; ++n) h[n] = seg_state[at + n];
     scan_steps<true>(x, s, th.b, th.d, th.g, th.t0, th.t1, a2, h, ld_or(x, s.delta_bias, th.d, 0.0f),
                      ld_or(x, s.d, th.d, 0.0f), out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward. With a_t = exp(dt_t A), go_t = g_out_t * silu(z_t) (g_out_t without z) and lambda_t
+// the gradient of h_t (its own output term included), walking t down from L-1 with
+// lambda = g_last_state:
+//
+//   lambda_t   = lambda + go_t C_t                 g_z_t   = g_out_t (C_t . h_t + D u_t) silu'(z_t)
+//   g_C_t     += go_t h_t                          g_B_t  += lambda_t dt_t u_t
+//   g_u_t      = go_t D + dt_t (lambda_t . B_t)    g_D    += go_t u_t
+//   g_A       += lambda_t h_{t-1} a_t dt_t
+//   g_dt_t     = sum_n lambda_t[n] (h_{t-1}[n] a_t[n] A[n] + B_t[n] u_t)
+//   g_delta_t  = g_dt_t sigmoid(delta_t + delta_bias)   (g_dt_t without the softplus)
+//   g_delta_bias += g_delta_t,   lambda = lambda_t a_t   (the gradient of h_{t-1} from steps >= t)
+//
+// and g_initial_state = lambda after step 0. B and C gradients add over the channels of a group.
+// The adjoint lambda obeys the forward's recurrence backwards, lambda_{t-1} = a_t (lambda_t +
+// go_t C_t), so it is split over the same segments (of at most SCAN_BWD_SEG steps):
+//   1.-2. the forward's selective_scan_segments and _combine give the state entering each
+//      segment (nothing of the (batch, dim, L, N) states is stored);
+//   3. selective_scan_bwd_segments: each segment from a zero adjoint, walking down, gives its
+//      own adjoint at its start, Lambda_k;
+//   4. selective_scan_bwd_combine: the adjoint entering each segment from the right, from
+//      g_last_state: lambda_end(k-1) = exp(A S_k) lambda_end(k) + Lambda_k; what reaches the
+//      front is g_initial_state;
+//   5. selective_scan_bwd: each segment again, its states recomputed forward from the entering
+//      state into a per-thread array (at most SCAN_BWD_SEG + 1 states), then walked down with
+//      the entering adjoint, writing g_u, g_delta, g_z per step. The A, D and delta_bias sums
+//      go per (batch, segment) to parts [A (dim, N) | D (dim) | delta_bias (dim)], added in
+//      order by sum_parts; the B and C sums over the warp's 32 channels (shuffles) go per
+//      (batch, step, warp of channels) to b_parts / c_parts, added over a group's warps in
+//      order by selective_scan_bwd_sum_bc. No float atomics: every run gives the same bits.
+// Needs dim and dim / groups to be multiples of 32 (the launcher checks).
+
+// go_t and the raw/processed step of one step of channel d.
+struct BwdStep {
+    float delta, dt, u, z, g;
+};
+
+__device__ __forceinline__ BwdStep load_bwd_step(const in_t* x, const ScanArgs& s,
+                                                 const float* grad, long long row, int d,
+                                                 float bias) {
+    const long long at = row * s.dim + d;
+    BwdStep st;
+    st.delta = ld(x, s.delta + at) + bias;
+    st.dt = s.softplus ? softplus(st.delta) : st.delta;
+    st.u = ld(x, s.u + at);
+    st.z = s.z >= 0 ? ld(x, s.z + at) : 0.0f;
+    st.g = grad[at];
+    return st;
+}
+
+// 3. Each segment's own adjoint at its start, from a zero adjoint at its end, into adj.
+extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
+    selective_scan_bwd_segments(const in_t* __restrict__ x, ScanArgs s,
+                                const float* __restrict__ grad, float* __restrict__ adj) {
+    const SegmentThread th = segment_thread(s);
+    if (!th.active || th.k >= s.segments) return;
+    float a2[STATE_N], lam[STATE_N];
+    load_a2(x, s, th.d, a2);
+#pragma unroll
+    for (int n = 0; n < STATE_N; ++n) lam[n] = 0.0f;
+    const float bias = ld_or(x, s.delta_bias, th.d, 0.0f);
+    for (int t = th.t1 - 1; t >= th.t0; --t) {
+        const long long row = (long long)th.b * s.len + t;
+        const BwdStep st = load_bwd_step(x, s, grad, row, th.d, bias);
+        const float go = s.z >= 0 ? st.g * silu(st.z) : st.g;
+        const long long bc = (row * s.groups + th.g) * STATE_N;
+#pragma unroll
+        for (int n = 0; n < STATE_N; ++n)
+            lam[n] = exp2_approx(st.dt * a2[n]) * (lam[n] + go * ld(x, s.c + bc + n));
+    }
+    const long long at = segment_state_at(s, th.b, th.k, th.d);
+#pragma unroll
+    for (int n = 0; n < STATE_N; ++n) adj[at + n] = lam[n];
+}
+
+// 4. The adjoint entering each segment from the right, in place of the segment's own, and
+// g_initial_state (into grads at init_at, when given). One (batch, channel, n) per thread.
+extern "C" __global__ void selective_scan_bwd_combine(const in_t* __restrict__ x, ScanArgs s,
+                                                      const float* __restrict__ grad,
+                                                      const float* __restrict__ seg_dt,
+                                                      float* __restrict__ adj,
+                                                      float* __restrict__ grads,
+                                                      long long init_at) {
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // (b, d, n)
+    if (e >= (long long)s.batch * s.dim * STATE_N) return;
+    const int n = (int)(e % STATE_N);
+    const long long bd = e / STATE_N;
+    const int d = (int)(bd % s.dim), b = (int)(bd / s.dim);
+    const float a2n = ld(x, s.a + (long long)d * STATE_N + n) * LOG2E;
+    float running = grad[(long long)s.batch * s.len * s.dim + e];
+    for (int k = s.segments - 1; k >= 0; --k) {
+        const long long at = segment_state_at(s, b, k, d) + n;
+        const float own = adj[at];
+        adj[at] = running;
+        running = exp2_approx(a2n * seg_dt[((long long)b * s.segments + k) * s.dim + d]) * running + own;
+    }
+    if (init_at >= 0) grads[init_at + e] = running;
+}
+
+// 5. The gradients of each segment's steps (see above). grads starts with g_u (batch, L, dim)
+// and g_delta (batch, L, dim); g_z sits at gz_at (-1 without z).
+extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
+    selective_scan_bwd(const in_t* __restrict__ x, ScanArgs s, const float* __restrict__ grad,
+                       const float* __restrict__ seg_state, const float* __restrict__ adj,
+                       float* __restrict__ grads, long long gz_at, float* __restrict__ parts,
+                       float* __restrict__ b_parts, float* __restrict__ c_parts) {
+    const SegmentThread th = segment_thread(s);
+    if (th.k >= s.segments) return;
+    const int lane = threadIdx.x % 32, warps = s.dim / 32;
+    float a2[STATE_N], lam[STATE_N], g_a[STATE_N];
+    float hs[SCAN_BWD_SEG + 1][STATE_N];  // hs[i] = h_{t0 + i - 1}
+    load_a2(x, s, th.d, a2);
+    const long long at = segment_state_at(s, th.b, th.k, th.d);
+#pragma unroll
+    for (int n = 0; n < STATE_N; ++n) {
+        hs[0][n] = seg_state[at + n];
+        lam[n] = adj[at + n];
+        g_a[n] = 0.0f;
+    }
+    const float bias = ld_or(x, s.delta_bias, th.d, 0.0f);
+    const float skip = ld_or(x, s.d, th.d, 0.0f);
+    for (int t = th.t0; t < th.t1; ++t) {
+        const long long row = (long long)th.b * s.len + t;
+        const BwdStep st = load_bwd_step(x, s, grad, row, th.d, bias);
+        const long long bc = (row * s.groups + th.g) * STATE_N;
+        const int i = t - th.t0;
+#pragma unroll
+        for (int n = 0; n < STATE_N; ++n)
+            hs[i + 1][n] = exp2_approx(st.dt * a2[n]) * hs[i][n] + st.dt * st.u * ld(x, s.b + bc + n);
+    }
+    float g_skip = 0.0f, g_bias = 0.0f;
+    for (int t = th.t1 - 1; t >= th.t0; --t) {
+        const long long row = (long long)th.b * s.len + t;
+        const BwdStep st = load_bwd_step(x, s, grad, row, th.d, bias);
+        const long long bc = (row * s.groups + th.g) * STATE_N;
+        const int i = t - th.t0;
+        float y = skip * st.u;
+#pragma unroll
+        for (int n = 0; n < STATE_N; ++n) y += ld(x, s.c + bc + n) * hs[i + 1][n];
+        const float go = s.z >= 0 ? st.g * silu(st.z) : st.g;
+        if (s.z >= 0) grads[gz_at + row * s.dim + th.d] = st.g * y * silu_grad(st.z);
+        float lam_b = 0.0f, g_dt = 0.0f;
+        const long long part_at = ((row * warps) + th.d / 32) * STATE_N;
+#pragma unroll
+        for (int n = 0; n < STATE_N; ++n) {
+            const float bn = ld(x, s.b + bc + n), cn = ld(x, s.c + bc + n);
+            const float decay = exp2_approx(st.dt * a2[n]);
+            lam[n] += go * cn;
+            const float carried = hs[i][n] * decay;  // h_{t-1} a_t
+            g_a[n] += lam[n] * carried * st.dt;
+            g_dt += lam[n] * (carried * a2[n] * (1.0f / LOG2E) + bn * st.u);
+            lam_b += lam[n] * bn;
+            const float gb = lane_group_sum(lam[n] * st.dt * st.u, 32);
+            const float gc = lane_group_sum(go * hs[i + 1][n], 32);
+            if (lane == n % 32) {
+                b_parts[part_at + n] = gb;
+                c_parts[part_at + n] = gc;
+            }
+            lam[n] *= decay;
+        }
+        grads[row * s.dim + th.d] = go * skip + st.dt * lam_b;
+        const float g_delta = s.softplus ? g_dt / (1.0f + expf(-st.delta)) : g_dt;
+        grads[(long long)s.batch * s.len * s.dim + row * s.dim + th.d] = g_delta;
+        g_skip += go * st.u;
+        g_bias += g_delta;
+    }
+    const long long width = (long long)s.dim * STATE_N + 2LL * s.dim;
+    const long long p = ((long long)th.b * s.segments + th.k) * width;
+#pragma unroll
+    for (int n = 0; n < STATE_N; ++n) parts[p + (long long)th.d * STATE_N + n] = g_a[n];
+    parts[p + (long long)s.dim * STATE_N + th.d] = g_skip;
+    parts[p + (long long)s.dim * STATE_N + s.dim + th.d] = g_bias;
+}
+
+// 6. g_B or g_C (batch, L, groups, N): the warps' partial sums (batch, L, dim / 32, N) added
+// over the warps of each group in order. One (batch, step, group, n) per thread.
+extern "C" __global__ void selective_scan_bwd_sum_bc(ScanArgs s, const float* __restrict__ part,
+                                                     float* __restrict__ out) {
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // (b, t, g, n)
+    if (e >= (long long)s.batch * s.len * s.groups * STATE_N) return;
+    const int per_group = s.dim / s.groups / 32;
+    const long long r = e / STATE_N;  // (b, t, g)
+    const int n = (int)(e % STATE_N);
+    float total = 0.0f;
+    for (int j = 0; j < per_group; ++j) total += part[(r * per_group + j) * STATE_N + n];
+    out[e] = total;
 }
