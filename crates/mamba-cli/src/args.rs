@@ -2,6 +2,7 @@
 
 use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use mamba_models::generate::DEFAULT_CHUNK_SIZE;
 use mamba_models::sampling::SamplingParams;
 use std::path::PathBuf;
 
@@ -29,12 +30,15 @@ pub enum Command {
     Score(ScoreArgs),
     /// Describe a checkpoint: dimensions, parameters, weight and state sizes.
     Info(InfoArgs),
-    /// Time prefill and decoding of a randomly initialised preset model.
+    /// Time prefill and decoding of a preset or config.json model with random weights.
     Bench(BenchArgs),
     /// Write a freshly initialised checkpoint (Hugging Face layout).
     Init(InitArgs),
     /// Train a model from scratch or fine-tune a checkpoint on text.
     Train(TrainArgs),
+    /// Sweep sequence length and batch size for several models: prefill time, decode
+    /// speed and peak memory, written as CSV, JSON and SVG plots.
+    Scaling(ScalingArgs),
 }
 
 /// Weight precision.
@@ -85,6 +89,16 @@ impl ModelArgs {
     }
 }
 
+/// How long inputs are split for the model.
+#[derive(Debug, Args)]
+pub struct ChunkArgs {
+    /// Tokens per sequence in each forward pass over a long input; the recurrent state
+    /// (and the key/value cache of attention layers) carries over from chunk to chunk, so
+    /// memory does not grow with the input's length.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CHUNK_SIZE, value_parser = parse_positive)]
+    pub chunk_size: usize,
+}
+
 /// Comma-separated token ids, e.g. `1,2,3`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenIds(pub Vec<u32>);
@@ -96,6 +110,9 @@ pub struct GenerateArgs {
 
     #[command(flatten)]
     pub prompt: PromptArgs,
+
+    #[command(flatten)]
+    pub chunk: ChunkArgs,
 
     /// Most new tokens to generate (fewer when an end-of-sequence token comes first).
     #[arg(long, value_name = "N", default_value_t = 64)]
@@ -144,13 +161,18 @@ impl GenerateArgs {
     }
 }
 
-/// The prompt, as text or as token ids.
+/// The prompt, as text, as a text file or as token ids.
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct PromptArgs {
     /// Prompt text (needs a tokenizer).
     #[arg(long, value_name = "TEXT")]
     pub prompt: Option<String>,
+
+    /// File whose text is the prompt (needs a tokenizer), prefilled in chunks of
+    /// --chunk-size tokens: its length is limited by time, not by memory.
+    #[arg(long, value_name = "PATH")]
+    pub prompt_file: Option<PathBuf>,
 
     /// Prompt token ids, comma-separated.
     #[arg(long, value_name = "IDS", value_parser = parse_token_ids)]
@@ -165,8 +187,12 @@ pub struct ScoreArgs {
     #[command(flatten)]
     pub input: ScoreInput,
 
+    #[command(flatten)]
+    pub chunk: ChunkArgs,
+
     /// Write the logits as a safetensors file with one f32 tensor `logits`, shape
-    /// (batch, len, vocab); every sequence must have the same length.
+    /// (batch, len, vocab); every sequence must have the same length. These are held in
+    /// memory whole, unlike the activations.
     #[arg(long, value_name = "PATH")]
     pub logits_out: Option<PathBuf>,
 }
@@ -197,9 +223,8 @@ pub struct InfoArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Model dimensions to benchmark, e.g. mamba-130m, mamba2-130m or transformer-130m.
-    #[arg(long, value_name = "NAME")]
-    pub preset: String,
+    #[command(flatten)]
+    pub architecture: ArchitectureArgs,
 
     /// Prompt tokens per sequence.
     #[arg(long, value_name = "N", default_value_t = 512, value_parser = parse_positive)]
@@ -213,9 +238,70 @@ pub struct BenchArgs {
     #[arg(long, value_name = "B", default_value_t = 1, value_parser = parse_positive)]
     pub batch: usize,
 
+    /// Prefill one prompt and decode every sequence of the batch from a copy of its
+    /// state: times batched decoding after long prompts without prefilling each of them.
+    #[arg(long)]
+    pub shared_prompt: bool,
+
+    #[command(flatten)]
+    pub chunk: ChunkArgs,
+
     /// Precision of the weights.
     #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
     pub dtype: WeightDtype,
+}
+
+#[derive(Debug, Args)]
+pub struct ScalingArgs {
+    /// A preset to sweep, with random weights; repeat for more. `NAME@N` sweeps its
+    /// prompts up to N tokens instead of --max-len. Without --preset and --config:
+    /// mamba-130m, mamba2-130m and transformer-130m.
+    #[arg(long = "preset", value_name = "NAME[@N]", value_parser = parse_sweep_target)]
+    pub presets: Vec<SweepTarget>,
+
+    /// A config.json to sweep, with random weights (e.g. a small model for the longest
+    /// prompts); repeat for more. `FILE@N` sweeps its prompts up to N tokens.
+    #[arg(long = "config", value_name = "FILE[@N]", value_parser = parse_sweep_target)]
+    pub configs: Vec<SweepTarget>,
+
+    /// Output directory for scaling.csv, scaling.json and the SVG plots.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Shortest prompt of the length sweep; lengths double from it.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = parse_positive)]
+    pub min_len: usize,
+
+    /// Longest prompt of the length sweep (a model stops earlier when a point runs over
+    /// --point-timeout or --memory-budget).
+    #[arg(long, value_name = "N", default_value_t = 1 << 20, value_parser = parse_positive)]
+    pub max_len: usize,
+
+    /// Decoding steps timed after each prefill.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = parse_positive)]
+    pub gen_len: usize,
+
+    /// Largest batch of the batch sweep; batches double from 1.
+    #[arg(long, value_name = "B", default_value_t = 64, value_parser = parse_positive)]
+    pub max_batch: usize,
+
+    /// Prompt tokens per sequence in the batch sweep (prefilled once, its state copied to
+    /// every sequence).
+    #[arg(long, value_name = "N", default_value_t = 2048, value_parser = parse_positive)]
+    pub batch_prompt_len: usize,
+
+    /// Most resident memory a point may use, in GiB; a point using more is stopped and
+    /// recorded as over budget.
+    #[arg(long, value_name = "GIB", default_value_t = 8.0, value_parser = parse_positive_f64)]
+    pub memory_budget: f64,
+
+    /// Most seconds one point may take; a point taking longer is stopped, and so is a
+    /// model's length sweep once its next point is predicted to take longer.
+    #[arg(long, value_name = "S", default_value_t = 600.0, value_parser = parse_positive_f64)]
+    pub point_timeout: f64,
+
+    #[command(flatten)]
+    pub chunk: ChunkArgs,
 }
 
 /// The architecture of a new model: a preset's dimensions or a config.json.
@@ -337,6 +423,36 @@ fn parse_positive(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A model for `mamba scaling` (a preset's name or a config file), with the longest
+/// prompt to sweep it to when given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweepTarget {
+    pub model: String,
+    pub max_len: Option<usize>,
+}
+
+/// `NAME` or `NAME@N`.
+fn parse_sweep_target(s: &str) -> Result<SweepTarget, String> {
+    match s.rsplit_once('@') {
+        Some((model, n)) if !model.is_empty() => Ok(SweepTarget {
+            model: model.to_string(),
+            max_len: Some(parse_positive(n)?),
+        }),
+        _ => Ok(SweepTarget {
+            model: s.to_string(),
+            max_len: None,
+        }),
+    }
+}
+
+/// A finite number above 0.
+fn parse_positive_f64(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x > 0.0 && x.is_finite() => Ok(x),
+        _ => Err(format!("expected a number above 0, got {s:?}")),
+    }
+}
+
 /// `1,2,3` (spaces around ids allowed) into token ids; empty lists and items are errors.
 fn parse_token_ids(s: &str) -> Result<TokenIds, String> {
     if s.trim().is_empty() {
@@ -366,6 +482,24 @@ mod tests {
         for bad in ["", " ", "1,x", "1,,2", "-1", "1,", "4294967296"] {
             assert!(parse_token_ids(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn sweep_targets_may_name_their_longest_prompt() {
+        let target = |model: &str, max_len| SweepTarget {
+            model: model.to_string(),
+            max_len,
+        };
+        assert_eq!(
+            parse_sweep_target("mamba-130m"),
+            Ok(target("mamba-130m", None))
+        );
+        assert_eq!(
+            parse_sweep_target("a/b.json@4096"),
+            Ok(target("a/b.json", Some(4096)))
+        );
+        assert!(parse_sweep_target("mamba-130m@0").is_err());
+        assert!(parse_sweep_target("mamba-130m@many").is_err());
     }
 
     #[test]

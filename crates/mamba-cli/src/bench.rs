@@ -1,10 +1,13 @@
-//! `mamba bench`: prefill and decoding speed of a preset's dimensions with random weights.
+//! `mamba bench`: prefill and decoding speed of a preset's (or a config's) dimensions
+//! with random weights, and the peak memory it took.
 
 use crate::args::BenchArgs;
+use crate::init::architecture;
+use crate::memory::peak_rss_bytes;
 use anyhow::Result;
 use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
-use mamba_models::config::preset;
+use mamba_models::init::init_tensors;
 use mamba_models::layers::f32_vec;
 use mamba_models::sampling::{Sampler, SamplingParams};
 use mamba_models::{Model, State};
@@ -24,10 +27,16 @@ struct Measurement {
     peak_rss_bytes: Option<u64>,
 }
 
+/// A model with random weights and what it is made of.
+struct RandomModel {
+    model: Model,
+    parameters: usize,
+}
+
 impl Measurement {
-    /// Prompt tokens of the whole batch per second.
+    /// Prompt tokens prefilled per second.
     fn prefill_tokens_per_s(&self, args: &BenchArgs) -> f64 {
-        (args.batch * args.prompt_len) as f64 / self.prefill_seconds
+        prefill_tokens(args) as f64 / self.prefill_seconds
     }
 
     /// Generated tokens of the whole batch per second.
@@ -41,37 +50,72 @@ impl Measurement {
 }
 
 pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
-    let config = preset(&args.preset)?;
     let spinner = spinner(format!(
         "initialising {} with random {} weights",
-        args.preset,
+        model_name(args),
         args.dtype.name()
     ));
-    let model = Model::random(&config, args.dtype.dtype(), SEED)?;
+    let random = random_model(args)?;
     spinner.finish_and_clear();
-    let measurement = measure(&model, args)?;
+    let measurement = measure(&random.model, args)?;
     let mut out = io::stdout().lock();
     if json {
-        writeln!(out, "{}", report(args, &measurement))?;
+        writeln!(out, "{}", report(args, &random, &measurement))?;
     } else {
         writeln!(out, "{}", summary(args, &measurement))?;
     }
     Ok(())
 }
 
-/// Times the prefill of a random prompt, then `gen_len` greedy decoding steps after one
-/// untimed warm-up step.
+/// The preset's name, or the config file's path.
+fn model_name(args: &BenchArgs) -> String {
+    let a = &args.architecture;
+    match (&a.preset, &a.config) {
+        (Some(name), _) => name.clone(),
+        (None, Some(path)) => path.display().to_string(),
+        (None, None) => String::new(),
+    }
+}
+
+/// The benchmarked architecture with random weights, counting its parameters.
+fn random_model(args: &BenchArgs) -> Result<RandomModel> {
+    let config = architecture(&args.architecture)?;
+    let dtype = args.dtype.dtype();
+    let tensors = init_tensors(&config, dtype, SEED)?;
+    let parameters = tensors.values().map(Tensor::elem_count).sum();
+    Ok(RandomModel {
+        model: Model::from_tensors(tensors, &config, dtype)?,
+        parameters,
+    })
+}
+
+/// Prompt tokens the prefill runs: one prompt per sequence, or one in all when the
+/// sequences share it.
+fn prefill_tokens(args: &BenchArgs) -> usize {
+    if args.shared_prompt {
+        args.prompt_len
+    } else {
+        args.batch * args.prompt_len
+    }
+}
+
+/// Times the prefill of a random prompt (in chunks of `--chunk-size`), then `gen_len`
+/// greedy decoding steps after one untimed warm-up step.
 fn measure(model: &Model, args: &BenchArgs) -> Result<Measurement> {
-    let prompt = random_ids(args.batch * args.prompt_len, model.vocab_size());
-    let mut state = model.new_state(args.batch);
-    let spinner = spinner(format!(
-        "prefill of {} x {} tokens",
-        args.batch, args.prompt_len
-    ));
+    let prompts = prefill_tokens(args) / args.prompt_len;
+    let prompt = random_ids(prefill_tokens(args), model.vocab_size());
+    let mut state = model.new_state(prompts);
+    let spinner = spinner(format!("prefill of {prompts} x {} tokens", args.prompt_len));
     let start = Instant::now();
-    let logits = model.prefill(&prompt, &mut state)?;
+    let logits = model.prefill_chunked(&prompt, &mut state, args.chunk.chunk_size)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
     spinner.finish_and_clear();
+    drop(prompt);
+    let (mut state, logits) = if args.shared_prompt {
+        shared_by_batch(state, &logits, args.batch)?
+    } else {
+        (state, logits)
+    };
 
     let mut sampler = Sampler::new(SamplingParams::default());
     let first = greedy_next(&mut sampler, &logits, args.batch)?;
@@ -83,6 +127,12 @@ fn measure(model: &Model, args: &BenchArgs) -> Result<Measurement> {
         decode_seconds,
         peak_rss_bytes: peak_rss_bytes(),
     })
+}
+
+/// `batch` copies of a one-sequence state and of its logits `(1, vocab)`; the state
+/// itself is dropped, so that only the copies take memory.
+fn shared_by_batch(state: State, logits: &Tensor, batch: usize) -> Result<(State, Tensor)> {
+    Ok((state.repeated(batch), logits.repeat((batch, 1))?))
 }
 
 /// Seconds taken by `steps` decoding steps from `next`, each feeding back its greedy choice.
@@ -131,22 +181,23 @@ fn spinner(message: String) -> ProgressBar {
     spinner
 }
 
-/// The process's peak resident set size (`VmHWM`), where `/proc` reports it.
-fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-fn report(args: &BenchArgs, m: &Measurement) -> serde_json::Value {
+fn report(args: &BenchArgs, random: &RandomModel, m: &Measurement) -> serde_json::Value {
+    let state = random.model.new_state(1);
     json!({
-        "preset": args.preset,
+        "preset": args.architecture.preset,
+        "config": args.architecture.config,
+        "family": random.model.family().to_string(),
+        "parameters": random.parameters,
+        "state_bytes_per_sequence": state.bytes_per_sequence(),
+        "kv_cache_bytes_per_token": state.kv_bytes_per_token(),
         "dtype": args.dtype.name(),
         "threads": rayon::current_num_threads(),
         "batch": args.batch,
+        "shared_prompt": args.shared_prompt,
         "prompt_len": args.prompt_len,
+        "chunk_size": args.chunk.chunk_size,
         "gen_len": args.gen_len,
+        "prefill_tokens": prefill_tokens(args),
         "prefill_seconds": m.prefill_seconds,
         "prefill_tokens_per_s": m.prefill_tokens_per_s(args),
         "decode_seconds": m.decode_seconds,
@@ -163,14 +214,14 @@ fn summary(args: &BenchArgs, m: &Measurement) -> String {
     );
     format!(
         "{} ({}, {} threads, batch {})\n\
-         prefill: {} tokens per sequence in {:.3} s, {:.1} tokens/s\n\
+         prefill: {} tokens in {:.3} s, {:.1} tokens/s\n\
          decode: {} steps in {:.3} s, {:.1} tokens/s, {:.2} ms per step\n\
          peak RSS: {peak_rss}",
-        args.preset,
+        model_name(args),
         args.dtype.name(),
         rayon::current_num_threads(),
         args.batch,
-        args.prompt_len,
+        prefill_tokens(args),
         m.prefill_seconds,
         m.prefill_tokens_per_s(args),
         args.gen_len,

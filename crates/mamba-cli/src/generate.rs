@@ -2,7 +2,8 @@
 //! JSON object with the ids, text and speeds.
 
 use crate::args::{GenerateArgs, PromptArgs};
-use crate::loading::{is_decodable, load, require_tokenizer, stop_tokens, Loaded};
+use crate::loading::{file_token_ids, is_decodable, load, require_tokenizer, stop_tokens, Loaded};
+use crate::memory::peak_rss_bytes;
 use anyhow::{bail, Result};
 use mamba_models::generate::{generate, GenerateOptions, Generation};
 use mamba_models::tokenizer::{TokenStream, Tokenizer};
@@ -20,6 +21,7 @@ pub fn run(args: &GenerateArgs, json: bool) -> Result<()> {
         max_tokens: args.max_tokens,
         sampling,
         stop_tokens: stop_tokens(&model.config, tokenizer),
+        chunk_size: args.chunk.chunk_size,
     };
     let generation = if json {
         generate(&model, std::slice::from_ref(&prompt), &options, |_, _| {
@@ -34,19 +36,22 @@ pub fn run(args: &GenerateArgs, json: bool) -> Result<()> {
     }
     if json {
         let text = tokenizer.map(|t| decoded_text(t, generated)).transpose()?;
-        print_json(&prompt, &generation, text)
+        let listed_prompt = args.prompt.prompt_file.is_none().then_some(&prompt[..]);
+        print_json(prompt.len(), listed_prompt, &generation, text)
     } else {
         eprintln!("{}", speed_summary(&generation));
         Ok(())
     }
 }
 
-/// The prompt's token ids: given directly, or the encoding of the prompt text.
+/// The prompt's token ids: given directly, or the encoding of the prompt text or file.
 fn prompt_ids(prompt: &PromptArgs, tokenizer: Option<&Tokenizer>) -> Result<Vec<u32>> {
-    match (&prompt.prompt, &prompt.prompt_ids) {
-        (_, Some(ids)) => Ok(ids.0.clone()),
-        (Some(text), None) => Ok(require_tokenizer(tokenizer, "--prompt-ids")?.encode(text)?),
-        (None, None) => bail!("give a prompt with --prompt or --prompt-ids"),
+    let tokenizer = || require_tokenizer(tokenizer, "--prompt-ids");
+    match (&prompt.prompt, &prompt.prompt_file, &prompt.prompt_ids) {
+        (_, _, Some(ids)) => Ok(ids.0.clone()),
+        (Some(text), _, None) => Ok(tokenizer()?.encode(text)?),
+        (None, Some(path), None) => file_token_ids(path, tokenizer()?),
+        (None, None, None) => bail!("give a prompt with --prompt, --prompt-file or --prompt-ids"),
     }
 }
 
@@ -137,9 +142,16 @@ fn note_undecodable(tokenizer: &Tokenizer, ids: &[u32]) {
     }
 }
 
-fn print_json(prompt: &[u32], generation: &Generation, text: Option<String>) -> Result<()> {
-    let report = json!({
-        "prompt_ids": prompt,
+/// The report of `--json`; `prompt_ids` lists the prompt unless it came from a file
+/// (which may hold millions of tokens), `prompt_tokens` counts it.
+fn print_json(
+    prompt_tokens: usize,
+    prompt_ids: Option<&[u32]>,
+    generation: &Generation,
+    text: Option<String>,
+) -> Result<()> {
+    let mut report = json!({
+        "prompt_tokens": prompt_tokens,
         "generated_ids": generation.generated[0],
         "text": text,
         "prefill_tokens": generation.prefill_tokens,
@@ -148,7 +160,11 @@ fn print_json(prompt: &[u32], generation: &Generation, text: Option<String>) -> 
         "decode_tokens": generation.decode_tokens,
         "decode_seconds": generation.decode_seconds,
         "decode_tokens_per_s": generation.decode_tokens_per_s(),
+        "peak_rss_bytes": peak_rss_bytes(),
     });
+    if let Some(ids) = prompt_ids {
+        report["prompt_ids"] = json!(ids);
+    }
     writeln!(io::stdout().lock(), "{report}")?;
     Ok(())
 }

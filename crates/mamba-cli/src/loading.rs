@@ -1,11 +1,12 @@
 //! Opening a checkpoint for inference: the model, its tokenizer and its stop tokens.
 
 use crate::args::ModelArgs;
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use mamba_models::checkpoint::Checkpoint;
 use mamba_models::config::ModelConfig;
 use mamba_models::tokenizer::Tokenizer;
 use mamba_models::Model;
+use std::path::Path;
 
 /// The largest vocabulary read as byte-level (token id = byte value) when the checkpoint
 /// ships no tokenizer: the 256 byte values plus a few padding or special ids.
@@ -56,4 +57,12 @@ pub fn stop_tokens(config: &ModelConfig, tokenizer: Option<&Tokenizer>) -> Vec<u
 /// Whether `tokenizer` can decode `id`: a model's vocabulary may be padded beyond it.
 pub fn is_decodable(tokenizer: &Tokenizer, id: u32) -> bool {
     (id as usize) < tokenizer.vocab_size()
+}
+
+/// The token ids of the text in the file at `path`. The file is read and tokenized whole
+/// (a few bytes per token); the model then runs over the ids in chunks.
+pub fn file_token_ids(path: &Path, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(tokenizer.encode(&text)?)
 }

@@ -1,4 +1,5 @@
-//! `mamba`: generate, score, inspect and benchmark Mamba models from the command line.
+//! `mamba`: generate, score, inspect, benchmark, train and measure the scaling of Mamba
+//! models from the command line.
 //!
 //! Every failure ends the process with exit code 1 and one `error: ...` line on stderr.
 
@@ -8,6 +9,8 @@ mod generate;
 mod info;
 mod init;
 mod loading;
+mod memory;
+mod scaling;
 mod score;
 mod train;
 
@@ -41,6 +44,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(&args, cli.json),
         Command::Init(args) => init::run(&args, cli.json),
         Command::Train(args) => train::run(&args, cli.json),
+        Command::Scaling(args) => scaling::run(&args, cli.threads, cli.json),
     }
 }
 

@@ -2,7 +2,8 @@
 //! optionally their logits as a safetensors file.
 
 use crate::args::{ScoreArgs, ScoreInput};
-use crate::loading::{load, require_tokenizer, Loaded};
+use crate::loading::{file_token_ids, load, require_tokenizer, Loaded};
+use crate::memory::peak_rss_bytes;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use mamba_models::generate::{score, Score};
@@ -21,7 +22,13 @@ pub fn run(args: &ScoreArgs, json: bool) -> Result<()> {
         .iter()
         .enumerate()
         .map(|(i, ids)| {
-            score(&model, ids, args.logits_out.is_some()).with_context(|| format!("sequence {i}"))
+            score(
+                &model,
+                ids,
+                args.chunk.chunk_size,
+                args.logits_out.is_some(),
+            )
+            .with_context(|| format!("sequence {i}"))
         })
         .collect::<Result<Vec<_>>>()?
         .into_iter()
@@ -46,13 +53,12 @@ fn sequences(input: &ScoreInput, tokenizer: Option<&Tokenizer>) -> Result<Vec<Ve
     if !input.ids.is_empty() {
         return Ok(input.ids.iter().map(|ids| ids.0.clone()).collect());
     }
-    let text = match (&input.text, &input.file) {
-        (Some(text), _) => text.clone(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?,
+    let tokenizer = || require_tokenizer(tokenizer, "--ids");
+    Ok(vec![match (&input.text, &input.file) {
+        (Some(text), _) => tokenizer()?.encode(text)?,
+        (None, Some(path)) => file_token_ids(path, tokenizer()?)?,
         (None, None) => bail!("give the sequences with --text, --file or --ids"),
-    };
-    Ok(vec![require_tokenizer(tokenizer, "--ids")?.encode(&text)?])
+    }])
 }
 
 /// Logits of several sequences form one tensor only when the sequences are equally long.
@@ -87,7 +93,8 @@ fn print_json(sequences: &[Vec<u32>], scores: &[Score]) -> Result<()> {
             })
         })
         .collect();
-    writeln!(io::stdout().lock(), "{}", json!({ "sequences": rows }))?;
+    let report = json!({ "sequences": rows, "peak_rss_bytes": peak_rss_bytes() });
+    writeln!(io::stdout().lock(), "{report}")?;
     Ok(())
 }
 

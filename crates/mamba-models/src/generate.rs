@@ -1,5 +1,6 @@
 //! Text generation (prefill once, then one recurrent step per token) and scoring
-//! (negative log-likelihood and perplexity of given tokens).
+//! (negative log-likelihood and perplexity of given tokens). Both run long inputs in
+//! chunks with the state carried across, so their activations do not grow with the input.
 
 use crate::error::{Error, Result};
 use crate::layers::f32_vec;
@@ -16,7 +17,15 @@ pub struct GenerateOptions {
     pub sampling: SamplingParams,
     /// A sequence stops after producing one of these (its EOS).
     pub stop_tokens: Vec<u32>,
+    /// Prompt tokens per sequence in each forward pass of the prefill (see
+    /// [`DEFAULT_CHUNK_SIZE`]).
+    pub chunk_size: usize,
 }
+
+/// Tokens per sequence in one forward pass over a long input (prefill, scoring): longer
+/// inputs run in chunks of this many tokens with the state carried across, so that the
+/// activations held at once are those of one chunk whatever the input's length.
+pub const DEFAULT_CHUNK_SIZE: usize = 2048;
 
 /// What [`generate`] produced, with its timings.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +72,7 @@ pub fn generate(
         ));
     }
     let start = Instant::now();
-    let (mut state, logits) = prefill_all(model, prompts)?;
+    let (mut state, logits) = prefill_all(model, prompts, options.chunk_size)?;
     let prefill_seconds = start.elapsed().as_secs_f64();
     let prefill_tokens = prompts.iter().map(Vec::len).sum();
 
@@ -110,19 +119,20 @@ pub fn generate(
     })
 }
 
-/// Prefills every prompt and returns the batched state and last-position logits `(batch, vocab)`.
-fn prefill_all(model: &Model, prompts: &[Vec<u32>]) -> Result<(State, Tensor)> {
+/// Prefills every prompt in chunks of `chunk_size` tokens and returns the batched state and
+/// last-position logits `(batch, vocab)`.
+fn prefill_all(model: &Model, prompts: &[Vec<u32>], chunk_size: usize) -> Result<(State, Tensor)> {
     if prompts.iter().all(|p| p.len() == prompts[0].len()) {
         let ids: Vec<u32> = prompts.concat();
         let mut state = model.new_state(prompts.len());
-        let logits = model.prefill(&ids, &mut state)?;
+        let logits = model.prefill_chunked(&ids, &mut state, chunk_size)?;
         return Ok((state, logits));
     }
     let mut states = Vec::with_capacity(prompts.len());
     let mut logits = Vec::with_capacity(prompts.len());
     for prompt in prompts {
         let mut state = model.new_state(1);
-        logits.push(model.prefill(prompt, &mut state)?);
+        logits.push(model.prefill_chunked(prompt, &mut state, chunk_size)?);
         states.push(state);
     }
     Ok((stack_states(&states), Tensor::cat(&logits, 0)?))
@@ -156,23 +166,29 @@ impl Score {
     }
 }
 
-/// Tokens per forward pass when scoring: longer inputs are processed in pieces of this
-/// many tokens with the state carried across, so memory does not grow with the length.
-pub const SCORE_PIECE: usize = 1024;
-
-/// Scores `ids` (one sequence) and, when `keep_logits`, returns its logits `(len, vocab)`.
-pub fn score(model: &Model, ids: &[u32], keep_logits: bool) -> Result<(Score, Option<Vec<f32>>)> {
+/// Scores `ids` (one sequence), running it in chunks of `chunk_size` tokens with the state
+/// carried across, and, when `keep_logits`, returns its logits `(len, vocab)` (which, unlike
+/// the rest, grow with the length).
+pub fn score(
+    model: &Model,
+    ids: &[u32],
+    chunk_size: usize,
+    keep_logits: bool,
+) -> Result<(Score, Option<Vec<f32>>)> {
     if ids.len() < 2 {
         return Err(Error::Input("scoring needs at least 2 tokens".into()));
+    }
+    if chunk_size == 0 {
+        return Err(Error::Input("the chunk size must be at least 1".into()));
     }
     let mut state = model.new_state(1);
     let mut total_nll = 0.0f64;
     let mut kept = keep_logits.then(Vec::new);
-    for (piece_index, piece) in ids.chunks(SCORE_PIECE).enumerate() {
-        let hidden = model.forward(piece, &mut state)?;
+    for (chunk_index, chunk) in ids.chunks(chunk_size).enumerate() {
+        let hidden = model.forward(chunk, &mut state)?;
         let logits = f32_vec(&model.logits(&hidden)?)?;
-        let vocab = logits.len() / piece.len();
-        let offset = piece_index * SCORE_PIECE;
+        let vocab = logits.len() / chunk.len();
+        let offset = chunk_index * chunk_size;
         for (t, row) in logits.chunks(vocab).enumerate() {
             if let Some(&target) = ids.get(offset + t + 1) {
                 total_nll -= log_softmax_at(row, target as usize);

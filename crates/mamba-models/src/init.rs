@@ -289,7 +289,16 @@ pub fn init_tensors(
 impl Model {
     /// A model with freshly initialised weights in `dtype` (f32 or bf16).
     pub fn random(config: &ModelConfig, dtype: DType, seed: u64) -> Result<Self> {
-        let tensors = init_tensors(config, dtype, seed)?;
+        Self::from_tensors(init_tensors(config, dtype, seed)?, config, dtype)
+    }
+
+    /// A model from `tensors` named as in a Hugging Face checkpoint (such as
+    /// [`init_tensors`] gives), with its weights in `dtype`.
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        config: &ModelConfig,
+        dtype: DType,
+    ) -> Result<Self> {
         let vb = VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
         Self::from_var_builder(&vb, config)
     }

@@ -226,10 +226,38 @@ impl Model {
         self.lm_head.forward(hidden)
     }
 
-    /// Processes a prompt `ids: (batch, L)` and returns the logits of its last position,
-    /// `(batch, vocab)`.
+    /// Processes a prompt `ids: (batch, L)` in one forward pass and returns the logits of
+    /// its last position, `(batch, vocab)`.
     pub fn prefill(&self, ids: &[u32], state: &mut State) -> Result<Tensor> {
         let hidden = self.forward(ids, state)?;
+        self.last_position_logits(&hidden)
+    }
+
+    /// Like [`Model::prefill`], but runs `ids: (batch, L)` in chunks of at most `chunk_size`
+    /// tokens per sequence, carrying the state from each chunk to the next. The activations
+    /// alive at any time are those of one chunk, so memory does not grow with `L`, except
+    /// for the key/value caches of attention layers, which hold every token by design.
+    pub fn prefill_chunked(
+        &self,
+        ids: &[u32],
+        state: &mut State,
+        chunk_size: usize,
+    ) -> Result<Tensor> {
+        let len = sequence_length(ids.len(), state.batch)?;
+        if chunk_size == 0 {
+            return Err(Error::Input("the chunk size must be at least 1".into()));
+        }
+        let mut hidden = None;
+        for start in (0..len).step_by(chunk_size) {
+            let end = (start + chunk_size).min(len);
+            hidden = Some(self.forward(&token_columns(ids, len, start, end), state)?);
+        }
+        let hidden = hidden.ok_or_else(|| Error::Input("the prompt is empty".into()))?;
+        self.last_position_logits(&hidden)
+    }
+
+    /// Logits `(batch, vocab)` of the last position of hidden states `(batch, L, hidden)`.
+    fn last_position_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let last = hidden.dim(1)? - 1;
         self.logits(&hidden.i((.., last, ..))?.contiguous()?)
     }
@@ -272,6 +300,23 @@ fn load_block(vb: &VarBuilder, config: &ModelConfig, i: usize) -> Result<Block> 
         ModelConfig::Hybrid(c) => crate::hybrid::load_block(vb, c, i)?,
         ModelConfig::MoeMamba(c) => crate::moe_mamba::load_block(vb, c)?,
     })
+}
+
+/// Tokens per sequence of `total` row-major ids for `batch` sequences.
+fn sequence_length(total: usize, batch: usize) -> Result<usize> {
+    if batch == 0 || total == 0 || !total.is_multiple_of(batch) {
+        return Err(Error::Input(format!(
+            "{total} tokens do not make {batch} non-empty sequences of equal length"
+        )));
+    }
+    Ok(total / batch)
+}
+
+/// Positions `start..end` of every sequence of `ids: (batch, len)`, row-major.
+fn token_columns(ids: &[u32], len: usize, start: usize, end: usize) -> Vec<u32> {
+    ids.chunks(len)
+        .flat_map(|row| row[start..end].iter().copied())
+        .collect()
 }
 
 /// The mean of scalar tensors, or `None` when there are none.

@@ -102,6 +102,20 @@ impl State {
         }
     }
 
+    /// `times` copies of this batch's sequences, one batch after another, as one batch
+    /// (for decoding many sequences that share a prompt).
+    pub fn repeated(&self, times: usize) -> State {
+        State {
+            batch: self.batch * times,
+            layers: self
+                .layers
+                .iter()
+                .map(|layer| LayerState::stack(&vec![layer; times]))
+                .collect(),
+            tokens_seen: self.tokens_seen,
+        }
+    }
+
     /// Bytes of recurrent (conv and SSM) state held for each sequence; constant in the
     /// sequence length. Key/value caches are counted by [`State::kv_bytes_per_token`].
     pub fn bytes_per_sequence(&self) -> usize {

@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Tensor};
 use mamba_models::checkpoint::Checkpoint;
 use mamba_models::config::ModelConfig;
-use mamba_models::generate::{generate, GenerateOptions};
+use mamba_models::generate::{generate, GenerateOptions, DEFAULT_CHUNK_SIZE};
 use mamba_models::init::init_tensors;
 use mamba_models::layers::f32_vec;
 use mamba_models::sampling::SamplingParams;
@@ -93,6 +93,7 @@ fn unequal_prompts_decode_together_as_they_do_alone() {
         max_tokens: 8,
         sampling: SamplingParams::default(),
         stop_tokens: vec![],
+        chunk_size: DEFAULT_CHUNK_SIZE,
     };
     for (name, config) in all_configs() {
         let model = Model::random(&config, DType::F32, 5).unwrap();

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use mamba_models::checkpoint::Checkpoint;
 use mamba_models::config::ModelConfig;
-use mamba_models::generate::{generate, GenerateOptions};
+use mamba_models::generate::{generate, GenerateOptions, DEFAULT_CHUNK_SIZE};
 use mamba_models::init::init_tensors;
 use mamba_models::sampling::SamplingParams;
 use mamba_models::{Error, Model};
@@ -21,6 +21,7 @@ fn greedy(max_tokens: usize) -> GenerateOptions {
         max_tokens,
         sampling: SamplingParams::default(),
         stop_tokens: vec![],
+        chunk_size: DEFAULT_CHUNK_SIZE,
     }
 }
 

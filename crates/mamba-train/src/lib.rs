@@ -1,6 +1,6 @@
 //! Training Mamba models on CPU: byte or tokenizer data, AdamW with a warmup + cosine
 //! schedule, gradient clipping and accumulation, atomic checkpoints that resume exactly,
-//! and a loss-curve plot.
+//! and a loss-curve plot (with the line charts other commands draw).
 
 pub mod checkpoint;
 pub mod data;
@@ -21,6 +21,8 @@ pub enum Error {
     Data(String),
     #[error("training: {0}")]
     Train(String),
+    #[error("plotting failed: {0}")]
+    Plot(String),
     #[error(transparent)]
     Model(#[from] mamba_models::Error),
     #[error(transparent)]
