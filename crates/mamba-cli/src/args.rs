@@ -75,6 +75,50 @@ pub struct ModelArgs {
     /// Precision of the weights in memory.
     #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
     pub dtype: WeightDtype,
+
+    /// Where the model runs: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device_spec)]
+    pub device: DeviceSpec,
+}
+
+/// A device named on the command line, opened only when it is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// The candle device; a CUDA device in a build without CUDA is an error.
+    pub fn open(self) -> anyhow::Result<candle_core::Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
+            DeviceSpec::Cuda(ordinal) => open_cuda(ordinal),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> anyhow::Result<candle_core::Device> {
+    candle_core::Device::new_cuda(ordinal)
+        .map_err(|e| anyhow::anyhow!("cannot open CUDA device {ordinal}: {e}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_ordinal: usize) -> anyhow::Result<candle_core::Device> {
+    anyhow::bail!("built without CUDA support: rebuild with --features cuda")
+}
+
+fn parse_device_spec(s: &str) -> Result<DeviceSpec, String> {
+    match s {
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" => Ok(DeviceSpec::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceSpec::Cuda)
+            .ok_or_else(|| "expected cpu, cuda or cuda:N".to_string()),
+    }
 }
 
 /// The model this repository ships, found from the source tree the binary was built in.
@@ -249,6 +293,10 @@ pub struct BenchArgs {
     /// Precision of the weights.
     #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
     pub dtype: WeightDtype,
+
+    /// Where the model runs: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device_spec)]
+    pub device: DeviceSpec,
 }
 
 #[derive(Debug, Args)]

@@ -79,12 +79,13 @@ fn model_name(args: &BenchArgs) -> String {
 
 /// The benchmarked architecture with random weights, counting its parameters.
 fn random_model(args: &BenchArgs) -> Result<RandomModel> {
+    let device = args.device.open()?;
     let config = architecture(&args.architecture)?;
     let dtype = args.dtype.dtype();
     let tensors = init_tensors(&config, dtype, SEED)?;
     let parameters = tensors.values().map(Tensor::elem_count).sum();
     Ok(RandomModel {
-        model: Model::from_tensors(tensors, &config, dtype)?,
+        model: Model::from_tensors_on(tensors, &config, dtype, &device)?,
         parameters,
     })
 }
@@ -108,6 +109,7 @@ fn measure(model: &Model, args: &BenchArgs) -> Result<Measurement> {
     let spinner = spinner(format!("prefill of {prompts} x {} tokens", args.prompt_len));
     let start = Instant::now();
     let logits = model.prefill_chunked(&prompt, &mut state, args.chunk.chunk_size)?;
+    model.device().synchronize()?;
     let prefill_seconds = start.elapsed().as_secs_f64();
     spinner.finish_and_clear();
     drop(prompt);
@@ -191,6 +193,7 @@ fn report(args: &BenchArgs, random: &RandomModel, m: &Measurement) -> serde_json
         "state_bytes_per_sequence": state.bytes_per_sequence(),
         "kv_cache_bytes_per_token": state.kv_bytes_per_token(),
         "dtype": args.dtype.name(),
+        "device": format!("{:?}", args.device).to_lowercase(),
         "threads": rayon::current_num_threads(),
         "batch": args.batch,
         "shared_prompt": args.shared_prompt,

@@ -19,9 +19,10 @@ pub struct Loaded {
 }
 
 pub fn load(args: &ModelArgs) -> Result<Loaded> {
+    let device = args.device.open()?;
     let checkpoint = Checkpoint::open(&args.dir())?;
     let tokenizer = tokenizer_for(&checkpoint)?;
-    let model = Model::load(&checkpoint, args.dtype.dtype())?;
+    let model = Model::load_on(&checkpoint, args.dtype.dtype(), &device)?;
     Ok(Loaded { model, tokenizer })
 }
 

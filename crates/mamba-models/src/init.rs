@@ -299,7 +299,17 @@ impl Model {
         config: &ModelConfig,
         dtype: DType,
     ) -> Result<Self> {
-        let vb = VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
+        Self::from_tensors_on(tensors, config, dtype, &Device::Cpu)
+    }
+
+    /// Like [`Model::from_tensors`], with the weights on `device`.
+    pub fn from_tensors_on(
+        tensors: HashMap<String, Tensor>,
+        config: &ModelConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
         Self::from_var_builder(&vb, config)
     }
 }

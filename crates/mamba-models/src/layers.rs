@@ -54,7 +54,9 @@ impl Linear {
         let rows = x.elem_count() / inp.max(1);
         let x2 = x.reshape((rows, inp))?;
         let y = match self.weight.dtype() {
-            DType::BF16 if rows <= BF16_GEMV_MAX_ROWS => bf16_gemv(&x2, &self.weight)?,
+            DType::BF16 if rows <= BF16_GEMV_MAX_ROWS && self.weight.device().is_cpu() => {
+                bf16_gemv(&x2, &self.weight)?
+            }
             DType::F32 => x2.matmul(&self.weight.t()?)?,
             _ => x2.matmul(&self.weight.to_dtype(DType::F32)?.t()?)?,
         };
@@ -156,7 +158,7 @@ impl Embedding {
         if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
             return Err(Error::Input("empty input or ragged batch".into()));
         }
-        let index = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
+        let index = Tensor::from_slice(ids, ids.len(), self.weight.device())?;
         let rows = self.weight.index_select(&index, 0)?.to_dtype(DType::F32)?;
         Ok(rows.reshape((batch, ids.len() / batch, self.weight.dim(1)?))?)
     }
@@ -210,7 +212,12 @@ pub fn load_f32(vb: &VarBuilder, name: &str, shape: &[usize]) -> Result<Tensor> 
 
 /// A recurrent state held as an f32 vector, viewed as a tensor of `shape` (no gradient).
 pub fn state_tensor(values: &[f32], shape: &[usize]) -> Result<Tensor> {
-    Ok(Tensor::from_slice(values, shape, &Device::Cpu)?)
+    state_tensor_on(values, shape, &Device::Cpu)
+}
+
+/// Like [`state_tensor`], on `device` (the host values are copied there).
+pub fn state_tensor_on(values: &[f32], shape: &[usize], device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(values, shape, device)?)
 }
 
 /// Columns `[start, start + width)` of the last dimension.

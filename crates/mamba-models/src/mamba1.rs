@@ -21,11 +21,11 @@
 use crate::config::MambaConfig;
 use crate::error::Result;
 use crate::layers::{
-    columns, f32_vec, load_f32, rms_normalize, state_tensor, swap_time_channels, Linear, RmsNorm,
+    columns, f32_vec, load_f32, rms_normalize, state_tensor_on, swap_time_channels, Linear, RmsNorm,
 };
 use crate::model::Mixer;
 use crate::state::{LayerState, StateSize};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use mamba_ops::causal_conv1d::{causal_conv1d_update, ConvUpdateDims, ConvUpdateInputs};
 use mamba_ops::math::NO_DT_LIMIT;
@@ -221,13 +221,14 @@ impl Mixer for MambaMixer {
     fn forward(&self, x: &Tensor, state: &mut LayerState) -> Result<Tensor> {
         let (batch, len, _) = x.dims3()?;
         let (di, n, w) = (self.d_inner, self.state_size, self.conv_kernel);
+        let dev = x.device();
         let xz = self.in_proj.forward(x)?; // (b, L, 2 d_inner)
         let xs = swap_time_channels(&columns(&xz, 0, di)?)?; // (b, d_inner, L)
         let (xc, conv_final) = causal_conv1d(
             &xs,
             &self.conv_weight,
             self.conv_bias.as_ref(),
-            Some(&state_tensor(&state.conv, &[batch, di, w - 1])?),
+            Some(&state_tensor_on(&state.conv, &[batch, di, w - 1], dev)?),
             true,
         )?;
         let xc = swap_time_channels(&xc)?; // (b, L, d_inner)
@@ -245,7 +246,7 @@ impl Mixer for MambaMixer {
                 z: Some(&z),
                 delta_bias: Some(&self.dt_bias),
                 delta_softplus: true,
-                initial_state: Some(&state_tensor(&state.ssm, &[batch, di, n])?),
+                initial_state: Some(&state_tensor_on(&state.ssm, &[batch, di, n], dev)?),
             },
         )?;
         state.conv = f32_vec(&conv_final)?;
@@ -277,7 +278,7 @@ impl Mixer for MambaMixer {
                 silu: true,
             },
         )?;
-        let xc_t = Tensor::from_slice(&xc, (batch, di), &Device::Cpu)?;
+        let xc_t = Tensor::from_slice(&xc, (batch, di), x.device())?;
         let (delta, b, c) = self.project_dt_b_c(&xc_t)?;
         let y = selective_state_update(
             &StepDims::mamba1(batch, di, self.state_size),
@@ -296,6 +297,6 @@ impl Mixer for MambaMixer {
             },
         )?;
         self.out_proj
-            .forward(&Tensor::from_vec(y, (batch, di), &Device::Cpu)?)
+            .forward(&Tensor::from_vec(y, (batch, di), x.device())?)
     }
 }

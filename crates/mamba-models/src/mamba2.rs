@@ -12,10 +12,10 @@
 
 use crate::config::Mamba2Config;
 use crate::error::Result;
-use crate::layers::{columns, f32_vec, load_f32, state_tensor, swap_time_channels, Linear};
+use crate::layers::{columns, f32_vec, load_f32, state_tensor_on, swap_time_channels, Linear};
 use crate::model::Mixer;
 use crate::state::{LayerState, StateSize};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use mamba_ops::causal_conv1d::{causal_conv1d_update, ConvUpdateDims, ConvUpdateInputs};
 use mamba_ops::rmsnorm_gated::NormDims;
@@ -131,9 +131,10 @@ impl Mixer for Mamba2Mixer {
             &xbc,
             &self.conv_weight,
             self.conv_bias.as_ref(),
-            Some(&state_tensor(
+            Some(&state_tensor_on(
                 &state.conv,
                 &[batch, conv_dim, c.conv_kernel - 1],
+                x.device(),
             )?),
             true,
         )?;
@@ -154,7 +155,11 @@ impl Mixer for Mamba2Mixer {
                 dt_bias: Some(&self.dt_bias),
                 dt_softplus: true,
                 dt_limit: self.dt_limit(),
-                initial_states: Some(&state_tensor(&state.ssm, &[batch, nh, p, n])?),
+                initial_states: Some(&state_tensor_on(
+                    &state.ssm,
+                    &[batch, nh, p, n],
+                    x.device(),
+                )?),
                 chunk_size: c.chunk_size,
             },
         )?;
@@ -239,6 +244,6 @@ impl Mixer for Mamba2Mixer {
         };
         let y = mamba_ops::rmsnorm_gated::rmsnorm_gated(&dims, &y, &pr.norm_weight, Some(&z))?;
         self.out_proj
-            .forward(&Tensor::from_vec(y, (batch, di), &Device::Cpu)?)
+            .forward(&Tensor::from_vec(y, (batch, di), x.device())?)
     }
 }

@@ -133,8 +133,14 @@ pub struct HiddenStates {
 impl Model {
     /// Loads a checkpoint folder with its weights in `dtype` (f32 or bf16).
     pub fn load(checkpoint: &Checkpoint, dtype: DType) -> Result<Self> {
+        Self::load_on(checkpoint, dtype, &Device::Cpu)
+    }
+
+    /// Like [`Model::load`], with the weights on `device`. The recurrent states stay in
+    /// host memory and are copied to and from the device on every call.
+    pub fn load_on(checkpoint: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
         check_weight_dtype(dtype)?;
-        let vb = checkpoint.var_builder(dtype, &Device::Cpu)?;
+        let vb = checkpoint.var_builder(dtype, device)?;
         Self::from_var_builder(&vb, &checkpoint.config)
     }
 
@@ -177,6 +183,11 @@ impl Model {
 
     pub fn weight_dtype(&self) -> DType {
         self.weight_dtype
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> &Device {
+        self.embedding.weight().device()
     }
 
     /// The state of `batch` sequences before any token: zero recurrent states, empty
