@@ -602,3 +602,40 @@ fn logits_of_unequal_sequences_are_refused() {
     );
     assert!(!out_path.exists());
 }
+
+/// A CPU-only build refuses `--device cuda` with one clear line; a malformed device is a
+/// usage error. (With `--features cuda` the device is opened instead.)
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_device_without_cuda_build_fails_cleanly() {
+    let model = checkpoint("mamba_tied");
+    for command in ["generate", "score"] {
+        let input = if command == "generate" {
+            "--prompt-ids"
+        } else {
+            "--ids"
+        };
+        assert_fails_with(
+            &[
+                command,
+                "--model",
+                path_arg(&model),
+                input,
+                "1,2,3",
+                "--device",
+                "cuda",
+            ],
+            "rebuild with --features cuda",
+        );
+    }
+    assert_fails_with(
+        &["bench", "--preset", "mamba-130m", "--device", "cuda:1"],
+        "rebuild with --features cuda",
+    );
+    let out = mamba(&["bench", "--preset", "mamba-130m", "--device", "gpu"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("cuda:N"),
+        "{}",
+        stderr(&out)
+    );
+}
