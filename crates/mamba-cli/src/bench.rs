@@ -134,7 +134,7 @@ fn measure(model: &Model, args: &BenchArgs) -> Result<Measurement> {
 /// `batch` copies of a one-sequence state and of its logits `(1, vocab)`; the state
 /// itself is dropped, so that only the copies take memory.
 fn shared_by_batch(state: State, logits: &Tensor, batch: usize) -> Result<(State, Tensor)> {
-    Ok((state.repeated(batch), logits.repeat((batch, 1))?))
+    Ok((state.repeated(batch)?, logits.repeat((batch, 1))?))
 }
 
 /// Seconds taken by `steps` decoding steps from `next`, each feeding back its greedy choice.

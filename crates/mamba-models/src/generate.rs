@@ -135,20 +135,20 @@ fn prefill_all(model: &Model, prompts: &[Vec<u32>], chunk_size: usize) -> Result
         logits.push(model.prefill_chunked(prompt, &mut state, chunk_size)?);
         states.push(state);
     }
-    Ok((stack_states(&states), Tensor::cat(&logits, 0)?))
+    Ok((stack_states(&states)?, Tensor::cat(&logits, 0)?))
 }
 
 /// Stacks single-sequence states into one batched state (recurrent layouts are
 /// batch-major; key/value caches stay per sequence, whatever their lengths).
-pub fn stack_states(states: &[State]) -> State {
-    let layers = (0..states[0].layers.len())
+pub fn stack_states(states: &[State]) -> Result<State> {
+    let layers = (0..states.first().map_or(0, |s| s.layers.len()))
         .map(|l| LayerState::stack(&states.iter().map(|s| &s.layers[l]).collect::<Vec<_>>()))
-        .collect();
-    State {
+        .collect::<Result<_>>()?;
+    Ok(State {
         batch: states.iter().map(|s| s.batch).sum(),
         layers,
         tokens_seen: states.iter().map(|s| s.tokens_seen).max().unwrap_or(0),
-    }
+    })
 }
 
 /// Scores of one sequence.

@@ -21,7 +21,7 @@
 use crate::config::MambaConfig;
 use crate::error::Result;
 use crate::layers::{
-    columns, f32_vec, load_f32, rms_normalize, state_tensor_on, swap_time_channels, Linear, RmsNorm,
+    columns, f32_vec, load_f32, rms_normalize, swap_time_channels, Linear, RmsNorm,
 };
 use crate::model::Mixer;
 use crate::state::{LayerState, StateSize};
@@ -30,7 +30,7 @@ use candle_nn::VarBuilder;
 use mamba_ops::causal_conv1d::{causal_conv1d_update, ConvUpdateDims, ConvUpdateInputs};
 use mamba_ops::math::NO_DT_LIMIT;
 use mamba_ops::selective_state_update::{selective_state_update, StepDims, StepInputs};
-use mamba_ops::tensor::{causal_conv1d, selective_scan, ScanOptions};
+use mamba_ops::tensor::{causal_conv1d, selective_scan, ScanOptions, StepOptions};
 
 /// The sizes and options of one Mamba-1 mixer, whichever family it belongs to.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -147,6 +147,8 @@ struct DecodeParams {
     a: Vec<f32>,
     d: Vec<f32>,
     dt_bias: Vec<f32>,
+    /// `A = -exp(A_log)` as a tensor on the model's device, for the device step.
+    a_tensor: Tensor,
 }
 
 impl MambaMixer {
@@ -173,6 +175,7 @@ impl MambaMixer {
             a: f32_vec(&a_log)?.iter().map(|v| -v.exp()).collect(),
             d: f32_vec(&d)?,
             dt_bias: f32_vec(&dt_bias)?,
+            a_tensor: a_log.exp()?.neg()?.detach(),
         };
         Ok(MambaMixer {
             in_proj: Linear::load(vb, "in_proj", (2 * di, h), spec.proj_bias)?,
@@ -224,11 +227,13 @@ impl Mixer for MambaMixer {
         let dev = x.device();
         let xz = self.in_proj.forward(x)?; // (b, L, 2 d_inner)
         let xs = swap_time_channels(&columns(&xz, 0, di)?)?; // (b, d_inner, L)
+        let (conv_state, ssm_state) =
+            state.recurrent_tensors(&[batch, di, w - 1], &[batch, di, n], dev)?;
         let (xc, conv_final) = causal_conv1d(
             &xs,
             &self.conv_weight,
             self.conv_bias.as_ref(),
-            Some(&state_tensor_on(&state.conv, &[batch, di, w - 1], dev)?),
+            Some(&conv_state),
             true,
         )?;
         let xc = swap_time_channels(&xc)?; // (b, L, d_inner)
@@ -246,16 +251,18 @@ impl Mixer for MambaMixer {
                 z: Some(&z),
                 delta_bias: Some(&self.dt_bias),
                 delta_softplus: true,
-                initial_state: Some(&state_tensor_on(&state.ssm, &[batch, di, n], dev)?),
+                initial_state: Some(&ssm_state),
             },
         )?;
-        state.conv = f32_vec(&conv_final)?;
-        state.ssm = f32_vec(&last_state)?;
+        state.set_recurrent(&conv_final, &last_state)?;
         self.out_proj.forward(&y)
     }
 
     /// One token per sequence, `x: (b, hidden)`, through the recurrent updates.
     fn step(&self, x: &Tensor, state: &mut LayerState) -> Result<Tensor> {
+        if x.device().is_cuda() {
+            return self.step_on_device(x, state);
+        }
         let batch = x.dim(0)?;
         let di = self.d_inner;
         let p = &self.decode;
@@ -298,5 +305,43 @@ impl Mixer for MambaMixer {
         )?;
         self.out_proj
             .forward(&Tensor::from_vec(y, (batch, di), x.device())?)
+    }
+}
+
+impl MambaMixer {
+    /// [`Mixer::step`] with the state kept on the model's (CUDA) device: the conv and SSM
+    /// updates run there, and nothing is copied to the host.
+    fn step_on_device(&self, x: &Tensor, state: &mut LayerState) -> Result<Tensor> {
+        let batch = x.dim(0)?;
+        let (di, n, w) = (self.d_inner, self.state_size, self.conv_kernel);
+        let (conv_state, ssm_state) =
+            state.recurrent_tensors(&[batch, di, w - 1], &[batch, di, n], x.device())?;
+        let xz = self.in_proj.forward(x)?; // (b, 2 d_inner)
+        let (xc, conv_state) = mamba_ops::tensor::causal_conv1d_update(
+            &conv_state,
+            &columns(&xz, 0, di)?,
+            &self.conv_weight,
+            self.conv_bias.as_ref(),
+            true,
+        )?; // (b, d_inner)
+        let (delta, b, c) = self.project_dt_b_c(&xc)?;
+        let z = columns(&xz, di, di)?;
+        let (y, ssm_state) = mamba_ops::tensor::selective_state_update(
+            &ssm_state,
+            &xc,
+            &delta,
+            &self.decode.a_tensor,
+            &b,
+            &c,
+            StepOptions {
+                d: Some(&self.d),
+                z: Some(&z),
+                dt_bias: Some(&self.dt_bias),
+                dt_softplus: true,
+                dt_limit: NO_DT_LIMIT,
+            },
+        )?;
+        state.set_recurrent(&conv_state, &ssm_state)?;
+        self.out_proj.forward(&y)
     }
 }

@@ -12,7 +12,7 @@
 
 use crate::config::Mamba2Config;
 use crate::error::Result;
-use crate::layers::{columns, f32_vec, load_f32, state_tensor_on, swap_time_channels, Linear};
+use crate::layers::{columns, f32_vec, load_f32, swap_time_channels, Linear};
 use crate::model::Mixer;
 use crate::state::{LayerState, StateSize};
 use candle_core::Tensor;
@@ -20,7 +20,7 @@ use candle_nn::VarBuilder;
 use mamba_ops::causal_conv1d::{causal_conv1d_update, ConvUpdateDims, ConvUpdateInputs};
 use mamba_ops::rmsnorm_gated::NormDims;
 use mamba_ops::selective_state_update::{selective_state_update, StepDims, StepInputs};
-use mamba_ops::tensor::{causal_conv1d, rmsnorm_gated, ssd, SsdOptions};
+use mamba_ops::tensor::{causal_conv1d, rmsnorm_gated, ssd, SsdOptions, StepOptions};
 
 /// The SSD mixer of one layer.
 #[derive(Debug, Clone)]
@@ -50,6 +50,8 @@ struct DecodeParams {
     d: Vec<f32>,
     dt_bias: Vec<f32>,
     norm_weight: Vec<f32>,
+    /// `A = -exp(A_log)` as a tensor on the model's device, for the device step.
+    a_tensor: Tensor,
 }
 
 impl Mamba2Mixer {
@@ -79,6 +81,7 @@ impl Mamba2Mixer {
             d: f32_vec(&d)?,
             dt_bias: f32_vec(&dt_bias)?,
             norm_weight: f32_vec(&norm_weight)?,
+            a_tensor: a_log.exp()?.neg()?.detach(),
         };
         Ok(Mamba2Mixer {
             in_proj: Linear::load(vb, "in_proj", (in_features, hid), cfg.use_bias)?,
@@ -127,15 +130,16 @@ impl Mixer for Mamba2Mixer {
         let z = columns(&zxbcdt, 0, di)?; // (b, L, d_inner)
         let xbc = swap_time_channels(&columns(&zxbcdt, di, conv_dim)?)?; // (b, conv_dim, L)
         let dt = columns(&zxbcdt, di + conv_dim, nh)?; // (b, L, H)
+        let (conv_state, ssm_state) = state.recurrent_tensors(
+            &[batch, conv_dim, c.conv_kernel - 1],
+            &[batch, nh, p, n],
+            x.device(),
+        )?;
         let (xbc, conv_final) = causal_conv1d(
             &xbc,
             &self.conv_weight,
             self.conv_bias.as_ref(),
-            Some(&state_tensor_on(
-                &state.conv,
-                &[batch, conv_dim, c.conv_kernel - 1],
-                x.device(),
-            )?),
+            Some(&conv_state),
             true,
         )?;
         let xbc = swap_time_channels(&xbc)?; // (b, L, conv_dim)
@@ -155,16 +159,11 @@ impl Mixer for Mamba2Mixer {
                 dt_bias: Some(&self.dt_bias),
                 dt_softplus: true,
                 dt_limit: self.dt_limit(),
-                initial_states: Some(&state_tensor_on(
-                    &state.ssm,
-                    &[batch, nh, p, n],
-                    x.device(),
-                )?),
+                initial_states: Some(&ssm_state),
                 chunk_size: c.chunk_size,
             },
         )?;
-        state.conv = f32_vec(&conv_final)?;
-        state.ssm = f32_vec(&final_state)?;
+        state.set_recurrent(&conv_final, &final_state)?;
         let y = rmsnorm_gated(
             &y.reshape((batch, len, di))?,
             &self.norm_weight,
@@ -178,6 +177,9 @@ impl Mixer for Mamba2Mixer {
 
     /// One token per sequence, `x: (b, hidden)`, through the recurrent updates.
     fn step(&self, x: &Tensor, state: &mut LayerState) -> Result<Tensor> {
+        if x.device().is_cuda() {
+            return self.step_on_device(x, state);
+        }
         let c = &self.cfg;
         let batch = x.dim(0)?;
         let pr = &self.decode;
@@ -245,5 +247,59 @@ impl Mixer for Mamba2Mixer {
         let y = mamba_ops::rmsnorm_gated::rmsnorm_gated(&dims, &y, &pr.norm_weight, Some(&z))?;
         self.out_proj
             .forward(&Tensor::from_vec(y, (batch, di), x.device())?)
+    }
+}
+
+impl Mamba2Mixer {
+    /// [`Mixer::step`] with the state kept on the model's (CUDA) device: the conv, SSM and
+    /// gated-norm updates run there, and nothing is copied to the host.
+    fn step_on_device(&self, x: &Tensor, state: &mut LayerState) -> Result<Tensor> {
+        let c = &self.cfg;
+        let batch = x.dim(0)?;
+        let (di, conv_dim, nh, p) = (c.d_inner(), c.conv_dim(), c.num_heads, c.head_dim);
+        let (g, n) = (c.n_groups, c.state_size);
+        let (conv_state, ssm_state) = state.recurrent_tensors(
+            &[batch, conv_dim, c.conv_kernel - 1],
+            &[batch, nh, p, n],
+            x.device(),
+        )?;
+        let zxbcdt = self.in_proj.forward(x)?; // (b, 2 d_inner + 2GN + H)
+        let z = columns(&zxbcdt, 0, di)?;
+        let dt = columns(&zxbcdt, di + conv_dim, nh)?; // (b, H)
+        let (xbc, conv_state) = mamba_ops::tensor::causal_conv1d_update(
+            &conv_state,
+            &columns(&zxbcdt, di, conv_dim)?,
+            &self.conv_weight,
+            self.conv_bias.as_ref(),
+            true,
+        )?; // (b, conv_dim)
+        let xs = columns(&xbc, 0, di)?.reshape((batch, nh, p))?;
+        let b = columns(&xbc, di, g * n)?.reshape((batch, g, n))?;
+        let cm = columns(&xbc, di + g * n, g * n)?.reshape((batch, g, n))?;
+        let (y, ssm_state) = mamba_ops::tensor::selective_state_update(
+            &ssm_state,
+            &xs,
+            &dt,
+            &self.decode.a_tensor,
+            &b,
+            &cm,
+            StepOptions {
+                d: Some(&self.d),
+                z: None,
+                dt_bias: Some(&self.dt_bias),
+                dt_softplus: true,
+                dt_limit: self.dt_limit(),
+            },
+        )?;
+        state.set_recurrent(&conv_state, &ssm_state)?;
+        let y = rmsnorm_gated(
+            &y.reshape((batch, di))?,
+            &self.norm_weight,
+            Some(&z),
+            self.norm_group_size(),
+            c.layer_norm_epsilon as f32,
+            c.norm_before_gate,
+        )?;
+        self.out_proj.forward(&y)
     }
 }

@@ -2,6 +2,9 @@
 //! keeps its last `W-1` conv inputs and its SSM state, whose size does not grow with the
 //! sequence; an attention layer keeps the keys and values of every token it has seen.
 
+use crate::error::Result;
+use candle_core::{DType, Device, Tensor};
+
 /// What one layer keeps for each sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StateSize {
@@ -14,11 +17,43 @@ pub enum StateSize {
 /// One layer's state for a whole batch. Mamba layers fill `conv: (batch, conv_dim, W-1)`
 /// and `ssm: (batch, d_inner, N)` (Mamba-1) or `(batch, H, P, N)` (Mamba-2), all f32, and
 /// have no `kv`; attention layers leave `conv` and `ssm` empty and carry `kv`.
+///
+/// A Mamba layer of a model on an accelerator keeps the same state as f32 tensors of those
+/// shapes in `device` instead, so that decoding does not copy it to the host every token;
+/// `conv` and `ssm` are then empty. [`LayerState::to_host`] brings it back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerState {
     pub conv: Vec<f32>,
     pub ssm: Vec<f32>,
     pub kv: Option<KvCache>,
+    pub device: Option<DeviceState>,
+}
+
+/// A Mamba layer's recurrent state held on the model's device: f32 tensors
+/// `conv: (batch, conv_dim, W-1)` and `ssm: (batch, d_inner, N)` or `(batch, H, P, N)`.
+#[derive(Debug, Clone)]
+pub struct DeviceState {
+    pub conv: Tensor,
+    pub ssm: Tensor,
+}
+
+impl PartialEq for DeviceState {
+    /// Equal shapes and equal values (false where a value cannot be read).
+    fn eq(&self, other: &Self) -> bool {
+        let values = |t: &Tensor| -> Option<(Vec<usize>, Vec<f32>)> {
+            let v = t
+                .to_dtype(DType::F32)
+                .ok()?
+                .flatten_all()
+                .ok()?
+                .to_vec1()
+                .ok()?;
+            Some((t.dims().to_vec(), v))
+        };
+        let (a, b) = (values(&self.conv), values(&other.conv));
+        let (c, d) = (values(&self.ssm), values(&other.ssm));
+        a.is_some() && a == b && c.is_some() && c == d
+    }
 }
 
 /// The keys and values of one attention layer, kept apart for each sequence of the batch
@@ -46,6 +81,7 @@ impl LayerState {
                 conv: vec![0.0; batch * conv],
                 ssm: vec![0.0; batch * ssm],
                 kv: None,
+                device: None,
             },
             StateSize::KeyValue { width } => LayerState {
                 conv: Vec::new(),
@@ -54,13 +90,15 @@ impl LayerState {
                     width,
                     sequences: vec![SequenceKv::default(); batch],
                 }),
+                device: None,
             },
         }
     }
 
     /// The states of several batches of the same layer as one batch, in order
-    /// (the recurrent layouts are batch-major, the caches per sequence).
-    pub fn stack(parts: &[&LayerState]) -> Self {
+    /// (the recurrent layouts are batch-major, the caches per sequence). Parts whose state
+    /// is on a device stack there (a part still on the host is moved to that device).
+    pub fn stack(parts: &[&LayerState]) -> Result<Self> {
         let kv = parts
             .first()
             .and_then(|p| p.kv.as_ref())
@@ -72,10 +110,103 @@ impl LayerState {
                     .flat_map(|kv| kv.sequences.iter().cloned())
                     .collect(),
             });
-        LayerState {
-            conv: parts.iter().flat_map(|p| p.conv.iter().copied()).collect(),
-            ssm: parts.iter().flat_map(|p| p.ssm.iter().copied()).collect(),
+        let Some(on) = parts.iter().find_map(|p| p.device.as_ref()) else {
+            return Ok(LayerState {
+                conv: parts.iter().flat_map(|p| p.conv.iter().copied()).collect(),
+                ssm: parts.iter().flat_map(|p| p.ssm.iter().copied()).collect(),
+                kv,
+                device: None,
+            });
+        };
+        let dev = on.conv.device();
+        let mut convs = Vec::with_capacity(parts.len());
+        let mut ssms = Vec::with_capacity(parts.len());
+        for part in parts {
+            let (conv, ssm) = match &part.device {
+                Some(d) => (d.conv.clone(), d.ssm.clone()),
+                None => {
+                    let rows = |v: &[f32], like: &Tensor| -> Result<Tensor> {
+                        let per_row: usize = like.dims()[1..].iter().product();
+                        let mut shape = like.dims().to_vec();
+                        shape[0] = v.len() / per_row.max(1);
+                        Ok(Tensor::from_slice(v, shape, dev)?)
+                    };
+                    (rows(&part.conv, &on.conv)?, rows(&part.ssm, &on.ssm)?)
+                }
+            };
+            convs.push(conv);
+            ssms.push(ssm);
+        }
+        Ok(LayerState {
+            conv: Vec::new(),
+            ssm: Vec::new(),
             kv,
+            device: Some(DeviceState {
+                conv: Tensor::cat(&convs, 0)?,
+                ssm: Tensor::cat(&ssms, 0)?,
+            }),
+        })
+    }
+
+    /// This state with any device-held recurrent state copied back into `conv` and `ssm`.
+    pub fn to_host(&self) -> Result<LayerState> {
+        let Some(d) = &self.device else {
+            return Ok(self.clone());
+        };
+        let values = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        Ok(LayerState {
+            conv: values(&d.conv)?,
+            ssm: values(&d.ssm)?,
+            kv: self.kv.clone(),
+            device: None,
+        })
+    }
+
+    /// The recurrent state as f32 tensors `(conv, ssm)` of the given shapes on `device`:
+    /// the device-held tensors where there are some, else built from `conv` and `ssm`.
+    pub fn recurrent_tensors(
+        &self,
+        conv_shape: &[usize],
+        ssm_shape: &[usize],
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        match &self.device {
+            Some(d) => Ok((d.conv.clone(), d.ssm.clone())),
+            None => Ok((
+                Tensor::from_slice(&self.conv, conv_shape, device)?,
+                Tensor::from_slice(&self.ssm, ssm_shape, device)?,
+            )),
+        }
+    }
+
+    /// Replaces the recurrent state by `conv` and `ssm` (no gradient kept): held as tensors
+    /// when they are on a CUDA device, else copied into the `conv` and `ssm` vectors.
+    pub fn set_recurrent(&mut self, conv: &Tensor, ssm: &Tensor) -> Result<()> {
+        if !conv.device().is_cuda() {
+            let values = |t: &Tensor| -> Result<Vec<f32>> {
+                Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+            };
+            self.conv = values(conv)?;
+            self.ssm = values(ssm)?;
+            self.device = None;
+        } else {
+            self.conv = Vec::new();
+            self.ssm = Vec::new();
+            self.device = Some(DeviceState {
+                conv: conv.detach(),
+                ssm: ssm.detach(),
+            });
+        }
+        Ok(())
+    }
+
+    /// f32 values of recurrent state held, on the host or on the device.
+    fn recurrent_len(&self) -> usize {
+        match &self.device {
+            Some(d) => d.conv.elem_count() + d.ssm.elem_count(),
+            None => self.conv.len() + self.ssm.len(),
         }
     }
 }
@@ -104,22 +235,35 @@ impl State {
 
     /// `times` copies of this batch's sequences, one batch after another, as one batch
     /// (for decoding many sequences that share a prompt).
-    pub fn repeated(&self, times: usize) -> State {
-        State {
+    pub fn repeated(&self, times: usize) -> Result<State> {
+        Ok(State {
             batch: self.batch * times,
             layers: self
                 .layers
                 .iter()
                 .map(|layer| LayerState::stack(&vec![layer; times]))
-                .collect(),
+                .collect::<Result<_>>()?,
             tokens_seen: self.tokens_seen,
-        }
+        })
+    }
+
+    /// This state with every device-held recurrent state copied back to the host.
+    pub fn to_host(&self) -> Result<State> {
+        Ok(State {
+            batch: self.batch,
+            layers: self
+                .layers
+                .iter()
+                .map(LayerState::to_host)
+                .collect::<Result<_>>()?,
+            tokens_seen: self.tokens_seen,
+        })
     }
 
     /// Bytes of recurrent (conv and SSM) state held for each sequence; constant in the
     /// sequence length. Key/value caches are counted by [`State::kv_bytes_per_token`].
     pub fn bytes_per_sequence(&self) -> usize {
-        let floats: usize = self.layers.iter().map(|l| l.conv.len() + l.ssm.len()).sum();
+        let floats: usize = self.layers.iter().map(LayerState::recurrent_len).sum();
         floats * std::mem::size_of::<f32>() / self.batch.max(1)
     }
 
@@ -133,5 +277,40 @@ impl State {
             .map(|kv| 2 * kv.width)
             .sum();
         floats * std::mem::size_of::<f32>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On the CPU the recurrent state stays in the vectors, and stacking and copying to the
+    /// host leave it as it was.
+    #[test]
+    fn cpu_state_stays_on_the_host() {
+        let size = StateSize::Recurrent { conv: 2, ssm: 3 };
+        let mut layer = LayerState::zeros(1, size);
+        let conv = Tensor::new(&[[1f32, 2.0]], &Device::Cpu).unwrap();
+        let ssm = Tensor::new(&[[3f32, 4.0, 5.0]], &Device::Cpu).unwrap();
+        layer.set_recurrent(&conv, &ssm).unwrap();
+        assert_eq!(
+            (layer.conv.clone(), layer.ssm.clone()),
+            (vec![1.0, 2.0], vec![3.0, 4.0, 5.0])
+        );
+        assert!(layer.device.is_none());
+        assert_eq!(layer.to_host().unwrap(), layer);
+        let two = LayerState::stack(&[&layer, &layer]).unwrap();
+        assert!(two.device.is_none());
+        assert_eq!(two.conv, vec![1.0, 2.0, 1.0, 2.0]);
+        let (c, s) = two
+            .recurrent_tensors(&[2, 1, 2], &[2, 1, 3], &Device::Cpu)
+            .unwrap();
+        assert_eq!((c.dims(), s.dims()), (&[2, 1, 2][..], &[2, 1, 3][..]));
+        let state = State {
+            batch: 2,
+            layers: vec![two],
+            tokens_seen: 0,
+        };
+        assert_eq!(state.bytes_per_sequence(), 5 * 4);
     }
 }

@@ -159,7 +159,7 @@ fn repeated_states_decode_like_the_original() {
         let ids = token_ids(LEN, model.vocab_size(), 5);
         let mut alone = model.new_state(1);
         model.prefill_chunked(&ids, &mut alone, 16).unwrap();
-        let mut copies = alone.repeated(3);
+        let mut copies = alone.repeated(3).unwrap();
         assert_eq!(copies.batch, 3, "{name}");
         let want = f32_vec(&model.step(&[7], &mut alone).unwrap()).unwrap();
         let got = f32_vec(&model.step(&[7, 7, 7], &mut copies).unwrap()).unwrap();

@@ -94,6 +94,14 @@ fn set_shifted(var: &Var, values: &[f32], direction: &[f32], eps: f32) {
         .unwrap();
 }
 
+/// A seed from a weight's name (FNV-1a), so each tensor gets the same direction in every
+/// run whatever order the variables come in.
+fn name_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
 /// A deterministic pseudo-random direction in [-scale, scale]^n.
 fn direction(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut s = seed
@@ -119,7 +127,7 @@ fn check_family(family: &str) {
     let batch = batch();
     let grads = loss(&model, &batch).backward().unwrap();
     let eps = 1e-2f32;
-    for (k, (name, var)) in model.vars().iter().enumerate() {
+    for (name, var) in model.vars() {
         let grad = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{family}: no gradient for {name}"))
@@ -135,7 +143,7 @@ fn check_family(family: &str) {
             .unwrap();
         // Steps of about 1 % of the tensor's typical entry (embeddings ~0.02, A_log ~1).
         let rms = (values.iter().map(|v| v * v).sum::<f32>() / values.len() as f32).sqrt();
-        let v = direction(values.len(), k as u64, rms.max(0.02));
+        let v = direction(values.len(), name_seed(name), rms.max(0.02));
         let analytic: f64 = grad.iter().zip(&v).map(|(g, d)| (g * d) as f64).sum();
         let at = |e: f32| {
             set_shifted(var, &values, &v, e);
@@ -144,7 +152,9 @@ fn check_family(family: &str) {
         let numeric =
             (at(-2.0 * eps) - 8.0 * at(-eps) + 8.0 * at(eps) - at(2.0 * eps)) / (12.0 * eps as f64);
         set_shifted(var, &values, &v, 0.0);
-        let tol = 1e-3 + 1e-2 * numeric.abs().max(analytic.abs());
+        // 2e-3 absolute: the f32 rounding of a summed loss of ~20 terms, seen through the
+        // stencil, reaches ~1e-3 on tensors whose directional derivative is tiny.
+        let tol = 2e-3 + 1e-2 * numeric.abs().max(analytic.abs());
         assert!(
             (numeric - analytic).abs() <= tol,
             "{family}: derivative along a random direction of {name}: autograd {analytic:.6}, finite differences {numeric:.6}"
