@@ -2,6 +2,9 @@
 //! ../shared/fixtures/ops/*/grads.safetensors, against finite differences (gated RMSNorm,
 //! which has no fixture gradients), and fast against reference on larger random problems.
 
+mod common;
+
+use common::{usize_param, ConvFixture, ScanFixture, SsdFixture};
 use mamba_ops::causal_conv1d::*;
 use mamba_ops::math::NO_DT_LIMIT;
 use mamba_ops::rmsnorm_gated::*;
@@ -15,12 +18,6 @@ use std::collections::HashMap;
 /// The gradient tolerance the issue states, used between the fast and reference paths.
 /// (Against the fixtures both paths pass the manifests' tighter recommended tolerances.)
 const GRAD_TOL: f64 = 5e-4;
-
-fn usize_param(case: &Case, name: &str) -> usize {
-    case.param(name)
-        .as_u64()
-        .unwrap_or_else(|| panic!("param {name}")) as usize
-}
 
 /// The fixture gradients of a case, `grads.safetensors`.
 fn fixture_grads(case: &Case) -> HashMap<String, Tensor> {
@@ -67,38 +64,8 @@ fn scan_grad<'a>(g: &'a ScanGrads, input: &str) -> Option<&'a Vec<f32>> {
 fn scan_backward_matches_fixtures() {
     for name in Case::names("selective_scan") {
         let case = Case::op("selective_scan", &name);
-        let (u, delta, a) = (case.input("u"), case.input("delta"), case.input("A"));
-        let (b, c) = (case.input("B"), case.input("C"));
-        let (d, z, bias) = (
-            case.optional_input("D"),
-            case.optional_input("z"),
-            case.optional_input("delta_bias"),
-        );
-        let b_shape = &case.inputs["B"].shape;
-        let bc = match b_shape.len() {
-            2 => BcForm::TimeInvariant,
-            3 => BcForm::Varying { groups: 1 },
-            _ => BcForm::Varying { groups: b_shape[1] },
-        };
-        let dims = ScanDims {
-            batch: usize_param(&case, "batch"),
-            dim: usize_param(&case, "dim"),
-            len: usize_param(&case, "seqlen"),
-            state: usize_param(&case, "dstate"),
-            bc,
-        };
-        let inputs = ScanInputs {
-            u: &u,
-            delta: &delta,
-            a: &a,
-            b: &b,
-            c: &c,
-            d: d.as_deref(),
-            z: z.as_deref(),
-            delta_bias: bias.as_deref(),
-            delta_softplus: case.param("delta_softplus").as_bool().unwrap(),
-            initial_state: None,
-        };
+        let fixture = ScanFixture::load(&case);
+        let (dims, inputs) = (fixture.dims, fixture.inputs());
         let (proj_out, proj_last) = (case.input("proj_out"), case.input("proj_last_state"));
         for (label, run) in [
             (
@@ -108,8 +75,16 @@ fn scan_backward_matches_fixtures() {
             ("fast", selective_scan_backward),
         ] {
             let g = run(&dims, &inputs, &proj_out, Some(&proj_last)).unwrap();
-            assert_eq!(g.d.is_some(), d.is_some(), "{label}: D grad presence");
-            assert_eq!(g.z.is_some(), z.is_some(), "{label}: z grad presence");
+            assert_eq!(
+                g.d.is_some(),
+                fixture.d.is_some(),
+                "{label}: D grad presence"
+            );
+            assert_eq!(
+                g.z.is_some(),
+                fixture.z.is_some(),
+                "{label}: z grad presence"
+            );
             assert!(g.initial_state.is_none(), "{label}: no initial state given");
             assert_grads(&case, label, |input| scan_grad(&g, input).cloned());
         }
@@ -128,24 +103,8 @@ type ConvBackward =
 fn conv_backward_matches_fixtures() {
     for name in Case::names("causal_conv1d") {
         let case = Case::op("causal_conv1d", &name);
-        let (x, weight) = (case.input("x"), case.input("weight"));
-        let (bias, init) = (
-            case.optional_input("bias"),
-            case.optional_input("initial_states"),
-        );
-        let dims = ConvDims {
-            batch: usize_param(&case, "batch"),
-            dim: usize_param(&case, "dim"),
-            len: usize_param(&case, "seqlen"),
-            width: usize_param(&case, "width"),
-        };
-        let inputs = ConvInputs {
-            x: &x,
-            weight: &weight,
-            bias: bias.as_deref(),
-            initial_states: init.as_deref(),
-            silu: case.param("activation").as_str() == Some("silu"),
-        };
+        let fixture = ConvFixture::load(&case);
+        let (dims, inputs) = (fixture.dims, fixture.inputs());
         let proj_out = case.input("proj_out");
         for (label, run) in [
             (
@@ -157,12 +116,12 @@ fn conv_backward_matches_fixtures() {
             let g = run(&dims, &inputs, &proj_out, None).unwrap();
             assert_eq!(
                 g.bias.is_some(),
-                bias.is_some(),
+                fixture.bias.is_some(),
                 "{label}: bias grad presence"
             );
             assert_eq!(
                 g.initial_states.is_some(),
-                init.is_some(),
+                fixture.initial_states.is_some(),
                 "{label}: init grad"
             );
             assert_grads(&case, label, |input| match input {
@@ -199,51 +158,27 @@ fn ssd_grad<'a>(g: &'a SsdGrads, input: &str) -> Option<&'a Vec<f32>> {
 fn ssd_backward_matches_fixtures() {
     for name in Case::names("ssd") {
         let case = Case::op("ssd", &name);
-        let (x, dt, a, b, c) = (
-            case.input("x"),
-            case.input("dt"),
-            case.input("A"),
-            case.input("B"),
-            case.input("C"),
-        );
-        let (d, z) = (case.optional_input("D"), case.optional_input("z"));
-        let (dt_bias, init) = (
-            case.optional_input("dt_bias"),
-            case.optional_input("initial_states"),
-        );
-        let dims = SsdDims {
-            batch: usize_param(&case, "batch"),
-            len: usize_param(&case, "seqlen"),
-            heads: usize_param(&case, "nheads"),
-            head_dim: usize_param(&case, "headdim"),
-            groups: usize_param(&case, "ngroups"),
-            state: usize_param(&case, "dstate"),
-            chunk_size: usize_param(&case, "grad_chunk_size"),
-        };
-        let inputs = SsdInputs {
-            x: &x,
-            dt: &dt,
-            a: &a,
-            b: &b,
-            c: &c,
-            d: d.as_deref(),
-            z: z.as_deref(),
-            dt_bias: dt_bias.as_deref(),
-            dt_softplus: case.param("dt_softplus").as_bool().unwrap(),
-            dt_limit: NO_DT_LIMIT,
-            initial_states: init.as_deref(),
-        };
+        let fixture = SsdFixture::load(&case, usize_param(&case, "grad_chunk_size"));
+        let (dims, inputs) = (fixture.dims, fixture.inputs());
         let (proj_y, proj_final) = (case.input("proj_y"), case.input("proj_final_state"));
         for (label, run) in [
             ("reference", ssd_backward_reference as SsdBackward),
             ("fast", ssd_backward),
         ] {
             let g = run(&dims, &inputs, &proj_y, Some(&proj_final)).unwrap();
-            assert_eq!(g.d.is_some(), d.is_some(), "{label}: D grad presence");
-            assert_eq!(g.z.is_some(), z.is_some(), "{label}: z grad presence");
+            assert_eq!(
+                g.d.is_some(),
+                fixture.d.is_some(),
+                "{label}: D grad presence"
+            );
+            assert_eq!(
+                g.z.is_some(),
+                fixture.z.is_some(),
+                "{label}: z grad presence"
+            );
             assert_eq!(
                 g.initial_states.is_some(),
-                init.is_some(),
+                fixture.initial_states.is_some(),
                 "{label}: init grad"
             );
             assert_grads(&case, label, |input| ssd_grad(&g, input).cloned());

@@ -1,5 +1,8 @@
 //! Every op, reference and fast path, against the golden outputs in ../shared/fixtures/ops.
 
+mod common;
+
+use common::{usize_param, ConvFixture, ScanFixture, SsdFixture};
 use mamba_ops::causal_conv1d::*;
 use mamba_ops::math::NO_DT_LIMIT;
 use mamba_ops::rmsnorm_gated::*;
@@ -8,48 +11,12 @@ use mamba_ops::selective_state_update::*;
 use mamba_ops::ssd::*;
 use mamba_testing::Case;
 
-fn usize_param(case: &Case, name: &str) -> usize {
-    case.param(name)
-        .as_u64()
-        .unwrap_or_else(|| panic!("param {name}")) as usize
-}
-
 #[test]
 fn selective_scan_matches_fixtures() {
     for name in Case::names("selective_scan") {
         let case = Case::op("selective_scan", &name);
-        let (u, delta, a) = (case.input("u"), case.input("delta"), case.input("A"));
-        let (b, c) = (case.input("B"), case.input("C"));
-        let (d, z, bias) = (
-            case.optional_input("D"),
-            case.optional_input("z"),
-            case.optional_input("delta_bias"),
-        );
-        let b_shape = &case.inputs["B"].shape;
-        let bc = match b_shape.len() {
-            2 => BcForm::TimeInvariant,
-            3 => BcForm::Varying { groups: 1 },
-            _ => BcForm::Varying { groups: b_shape[1] },
-        };
-        let dims = ScanDims {
-            batch: usize_param(&case, "batch"),
-            dim: usize_param(&case, "dim"),
-            len: usize_param(&case, "seqlen"),
-            state: usize_param(&case, "dstate"),
-            bc,
-        };
-        let inputs = ScanInputs {
-            u: &u,
-            delta: &delta,
-            a: &a,
-            b: &b,
-            c: &c,
-            d: d.as_deref(),
-            z: z.as_deref(),
-            delta_bias: bias.as_deref(),
-            delta_softplus: case.param("delta_softplus").as_bool().unwrap(),
-            initial_state: None,
-        };
+        let fixture = ScanFixture::load(&case);
+        let (dims, inputs) = (fixture.dims, fixture.inputs());
         for run in [selective_scan_reference, selective_scan] {
             let got = run(&dims, &inputs).unwrap();
             case.assert_output("out", &got.out);
@@ -62,24 +29,8 @@ fn selective_scan_matches_fixtures() {
 fn causal_conv1d_matches_fixtures() {
     for name in Case::names("causal_conv1d") {
         let case = Case::op("causal_conv1d", &name);
-        let (x, weight) = (case.input("x"), case.input("weight"));
-        let (bias, init) = (
-            case.optional_input("bias"),
-            case.optional_input("initial_states"),
-        );
-        let dims = ConvDims {
-            batch: usize_param(&case, "batch"),
-            dim: usize_param(&case, "dim"),
-            len: usize_param(&case, "seqlen"),
-            width: usize_param(&case, "width"),
-        };
-        let inputs = ConvInputs {
-            x: &x,
-            weight: &weight,
-            bias: bias.as_deref(),
-            initial_states: init.as_deref(),
-            silu: case.param("activation").as_str() == Some("silu"),
-        };
+        let fixture = ConvFixture::load(&case);
+        let (dims, inputs) = (fixture.dims, fixture.inputs());
         for run in [causal_conv1d_reference, causal_conv1d] {
             let got = run(&dims, &inputs).unwrap();
             case.assert_output("out", &got.out);
@@ -213,40 +164,8 @@ fn selective_state_update_matches_fixtures() {
 fn ssd_matches_fixtures() {
     for name in Case::names("ssd") {
         let case = Case::op("ssd", &name);
-        let (x, dt, a, b, c) = (
-            case.input("x"),
-            case.input("dt"),
-            case.input("A"),
-            case.input("B"),
-            case.input("C"),
-        );
-        let (d, z) = (case.optional_input("D"), case.optional_input("z"));
-        let (dt_bias, init) = (
-            case.optional_input("dt_bias"),
-            case.optional_input("initial_states"),
-        );
-        let dims = SsdDims {
-            batch: usize_param(&case, "batch"),
-            len: usize_param(&case, "seqlen"),
-            heads: usize_param(&case, "nheads"),
-            head_dim: usize_param(&case, "headdim"),
-            groups: usize_param(&case, "ngroups"),
-            state: usize_param(&case, "dstate"),
-            chunk_size: 1,
-        };
-        let inputs = SsdInputs {
-            x: &x,
-            dt: &dt,
-            a: &a,
-            b: &b,
-            c: &c,
-            d: d.as_deref(),
-            z: z.as_deref(),
-            dt_bias: dt_bias.as_deref(),
-            dt_softplus: case.param("dt_softplus").as_bool().unwrap(),
-            dt_limit: NO_DT_LIMIT,
-            initial_states: init.as_deref(),
-        };
+        let fixture = SsdFixture::load(&case, 1);
+        let (dims, inputs) = (fixture.dims, fixture.inputs());
         let reference = ssd_reference(&dims, &inputs).unwrap();
         case.assert_output("y_seq", &reference.y);
         case.assert_output("final_state_seq", &reference.final_state);
