@@ -4,6 +4,7 @@ use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mamba_models::generate::DEFAULT_CHUNK_SIZE;
 use mamba_models::sampling::SamplingParams;
+use mamba_models::WeightFormat;
 use std::path::PathBuf;
 
 /// Run, score, inspect and benchmark Mamba models on the CPU.
@@ -39,35 +40,47 @@ pub enum Command {
     /// Sweep sequence length and batch size for several models: prefill time, decode
     /// speed and peak memory, written as CSV, JSON and SVG plots.
     Scaling(ScalingArgs),
+    /// Write a Mamba, FalconMamba or Mamba-2 checkpoint as a llama.cpp GGUF file.
+    Convert(ConvertArgs),
 }
 
-/// Weight precision.
+/// Weight precision: f32 or bf16, or llama.cpp's 8-bit (q8_0) or 4-bit (q4_0) blocks for
+/// the linear layers (on the CPU).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WeightDtype {
     F32,
     Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
 }
 
 impl WeightDtype {
-    pub fn dtype(self) -> DType {
+    pub fn format(self) -> WeightFormat {
         match self {
-            WeightDtype::F32 => DType::F32,
-            WeightDtype::Bf16 => DType::BF16,
+            WeightDtype::F32 => WeightFormat::F32,
+            WeightDtype::Bf16 => WeightFormat::Bf16,
+            WeightDtype::Q8_0 => WeightFormat::Q8_0,
+            WeightDtype::Q4_0 => WeightFormat::Q4_0,
         }
     }
 
+    /// The dtype the tensors are read in before any quantisation.
+    pub fn dtype(self) -> DType {
+        self.format().load_dtype()
+    }
+
     pub fn name(self) -> &'static str {
-        match self {
-            WeightDtype::F32 => "f32",
-            WeightDtype::Bf16 => "bf16",
-        }
+        self.format().name()
     }
 }
 
 /// A checkpoint directory and the precision to load it in.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// Checkpoint directory (config.json, *.safetensors, optionally tokenizer.json)
+    /// Checkpoint directory (config.json, *.safetensors, optionally tokenizer.json), or a
+    /// llama.cpp GGUF file (*.gguf) of a mamba or mamba2 model
     /// [default: the bundled byte-level model trained on the King James Bible]
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
@@ -260,9 +273,54 @@ pub struct ScoreInput {
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, or a llama.cpp GGUF file (*.gguf).
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// Checkpoint directory (Mamba, FalconMamba or Mamba-2).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ConvertFormat::Gguf)]
+    pub to: ConvertFormat,
+
+    /// Output file.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+
+    /// Store the linear layers in llama.cpp's 8-bit (q8_0) or 4-bit (q4_0) blocks
+    /// (default: everything in f32).
+    #[arg(long, value_enum)]
+    pub quant: Option<ConvertQuant>,
+
+    /// Copy the vocabulary (tokenizer.ggml.*) from this GGUF file, for checkpoints without a
+    /// byte-level BPE tokenizer.json.
+    #[arg(long, value_name = "FILE")]
+    pub vocab_from: Option<PathBuf>,
+
+    /// The model's name in the file (general.name) [default: the checkpoint folder's name].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+}
+
+/// What `mamba convert` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConvertFormat {
+    /// llama.cpp's GGUF (architecture mamba or mamba2).
+    Gguf,
+}
+
+/// A block format for `mamba convert --quant`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConvertQuant {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
 }
 
 #[derive(Debug, Args)]

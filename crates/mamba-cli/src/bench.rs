@@ -47,6 +47,12 @@ impl Measurement {
     fn ms_per_decode_step(&self, args: &BenchArgs) -> f64 {
         self.decode_seconds * 1e3 / args.gen_len as f64
     }
+
+    /// Weight bytes read per second while decoding (each step reads every weight once),
+    /// to compare with the memory bandwidth.
+    fn decode_weight_gb_per_s(&self, args: &BenchArgs, model: &Model) -> f64 {
+        model.weight_bytes_per_token() as f64 * args.gen_len as f64 / self.decode_seconds / 1e9
+    }
 }
 
 pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
@@ -62,7 +68,7 @@ pub fn run(args: &BenchArgs, json: bool) -> Result<()> {
     if json {
         writeln!(out, "{}", report(args, &random, &measurement))?;
     } else {
-        writeln!(out, "{}", summary(args, &measurement))?;
+        writeln!(out, "{}", summary(args, &random.model, &measurement))?;
     }
     Ok(())
 }
@@ -84,10 +90,9 @@ fn random_model(args: &BenchArgs) -> Result<RandomModel> {
     let dtype = args.dtype.dtype();
     let tensors = init_tensors(&config, dtype, SEED)?;
     let parameters = tensors.values().map(Tensor::elem_count).sum();
-    Ok(RandomModel {
-        model: Model::from_tensors_on(tensors, &config, dtype, &device)?,
-        parameters,
-    })
+    let mut model = Model::from_tensors_on(tensors, &config, dtype, &device)?;
+    model.convert_weights(args.dtype.format())?;
+    Ok(RandomModel { model, parameters })
 }
 
 /// Prompt tokens the prefill runs: one prompt per sequence, or one in all when the
@@ -206,11 +211,13 @@ fn report(args: &BenchArgs, random: &RandomModel, m: &Measurement) -> serde_json
         "decode_seconds": m.decode_seconds,
         "decode_tokens_per_s": m.decode_tokens_per_s(args),
         "ms_per_decode_step": m.ms_per_decode_step(args),
+        "weight_bytes_per_token": random.model.weight_bytes_per_token(),
+        "decode_weight_gb_per_s": m.decode_weight_gb_per_s(args, &random.model),
         "peak_rss_bytes": m.peak_rss_bytes,
     })
 }
 
-fn summary(args: &BenchArgs, m: &Measurement) -> String {
+fn summary(args: &BenchArgs, model: &Model, m: &Measurement) -> String {
     let peak_rss = m.peak_rss_bytes.map_or_else(
         || "unknown".to_string(),
         |b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
@@ -218,7 +225,8 @@ fn summary(args: &BenchArgs, m: &Measurement) -> String {
     format!(
         "{} ({}, {} threads, batch {})\n\
          prefill: {} tokens in {:.3} s, {:.1} tokens/s\n\
-         decode: {} steps in {:.3} s, {:.1} tokens/s, {:.2} ms per step\n\
+         decode: {} steps in {:.3} s, {:.1} tokens/s, {:.2} ms per step, \
+         weights read at {:.1} GB/s\n\
          peak RSS: {peak_rss}",
         model_name(args),
         args.dtype.name(),
@@ -231,5 +239,6 @@ fn summary(args: &BenchArgs, m: &Measurement) -> String {
         m.decode_seconds,
         m.decode_tokens_per_s(args),
         m.ms_per_decode_step(args),
+        m.decode_weight_gb_per_s(args, model),
     )
 }

@@ -10,6 +10,7 @@ use mamba_models::checkpoint::Checkpoint;
 use mamba_models::config::{
     AttentionLayers, HybridConfig, Mamba2Config, MambaConfig, ModelConfig, SsmConfig,
 };
+use mamba_models::gguf;
 use mamba_models::tokenizer::Tokenizer;
 use mamba_models::Model;
 use safetensors::tensor::Metadata;
@@ -20,6 +21,9 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 pub fn run(args: &InfoArgs, json: bool) -> Result<()> {
+    if gguf::is_gguf_path(&args.model) {
+        return print_facts(gguf_facts(&args.model)?, json);
+    }
     let checkpoint = Checkpoint::open(&args.model)?;
     let model = Model::load(&checkpoint, DType::F32)?;
     let tokenizer = tokenizer_for(&checkpoint)?;
@@ -40,6 +44,35 @@ pub fn run(args: &InfoArgs, json: bool) -> Result<()> {
         ),
     ]);
     facts.extend(tokenizer_facts(&checkpoint, tokenizer.as_ref()));
+    print_facts(facts, json)
+}
+
+/// What a GGUF file holds: the model's dimensions, how its linear layers are stored, its
+/// state size and its vocabulary.
+fn gguf_facts(path: &Path) -> Result<Vec<(&'static str, Value)>> {
+    let loaded = gguf::load(path, &candle_core::Device::Cpu)?;
+    let mut facts = vec![("name", json!(loaded.name))];
+    facts.extend(config_facts(&loaded.model.config));
+    facts.extend([
+        ("weight_format", json!(loaded.weight_format.name())),
+        (
+            "state_bytes_per_sequence",
+            json!(loaded.model.new_state(1).bytes_per_sequence()),
+        ),
+        (
+            "tokenizer",
+            json!(loaded.vocab.as_ref().map(|v| format!("gguf {}", v.model))),
+        ),
+        (
+            "tokenizer_vocab_size",
+            json!(loaded.tokenizer.as_ref().map(Tokenizer::vocab_size)),
+        ),
+    ]);
+    Ok(facts)
+}
+
+/// Prints the facts as one JSON object or as `key: value` lines.
+fn print_facts(facts: Vec<(&'static str, Value)>, json: bool) -> Result<()> {
     let mut out = io::stdout().lock();
     if json {
         let object: Map<String, Value> = facts

@@ -1,9 +1,11 @@
 //! Opening a checkpoint for inference: the model, its tokenizer and its stop tokens.
 
-use crate::args::ModelArgs;
+use crate::args::{ModelArgs, WeightDtype};
 use anyhow::{anyhow, Context, Result};
+use candle_core::Device;
 use mamba_models::checkpoint::Checkpoint;
 use mamba_models::config::ModelConfig;
+use mamba_models::gguf::{self, GgufModel};
 use mamba_models::tokenizer::Tokenizer;
 use mamba_models::Model;
 use std::path::Path;
@@ -20,9 +22,27 @@ pub struct Loaded {
 
 pub fn load(args: &ModelArgs) -> Result<Loaded> {
     let device = args.device.open()?;
+    if gguf::is_gguf_path(&args.dir()) {
+        return load_gguf(args, &device);
+    }
     let checkpoint = Checkpoint::open(&args.dir())?;
     let tokenizer = tokenizer_for(&checkpoint)?;
-    let model = Model::load_on(&checkpoint, args.dtype.dtype(), &device)?;
+    let mut model = Model::load_on(&checkpoint, args.dtype.dtype(), &device)?;
+    model.convert_weights(args.dtype.format())?;
+    Ok(Loaded { model, tokenizer })
+}
+
+/// A llama.cpp GGUF file: the linear layers stay in the file's format (q8_0, q4_0, bf16 or
+/// f32) unless `--dtype` asks for another than f32.
+fn load_gguf(args: &ModelArgs, device: &Device) -> Result<Loaded> {
+    let GgufModel {
+        mut model,
+        tokenizer,
+        ..
+    } = gguf::load(&args.dir(), device)?;
+    if args.dtype != WeightDtype::F32 {
+        model.convert_weights(args.dtype.format())?;
+    }
     Ok(Loaded { model, tokenizer })
 }
 
@@ -41,7 +61,7 @@ pub fn require_tokenizer<'a>(
 ) -> Result<&'a Tokenizer> {
     tokenizer.ok_or_else(|| {
         anyhow!(
-            "the checkpoint has no tokenizer.json to encode text: pass token ids with {ids_flag}"
+            "the model has no tokenizer to encode text (no tokenizer.json, or a GGUF vocabulary that is not gpt2 BPE): pass token ids with {ids_flag}"
         )
     })
 }

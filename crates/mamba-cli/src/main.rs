@@ -5,6 +5,7 @@
 
 mod args;
 mod bench;
+mod convert;
 mod generate;
 mod info;
 mod init;
@@ -45,6 +46,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Init(args) => init::run(&args, cli.json),
         Command::Train(args) => train::run(&args, cli.json),
         Command::Scaling(args) => scaling::run(&args, cli.threads, cli.json),
+        Command::Convert(args) => convert::run(&args, cli.json),
     }
 }
 

@@ -276,6 +276,19 @@ fn causal_mask(len: usize, past: usize, device: &candle_core::Device) -> Result<
 }
 
 impl Mixer for Attention {
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut linears = match &mut self.qkv {
+            QkvProjection::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => vec![q_proj, k_proj, v_proj],
+            QkvProjection::Fused(qkv) => vec![qkv],
+        };
+        linears.push(&mut self.out_proj);
+        linears
+    }
+
     /// Keys and values of `kv_heads * head_dim` each per token.
     fn state_size(&self) -> StateSize {
         StateSize::KeyValue {

@@ -5,22 +5,78 @@ use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use half::bf16;
-use rayon::prelude::*;
+use mamba_ops::gemv::{gemv, Weights};
+use mamba_ops::quant::{QuantMatrix, BLOCK};
+use std::sync::Arc;
 
-/// Rows at or below which a bf16 linear layer runs its own matrix-vector kernel
-/// (reading the bf16 weights directly) instead of widening the weights to f32.
-const BF16_GEMV_MAX_ROWS: usize = 16;
+pub use mamba_ops::quant::QuantFormat;
 
-/// `y = x W^T (+ b)` with `W: (out, in)` stored as in the checkpoint (f32 or bf16).
+/// Rows of activations at or below which a linear layer on the CPU runs the matrix-vector
+/// kernels of [`mamba_ops::gemv`] (reading bf16 or quantised weights as they are) instead
+/// of a matrix product on dense f32 weights.
+const GEMV_MAX_ROWS: usize = 16;
+
+/// How the weights of the linear layers are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightFormat {
+    F32,
+    Bf16,
+    /// llama.cpp's 8-bit blocks (see [`mamba_ops::quant`]).
+    Q8_0,
+    /// llama.cpp's 4-bit blocks.
+    Q4_0,
+}
+
+impl WeightFormat {
+    /// The dtype the checkpoint's tensors are read in before any quantisation.
+    pub fn load_dtype(self) -> DType {
+        match self {
+            WeightFormat::Bf16 => DType::BF16,
+            _ => DType::F32,
+        }
+    }
+
+    /// The block format, for the quantised ones.
+    pub fn quant(self) -> Option<QuantFormat> {
+        match self {
+            WeightFormat::Q8_0 => Some(QuantFormat::Q8_0),
+            WeightFormat::Q4_0 => Some(QuantFormat::Q4_0),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Bf16 => "bf16",
+            WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::Q4_0 => "q4_0",
+        }
+    }
+}
+
+/// `y = x W^T (+ b)` with `W: (out, in)` stored dense (f32 or bf16, as in the checkpoint)
+/// or block-quantised.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    /// `(out, in)`, f32 or bf16, on any device; the form training updates.
+    Dense(Tensor),
+    /// `(out, in)` in q8_0 or q4_0 blocks, on the CPU.
+    Quantized(Arc<QuantMatrix>),
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
+        Linear {
+            weight: LinearWeight::Dense(weight),
+            bias,
+        }
     }
 
     /// Loads `{name}.weight` of shape `(out, in)` and, if `with_bias`, `{name}.bias` (f32).
@@ -34,15 +90,48 @@ impl Linear {
         let bias = with_bias
             .then(|| vb.to_dtype(DType::F32).get(out, &format!("{name}.bias")))
             .transpose()?;
-        Ok(Linear { weight, bias })
-    }
-
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+        Ok(Linear::new(weight, bias))
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.dim(0).unwrap_or(0)
+        match &self.weight {
+            LinearWeight::Dense(w) => w.dim(0).unwrap_or(0),
+            LinearWeight::Quantized(q) => q.rows(),
+        }
+    }
+
+    /// Bytes of weights one product reads.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            LinearWeight::Quantized(q) => q.size_in_bytes(),
+        }
+    }
+
+    /// Stores the weights in `format`. Quantised formats need an input width that fills
+    /// 32-value blocks; a layer whose width does not (Mamba-1's `dt_proj`, whose input is
+    /// `dt_rank` wide) stays in f32, as llama.cpp leaves such tensors unquantised.
+    pub fn convert(&mut self, format: WeightFormat) -> Result<()> {
+        let dense = self.dense_f32()?;
+        let (out, inp) = dense.dims2()?;
+        self.weight = match format.quant() {
+            Some(q) if inp.is_multiple_of(BLOCK) => {
+                let values = f32_vec(&dense)?;
+                LinearWeight::Quantized(Arc::new(QuantMatrix::quantize(&values, out, inp, q)?))
+            }
+            Some(_) | None => LinearWeight::Dense(dense.to_dtype(format.load_dtype())?),
+        };
+        Ok(())
+    }
+
+    /// The weights as a dense f32 tensor `(out, in)` (dequantised if need be).
+    fn dense_f32(&self) -> Result<Tensor> {
+        Ok(match &self.weight {
+            LinearWeight::Dense(w) => w.to_dtype(DType::F32)?,
+            LinearWeight::Quantized(q) => {
+                Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)?
+            }
+        })
     }
 
     /// Applies the layer to `x: (..., in)` (f32), returning `(..., out)` (f32).
@@ -53,12 +142,19 @@ impl Linear {
             .ok_or_else(|| Error::Input("linear layer on a scalar".into()))?;
         let rows = x.elem_count() / inp.max(1);
         let x2 = x.reshape((rows, inp))?;
-        let y = match self.weight.dtype() {
-            DType::BF16 if rows <= BF16_GEMV_MAX_ROWS && self.weight.device().is_cpu() => {
-                bf16_gemv(&x2, &self.weight)?
+        let y = match &self.weight {
+            LinearWeight::Dense(w) if w.dtype() == DType::F32 => x2.matmul(&w.t()?)?,
+            LinearWeight::Dense(w) if rows <= GEMV_MAX_ROWS && w.device().is_cpu() => {
+                gemv_dense(&x2, w)?
             }
-            DType::F32 => x2.matmul(&self.weight.t()?)?,
-            _ => x2.matmul(&self.weight.to_dtype(DType::F32)?.t()?)?,
+            LinearWeight::Dense(w) => x2.matmul(&w.to_dtype(DType::F32)?.t()?)?,
+            LinearWeight::Quantized(q) if rows <= GEMV_MAX_ROWS && x.device().is_cpu() => {
+                gemv_on(&x2, Weights::Quant(q), q.rows())?
+            }
+            LinearWeight::Quantized(_) => {
+                let w = self.dense_f32()?.to_device(x.device())?;
+                x2.matmul(&w.t()?)?
+            }
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -70,65 +166,118 @@ impl Linear {
     }
 }
 
-/// `x (rows, in) f32 @ W^T` with `W (out, in)` bf16, reading each weight once and
-/// accumulating in f32; threaded over output features. Memory-bound, as decoding is.
-fn bf16_gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (rows, inp) = x.dims2()?;
-    let out = w.dim(0)?;
-    let xs = f32_vec(x)?;
-    let w = w.contiguous()?;
-    let (storage, layout) = w.storage_and_layout();
+impl Linear {
+    /// [`Linear::forward`] on host slices, `x: (rows, in)` → `y: (rows, out)`, through the
+    /// matrix-vector kernels of [`mamba_ops::gemv`] (meant for a few rows, as decoding
+    /// has). The weights must be on the CPU.
+    pub fn forward_host(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        let out = self.out_features();
+        let rows = y.len() / out.max(1);
+        let inp = x.len().checked_div(rows).unwrap_or(0);
+        match &self.weight {
+            LinearWeight::Dense(w) => with_host_values(w, |w| {
+                gemv(w.weights(), out, inp, x, y).map_err(Error::from)
+            })?,
+            LinearWeight::Quantized(q) => gemv(Weights::Quant(q), out, inp, x, y)?,
+        }
+        if let Some(bias) = &self.bias {
+            with_host_values(bias, |b| {
+                let HostValues::F32(b) = b else {
+                    return Err(Error::Input("a bias must be f32".into()));
+                };
+                y.chunks_mut(out)
+                    .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The values of a CPU tensor, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub enum HostValues<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> HostValues<'a> {
+    fn weights(self) -> Weights<'a> {
+        match self {
+            HostValues::F32(v) => Weights::F32(v),
+            HostValues::Bf16(v) => Weights::Bf16(v),
+        }
+    }
+}
+
+/// Runs `f` on the values of a contiguous f32 or bf16 tensor in host memory, without
+/// copying them.
+pub fn with_host_values<R>(t: &Tensor, f: impl FnOnce(HostValues) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         return Err(Error::Input(
-            "bf16 matrix-vector product runs on the CPU only".into(),
+            "host slices of a tensor on an accelerator".into(),
         ));
     };
     let (start, end) = layout
         .contiguous_offsets()
-        .ok_or_else(|| Error::Input("weight is not contiguous".into()))?;
-    let w_data = &cpu.as_slice::<bf16>()?[start..end];
-    let mut y = vec![0.0f32; rows * out];
-    // (out, rows) blocks: each task owns one output feature for every row.
-    let mut by_feature = vec![0.0f32; out * rows];
-    by_feature
-        .par_chunks_mut(rows)
-        .zip(w_data.par_chunks(inp))
-        .with_min_len(64)
-        .for_each(|(dst, w_row)| {
-            for (r, d) in dst.iter_mut().enumerate() {
-                *d = mamba_ops::math::with_simd(
-                    #[inline(always)]
-                    || dot_bf16(w_row, &xs[r * inp..][..inp]),
-                );
-            }
-        });
-    for (o, col) in by_feature.chunks(rows).enumerate() {
-        for (r, v) in col.iter().enumerate() {
-            y[r * out + o] = *v;
-        }
+        .ok_or_else(|| Error::Input("tensor is not contiguous".into()))?;
+    match t.dtype() {
+        DType::F32 => f(HostValues::F32(&cpu.as_slice::<f32>()?[start..end])),
+        DType::BF16 => f(HostValues::Bf16(&cpu.as_slice::<bf16>()?[start..end])),
+        other => Err(Error::Input(format!(
+            "{other:?} tensors are not read on the host"
+        ))),
     }
-    Ok(Tensor::from_vec(y, (rows, out), &Device::Cpu)?)
 }
 
-#[inline(always)]
-fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
-    const LANES: usize = 8;
-    let mut acc = [0.0f32; LANES];
-    let body = w.len() - w.len() % LANES;
-    for (wc, xc) in w[..body]
-        .chunks_exact(LANES)
-        .zip(x[..body].chunks_exact(LANES))
-    {
-        for i in 0..LANES {
-            acc[i] += f32::from_bits((wc[i].to_bits() as u32) << 16) * xc[i];
-        }
+/// Runs `f` on a per-thread buffer of `len` values (contents unspecified) kept from call
+/// to call, so that the decoding step allocates nothing once it has run once.
+pub fn with_scratch<R>(
+    pool: &'static std::thread::LocalKey<std::cell::Cell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    let mut buf = pool.take();
+    if buf.len() < len {
+        buf.resize(len, 0.0);
     }
-    let tail: f32 = w[body..]
-        .iter()
-        .zip(&x[body..])
-        .map(|(a, b)| a.to_f32() * b)
-        .sum();
-    acc.iter().sum::<f32>() + tail
+    let result = f(&mut buf[..len]);
+    pool.set(buf);
+    result
+}
+
+/// Cuts `buf` into consecutive slices of the given lengths.
+pub fn split_scratch<const N: usize>(mut buf: &mut [f32], lens: [usize; N]) -> [&mut [f32]; N] {
+    lens.map(|len| {
+        let (head, tail) = std::mem::take(&mut buf).split_at_mut(len);
+        buf = tail;
+        head
+    })
+}
+
+/// Copies columns `[start, start + width)` of each `row_len`-wide row of `src` to `dst`
+/// (rows of `width`).
+pub fn copy_columns(src: &[f32], row_len: usize, start: usize, width: usize, dst: &mut [f32]) {
+    for (row, out) in src.chunks_exact(row_len).zip(dst.chunks_exact_mut(width)) {
+        out.copy_from_slice(&row[start..start + width]);
+    }
+}
+
+/// `x (rows, in) @ W^T` for a dense bf16 (or f32) `W (out, in)` on the CPU through
+/// [`mamba_ops::gemv`], which reads each weight once.
+fn gemv_dense(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let w = w.contiguous()?;
+    with_host_values(&w, |values| gemv_on(x, values.weights(), w.dim(0)?))
+}
+
+/// `x (rows, in) @ W^T` for `W: (out, in)` given as [`Weights`].
+fn gemv_on(x: &Tensor, w: Weights, out: usize) -> Result<Tensor> {
+    let (rows, inp) = x.dims2()?;
+    let xs = f32_vec(x)?;
+    let mut y = vec![0.0f32; rows * out];
+    gemv(w, out, inp, &xs, &mut y)?;
+    Ok(Tensor::from_vec(y, (rows, out), &Device::Cpu)?)
 }
 
 /// Token embeddings `(vocab, hidden)`.
@@ -146,21 +295,45 @@ impl Embedding {
         &self.weight
     }
 
+    /// The rows of `ids` written to `out: (ids, hidden)` (host slices, f32).
+    pub fn rows_host(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
+        let (vocab, hidden) = self.weight.dims2()?;
+        check_ids(ids, vocab)?;
+        with_host_values(&self.weight, |w| {
+            for (id, row) in ids.iter().zip(out.chunks_exact_mut(hidden)) {
+                let at = *id as usize * hidden;
+                match w {
+                    HostValues::F32(w) => row.copy_from_slice(&w[at..at + hidden]),
+                    HostValues::Bf16(w) => row
+                        .iter_mut()
+                        .zip(&w[at..at + hidden])
+                        .for_each(|(v, b)| *v = b.to_f32()),
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Looks up `ids: (batch, len)`, giving `(batch, len, hidden)` in f32. Ids outside the
     /// vocabulary are an input error.
     pub fn forward(&self, ids: &[u32], batch: usize) -> Result<Tensor> {
-        let vocab = self.weight.dim(0)?;
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::Input(format!(
-                "token id {bad} is out of range for a vocabulary of {vocab}"
-            )));
-        }
+        check_ids(ids, self.weight.dim(0)?)?;
         if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
             return Err(Error::Input("empty input or ragged batch".into()));
         }
         let index = Tensor::from_slice(ids, ids.len(), self.weight.device())?;
         let rows = self.weight.index_select(&index, 0)?.to_dtype(DType::F32)?;
         Ok(rows.reshape((batch, ids.len() / batch, self.weight.dim(1)?))?)
+    }
+}
+
+/// An input error for the first id outside a vocabulary of `vocab`.
+fn check_ids(ids: &[u32], vocab: usize) -> Result<()> {
+    match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(bad) => Err(Error::Input(format!(
+            "token id {bad} is out of range for a vocabulary of {vocab}"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -176,6 +349,30 @@ impl RmsNorm {
         Ok(RmsNorm {
             weight: load_f32(vb, name, &[size])?,
             eps: eps as f32,
+        })
+    }
+
+    /// The norm of each `hidden`-wide row of `x`, written to `out` (host slices).
+    pub fn forward_host(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
+        out.copy_from_slice(x);
+        self.normalize_host(out)
+    }
+
+    /// The norm of each row of `x`, in place.
+    pub fn normalize_host(&self, x: &mut [f32]) -> Result<()> {
+        let hidden = self.weight.elem_count();
+        let dims = mamba_ops::rmsnorm_gated::NormDims {
+            rows: x.len() / hidden.max(1),
+            hidden,
+            group_size: hidden,
+            eps: self.eps,
+            norm_before_gate: true,
+        };
+        with_host_values(&self.weight, |w| match w {
+            HostValues::F32(w) => Ok(mamba_ops::rmsnorm_gated::rmsnorm_gated_in_place(
+                &dims, x, w, None,
+            )?),
+            HostValues::Bf16(_) => Err(Error::Input("norm weights must be f32".into())),
         })
     }
 

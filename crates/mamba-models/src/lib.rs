@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod gguf;
 pub mod hybrid;
 pub mod init;
 pub mod jamba;
@@ -23,5 +24,6 @@ pub mod state;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
+pub use layers::WeightFormat;
 pub use model::Model;
 pub use state::State;

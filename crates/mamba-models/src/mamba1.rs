@@ -21,16 +21,18 @@
 use crate::config::MambaConfig;
 use crate::error::Result;
 use crate::layers::{
-    columns, f32_vec, load_f32, rms_normalize, swap_time_channels, Linear, RmsNorm,
+    columns, copy_columns, f32_vec, load_f32, rms_normalize, split_scratch, swap_time_channels,
+    with_scratch, Linear, RmsNorm,
 };
 use crate::model::Mixer;
 use crate::state::{LayerState, StateSize};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use mamba_ops::causal_conv1d::{causal_conv1d_update, ConvUpdateDims, ConvUpdateInputs};
+use mamba_ops::causal_conv1d::{causal_conv1d_update_into, ConvUpdateDims, ConvUpdateInputs};
 use mamba_ops::math::NO_DT_LIMIT;
-use mamba_ops::selective_state_update::{selective_state_update, StepDims, StepInputs};
+use mamba_ops::selective_state_update::{selective_state_update_into, StepDims, StepInputs};
 use mamba_ops::tensor::{causal_conv1d, selective_scan, ScanOptions, StepOptions};
+use std::cell::Cell;
 
 /// The sizes and options of one Mamba-1 mixer, whichever family it belongs to.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -97,6 +99,26 @@ impl DtBcNorms {
         })
     }
 
+    /// `[dt, B, C]` (host slices of rows) normalised in place, each row on its own.
+    fn apply_host(&self, parts: [&mut [f32]; 3], batch: usize) -> Result<()> {
+        match self {
+            DtBcNorms::Off => {}
+            DtBcNorms::Unweighted(eps) => {
+                for part in parts {
+                    let width = part.len() / batch;
+                    part.chunks_exact_mut(width)
+                        .for_each(|row| rms_normalize_row(row, *eps));
+                }
+            }
+            DtBcNorms::Weighted(norms) => {
+                for (norm, part) in norms.iter().zip(parts) {
+                    norm.normalize_host(part)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `[dt, B, C]` normalised, each over its last dimension.
     fn apply(&self, parts: [Tensor; 3]) -> Result<[Tensor; 3]> {
         let [dt, b, c] = parts;
@@ -112,6 +134,13 @@ impl DtBcNorms {
             }
         })
     }
+}
+
+/// `v / sqrt(mean(v^2) + eps)` in place (FalconMamba's unweighted norm of Δ, B and C).
+fn rms_normalize_row(row: &mut [f32], eps: f64) {
+    let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    let inv = 1.0 / (mean_sq as f64 + eps).sqrt() as f32;
+    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// The selective SSM mixer of one layer.
@@ -211,6 +240,15 @@ impl MambaMixer {
 }
 
 impl Mixer for MambaMixer {
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        vec![
+            &mut self.in_proj,
+            &mut self.x_proj,
+            &mut self.dt_proj,
+            &mut self.out_proj,
+        ]
+    }
+
     /// The recurrent state one sequence needs: `(d_inner, W-1)` conv window and `(d_inner, N)` SSM state.
     fn state_size(&self) -> StateSize {
         StateSize::Recurrent {
@@ -263,49 +301,79 @@ impl Mixer for MambaMixer {
         if x.device().is_cuda() {
             return self.step_on_device(x, state);
         }
-        let batch = x.dim(0)?;
-        let di = self.d_inner;
+        let (batch, hidden) = x.dims2()?;
+        let mut out = vec![0.0f32; batch * hidden];
+        self.step_host(&f32_vec(x)?, batch, state, &mut out)?;
+        Ok(Tensor::from_vec(out, (batch, hidden), x.device())?)
+    }
+
+    /// The fused one-token step on host slices, `x, out: (b, hidden)`:
+    ///
+    /// ```text
+    /// [xs | z] = x W_in^T;  xc = silu(conv window . [state | xs]);  [dt | B | C] = xc W_x^T
+    /// Δ = dt W_dt^T;  h = exp(Δ A) h + Δ B xc;  y = (C . h + D xc) silu(z);  out = y W_out^T
+    /// ```
+    ///
+    /// with every intermediate in one per-thread scratch buffer.
+    fn step_host(
+        &self,
+        x: &[f32],
+        batch: usize,
+        state: &mut LayerState,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (di, n, r) = (self.d_inner, self.state_size, self.dt_rank);
         let p = &self.decode;
-        let xz = self.in_proj.forward(x)?; // (b, 2 d_inner)
-        let xs = f32_vec(&columns(&xz, 0, di)?)?;
-        let z = f32_vec(&columns(&xz, di, di)?)?;
-        let xc = causal_conv1d_update(
-            &ConvUpdateDims {
+        let lens = [2 * di, di, di, di, r + 2 * n, r, n, n, di, di].map(|l| l * batch);
+        with_scratch(&STEP_SCRATCH, lens.iter().sum(), |buf| {
+            let [xz, xs, z, xc, dbc, dt, b, c, delta, y] = split_scratch(buf, lens);
+            self.in_proj.forward_host(x, xz)?; // (b, 2 d_inner)
+            copy_columns(xz, 2 * di, 0, di, xs);
+            copy_columns(xz, 2 * di, di, di, z);
+            let conv_dims = ConvUpdateDims {
                 batch,
                 dim: di,
                 width: self.conv_kernel,
                 state_len: self.conv_kernel - 1,
                 steps: 1,
-            },
-            &mut state.conv,
-            &ConvUpdateInputs {
-                x: &xs,
+            };
+            let conv_inputs = ConvUpdateInputs {
+                x: xs,
                 weight: &p.conv_weight,
                 bias: p.conv_bias.as_deref(),
                 silu: true,
-            },
-        )?;
-        let xc_t = Tensor::from_slice(&xc, (batch, di), x.device())?;
-        let (delta, b, c) = self.project_dt_b_c(&xc_t)?;
-        let y = selective_state_update(
-            &StepDims::mamba1(batch, di, self.state_size),
-            &mut state.ssm,
-            &StepInputs {
-                x: &xc,
-                dt: &f32_vec(&delta)?,
+            };
+            conv_dims.check(&state.conv, &conv_inputs)?;
+            causal_conv1d_update_into(&conv_dims, &mut state.conv, &conv_inputs, xc);
+            self.x_proj.forward_host(xc, dbc)?; // (b, dt_rank + 2N)
+            copy_columns(dbc, r + 2 * n, 0, r, dt);
+            copy_columns(dbc, r + 2 * n, r, n, b);
+            copy_columns(dbc, r + 2 * n, r + n, n, c);
+            self.dt_bc_norms.apply_host([dt, b, c], batch)?;
+            self.dt_proj.forward_host(dt, delta)?; // (b, d_inner), bias added below
+            let step_dims = StepDims::mamba1(batch, di, n);
+            let inputs = StepInputs {
+                x: xc,
+                dt: delta,
                 a: &p.a,
-                b: &f32_vec(&b)?,
-                c: &f32_vec(&c)?,
+                b,
+                c,
                 d: Some(&p.d),
-                z: Some(&z),
+                z: Some(z),
                 dt_bias: Some(&p.dt_bias),
                 dt_softplus: true,
                 dt_limit: NO_DT_LIMIT,
-            },
-        )?;
-        self.out_proj
-            .forward(&Tensor::from_vec(y, (batch, di), x.device())?)
+            };
+            step_dims.check(&state.ssm, &inputs)?;
+            selective_state_update_into(&step_dims, &mut state.ssm, &inputs, y);
+            self.out_proj.forward_host(y, out)
+        })
     }
+}
+
+thread_local! {
+    /// The intermediates of [`MambaMixer::step_host`].
+    static STEP_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 impl MambaMixer {

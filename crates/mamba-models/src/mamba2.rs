@@ -12,15 +12,19 @@
 
 use crate::config::Mamba2Config;
 use crate::error::Result;
-use crate::layers::{columns, f32_vec, load_f32, swap_time_channels, Linear};
+use crate::layers::{
+    columns, copy_columns, f32_vec, load_f32, split_scratch, swap_time_channels, with_scratch,
+    Linear,
+};
 use crate::model::Mixer;
 use crate::state::{LayerState, StateSize};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use mamba_ops::causal_conv1d::{causal_conv1d_update, ConvUpdateDims, ConvUpdateInputs};
-use mamba_ops::rmsnorm_gated::NormDims;
-use mamba_ops::selective_state_update::{selective_state_update, StepDims, StepInputs};
+use mamba_ops::causal_conv1d::{causal_conv1d_update_into, ConvUpdateDims, ConvUpdateInputs};
+use mamba_ops::rmsnorm_gated::{rmsnorm_gated_in_place, NormDims};
+use mamba_ops::selective_state_update::{selective_state_update_into, StepDims, StepInputs};
 use mamba_ops::tensor::{causal_conv1d, rmsnorm_gated, ssd, SsdOptions, StepOptions};
+use std::cell::Cell;
 
 /// The SSD mixer of one layer.
 #[derive(Debug, Clone)]
@@ -110,6 +114,10 @@ impl Mamba2Mixer {
 }
 
 impl Mixer for Mamba2Mixer {
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        vec![&mut self.in_proj, &mut self.out_proj]
+    }
+
     /// Per-sequence state sizes: `(conv_dim, W-1)` conv window and `(H, P, N)` SSM state.
     fn state_size(&self) -> StateSize {
         let c = &self.cfg;
@@ -180,74 +188,96 @@ impl Mixer for Mamba2Mixer {
         if x.device().is_cuda() {
             return self.step_on_device(x, state);
         }
+        let (batch, hidden) = x.dims2()?;
+        let mut out = vec![0.0f32; batch * hidden];
+        self.step_host(&f32_vec(x)?, batch, state, &mut out)?;
+        Ok(Tensor::from_vec(out, (batch, hidden), x.device())?)
+    }
+
+    /// The fused one-token step on host slices, `x, out: (b, hidden)`:
+    ///
+    /// ```text
+    /// [z | xBC | dt] = x W_in^T;  [xs | B | C] = silu(conv window . [state | xBC])
+    /// h = exp(Δ A) h + Δ B xs (per head);  y = C . h + D xs
+    /// out = RMSNorm(y, gate z) W_out^T
+    /// ```
+    ///
+    /// with every intermediate in one per-thread scratch buffer.
+    fn step_host(
+        &self,
+        x: &[f32],
+        batch: usize,
+        state: &mut LayerState,
+        out: &mut [f32],
+    ) -> Result<()> {
         let c = &self.cfg;
-        let batch = x.dim(0)?;
         let pr = &self.decode;
-        let (di, conv_dim, nh, gn) = (
-            c.d_inner(),
-            c.conv_dim(),
-            c.num_heads,
-            c.n_groups * c.state_size,
-        );
-        let zxbcdt = self.in_proj.forward(x)?; // (b, 2 d_inner + 2GN + H)
-        let z = f32_vec(&columns(&zxbcdt, 0, di)?)?;
-        let xbc = f32_vec(&columns(&zxbcdt, di, conv_dim)?)?;
-        let dt = f32_vec(&columns(&zxbcdt, di + conv_dim, nh)?)?;
-        let xbc = causal_conv1d_update(
-            &ConvUpdateDims {
+        let (di, conv_dim, nh) = (c.d_inner(), c.conv_dim(), c.num_heads);
+        let gn = c.n_groups * c.state_size;
+        let width = 2 * di + 2 * gn + nh;
+        let lens = [width, di, conv_dim, nh, conv_dim, di, gn, gn, di].map(|l| l * batch);
+        with_scratch(&STEP_SCRATCH, lens.iter().sum(), |buf| {
+            let [zxbcdt, z, xbc, dt, xbc_conv, xs, b, cm, y] = split_scratch(buf, lens);
+            self.in_proj.forward_host(x, zxbcdt)?; // (b, 2 d_inner + 2GN + H)
+            copy_columns(zxbcdt, width, 0, di, z);
+            copy_columns(zxbcdt, width, di, conv_dim, xbc);
+            copy_columns(zxbcdt, width, di + conv_dim, nh, dt);
+            let conv_dims = ConvUpdateDims {
                 batch,
                 dim: conv_dim,
                 width: c.conv_kernel,
                 state_len: c.conv_kernel - 1,
                 steps: 1,
-            },
-            &mut state.conv,
-            &ConvUpdateInputs {
-                x: &xbc,
+            };
+            let conv_inputs = ConvUpdateInputs {
+                x: xbc,
                 weight: &pr.conv_weight,
                 bias: pr.conv_bias.as_deref(),
                 silu: true,
-            },
-        )?;
-        let split = |from: usize, width: usize| -> Vec<f32> {
-            xbc.chunks(conv_dim)
-                .flat_map(|row| row[from..from + width].to_vec())
-                .collect()
-        };
-        let y = selective_state_update(
-            &StepDims {
+            };
+            conv_dims.check(&state.conv, &conv_inputs)?;
+            causal_conv1d_update_into(&conv_dims, &mut state.conv, &conv_inputs, xbc_conv);
+            copy_columns(xbc_conv, conv_dim, 0, di, xs);
+            copy_columns(xbc_conv, conv_dim, di, gn, b);
+            copy_columns(xbc_conv, conv_dim, di + gn, gn, cm);
+            let step_dims = StepDims {
                 batch,
                 heads: nh,
                 head_dim: c.head_dim,
                 state: c.state_size,
                 groups: c.n_groups,
                 per_head: true,
-            },
-            &mut state.ssm,
-            &StepInputs {
-                x: &split(0, di),
-                dt: &dt,
+            };
+            let inputs = StepInputs {
+                x: xs,
+                dt,
                 a: &pr.a,
-                b: &split(di, gn),
-                c: &split(di + gn, gn),
+                b,
+                c: cm,
                 d: Some(&pr.d),
                 z: None,
                 dt_bias: Some(&pr.dt_bias),
                 dt_softplus: true,
                 dt_limit: self.dt_limit(),
-            },
-        )?;
-        let dims = NormDims {
-            rows: batch,
-            hidden: di,
-            group_size: self.norm_group_size(),
-            eps: c.layer_norm_epsilon as f32,
-            norm_before_gate: c.norm_before_gate,
-        };
-        let y = mamba_ops::rmsnorm_gated::rmsnorm_gated(&dims, &y, &pr.norm_weight, Some(&z))?;
-        self.out_proj
-            .forward(&Tensor::from_vec(y, (batch, di), x.device())?)
+            };
+            step_dims.check(&state.ssm, &inputs)?;
+            selective_state_update_into(&step_dims, &mut state.ssm, &inputs, y);
+            let norm_dims = NormDims {
+                rows: batch,
+                hidden: di,
+                group_size: self.norm_group_size(),
+                eps: c.layer_norm_epsilon as f32,
+                norm_before_gate: c.norm_before_gate,
+            };
+            rmsnorm_gated_in_place(&norm_dims, y, &pr.norm_weight, Some(z))?;
+            self.out_proj.forward_host(y, out)
+        })
     }
+}
+
+thread_local! {
+    /// The intermediates of [`Mamba2Mixer::step_host`].
+    static STEP_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 impl Mamba2Mixer {

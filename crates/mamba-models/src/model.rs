@@ -14,13 +14,16 @@
 use crate::checkpoint::Checkpoint;
 use crate::config::{Family, ModelConfig};
 use crate::error::{Error, Result};
-use crate::layers::{Embedding, Linear, RmsNorm};
+use crate::layers::{
+    f32_vec, split_scratch, with_scratch, Embedding, Linear, RmsNorm, WeightFormat,
+};
 use crate::mamba1::{MambaMixer, MixerSpec};
 use crate::mamba2::Mamba2Mixer;
 use crate::moe::FeedForward;
 use crate::state::{LayerState, State, StateSize};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
+use std::cell::Cell;
 
 /// What a sequence mixer (the SSM or attention part of a block) provides.
 pub trait Mixer: Send + Sync + std::fmt::Debug {
@@ -31,6 +34,33 @@ pub trait Mixer: Send + Sync + std::fmt::Debug {
     /// One token per sequence, `x: (b, hidden)`, through the recurrent updates (or the
     /// key/value cache).
     fn step(&self, x: &Tensor, state: &mut LayerState) -> Result<Tensor>;
+    /// The mixer's linear layers (the projections whose weights [`Model::convert_weights`]
+    /// stores in another format).
+    fn linears_mut(&mut self) -> Vec<&mut Linear>;
+
+    /// [`Mixer::step`] on host slices, `x, out: (batch, hidden)`, for a model on the CPU.
+    /// This default goes through [`Mixer::step`]'s tensors; the Mamba mixers override it
+    /// with a fused step on slices that allocates nothing once warm.
+    fn step_host(
+        &self,
+        x: &[f32],
+        batch: usize,
+        state: &mut LayerState,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let hidden = x.len() / batch.max(1);
+        let x = Tensor::from_slice(x, (batch, hidden), &Device::Cpu)?;
+        let y = self.step(&x, state)?;
+        out.copy_from_slice(&f32_vec(&y)?);
+        Ok(())
+    }
+}
+
+thread_local! {
+    /// The normed input and the mixer output of a block's host step.
+    static BLOCK_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// The residual stream of a host step.
+    static STREAM_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// `h + mixer(RMSNorm(h))`, then `h + ffn(RMSNorm(h))` when the block has a feed-forward part.
@@ -65,6 +95,32 @@ impl Block {
                 Ok(((y + h)?, aux))
             }
         }
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut linears = self.mixer.linears_mut();
+        if let Some((_, ffn)) = &mut self.feed_forward {
+            linears.extend(ffn.linears_mut());
+        }
+        linears
+    }
+
+    /// [`Block::step`] on the host: `h: (batch, hidden)` advanced in place.
+    fn step_host(&self, h: &mut [f32], batch: usize, state: &mut LayerState) -> Result<()> {
+        with_scratch(&BLOCK_SCRATCH, 2 * h.len(), |buf| {
+            let [normed, mixed] = split_scratch(buf, [h.len(), h.len()]);
+            self.norm.forward_host(h, normed)?;
+            self.mixer.step_host(normed, batch, state, mixed)?;
+            h.iter_mut().zip(mixed.iter()).for_each(|(v, m)| *v += m);
+            if let Some((norm, ffn)) = &self.feed_forward {
+                norm.forward_host(h, normed)?;
+                let hidden = h.len() / batch;
+                let x = Tensor::from_slice(normed, (batch, hidden), &Device::Cpu)?;
+                let y = f32_vec(&ffn.forward(&x)?)?;
+                h.iter_mut().zip(&y).for_each(|(v, m)| *v += m);
+            }
+            Ok(())
+        })
     }
 
     /// `h: (b, hidden)` through the mixer's one-token update.
@@ -114,7 +170,8 @@ pub struct Model {
     layers: Vec<Block>,
     norm_f: RmsNorm,
     lm_head: Linear,
-    weight_dtype: DType,
+    weight_format: WeightFormat,
+    weight_bytes_per_token: usize,
 }
 
 /// Per-layer outputs recorded by [`Model::forward_hidden`].
@@ -163,14 +220,61 @@ impl Model {
         } else {
             Linear::load(vb, "lm_head", (v, h), false).map_err(checkpoint_err)?
         };
-        Ok(Model {
+        let weight_format = match embedding.dtype() {
+            DType::BF16 => WeightFormat::Bf16,
+            _ => WeightFormat::F32,
+        };
+        let mut model = Model {
             config: config.clone(),
-            weight_dtype: embedding.dtype(),
+            weight_format,
+            weight_bytes_per_token: 0,
             embedding: Embedding::new(embedding),
             layers,
             norm_f: RmsNorm::load(&root, names.final_norm, h, eps).map_err(checkpoint_err)?,
             lm_head,
-        })
+        };
+        model.weight_bytes_per_token = model.linear_weight_bytes();
+        Ok(model)
+    }
+
+    /// Stores the weights of every linear layer (the mixers' and MLPs' projections and the
+    /// output head) in `format`; embeddings, convolutions, `A`, `D`, biases and norms stay
+    /// as they are (f32). Quantised weights run on the CPU.
+    pub fn convert_weights(&mut self, format: WeightFormat) -> Result<()> {
+        if format.quant().is_some() && !self.device().is_cpu() {
+            return Err(Error::Input(format!(
+                "{} weights run on the CPU only",
+                format.name()
+            )));
+        }
+        for linear in self.layers.iter_mut().flat_map(Block::linears_mut) {
+            linear.convert(format)?;
+        }
+        self.lm_head.convert(format)?;
+        self.weight_format = format;
+        self.weight_bytes_per_token = self.linear_weight_bytes();
+        Ok(())
+    }
+
+    /// How the linear layers' weights are stored.
+    pub fn weight_format(&self) -> WeightFormat {
+        self.weight_format
+    }
+
+    /// Bytes of weights one decoding step reads: every linear layer once (the embedding
+    /// reads one row per token, not counted).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        self.weight_bytes_per_token
+    }
+
+    fn linear_weight_bytes(&mut self) -> usize {
+        let blocks: usize = self
+            .layers
+            .iter_mut()
+            .flat_map(Block::linears_mut)
+            .map(|l| l.weight_bytes())
+            .sum();
+        blocks + self.lm_head.weight_bytes()
     }
 
     pub fn family(&self) -> Family {
@@ -179,10 +283,6 @@ impl Model {
 
     pub fn vocab_size(&self) -> usize {
         self.config.vocab_size()
-    }
-
-    pub fn weight_dtype(&self) -> DType {
-        self.weight_dtype
     }
 
     /// The device the weights are on.
@@ -284,6 +384,9 @@ impl Model {
                 state.batch
             )));
         }
+        if self.device().is_cpu() {
+            return in_worker_thread(|| self.step_host(ids, state));
+        }
         let mut h = self.embedding.forward(ids, state.batch)?.squeeze(1)?;
         for (block, layer_state) in self.layers.iter().zip(state.layers.iter_mut()) {
             h = block.step(&h, layer_state)?;
@@ -291,6 +394,35 @@ impl Model {
         state.tokens_seen += 1;
         self.logits(&self.norm_f.forward(&h)?)
     }
+
+    /// [`Model::step`] on host slices: the residual stream, the norms and the Mamba
+    /// mixers' fused steps work in buffers kept from token to token, and every matrix goes
+    /// through the matrix-vector kernels.
+    fn step_host(&self, ids: &[u32], state: &mut State) -> Result<Tensor> {
+        let (batch, hidden) = (state.batch, self.config.hidden_size());
+        let logits = with_scratch(&STREAM_SCRATCH, batch * hidden, |h| -> Result<Vec<f32>> {
+            self.embedding.rows_host(ids, h)?;
+            for (block, layer_state) in self.layers.iter().zip(state.layers.iter_mut()) {
+                block.step_host(h, batch, layer_state)?;
+            }
+            self.norm_f.normalize_host(h)?;
+            let mut logits = vec![0.0f32; batch * self.vocab_size()];
+            self.lm_head.forward_host(h, &mut logits)?;
+            Ok(logits)
+        })?;
+        state.tokens_seen += 1;
+        Ok(Tensor::from_vec(
+            logits,
+            (batch, self.vocab_size()),
+            &Device::Cpu,
+        )?)
+    }
+}
+
+/// Runs `f` on a thread of rayon's pool, so that the parallel loops inside it start there
+/// instead of each handing its work over from another thread.
+fn in_worker_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
 
 /// Block `i` of a model, from the tensors under `vb` (its `layers.{i}` folder).

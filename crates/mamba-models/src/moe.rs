@@ -60,6 +60,15 @@ impl GatedMlp {
         })
     }
 
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut linears = match &mut self.gate_up {
+            GateUp::Separate { gate_proj, up_proj } => vec![gate_proj, up_proj],
+            GateUp::Fused { fc1, .. } => vec![fc1],
+        };
+        linears.push(&mut self.down_proj);
+        linears
+    }
+
     /// `x: (..., hidden)` → `(..., hidden)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (gate, up) = match &self.gate_up {
@@ -164,6 +173,19 @@ pub enum FeedForward {
 }
 
 impl FeedForward {
+    /// The linear layers of the MLP or of every expert (the router stays as loaded: it is
+    /// small, and rounding its logits would move tokens between experts).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            FeedForward::Dense(mlp) => mlp.linears_mut(),
+            FeedForward::Experts(moe) => moe
+                .experts
+                .iter_mut()
+                .flat_map(GatedMlp::linears_mut)
+                .collect(),
+        }
+    }
+
     /// `x: (..., hidden)` → `(..., hidden)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {

@@ -39,6 +39,15 @@ impl Tokenizer {
         })
     }
 
+    /// Parses the text of a Hugging Face `tokenizer.json`; `origin` names it in errors.
+    pub fn from_json_bytes(bytes: &[u8], origin: &str) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| Error::Tokenizer(format!("{origin}: {e}")))?;
+        Ok(Tokenizer {
+            kind: Kind::HuggingFace(Box::new(inner)),
+        })
+    }
+
     /// The byte-level tokenizer: each UTF-8 byte of the text is one token whose id is the
     /// byte value.
     pub fn bytes() -> Self {

@@ -95,16 +95,27 @@ pub fn rmsnorm_gated(
     weight: &[f32],
     z: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
-    check(dims, x, weight, z)?;
     let mut out = x.to_vec();
-    out.par_chunks_mut(dims.hidden)
+    rmsnorm_gated_in_place(dims, &mut out, weight, z)?;
+    Ok(out)
+}
+
+/// [`rmsnorm_gated`] overwriting `x` with the result.
+pub fn rmsnorm_gated_in_place(
+    dims: &NormDims,
+    x: &mut [f32],
+    weight: &[f32],
+    z: Option<&[f32]>,
+) -> Result<()> {
+    check(dims, x, weight, z)?;
+    x.par_chunks_mut(dims.hidden)
         .enumerate()
         .with_min_len(16)
         .for_each(|(r, row)| {
             let z_row = z.map(|z| &z[r * dims.hidden..][..dims.hidden]);
             normalize_row(dims, row, weight, z_row);
         });
-    Ok(out)
+    Ok(())
 }
 
 fn normalize_row(dims: &NormDims, row: &mut [f32], weight: &[f32], z: Option<&[f32]>) {

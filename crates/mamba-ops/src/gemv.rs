@@ -1,0 +1,564 @@
+//! `y = x W^T` for the few rows of `x` that decoding multiplies by each weight matrix:
+//! `x: (batch, cols)` f32, `W: (rows, cols)` in f32, bf16 or a block-quantised format,
+//! `y: (batch, rows)` f32. Decoding reads every weight once per token, so this product is
+//! bound by memory bandwidth: the kernels read each weight once for the whole batch and
+//! keep the arithmetic in registers.
+//!
+//! - f32 and bf16: f32 fused multiply-adds over eight (AVX2) or sixteen (AVX-512) lanes.
+//! - q8_0 and q4_0: as in llama.cpp, `x` is first quantised to q8_0 blocks, then each block
+//!   product is an integer dot product of 32 int8 pairs (AVX2 `maddubs`, or AVX-512 VNNI
+//!   `dpbusd` where the CPU has it) scaled by the two block scales.
+//!
+//! The CPU features are detected at run time; without AVX2 the same products run as plain
+//! loops. [`gemv_reference`] is the definition the tests compare against: the dequantised
+//! matrix times `x` in f64.
+
+use crate::error::{OpError, Result};
+use crate::math::with_simd;
+use crate::quant::{quantize_block_q8_0, QuantFormat, QuantMatrix, BLOCK};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// A weight matrix `(rows, cols)` as [`gemv`] reads it.
+#[derive(Debug, Clone, Copy)]
+pub enum Weights<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    Quant(&'a QuantMatrix),
+}
+
+impl Weights<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Weights::F32(w) => w.len(),
+            Weights::Bf16(w) => w.len(),
+            Weights::Quant(q) => q.rows() * q.cols(),
+        }
+    }
+}
+
+/// Output rows computed by one task: enough to amortise the task, few enough to share.
+fn rows_per_task(rows: usize) -> usize {
+    let tasks = 4 * rayon::current_num_threads().max(1);
+    rows.div_ceil(tasks).max(16)
+}
+
+/// `y (batch, rows) = x (batch, cols) W^T`, threaded over the rows of `W`.
+pub fn gemv(w: Weights, rows: usize, cols: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
+    let batch = check_shapes(&w, rows, cols, x, y)?;
+    let xq = match w {
+        Weights::Quant(_) => Some(QuantizedActivations::new(x, batch, cols)),
+        _ => None,
+    };
+    let chunk = rows_per_task(rows);
+    let run = |start: usize, out: &mut [f32]| {
+        // `out: (count, batch)`: one output row of W for each sequence.
+        let count = out.len() / batch;
+        match (w, &xq) {
+            (Weights::F32(w), _) => {
+                rows_f32(&w[start * cols..(start + count) * cols], cols, x, out)
+            }
+            (Weights::Bf16(w), _) => {
+                rows_bf16(&w[start * cols..(start + count) * cols], cols, x, out)
+            }
+            (Weights::Quant(q), Some(xq)) => rows_quant(q, start, count, xq, out),
+            (Weights::Quant(_), None) => unreachable!("activations are quantised above"),
+        }
+    };
+    if batch == 1 {
+        y.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, out)| run(i * chunk, out));
+        return Ok(());
+    }
+    let mut by_row = vec![0.0f32; rows * batch]; // (rows, batch)
+    by_row
+        .par_chunks_mut(chunk * batch)
+        .enumerate()
+        .for_each(|(i, out)| run(i * chunk, out));
+    for (r, per_seq) in by_row.chunks(batch).enumerate() {
+        for (b, v) in per_seq.iter().enumerate() {
+            y[b * rows + r] = *v;
+        }
+    }
+    Ok(())
+}
+
+/// The definition: `y = x W^T` with `W` dequantised, summed in f64.
+pub fn gemv_reference(
+    w: Weights,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<()> {
+    let batch = check_shapes(&w, rows, cols, x, y)?;
+    let dense: Vec<f32> = match w {
+        Weights::F32(w) => w.to_vec(),
+        Weights::Bf16(w) => w.iter().map(|v| v.to_f32()).collect(),
+        Weights::Quant(q) => q.dequantize(),
+    };
+    for b in 0..batch {
+        for r in 0..rows {
+            let row = &dense[r * cols..][..cols];
+            let xb = &x[b * cols..][..cols];
+            y[b * rows + r] = row
+                .iter()
+                .zip(xb)
+                .map(|(a, v)| *a as f64 * *v as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+    Ok(())
+}
+
+fn check_shapes(w: &Weights, rows: usize, cols: usize, x: &[f32], y: &[f32]) -> Result<usize> {
+    let err = |msg: String| Err(OpError::Shape { op: "gemv", msg });
+    if let Weights::Quant(q) = w {
+        if (q.rows(), q.cols()) != (rows, cols) {
+            return err(format!(
+                "a ({}, {}) quantised matrix used as ({rows}, {cols})",
+                q.rows(),
+                q.cols()
+            ));
+        }
+    }
+    if w.len() != rows * cols || cols == 0 || rows == 0 {
+        return err(format!("{} weights for ({rows}, {cols})", w.len()));
+    }
+    if x.is_empty() || !x.len().is_multiple_of(cols) || y.len() != x.len() / cols * rows {
+        return err(format!(
+            "x has {} values and y {} for ({rows}, {cols}) weights",
+            x.len(),
+            y.len()
+        ));
+    }
+    Ok(x.len() / cols)
+}
+
+/// `out[(r, b)] = W[r] . x[b]` for the f32 rows `w: (count, cols)`.
+fn rows_f32(w: &[f32], cols: usize, x: &[f32], out: &mut [f32]) {
+    rows_dense(w, cols, x, out, |w| *w)
+}
+
+/// `out[(r, b)] = W[r] . x[b]` for the bf16 rows `w: (count, cols)`.
+fn rows_bf16(w: &[bf16], cols: usize, x: &[f32], out: &mut [f32]) {
+    rows_dense(w, cols, x, out, |w| {
+        f32::from_bits((w.to_bits() as u32) << 16)
+    })
+}
+
+/// Rows of `W` a dense kernel takes at once: independent sums that hide the latency of
+/// the multiply-adds, sharing each load of `x`.
+const DENSE_ROWS: usize = 4;
+
+/// The dense kernels' common loop: `w: (count, cols)`, `x: (batch, cols)`,
+/// `out: (count, batch)`, compiled for the widest vector unit the CPU has.
+#[inline(always)]
+fn rows_dense<T: Copy>(
+    w: &[T],
+    cols: usize,
+    x: &[f32],
+    out: &mut [f32],
+    widen: impl Fn(&T) -> f32 + Copy,
+) {
+    let batch = x.len() / cols;
+    with_simd(
+        #[inline(always)]
+        || {
+            let mut quads = w.chunks_exact(DENSE_ROWS * cols);
+            let mut outs = out.chunks_exact_mut(DENSE_ROWS * batch);
+            for (w4, out4) in (&mut quads).zip(&mut outs) {
+                for (b, xb) in x.chunks_exact(cols).enumerate() {
+                    let sums = dot_rows::<T, DENSE_ROWS>(w4, xb, widen);
+                    for (r, s) in sums.into_iter().enumerate() {
+                        out4[r * batch + b] = s;
+                    }
+                }
+            }
+            let rest = quads.remainder();
+            let out_rest = outs.into_remainder();
+            for (w_row, out_row) in rest
+                .chunks_exact(cols)
+                .zip(out_rest.chunks_exact_mut(batch))
+            {
+                for (o, xb) in out_row.iter_mut().zip(x.chunks_exact(cols)) {
+                    *o = dot_rows::<T, 1>(w_row, xb, widen)[0];
+                }
+            }
+        },
+    )
+}
+
+/// `R` dot products of the rows of `w: (R, cols)` with `x: (cols)`, each with eight
+/// partial sums, so that the loop vectorises across the lanes and the rows.
+#[inline(always)]
+fn dot_rows<T: Copy, const R: usize>(w: &[T], x: &[f32], widen: impl Fn(&T) -> f32) -> [f32; R] {
+    const LANES: usize = 8;
+    let cols = x.len();
+    let body = cols - cols % LANES;
+    let mut acc = [[0.0f32; LANES]; R];
+    for c in (0..body).step_by(LANES) {
+        let xc = &x[c..c + LANES];
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let wc = &w[r * cols + c..][..LANES];
+            for i in 0..LANES {
+                acc_r[i] += widen(&wc[i]) * xc[i];
+            }
+        }
+    }
+    let mut sums = [0.0f32; R];
+    for (r, s) in sums.iter_mut().enumerate() {
+        let tail: f32 = (body..cols).map(|c| widen(&w[r * cols + c]) * x[c]).sum();
+        *s = acc[r].iter().sum::<f32>() + tail;
+    }
+    sums
+}
+
+/// `x: (batch, cols)` quantised to q8_0 blocks for the integer dot products.
+struct QuantizedActivations {
+    cols: usize,
+    /// `(batch, cols / 32)`.
+    scales: Vec<f32>,
+    /// `(batch, cols)`.
+    quants: Vec<i8>,
+}
+
+impl QuantizedActivations {
+    fn new(x: &[f32], batch: usize, cols: usize) -> Self {
+        let mut scales = vec![0.0f32; batch * cols / BLOCK];
+        let mut quants = vec![0u8; batch * cols];
+        for ((d, q), xb) in scales
+            .iter_mut()
+            .zip(quants.chunks_mut(BLOCK))
+            .zip(x.chunks(BLOCK))
+        {
+            *d = quantize_block_q8_0(xb, q).to_f32();
+        }
+        QuantizedActivations {
+            cols,
+            scales,
+            quants: quants.into_iter().map(|v| v as i8).collect(),
+        }
+    }
+
+    /// The scales and quants of sequence `b`.
+    fn row(&self, b: usize) -> (&[f32], &[i8]) {
+        let bpr = self.cols / BLOCK;
+        (
+            &self.scales[b * bpr..(b + 1) * bpr],
+            &self.quants[b * self.cols..(b + 1) * self.cols],
+        )
+    }
+}
+
+/// `out[(r, b)]` for rows `start..start + count` of a quantised matrix.
+fn rows_quant(
+    q: &QuantMatrix,
+    start: usize,
+    count: usize,
+    xq: &QuantizedActivations,
+    out: &mut [f32],
+) {
+    let batch = out.len() / count;
+    let (scales, quants) = q.row_range(start, count);
+    let bpr = q.cols() / BLOCK;
+    let qpr = bpr * q.format().quant_bytes_per_block();
+    let kernel = quant_kernel(q.format());
+    for r in 0..count {
+        let (ws, wq) = (&scales[r * bpr..][..bpr], &quants[r * qpr..][..qpr]);
+        for b in 0..batch {
+            let (xs, xqs) = xq.row(b);
+            out[r * batch + b] = kernel(ws, wq, xs, xqs);
+        }
+    }
+}
+
+/// A block-row dot product: weight scales and quants, activation scales and quants.
+type QuantDot = fn(&[f16], &[u8], &[f32], &[i8]) -> f32;
+
+/// The fastest dot product for `format` on this CPU.
+fn quant_kernel(format: QuantFormat) -> QuantDot {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let vnni = has!("avx512vnni") && has!("avx512vl") && has!("avx512bw");
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            return match (format, vnni) {
+                (QuantFormat::Q8_0, true) => x86::dot_q8_0_vnni,
+                (QuantFormat::Q8_0, false) => x86::dot_q8_0_avx2,
+                (QuantFormat::Q4_0, true) => x86::dot_q4_0_vnni,
+                (QuantFormat::Q4_0, false) => x86::dot_q4_0_avx2,
+            };
+        }
+    }
+    match format {
+        QuantFormat::Q8_0 => dot_q8_0_scalar,
+        QuantFormat::Q4_0 => dot_q4_0_scalar,
+    }
+}
+
+fn dot_q8_0_scalar(ws: &[f16], wq: &[u8], xs: &[f32], xq: &[i8]) -> f32 {
+    dot_blocks_scalar(ws, xs, |k, j| {
+        wq[k * BLOCK + j] as i8 as i32 * xq[k * BLOCK + j] as i32
+    })
+}
+
+fn dot_q4_0_scalar(ws: &[f16], wq: &[u8], xs: &[f32], xq: &[i8]) -> f32 {
+    dot_blocks_scalar(ws, xs, |k, j| {
+        let byte = wq[k * BLOCK / 2 + j % (BLOCK / 2)];
+        let nibble = if j < BLOCK / 2 { byte & 0xf } else { byte >> 4 };
+        (nibble as i32 - 8) * xq[k * BLOCK + j] as i32
+    })
+}
+
+/// `Σ_k d_w[k] d_x[k] Σ_j product(k, j)` over the blocks `k` of a row.
+#[inline(always)]
+fn dot_blocks_scalar(ws: &[f16], xs: &[f32], product: impl Fn(usize, usize) -> i32) -> f32 {
+    ws.iter()
+        .zip(xs)
+        .enumerate()
+        .map(|(k, (dw, dx))| {
+            let sum: i32 = (0..BLOCK).map(|j| product(k, j)).sum();
+            dw.to_f32() * dx * sum as f32
+        })
+        .sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The quantised dot products in AVX2 (+ AVX-512 VNNI) intrinsics.
+    use super::BLOCK;
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// The 32 int8 products of a block summed in eight i32 lanes: `|w| * sign(x, w)` makes
+    /// the unsigned-by-signed multiply of `maddubs` / `dpbusd` a signed one.
+    #[inline(always)]
+    unsafe fn block_sum<const VNNI: bool>(w: __m256i, x: __m256i) -> __m256i {
+        let aw = _mm256_sign_epi8(w, w);
+        let sx = _mm256_sign_epi8(x, w);
+        if VNNI {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1))
+        }
+    }
+
+    /// One f16 to f32 through F16C.
+    #[inline(always)]
+    unsafe fn f16_to_f32(h: f16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Blocks whose combined scales are computed together, eight at a time.
+    const SCALE_TILE: usize = 64;
+
+    /// `Σ_k d_w[k] d_x[k] (w_k . x_k)` with `load(k)` giving block `k`'s 32 weights as int8.
+    /// The combined scales `d_w d_x` of a tile of blocks are computed eight at a time first;
+    /// the blocks then go two per iteration into two accumulators, so that the
+    /// multiply-adds of neighbouring blocks do not wait on each other.
+    #[inline(always)]
+    unsafe fn dot_blocks<const VNNI: bool>(
+        ws: &[f16],
+        xs: &[f32],
+        xq: &[i8],
+        load: impl Fn(usize) -> __m256i,
+    ) -> f32 {
+        let mut scales = [0.0f32; SCALE_TILE];
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for tile in (0..ws.len()).step_by(SCALE_TILE) {
+            let n = (ws.len() - tile).min(SCALE_TILE);
+            combined_scales(&ws[tile..tile + n], &xs[tile..tile + n], &mut scales[..n]);
+            let block = |j: usize| {
+                let k = tile + j;
+                let x = _mm256_loadu_si256(xq.as_ptr().add(k * BLOCK) as *const __m256i);
+                let sum = _mm256_cvtepi32_ps(block_sum::<VNNI>(load(k), x));
+                (_mm256_broadcast_ss(scales.get_unchecked(j)), sum)
+            };
+            for p in 0..n / 2 {
+                let (d0, s0) = block(2 * p);
+                let (d1, s1) = block(2 * p + 1);
+                acc0 = _mm256_fmadd_ps(d0, s0, acc0);
+                acc1 = _mm256_fmadd_ps(d1, s1, acc1);
+            }
+            if n % 2 == 1 {
+                let (d, s) = block(n - 1);
+                acc0 = _mm256_fmadd_ps(d, s, acc0);
+            }
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }
+
+    /// `out[k] = d_w[k] * d_x[k]`, converting the f16 weight scales eight at a time.
+    #[inline(always)]
+    unsafe fn combined_scales(ws: &[f16], xs: &[f32], out: &mut [f32]) {
+        let body = ws.len() - ws.len() % 8;
+        for k in (0..body).step_by(8) {
+            let w8 = _mm256_cvtph_ps(_mm_loadu_si128(ws.as_ptr().add(k) as *const __m128i));
+            let x8 = _mm256_loadu_ps(xs.as_ptr().add(k));
+            _mm256_storeu_ps(out.as_mut_ptr().add(k), _mm256_mul_ps(w8, x8));
+        }
+        for k in body..ws.len() {
+            out[k] = f16_to_f32(ws[k]) * xs[k];
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load_q8_0(wq: &[u8], k: usize) -> __m256i {
+        _mm256_loadu_si256(wq.as_ptr().add(k * BLOCK) as *const __m256i)
+    }
+
+    /// 16 bytes of nibbles as 32 int8 `q - 8`: low nibbles first, then high nibbles.
+    #[inline(always)]
+    unsafe fn load_q4_0(wq: &[u8], k: usize) -> __m256i {
+        let packed = _mm_loadu_si128(wq.as_ptr().add(k * BLOCK / 2) as *const __m128i);
+        let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+        let nibbles = _mm256_and_si256(both, _mm256_set1_epi8(0xf));
+        _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8))
+    }
+
+    macro_rules! kernel {
+        ($name:ident, $features:literal, $vnni:literal, $load:ident, $block_bytes:expr) => {
+            pub(super) fn $name(ws: &[f16], wq: &[u8], xs: &[f32], xq: &[i8]) -> f32 {
+                #[target_feature(enable = $features)]
+                unsafe fn inner(ws: &[f16], wq: &[u8], xs: &[f32], xq: &[i8]) -> f32 {
+                    dot_blocks::<$vnni>(ws, xs, xq, |k| $load(wq, k))
+                }
+                let blocks = ws.len();
+                assert!(
+                    wq.len() >= blocks * $block_bytes
+                        && xq.len() >= blocks * BLOCK
+                        && xs.len() >= blocks
+                );
+                // SAFETY: `quant_kernel` hands this function out only after detecting the
+                // features; every load stays inside the slices checked above.
+                unsafe { inner(ws, wq, xs, xq) }
+            }
+        };
+    }
+
+    kernel!(dot_q8_0_avx2, "avx2,fma,f16c", false, load_q8_0, BLOCK);
+    kernel!(dot_q4_0_avx2, "avx2,fma,f16c", false, load_q4_0, BLOCK / 2);
+    kernel!(
+        dot_q8_0_vnni,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        true,
+        load_q8_0,
+        BLOCK
+    );
+    kernel!(
+        dot_q4_0_vnni,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        true,
+        load_q4_0,
+        BLOCK / 2
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
+        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        a.iter()
+            .zip(b)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale
+    }
+
+    /// The product of `w` with `batch` rows, fast and reference.
+    fn both(w: Weights, rows: usize, cols: usize, batch: usize) -> (Vec<f32>, Vec<f32>) {
+        let x = values(batch * cols, 7);
+        let (mut fast, mut slow) = (vec![0.0; batch * rows], vec![0.0; batch * rows]);
+        gemv(w, rows, cols, &x, &mut fast).unwrap();
+        gemv_reference(w, rows, cols, &x, &mut slow).unwrap();
+        (fast, slow)
+    }
+
+    #[test]
+    fn dense_products_match_the_reference() {
+        let (rows, cols) = (77, 200);
+        let w = values(rows * cols, 1);
+        let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
+        for batch in [1, 3] {
+            let (fast, slow) = both(Weights::F32(&w), rows, cols, batch);
+            assert!(max_rel_err(&fast, &slow) < 1e-5, "f32 batch {batch}");
+            let (fast, slow) = both(Weights::Bf16(&wb), rows, cols, batch);
+            assert!(max_rel_err(&fast, &slow) < 1e-5, "bf16 batch {batch}");
+        }
+    }
+
+    #[test]
+    fn quantised_products_match_the_dequantised_reference() {
+        let (rows, cols) = (45, 320);
+        let w = values(rows * cols, 2);
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+            let q = QuantMatrix::quantize(&w, rows, cols, format).unwrap();
+            for batch in [1, 2, 5] {
+                let (fast, slow) = both(Weights::Quant(&q), rows, cols, batch);
+                // The activations are quantised to 8 bits: about 1/127 of each block's
+                // largest value, averaging out over the row.
+                let err = max_rel_err(&fast, &slow);
+                assert!(err < 1e-2, "{format:?} batch {batch}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_quantised_kernel_agrees_with_the_scalar_one() {
+        let cols = 256;
+        let w = values(cols, 3);
+        let x = values(cols, 4);
+        let xq = QuantizedActivations::new(&x, 1, cols);
+        let (xs, xqs) = xq.row(0);
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+            let q = QuantMatrix::quantize(&w, 1, cols, format).unwrap();
+            let (ws, wq) = q.row_range(0, 1);
+            let scalar = match format {
+                QuantFormat::Q8_0 => dot_q8_0_scalar(ws, wq, xs, xqs),
+                QuantFormat::Q4_0 => dot_q4_0_scalar(ws, wq, xs, xqs),
+            };
+            let fast = quant_kernel(format)(ws, wq, xs, xqs);
+            // Both sum the same integer block products; only the f32 order differs.
+            assert!(
+                (fast - scalar).abs() <= 1e-5 * scalar.abs().max(1.0),
+                "{format:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_shapes_are_errors() {
+        let w = [0.0f32; 12];
+        let mut y = [0.0f32; 3];
+        assert!(gemv(Weights::F32(&w), 3, 4, &[0.0; 5], &mut y).is_err());
+        assert!(gemv(Weights::F32(&w), 4, 4, &[0.0; 4], &mut y).is_err());
+        let q = QuantMatrix::quantize(&[0.0; 64], 2, 32, QuantFormat::Q8_0).unwrap();
+        assert!(gemv(Weights::Quant(&q), 1, 64, &[0.0; 64], &mut y[..1]).is_err());
+    }
+}

@@ -1,0 +1,311 @@
+//! Block-quantised weight matrices in llama.cpp's `q8_0` and `q4_0` formats.
+//!
+//! A row of `cols` values (a multiple of 32) is cut into blocks of 32, each with one f16
+//! scale `d`:
+//!
+//! ```text
+//! q8_0:  d = max|x| / 127,                      q = round(x / d)  in [-127, 127],  x ≈ q d
+//! q4_0:  d = m / -8  (m: the value of largest magnitude, sign kept),
+//!        q = min(15, trunc(x / d + 8.5))  in [0, 15],                               x ≈ (q - 8) d
+//! ```
+//!
+//! The rounding is ggml's reference (`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`), so a
+//! matrix quantised here has the same bytes as one quantised by llama.cpp, and dequantising
+//! then quantising again gives the same blocks back. In memory the scales and the quants are
+//! kept apart (structure of arrays) for the vector kernels of [`crate::gemv`];
+//! [`QuantMatrix::to_ggml_bytes`] and [`QuantMatrix::from_ggml_bytes`] give and take ggml's
+//! interleaved blocks (`{f16 d; quants}`) as GGUF files store them.
+
+use crate::error::{OpError, Result};
+use half::f16;
+use rayon::prelude::*;
+
+/// Values per quantisation block.
+pub const BLOCK: usize = 32;
+
+/// A block quantisation format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantFormat {
+    /// 8-bit quants, 34 bytes per 32 values.
+    Q8_0,
+    /// 4-bit quants, 18 bytes per 32 values.
+    Q4_0,
+}
+
+impl QuantFormat {
+    /// Bytes of quants per block (the scale's two bytes not counted).
+    pub fn quant_bytes_per_block(self) -> usize {
+        match self {
+            QuantFormat::Q8_0 => BLOCK,
+            QuantFormat::Q4_0 => BLOCK / 2,
+        }
+    }
+
+    /// Bytes of one block as ggml stores it: the f16 scale, then the quants.
+    pub fn ggml_block_bytes(self) -> usize {
+        2 + self.quant_bytes_per_block()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::Q8_0 => "q8_0",
+            QuantFormat::Q4_0 => "q4_0",
+        }
+    }
+}
+
+/// A `(rows, cols)` row-major matrix quantised row by row in blocks of [`BLOCK`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantMatrix {
+    format: QuantFormat,
+    rows: usize,
+    cols: usize,
+    /// `(rows, cols / 32)`.
+    scales: Vec<f16>,
+    /// `(rows, cols / 32, quant_bytes_per_block)`: i8 values for q8_0; for q4_0 byte `j` of a
+    /// block holds value `j` in its low nibble and value `j + 16` in its high nibble.
+    quants: Vec<u8>,
+}
+
+impl QuantMatrix {
+    /// Quantises `w: (rows, cols)`; `cols` must be a multiple of 32.
+    pub fn quantize(w: &[f32], rows: usize, cols: usize, format: QuantFormat) -> Result<Self> {
+        check_dims(rows, cols, w.len(), rows * cols)?;
+        let blocks = rows * cols / BLOCK;
+        let qb = format.quant_bytes_per_block();
+        let mut scales = vec![f16::ZERO; blocks];
+        let mut quants = vec![0u8; blocks * qb];
+        scales
+            .par_iter_mut()
+            .zip(quants.par_chunks_mut(qb))
+            .zip(w.par_chunks(BLOCK))
+            .with_min_len(256)
+            .for_each(|((d, q), x)| {
+                *d = match format {
+                    QuantFormat::Q8_0 => quantize_block_q8_0(x, q),
+                    QuantFormat::Q4_0 => quantize_block_q4_0(x, q),
+                }
+            });
+        Ok(QuantMatrix {
+            format,
+            rows,
+            cols,
+            scales,
+            quants,
+        })
+    }
+
+    /// The matrix from ggml's interleaved blocks (as in a GGUF tensor of this format).
+    pub fn from_ggml_bytes(
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+        format: QuantFormat,
+    ) -> Result<Self> {
+        let bb = format.ggml_block_bytes();
+        check_dims(rows, cols, bytes.len(), rows * cols / BLOCK * bb)?;
+        let (scales, quants): (Vec<f16>, Vec<&[u8]>) = bytes
+            .chunks_exact(bb)
+            .map(|b| (f16::from_le_bytes([b[0], b[1]]), &b[2..]))
+            .unzip();
+        Ok(QuantMatrix {
+            format,
+            rows,
+            cols,
+            scales,
+            quants: quants.concat(),
+        })
+    }
+
+    /// ggml's interleaved blocks, as a GGUF file stores a tensor of this format.
+    pub fn to_ggml_bytes(&self) -> Vec<u8> {
+        let qb = self.format.quant_bytes_per_block();
+        self.scales
+            .iter()
+            .zip(self.quants.chunks_exact(qb))
+            .flat_map(|(d, q)| d.to_le_bytes().into_iter().chain(q.iter().copied()))
+            .collect()
+    }
+
+    /// The values the blocks stand for, `(rows, cols)` row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.rows * self.cols];
+        let qb = self.format.quant_bytes_per_block();
+        out.par_chunks_mut(BLOCK)
+            .zip(self.scales.par_iter())
+            .zip(self.quants.par_chunks(qb))
+            .with_min_len(256)
+            .for_each(|((dst, d), q)| {
+                let d = d.to_f32();
+                for (j, v) in dst.iter_mut().enumerate() {
+                    *v = self.format_value(q, j) as f32 * d;
+                }
+            });
+        out
+    }
+
+    /// Quant `j` of a block as a signed integer.
+    #[inline(always)]
+    fn format_value(&self, block_quants: &[u8], j: usize) -> i32 {
+        match self.format {
+            QuantFormat::Q8_0 => block_quants[j] as i8 as i32,
+            QuantFormat::Q4_0 => {
+                let byte = block_quants[j % (BLOCK / 2)];
+                let nibble = if j < BLOCK / 2 { byte & 0xf } else { byte >> 4 };
+                nibble as i32 - 8
+            }
+        }
+    }
+
+    pub fn format(&self) -> QuantFormat {
+        self.format
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes of weights a product with this matrix reads.
+    pub fn size_in_bytes(&self) -> usize {
+        self.scales.len() * 2 + self.quants.len()
+    }
+
+    /// The scales and quants of rows `start..start + count`.
+    pub(crate) fn row_range(&self, start: usize, count: usize) -> (&[f16], &[u8]) {
+        let bpr = self.cols / BLOCK;
+        let qpr = bpr * self.format.quant_bytes_per_block();
+        (
+            &self.scales[start * bpr..(start + count) * bpr],
+            &self.quants[start * qpr..(start + count) * qpr],
+        )
+    }
+}
+
+fn check_dims(rows: usize, cols: usize, len: usize, expected: usize) -> Result<()> {
+    if !cols.is_multiple_of(BLOCK) || rows == 0 {
+        return Err(OpError::Shape {
+            op: "quantize",
+            msg: format!("a ({rows}, {cols}) matrix does not make rows of {BLOCK}-value blocks"),
+        });
+    }
+    if len != expected {
+        return Err(OpError::Shape {
+            op: "quantize",
+            msg: format!(
+                "{len} values or bytes for a ({rows}, {cols}) matrix, expected {expected}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// ggml's `quantize_row_q8_0_ref` for one block: writes the quants, returns the scale.
+pub fn quantize_block_q8_0(x: &[f32], q: &mut [u8]) -> f16 {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (qi, v) in q.iter_mut().zip(x) {
+        *qi = (v * id).round() as i8 as u8;
+    }
+    f16::from_f32(d)
+}
+
+/// ggml's `quantize_row_q4_0_ref` for one block: writes the packed quants, returns the scale.
+pub fn quantize_block_q4_0(x: &[f32], q: &mut [u8]) -> f16 {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let half = BLOCK / 2;
+    let nibble = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+    for (j, qj) in q.iter_mut().enumerate() {
+        *qj = nibble(x[j]) | (nibble(x[j + half]) << 4);
+    }
+    f16::from_f32(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+            .collect()
+    }
+
+    #[test]
+    fn requantising_the_dequantised_matrix_gives_the_same_blocks() {
+        let w = ramp(4 * 96);
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+            let q = QuantMatrix::quantize(&w, 4, 96, format).unwrap();
+            let again = QuantMatrix::quantize(&q.dequantize(), 4, 96, format).unwrap();
+            assert_eq!(q, again, "{format:?}");
+        }
+    }
+
+    #[test]
+    fn ggml_bytes_round_trip_and_have_ggml_block_sizes() {
+        let w = ramp(2 * 64);
+        for (format, block_bytes) in [(QuantFormat::Q8_0, 34), (QuantFormat::Q4_0, 18)] {
+            let q = QuantMatrix::quantize(&w, 2, 64, format).unwrap();
+            let bytes = q.to_ggml_bytes();
+            assert_eq!(bytes.len(), 4 * block_bytes);
+            assert_eq!(
+                QuantMatrix::from_ggml_bytes(&bytes, 2, 64, format).unwrap(),
+                q
+            );
+        }
+    }
+
+    #[test]
+    fn dequantised_values_are_within_a_rounding_step() {
+        let w = ramp(3 * 64);
+        // q4_0 has 8 steps below zero and 7 above: the end opposite the largest magnitude
+        // clamps, up to one whole step away.
+        for (format, steps, bound) in [
+            (QuantFormat::Q8_0, 127.0, 0.5),
+            (QuantFormat::Q4_0, 8.0, 1.0),
+        ] {
+            let q = QuantMatrix::quantize(&w, 3, 64, format).unwrap();
+            for (block, back) in w.chunks(BLOCK).zip(q.dequantize().chunks(BLOCK)) {
+                let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let step = amax / steps;
+                for (a, b) in block.iter().zip(back) {
+                    // f16 rounding of the scale adds a relative 2^-11 of the value.
+                    assert!(
+                        (a - b).abs() <= bound * step + amax * 1e-3,
+                        "{format:?} {a} {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q4_0_packs_value_j_low_and_value_j_plus_16_high() {
+        let mut x = [0.0f32; BLOCK];
+        x[0] = -8.0; // the largest magnitude: d = 1, q = 0
+        x[16] = 7.0; // q = 15
+        let mut q = [0u8; BLOCK / 2];
+        let d = quantize_block_q4_0(&x, &mut q);
+        assert_eq!(d.to_f32(), 1.0);
+        assert_eq!(q[0], 0xf0);
+        assert_eq!(q[1], 0x88);
+    }
+
+    #[test]
+    fn columns_that_do_not_fill_blocks_are_an_error() {
+        let err = QuantMatrix::quantize(&[0.0; 48], 1, 48, QuantFormat::Q8_0).unwrap_err();
+        assert!(err.to_string().contains("blocks"), "{err}");
+    }
+}
