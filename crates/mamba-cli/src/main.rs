@@ -23,6 +23,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     keep_backtraces_out_of_errors();
+    memory::keep_freed_memory_for_reuse();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => return command_line_failure(err),

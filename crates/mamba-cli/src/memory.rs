@@ -17,3 +17,22 @@ fn status_bytes(path: &str, key: &str) -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+/// Asks glibc's allocator to keep freed memory for reuse: activations of up to 32 MiB
+/// (glibc's ceiling) come from the heap rather than fresh zeroed pages, and the heap is
+/// not handed back to the kernel after every forward pass. Each layer of a prefill
+/// allocates and frees tensors of the same sizes, and without this the page faults of
+/// fresh pages took about a tenth of the prefill time (measured on mamba2-130m,
+/// 2048 tokens). Memory use is unchanged at its peak.
+pub fn keep_freed_memory_for_reuse() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const MMAP_THRESHOLD: libc::c_int = 32 << 20;
+        const TRIM_THRESHOLD: libc::c_int = 1 << 30;
+        // SAFETY: mallopt only changes allocator parameters; called before any threads start.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        }
+    }
+}

@@ -14,7 +14,6 @@
 //! matrix times `x` in f64.
 
 use crate::error::{OpError, Result};
-use crate::math::with_simd;
 use crate::quant::{quantize_block_q8_0, QuantFormat, QuantMatrix, BLOCK};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -138,81 +137,37 @@ fn check_shapes(w: &Weights, rows: usize, cols: usize, x: &[f32], y: &[f32]) -> 
 
 /// `out[(r, b)] = W[r] . x[b]` for the f32 rows `w: (count, cols)`.
 fn rows_f32(w: &[f32], cols: usize, x: &[f32], out: &mut [f32]) {
-    rows_dense(w, cols, x, out, |w| *w)
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2_fma() {
+        return x86::rows_dense(w, cols, x, out, x86::Widen::F32);
+    }
+    rows_dense_scalar(w, cols, x, out, |w| *w)
 }
 
 /// `out[(r, b)] = W[r] . x[b]` for the bf16 rows `w: (count, cols)`.
 fn rows_bf16(w: &[bf16], cols: usize, x: &[f32], out: &mut [f32]) {
-    rows_dense(w, cols, x, out, |w| {
-        f32::from_bits((w.to_bits() as u32) << 16)
-    })
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2_fma() {
+        return x86::rows_dense(w, cols, x, out, x86::Widen::Bf16);
+    }
+    rows_dense_scalar(w, cols, x, out, |w| w.to_f32())
 }
 
-/// Rows of `W` a dense kernel takes at once: independent sums that hide the latency of
-/// the multiply-adds, sharing each load of `x`.
-const DENSE_ROWS: usize = 4;
-
-/// The dense kernels' common loop: `w: (count, cols)`, `x: (batch, cols)`,
-/// `out: (count, batch)`, compiled for the widest vector unit the CPU has.
-#[inline(always)]
-fn rows_dense<T: Copy>(
+/// The dense kernels without SIMD intrinsics: `w: (count, cols)`, `x: (batch, cols)`,
+/// `out: (count, batch)`.
+fn rows_dense_scalar<T>(
     w: &[T],
     cols: usize,
     x: &[f32],
     out: &mut [f32],
-    widen: impl Fn(&T) -> f32 + Copy,
+    widen: impl Fn(&T) -> f32,
 ) {
     let batch = x.len() / cols;
-    with_simd(
-        #[inline(always)]
-        || {
-            let mut quads = w.chunks_exact(DENSE_ROWS * cols);
-            let mut outs = out.chunks_exact_mut(DENSE_ROWS * batch);
-            for (w4, out4) in (&mut quads).zip(&mut outs) {
-                for (b, xb) in x.chunks_exact(cols).enumerate() {
-                    let sums = dot_rows::<T, DENSE_ROWS>(w4, xb, widen);
-                    for (r, s) in sums.into_iter().enumerate() {
-                        out4[r * batch + b] = s;
-                    }
-                }
-            }
-            let rest = quads.remainder();
-            let out_rest = outs.into_remainder();
-            for (w_row, out_row) in rest
-                .chunks_exact(cols)
-                .zip(out_rest.chunks_exact_mut(batch))
-            {
-                for (o, xb) in out_row.iter_mut().zip(x.chunks_exact(cols)) {
-                    *o = dot_rows::<T, 1>(w_row, xb, widen)[0];
-                }
-            }
-        },
-    )
-}
-
-/// `R` dot products of the rows of `w: (R, cols)` with `x: (cols)`, each with eight
-/// partial sums, so that the loop vectorises across the lanes and the rows.
-#[inline(always)]
-fn dot_rows<T: Copy, const R: usize>(w: &[T], x: &[f32], widen: impl Fn(&T) -> f32) -> [f32; R] {
-    const LANES: usize = 8;
-    let cols = x.len();
-    let body = cols - cols % LANES;
-    let mut acc = [[0.0f32; LANES]; R];
-    for c in (0..body).step_by(LANES) {
-        let xc = &x[c..c + LANES];
-        for (r, acc_r) in acc.iter_mut().enumerate() {
-            let wc = &w[r * cols + c..][..LANES];
-            for i in 0..LANES {
-                acc_r[i] += widen(&wc[i]) * xc[i];
-            }
+    for (w_row, out_row) in w.chunks_exact(cols).zip(out.chunks_exact_mut(batch)) {
+        for (o, xb) in out_row.iter_mut().zip(x.chunks_exact(cols)) {
+            *o = w_row.iter().zip(xb).map(|(w, x)| widen(w) * x).sum();
         }
     }
-    let mut sums = [0.0f32; R];
-    for (r, s) in sums.iter_mut().enumerate() {
-        let tail: f32 = (body..cols).map(|c| widen(&w[r * cols + c]) * x[c]).sum();
-        *s = acc[r].iter().sum::<f32>() + tail;
-    }
-    sums
 }
 
 /// `x: (batch, cols)` quantised to q8_0 blocks for the integer dot products.
@@ -327,10 +282,120 @@ fn dot_blocks_scalar(ws: &[f16], xs: &[f32], product: impl Fn(usize, usize) -> i
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! The quantised dot products in AVX2 (+ AVX-512 VNNI) intrinsics.
+    //! The kernels in AVX2 (+ AVX-512 VNNI) intrinsics.
     use super::BLOCK;
-    use half::f16;
+    use half::{bf16, f16};
     use std::arch::x86_64::*;
+
+    pub(super) fn has_avx2_fma() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    /// How a dense weight type becomes eight f32 lanes.
+    #[derive(Clone, Copy)]
+    pub(super) enum Widen {
+        F32,
+        Bf16,
+    }
+
+    /// Eight weights from `p` as f32 lanes.
+    #[inline(always)]
+    unsafe fn load8<T>(p: *const T, widen: Widen) -> __m256 {
+        match widen {
+            Widen::F32 => _mm256_loadu_ps(p as *const f32),
+            Widen::Bf16 => {
+                let halves = _mm_loadu_si128(p as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16))
+            }
+        }
+    }
+
+    /// Rows of `W` taken at once. One: the weights stream from memory in one sequence,
+    /// which the hardware prefetcher follows best (several short rows at once measured
+    /// slower on the output head, which does not fit in cache).
+    const ROWS: usize = 1;
+    /// Vectors of eight columns per row and step: four independent multiply-add chains.
+    const VECS: usize = 4;
+
+    /// `out[(r, b)] = W[r] . x[b]` for dense rows `w: (count, cols)` of f32 or bf16
+    /// (`T` must be the type `widen` names), `x: (batch, cols)`, `out: (count, batch)`.
+    pub(super) fn rows_dense<T>(w: &[T], cols: usize, x: &[f32], out: &mut [f32], widen: Widen) {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn inner<T>(w: &[T], cols: usize, x: &[f32], out: &mut [f32], widen: Widen) {
+            let batch = x.len() / cols;
+            let count = out.len() / batch;
+            let mut r = 0;
+            while r + ROWS <= count {
+                for b in 0..batch {
+                    let sums = dot_rows::<T, ROWS, VECS>(
+                        w.as_ptr().add(r * cols),
+                        cols,
+                        &x[b * cols..][..cols],
+                        widen,
+                    );
+                    for (i, s) in sums.into_iter().enumerate() {
+                        out[(r + i) * batch + b] = s;
+                    }
+                }
+                r += ROWS;
+            }
+            for r in r..count {
+                for b in 0..batch {
+                    out[r * batch + b] = dot_rows::<T, 1, VECS>(
+                        w.as_ptr().add(r * cols),
+                        cols,
+                        &x[b * cols..][..cols],
+                        widen,
+                    )[0];
+                }
+            }
+        }
+        let batch = x.len() / cols;
+        assert!(batch > 0 && x.len() == batch * cols && w.len() >= out.len() / batch * cols);
+        // SAFETY: the caller detected AVX2 and FMA; `dot_rows` reads `R` rows of `cols`
+        // weights from each row pointer, inside `w` by the check above.
+        unsafe { inner(w, cols, x, out, widen) }
+    }
+
+    /// `R` dot products of the consecutive rows at `w` (each `cols` long) with `x`, `V`
+    /// vectors of eight columns per row and step: `R * V` independent multiply-add chains.
+    #[inline(always)]
+    unsafe fn dot_rows<T, const R: usize, const V: usize>(
+        w: *const T,
+        cols: usize,
+        x: &[f32],
+        widen: Widen,
+    ) -> [f32; R] {
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        let step = 8 * V;
+        let body = cols - cols % step;
+        let mut c = 0;
+        while c < body {
+            for v in 0..V {
+                let xv = _mm256_loadu_ps(x.as_ptr().add(c + 8 * v));
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let wv = load8(w.add(r * cols + c + 8 * v), widen);
+                    acc_r[v] = _mm256_fmadd_ps(wv, xv, acc_r[v]);
+                }
+            }
+            c += step;
+        }
+        let mut sums = [0.0f32; R];
+        for (r, s) in sums.iter_mut().enumerate() {
+            let total = acc[r]
+                .iter()
+                .fold(_mm256_setzero_ps(), |t, a| _mm256_add_ps(t, *a));
+            *s = hsum(total);
+            for (c, xc) in x.iter().enumerate().skip(body) {
+                let v = match widen {
+                    Widen::F32 => *(w.add(r * cols + c) as *const f32),
+                    Widen::Bf16 => (*(w.add(r * cols + c) as *const bf16)).to_f32(),
+                };
+                *s += v * xc;
+            }
+        }
+        sums
+    }
 
     /// The 32 int8 products of a block summed in eight i32 lanes: `|w| * sign(x, w)` makes
     /// the unsigned-by-signed multiply of `maddubs` / `dpbusd` a signed one.
