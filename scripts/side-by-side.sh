@@ -15,7 +15,7 @@
 set -euo pipefail
 
 out=${1:?usage: LLAMA_BENCH=... GGUF_DIR=... bash scripts/side-by-side.sh OUT_DIR}
-: "${LLAMA_BENCH:?set LLAMA_BENCH to llama.cpp's llama-bench binary}"
+: "${LLAMA_BENCH:?set LLAMA_BENCH to the llama-bench binary of llama.cpp}"
 : "${GGUF_DIR:?set GGUF_DIR to the folder of converted GGUF files}"
 threads=${THREADS:-"1 2"}
 formats=${FORMATS:-"f32 bf16 q8_0 q4_0"}

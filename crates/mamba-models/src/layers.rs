@@ -5,6 +5,7 @@ use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use half::bf16;
+use mamba_ops::gemm::{matmul_threaded, MatRef};
 use mamba_ops::gemv::{gemv, Weights};
 use mamba_ops::quant::{QuantMatrix, BLOCK};
 use std::sync::Arc;
@@ -180,17 +181,60 @@ impl Linear {
             })?,
             LinearWeight::Quantized(q) => gemv(Weights::Quant(q), out, inp, x, y)?,
         }
-        if let Some(bias) = &self.bias {
-            with_host_values(bias, |b| {
-                let HostValues::F32(b) = b else {
-                    return Err(Error::Input("a bias must be f32".into()));
-                };
-                y.chunks_mut(out)
-                    .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
-                Ok(())
-            })?;
+        self.add_bias_host(y)
+    }
+}
+
+impl Linear {
+    /// [`Linear::forward`] on host slices for any number of rows, `x: (rows, in)` →
+    /// `y: (rows, out)`: a few rows go to the matrix-vector kernels, more to one threaded
+    /// matrix product (quantised and bf16 weights widened to f32 for it).
+    pub fn forward_rows_host(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        let out = self.out_features();
+        let rows = y.len() / out.max(1);
+        if rows <= GEMV_MAX_ROWS {
+            return self.forward_host(x, y);
         }
-        Ok(())
+        let inp = x.len() / rows;
+        let product = |w: &[f32], y: &mut [f32]| {
+            matmul_threaded(
+                (rows, out, inp),
+                y,
+                out,
+                MatRef::rows(x, inp),
+                MatRef::transposed(w, inp),
+                false,
+            )
+        };
+        match &self.weight {
+            LinearWeight::Dense(w) if w.dtype() == DType::F32 => {
+                with_host_values(w, |v| match v {
+                    HostValues::F32(v) => {
+                        product(v, y);
+                        Ok(())
+                    }
+                    HostValues::Bf16(_) => Err(Error::Input("expected f32 weights".into())),
+                })?
+            }
+            _ => product(&f32_vec(&self.dense_f32()?)?, y),
+        }
+        self.add_bias_host(y)
+    }
+
+    /// Adds the bias (if any) to each `out`-wide row of `y`.
+    fn add_bias_host(&self, y: &mut [f32]) -> Result<()> {
+        let Some(bias) = &self.bias else {
+            return Ok(());
+        };
+        let out = self.out_features();
+        with_host_values(bias, |b| {
+            let HostValues::F32(b) = b else {
+                return Err(Error::Input("a bias must be f32".into()));
+            };
+            y.chunks_mut(out)
+                .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+            Ok(())
+        })
     }
 }
 

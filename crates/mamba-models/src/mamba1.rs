@@ -28,8 +28,12 @@ use crate::model::Mixer;
 use crate::state::{LayerState, StateSize};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use mamba_ops::causal_conv1d::{causal_conv1d_update_into, ConvUpdateDims, ConvUpdateInputs};
+use mamba_ops::causal_conv1d::{
+    causal_conv1d_token_major, causal_conv1d_update_into, ConvDims, ConvInputs, ConvUpdateDims,
+    ConvUpdateInputs,
+};
 use mamba_ops::math::NO_DT_LIMIT;
+use mamba_ops::selective_scan::{selective_scan_token_major, BcForm, ScanDims, ScanInputs};
 use mamba_ops::selective_state_update::{selective_state_update_into, StepDims, StepInputs};
 use mamba_ops::tensor::{causal_conv1d, selective_scan, ScanOptions, StepOptions};
 use std::cell::Cell;
@@ -305,6 +309,85 @@ impl Mixer for MambaMixer {
         let mut out = vec![0.0f32; batch * hidden];
         self.step_host(&f32_vec(x)?, batch, state, &mut out)?;
         Ok(Tensor::from_vec(out, (batch, hidden), x.device())?)
+    }
+
+    /// [`Mixer::forward`] for inference on host slices, `x, out: (b, L, hidden)`, through
+    /// the token-major conv and scan (no transposes, no gradient bookkeeping).
+    fn forward_host(
+        &self,
+        x: &[f32],
+        (batch, len): (usize, usize),
+        state: &mut LayerState,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (di, n, r, w) = (
+            self.d_inner,
+            self.state_size,
+            self.dt_rank,
+            self.conv_kernel,
+        );
+        let p = &self.decode;
+        let rows = batch * len;
+        let mut xz = vec![0.0f32; rows * 2 * di];
+        self.in_proj.forward_rows_host(x, &mut xz)?; // (b, L, 2 d_inner)
+        let mut xs = vec![0.0f32; rows * di];
+        copy_columns(&xz, 2 * di, 0, di, &mut xs);
+        let conv = causal_conv1d_token_major(
+            &ConvDims {
+                batch,
+                dim: di,
+                len,
+                width: w,
+            },
+            &ConvInputs {
+                x: &xs,
+                weight: &p.conv_weight,
+                bias: p.conv_bias.as_deref(),
+                initial_states: Some(&state.conv),
+                silu: true,
+            },
+        )?;
+        let xc = conv.out; // (b, L, d_inner)
+        let mut dbc = vec![0.0f32; rows * (r + 2 * n)];
+        self.x_proj.forward_rows_host(&xc, &mut dbc)?;
+        let (mut dt, mut b, mut c) = (
+            vec![0.0f32; rows * r],
+            vec![0.0f32; rows * n],
+            vec![0.0f32; rows * n],
+        );
+        copy_columns(&dbc, r + 2 * n, 0, r, &mut dt);
+        copy_columns(&dbc, r + 2 * n, r, n, &mut b);
+        copy_columns(&dbc, r + 2 * n, r + n, n, &mut c);
+        self.dt_bc_norms
+            .apply_host([&mut dt, &mut b, &mut c], rows)?;
+        let mut delta = vec![0.0f32; rows * di];
+        self.dt_proj.forward_rows_host(&dt, &mut delta)?;
+        let mut z = xs; // reused: (b, L, d_inner)
+        copy_columns(&xz, 2 * di, di, di, &mut z);
+        let scan = selective_scan_token_major(
+            &ScanDims {
+                batch,
+                dim: di,
+                len,
+                state: n,
+                bc: BcForm::Varying { groups: 1 },
+            },
+            &ScanInputs {
+                u: &xc,
+                delta: &delta,
+                a: &p.a,
+                b: &b,
+                c: &c,
+                d: Some(&p.d),
+                z: Some(&z),
+                delta_bias: Some(&p.dt_bias),
+                delta_softplus: true,
+                initial_state: Some(&state.ssm),
+            },
+        )?;
+        state.conv = conv.final_states;
+        state.ssm = scan.last_state;
+        self.out_proj.forward_rows_host(&scan.out, out)
     }
 
     /// The fused one-token step on host slices, `x, out: (b, hidden)`:

@@ -20,9 +20,13 @@ use crate::model::Mixer;
 use crate::state::{LayerState, StateSize};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use mamba_ops::causal_conv1d::{causal_conv1d_update_into, ConvUpdateDims, ConvUpdateInputs};
+use mamba_ops::causal_conv1d::{
+    causal_conv1d_token_major, causal_conv1d_update_into, ConvDims, ConvInputs, ConvUpdateDims,
+    ConvUpdateInputs,
+};
 use mamba_ops::rmsnorm_gated::{rmsnorm_gated_in_place, NormDims};
 use mamba_ops::selective_state_update::{selective_state_update_into, StepDims, StepInputs};
+use mamba_ops::ssd::{SsdDims, SsdInputs};
 use mamba_ops::tensor::{causal_conv1d, rmsnorm_gated, ssd, SsdOptions, StepOptions};
 use std::cell::Cell;
 
@@ -192,6 +196,91 @@ impl Mixer for Mamba2Mixer {
         let mut out = vec![0.0f32; batch * hidden];
         self.step_host(&f32_vec(x)?, batch, state, &mut out)?;
         Ok(Tensor::from_vec(out, (batch, hidden), x.device())?)
+    }
+
+    /// [`Mixer::forward`] for inference on host slices, `x, out: (b, L, hidden)`, through
+    /// the token-major conv and the SSD op on slices (no transposes, no gradient
+    /// bookkeeping).
+    fn forward_host(
+        &self,
+        x: &[f32],
+        (batch, len): (usize, usize),
+        state: &mut LayerState,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let pr = &self.decode;
+        let (di, conv_dim, nh) = (c.d_inner(), c.conv_dim(), c.num_heads);
+        let gn = c.n_groups * c.state_size;
+        let width = 2 * di + 2 * gn + nh;
+        let rows = batch * len;
+        let mut zxbcdt = vec![0.0f32; rows * width];
+        self.in_proj.forward_rows_host(x, &mut zxbcdt)?; // (b, L, 2 d_inner + 2GN + H)
+        let mut xbc = vec![0.0f32; rows * conv_dim];
+        copy_columns(&zxbcdt, width, di, conv_dim, &mut xbc);
+        let conv = causal_conv1d_token_major(
+            &ConvDims {
+                batch,
+                dim: conv_dim,
+                len,
+                width: c.conv_kernel,
+            },
+            &ConvInputs {
+                x: &xbc,
+                weight: &pr.conv_weight,
+                bias: pr.conv_bias.as_deref(),
+                initial_states: Some(&state.conv),
+                silu: true,
+            },
+        )?; // (b, L, conv_dim)
+        let (mut xs, mut b, mut cm, mut dt) = (
+            vec![0.0f32; rows * di],
+            vec![0.0f32; rows * gn],
+            vec![0.0f32; rows * gn],
+            vec![0.0f32; rows * nh],
+        );
+        copy_columns(&conv.out, conv_dim, 0, di, &mut xs);
+        copy_columns(&conv.out, conv_dim, di, gn, &mut b);
+        copy_columns(&conv.out, conv_dim, di + gn, gn, &mut cm);
+        copy_columns(&zxbcdt, width, di + conv_dim, nh, &mut dt);
+        let ssd = mamba_ops::ssd::ssd(
+            &SsdDims {
+                batch,
+                len,
+                heads: nh,
+                head_dim: c.head_dim,
+                groups: c.n_groups,
+                state: c.state_size,
+                chunk_size: c.chunk_size,
+            },
+            &SsdInputs {
+                x: &xs,
+                dt: &dt,
+                a: &pr.a,
+                b: &b,
+                c: &cm,
+                d: Some(&pr.d),
+                z: None,
+                dt_bias: Some(&pr.dt_bias),
+                dt_softplus: true,
+                dt_limit: self.dt_limit(),
+                initial_states: Some(&state.ssm),
+            },
+        )?;
+        let mut y = ssd.y; // (b, L, d_inner)
+        let mut z = xs; // reused: (b, L, d_inner)
+        copy_columns(&zxbcdt, width, 0, di, &mut z);
+        let norm_dims = NormDims {
+            rows,
+            hidden: di,
+            group_size: self.norm_group_size(),
+            eps: c.layer_norm_epsilon as f32,
+            norm_before_gate: c.norm_before_gate,
+        };
+        rmsnorm_gated_in_place(&norm_dims, &mut y, &pr.norm_weight, Some(&z))?;
+        state.conv = conv.final_states;
+        state.ssm = ssd.final_state;
+        self.out_proj.forward_rows_host(&y, out)
     }
 
     /// The fused one-token step on host slices, `x, out: (b, hidden)`:

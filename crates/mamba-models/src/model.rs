@@ -38,6 +38,19 @@ pub trait Mixer: Send + Sync + std::fmt::Debug {
     /// stores in another format).
     fn linears_mut(&mut self) -> Vec<&mut Linear>;
 
+    /// [`Mixer::forward`] on host slices, `x, out: (batch, len, hidden)`, for inference on
+    /// the CPU (no gradient). This default goes through the tensors; the Mamba mixers
+    /// override it with the ops' token-major forms, which need no transposes.
+    fn forward_host(
+        &self,
+        x: &[f32],
+        batch_len: (usize, usize),
+        state: &mut LayerState,
+        out: &mut [f32],
+    ) -> Result<()> {
+        forward_host_via_tensors(self, x, batch_len, state, out)
+    }
+
     /// [`Mixer::step`] on host slices, `x, out: (batch, hidden)`, for a model on the CPU.
     /// This default goes through [`Mixer::step`]'s tensors; the Mamba mixers override it
     /// with a fused step on slices that allocates nothing once warm.
@@ -54,6 +67,21 @@ pub trait Mixer: Send + Sync + std::fmt::Debug {
         out.copy_from_slice(&f32_vec(&y)?);
         Ok(())
     }
+}
+
+/// [`Mixer::forward`] through tensors, on host slices: the default of
+/// [`Mixer::forward_host`] for mixers without their own.
+fn forward_host_via_tensors(
+    mixer: &(impl Mixer + ?Sized),
+    x: &[f32],
+    (batch, len): (usize, usize),
+    state: &mut LayerState,
+    out: &mut [f32],
+) -> Result<()> {
+    let hidden = x.len() / (batch * len).max(1);
+    let x = Tensor::from_slice(x, (batch, len, hidden), &Device::Cpu)?;
+    out.copy_from_slice(&f32_vec(&mixer.forward(&x, state)?)?);
+    Ok(())
 }
 
 thread_local! {
@@ -103,6 +131,31 @@ impl Block {
             linears.extend(ffn.linears_mut());
         }
         linears
+    }
+
+    /// [`Block::forward`] on the host for inference: `h: (batch, len, hidden)` advanced in
+    /// place.
+    fn forward_host(
+        &self,
+        h: &mut [f32],
+        batch_len: (usize, usize),
+        state: &mut LayerState,
+    ) -> Result<()> {
+        let mut normed = vec![0.0f32; h.len()];
+        let mut mixed = vec![0.0f32; h.len()];
+        self.norm.forward_host(h, &mut normed)?;
+        self.mixer
+            .forward_host(&normed, batch_len, state, &mut mixed)?;
+        h.iter_mut().zip(&mixed).for_each(|(v, m)| *v += m);
+        if let Some((norm, ffn)) = &self.feed_forward {
+            norm.forward_host(h, &mut normed)?;
+            let (batch, len) = batch_len;
+            let hidden = h.len() / (batch * len);
+            let x = Tensor::from_slice(&normed, (batch, len, hidden), &Device::Cpu)?;
+            let y = f32_vec(&ffn.forward(&x)?)?;
+            h.iter_mut().zip(&y).for_each(|(v, m)| *v += m);
+        }
+        Ok(())
     }
 
     /// [`Block::step`] on the host: `h: (batch, hidden)` advanced in place.
@@ -298,9 +351,30 @@ impl Model {
     }
 
     /// Runs `ids: (batch, L)` (row-major) from `state`, advancing it, and returns the
-    /// final-norm hidden states `(batch, L, hidden)`.
+    /// final-norm hidden states `(batch, L, hidden)`. For inference: on the CPU it runs on
+    /// host slices without recording anything for gradients (train through
+    /// [`Model::forward_hidden`]).
     pub fn forward(&self, ids: &[u32], state: &mut State) -> Result<Tensor> {
+        if self.device().is_cpu() {
+            return in_worker_thread(|| self.forward_host(ids, state));
+        }
         Ok(self.forward_hidden(ids, state, false)?.final_norm)
+    }
+
+    /// [`Model::forward`] on host slices.
+    fn forward_host(&self, ids: &[u32], state: &mut State) -> Result<Tensor> {
+        check_state(state, self.layers.len())?;
+        let batch = state.batch;
+        let len = sequence_length(ids.len(), batch)?;
+        let hidden = self.config.hidden_size();
+        let mut h = vec![0.0f32; ids.len() * hidden]; // (batch, len, hidden)
+        self.embedding.rows_host(ids, &mut h)?;
+        for (block, layer_state) in self.layers.iter().zip(state.layers.iter_mut()) {
+            block.forward_host(&mut h, (batch, len), layer_state)?;
+        }
+        self.norm_f.normalize_host(&mut h)?;
+        state.tokens_seen += len;
+        Ok(Tensor::from_vec(h, (batch, len, hidden), &Device::Cpu)?)
     }
 
     /// Like [`Model::forward`], also recording every layer's output when `record` is set.

@@ -137,8 +137,13 @@ fn loss(model: &Model) -> Tensor {
         targets.extend_from_slice(&row[1..]);
     }
     let mut state = model.new_state(2);
-    let hidden = model.forward(&inputs, &mut state).unwrap();
-    let logits = model.logits(&hidden).unwrap().reshape((22, 32)).unwrap();
+    // The differentiable path (`forward` on the CPU is inference-only).
+    let hidden = model.forward_hidden(&inputs, &mut state, false).unwrap();
+    let logits = model
+        .logits(&hidden.final_norm)
+        .unwrap()
+        .reshape((22, 32))
+        .unwrap();
     let targets = Tensor::from_vec(targets, 22, &Device::Cpu).unwrap();
     (candle_nn::loss::cross_entropy(&logits, &targets).unwrap() * 22.0).unwrap()
 }

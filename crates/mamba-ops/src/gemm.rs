@@ -41,12 +41,45 @@ impl<'a> MatRef<'a> {
 /// # Panics
 /// If a view is too short for the given sizes (a bug in the caller, never bad user input).
 pub fn matmul(
+    mnk: (usize, usize, usize),
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    lhs: MatRef,
+    rhs: MatRef,
+    accumulate: bool,
+) {
+    matmul_with(
+        mnk,
+        dst,
+        dst_row_stride,
+        lhs,
+        rhs,
+        accumulate,
+        gemm::Parallelism::None,
+    )
+}
+
+/// [`matmul`] spread over the threads of rayon's pool, for one large product.
+pub fn matmul_threaded(
+    mnk: (usize, usize, usize),
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    lhs: MatRef,
+    rhs: MatRef,
+    accumulate: bool,
+) {
+    let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    matmul_with(mnk, dst, dst_row_stride, lhs, rhs, accumulate, threads)
+}
+
+fn matmul_with(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     dst_row_stride: usize,
     lhs: MatRef,
     rhs: MatRef,
     accumulate: bool,
+    parallelism: gemm::Parallelism,
 ) {
     let dst_view = MatRef::rows(dst, dst_row_stride);
     assert!(dst_view.covers(m, n), "matmul: destination too short");
@@ -87,7 +120,7 @@ pub fn matmul(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
 }

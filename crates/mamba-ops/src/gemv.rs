@@ -177,6 +177,16 @@ struct QuantizedActivations {
     scales: Vec<f32>,
     /// `(batch, cols)`.
     quants: Vec<i8>,
+    /// `(batch, cols / 32)`: the sum of each block's quants.
+    sums: Vec<i32>,
+}
+
+/// One sequence's quantised activations, as the kernels read them.
+#[derive(Clone, Copy)]
+struct ActivationRow<'a> {
+    scales: &'a [f32],
+    quants: &'a [i8],
+    sums: &'a [i32],
 }
 
 impl QuantizedActivations {
@@ -190,20 +200,27 @@ impl QuantizedActivations {
         {
             *d = quantize_block_q8_0(xb, q).to_f32();
         }
+        let quants: Vec<i8> = quants.into_iter().map(|v| v as i8).collect();
+        let sums = quants
+            .chunks(BLOCK)
+            .map(|q| q.iter().map(|v| *v as i32).sum())
+            .collect();
         QuantizedActivations {
             cols,
             scales,
-            quants: quants.into_iter().map(|v| v as i8).collect(),
+            quants,
+            sums,
         }
     }
 
-    /// The scales and quants of sequence `b`.
-    fn row(&self, b: usize) -> (&[f32], &[i8]) {
+    /// The blocks of sequence `b`.
+    fn row(&self, b: usize) -> ActivationRow<'_> {
         let bpr = self.cols / BLOCK;
-        (
-            &self.scales[b * bpr..(b + 1) * bpr],
-            &self.quants[b * self.cols..(b + 1) * self.cols],
-        )
+        ActivationRow {
+            scales: &self.scales[b * bpr..(b + 1) * bpr],
+            quants: &self.quants[b * self.cols..(b + 1) * self.cols],
+            sums: &self.sums[b * bpr..(b + 1) * bpr],
+        }
     }
 }
 
@@ -223,22 +240,27 @@ fn rows_quant(
     for r in 0..count {
         let (ws, wq) = (&scales[r * bpr..][..bpr], &quants[r * qpr..][..qpr]);
         for b in 0..batch {
-            let (xs, xqs) = xq.row(b);
-            out[r * batch + b] = kernel(ws, wq, xs, xqs);
+            out[r * batch + b] = kernel(ws, wq, xq.row(b));
         }
     }
 }
 
-/// A block-row dot product: weight scales and quants, activation scales and quants.
-type QuantDot = fn(&[f16], &[u8], &[f32], &[i8]) -> f32;
+/// A block-row dot product: weight scales and quants, the activations.
+type QuantDot = fn(&[f16], &[u8], ActivationRow) -> f32;
 
-/// The fastest dot product for `format` on this CPU.
+/// The fastest dot product for `format` on this CPU: AVX-512 VNNI (two blocks per
+/// instruction), else AVX2, else plain loops.
 fn quant_kernel(format: QuantFormat) -> QuantDot {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        let vnni = has!("avx512vnni") && has!("avx512vl") && has!("avx512bw");
-        if has!("avx2") && has!("fma") && has!("f16c") {
+        let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+        let vnni = has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512vl")
+            && has!("avx512dq")
+            && has!("avx512vnni");
+        if avx2 {
             return match (format, vnni) {
                 (QuantFormat::Q8_0, true) => x86::dot_q8_0_vnni,
                 (QuantFormat::Q8_0, false) => x86::dot_q8_0_avx2,
@@ -253,14 +275,16 @@ fn quant_kernel(format: QuantFormat) -> QuantDot {
     }
 }
 
-fn dot_q8_0_scalar(ws: &[f16], wq: &[u8], xs: &[f32], xq: &[i8]) -> f32 {
-    dot_blocks_scalar(ws, xs, |k, j| {
+fn dot_q8_0_scalar(ws: &[f16], wq: &[u8], x: ActivationRow) -> f32 {
+    let xq = x.quants;
+    dot_blocks_scalar(ws, x.scales, |k, j| {
         wq[k * BLOCK + j] as i8 as i32 * xq[k * BLOCK + j] as i32
     })
 }
 
-fn dot_q4_0_scalar(ws: &[f16], wq: &[u8], xs: &[f32], xq: &[i8]) -> f32 {
-    dot_blocks_scalar(ws, xs, |k, j| {
+fn dot_q4_0_scalar(ws: &[f16], wq: &[u8], x: ActivationRow) -> f32 {
+    let xq = x.quants;
+    dot_blocks_scalar(ws, x.scales, |k, j| {
         let byte = wq[k * BLOCK / 2 + j % (BLOCK / 2)];
         let nibble = if j < BLOCK / 2 { byte & 0xf } else { byte >> 4 };
         (nibble as i32 - 8) * xq[k * BLOCK + j] as i32
@@ -283,7 +307,7 @@ fn dot_blocks_scalar(ws: &[f16], xs: &[f32], product: impl Fn(usize, usize) -> i
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     //! The kernels in AVX2 (+ AVX-512 VNNI) intrinsics.
-    use super::BLOCK;
+    use super::{ActivationRow, BLOCK};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
@@ -316,6 +340,9 @@ mod x86 {
     const ROWS: usize = 1;
     /// Vectors of eight columns per row and step: four independent multiply-add chains.
     const VECS: usize = 4;
+    /// How far ahead of the loads the dense kernels ask for weights: more misses in
+    /// flight than the hardware prefetcher alone keeps for one thread.
+    const PREFETCH_BYTES: usize = 1024;
 
     /// `out[(r, b)] = W[r] . x[b]` for dense rows `w: (count, cols)` of f32 or bf16
     /// (`T` must be the type `widen` names), `x: (batch, cols)`, `out: (count, batch)`.
@@ -370,7 +397,16 @@ mod x86 {
         let step = 8 * V;
         let body = cols - cols % step;
         let mut c = 0;
+        let step_bytes = step * std::mem::size_of::<T>();
         while c < body {
+            for r in 0..R {
+                // A prefetch past the end of the weights is harmless, but the pointer must
+                // not be formed with `add` there.
+                let ahead = (w.add(r * cols + c) as *const i8).wrapping_add(PREFETCH_BYTES);
+                for line in (0..step_bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
+                }
+            }
             for v in 0..V {
                 let xv = _mm256_loadu_ps(x.as_ptr().add(c + 8 * v));
                 for (r, acc_r) in acc.iter_mut().enumerate() {
@@ -398,16 +434,12 @@ mod x86 {
     }
 
     /// The 32 int8 products of a block summed in eight i32 lanes: `|w| * sign(x, w)` makes
-    /// the unsigned-by-signed multiply of `maddubs` / `dpbusd` a signed one.
+    /// the unsigned-by-signed multiply of `maddubs` a signed one.
     #[inline(always)]
-    unsafe fn block_sum<const VNNI: bool>(w: __m256i, x: __m256i) -> __m256i {
+    unsafe fn block_sum(w: __m256i, x: __m256i) -> __m256i {
         let aw = _mm256_sign_epi8(w, w);
         let sx = _mm256_sign_epi8(x, w);
-        if VNNI {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx)
-        } else {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1))
-        }
+        _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1))
     }
 
     /// One f16 to f32 through F16C.
@@ -432,7 +464,7 @@ mod x86 {
     /// the blocks then go two per iteration into two accumulators, so that the
     /// multiply-adds of neighbouring blocks do not wait on each other.
     #[inline(always)]
-    unsafe fn dot_blocks<const VNNI: bool>(
+    unsafe fn dot_blocks(
         ws: &[f16],
         xs: &[f32],
         xq: &[i8],
@@ -446,7 +478,7 @@ mod x86 {
             let block = |j: usize| {
                 let k = tile + j;
                 let x = _mm256_loadu_si256(xq.as_ptr().add(k * BLOCK) as *const __m256i);
-                let sum = _mm256_cvtepi32_ps(block_sum::<VNNI>(load(k), x));
+                let sum = _mm256_cvtepi32_ps(block_sum(load(k), x));
                 (_mm256_broadcast_ss(scales.get_unchecked(j)), sum)
             };
             for p in 0..n / 2 {
@@ -491,42 +523,131 @@ mod x86 {
         _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8))
     }
 
-    macro_rules! kernel {
-        ($name:ident, $features:literal, $vnni:literal, $load:ident, $block_bytes:expr) => {
-            pub(super) fn $name(ws: &[f16], wq: &[u8], xs: &[f32], xq: &[i8]) -> f32 {
-                #[target_feature(enable = $features)]
-                unsafe fn inner(ws: &[f16], wq: &[u8], xs: &[f32], xq: &[i8]) -> f32 {
-                    dot_blocks::<$vnni>(ws, xs, xq, |k| $load(wq, k))
+    /// The VNNI kernel: block pairs in 512-bit registers. The weights are made unsigned by
+    /// an offset (`w + 128` for q8_0, the raw nibble `q = w + 8` for q4_0) so that `dpbusd`
+    /// multiplies them with the signed activations as they are; the offset comes back out
+    /// as `offset * Σ_k s_k Σ_j x_kj`, from the activations' block sums.
+    #[inline(always)]
+    unsafe fn dot_pairs_vnni(
+        ws: &[f16],
+        x: ActivationRow,
+        offset: f32,
+        load_pair: impl Fn(usize) -> __m512i,
+        load_one: impl Fn(usize) -> __m256i,
+    ) -> f32 {
+        let mut scales = [0.0f32; SCALE_TILE];
+        let (mut acc, mut acc_one) = (_mm512_setzero_ps(), _mm256_setzero_ps());
+        let mut correction = 0.0f32;
+        // Lanes 0-7 take the first scale of a pair, lanes 8-15 the second.
+        let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        for tile in (0..ws.len()).step_by(SCALE_TILE) {
+            let n = (ws.len() - tile).min(SCALE_TILE);
+            combined_scales(
+                &ws[tile..tile + n],
+                &x.scales[tile..tile + n],
+                &mut scales[..n],
+            );
+            for (s, sum) in scales[..n].iter().zip(&x.sums[tile..tile + n]) {
+                correction += s * *sum as f32;
+            }
+            for p in 0..n / 2 {
+                let k = tile + 2 * p;
+                let xv = _mm512_loadu_si512(x.quants.as_ptr().add(k * BLOCK) as *const _);
+                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), load_pair(k), xv);
+                let pair = _mm_castpd_ps(_mm_load_sd(scales.as_ptr().add(2 * p) as *const f64));
+                let s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(pair));
+                acc = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(dot), acc);
+            }
+            if n % 2 == 1 {
+                let k = tile + n - 1;
+                let xv = _mm256_loadu_si256(x.quants.as_ptr().add(k * BLOCK) as *const __m256i);
+                let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), load_one(k), xv);
+                let s = _mm256_set1_ps(scales[n - 1]);
+                acc_one = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(dot), acc_one);
+            }
+        }
+        _mm512_reduce_add_ps(acc) + hsum(acc_one) - offset * correction
+    }
+
+    /// Blocks `k` and `k + 1` of q8_0 weights as unsigned `w + 128`.
+    #[inline(always)]
+    unsafe fn load_pair_q8_0(wq: &[u8], k: usize) -> __m512i {
+        let w = _mm512_loadu_si512(wq.as_ptr().add(k * BLOCK) as *const _);
+        _mm512_xor_si512(w, _mm512_set1_epi8(-128))
+    }
+
+    /// Block `k` of q8_0 weights as unsigned `w + 128`.
+    #[inline(always)]
+    unsafe fn load_one_q8_0(wq: &[u8], k: usize) -> __m256i {
+        _mm256_xor_si256(load_q8_0(wq, k), _mm256_set1_epi8(-128))
+    }
+
+    /// Blocks `k` and `k + 1` of q4_0 weights as their unsigned nibbles, in value order.
+    #[inline(always)]
+    unsafe fn load_pair_q4_0(wq: &[u8], k: usize) -> __m512i {
+        let packed = _mm256_loadu_si256(wq.as_ptr().add(k * BLOCK / 2) as *const __m256i);
+        let mask = _mm256_set1_epi8(0xf);
+        let low = _mm256_and_si256(packed, mask); // [low nibbles of k | of k + 1]
+        let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+        let both = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+        // 128-bit lanes [low k, low k+1, high k, high k+1] → [low k, high k, low k+1, high k+1].
+        _mm512_shuffle_i64x2(both, both, 0b11_01_10_00)
+    }
+
+    /// Block `k` of q4_0 weights as its unsigned nibbles, in value order.
+    #[inline(always)]
+    unsafe fn load_one_q4_0(wq: &[u8], k: usize) -> __m256i {
+        let packed = _mm_loadu_si128(wq.as_ptr().add(k * BLOCK / 2) as *const __m128i);
+        let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+        _mm256_and_si256(both, _mm256_set1_epi8(0xf))
+    }
+
+    /// Checks that `wq` and `x` cover the blocks `ws` names, as the kernels' loads assume.
+    fn check_blocks(ws: &[f16], wq: &[u8], x: &ActivationRow, block_bytes: usize) {
+        let blocks = ws.len();
+        assert!(
+            wq.len() >= blocks * block_bytes
+                && x.quants.len() >= blocks * BLOCK
+                && x.scales.len() >= blocks
+                && x.sums.len() >= blocks
+        );
+    }
+
+    macro_rules! avx2_kernel {
+        ($name:ident, $load:ident, $block_bytes:expr) => {
+            pub(super) fn $name(ws: &[f16], wq: &[u8], x: ActivationRow) -> f32 {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn inner(ws: &[f16], wq: &[u8], x: ActivationRow) -> f32 {
+                    dot_blocks(ws, x.scales, x.quants, |k| $load(wq, k))
                 }
-                let blocks = ws.len();
-                assert!(
-                    wq.len() >= blocks * $block_bytes
-                        && xq.len() >= blocks * BLOCK
-                        && xs.len() >= blocks
-                );
+                check_blocks(ws, wq, &x, $block_bytes);
                 // SAFETY: `quant_kernel` hands this function out only after detecting the
                 // features; every load stays inside the slices checked above.
-                unsafe { inner(ws, wq, xs, xq) }
+                unsafe { inner(ws, wq, x) }
             }
         };
     }
 
-    kernel!(dot_q8_0_avx2, "avx2,fma,f16c", false, load_q8_0, BLOCK);
-    kernel!(dot_q4_0_avx2, "avx2,fma,f16c", false, load_q4_0, BLOCK / 2);
-    kernel!(
-        dot_q8_0_vnni,
-        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-        true,
-        load_q8_0,
-        BLOCK
-    );
-    kernel!(
-        dot_q4_0_vnni,
-        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-        true,
-        load_q4_0,
-        BLOCK / 2
-    );
+    macro_rules! vnni_kernel {
+        ($name:ident, $pair:ident, $one:ident, $offset:expr, $block_bytes:expr) => {
+            pub(super) fn $name(ws: &[f16], wq: &[u8], x: ActivationRow) -> f32 {
+                #[target_feature(
+                    enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"
+                )]
+                unsafe fn inner(ws: &[f16], wq: &[u8], x: ActivationRow) -> f32 {
+                    dot_pairs_vnni(ws, x, $offset, |k| $pair(wq, k), |k| $one(wq, k))
+                }
+                check_blocks(ws, wq, &x, $block_bytes);
+                // SAFETY: as for the AVX2 kernels.
+                unsafe { inner(ws, wq, x) }
+            }
+        };
+    }
+
+    avx2_kernel!(dot_q8_0_avx2, load_q8_0, BLOCK);
+    avx2_kernel!(dot_q4_0_avx2, load_q4_0, BLOCK / 2);
+    vnni_kernel!(dot_q8_0_vnni, load_pair_q8_0, load_one_q8_0, 128.0, BLOCK);
+    vnni_kernel!(dot_q4_0_vnni, load_pair_q4_0, load_one_q4_0, 8.0, BLOCK / 2);
 }
 
 #[cfg(test)]
@@ -596,25 +717,45 @@ mod tests {
 
     #[test]
     fn every_quantised_kernel_agrees_with_the_scalar_one() {
-        let cols = 256;
-        let w = values(cols, 3);
-        let x = values(cols, 4);
-        let xq = QuantizedActivations::new(&x, 1, cols);
-        let (xs, xqs) = xq.row(0);
-        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
-            let q = QuantMatrix::quantize(&w, 1, cols, format).unwrap();
-            let (ws, wq) = q.row_range(0, 1);
-            let scalar = match format {
-                QuantFormat::Q8_0 => dot_q8_0_scalar(ws, wq, xs, xqs),
-                QuantFormat::Q4_0 => dot_q4_0_scalar(ws, wq, xs, xqs),
-            };
-            let fast = quant_kernel(format)(ws, wq, xs, xqs);
-            // Both sum the same integer block products; only the f32 order differs.
-            assert!(
-                (fast - scalar).abs() <= 1e-5 * scalar.abs().max(1.0),
-                "{format:?}"
-            );
+        // 9 blocks: an odd one after the pairs; 133: two tiles of scales, an odd tail.
+        for blocks in [1, 9, 133] {
+            let cols = blocks * BLOCK;
+            let w = values(cols, 3);
+            let x = values(cols, 4);
+            let xq = QuantizedActivations::new(&x, 1, cols);
+            for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+                let q = QuantMatrix::quantize(&w, 1, cols, format).unwrap();
+                let (ws, wq) = q.row_range(0, 1);
+                let scalar = match format {
+                    QuantFormat::Q8_0 => dot_q8_0_scalar(ws, wq, xq.row(0)),
+                    QuantFormat::Q4_0 => dot_q4_0_scalar(ws, wq, xq.row(0)),
+                };
+                for (name, kernel) in available_kernels(format) {
+                    let fast = kernel(ws, wq, xq.row(0));
+                    // All sum the same integer block products; only the f32 order differs.
+                    assert!(
+                        (fast - scalar).abs() <= 1e-5 * scalar.abs().max(1.0),
+                        "{format:?} {name} {blocks} blocks: {fast} vs {scalar}"
+                    );
+                }
+            }
         }
+    }
+
+    /// The SIMD kernels this CPU can run, by name.
+    fn available_kernels(format: QuantFormat) -> Vec<(&'static str, QuantDot)> {
+        let mut kernels: Vec<(&'static str, QuantDot)> = vec![("chosen", quant_kernel(format))];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                kernels.push(match format {
+                    QuantFormat::Q8_0 => ("avx2", x86::dot_q8_0_avx2),
+                    QuantFormat::Q4_0 => ("avx2", x86::dot_q4_0_avx2),
+                });
+            }
+        }
+        kernels
     }
 
     #[test]

@@ -386,3 +386,54 @@ fn token_major_scan_matches_reference() {
         assert!(max_abs_diff(&got.last_state, &want.last_state) < 1e-5);
     }
 }
+
+/// `(batch, rows, cols)` → `(batch, cols, rows)`.
+fn transpose_inner(x: &[f32], batch: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0; x.len()];
+    for b in 0..batch {
+        for r in 0..rows {
+            for c in 0..cols {
+                t[(b * cols + c) * rows + r] = x[(b * rows + r) * cols + c];
+            }
+        }
+    }
+    t
+}
+
+#[test]
+fn token_major_conv_matches_the_reference_on_transposed_inputs() {
+    let mut rng = StdRng::seed_from_u64(5);
+    // Lengths shorter than the window, and longer than one task of positions.
+    for (width, len, with_state) in [(4, 2, true), (4, 150, true), (2, 70, false)] {
+        let (batch, dim) = (2, 24);
+        let dims = ConvDims {
+            batch,
+            dim,
+            len,
+            width,
+        };
+        let x_tokens = random(&mut rng, batch * len * dim, -1.0, 1.0); // (b, L, dim)
+        let weight = random(&mut rng, dim * width, -1.0, 1.0);
+        let bias = random(&mut rng, dim, -1.0, 1.0);
+        let init = random(&mut rng, batch * dim * (width - 1), -1.0, 1.0);
+        let x_channels = transpose_inner(&x_tokens, batch, len, dim);
+        let inputs = |x| ConvInputs {
+            x,
+            weight: &weight,
+            bias: Some(&bias),
+            initial_states: with_state.then_some(init.as_slice()),
+            silu: true,
+        };
+        let want = causal_conv1d_reference(&dims, &inputs(&x_channels)).unwrap();
+        let got = causal_conv1d_token_major(&dims, &inputs(&x_tokens)).unwrap();
+        let want_tokens = transpose_inner(&want.out, batch, dim, len);
+        assert!(
+            max_abs_diff(&got.out, &want_tokens) < 1e-6,
+            "width {width} len {len}"
+        );
+        assert_eq!(
+            got.final_states, want.final_states,
+            "width {width} len {len}"
+        );
+    }
+}
