@@ -40,6 +40,7 @@ fn run() {
         "shape", "format", "us/call", "GB/s"
     );
     for (rows, cols, name) in [
+        (256, 768, "in-cache"),
         (3072, 768, "in_proj"),
         (768, 1536, "out_proj"),
         (50280, 768, "lm_head"),

@@ -12,7 +12,7 @@
 //! `initial_states, final_states: (batch, dim, W-1)`.
 
 use crate::error::{OpError, Result};
-use crate::math::{dot, silu, silu_grad_fast, with_simd};
+use crate::math::{dot, silu, silu_fast, silu_grad_fast, with_simd};
 use crate::selective_scan::{narrow, split_optional_rows, split_rows};
 use rayon::prelude::*;
 
@@ -180,7 +180,7 @@ pub fn causal_conv1d_token_major(dims: &ConvDims, x: &ConvInputs) -> Result<Conv
                             }
                         }
                         if x.silu {
-                            out_row.iter_mut().for_each(|v| *v = silu(*v));
+                            out_row.iter_mut().for_each(|v| *v = silu_fast(*v));
                         }
                     }
                 },
@@ -331,24 +331,29 @@ pub fn causal_conv1d_update_into(
     out: &mut [f32],
 ) {
     let (nd, w, s, steps) = (dims.dim, dims.width, dims.state_len, dims.steps);
-    for (row, (st, o)) in state.chunks_mut(s).zip(out.chunks_mut(steps)).enumerate() {
-        let d = row % nd;
-        let weight = &x.weight[d * w..][..w];
-        let bias = x.bias.map_or(0.0, |b| b[d]);
-        for (t, o_t) in o.iter_mut().enumerate() {
-            let new = x.x[row * steps + t];
-            // The window is the last W-1 state entries followed by the new input.
-            let past = &st[s + 1 - w..];
-            let acc = bias
-                + past.iter().zip(weight).map(|(a, b)| a * b).sum::<f32>()
-                + weight[w - 1] * new;
-            *o_t = if x.silu { silu(acc) } else { acc };
-            if s > 0 {
-                st.copy_within(1.., 0);
-                st[s - 1] = new;
+    with_simd(
+        #[inline(always)]
+        || {
+            for (row, (st, o)) in state.chunks_mut(s).zip(out.chunks_mut(steps)).enumerate() {
+                let d = row % nd;
+                let weight = &x.weight[d * w..][..w];
+                let bias = x.bias.map_or(0.0, |b| b[d]);
+                for (t, o_t) in o.iter_mut().enumerate() {
+                    let new = x.x[row * steps + t];
+                    // The window is the last W-1 state entries followed by the new input.
+                    let past = &st[s + 1 - w..];
+                    let acc = bias
+                        + past.iter().zip(weight).map(|(a, b)| a * b).sum::<f32>()
+                        + weight[w - 1] * new;
+                    *o_t = if x.silu { silu_fast(acc) } else { acc };
+                    if s > 0 {
+                        st.copy_within(1.., 0);
+                        st[s - 1] = new;
+                    }
+                }
             }
-        }
-    }
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@
 //! matrix times `x` in f64.
 
 use crate::error::{OpError, Result};
-use crate::quant::{quantize_block_q8_0, QuantFormat, QuantMatrix, BLOCK};
+use crate::math::with_simd;
+use crate::quant::{QuantFormat, QuantMatrix, BLOCK};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -177,8 +178,8 @@ struct QuantizedActivations {
     scales: Vec<f32>,
     /// `(batch, cols)`.
     quants: Vec<i8>,
-    /// `(batch, cols / 32)`: the sum of each block's quants.
-    sums: Vec<i32>,
+    /// `(batch, cols / 32)`: each block's scale times the sum of its quants.
+    scaled_sums: Vec<f32>,
 }
 
 /// One sequence's quantised activations, as the kernels read them.
@@ -186,30 +187,33 @@ struct QuantizedActivations {
 struct ActivationRow<'a> {
     scales: &'a [f32],
     quants: &'a [i8],
-    sums: &'a [i32],
+    scaled_sums: &'a [f32],
 }
 
 impl QuantizedActivations {
     fn new(x: &[f32], batch: usize, cols: usize) -> Self {
         let mut scales = vec![0.0f32; batch * cols / BLOCK];
-        let mut quants = vec![0u8; batch * cols];
-        for ((d, q), xb) in scales
-            .iter_mut()
-            .zip(quants.chunks_mut(BLOCK))
-            .zip(x.chunks(BLOCK))
-        {
-            *d = quantize_block_q8_0(xb, q).to_f32();
-        }
-        let quants: Vec<i8> = quants.into_iter().map(|v| v as i8).collect();
-        let sums = quants
-            .chunks(BLOCK)
-            .map(|q| q.iter().map(|v| *v as i32).sum())
-            .collect();
+        let mut quants = vec![0i8; batch * cols];
+        let mut scaled_sums = vec![0.0f32; batch * cols / BLOCK];
+        with_simd(
+            #[inline(always)]
+            || {
+                for (((d, sum), q), xb) in scales
+                    .iter_mut()
+                    .zip(scaled_sums.iter_mut())
+                    .zip(quants.chunks_mut(BLOCK))
+                    .zip(x.chunks(BLOCK))
+                {
+                    *d = quantize_activation_block(xb, q);
+                    *sum = *d * q.iter().map(|v| *v as i32).sum::<i32>() as f32;
+                }
+            },
+        );
         QuantizedActivations {
             cols,
             scales,
             quants,
-            sums,
+            scaled_sums,
         }
     }
 
@@ -219,9 +223,23 @@ impl QuantizedActivations {
         ActivationRow {
             scales: &self.scales[b * bpr..(b + 1) * bpr],
             quants: &self.quants[b * self.cols..(b + 1) * self.cols],
-            sums: &self.sums[b * bpr..(b + 1) * bpr],
+            scaled_sums: &self.scaled_sums[b * bpr..(b + 1) * bpr],
         }
     }
+}
+
+/// One block of activations quantised to 8 bits like q8_0 (`d = max|x| / 127`), but rounding
+/// half to even so that the loop vectorises (activations need not match ggml's bytes);
+/// returns the scale `d` (kept in f32).
+#[inline(always)]
+fn quantize_activation_block(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (qi, v) in q.iter_mut().zip(x) {
+        *qi = (v * id).round_ties_even() as i8;
+    }
+    d
 }
 
 /// `out[(r, b)]` for rows `start..start + count` of a quantised matrix.
@@ -235,6 +253,13 @@ fn rows_quant(
     let batch = out.len() / count;
     let (scales, quants) = q.row_range(start, count);
     let bpr = q.cols() / BLOCK;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(rows) = x86::vnni_rows(q.format()) {
+        for b in 0..batch {
+            rows(scales, quants, bpr, xq.row(b), &mut out[b..], batch);
+        }
+        return;
+    }
     let qpr = bpr * q.format().quant_bytes_per_block();
     let kernel = quant_kernel(q.format());
     for r in 0..count {
@@ -248,24 +273,16 @@ fn rows_quant(
 /// A block-row dot product: weight scales and quants, the activations.
 type QuantDot = fn(&[f16], &[u8], ActivationRow) -> f32;
 
-/// The fastest dot product for `format` on this CPU: AVX-512 VNNI (two blocks per
-/// instruction), else AVX2, else plain loops.
+/// The fastest one-row dot product for `format` on this CPU without AVX-512 VNNI (which
+/// has its own whole-task kernels, [`x86::vnni_rows`]): AVX2, else plain loops.
 fn quant_kernel(format: QuantFormat) -> QuantDot {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        let avx2 = has!("avx2") && has!("fma") && has!("f16c");
-        let vnni = has!("avx512f")
-            && has!("avx512bw")
-            && has!("avx512vl")
-            && has!("avx512dq")
-            && has!("avx512vnni");
-        if avx2 {
-            return match (format, vnni) {
-                (QuantFormat::Q8_0, true) => x86::dot_q8_0_vnni,
-                (QuantFormat::Q8_0, false) => x86::dot_q8_0_avx2,
-                (QuantFormat::Q4_0, true) => x86::dot_q4_0_vnni,
-                (QuantFormat::Q4_0, false) => x86::dot_q4_0_avx2,
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            return match format {
+                QuantFormat::Q8_0 => x86::dot_q8_0_avx2,
+                QuantFormat::Q4_0 => x86::dot_q4_0_avx2,
             };
         }
     }
@@ -307,7 +324,7 @@ fn dot_blocks_scalar(ws: &[f16], xs: &[f32], product: impl Fn(usize, usize) -> i
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     //! The kernels in AVX2 (+ AVX-512 VNNI) intrinsics.
-    use super::{ActivationRow, BLOCK};
+    use super::{ActivationRow, QuantFormat, BLOCK};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
@@ -339,10 +356,9 @@ mod x86 {
     /// slower on the output head, which does not fit in cache).
     const ROWS: usize = 1;
     /// Vectors of eight columns per row and step: four independent multiply-add chains.
+    /// (Software prefetching ahead of the loads measured slower than the hardware
+    /// prefetcher alone on the output head.)
     const VECS: usize = 4;
-    /// How far ahead of the loads the dense kernels ask for weights: more misses in
-    /// flight than the hardware prefetcher alone keeps for one thread.
-    const PREFETCH_BYTES: usize = 1024;
 
     /// `out[(r, b)] = W[r] . x[b]` for dense rows `w: (count, cols)` of f32 or bf16
     /// (`T` must be the type `widen` names), `x: (batch, cols)`, `out: (count, batch)`.
@@ -397,16 +413,7 @@ mod x86 {
         let step = 8 * V;
         let body = cols - cols % step;
         let mut c = 0;
-        let step_bytes = step * std::mem::size_of::<T>();
         while c < body {
-            for r in 0..R {
-                // A prefetch past the end of the weights is harmless, but the pointer must
-                // not be formed with `add` there.
-                let ahead = (w.add(r * cols + c) as *const i8).wrapping_add(PREFETCH_BYTES);
-                for line in (0..step_bytes).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
-                }
-            }
             for v in 0..V {
                 let xv = _mm256_loadu_ps(x.as_ptr().add(c + 8 * v));
                 for (r, acc_r) in acc.iter_mut().enumerate() {
@@ -523,50 +530,83 @@ mod x86 {
         _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8))
     }
 
-    /// The VNNI kernel: block pairs in 512-bit registers. The weights are made unsigned by
-    /// an offset (`w + 128` for q8_0, the raw nibble `q = w + 8` for q4_0) so that `dpbusd`
-    /// multiplies them with the signed activations as they are; the offset comes back out
-    /// as `offset * Σ_k s_k Σ_j x_kj`, from the activations' block sums.
+    /// Rows of quantised weights against one row of activations: `out[r * stride]` for
+    /// each row `r` of `ws: (rows, bpr)` scales and `wq` quants.
+    pub(super) type QuantRows = fn(&[f16], &[u8], usize, ActivationRow, &mut [f32], usize);
+
+    /// The AVX-512 VNNI kernels, where the CPU has them.
+    pub(super) fn vnni_rows(format: QuantFormat) -> Option<QuantRows> {
+        let has = |f: &str| match f {
+            "avx512f" => is_x86_feature_detected!("avx512f"),
+            "avx512bw" => is_x86_feature_detected!("avx512bw"),
+            "avx512vl" => is_x86_feature_detected!("avx512vl"),
+            "avx512dq" => is_x86_feature_detected!("avx512dq"),
+            _ => is_x86_feature_detected!("avx512vnni"),
+        };
+        let all = ["avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni"]
+            .iter()
+            .all(|f| has(f))
+            && has_avx2_fma()
+            && is_x86_feature_detected!("f16c");
+        all.then_some(match format {
+            QuantFormat::Q8_0 => rows_q8_0_vnni as QuantRows,
+            QuantFormat::Q4_0 => rows_q4_0_vnni as QuantRows,
+        })
+    }
+
+    /// Blocks per group: eight scales converted and multiplied at once, four block pairs.
+    const GROUP: usize = 8;
+
+    /// The VNNI kernel for one row: block pairs in 512-bit registers. The weights are made
+    /// unsigned by an offset (`w + 128` for q8_0, the raw nibble `q = w + 8` for q4_0) so
+    /// that `dpbusd` multiplies them with the signed activations as they are; the offset
+    /// comes back out as `offset * Σ_k d_w[k] d_x[k] Σ_j x_kj`, from the activations'
+    /// scaled block sums.
     #[inline(always)]
-    unsafe fn dot_pairs_vnni(
+    unsafe fn row_vnni(
         ws: &[f16],
         x: ActivationRow,
         offset: f32,
+        pair_index: &[__m512i; GROUP / 2],
         load_pair: impl Fn(usize) -> __m512i,
         load_one: impl Fn(usize) -> __m256i,
     ) -> f32 {
-        let mut scales = [0.0f32; SCALE_TILE];
-        let (mut acc, mut acc_one) = (_mm512_setzero_ps(), _mm256_setzero_ps());
-        let mut correction = 0.0f32;
-        // Lanes 0-7 take the first scale of a pair, lanes 8-15 the second.
-        let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        for tile in (0..ws.len()).step_by(SCALE_TILE) {
-            let n = (ws.len() - tile).min(SCALE_TILE);
-            combined_scales(
-                &ws[tile..tile + n],
-                &x.scales[tile..tile + n],
-                &mut scales[..n],
-            );
-            for (s, sum) in scales[..n].iter().zip(&x.sums[tile..tile + n]) {
-                correction += s * *sum as f32;
-            }
-            for p in 0..n / 2 {
-                let k = tile + 2 * p;
-                let xv = _mm512_loadu_si512(x.quants.as_ptr().add(k * BLOCK) as *const _);
-                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), load_pair(k), xv);
-                let pair = _mm_castpd_ps(_mm_load_sd(scales.as_ptr().add(2 * p) as *const f64));
-                let s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(pair));
-                acc = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(dot), acc);
-            }
-            if n % 2 == 1 {
-                let k = tile + n - 1;
-                let xv = _mm256_loadu_si256(x.quants.as_ptr().add(k * BLOCK) as *const __m256i);
-                let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), load_one(k), xv);
-                let s = _mm256_set1_ps(scales[n - 1]);
-                acc_one = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(dot), acc_one);
+        let mut acc = [_mm512_setzero_ps(); GROUP / 2];
+        let mut corr = _mm256_setzero_ps();
+        let groups = ws.len() / GROUP;
+        for g in 0..groups {
+            let k = g * GROUP;
+            let w8 = _mm256_cvtph_ps(_mm_loadu_si128(ws.as_ptr().add(k) as *const __m128i));
+            let s8 = _mm256_mul_ps(w8, _mm256_loadu_ps(x.scales.as_ptr().add(k)));
+            corr = _mm256_fmadd_ps(w8, _mm256_loadu_ps(x.scaled_sums.as_ptr().add(k)), corr);
+            let s16 = _mm512_castps256_ps512(s8);
+            for (p, acc_p) in acc.iter_mut().enumerate() {
+                let at = k + 2 * p;
+                let xv = _mm512_loadu_si512(x.quants.as_ptr().add(at * BLOCK) as *const _);
+                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), load_pair(at), xv);
+                let scale = _mm512_permutexvar_ps(pair_index[p], s16);
+                *acc_p = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), *acc_p);
             }
         }
-        _mm512_reduce_add_ps(acc) + hsum(acc_one) - offset * correction
+        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        let mut total = _mm512_reduce_add_ps(sum) - offset * hsum(corr);
+        for (k, wk) in ws.iter().enumerate().skip(groups * GROUP) {
+            let xv = _mm256_loadu_si256(x.quants.as_ptr().add(k * BLOCK) as *const __m256i);
+            let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), load_one(k), xv);
+            let w = f16_to_f32(*wk);
+            total +=
+                w * x.scales[k] * hsum(_mm256_cvtepi32_ps(dot)) - offset * w * x.scaled_sums[k];
+        }
+        total
+    }
+
+    /// Lanes 0-7 take scale `2p` of a group, lanes 8-15 scale `2p + 1`.
+    #[inline(always)]
+    unsafe fn pair_indices() -> [__m512i; GROUP / 2] {
+        std::array::from_fn(|p| {
+            let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
+            _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a)
+        })
     }
 
     /// Blocks `k` and `k + 1` of q8_0 weights as unsigned `w + 128`.
@@ -609,7 +649,7 @@ mod x86 {
             wq.len() >= blocks * block_bytes
                 && x.quants.len() >= blocks * BLOCK
                 && x.scales.len() >= blocks
-                && x.sums.len() >= blocks
+                && x.scaled_sums.len() >= blocks
         );
     }
 
@@ -630,24 +670,72 @@ mod x86 {
 
     macro_rules! vnni_kernel {
         ($name:ident, $pair:ident, $one:ident, $offset:expr, $block_bytes:expr) => {
-            pub(super) fn $name(ws: &[f16], wq: &[u8], x: ActivationRow) -> f32 {
+            fn $name(
+                ws: &[f16],
+                wq: &[u8],
+                bpr: usize,
+                x: ActivationRow,
+                out: &mut [f32],
+                stride: usize,
+            ) {
                 #[target_feature(
                     enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"
                 )]
-                unsafe fn inner(ws: &[f16], wq: &[u8], x: ActivationRow) -> f32 {
-                    dot_pairs_vnni(ws, x, $offset, |k| $pair(wq, k), |k| $one(wq, k))
+                unsafe fn inner(
+                    ws: &[f16],
+                    wq: &[u8],
+                    bpr: usize,
+                    x: ActivationRow,
+                    out: &mut [f32],
+                    stride: usize,
+                ) {
+                    let index = pair_indices();
+                    let row_bytes = bpr * $block_bytes;
+                    for (r, (ws_r, wq_r)) in ws
+                        .chunks_exact(bpr)
+                        .zip(wq.chunks_exact(row_bytes))
+                        .enumerate()
+                    {
+                        out[r * stride] = row_vnni(
+                            ws_r,
+                            x,
+                            $offset,
+                            &index,
+                            |k| $pair(wq_r, k),
+                            |k| $one(wq_r, k),
+                        );
+                    }
                 }
-                check_blocks(ws, wq, &x, $block_bytes);
-                // SAFETY: as for the AVX2 kernels.
-                unsafe { inner(ws, wq, x) }
+                let rows = ws.len() / bpr.max(1);
+                check_blocks(
+                    &ws[..bpr.min(ws.len())],
+                    &wq[..(bpr * $block_bytes).min(wq.len())],
+                    &x,
+                    $block_bytes,
+                );
+                assert!(
+                    bpr > 0
+                        && ws.len() == rows * bpr
+                        && wq.len() == rows * bpr * $block_bytes
+                        && out.len() > (rows.max(1) - 1) * stride
+                );
+                // SAFETY: `vnni_rows` hands this function out only after detecting the
+                // features; every row's loads stay inside the slices checked above.
+                unsafe { inner(ws, wq, bpr, x, out, stride) }
             }
         };
     }
 
     avx2_kernel!(dot_q8_0_avx2, load_q8_0, BLOCK);
     avx2_kernel!(dot_q4_0_avx2, load_q4_0, BLOCK / 2);
-    vnni_kernel!(dot_q8_0_vnni, load_pair_q8_0, load_one_q8_0, 128.0, BLOCK);
-    vnni_kernel!(dot_q4_0_vnni, load_pair_q4_0, load_one_q4_0, 8.0, BLOCK / 2);
+    vnni_kernel!(rows_q8_0_vnni, load_pair_q8_0, load_one_q8_0, 128.0, BLOCK);
+    vnni_kernel!(
+        rows_q4_0_vnni,
+        load_pair_q4_0,
+        load_one_q4_0,
+        8.0,
+        BLOCK / 2
+    );
 }
 
 #[cfg(test)]
@@ -717,45 +805,69 @@ mod tests {
 
     #[test]
     fn every_quantised_kernel_agrees_with_the_scalar_one() {
-        // 9 blocks: an odd one after the pairs; 133: two tiles of scales, an odd tail.
+        // 1 and 9 blocks: a tail after the groups of eight; 133: several groups and a tail.
         for blocks in [1, 9, 133] {
-            let cols = blocks * BLOCK;
-            let w = values(cols, 3);
+            let (rows, cols) = (3, blocks * BLOCK);
+            let w = values(rows * cols, 3);
             let x = values(cols, 4);
             let xq = QuantizedActivations::new(&x, 1, cols);
             for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
-                let q = QuantMatrix::quantize(&w, 1, cols, format).unwrap();
-                let (ws, wq) = q.row_range(0, 1);
-                let scalar = match format {
-                    QuantFormat::Q8_0 => dot_q8_0_scalar(ws, wq, xq.row(0)),
-                    QuantFormat::Q4_0 => dot_q4_0_scalar(ws, wq, xq.row(0)),
-                };
-                for (name, kernel) in available_kernels(format) {
-                    let fast = kernel(ws, wq, xq.row(0));
-                    // All sum the same integer block products; only the f32 order differs.
-                    assert!(
-                        (fast - scalar).abs() <= 1e-5 * scalar.abs().max(1.0),
-                        "{format:?} {name} {blocks} blocks: {fast} vs {scalar}"
-                    );
+                let q = QuantMatrix::quantize(&w, rows, cols, format).unwrap();
+                let (ws, wq) = q.row_range(0, rows);
+                let qpr = wq.len() / rows;
+                let scalar: Vec<f32> = (0..rows)
+                    .map(|r| {
+                        let (ws, wq) = (&ws[r * blocks..][..blocks], &wq[r * qpr..][..qpr]);
+                        match format {
+                            QuantFormat::Q8_0 => dot_q8_0_scalar(ws, wq, xq.row(0)),
+                            QuantFormat::Q4_0 => dot_q4_0_scalar(ws, wq, xq.row(0)),
+                        }
+                    })
+                    .collect();
+                for (name, fast) in fast_kernels(format, ws, wq, blocks, &xq) {
+                    for (f, s) in fast.iter().zip(&scalar) {
+                        // All sum the same integer block products; only the f32 order differs.
+                        assert!(
+                            (f - s).abs() <= 1e-5 * s.abs().max(1.0),
+                            "{format:?} {name} {blocks} blocks: {f} vs {s}"
+                        );
+                    }
                 }
             }
         }
     }
 
-    /// The SIMD kernels this CPU can run, by name.
-    fn available_kernels(format: QuantFormat) -> Vec<(&'static str, QuantDot)> {
-        let mut kernels: Vec<(&'static str, QuantDot)> = vec![("chosen", quant_kernel(format))];
+    /// Every row through each SIMD kernel this CPU can run, by name.
+    fn fast_kernels(
+        format: QuantFormat,
+        ws: &[f16],
+        wq: &[u8],
+        blocks: usize,
+        xq: &QuantizedActivations,
+    ) -> Vec<(&'static str, Vec<f32>)> {
+        let rows = ws.len() / blocks;
+        let qpr = wq.len() / rows;
+        let per_row = |kernel: QuantDot| -> Vec<f32> {
+            (0..rows)
+                .map(|r| {
+                    kernel(
+                        &ws[r * blocks..][..blocks],
+                        &wq[r * qpr..][..qpr],
+                        xq.row(0),
+                    )
+                })
+                .collect()
+        };
+        let mut out = vec![("chosen", per_row(quant_kernel(format)))];
         #[cfg(target_arch = "x86_64")]
         {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") && has!("f16c") {
-                kernels.push(match format {
-                    QuantFormat::Q8_0 => ("avx2", x86::dot_q8_0_avx2),
-                    QuantFormat::Q4_0 => ("avx2", x86::dot_q4_0_avx2),
-                });
+            if let Some(kernel) = x86::vnni_rows(format) {
+                let mut y = vec![0.0; rows];
+                kernel(ws, wq, blocks, xq.row(0), &mut y, 1);
+                out.push(("vnni", y));
             }
         }
-        kernels
+        out
     }
 
     #[test]

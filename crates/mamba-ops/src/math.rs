@@ -24,6 +24,18 @@ pub fn process_dt(raw: f32, bias: f32, apply_softplus: bool, limit: (f32, f32)) 
     dt.clamp(limit.0, limit.1)
 }
 
+/// [`process_dt`] with [`softplus_fast`], for vectorised loops.
+#[inline(always)]
+pub fn process_dt_fast(raw: f32, bias: f32, apply_softplus: bool, limit: (f32, f32)) -> f32 {
+    let dt = raw + bias;
+    let dt = if apply_softplus {
+        softplus_fast(dt)
+    } else {
+        dt
+    };
+    dt.clamp(limit.0, limit.1)
+}
+
 /// No clamp on Δ.
 pub const NO_DT_LIMIT: (f32, f32) = (f32::NEG_INFINITY, f32::INFINITY);
 

@@ -14,7 +14,7 @@
 //! models keep them; otherwise they are full `(H, P, N)` / `(batch, H, P)` / `(H, P)`.
 
 use crate::error::{OpError, Result};
-use crate::math::{dot, process_dt, silu, with_simd};
+use crate::math::{dot, exp_fast, process_dt, process_dt_fast, silu, silu_fast, with_simd};
 use crate::selective_scan::state_step;
 use rayon::prelude::*;
 
@@ -169,6 +169,10 @@ pub fn selective_state_update_reference(
     Ok(y)
 }
 
+/// State values a task of the fast step updates at least: Mamba-1's rows of 16 are too
+/// small to be tasks of their own.
+const STATE_VALUES_PER_TASK: usize = 4096;
+
 /// The fast step: threaded over batch x heads, vectorised over the state.
 pub fn selective_state_update(
     dims: &StepDims,
@@ -202,7 +206,7 @@ pub fn selective_state_update_into(
                     let k = dims.param(h, p);
                     let i = bh * np + p;
                     let dt_raw = x.dt[b * dims.dt_row() + k];
-                    let dt = process_dt(
+                    let dt = process_dt_fast(
                         dt_raw,
                         x.dt_bias.map_or(0.0, |v| v[k]),
                         x.dt_softplus,
@@ -210,12 +214,12 @@ pub fn selective_state_update_into(
                     );
                     let xi = x.x[i];
                     let ssm = if dims.per_head {
-                        scalar_decay_step(s, (dt * x.a[h]).exp(), bvec, cvec, dt * xi)
+                        scalar_decay_step(s, exp_fast(dt * x.a[h]), bvec, cvec, dt * xi)
                     } else {
                         state_step(s, &x.a[(h * np + p) * nn..][..nn], bvec, cvec, dt, dt * xi)
                     };
                     let out = ssm + x.d.map_or(0.0, |v| v[k]) * xi;
-                    *y_p = x.z.map_or(out, |z| out * silu(z[i]));
+                    *y_p = x.z.map_or(out, |z| out * silu_fast(z[i]));
                 }
             },
         );
@@ -224,7 +228,7 @@ pub fn selective_state_update_into(
         .par_chunks_mut(np * nn)
         .zip(y.par_chunks_mut(np))
         .enumerate()
-        .with_min_len(8)
+        .with_min_len(STATE_VALUES_PER_TASK.div_ceil(np * nn))
         .for_each(|(bh, (s, y))| work(bh, s, y));
 }
 
