@@ -24,7 +24,7 @@ use crate::layers::{
     columns, copy_columns, f32_vec, load_f32, rms_normalize, split_scratch, swap_time_channels,
     with_scratch, Linear, RmsNorm,
 };
-use crate::model::Mixer;
+use crate::model::{step_through_host, Mixer};
 use crate::state::{LayerState, StateSize};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -305,10 +305,7 @@ impl Mixer for MambaMixer {
         if x.device().is_cuda() {
             return self.step_on_device(x, state);
         }
-        let (batch, hidden) = x.dims2()?;
-        let mut out = vec![0.0f32; batch * hidden];
-        self.step_host(&f32_vec(x)?, batch, state, &mut out)?;
-        Ok(Tensor::from_vec(out, (batch, hidden), x.device())?)
+        step_through_host(self, x, state)
     }
 
     /// [`Mixer::forward`] for inference on host slices, `x, out: (b, L, hidden)`, through

@@ -16,7 +16,7 @@ use crate::layers::{
     columns, copy_columns, f32_vec, load_f32, split_scratch, swap_time_channels, with_scratch,
     Linear,
 };
-use crate::model::Mixer;
+use crate::model::{step_through_host, Mixer};
 use crate::state::{LayerState, StateSize};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
@@ -192,10 +192,7 @@ impl Mixer for Mamba2Mixer {
         if x.device().is_cuda() {
             return self.step_on_device(x, state);
         }
-        let (batch, hidden) = x.dims2()?;
-        let mut out = vec![0.0f32; batch * hidden];
-        self.step_host(&f32_vec(x)?, batch, state, &mut out)?;
-        Ok(Tensor::from_vec(out, (batch, hidden), x.device())?)
+        step_through_host(self, x, state)
     }
 
     /// [`Mixer::forward`] for inference on host slices, `x, out: (b, L, hidden)`, through
@@ -208,11 +205,14 @@ impl Mixer for Mamba2Mixer {
         state: &mut LayerState,
         out: &mut [f32],
     ) -> Result<()> {
-        let c = &self.cfg;
-        let pr = &self.decode;
-        let (di, conv_dim, nh) = (c.d_inner(), c.conv_dim(), c.num_heads);
-        let gn = c.n_groups * c.state_size;
-        let width = 2 * di + 2 * gn + nh;
+        let (c, pr) = (&self.cfg, &self.decode);
+        let InProjWidths {
+            d_inner: di,
+            conv_dim,
+            heads: nh,
+            group_states: gn,
+            total: width,
+        } = self.in_proj_widths();
         let rows = batch * len;
         let mut zxbcdt = vec![0.0f32; rows * width];
         self.in_proj.forward_rows_host(x, &mut zxbcdt)?; // (b, L, 2 d_inner + 2GN + H)
@@ -299,11 +299,14 @@ impl Mixer for Mamba2Mixer {
         state: &mut LayerState,
         out: &mut [f32],
     ) -> Result<()> {
-        let c = &self.cfg;
-        let pr = &self.decode;
-        let (di, conv_dim, nh) = (c.d_inner(), c.conv_dim(), c.num_heads);
-        let gn = c.n_groups * c.state_size;
-        let width = 2 * di + 2 * gn + nh;
+        let (c, pr) = (&self.cfg, &self.decode);
+        let InProjWidths {
+            d_inner: di,
+            conv_dim,
+            heads: nh,
+            group_states: gn,
+            total: width,
+        } = self.in_proj_widths();
         let lens = [width, di, conv_dim, nh, conv_dim, di, gn, gn, di].map(|l| l * batch);
         with_scratch(&STEP_SCRATCH, lens.iter().sum(), |buf| {
             let [zxbcdt, z, xbc, dt, xbc_conv, xs, b, cm, y] = split_scratch(buf, lens);
@@ -369,7 +372,30 @@ thread_local! {
     static STEP_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
+/// The parts of `in_proj`'s output `[z | xBC | dt]`: `z` is `d_inner` wide, `xBC`
+/// `conv_dim = d_inner + 2 group_states`, `dt` one per head.
+struct InProjWidths {
+    d_inner: usize,
+    conv_dim: usize,
+    heads: usize,
+    group_states: usize,
+    total: usize,
+}
+
 impl Mamba2Mixer {
+    fn in_proj_widths(&self) -> InProjWidths {
+        let c = &self.cfg;
+        let (d_inner, heads) = (c.d_inner(), c.num_heads);
+        let group_states = c.n_groups * c.state_size;
+        InProjWidths {
+            d_inner,
+            conv_dim: c.conv_dim(),
+            heads,
+            group_states,
+            total: 2 * d_inner + 2 * group_states + heads,
+        }
+    }
+
     /// [`Mixer::step`] with the state kept on the model's (CUDA) device: the conv, SSM and
     /// gated-norm updates run there, and nothing is copied to the host.
     fn step_on_device(&self, x: &Tensor, state: &mut LayerState) -> Result<Tensor> {

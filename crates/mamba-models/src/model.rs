@@ -69,6 +69,19 @@ pub trait Mixer: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// [`Mixer::step`] of a host tensor `x: (batch, hidden)` through the mixer's
+/// [`Mixer::step_host`]: the CPU branch of the Mamba mixers' `step`.
+pub(crate) fn step_through_host(
+    mixer: &(impl Mixer + ?Sized),
+    x: &Tensor,
+    state: &mut LayerState,
+) -> Result<Tensor> {
+    let (batch, hidden) = x.dims2()?;
+    let mut out = vec![0.0f32; batch * hidden];
+    mixer.step_host(&f32_vec(x)?, batch, state, &mut out)?;
+    Ok(Tensor::from_vec(out, (batch, hidden), x.device())?)
+}
+
 /// [`Mixer::forward`] through tensors, on host slices: the default of
 /// [`Mixer::forward_host`] for mixers without their own.
 fn forward_host_via_tensors(
