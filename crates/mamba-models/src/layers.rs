@@ -216,7 +216,8 @@ impl Linear {
                     HostValues::Bf16(_) => Err(Error::Input("expected f32 weights".into())),
                 })?
             }
-            _ => product(&f32_vec(&self.dense_f32()?)?, y),
+            LinearWeight::Dense(w) => product(&f32_vec(w)?, y),
+            LinearWeight::Quantized(q) => product(&q.dequantize(), y),
         }
         self.add_bias_host(y)
     }

@@ -251,7 +251,7 @@ impl Mixer for Mamba2Mixer {
                 head_dim: c.head_dim,
                 groups: c.n_groups,
                 state: c.state_size,
-                chunk_size: c.chunk_size,
+                chunk_size: c.chunk_size.min(HOST_CHUNK_SIZE),
             },
             &SsdInputs {
                 x: &xs,
@@ -371,6 +371,11 @@ thread_local! {
     /// The intermediates of [`Mamba2Mixer::step_host`].
     static STEP_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
+
+/// The longest SSD chunk of the CPU inference path: the chunk length only changes the
+/// rounding, and on this project's CPU 128 prefilled mamba2-130m about 8 % faster than the
+/// 256 of the Hugging Face configs (1 thread, 2048 tokens).
+const HOST_CHUNK_SIZE: usize = 128;
 
 /// The parts of `in_proj`'s output `[z | xBC | dt]`: `z` is `d_inner` wide, `xBC`
 /// `conv_dim = d_inner + 2 group_states`, `dt` one per head.

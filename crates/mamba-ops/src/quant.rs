@@ -131,30 +131,13 @@ impl QuantMatrix {
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0.0f32; self.rows * self.cols];
         let qb = self.format.quant_bytes_per_block();
+        let format = self.format;
         out.par_chunks_mut(BLOCK)
             .zip(self.scales.par_iter())
             .zip(self.quants.par_chunks(qb))
             .with_min_len(256)
-            .for_each(|((dst, d), q)| {
-                let d = d.to_f32();
-                for (j, v) in dst.iter_mut().enumerate() {
-                    *v = self.format_value(q, j) as f32 * d;
-                }
-            });
+            .for_each(|((dst, d), q)| dequantize_block(format, d.to_f32(), q, dst));
         out
-    }
-
-    /// Quant `j` of a block as a signed integer.
-    #[inline(always)]
-    fn format_value(&self, block_quants: &[u8], j: usize) -> i32 {
-        match self.format {
-            QuantFormat::Q8_0 => block_quants[j] as i8 as i32,
-            QuantFormat::Q4_0 => {
-                let byte = block_quants[j % (BLOCK / 2)];
-                let nibble = if j < BLOCK / 2 { byte & 0xf } else { byte >> 4 };
-                nibble as i32 - 8
-            }
-        }
     }
 
     pub fn format(&self) -> QuantFormat {
@@ -182,6 +165,26 @@ impl QuantMatrix {
             &self.scales[start * bpr..(start + count) * bpr],
             &self.quants[start * qpr..(start + count) * qpr],
         )
+    }
+}
+
+/// One block's values `dst[j] = q_j d` (q4_0: `q_j` is the nibble minus 8; byte `j` holds
+/// values `j` and `j + 16`).
+#[inline(always)]
+fn dequantize_block(format: QuantFormat, d: f32, q: &[u8], dst: &mut [f32]) {
+    match format {
+        QuantFormat::Q8_0 => {
+            for (v, q) in dst.iter_mut().zip(q) {
+                *v = *q as i8 as f32 * d;
+            }
+        }
+        QuantFormat::Q4_0 => {
+            let (low, high) = dst.split_at_mut(BLOCK / 2);
+            for ((lo, hi), q) in low.iter_mut().zip(high.iter_mut()).zip(q) {
+                *lo = ((q & 0xf) as i32 - 8) as f32 * d;
+                *hi = ((q >> 4) as i32 - 8) as f32 * d;
+            }
+        }
     }
 }
 
