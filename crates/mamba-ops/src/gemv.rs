@@ -18,6 +18,7 @@ use crate::math::with_simd;
 use crate::quant::{QuantFormat, QuantMatrix, BLOCK};
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::cell::Cell;
 
 /// A weight matrix `(rows, cols)` as [`gemv`] reads it.
 #[derive(Debug, Clone, Copy)]
@@ -47,14 +48,46 @@ fn rows_per_task(rows: usize) -> usize {
 pub fn gemv(w: Weights, rows: usize, cols: usize, x: &[f32], y: &mut [f32]) -> Result<()> {
     let batch = check_shapes(&w, rows, cols, x, y)?;
     let xq = match w {
-        Weights::Quant(_) => Some(QuantizedActivations::new(x, batch, cols)),
+        Weights::Quant(_) => {
+            let mut activations = ACTIVATIONS.take();
+            activations.fill(x, batch, cols);
+            Some(activations)
+        }
         _ => None,
     };
+    product_rows(w, (rows, cols, batch), x, xq.as_ref(), y);
+    if let Some(activations) = xq {
+        ACTIVATIONS.set(activations);
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// The quantised activations of the calling thread's last product, kept so that
+    /// decoding allocates nothing per product once warm.
+    static ACTIVATIONS: Cell<QuantizedActivations> = const {
+        Cell::new(QuantizedActivations {
+            cols: 0,
+            scales: Vec::new(),
+            quants: Vec::new(),
+            scaled_sums: Vec::new(),
+        })
+    };
+}
+
+/// [`gemv`] after the checks: the rows of `W` split into parallel tasks.
+fn product_rows(
+    w: Weights,
+    (rows, cols, batch): (usize, usize, usize),
+    x: &[f32],
+    xq: Option<&QuantizedActivations>,
+    y: &mut [f32],
+) {
     let chunk = rows_per_task(rows);
     let run = |start: usize, out: &mut [f32]| {
         // `out: (count, batch)`: one output row of W for each sequence.
         let count = out.len() / batch;
-        match (w, &xq) {
+        match (w, xq) {
             (Weights::F32(w), _) => {
                 rows_f32(&w[start * cols..(start + count) * cols], cols, x, out)
             }
@@ -69,7 +102,7 @@ pub fn gemv(w: Weights, rows: usize, cols: usize, x: &[f32], y: &mut [f32]) -> R
         y.par_chunks_mut(chunk)
             .enumerate()
             .for_each(|(i, out)| run(i * chunk, out));
-        return Ok(());
+        return;
     }
     let mut by_row = vec![0.0f32; rows * batch]; // (rows, batch)
     by_row
@@ -81,7 +114,6 @@ pub fn gemv(w: Weights, rows: usize, cols: usize, x: &[f32], y: &mut [f32]) -> R
             y[b * rows + r] = *v;
         }
     }
-    Ok(())
 }
 
 /// The definition: `y = x W^T` with `W` dequantised, summed in f64.
@@ -172,6 +204,7 @@ fn rows_dense_scalar<T>(
 }
 
 /// `x: (batch, cols)` quantised to q8_0 blocks for the integer dot products.
+#[derive(Default)]
 struct QuantizedActivations {
     cols: usize,
     /// `(batch, cols / 32)`.
@@ -191,17 +224,29 @@ struct ActivationRow<'a> {
 }
 
 impl QuantizedActivations {
+    /// `x: (batch, cols)` quantised.
+    #[cfg(test)]
     fn new(x: &[f32], batch: usize, cols: usize) -> Self {
-        let mut scales = vec![0.0f32; batch * cols / BLOCK];
-        let mut quants = vec![0i8; batch * cols];
-        let mut scaled_sums = vec![0.0f32; batch * cols / BLOCK];
+        let mut activations = QuantizedActivations::default();
+        activations.fill(x, batch, cols);
+        activations
+    }
+
+    /// Quantises `x: (batch, cols)` into these buffers, growing them if need be.
+    fn fill(&mut self, x: &[f32], batch: usize, cols: usize) {
+        let blocks = batch * cols / BLOCK;
+        self.cols = cols;
+        self.scales.resize(blocks, 0.0);
+        self.scaled_sums.resize(blocks, 0.0);
+        self.quants.resize(batch * cols, 0);
         with_simd(
             #[inline(always)]
             || {
-                for (((d, sum), q), xb) in scales
+                for (((d, sum), q), xb) in self
+                    .scales
                     .iter_mut()
-                    .zip(scaled_sums.iter_mut())
-                    .zip(quants.chunks_mut(BLOCK))
+                    .zip(self.scaled_sums.iter_mut())
+                    .zip(self.quants.chunks_mut(BLOCK))
                     .zip(x.chunks(BLOCK))
                 {
                     *d = quantize_activation_block(xb, q);
@@ -209,12 +254,6 @@ impl QuantizedActivations {
                 }
             },
         );
-        QuantizedActivations {
-            cols,
-            scales,
-            quants,
-            scaled_sums,
-        }
     }
 
     /// The blocks of sequence `b`.
