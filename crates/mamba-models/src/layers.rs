@@ -143,23 +143,19 @@ impl Linear {
             .ok_or_else(|| Error::Input("linear layer on a scalar".into()))?;
         let rows = x.elem_count() / inp.max(1);
         let x2 = x.reshape((rows, inp))?;
-        let y = match &self.weight {
-            LinearWeight::Dense(w) if w.dtype() == DType::F32 => x2.matmul(&w.t()?)?,
-            LinearWeight::Dense(w) if rows <= GEMV_MAX_ROWS && w.device().is_cpu() => {
-                gemv_dense(&x2, w)?
+        let dense_f32 = matches!(&self.weight, LinearWeight::Dense(w) if w.dtype() == DType::F32);
+        let y = if rows <= GEMV_MAX_ROWS && x.device().is_cpu() && !dense_f32 {
+            // bf16 or quantised weights read as they are stored; the bias is added there.
+            let mut y = vec![0.0f32; rows * self.out_features()];
+            self.forward_host(&f32_vec(&x2)?, &mut y)?;
+            Tensor::from_vec(y, (rows, self.out_features()), x.device())?
+        } else {
+            let w = self.dense_f32()?.to_device(x.device())?;
+            let y = x2.matmul(&w.t()?)?;
+            match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
             }
-            LinearWeight::Dense(w) => x2.matmul(&w.to_dtype(DType::F32)?.t()?)?,
-            LinearWeight::Quantized(q) if rows <= GEMV_MAX_ROWS && x.device().is_cpu() => {
-                gemv_on(&x2, Weights::Quant(q), q.rows())?
-            }
-            LinearWeight::Quantized(_) => {
-                let w = self.dense_f32()?.to_device(x.device())?;
-                x2.matmul(&w.t()?)?
-            }
-        };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
         };
         let mut out_dims = dims;
         *out_dims.last_mut().expect("checked above") = self.out_features();
@@ -307,22 +303,6 @@ pub fn copy_columns(src: &[f32], row_len: usize, start: usize, width: usize, dst
     for (row, out) in src.chunks_exact(row_len).zip(dst.chunks_exact_mut(width)) {
         out.copy_from_slice(&row[start..start + width]);
     }
-}
-
-/// `x (rows, in) @ W^T` for a dense bf16 (or f32) `W (out, in)` on the CPU through
-/// [`mamba_ops::gemv`], which reads each weight once.
-fn gemv_dense(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let w = w.contiguous()?;
-    with_host_values(&w, |values| gemv_on(x, values.weights(), w.dim(0)?))
-}
-
-/// `x (rows, in) @ W^T` for `W: (out, in)` given as [`Weights`].
-fn gemv_on(x: &Tensor, w: Weights, out: usize) -> Result<Tensor> {
-    let (rows, inp) = x.dims2()?;
-    let xs = f32_vec(x)?;
-    let mut y = vec![0.0f32; rows * out];
-    gemv(w, out, inp, &xs, &mut y)?;
-    Ok(Tensor::from_vec(y, (rows, out), &Device::Cpu)?)
 }
 
 /// Token embeddings `(vocab, hidden)`.

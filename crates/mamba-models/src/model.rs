@@ -160,14 +160,19 @@ impl Block {
         self.mixer
             .forward_host(&normed, batch_len, state, &mut mixed)?;
         h.iter_mut().zip(&mixed).for_each(|(v, m)| *v += m);
-        if let Some((norm, ffn)) = &self.feed_forward {
-            norm.forward_host(h, &mut normed)?;
-            let (batch, len) = batch_len;
-            let hidden = h.len() / (batch * len);
-            let x = Tensor::from_slice(&normed, (batch, len, hidden), &Device::Cpu)?;
-            let y = f32_vec(&ffn.forward(&x)?)?;
-            h.iter_mut().zip(&y).for_each(|(v, m)| *v += m);
-        }
+        self.add_feed_forward_host(h, &mut normed, batch_len.0 * batch_len.1)
+    }
+
+    /// `h += ffn(RMSNorm(h))` for the `rows` tokens of `h` when the block has a feed-forward
+    /// part (through its tensors), using `normed` as room for the norm.
+    fn add_feed_forward_host(&self, h: &mut [f32], normed: &mut [f32], rows: usize) -> Result<()> {
+        let Some((norm, ffn)) = &self.feed_forward else {
+            return Ok(());
+        };
+        norm.forward_host(h, normed)?;
+        let x = Tensor::from_slice(normed, (rows, h.len() / rows), &Device::Cpu)?;
+        let y = f32_vec(&ffn.forward(&x)?)?;
+        h.iter_mut().zip(&y).for_each(|(v, m)| *v += m);
         Ok(())
     }
 
@@ -178,14 +183,7 @@ impl Block {
             self.norm.forward_host(h, normed)?;
             self.mixer.step_host(normed, batch, state, mixed)?;
             h.iter_mut().zip(mixed.iter()).for_each(|(v, m)| *v += m);
-            if let Some((norm, ffn)) = &self.feed_forward {
-                norm.forward_host(h, normed)?;
-                let hidden = h.len() / batch;
-                let x = Tensor::from_slice(normed, (batch, hidden), &Device::Cpu)?;
-                let y = f32_vec(&ffn.forward(&x)?)?;
-                h.iter_mut().zip(&y).for_each(|(v, m)| *v += m);
-            }
-            Ok(())
+            self.add_feed_forward_host(h, normed, batch)
         })
     }
 
