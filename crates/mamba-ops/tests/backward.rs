@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{usize_param, ConvFixture, ScanFixture, SsdFixture};
+use common::{random, usize_param, ConvFixture, RandomScan, ScanFixture, SsdFixture};
 use mamba_ops::causal_conv1d::*;
 use mamba_ops::math::NO_DT_LIMIT;
 use mamba_ops::rmsnorm_gated::*;
@@ -12,7 +12,7 @@ use mamba_ops::selective_scan::*;
 use mamba_ops::ssd::*;
 use mamba_testing::{assert_close, read_safetensors, tolerance, Case, Tensor};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use std::collections::HashMap;
 
 /// The gradient tolerance the issue states, used between the fast and reference paths.
@@ -37,10 +37,6 @@ fn assert_grads(case: &Case, label: &str, got: impl Fn(&str) -> Option<Vec<f32>>
         let where_ = format!("{} {label} {name}", case.dir.display());
         assert_close(&where_, &got, &want[name].data, tol);
     }
-}
-
-fn random(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(lo..hi)).collect()
 }
 
 // ----------------------------------------------------------------------------- scan
@@ -204,17 +200,9 @@ fn assert_same_optional(label: &str, got: &Option<Vec<f32>>, want: &Option<Vec<f
 }
 
 struct ScanData {
-    u: Vec<f32>,
-    /// Raw Δ for the softplus, and a positive Δ used as it is.
-    delta: Vec<f32>,
+    scan: RandomScan,
+    /// A positive Δ used as it is (no softplus).
     delta_plain: Vec<f32>,
-    a: Vec<f32>,
-    b: Vec<f32>,
-    c: Vec<f32>,
-    d: Vec<f32>,
-    z: Vec<f32>,
-    bias: Vec<f32>,
-    h0: Vec<f32>,
     grad_out: Vec<f32>,
     grad_last: Vec<f32>,
 }
@@ -222,21 +210,9 @@ struct ScanData {
 impl ScanData {
     fn random(rng: &mut StdRng, dims: &ScanDims) -> Self {
         let (b, d, l, n) = (dims.batch, dims.dim, dims.len, dims.state);
-        let bc = match dims.bc {
-            BcForm::Varying { groups } => b * groups * n * l,
-            BcForm::TimeInvariant => d * n,
-        };
         ScanData {
-            u: random(rng, b * d * l, -1.0, 1.0),
-            delta: random(rng, b * d * l, -3.0, 1.0),
+            scan: RandomScan::new(rng, dims),
             delta_plain: random(rng, b * d * l, 0.01, 0.5),
-            a: random(rng, d * n, -4.0, -0.1),
-            b: random(rng, bc, -1.0, 1.0),
-            c: random(rng, bc, -1.0, 1.0),
-            d: random(rng, d, -1.0, 1.0),
-            z: random(rng, b * d * l, -2.0, 2.0),
-            bias: random(rng, d, -1.0, 0.5),
-            h0: random(rng, b * d * n, -1.0, 1.0),
             grad_out: random(rng, b * d * l, -1.0, 1.0),
             grad_last: random(rng, b * d * n, -1.0, 1.0),
         }
@@ -244,17 +220,17 @@ impl ScanData {
 
     /// Every optional input given when `full`, none (and no softplus) otherwise.
     fn inputs(&self, full: bool) -> ScanInputs<'_> {
+        if full {
+            return self.scan.inputs();
+        }
         ScanInputs {
-            u: &self.u,
-            delta: if full { &self.delta } else { &self.delta_plain },
-            a: &self.a,
-            b: &self.b,
-            c: &self.c,
-            d: full.then_some(&self.d[..]),
-            z: full.then_some(&self.z[..]),
-            delta_bias: full.then_some(&self.bias[..]),
-            delta_softplus: full,
-            initial_state: full.then_some(&self.h0[..]),
+            delta: &self.delta_plain,
+            d: None,
+            z: None,
+            delta_bias: None,
+            delta_softplus: false,
+            initial_state: None,
+            ..self.scan.inputs()
         }
     }
 }
@@ -538,8 +514,8 @@ fn scan_initial_state_gradient_matches_finite_differences() {
         )
         .unwrap();
         let g0 = g.initial_state.unwrap();
-        for k in 0..data.h0.len() {
-            let (mut up, mut down) = (data.h0.clone(), data.h0.clone());
+        for k in 0..data.scan.h0.len() {
+            let (mut up, mut down) = (data.scan.h0.clone(), data.scan.h0.clone());
             up[k] += 0.5;
             down[k] -= 0.5;
             let fd = loss(&up) - loss(&down);

@@ -8,59 +8,10 @@ use mamba_ops::selective_state_update::*;
 use mamba_ops::ssd::*;
 use mamba_testing::max_abs_diff;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
-fn random(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(lo..hi)).collect()
-}
-
-struct ScanData {
-    u: Vec<f32>,
-    delta: Vec<f32>,
-    a: Vec<f32>,
-    b: Vec<f32>,
-    c: Vec<f32>,
-    d: Vec<f32>,
-    z: Vec<f32>,
-    bias: Vec<f32>,
-    h0: Vec<f32>,
-}
-
-fn scan_data(rng: &mut StdRng, dims: &ScanDims) -> ScanData {
-    let (b, d, l, n) = (dims.batch, dims.dim, dims.len, dims.state);
-    let bc = match dims.bc {
-        BcForm::Varying { groups } => b * groups * n * l,
-        BcForm::TimeInvariant => d * n,
-    };
-    ScanData {
-        u: random(rng, b * d * l, -1.0, 1.0),
-        delta: random(rng, b * d * l, -3.0, 1.0),
-        a: random(rng, d * n, -4.0, -0.1),
-        b: random(rng, bc, -1.0, 1.0),
-        c: random(rng, bc, -1.0, 1.0),
-        d: random(rng, d, -1.0, 1.0),
-        z: random(rng, b * d * l, -2.0, 2.0),
-        bias: random(rng, d, -1.0, 0.5),
-        h0: random(rng, b * d * n, -1.0, 1.0),
-    }
-}
-
-impl ScanData {
-    fn inputs(&self) -> ScanInputs<'_> {
-        ScanInputs {
-            u: &self.u,
-            delta: &self.delta,
-            a: &self.a,
-            b: &self.b,
-            c: &self.c,
-            d: Some(&self.d),
-            z: Some(&self.z),
-            delta_bias: Some(&self.bias),
-            delta_softplus: true,
-            initial_state: Some(&self.h0),
-        }
-    }
-}
+mod common;
+use common::{random, RandomScan};
 
 #[test]
 fn fast_scan_matches_reference_with_initial_state() {
@@ -78,7 +29,7 @@ fn fast_scan_matches_reference_with_initial_state() {
                 state,
                 bc,
             };
-            let data = scan_data(&mut rng, &dims);
+            let data = RandomScan::new(&mut rng, &dims);
             let want = selective_scan_reference(&dims, &data.inputs()).unwrap();
             let got = selective_scan(&dims, &data.inputs()).unwrap();
             assert!(max_abs_diff(&got.out, &want.out) < 1e-4, "{bc:?} out");
@@ -101,7 +52,7 @@ fn scan_in_two_pieces_equals_whole() {
         state: 16,
         bc: BcForm::Varying { groups: 1 },
     };
-    let data = scan_data(&mut rng, &dims);
+    let data = RandomScan::new(&mut rng, &dims);
     let whole = selective_scan(
         &dims,
         &ScanInputs {
@@ -163,7 +114,7 @@ fn repeated_state_updates_reproduce_the_scan() {
         state: 8,
         bc: BcForm::Varying { groups: 1 },
     };
-    let data = scan_data(&mut rng, &dims);
+    let data = RandomScan::new(&mut rng, &dims);
     let scan = selective_scan(
         &dims,
         &ScanInputs {
@@ -355,7 +306,7 @@ fn token_major_scan_matches_reference() {
             state,
             bc: BcForm::Varying { groups },
         };
-        let data = scan_data(&mut rng, &dims);
+        let data = RandomScan::new(&mut rng, &dims);
         let want = selective_scan_reference(&dims, &data.inputs()).unwrap();
         let (l, gn) = (dims.len, groups * state);
         let to_tokens = |v: &[f32], width: usize| -> Vec<f32> {

@@ -1,5 +1,5 @@
-//! Reading the op fixtures of ../shared/fixtures/ops into each op's dims and inputs, shared
-//! by the forward and backward fixture tests.
+//! Reading the op fixtures of ../shared/fixtures/ops into each op's dims and inputs, and
+//! random inputs for sizes the fixtures do not cover, shared by the op test files.
 #![allow(dead_code)] // each test file uses its own subset
 
 use mamba_ops::causal_conv1d::{ConvDims, ConvInputs};
@@ -7,6 +7,64 @@ use mamba_ops::math::NO_DT_LIMIT;
 use mamba_ops::selective_scan::{BcForm, ScanDims, ScanInputs};
 use mamba_ops::ssd::{SsdDims, SsdInputs};
 use mamba_testing::Case;
+use rand::rngs::StdRng;
+use rand::Rng;
+
+/// `n` values drawn uniformly from `[lo, hi)`.
+pub fn random(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+/// Random inputs of a selective scan with every optional input, in the ranges a model
+/// gives them (negative `A`, Δ around the softplus knee).
+pub struct RandomScan {
+    pub u: Vec<f32>,
+    pub delta: Vec<f32>,
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+    pub c: Vec<f32>,
+    pub d: Vec<f32>,
+    pub z: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub h0: Vec<f32>,
+}
+
+impl RandomScan {
+    pub fn new(rng: &mut StdRng, dims: &ScanDims) -> Self {
+        let (b, d, l, n) = (dims.batch, dims.dim, dims.len, dims.state);
+        let bc = match dims.bc {
+            BcForm::Varying { groups } => b * groups * n * l,
+            BcForm::TimeInvariant => d * n,
+        };
+        RandomScan {
+            u: random(rng, b * d * l, -1.0, 1.0),
+            delta: random(rng, b * d * l, -3.0, 1.0),
+            a: random(rng, d * n, -4.0, -0.1),
+            b: random(rng, bc, -1.0, 1.0),
+            c: random(rng, bc, -1.0, 1.0),
+            d: random(rng, d, -1.0, 1.0),
+            z: random(rng, b * d * l, -2.0, 2.0),
+            bias: random(rng, d, -1.0, 0.5),
+            h0: random(rng, b * d * n, -1.0, 1.0),
+        }
+    }
+
+    /// Every input given, with the softplus.
+    pub fn inputs(&self) -> ScanInputs<'_> {
+        ScanInputs {
+            u: &self.u,
+            delta: &self.delta,
+            a: &self.a,
+            b: &self.b,
+            c: &self.c,
+            d: Some(&self.d),
+            z: Some(&self.z),
+            delta_bias: Some(&self.bias),
+            delta_softplus: true,
+            initial_state: Some(&self.h0),
+        }
+    }
+}
 
 pub fn usize_param(case: &Case, name: &str) -> usize {
     case.param(name)
