@@ -195,3 +195,17 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// `n` deterministic pseudo-random values in [-1, 1) from a 64-bit LCG seeded by `seed`:
+/// the same on every machine and every run, without a random-number crate.
+pub fn lcg_values(n: usize, seed: u64) -> Vec<f32> {
+    const MUL: u64 = 6364136223846793005;
+    const ADD: u64 = 1442695040888963407;
+    let mut s = seed.wrapping_mul(MUL).wrapping_add(ADD);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(MUL).wrapping_add(ADD);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}

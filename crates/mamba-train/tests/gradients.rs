@@ -9,6 +9,7 @@
 use candle_core::{DType, Tensor, Var};
 use mamba_models::config::ModelConfig;
 use mamba_models::init::init_tensors;
+use mamba_testing::lcg_values;
 use mamba_train::data::Batch;
 use mamba_train::train::Trainable;
 
@@ -104,17 +105,7 @@ fn name_seed(name: &str) -> u64 {
 
 /// A deterministic pseudo-random direction in [-scale, scale]^n.
 fn direction(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
+    lcg_values(n, seed).into_iter().map(|v| v * scale).collect()
 }
 
 /// For every weight tensor, the directional derivative of the loss along a random
