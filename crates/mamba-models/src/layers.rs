@@ -113,7 +113,11 @@ impl Linear {
     /// 32-value blocks; a layer whose width does not (Mamba-1's `dt_proj`, whose input is
     /// `dt_rank` wide) stays in f32, as llama.cpp leaves such tensors unquantised.
     pub fn convert(&mut self, format: WeightFormat) -> Result<()> {
-        let dense = self.dense_f32()?;
+        let dense = match &self.weight {
+            // A dense matrix changes dtype directly (a no-op when it already has it).
+            LinearWeight::Dense(w) if format.quant().is_none() => w.clone(),
+            _ => self.dense_f32()?,
+        };
         let (out, inp) = dense.dims2()?;
         self.weight = match format.quant() {
             Some(q) if inp.is_multiple_of(BLOCK) => {
