@@ -355,6 +355,11 @@ pub struct BenchArgs {
     /// Where the model runs: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device_spec)]
     pub device: DeviceSpec,
+
+    /// On a GPU, decode through candle's ops instead of the fused step (one CUDA graph
+    /// per token), to compare the two.
+    #[arg(long)]
+    pub no_fused_decode: bool,
 }
 
 #[derive(Debug, Args)]

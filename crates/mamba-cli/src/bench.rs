@@ -5,7 +5,7 @@ use crate::args::BenchArgs;
 use crate::init::architecture;
 use crate::memory::peak_rss_bytes;
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{Tensor, D};
 use indicatif::{ProgressBar, ProgressStyle};
 use mamba_models::init::init_tensors;
 use mamba_models::layers::f32_vec;
@@ -92,6 +92,7 @@ fn random_model(args: &BenchArgs) -> Result<RandomModel> {
     let parameters = tensors.values().map(Tensor::elem_count).sum();
     let mut model = Model::from_tensors_on(tensors, &config, dtype, &device)?;
     model.convert_weights(args.dtype.format())?;
+    model.set_fused_decode(!args.no_fused_decode);
     Ok(RandomModel { model, parameters })
 }
 
@@ -164,8 +165,13 @@ fn timed_decode(
     Ok(seconds)
 }
 
-/// The most likely next token of each row of `logits: (batch, vocab)`.
+/// The most likely next token of each row of `logits: (batch, vocab)`: chosen on the
+/// device when the logits are on a GPU (copying them to the host would cost more than a
+/// step), else by the sampler.
 fn greedy_next(sampler: &mut Sampler, logits: &Tensor, batch: usize) -> Result<Vec<u32>> {
+    if !logits.device().is_cpu() {
+        return Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+    }
     let values = f32_vec(logits)?;
     let vocab = values.len() / batch;
     Ok(values
@@ -214,6 +220,7 @@ fn report(args: &BenchArgs, random: &RandomModel, m: &Measurement) -> serde_json
         "weight_bytes_per_token": random.model.weight_bytes_per_token(),
         "decode_weight_gb_per_s": m.decode_weight_gb_per_s(args, &random.model),
         "peak_rss_bytes": m.peak_rss_bytes,
+        "decode_engine": random.model.decode_engine(),
     })
 }
 
@@ -226,7 +233,7 @@ fn summary(args: &BenchArgs, model: &Model, m: &Measurement) -> String {
         "{} ({}, {} threads, batch {})\n\
          prefill: {} tokens in {:.3} s, {:.1} tokens/s\n\
          decode: {} steps in {:.3} s, {:.1} tokens/s, {:.2} ms per step, \
-         weights read at {:.1} GB/s\n\
+         weights read at {:.1} GB/s ({})\n\
          peak RSS: {peak_rss}",
         model_name(args),
         args.dtype.name(),
@@ -240,5 +247,6 @@ fn summary(args: &BenchArgs, model: &Model, m: &Measurement) -> String {
         m.decode_tokens_per_s(args),
         m.ms_per_decode_step(args),
         m.decode_weight_gb_per_s(args, model),
+        model.decode_engine(),
     )
 }

@@ -94,6 +94,18 @@ impl Linear {
         Ok(Linear::new(weight, bias))
     }
 
+    /// The weight `(out, in)` when it is stored dense (f32 or bf16).
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Some(w),
+            LinearWeight::Quantized(_) => None,
+        }
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     pub fn out_features(&self) -> usize {
         match &self.weight {
             LinearWeight::Dense(w) => w.dim(0).unwrap_or(0),
@@ -379,6 +391,15 @@ impl RmsNorm {
             weight: load_f32(vb, name, &[size])?,
             eps: eps as f32,
         })
+    }
+
+    /// The weight `(hidden)`, f32.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn eps(&self) -> f32 {
+        self.eps
     }
 
     /// The norm of each `hidden`-wide row of `x`, written to `out` (host slices).

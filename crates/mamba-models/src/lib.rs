@@ -7,6 +7,8 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda_decode;
 pub mod error;
 pub mod generate;
 pub mod gguf;

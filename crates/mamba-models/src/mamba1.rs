@@ -253,6 +253,31 @@ impl Mixer for MambaMixer {
         ]
     }
 
+    #[cfg(feature = "cuda")]
+    fn fused_decode_weights(&self) -> Option<crate::cuda_decode::MixerWeights<'_>> {
+        let bc_eps = match self.dt_bc_norms {
+            DtBcNorms::Off => None,
+            DtBcNorms::Unweighted(eps) => Some(eps as f32),
+            DtBcNorms::Weighted(_) => return None,
+        };
+        Some(crate::cuda_decode::MixerWeights::Mamba1 {
+            in_proj: &self.in_proj,
+            conv_weight: &self.conv_weight,
+            conv_bias: self.conv_bias.as_ref(),
+            x_proj: &self.x_proj,
+            dt_proj: &self.dt_proj,
+            dt_bias: &self.dt_bias,
+            a: &self.decode.a_tensor,
+            d: &self.d,
+            out_proj: &self.out_proj,
+            d_inner: self.d_inner,
+            state_size: self.state_size,
+            dt_rank: self.dt_rank,
+            conv_kernel: self.conv_kernel,
+            bc_eps,
+        })
+    }
+
     /// The recurrent state one sequence needs: `(d_inner, W-1)` conv window and `(d_inner, N)` SSM state.
     fn state_size(&self) -> StateSize {
         StateSize::Recurrent {

@@ -122,6 +122,29 @@ impl Mixer for Mamba2Mixer {
         vec![&mut self.in_proj, &mut self.out_proj]
     }
 
+    #[cfg(feature = "cuda")]
+    fn fused_decode_weights(&self) -> Option<crate::cuda_decode::MixerWeights<'_>> {
+        let c = &self.cfg;
+        Some(crate::cuda_decode::MixerWeights::Mamba2 {
+            in_proj: &self.in_proj,
+            conv_weight: &self.conv_weight,
+            conv_bias: self.conv_bias.as_ref(),
+            dt_bias: &self.dt_bias,
+            a: &self.decode.a_tensor,
+            d: &self.d,
+            norm_weight: &self.norm_weight,
+            out_proj: &self.out_proj,
+            heads: c.num_heads,
+            head_dim: c.head_dim,
+            groups: c.n_groups,
+            state_size: c.state_size,
+            conv_kernel: c.conv_kernel,
+            dt_limit: self.dt_limit(),
+            norm_eps: c.layer_norm_epsilon as f32,
+            norm_before_gate: c.norm_before_gate,
+        })
+    }
+
     /// Per-sequence state sizes: `(conv_dim, W-1)` conv window and `(H, P, N)` SSM state.
     fn state_size(&self) -> StateSize {
         let c = &self.cfg;

@@ -38,6 +38,13 @@ pub trait Mixer: Send + Sync + std::fmt::Debug {
     /// stores in another format).
     fn linears_mut(&mut self) -> Vec<&mut Linear>;
 
+    /// The mixer's weights as the fused CUDA decoding step takes them, or `None` for a
+    /// mixer it does not cover (attention, Jamba's weighted Δ/B/C norms).
+    #[cfg(feature = "cuda")]
+    fn fused_decode_weights(&self) -> Option<crate::cuda_decode::MixerWeights<'_>> {
+        None
+    }
+
     /// [`Mixer::forward`] on host slices, `x, out: (batch, len, hidden)`, for inference on
     /// the CPU (no gradient). This default goes through the tensors; the Mamba mixers
     /// override it with the ops' token-major forms, which need no transposes.
@@ -236,6 +243,9 @@ pub struct Model {
     lm_head: Linear,
     weight_format: WeightFormat,
     weight_bytes_per_token: usize,
+    /// The fused one-token step on a CUDA device, built on first use.
+    #[cfg(feature = "cuda")]
+    fused: std::sync::Mutex<crate::cuda_decode::FusedSlot>,
 }
 
 /// Per-layer outputs recorded by [`Model::forward_hidden`].
@@ -296,6 +306,8 @@ impl Model {
             layers,
             norm_f: RmsNorm::load(&root, names.final_norm, h, eps).map_err(checkpoint_err)?,
             lm_head,
+            #[cfg(feature = "cuda")]
+            fused: Default::default(),
         };
         model.weight_bytes_per_token = model.linear_weight_bytes();
         Ok(model)
@@ -315,6 +327,8 @@ impl Model {
             linear.convert(format)?;
         }
         self.lm_head.convert(format)?;
+        #[cfg(feature = "cuda")]
+        self.reset_fused_decode();
         self.weight_format = format;
         self.weight_bytes_per_token = self.linear_weight_bytes();
         Ok(())
@@ -472,6 +486,10 @@ impl Model {
         if self.device().is_cpu() {
             return in_worker_thread(|| self.step_host(ids, state));
         }
+        #[cfg(feature = "cuda")]
+        if let Some(logits) = self.step_fused(ids, state)? {
+            return Ok(logits);
+        }
         let mut h = self.embedding.forward(ids, state.batch)?.squeeze(1)?;
         for (block, layer_state) in self.layers.iter().zip(state.layers.iter_mut()) {
             h = block.step(&h, layer_state)?;
@@ -501,6 +519,87 @@ impl Model {
             (batch, self.vocab_size()),
             &Device::Cpu,
         )?)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Model {
+    /// The weights the fused CUDA step reads, or `None` when a block has a feed-forward
+    /// part or a mixer the fused step does not cover.
+    fn fused_weights(&self) -> Option<crate::cuda_decode::ModelWeights<'_>> {
+        use crate::cuda_decode::{BlockWeights, ModelWeights};
+        let blocks = self
+            .layers
+            .iter()
+            .map(|b| match b.feed_forward {
+                Some(_) => None,
+                None => Some(BlockWeights {
+                    norm: &b.norm,
+                    mixer: b.mixer.fused_decode_weights()?,
+                }),
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(ModelWeights {
+            embedding: self.embedding.weight(),
+            blocks,
+            norm_f: &self.norm_f,
+            lm_head: &self.lm_head,
+            hidden: self.config.hidden_size(),
+            vocab: self.vocab_size(),
+        })
+    }
+
+    /// [`Model::step`] through the fused CUDA step, or `None` when the model does not fit
+    /// it (or it is switched off): the caller then steps through candle's ops.
+    fn step_fused(&self, ids: &[u32], state: &mut State) -> Result<Option<Tensor>> {
+        let mut slot = self
+            .fused
+            .lock()
+            .map_err(|_| Error::Input("the fused decoder's lock was poisoned".into()))?;
+        slot.step(
+            |batch| match self.fused_weights() {
+                Some(w) => crate::cuda_decode::FusedDecoder::new(&w, self.device(), batch),
+                None => Err(Error::Input(
+                    "a layer is attention, has a feed-forward part or weighted Δ/B/C norms".into(),
+                )),
+            },
+            ids,
+            state,
+        )
+    }
+
+    fn reset_fused_decode(&mut self) {
+        if let Ok(slot) = self.fused.get_mut() {
+            *slot = Default::default();
+        }
+    }
+}
+
+impl Model {
+    /// Whether [`Model::step`] on a CUDA device may use the fused step (one CUDA graph per
+    /// token; on by default). Off, every step goes through candle's ops, as for the
+    /// families the fused step does not cover. Without the `cuda` feature there is nothing
+    /// to switch.
+    pub fn set_fused_decode(&self, on: bool) {
+        #[cfg(feature = "cuda")]
+        if let Ok(mut slot) = self.fused.lock() {
+            slot.set_enabled(on);
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = on;
+    }
+
+    /// How [`Model::step`] runs on this model's device, for reports: the host engine, the
+    /// fused CUDA step, or candle's ops (with the reason the fused step was not used).
+    pub fn decode_engine(&self) -> String {
+        if self.device().is_cpu() {
+            return "host step".into();
+        }
+        #[cfg(feature = "cuda")]
+        if let Ok(slot) = self.fused.lock() {
+            return slot.describe();
+        }
+        "candle ops".into()
     }
 }
 

@@ -31,10 +31,27 @@ pub struct LayerState {
 
 /// A Mamba layer's recurrent state held on the model's device: f32 tensors
 /// `conv: (batch, conv_dim, W-1)` and `ssm: (batch, d_inner, N)` or `(batch, H, P, N)`.
-#[derive(Debug, Clone)]
+///
+/// The fused CUDA decoding step updates these tensors in place, so a clone copies them
+/// (as cloning a host state copies its vectors) instead of sharing their storage.
+#[derive(Debug)]
 pub struct DeviceState {
     pub conv: Tensor,
     pub ssm: Tensor,
+}
+
+impl Clone for DeviceState {
+    /// A copy in new device memory.
+    ///
+    /// # Panics
+    /// When the device cannot allocate the copy.
+    fn clone(&self) -> Self {
+        let copy = |t: &Tensor| t.copy().expect("copying a device-held state");
+        DeviceState {
+            conv: copy(&self.conv),
+            ssm: copy(&self.ssm),
+        }
+    }
 }
 
 impl PartialEq for DeviceState {

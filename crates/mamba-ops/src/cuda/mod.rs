@@ -30,6 +30,7 @@
 //! GPU still copies the inputs to the host, runs the CPU backward kernel and copies the gradients
 //! back (correct, slow).
 
+pub mod decode;
 mod launch;
 
 pub(crate) use launch::*;
@@ -309,7 +310,7 @@ mod tests {
     #[test]
     fn sources_compile_with_nvrtc() {
         type Defines = Vec<(&'static str, usize)>;
-        let sources: [(&Source, Vec<Defines>); 5] = [
+        let sources: [(&Source, Vec<Defines>); 6] = [
             (
                 &launch::SELECTIVE_SCAN,
                 [1, 16, 64].map(|n| launch::scan_defines(n).to_vec()).into(),
@@ -332,6 +333,19 @@ mod tests {
                 vec![vec![("SSD_Q", 64), ("TILE", 64), ("PRODUCT_THREADS", 256)]],
             ),
             (&launch::RMSNORM_GATED, vec![vec![("NORM_THREADS", 256)]]),
+            (
+                &decode::DECODE_STEP,
+                [(1, 16, 4), (8, 128, 4), (3, 4, 2)]
+                    .map(|(bt, n, w)| {
+                        vec![
+                            ("GEMV_BT", bt),
+                            ("STATE_N", n),
+                            ("ROW_LANES", n.min(32)),
+                            ("CONV_W", w),
+                        ]
+                    })
+                    .into(),
+            ),
         ];
         for (source, variants) in sources {
             for defines in &variants {

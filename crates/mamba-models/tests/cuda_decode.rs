@@ -1,0 +1,153 @@
+//! The fused CUDA decoding step (one recorded graph per token) against candle's ops on the
+//! same GPU: the same logits step after step and the same state left behind, for every
+//! family it covers, f32 and bf16 weights, one and several sequences, fixture checkpoints
+//! and a model of mamba-130m's / mamba2-130m's widths. Skips when no GPU is found.
+#![cfg(feature = "cuda")]
+
+use candle_core::Device;
+use mamba_models::checkpoint::Checkpoint;
+use mamba_models::config::{preset, ModelConfig};
+use mamba_models::init::init_tensors;
+use mamba_models::layers::f32_vec;
+use mamba_models::{Model, State, WeightFormat};
+use mamba_testing::fixtures_dir;
+
+fn gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn fixture(name: &str, format: WeightFormat, device: &Device) -> Model {
+    let dir = fixtures_dir().join("models").join(name).join("checkpoint");
+    let checkpoint = Checkpoint::open(&dir).unwrap();
+    let mut model = Model::load_on(&checkpoint, format.load_dtype(), device).unwrap();
+    model.convert_weights(format).unwrap();
+    model
+}
+
+/// A random model of `preset`'s widths with only `layers` layers.
+fn random(preset_name: &str, layers: usize, format: WeightFormat, device: &Device) -> Model {
+    let mut config = preset(preset_name).unwrap();
+    match &mut config {
+        ModelConfig::Mamba(c) | ModelConfig::FalconMamba(c) => c.num_hidden_layers = layers,
+        ModelConfig::Mamba2(c) => c.num_hidden_layers = layers,
+        _ => unreachable!("a Mamba preset"),
+    }
+    let dtype = format.load_dtype();
+    let tensors = init_tensors(&config, dtype, 7).unwrap();
+    Model::from_tensors_on(tensors, &config, dtype, device).unwrap()
+}
+
+/// `|a - b| / |b|` (Euclidean norms).
+fn relative_error(a: &[f32], b: &[f32]) -> f32 {
+    let diff: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let norm: f32 = b.iter().map(|y| y * y).sum();
+    (diff / norm).sqrt()
+}
+
+/// Token `t` of sequence `b` fed while decoding: fixed, so both paths see the same input.
+fn token(t: usize, b: usize, vocab: usize) -> u32 {
+    ((t * 7919 + b * 104_729 + 11) % vocab) as u32
+}
+
+/// Logits of `steps` decoding steps from `state`, and the state they leave (on the host).
+fn decode(model: &Model, mut state: State, steps: usize) -> (Vec<Vec<f32>>, State) {
+    let batch = state.batch;
+    let logits = (0..steps)
+        .map(|t| {
+            let ids: Vec<u32> = (0..batch)
+                .map(|b| token(t, b, model.vocab_size()))
+                .collect();
+            f32_vec(&model.step(&ids, &mut state).unwrap()).unwrap()
+        })
+        .collect();
+    (logits, state.to_host().unwrap())
+}
+
+/// Prefills a prompt, then decodes through candle's ops and through the fused step from the
+/// same state, and checks they agree within `tol` (relative).
+fn check_fused_matches_ops(label: &str, model: &Model, batch: usize, tol: f32) {
+    let prompt: Vec<u32> = (0..batch * 9)
+        .map(|i| token(i, 1, model.vocab_size()))
+        .collect();
+    let mut state = model.new_state(batch);
+    model.prefill(&prompt, &mut state).unwrap();
+    model.set_fused_decode(false);
+    let (want, want_state) = decode(model, state.clone(), 6);
+    model.set_fused_decode(true);
+    let (got, got_state) = decode(model, state, 6);
+    let engine = model.decode_engine();
+    assert!(engine.starts_with("fused"), "{label}: decoded by {engine}");
+    for (t, (g, w)) in got.iter().zip(&want).enumerate() {
+        let err = relative_error(g, w);
+        assert!(
+            err < tol,
+            "{label} batch {batch} step {t}: logits differ by {err}"
+        );
+    }
+    for (g, w) in got_state.layers.iter().zip(&want_state.layers) {
+        let (conv, ssm) = (
+            relative_error(&g.conv, &w.conv),
+            relative_error(&g.ssm, &w.ssm),
+        );
+        assert!(
+            conv < tol && ssm < tol,
+            "{label}: states differ by {conv} / {ssm}"
+        );
+    }
+    assert_eq!(got_state.tokens_seen, want_state.tokens_seen, "{label}");
+}
+
+#[test]
+fn fused_step_matches_the_ops_on_the_fixtures() {
+    let Some(device) = gpu() else { return };
+    for name in ["mamba_tied", "mamba_untied", "falcon_mamba", "mamba2"] {
+        for (format, tol) in [(WeightFormat::F32, 1e-5), (WeightFormat::Bf16, 2e-3)] {
+            let model = fixture(name, format, &device);
+            for batch in [1, 3] {
+                check_fused_matches_ops(&format!("{name} {format:?}"), &model, batch, tol);
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_step_matches_the_ops_at_130m_widths() {
+    let Some(device) = gpu() else { return };
+    for name in ["mamba-130m", "mamba2-130m"] {
+        for (format, tol) in [(WeightFormat::F32, 1e-5), (WeightFormat::Bf16, 2e-3)] {
+            let model = random(name, 3, format, &device);
+            for batch in [1, 11] {
+                check_fused_matches_ops(&format!("{name} {format:?}"), &model, batch, tol);
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_step_refuses_out_of_range_ids() {
+    let Some(device) = gpu() else { return };
+    let model = fixture("mamba_tied", WeightFormat::F32, &device);
+    let mut state = model.new_state(1);
+    let vocab = model.vocab_size() as u32;
+    let err = model.step(&[vocab], &mut state).unwrap_err().to_string();
+    assert!(err.contains("out of range"), "{err}");
+}
+
+#[test]
+fn a_clone_of_a_device_state_is_independent() {
+    let Some(device) = gpu() else { return };
+    let model = fixture("mamba2", WeightFormat::F32, &device);
+    let mut state = model.new_state(1);
+    model.prefill(&[1, 2, 3], &mut state).unwrap();
+    let before = state.clone();
+    let kept = before.to_host().unwrap();
+    model.step(&[4], &mut state).unwrap();
+    assert_eq!(before.to_host().unwrap(), kept);
+    assert_ne!(state.to_host().unwrap().layers, kept.layers);
+}

@@ -1,0 +1,539 @@
+//! The kernels of the fused decoding step (`decode_step.cu`): a matrix-vector product with an
+//! optional RMSNorm folded into its input, embedding rows, the one-token causal conv, the
+//! Mamba-1 and Mamba-2 SSM steps and Mamba-2's gated norm. They take raw
+//! device addresses and are launched on a stream of the caller's choosing, so that a decode
+//! engine can record a whole model's step once as a CUDA graph and replay it every token.
+//!
+//! Every launcher is `unsafe`: the caller promises that each address points to a live device
+//! buffer of the type and size the call's dimensions imply, on the device the kernels were
+//! loaded for.
+
+use super::{config, cuda_err, kernel, launch, multiprocessors, Source, Variant};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaStream, DeviceRepr, PushKernelArg,
+};
+use candle_core::CudaDevice;
+use std::sync::Arc;
+
+type Result<T> = candle_core::Result<T>;
+
+/// A device address (`CUdeviceptr`).
+pub type DevicePtr = u64;
+
+pub(super) const DECODE_STEP: Source = Source {
+    name: "decode_step",
+    code: include_str!("decode_step.cu"),
+};
+
+/// Threads per block of `gemv` (8 warps) and of the element-wise kernels.
+const GEMV_THREADS: usize = 256;
+const GEMV_WARPS: usize = 8;
+const THREADS: usize = 256;
+/// Threads per block of `gated_norm_step` (`NORM_BLOCK`).
+const NORM_THREADS: usize = 256;
+/// Sequences one pass over a weight row serves (`GEMV_BT`, at most).
+const MAX_BATCH_TILE: usize = 8;
+/// Rows from which a matrix counts as tall (several rows per warp).
+const GEMV_TALL_ROWS: usize = 2048;
+/// Fewest 16-byte chunks of a row one warp takes when a row is split between warps.
+const GEMV_MIN_CHUNKS_PER_WARP: usize = 64;
+
+/// What the kernels are specialised for: weight type, batch and the model's sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeSpec {
+    /// Weights in bf16 (else f32).
+    pub bf16_weights: bool,
+    pub batch: usize,
+    /// `N`.
+    pub state_size: usize,
+    /// `W`.
+    pub conv_kernel: usize,
+}
+
+impl DecodeSpec {
+    fn batch_tile(&self) -> usize {
+        self.batch.clamp(1, MAX_BATCH_TILE)
+    }
+
+    fn row_lanes(&self) -> usize {
+        self.state_size.next_power_of_two().min(32)
+    }
+
+    /// Weight elements per 16-byte chunk of a row.
+    fn chunk(&self) -> usize {
+        if self.bf16_weights {
+            8
+        } else {
+            4
+        }
+    }
+}
+
+/// `GemvArgs` of `decode_step.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GemvArgs {
+    rows: i32,
+    cols: i32,
+    batch: i32,
+    split: i32,
+    x_stride: i64,
+    y_stride: i64,
+    accumulate: i32,
+    norm_eps: f32,
+}
+
+/// `ConvArgs` of `decode_step.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConvArgs {
+    batch: i32,
+    channels: i32,
+    x_stride: i64,
+    x_offset: i64,
+}
+
+/// `Mamba1Args` of `decode_step.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Mamba1Args {
+    batch: i32,
+    d_inner: i32,
+    dt_rank: i32,
+    xz_stride: i64,
+    dbc_stride: i64,
+    bc_eps: f32,
+}
+
+/// `Mamba2Args` of `decode_step.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Mamba2Args {
+    batch: i32,
+    heads: i32,
+    head_dim: i32,
+    groups: i32,
+    gate: i32,
+    xbc_stride: i64,
+    in_stride: i64,
+    dt_offset: i64,
+    dt_lo: f32,
+    dt_hi: f32,
+}
+
+/// `GatedNormArgs` of `decode_step.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GatedNormArgs {
+    d_inner: i32,
+    group_size: i32,
+    norm_before_gate: i32,
+    z_stride: i64,
+    eps: f32,
+}
+
+// SAFETY: plain old data laid out as the kernels' structs.
+unsafe impl DeviceRepr for GemvArgs {}
+unsafe impl DeviceRepr for ConvArgs {}
+unsafe impl DeviceRepr for Mamba1Args {}
+unsafe impl DeviceRepr for Mamba2Args {}
+unsafe impl DeviceRepr for GatedNormArgs {}
+
+/// `y (+)= W x'` for every sequence: `W: (rows, cols)` in the weight type, `x: (batch, cols)`
+/// with `x_stride` elements between sequences, `y: (batch, rows)` likewise.
+#[derive(Debug, Clone, Copy)]
+pub struct Gemv {
+    pub weight: DevicePtr,
+    pub rows: usize,
+    pub cols: usize,
+    pub x: DevicePtr,
+    pub x_stride: usize,
+    pub y: DevicePtr,
+    pub y_stride: usize,
+    /// f32 `(rows)`, added to each output.
+    pub bias: Option<DevicePtr>,
+    /// `(norm weight (cols) f32, eps)`: `x' = x * weight / sqrt(mean(x^2) + eps)`.
+    pub norm: Option<(DevicePtr, f32)>,
+    /// Add to `y` instead of overwriting it (a residual connection).
+    pub accumulate: bool,
+}
+
+/// The one-token causal conv over `channels` columns of `x` starting at `x_offset`, with the
+/// state of its layer in the state table; writes `out: (batch, channels)`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvStep {
+    pub x: DevicePtr,
+    pub x_stride: usize,
+    pub x_offset: usize,
+    pub channels: usize,
+    /// f32 `(channels, W)` and `(channels)`.
+    pub weight: DevicePtr,
+    pub bias: Option<DevicePtr>,
+    pub out: DevicePtr,
+}
+
+/// Mamba-1's SSM step (the Δ projection folded in); see `decode_step.cu`.
+#[derive(Debug, Clone, Copy)]
+pub struct Mamba1Step {
+    /// The conv output `(batch, d_inner)`.
+    pub xc: DevicePtr,
+    /// `x_proj`'s output `(batch, dbc_stride)`: `[dt_low | B | C]`.
+    pub dbc: DevicePtr,
+    pub dbc_stride: usize,
+    /// `in_proj`'s output `(batch, 2 d_inner)`: the gate `z` is its second half.
+    pub xz: DevicePtr,
+    /// `dt_proj`'s weight `(d_inner, dt_rank)` in the weight type; f32 bias, `A = -exp(A_log)`
+    /// `(d_inner, N)` and `D`.
+    pub dt_weight: DevicePtr,
+    pub dt_bias: DevicePtr,
+    pub a: DevicePtr,
+    pub d: DevicePtr,
+    pub d_inner: usize,
+    pub dt_rank: usize,
+    /// FalconMamba's weightless RMS norm of Δ, B and C.
+    pub bc_eps: Option<f32>,
+    /// `(batch, d_inner)`.
+    pub y: DevicePtr,
+}
+
+/// Mamba-2's SSM step; see `decode_step.cu`.
+#[derive(Debug, Clone, Copy)]
+pub struct Mamba2Step {
+    /// The conv output `(batch, d_inner + 2 G N)`: `[x | B | C]`.
+    pub xbc: DevicePtr,
+    /// `in_proj`'s output `(batch, in_stride)`, holding the raw Δ at column `dt_offset + h`.
+    pub zxbcdt: DevicePtr,
+    pub in_stride: usize,
+    pub dt_offset: usize,
+    /// f32 `(H)` each: the Δ bias, `A = -exp(A_log)` and `D`.
+    pub dt_bias: DevicePtr,
+    pub a: DevicePtr,
+    pub d: DevicePtr,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub groups: usize,
+    pub dt_limit: (f32, f32),
+    /// Multiply `y` by `silu(z)`, `z` the first `d_inner` columns of `zxbcdt` (when the norm
+    /// after the gate folds into `out_proj`).
+    pub gate: bool,
+    /// `(batch, d_inner)`.
+    pub y: DevicePtr,
+}
+
+/// Mamba-2's gated RMSNorm of `y: (batch, d_inner)` in place, gate `z` read with `z_stride`.
+#[derive(Debug, Clone, Copy)]
+pub struct GatedNormStep {
+    pub y: DevicePtr,
+    pub z: DevicePtr,
+    pub z_stride: usize,
+    pub weight: DevicePtr,
+    pub d_inner: usize,
+    pub group_size: usize,
+    pub eps: f32,
+    pub norm_before_gate: bool,
+}
+
+/// The decode kernels loaded for one [`DecodeSpec`] on one device.
+pub struct DecodeKernels {
+    spec: DecodeSpec,
+    multiprocessors: usize,
+    /// `gemv_r1`, `gemv_r2`: one or two rows per warp.
+    gemv: [CudaFunction; 2],
+    embed: CudaFunction,
+    conv_step: CudaFunction,
+    mamba1_step: CudaFunction,
+    mamba2_step: CudaFunction,
+    gated_norm: CudaFunction,
+}
+
+/// `v` as a kernel's `int`.
+fn int(v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| cuda_err(format!("size {v} does not fit a kernel's int")))
+}
+
+fn long(v: usize) -> Result<i64> {
+    i64::try_from(v).map_err(|_| cuda_err(format!("size {v} does not fit a kernel's long")))
+}
+
+/// The device address, or 0 (a null pointer) for none.
+fn or_null(p: Option<DevicePtr>) -> DevicePtr {
+    p.unwrap_or(0)
+}
+
+impl DecodeKernels {
+    /// Compiles (once per process) and loads the kernels for `spec` on `dev`.
+    pub fn load(dev: &CudaDevice, spec: DecodeSpec) -> Result<Self> {
+        if spec.batch == 0 || spec.state_size == 0 || spec.conv_kernel < 2 {
+            return Err(cuda_err(format!("no decode kernels for {spec:?}")));
+        }
+        let defines = [
+            ("GEMV_BT", spec.batch_tile()),
+            ("STATE_N", spec.state_size),
+            ("ROW_LANES", spec.row_lanes()),
+            ("CONV_W", spec.conv_kernel),
+        ];
+        let variant = Variant {
+            defines: &defines,
+            bf16: spec.bf16_weights,
+        };
+        let load = |name| kernel(dev, &DECODE_STEP, &variant, name);
+        Ok(DecodeKernels {
+            spec,
+            multiprocessors: multiprocessors(dev)?,
+            gemv: [load("gemv_r1")?, load("gemv_r2")?],
+            embed: load("embed")?,
+            conv_step: load("conv_step")?,
+            mamba1_step: load("mamba1_ssm_step")?,
+            mamba2_step: load("mamba2_ssm_step")?,
+            gated_norm: load("gated_norm_step")?,
+        })
+    }
+
+    pub fn spec(&self) -> DecodeSpec {
+        self.spec
+    }
+
+    /// Whether [`DecodeKernels::gemv`] takes a matrix of `cols` columns: its rows must be
+    /// whole 16-byte chunks.
+    pub fn gemv_fits(&self, cols: usize) -> bool {
+        cols > 0 && cols.is_multiple_of(self.spec.chunk())
+    }
+
+    /// Which `gemv_r*` kernel takes `rows` rows, and its rows per warp: more rows per warp
+    /// (each input load serving more weights) for tall matrices at small batch tiles, one
+    /// row per warp for short matrices (so that they still spread over the device) and for
+    /// large tiles (whose accumulators the extra rows would multiply).
+    fn gemv_variant(&self, rows: usize) -> (usize, usize) {
+        if rows >= GEMV_TALL_ROWS && self.spec.batch_tile() <= 2 {
+            (1, 2)
+        } else {
+            (0, 1)
+        }
+    }
+
+    /// Warps per group of rows (1, 2, 4 or 8): the split whose blocks fill the device's
+    /// block slots best over whole waves (a last wave a third full leaves two thirds of the
+    /// device idle), among those leaving each warp at least `GEMV_MIN_CHUNKS_PER_WARP`
+    /// chunks; the smaller split on near ties.
+    fn gemv_split(&self, groups: usize, cols: usize) -> usize {
+        let slots = (self.multiprocessors * self.gemv_blocks_per_sm()) as f64;
+        let chunks = cols / self.spec.chunk();
+        let fill = |split: usize| {
+            let waves = (groups * split).div_ceil(GEMV_WARPS) as f64 / slots;
+            waves / waves.ceil()
+        };
+        let mut best = 1;
+        for split in [2, 4, 8] {
+            if chunks / split >= GEMV_MIN_CHUNKS_PER_WARP && fill(split) > fill(best) + 0.05 {
+                best = split;
+            }
+        }
+        best
+    }
+
+    /// Blocks of `gemv` resident per multiprocessor (`GEMV_MIN_BLOCKS`).
+    fn gemv_blocks_per_sm(&self) -> usize {
+        if self.spec.batch_tile() > 2 {
+            2
+        } else {
+            4
+        }
+    }
+
+    /// # Safety
+    /// Every address points to a live buffer of the sizes `g` and the spec's batch imply;
+    /// `weight`, `x` and `norm`'s weight are 16-byte aligned.
+    pub unsafe fn gemv(&self, stream: &Arc<CudaStream>, g: &Gemv) -> Result<()> {
+        let chunk = self.spec.chunk();
+        if !self.gemv_fits(g.cols) || !g.x_stride.is_multiple_of(4) {
+            return Err(cuda_err(format!(
+                "gemv: {} columns (x stride {}) are not whole {chunk}-element chunks",
+                g.cols, g.x_stride
+            )));
+        }
+        let (variant, rows_per_warp) = self.gemv_variant(g.rows);
+        let groups = g.rows.div_ceil(rows_per_warp);
+        let split = self.gemv_split(groups, g.cols);
+        let args = GemvArgs {
+            rows: int(g.rows)?,
+            cols: int(g.cols)?,
+            batch: int(self.spec.batch)?,
+            split: int(split)?,
+            x_stride: long(g.x_stride)?,
+            y_stride: long(g.y_stride)?,
+            accumulate: g.accumulate.into(),
+            norm_eps: g.norm.map_or(-1.0, |(_, eps)| eps),
+        };
+        let norm_w = or_null(g.norm.map(|(w, _)| w));
+        let bias = or_null(g.bias);
+        let groups_per_block = GEMV_WARPS / split;
+        let cfg = config((groups.div_ceil(groups_per_block), 1, 1), GEMV_THREADS, 0)?;
+        let mut b = stream.launch_builder(&self.gemv[variant]);
+        b.arg(&g.weight)
+            .arg(&g.x)
+            .arg(&bias)
+            .arg(&norm_w)
+            .arg(&args)
+            .arg(&g.y);
+        // SAFETY: arguments as `gemv` takes them; the caller vouches for the buffers.
+        unsafe { launch(&mut b, cfg) }
+    }
+
+    /// `h (batch, hidden) = table[ids]` for a `(vocab, hidden)` table of f32 or (`bf16`)
+    /// bf16 rows; `ids: (batch)` u32, checked against the table's rows by the caller.
+    ///
+    /// # Safety
+    /// As for [`DecodeKernels::gemv`].
+    pub unsafe fn embed(
+        &self,
+        stream: &Arc<CudaStream>,
+        table: DevicePtr,
+        bf16: bool,
+        ids: DevicePtr,
+        hidden: usize,
+        h: DevicePtr,
+    ) -> Result<()> {
+        let (hidden_arg, bf16_arg) = (int(hidden)?, i32::from(bf16));
+        let cfg = config((self.spec.batch, 1, 1), THREADS, 0)?;
+        let mut b = stream.launch_builder(&self.embed);
+        b.arg(&table)
+            .arg(&bf16_arg)
+            .arg(&ids)
+            .arg(&hidden_arg)
+            .arg(&h);
+        // SAFETY: arguments as `embed` takes them.
+        unsafe { launch(&mut b, cfg) }
+    }
+
+    /// # Safety
+    /// As for [`DecodeKernels::gemv`]; `states` is a device table of `(conv, ssm)` f32 state
+    /// addresses per layer, `layer`'s conv state being `(batch, channels, W-1)`.
+    pub unsafe fn conv_step(
+        &self,
+        stream: &Arc<CudaStream>,
+        states: DevicePtr,
+        layer: usize,
+        c: &ConvStep,
+    ) -> Result<()> {
+        let args = ConvArgs {
+            batch: int(self.spec.batch)?,
+            channels: int(c.channels)?,
+            x_stride: long(c.x_stride)?,
+            x_offset: long(c.x_offset)?,
+        };
+        let layer = int(layer)?;
+        let bias = or_null(c.bias);
+        let threads = self.spec.batch * c.channels;
+        let cfg = config((threads.div_ceil(THREADS), 1, 1), THREADS, 0)?;
+        let mut b = stream.launch_builder(&self.conv_step);
+        b.arg(&c.x)
+            .arg(&states)
+            .arg(&layer)
+            .arg(&c.weight)
+            .arg(&bias)
+            .arg(&args)
+            .arg(&c.out);
+        // SAFETY: arguments as `conv_step` takes them.
+        unsafe { launch(&mut b, cfg) }
+    }
+
+    /// # Safety
+    /// As for [`DecodeKernels::gemv`]; `states` is a device table of `(conv, ssm)` f32 state
+    /// addresses per layer, `layer`'s SSM state being `(batch, d_inner, N)`.
+    pub unsafe fn mamba1_step(
+        &self,
+        stream: &Arc<CudaStream>,
+        states: DevicePtr,
+        layer: usize,
+        m: &Mamba1Step,
+    ) -> Result<()> {
+        let args = Mamba1Args {
+            batch: int(self.spec.batch)?,
+            d_inner: int(m.d_inner)?,
+            dt_rank: int(m.dt_rank)?,
+            xz_stride: long(2 * m.d_inner)?,
+            dbc_stride: long(m.dbc_stride)?,
+            bc_eps: m.bc_eps.unwrap_or(-1.0),
+        };
+        let layer = int(layer)?;
+        let threads = self.spec.batch * m.d_inner * self.spec.row_lanes();
+        let cfg = config((threads.div_ceil(THREADS), 1, 1), THREADS, 0)?;
+        let mut b = stream.launch_builder(&self.mamba1_step);
+        b.arg(&m.xc)
+            .arg(&m.dbc)
+            .arg(&m.xz)
+            .arg(&m.dt_weight)
+            .arg(&m.dt_bias)
+            .arg(&m.a)
+            .arg(&m.d)
+            .arg(&states)
+            .arg(&layer)
+            .arg(&args)
+            .arg(&m.y);
+        // SAFETY: arguments as `mamba1_ssm_step` takes them.
+        unsafe { launch(&mut b, cfg) }
+    }
+
+    /// # Safety
+    /// As for [`DecodeKernels::mamba1_step`], `layer`'s SSM state being `(batch, H, P, N)`.
+    pub unsafe fn mamba2_step(
+        &self,
+        stream: &Arc<CudaStream>,
+        states: DevicePtr,
+        layer: usize,
+        m: &Mamba2Step,
+    ) -> Result<()> {
+        let d_inner = m.heads * m.head_dim;
+        let args = Mamba2Args {
+            batch: int(self.spec.batch)?,
+            heads: int(m.heads)?,
+            head_dim: int(m.head_dim)?,
+            groups: int(m.groups)?,
+            gate: m.gate.into(),
+            xbc_stride: long(d_inner + 2 * m.groups * self.spec.state_size)?,
+            in_stride: long(m.in_stride)?,
+            dt_offset: long(m.dt_offset)?,
+            dt_lo: m.dt_limit.0,
+            dt_hi: m.dt_limit.1,
+        };
+        let layer = int(layer)?;
+        let threads = self.spec.batch * d_inner * self.spec.row_lanes();
+        let cfg = config((threads.div_ceil(THREADS), 1, 1), THREADS, 0)?;
+        let mut b = stream.launch_builder(&self.mamba2_step);
+        b.arg(&m.xbc)
+            .arg(&m.zxbcdt)
+            .arg(&m.dt_bias)
+            .arg(&m.a)
+            .arg(&m.d)
+            .arg(&states)
+            .arg(&layer)
+            .arg(&args)
+            .arg(&m.y);
+        // SAFETY: arguments as `mamba2_ssm_step` takes them.
+        unsafe { launch(&mut b, cfg) }
+    }
+
+    /// # Safety
+    /// As for [`DecodeKernels::gemv`].
+    pub unsafe fn gated_norm(&self, stream: &Arc<CudaStream>, n: &GatedNormStep) -> Result<()> {
+        if n.group_size == 0 || !n.d_inner.is_multiple_of(n.group_size) {
+            return Err(cuda_err(format!(
+                "gated norm: {} features in groups of {}",
+                n.d_inner, n.group_size
+            )));
+        }
+        let args = GatedNormArgs {
+            d_inner: int(n.d_inner)?,
+            group_size: int(n.group_size)?,
+            norm_before_gate: n.norm_before_gate.into(),
+            z_stride: long(n.z_stride)?,
+            eps: n.eps,
+        };
+        let blocks = self.spec.batch * (n.d_inner / n.group_size);
+        let cfg = config((blocks, 1, 1), NORM_THREADS, 0)?;
+        let mut b = stream.launch_builder(&self.gated_norm);
+        b.arg(&n.y).arg(&n.z).arg(&n.weight).arg(&args);
+        // SAFETY: arguments as `gated_norm_step` takes them.
+        unsafe { launch(&mut b, cfg) }
+    }
+}
