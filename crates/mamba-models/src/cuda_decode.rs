@@ -26,8 +26,8 @@ use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Storage, Tensor};
 use mamba_ops::cuda::decode::{
-    ConvStep, DecodeKernels, DecodeSpec, DevicePtr as Addr, GatedNormStep, Gemv, Mamba1Step,
-    Mamba2Step,
+    BlasProduct, BlasProducts, ConvStep, DecodeKernels, DecodeSpec, DevicePtr as Addr,
+    GatedNormStep, Gemv, Mamba1Step, Mamba2Step,
 };
 use std::sync::Arc;
 
@@ -100,10 +100,34 @@ unsafe impl Send for Graph {}
 /// One launch of the recorded step, with every address resolved.
 enum Launch {
     Gemv(Gemv),
-    Conv { layer: usize, call: ConvStep },
-    Mamba1 { layer: usize, call: Mamba1Step },
-    Mamba2 { layer: usize, call: Mamba2Step },
+    /// A product at a batch past the matrix-vector kernel's tile: its input prepared
+    /// (normed, converted to the weights' type), then a cuBLAS GEMM.
+    Blas {
+        input: Prepare,
+        product: BlasProduct,
+    },
+    Conv {
+        layer: usize,
+        call: ConvStep,
+    },
+    Mamba1 {
+        layer: usize,
+        call: Mamba1Step,
+    },
+    Mamba2 {
+        layer: usize,
+        call: Mamba2Step,
+    },
     GatedNorm(GatedNormStep),
+}
+
+/// The input of a cuBLAS product: `x` (rows `stride` apart) or its RMSNorm
+/// (`(weight, eps)`), written to `out`.
+struct Prepare {
+    x: (Addr, usize),
+    cols: usize,
+    norm: Option<(Addr, f32)>,
+    out: Addr,
 }
 
 /// The fused step of one model for one batch size: kernels, buffers, the launch list and
@@ -112,6 +136,8 @@ pub(crate) struct FusedDecoder {
     device: CudaDevice,
     stream: Arc<CudaStream>,
     kernels: DecodeKernels,
+    /// cuBLAS for the products at large batch.
+    blas: Option<BlasProducts>,
     batch: usize,
     vocab: usize,
     /// Embedding rows and whether they are bf16.
@@ -183,6 +209,9 @@ struct Builder<'k> {
     kernels: &'k DecodeKernels,
     stream: Arc<CudaStream>,
     params: Vec<Tensor>,
+    batch: usize,
+    /// Room for a cuBLAS product's prepared input.
+    prepared: Addr,
 }
 
 impl Builder<'_> {
@@ -227,6 +256,26 @@ impl Builder<'_> {
             Some((weight, eps)) => Some((self.param(weight)?, eps)),
             None => None,
         };
+        if self.kernels.batch_wants_blas() && linear.bias().is_none() {
+            return Ok(Launch::Blas {
+                input: Prepare {
+                    x: (input.x, cols),
+                    cols,
+                    norm,
+                    out: self.prepared,
+                },
+                product: BlasProduct {
+                    weight: self.weight(linear)?,
+                    rows,
+                    cols,
+                    batch: self.batch,
+                    x: self.prepared,
+                    y: y.0,
+                    y_stride: y.1,
+                    accumulate,
+                },
+            });
+        }
         Ok(Launch::Gemv(Gemv {
             weight: self.weight(linear)?,
             rows,
@@ -328,6 +377,12 @@ impl FusedDecoder {
             dbc: alloc(widest[2])?,
             y: alloc(widest[3])?,
         };
+        let prepared = alloc(widest[3].max(h))?;
+        let blas = if kernels.batch_wants_blas() {
+            Some(BlasProducts::new(&stream, bf16_weights)?)
+        } else {
+            None
+        };
         let logits = stream.alloc_zeros::<f32>(batch * vocab).map_err(cuda_err)?;
         let logits_addr = logits.device_ptr(&stream).0;
         let state_table = stream
@@ -338,6 +393,8 @@ impl FusedDecoder {
             kernels: &kernels,
             stream: stream.clone(),
             params: Vec::new(),
+            batch,
+            prepared,
         };
         let mut launches = Vec::new();
         let mut state_shapes = Vec::new();
@@ -368,6 +425,7 @@ impl FusedDecoder {
             device: dev.clone(),
             stream,
             kernels,
+            blas,
             batch,
             vocab,
             embedding,
@@ -480,6 +538,14 @@ impl FusedDecoder {
             for launch in &self.launches {
                 match launch {
                     Launch::Gemv(g) => k.gemv(s, g)?,
+                    Launch::Blas { input, product } => {
+                        let blas = self
+                            .blas
+                            .as_ref()
+                            .ok_or_else(|| unsupported("cuBLAS products without a handle"))?;
+                        k.prepare_rows(s, input.x, input.cols, input.norm, input.out)?;
+                        blas.product(product)?;
+                    }
                     Launch::Conv { layer, call } => k.conv_step(s, table, *layer, call)?,
                     Launch::Mamba1 { layer, call } => k.mamba1_step(s, table, *layer, call)?,
                     Launch::Mamba2 { layer, call } => k.mamba2_step(s, table, *layer, call)?,

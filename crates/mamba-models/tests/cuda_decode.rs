@@ -1,7 +1,8 @@
 //! The fused CUDA decoding step (one recorded graph per token) against candle's ops on the
 //! same GPU: the same logits step after step and the same state left behind, for every
-//! family it covers, f32 and bf16 weights, one and several sequences, fixture checkpoints
-//! and a model of mamba-130m's / mamba2-130m's widths. Skips when no GPU is found.
+//! family it covers, f32 and bf16 weights, one and several sequences (11: past the
+//! matrix-vector kernel's tile, through cuBLAS), fixture checkpoints and a model of
+//! mamba-130m's / mamba2-130m's widths. Skips when no GPU is found.
 #![cfg(feature = "cuda")]
 
 use candle_core::Device;
@@ -122,7 +123,9 @@ fn fused_step_matches_the_ops_at_130m_widths() {
     for name in ["mamba-130m", "mamba2-130m"] {
         for (format, tol) in [(WeightFormat::F32, 1e-5), (WeightFormat::Bf16, 2e-3)] {
             let model = random(name, 3, format, &device);
-            for batch in [1, 11] {
+            // Past 8 sequences the products go through cuBLAS, which multiplies bf16 weights
+            // by inputs rounded to bf16 (the ops path keeps them f32): a looser bound there.
+            for (batch, tol) in [(1, tol), (11, if tol > 1e-5 { 2e-2 } else { tol })] {
                 check_fused_matches_ops(&format!("{name} {format:?}"), &model, batch, tol);
             }
         }

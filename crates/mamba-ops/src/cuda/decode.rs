@@ -9,8 +9,9 @@
 //! loaded for.
 
 use super::{config, cuda_err, kernel, launch, multiprocessors, Source, Variant};
+use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaStream, DeviceRepr, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, PushKernelArg,
 };
 use candle_core::CudaDevice;
 use std::sync::Arc;
@@ -29,8 +30,12 @@ pub(super) const DECODE_STEP: Source = Source {
 const GEMV_THREADS: usize = 256;
 const GEMV_WARPS: usize = 8;
 const THREADS: usize = 256;
-/// Threads per block of `gated_norm_step` (`NORM_BLOCK`).
+/// Threads per block of `gated_norm_step` (`NORM_BLOCK`) and `prepare_rows` (`PREP_BLOCK`).
 const NORM_THREADS: usize = 256;
+const PREP_THREADS: usize = 256;
+/// Bytes of cuBLAS workspace: given up front, so that a product recorded into a CUDA graph
+/// allocates nothing.
+const BLAS_WORKSPACE: usize = 32 << 20;
 /// Sequences one pass over a weight row serves (`GEMV_BT`, at most).
 const MAX_BATCH_TILE: usize = 8;
 /// Rows from which a matrix counts as tall (several rows per warp).
@@ -121,6 +126,16 @@ struct Mamba2Args {
     dt_hi: f32,
 }
 
+/// `PrepArgs` of `decode_step.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PrepArgs {
+    cols: i32,
+    out_bf16: i32,
+    x_stride: i64,
+    norm_eps: f32,
+}
+
 /// `GatedNormArgs` of `decode_step.cu`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -138,6 +153,7 @@ unsafe impl DeviceRepr for ConvArgs {}
 unsafe impl DeviceRepr for Mamba1Args {}
 unsafe impl DeviceRepr for Mamba2Args {}
 unsafe impl DeviceRepr for GatedNormArgs {}
+unsafe impl DeviceRepr for PrepArgs {}
 
 /// `y (+)= W x'` for every sequence: `W: (rows, cols)` in the weight type, `x: (batch, cols)`
 /// with `x_stride` elements between sequences, `y: (batch, rows)` likewise.
@@ -244,6 +260,7 @@ pub struct DecodeKernels {
     mamba1_step: CudaFunction,
     mamba2_step: CudaFunction,
     gated_norm: CudaFunction,
+    prepare_rows: CudaFunction,
 }
 
 /// `v` as a kernel's `int`.
@@ -286,11 +303,19 @@ impl DecodeKernels {
             mamba1_step: load("mamba1_ssm_step")?,
             mamba2_step: load("mamba2_ssm_step")?,
             gated_norm: load("gated_norm_step")?,
+            prepare_rows: load("prepare_rows")?,
         })
     }
 
     pub fn spec(&self) -> DecodeSpec {
         self.spec
+    }
+
+    /// Whether the batch is past one tile of the matrix-vector kernel: the products then go
+    /// through cuBLAS ([`BlasProducts`]), whose tensor-core GEMMs read each weight once for
+    /// the whole batch, where `gemv` would be bound by its FMAs.
+    pub fn batch_wants_blas(&self) -> bool {
+        self.spec.batch > MAX_BATCH_TILE
     }
 
     /// Whether [`DecodeKernels::gemv`] takes a matrix of `cols` columns: its rows must be
@@ -513,6 +538,34 @@ impl DecodeKernels {
         unsafe { launch(&mut b, cfg) }
     }
 
+    /// The input of a cuBLAS product: `out (batch, cols)`, contiguous, = `x` (rows
+    /// `x_stride` apart) or its RMSNorm with `norm = (weight, eps)`, as f32 or, for bf16
+    /// weights, bf16.
+    ///
+    /// # Safety
+    /// As for [`DecodeKernels::gemv`]; `out` holds `batch * cols` elements of that type.
+    pub unsafe fn prepare_rows(
+        &self,
+        stream: &Arc<CudaStream>,
+        (x, x_stride): (DevicePtr, usize),
+        cols: usize,
+        norm: Option<(DevicePtr, f32)>,
+        out: DevicePtr,
+    ) -> Result<()> {
+        let args = PrepArgs {
+            cols: int(cols)?,
+            out_bf16: self.spec.bf16_weights.into(),
+            x_stride: long(x_stride)?,
+            norm_eps: norm.map_or(-1.0, |(_, eps)| eps),
+        };
+        let norm_w = or_null(norm.map(|(w, _)| w));
+        let cfg = config((self.spec.batch, 1, 1), PREP_THREADS, 0)?;
+        let mut b = stream.launch_builder(&self.prepare_rows);
+        b.arg(&x).arg(&norm_w).arg(&args).arg(&out);
+        // SAFETY: arguments as `prepare_rows` takes them.
+        unsafe { launch(&mut b, cfg) }
+    }
+
     /// # Safety
     /// As for [`DecodeKernels::gemv`].
     pub unsafe fn gated_norm(&self, stream: &Arc<CudaStream>, n: &GatedNormStep) -> Result<()> {
@@ -535,5 +588,87 @@ impl DecodeKernels {
         b.arg(&n.y).arg(&n.z).arg(&n.weight).arg(&args);
         // SAFETY: arguments as `gated_norm_step` takes them.
         unsafe { launch(&mut b, cfg) }
+    }
+}
+
+/// The products of a decode step at large batch: cuBLAS GEMMs on the decode stream, with a
+/// workspace of their own so that they can be recorded into a CUDA graph.
+pub struct BlasProducts {
+    blas: CudaBlas,
+    _workspace: CudaSlice<u8>,
+    bf16_weights: bool,
+}
+
+/// `y (+)= x W^T` for a batch: `W: (rows, cols)` in the weight type, `x: (batch, cols)`
+/// contiguous in the weight type (as [`DecodeKernels::prepare_rows`] writes it), `y: (batch,
+/// rows)` f32 with `y_stride` between sequences.
+#[derive(Debug, Clone, Copy)]
+pub struct BlasProduct {
+    pub weight: DevicePtr,
+    pub rows: usize,
+    pub cols: usize,
+    pub batch: usize,
+    pub x: DevicePtr,
+    pub y: DevicePtr,
+    pub y_stride: usize,
+    pub accumulate: bool,
+}
+
+impl BlasProducts {
+    pub fn new(stream: &Arc<CudaStream>, bf16_weights: bool) -> Result<Self> {
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err(format!("{e:?}")))?;
+        let mut workspace = stream
+            .alloc_zeros::<u8>(BLAS_WORKSPACE)
+            .map_err(|e| cuda_err(format!("{e:?}")))?;
+        let ptr = workspace.device_ptr_mut(stream).0;
+        // SAFETY: the workspace lives as long as the handle (both in `self`).
+        unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, BLAS_WORKSPACE) }
+            .result()
+            .map_err(|e| cuda_err(format!("{e:?}")))?;
+        Ok(BlasProducts {
+            blas,
+            _workspace: workspace,
+            bf16_weights,
+        })
+    }
+
+    /// # Safety
+    /// Every address points to a live buffer of the sizes `p` implies, of the weight type
+    /// for `weight` and `x` and f32 for `y`.
+    pub unsafe fn product(&self, p: &BlasProduct) -> Result<()> {
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let data_type = if self.bf16_weights {
+            blas_sys::cudaDataType::CUDA_R_16BF
+        } else {
+            blas_sys::cudaDataType::CUDA_R_32F
+        };
+        let (alpha, beta) = (1.0f32, if p.accumulate { 1.0f32 } else { 0.0 });
+        // Column-major view: y^T (rows x batch, ld y_stride) = W (op T of the cols x rows
+        // column-major weight) times x^T (cols x batch, ld cols).
+        // SAFETY: the caller vouches for the buffers; alpha and beta live across the call.
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                CUBLAS_OP_T,
+                CUBLAS_OP_N,
+                int(p.rows)?,
+                int(p.batch)?,
+                int(p.cols)?,
+                (&alpha as *const f32).cast(),
+                p.weight as *const _,
+                data_type,
+                int(p.cols)?,
+                p.x as *const _,
+                data_type,
+                int(p.cols)?,
+                (&beta as *const f32).cast(),
+                p.y as *mut _,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                int(p.y_stride)?,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| cuda_err(format!("cuBLAS product: {e:?}")))
     }
 }

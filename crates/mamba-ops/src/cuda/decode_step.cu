@@ -200,6 +200,54 @@ GEMV_VARIANT(1)
 GEMV_VARIANT(2)
 
 // ---------------------------------------------------------------------------------------
+// The input of a cuBLAS product (batches past GEMV_BT sequences), one block per sequence:
+//   out[b, :] = x'[b, :]   with x' = x, or x * norm_w * rsqrt(mean(x^2) + eps) (norm_eps >= 0)
+// written contiguously as f32, or as bf16 (rounded to nearest even) when out_bf16 is set
+// (cuBLAS multiplies bf16 weights by bf16 inputs only).
+// ---------------------------------------------------------------------------------------
+
+#define PREP_BLOCK 256
+
+struct PrepArgs {
+    int cols, out_bf16;
+    long long x_stride;
+    float norm_eps;
+};
+
+__device__ __forceinline__ unsigned short to_bf16(float v) {
+    const unsigned int u = __float_as_uint(v);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+extern "C" __global__ void __launch_bounds__(PREP_BLOCK)
+    prepare_rows(const float* __restrict__ x, const float* __restrict__ norm_w, PrepArgs a,
+                 void* __restrict__ out) {
+    __shared__ float warp_sums[PREP_BLOCK / 32];
+    const float* xb = x + blockIdx.x * a.x_stride;
+    float scale = 1.0f;
+    if (a.norm_eps >= 0.0f) {
+        float sq = 0.0f;
+        for (int i = threadIdx.x; i < a.cols; i += PREP_BLOCK) sq += xb[i] * xb[i];
+        sq = warp_sum(sq);
+        if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sq;
+        __syncthreads();
+        float total = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PREP_BLOCK / 32; ++i) total += warp_sums[i];
+        scale = rsqrtf(total / a.cols + a.norm_eps);
+    }
+    const long long row = (long long)blockIdx.x * a.cols;
+    for (int i = threadIdx.x; i < a.cols; i += PREP_BLOCK) {
+        float v = xb[i];
+        if (a.norm_eps >= 0.0f) v *= norm_w[i] * scale;
+        if (a.out_bf16)
+            static_cast<unsigned short*>(out)[row + i] = to_bf16(v);
+        else
+            static_cast<float*>(out)[row + i] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Embedding rows: h[b, :] = table[ids[b], :] (ids checked on the host), the table f32 or
 // (table_bf16) bf16 whatever the weights are. One block per sequence.
 // ---------------------------------------------------------------------------------------
