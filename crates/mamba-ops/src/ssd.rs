@@ -330,7 +330,6 @@ fn chunk_diagonal_and_state(dims: &SsdDims, x: &SsdInputs, dtp: &[f32], task: &m
         );
     }
     let mut m = vec![0.0; ql * ql];
-    let mut b_weighted = vec![0.0; ql * nn];
     for h in 0..nh {
         let g = h / dims.heads_per_group();
         let cum = &task.cum[h * q..][..ql];
@@ -358,22 +357,28 @@ fn chunk_diagonal_and_state(dims: &SsdDims, x: &SsdInputs, dtp: &[f32], task: &m
             MatRef::rows(&x.x[x_at..], nh * np),
             false,
         );
-        // The chunk's own state: sum_j exp(cum_last - cum_j) dt'_j outer(x_j, B_j).
-        let bc_at = row_offset(dims, b, t0, g, ng, nn);
-        for j in 0..ql {
+    }
+    // The chunk's own state, S[h, p, n] = sum_j xw[j, h, p] B[j, n] with the inputs weighted
+    // xw[j, h, p] = exp(cum_last[h] - cum[h][j]) dt'_{j,h} x[j, h, p]: one product per group
+    // for all of its heads, (heads P, N) = xw^T (heads P, ql) B (ql, N).
+    let mut xw = vec![0.0; ql * nh * np]; // (ql, H, P)
+    for (j, xw_j) in xw.chunks_mut(nh * np).enumerate() {
+        let x_j = &x.x[row_offset(dims, b, t0 + j, 0, nh, np)..][..nh * np];
+        for (h, (xw_jh, x_jh)) in xw_j.chunks_mut(np).zip(x_j.chunks(np)).enumerate() {
+            let cum = &task.cum[h * q..][..ql];
             let w = (cum[ql - 1] - cum[j]).exp() * dt_at(j, h);
-            let src = &x.b[bc_at + j * ng * nn..][..nn];
-            b_weighted[j * nn..][..nn]
-                .iter_mut()
-                .zip(src)
-                .for_each(|(d, s)| *d = w * s);
+            xw_jh.iter_mut().zip(x_jh).for_each(|(d, s)| *d = w * s);
         }
+    }
+    let hpg = dims.heads_per_group();
+    for g in 0..ng {
+        let h0 = g * hpg;
         matmul(
-            (np, nn, ql),
-            &mut task.state[h * np * nn..],
+            (hpg * np, nn, ql),
+            &mut task.state[h0 * np * nn..],
             nn,
-            MatRef::transposed(&x.x[x_at..], nh * np),
-            MatRef::rows(&b_weighted[..ql * nn], nn),
+            MatRef::transposed(&xw[h0 * np..], nh * np),
+            MatRef::rows(&x.b[row_offset(dims, b, t0, g, ng, nn)..], ng * nn),
             false,
         );
     }
@@ -450,24 +455,29 @@ fn chunk_off_diagonal_and_finish(dims: &SsdDims, x: &SsdInputs, task: &mut Chunk
     );
     let (b, t0) = (task.batch, task.start);
     let ql = task.y.len() / (nh * np);
-    let mut from_state = vec![0.0; ql * np];
-    for h in 0..nh {
-        let g = h / dims.heads_per_group();
-        let c_at = row_offset(dims, b, t0, g, ng, nn);
+    // C_i . S[h, p, :] for every head of a group at once: (ql, heads P) = C (ql, N) S^T.
+    let mut from_state = vec![0.0; ql * nh * np]; // (ql, H, P)
+    let hpg = dims.heads_per_group();
+    for g in 0..ng {
+        let h0 = g * hpg;
         matmul(
-            (ql, np, nn),
-            &mut from_state,
-            np,
-            MatRef::rows(&x.c[c_at..], ng * nn),
-            MatRef::transposed(&task.state[h * np * nn..][..np * nn], nn),
+            (ql, hpg * np, nn),
+            &mut from_state[h0 * np..],
+            nh * np,
+            MatRef::rows(&x.c[row_offset(dims, b, t0, g, ng, nn)..], ng * nn),
+            MatRef::transposed(&task.state[h0 * np * nn..][..hpg * np * nn], nn),
             false,
         );
-        for i in 0..ql {
+    }
+    for (i, (y_i, s_i)) in task
+        .y
+        .chunks_mut(nh * np)
+        .zip(from_state.chunks(nh * np))
+        .enumerate()
+    {
+        for (h, (y_ih, s_ih)) in y_i.chunks_mut(np).zip(s_i.chunks(np)).enumerate() {
             let decay = task.cum[h * q + i].exp();
-            let row = &mut task.y[(i * nh + h) * np..][..np];
-            row.iter_mut()
-                .zip(&from_state[i * np..][..np])
-                .for_each(|(y, s)| *y += decay * s);
+            y_ih.iter_mut().zip(s_ih).for_each(|(y, s)| *y += decay * s);
         }
     }
     let first = row_offset(dims, b, t0, 0, nh, np);
