@@ -199,24 +199,34 @@ pub fn selective_state_update_into(
         let g = b * dims.groups + h / heads_per_group;
         let bvec = &x.b[g * nn..][..nn];
         let cvec = &x.c[g * nn..][..nn];
+        let step_of = |k: usize| {
+            let dt_raw = x.dt[b * dims.dt_row() + k];
+            process_dt_fast(
+                dt_raw,
+                x.dt_bias.map_or(0.0, |v| v[k]),
+                x.dt_softplus,
+                x.dt_limit,
+            )
+        };
+        // With per-head A the step and the decay are the head's, the same for every row.
+        let head = dims.per_head.then(|| {
+            let dt = step_of(h);
+            (dt, exp_fast(dt * x.a[h]))
+        });
         with_simd(
             #[inline(always)]
             || {
                 for (p, (s, y_p)) in head_state.chunks_mut(nn).zip(head_y.iter_mut()).enumerate() {
                     let k = dims.param(h, p);
                     let i = bh * np + p;
-                    let dt_raw = x.dt[b * dims.dt_row() + k];
-                    let dt = process_dt_fast(
-                        dt_raw,
-                        x.dt_bias.map_or(0.0, |v| v[k]),
-                        x.dt_softplus,
-                        x.dt_limit,
-                    );
                     let xi = x.x[i];
-                    let ssm = if dims.per_head {
-                        scalar_decay_step(s, exp_fast(dt * x.a[h]), bvec, cvec, dt * xi)
-                    } else {
-                        state_step(s, &x.a[(h * np + p) * nn..][..nn], bvec, cvec, dt, dt * xi)
+                    let ssm = match head {
+                        Some((dt, decay)) => scalar_decay_step(s, decay, bvec, cvec, dt * xi),
+                        None => {
+                            let dt = step_of(k);
+                            let a = &x.a[(h * np + p) * nn..][..nn];
+                            state_step(s, a, bvec, cvec, dt, dt * xi)
+                        }
                     };
                     let out = ssm + x.d.map_or(0.0, |v| v[k]) * xi;
                     *y_p = x.z.map_or(out, |z| out * silu_fast(z[i]));
