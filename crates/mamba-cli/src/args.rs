@@ -524,6 +524,10 @@ pub struct TrainArgs {
     /// Continue from the checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
+
+    /// Where the model trains: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device_spec)]
+    pub device: DeviceSpec,
 }
 
 /// An integer of at least 1.

@@ -75,6 +75,7 @@ fn progress_bar(steps: usize) -> ProgressBar {
 }
 
 pub fn run(args: &TrainArgs, json: bool) -> Result<()> {
+    let device = args.device.open()?;
     let (config, weights, checkpoint_tokenizer) = starting_point(&args.start, args.seed)?;
     let tokenizer = match &args.tokenizer {
         Some(path) => Some(Tokenizer::from_file(path)?),
@@ -98,7 +99,7 @@ pub fn run(args: &TrainArgs, json: bool) -> Result<()> {
         Batches::new(corpus.train, cfg.seq_len, cfg.batch, cfg.seed).context("training split")?;
     let val_batches = Batches::new(corpus.val, cfg.seq_len, cfg.batch, cfg.seed)
         .context("validation split: give more data or a larger --val-fraction")?;
-    let model = Trainable::new(&config, weights)?;
+    let model = Trainable::new_on(&config, weights, &device)?;
     copy_tokenizer(args, &args.out)?;
     if !json {
         eprintln!(

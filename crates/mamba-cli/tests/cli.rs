@@ -632,6 +632,21 @@ fn cuda_device_without_cuda_build_fails_cleanly() {
         &["bench", "--preset", "mamba-130m", "--device", "cuda:1"],
         "rebuild with --features cuda",
     );
+    let out_dir = tempfile::tempdir().unwrap();
+    assert_fails_with(
+        &[
+            "train",
+            "--preset",
+            "mamba-130m",
+            "--data",
+            path_arg(&model),
+            "--out",
+            path_arg(out_dir.path()),
+            "--device",
+            "cuda",
+        ],
+        "rebuild with --features cuda",
+    );
     let out = mamba(&["bench", "--preset", "mamba-130m", "--device", "gpu"]);
     assert!(
         !out.status.success() && stderr(&out).contains("cuda:N"),

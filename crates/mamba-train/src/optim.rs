@@ -140,7 +140,11 @@ impl AdamW {
                     .cloned()
                     .ok_or_else(|| Error::Train(format!("optimizer state has no tensor {key}")))
             };
-            let (m, v) = (get(format!("m.{}", p.name))?, get(format!("v.{}", p.name))?);
+            let device = p.var.device();
+            let (m, v) = (
+                get(format!("m.{}", p.name))?.to_device(device)?,
+                get(format!("v.{}", p.name))?.to_device(device)?,
+            );
             if m.shape() != p.var.shape() || v.shape() != p.var.shape() {
                 return Err(Error::Train(format!(
                     "optimizer state for {} has the wrong shape",

@@ -94,17 +94,26 @@ pub struct Trainable {
 impl Trainable {
     /// Wraps weights (by Hugging Face name) as variables, in f32, and builds the model on them.
     pub fn new(config: &ModelConfig, weights: HashMap<String, Tensor>) -> Result<Self> {
+        Self::new_on(config, weights, &Device::Cpu)
+    }
+
+    /// [`Trainable::new`] with the variables on `device` (a GPU with the `cuda` feature).
+    pub fn new_on(
+        config: &ModelConfig,
+        weights: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
         let varmap = VarMap::new();
         let mut vars = Vec::with_capacity(weights.len());
         {
             let mut data = varmap.data().lock().expect("fresh map");
             for (name, t) in weights {
-                let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+                let var = Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(device)?)?;
                 data.insert(name.clone(), var.clone());
                 vars.push((name, var));
             }
         }
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = Model::from_var_builder(&vb, config)?;
         Ok(Trainable {
             config: config.clone(),
@@ -139,7 +148,7 @@ impl Trainable {
         let logits = self.model.logits(&hidden.final_norm)?;
         let vocab = logits.dim(2)?;
         let logits = logits.reshape((batch.inputs.len(), vocab))?;
-        let targets = Tensor::from_slice(&batch.targets, batch.targets.len(), &Device::Cpu)?;
+        let targets = Tensor::from_slice(&batch.targets, batch.targets.len(), self.model.device())?;
         let cross_entropy = candle_nn::loss::cross_entropy(&logits, &targets)?;
         let objective = match hidden.router_aux_loss {
             Some(aux) => (&cross_entropy + (aux * self.config.router_aux_loss_coef())?)?,
@@ -234,9 +243,10 @@ pub fn train(
     let mut opt = AdamW::new(model.vars.clone(), cfg.adamw)?;
     if resume {
         state = checkpoint::load_trainer_state(out)?;
-        model = Trainable::new(
+        model = Trainable::new_on(
             &model.config,
             checkpoint::load_tensors(out, checkpoint::WEIGHTS)?,
+            &model.model.device().clone(),
         )?;
         opt = AdamW::new(model.vars.clone(), cfg.adamw)?;
         opt.load_state(

@@ -1,7 +1,8 @@
 //! Training end to end on tiny models: a small text is memorised (pure Mamba models,
 //! hybrids with attention and MLPs, MoE-Mamba), the routers' load-balancing loss enters the
 //! objective, an interrupted and resumed run lands exactly where an uninterrupted one
-//! does, and bad data is a clear error.
+//! does, bad data is a clear error, and (with `--features cuda`, on a GPU) training there
+//! follows the CPU.
 
 use candle_core::DType;
 use mamba_models::config::ModelConfig;
@@ -198,4 +199,42 @@ fn missing_empty_or_unreadable_data_is_an_error() {
     assert!(Corpus::load(&empty_dir, &Encoding::Bytes, 0.1).is_err());
     let short = Corpus::split(vec![1, 2, 3], 0.0);
     assert!(Batches::new(short.train, 16, 1, 0).is_err());
+}
+
+/// On a GPU (`--features cuda`; skipped without a device), training follows the CPU: the
+/// same weights and batches give the same losses step after step.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_training_follows_the_cpu() {
+    use candle_core::Device;
+    let Ok(gpu) = Device::new_cuda(0) else {
+        eprintln!("skipped: no CUDA device");
+        return;
+    };
+    for family in ["mamba", "mamba2"] {
+        let config = tiny_config(family);
+        let losses = |device: &Device| {
+            let weights = init_tensors(&config, DType::F32, 4).unwrap();
+            let model = Trainable::new_on(&config, weights, device).unwrap();
+            let (train_b, val_b) = batches(32, 4);
+            let mut cfg = TrainConfig::for_steps(8);
+            (cfg.batch, cfg.seq_len, cfg.lr, cfg.eval_batches) = (4, 32, 1e-2, 2);
+            let out = temp_dir(&format!("device-{family}-{}", device.is_cuda()));
+            let mut seen = Vec::new();
+            train(model, &train_b, &val_b, &cfg, &out, false, |p| {
+                seen.push(p.loss);
+                true
+            })
+            .unwrap();
+            seen
+        };
+        let (cpu, on_gpu) = (losses(&Device::Cpu), losses(&gpu));
+        assert_eq!(cpu.len(), on_gpu.len(), "{family}");
+        for (step, (c, g)) in cpu.iter().zip(&on_gpu).enumerate() {
+            assert!(
+                (c - g).abs() <= 1e-3 * c.abs(),
+                "{family} step {step}: cpu loss {c}, gpu loss {g}"
+            );
+        }
+    }
 }
