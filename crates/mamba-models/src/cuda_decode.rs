@@ -332,18 +332,7 @@ impl FusedDecoder {
             .blocks
             .first()
             .ok_or_else(|| unsupported("no layers"))?;
-        let (state_size, conv_kernel) = match first.mixer {
-            MixerWeights::Mamba1 {
-                state_size,
-                conv_kernel,
-                ..
-            }
-            | MixerWeights::Mamba2 {
-                state_size,
-                conv_kernel,
-                ..
-            } => (state_size, conv_kernel),
-        };
+        let (state_size, conv_kernel) = state_and_conv(&first.mixer);
         let bf16_weights = weights
             .lm_head
             .dense_weight()
@@ -623,6 +612,7 @@ fn mixer_widths(m: &MixerWeights) -> [usize; 4] {
     }
 }
 
+/// `(N, W)` of a mixer.
 fn state_and_conv(m: &MixerWeights) -> (usize, usize) {
     match *m {
         MixerWeights::Mamba1 {

@@ -11,7 +11,7 @@
 use super::{config, cuda_err, kernel, launch, multiprocessors, Source, Variant};
 use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::CudaDevice;
 use std::sync::Arc;
@@ -30,9 +30,8 @@ pub(super) const DECODE_STEP: Source = Source {
 const GEMV_THREADS: usize = 256;
 const GEMV_WARPS: usize = 8;
 const THREADS: usize = 256;
-/// Threads per block of `gated_norm_step` (`NORM_BLOCK`) and `prepare_rows` (`PREP_BLOCK`).
-const NORM_THREADS: usize = 256;
-const PREP_THREADS: usize = 256;
+/// Threads per block of the row kernels `gated_norm_step` and `prepare_rows` (`ROW_BLOCK`).
+const ROW_THREADS: usize = 256;
 /// Bytes of cuBLAS workspace: given up front, so that a product recorded into a CUDA graph
 /// allocates nothing.
 const BLAS_WORKSPACE: usize = 32 << 20;
@@ -462,6 +461,13 @@ impl DecodeKernels {
         unsafe { launch(&mut b, cfg) }
     }
 
+    /// The launch of an SSM step over `rows` state rows per sequence, `ROW_LANES` threads
+    /// each.
+    fn state_rows_config(&self, rows: usize) -> Result<Option<LaunchConfig>> {
+        let threads = self.spec.batch * rows * self.spec.row_lanes();
+        config((threads.div_ceil(THREADS), 1, 1), THREADS, 0)
+    }
+
     /// # Safety
     /// As for [`DecodeKernels::gemv`]; `states` is a device table of `(conv, ssm)` f32 state
     /// addresses per layer, `layer`'s SSM state being `(batch, d_inner, N)`.
@@ -481,8 +487,7 @@ impl DecodeKernels {
             bc_eps: m.bc_eps.unwrap_or(-1.0),
         };
         let layer = int(layer)?;
-        let threads = self.spec.batch * m.d_inner * self.spec.row_lanes();
-        let cfg = config((threads.div_ceil(THREADS), 1, 1), THREADS, 0)?;
+        let cfg = self.state_rows_config(m.d_inner)?;
         let mut b = stream.launch_builder(&self.mamba1_step);
         b.arg(&m.xc)
             .arg(&m.dbc)
@@ -522,8 +527,7 @@ impl DecodeKernels {
             dt_hi: m.dt_limit.1,
         };
         let layer = int(layer)?;
-        let threads = self.spec.batch * d_inner * self.spec.row_lanes();
-        let cfg = config((threads.div_ceil(THREADS), 1, 1), THREADS, 0)?;
+        let cfg = self.state_rows_config(d_inner)?;
         let mut b = stream.launch_builder(&self.mamba2_step);
         b.arg(&m.xbc)
             .arg(&m.zxbcdt)
@@ -559,7 +563,7 @@ impl DecodeKernels {
             norm_eps: norm.map_or(-1.0, |(_, eps)| eps),
         };
         let norm_w = or_null(norm.map(|(w, _)| w));
-        let cfg = config((self.spec.batch, 1, 1), PREP_THREADS, 0)?;
+        let cfg = config((self.spec.batch, 1, 1), ROW_THREADS, 0)?;
         let mut b = stream.launch_builder(&self.prepare_rows);
         b.arg(&x).arg(&norm_w).arg(&args).arg(&out);
         // SAFETY: arguments as `prepare_rows` takes them.
@@ -583,7 +587,7 @@ impl DecodeKernels {
             eps: n.eps,
         };
         let blocks = self.spec.batch * (n.d_inner / n.group_size);
-        let cfg = config((blocks, 1, 1), NORM_THREADS, 0)?;
+        let cfg = config((blocks, 1, 1), ROW_THREADS, 0)?;
         let mut b = stream.launch_builder(&self.gated_norm);
         b.arg(&n.y).arg(&n.z).arg(&n.weight).arg(&args);
         // SAFETY: arguments as `gated_norm_step` takes them.

@@ -200,13 +200,29 @@ GEMV_VARIANT(1)
 GEMV_VARIANT(2)
 
 // ---------------------------------------------------------------------------------------
+// Row kernels (the cuBLAS input, Mamba-2's gated norm): one block of ROW_BLOCK threads per row.
+// ---------------------------------------------------------------------------------------
+
+#define ROW_BLOCK 256
+
+// Sum of v over the block; every thread calls it once and gets the total.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float warp_sums[ROW_BLOCK / 32];
+    v = warp_sum(v);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
+    __syncthreads();
+    float total = 0.0f;
+#pragma unroll
+    for (int i = 0; i < ROW_BLOCK / 32; ++i) total += warp_sums[i];
+    return total;
+}
+
+// ---------------------------------------------------------------------------------------
 // The input of a cuBLAS product (batches past GEMV_BT sequences), one block per sequence:
 //   out[b, :] = x'[b, :]   with x' = x, or x * norm_w * rsqrt(mean(x^2) + eps) (norm_eps >= 0)
 // written contiguously as f32, or as bf16 (rounded to nearest even) when out_bf16 is set
 // (cuBLAS multiplies bf16 weights by bf16 inputs only).
 // ---------------------------------------------------------------------------------------
-
-#define PREP_BLOCK 256
 
 struct PrepArgs {
     int cols, out_bf16;
@@ -219,25 +235,18 @@ __device__ __forceinline__ unsigned short to_bf16(float v) {
     return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-extern "C" __global__ void __launch_bounds__(PREP_BLOCK)
+extern "C" __global__ void __launch_bounds__(ROW_BLOCK)
     prepare_rows(const float* __restrict__ x, const float* __restrict__ norm_w, PrepArgs a,
                  void* __restrict__ out) {
-    __shared__ float warp_sums[PREP_BLOCK / 32];
     const float* xb = x + blockIdx.x * a.x_stride;
     float scale = 1.0f;
     if (a.norm_eps >= 0.0f) {
         float sq = 0.0f;
-        for (int i = threadIdx.x; i < a.cols; i += PREP_BLOCK) sq += xb[i] * xb[i];
-        sq = warp_sum(sq);
-        if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sq;
-        __syncthreads();
-        float total = 0.0f;
-#pragma unroll
-        for (int i = 0; i < PREP_BLOCK / 32; ++i) total += warp_sums[i];
-        scale = rsqrtf(total / a.cols + a.norm_eps);
+        for (int i = threadIdx.x; i < a.cols; i += ROW_BLOCK) sq += xb[i] * xb[i];
+        scale = rsqrtf(block_sum(sq) / a.cols + a.norm_eps);
     }
     const long long row = (long long)blockIdx.x * a.cols;
-    for (int i = threadIdx.x; i < a.cols; i += PREP_BLOCK) {
+    for (int i = threadIdx.x; i < a.cols; i += ROW_BLOCK) {
         float v = xb[i];
         if (a.norm_eps >= 0.0f) v *= norm_w[i] * scale;
         if (a.out_bf16)
@@ -419,36 +428,27 @@ extern "C" __global__ void mamba2_ssm_step(const float* __restrict__ xbc, const 
 // z is read at z[b * z_stride + i] (the first d_inner columns of in_proj's output).
 // ---------------------------------------------------------------------------------------
 
-#define NORM_BLOCK 256
-
 struct GatedNormArgs {
     int d_inner, group_size, norm_before_gate;
     long long z_stride;
     float eps;
 };
 
-extern "C" __global__ void __launch_bounds__(NORM_BLOCK)
+extern "C" __global__ void __launch_bounds__(ROW_BLOCK)
     gated_norm_step(float* __restrict__ y, const float* __restrict__ z, const float* __restrict__ w,
                     GatedNormArgs a) {
-    __shared__ float warp_sums[NORM_BLOCK / 32];
     const int groups = a.d_inner / a.group_size;
     const long long b = blockIdx.x / groups;
     const int start = (blockIdx.x % groups) * a.group_size;
     float* yb = y + b * a.d_inner;
     const float* zb = z + b * a.z_stride;
     float sq = 0.0f;
-    for (int i = start + threadIdx.x; i < start + a.group_size; i += NORM_BLOCK) {
+    for (int i = start + threadIdx.x; i < start + a.group_size; i += ROW_BLOCK) {
         const float v = a.norm_before_gate ? yb[i] : yb[i] * silu(zb[i]);
         sq += v * v;
     }
-    sq = warp_sum(sq);
-    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sq;
-    __syncthreads();
-    float total = 0.0f;
-#pragma unroll
-    for (int i = 0; i < NORM_BLOCK / 32; ++i) total += warp_sums[i];
-    const float inv = rsqrtf(total / a.group_size + a.eps);
-    for (int i = start + threadIdx.x; i < start + a.group_size; i += NORM_BLOCK) {
+    const float inv = rsqrtf(block_sum(sq) / a.group_size + a.eps);
+    for (int i = start + threadIdx.x; i < start + a.group_size; i += ROW_BLOCK) {
         const float gate = silu(zb[i]);
         const float v = a.norm_before_gate ? yb[i] : yb[i] * gate;
         yb[i] = a.norm_before_gate ? v * inv * w[i] * gate : v * inv * w[i];
