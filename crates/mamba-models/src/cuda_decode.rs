@@ -659,6 +659,41 @@ struct LayerCtx<'s> {
     scratch: &'s Scratch,
 }
 
+/// The block's normed `in_proj` (`width` outputs per sequence, into the `proj` scratch),
+/// then the causal conv over its output columns `[offset, offset + channels)` (into `conv`).
+fn in_proj_and_conv(
+    b: &mut Builder,
+    block: &BlockWeights,
+    ctx: &LayerCtx,
+    (in_proj, width): (&Linear, usize),
+    (offset, channels): (usize, usize),
+    (weight, bias): (&Tensor, Option<&Tensor>),
+) -> Result<[Launch; 2]> {
+    let (h_buf, h) = ctx.hidden;
+    let s = ctx.scratch;
+    Ok([
+        b.gemv(
+            in_proj,
+            (width, h),
+            GemvInput::normed(h_buf, block.norm),
+            (s.proj, width),
+            false,
+        )?,
+        Launch::Conv {
+            layer: ctx.layer,
+            call: ConvStep {
+                x: s.proj,
+                x_stride: width,
+                x_offset: offset,
+                channels,
+                weight: b.param(weight)?,
+                bias: b.optional_param(bias)?,
+                out: s.conv,
+            },
+        },
+    ])
+}
+
 /// The launches of one block, in order.
 fn layer_launches(b: &mut Builder, block: &BlockWeights, ctx: &LayerCtx) -> Result<Vec<Launch>> {
     let (h_buf, h) = ctx.hidden;
@@ -683,26 +718,17 @@ fn layer_launches(b: &mut Builder, block: &BlockWeights, ctx: &LayerCtx) -> Resu
         } => {
             let dbc_width = dt_rank + 2 * state_size;
             let dt_weight = b.weight(dt_proj)?;
+            let [in_launch, conv_launch] = in_proj_and_conv(
+                b,
+                block,
+                ctx,
+                (in_proj, 2 * d_inner),
+                (0, d_inner),
+                (conv_weight, conv_bias),
+            )?;
             Ok(vec![
-                b.gemv(
-                    in_proj,
-                    (2 * d_inner, h),
-                    GemvInput::normed(h_buf, block.norm),
-                    (s.proj, 2 * d_inner),
-                    false,
-                )?,
-                Launch::Conv {
-                    layer,
-                    call: ConvStep {
-                        x: s.proj,
-                        x_stride: 2 * d_inner,
-                        x_offset: 0,
-                        channels: d_inner,
-                        weight: b.param(conv_weight)?,
-                        bias: b.optional_param(conv_bias)?,
-                        out: s.conv,
-                    },
-                },
+                in_launch,
+                conv_launch,
                 b.gemv(
                     x_proj,
                     (dbc_width, d_inner),
@@ -757,26 +783,17 @@ fn layer_launches(b: &mut Builder, block: &BlockWeights, ctx: &LayerCtx) -> Resu
             // With one group and the gate first, the step applies the gate and the norm
             // folds into out_proj; otherwise the norm runs on its own after the step.
             let gate_in_step = groups == 1 && !norm_before_gate;
+            let [in_launch, conv_launch] = in_proj_and_conv(
+                b,
+                block,
+                ctx,
+                (in_proj, width),
+                (d_inner, conv_dim),
+                (conv_weight, conv_bias),
+            )?;
             let mut launches = vec![
-                b.gemv(
-                    in_proj,
-                    (width, h),
-                    GemvInput::normed(h_buf, block.norm),
-                    (s.proj, width),
-                    false,
-                )?,
-                Launch::Conv {
-                    layer,
-                    call: ConvStep {
-                        x: s.proj,
-                        x_stride: width,
-                        x_offset: d_inner,
-                        channels: conv_dim,
-                        weight: b.param(conv_weight)?,
-                        bias: b.optional_param(conv_bias)?,
-                        out: s.conv,
-                    },
-                },
+                in_launch,
+                conv_launch,
                 Launch::Mamba2 {
                     layer,
                     call: Mamba2Step {
