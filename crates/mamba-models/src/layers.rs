@@ -8,6 +8,7 @@ use half::bf16;
 use mamba_ops::gemm::{matmul_threaded, MatRef};
 use mamba_ops::gemv::{gemv, Weights};
 use mamba_ops::quant::{QuantMatrix, BLOCK};
+use rayon::prelude::*;
 use std::sync::Arc;
 
 pub use mamba_ops::quant::QuantFormat;
@@ -314,12 +315,24 @@ pub fn split_scratch<const N: usize>(mut buf: &mut [f32], lens: [usize; N]) -> [
 }
 
 /// Copies columns `[start, start + width)` of each `row_len`-wide row of `src` to `dst`
-/// (rows of `width`).
+/// (rows of `width`); a prefill's copies (megabytes per layer) spread over rayon's threads.
 pub fn copy_columns(src: &[f32], row_len: usize, start: usize, width: usize, dst: &mut [f32]) {
-    for (row, out) in src.chunks_exact(row_len).zip(dst.chunks_exact_mut(width)) {
-        out.copy_from_slice(&row[start..start + width]);
+    let copy_rows = |src: &[f32], dst: &mut [f32]| {
+        for (row, out) in src.chunks_exact(row_len).zip(dst.chunks_exact_mut(width)) {
+            out.copy_from_slice(&row[start..start + width]);
+        }
+    };
+    let rows_per_task = PARALLEL_COPY_VALUES.div_ceil(width.max(1));
+    if dst.len() < 2 * PARALLEL_COPY_VALUES || rayon::current_num_threads() == 1 {
+        return copy_rows(src, dst);
     }
+    src.par_chunks(rows_per_task * row_len)
+        .zip(dst.par_chunks_mut(rows_per_task * width))
+        .for_each(|(src, dst)| copy_rows(src, dst));
 }
+
+/// Values copied by one task of [`copy_columns`]: enough to outweigh handing the task over.
+const PARALLEL_COPY_VALUES: usize = 1 << 16;
 
 /// Token embeddings `(vocab, hidden)`.
 #[derive(Debug, Clone)]
