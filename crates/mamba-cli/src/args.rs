@@ -102,6 +102,14 @@ pub enum DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// The spec as `--device` takes it.
+    pub fn as_arg(self) -> String {
+        match self {
+            DeviceSpec::Cpu => "cpu".into(),
+            DeviceSpec::Cuda(ordinal) => format!("cuda:{ordinal}"),
+        }
+    }
+
     /// The candle device; a CUDA device in a build without CUDA is an error.
     pub fn open(self) -> anyhow::Result<candle_core::Device> {
         match self {
@@ -413,6 +421,11 @@ pub struct ScalingArgs {
 
     #[command(flatten)]
     pub chunk: ChunkArgs,
+
+    /// Where every point runs: cpu, cuda or cuda:N (CUDA needs a build with `--features
+    /// cuda`). On a GPU the device's memory is recorded too (the peak of its pool).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = parse_device_spec)]
+    pub device: DeviceSpec,
 }
 
 /// The architecture of a new model: a preset's dimensions or a config.json.

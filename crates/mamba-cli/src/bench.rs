@@ -3,7 +3,7 @@
 
 use crate::args::BenchArgs;
 use crate::init::architecture;
-use crate::memory::peak_rss_bytes;
+use crate::memory::{peak_device_bytes, peak_rss_bytes};
 use anyhow::Result;
 use candle_core::{Tensor, D};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -25,6 +25,8 @@ struct Measurement {
     prefill_seconds: f64,
     decode_seconds: f64,
     peak_rss_bytes: Option<u64>,
+    /// On a GPU: the most device memory held at once (see [`peak_device_bytes`]).
+    peak_device_bytes: Option<u64>,
 }
 
 /// A model with random weights and what it is made of.
@@ -134,6 +136,7 @@ fn measure(model: &Model, args: &BenchArgs) -> Result<Measurement> {
         prefill_seconds,
         decode_seconds,
         peak_rss_bytes: peak_rss_bytes(),
+        peak_device_bytes: peak_device_bytes(model.device()),
     })
 }
 
@@ -220,21 +223,24 @@ fn report(args: &BenchArgs, random: &RandomModel, m: &Measurement) -> serde_json
         "weight_bytes_per_token": random.model.weight_bytes_per_token(),
         "decode_weight_gb_per_s": m.decode_weight_gb_per_s(args, &random.model),
         "peak_rss_bytes": m.peak_rss_bytes,
+        "peak_device_bytes": m.peak_device_bytes,
         "decode_engine": random.model.decode_engine(),
     })
 }
 
 fn summary(args: &BenchArgs, model: &Model, m: &Measurement) -> String {
-    let peak_rss = m.peak_rss_bytes.map_or_else(
-        || "unknown".to_string(),
-        |b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
-    );
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+    let peak_rss = m.peak_rss_bytes.map_or_else(|| "unknown".to_string(), mib);
+    let peak_device = m
+        .peak_device_bytes
+        .map(|b| format!(", peak device memory: {}", mib(b)))
+        .unwrap_or_default();
     format!(
         "{} ({}, {} threads, batch {})\n\
          prefill: {} tokens in {:.3} s, {:.1} tokens/s\n\
          decode: {} steps in {:.3} s, {:.1} tokens/s, {:.2} ms per step, \
          weights read at {:.1} GB/s ({})\n\
-         peak RSS: {peak_rss}",
+         peak RSS: {peak_rss}{peak_device}",
         model_name(args),
         args.dtype.name(),
         rayon::current_num_threads(),

@@ -5,6 +5,42 @@ pub fn peak_rss_bytes() -> Option<u64> {
     status_bytes("/proc/self/status", "VmHWM:")
 }
 
+/// The most device memory this process's allocations have held at once on a CUDA `device`
+/// (the high-water mark of the device's default memory pool, where candle's tensors and the
+/// fused decoder's buffers are allocated; the CUDA context and libraries' own workspaces are
+/// not counted); `None` on the CPU or where the driver does not say.
+pub fn peak_device_bytes(device: &candle_core::Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => pool_high_water_mark(d),
+        _ => None,
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn pool_high_water_mark(device: &candle_core::CudaDevice) -> Option<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let context = device.cuda_stream().context().clone();
+    context.bind_to_thread().ok()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut high: u64 = 0;
+    // SAFETY: the context is current on this thread; both calls write only the pointed-to
+    // values, which outlive them.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
+            .result()
+            .ok()?;
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&mut high as *mut u64).cast(),
+        )
+        .result()
+        .ok()?;
+    }
+    Some(high)
+}
+
 /// The current resident set size (`VmRSS`) of process `pid`, while it runs.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     status_bytes(&format!("/proc/{pid}/status"), "VmRSS:")

@@ -367,6 +367,11 @@ fn bench_reports_positive_speeds() {
                 report[key]
             );
         }
+        assert!(
+            report["peak_device_bytes"].is_null(),
+            "{preset}: on the CPU"
+        );
+        assert_eq!(report["decode_engine"], "host step", "{preset}");
     }
 }
 

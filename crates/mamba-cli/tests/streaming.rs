@@ -288,7 +288,10 @@ fn scaling_writes_tables_and_plots() {
             assert!(point[key].as_f64().unwrap() > 0.0, "{key}: {point}");
         }
         assert!(point["peak_rss_bytes"].as_u64().unwrap() > 0);
+        // On the CPU there is no device memory to record.
+        assert!(point["peak_device_bytes"].is_null(), "{point}");
     }
+    assert_eq!(report["settings"]["device"], "cpu");
     let model = &report["models"][0];
     assert_eq!(model["name"], "config");
     assert_eq!(model["family"], "mamba");
@@ -297,6 +300,10 @@ fn scaling_writes_tables_and_plots() {
 
     let csv = std::fs::read_to_string(out.join("scaling.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + expected_points.len());
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    for line in csv.lines() {
+        assert_eq!(line.split(',').count(), header.len(), "{line}");
+    }
     let written: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("scaling.json")).unwrap()).unwrap();
     assert_eq!(written, report);

@@ -71,19 +71,33 @@ fn prefill_time(results: &Results) -> Chart {
     }
 }
 
-/// Peak resident memory of the whole process (weights included) against prompt length.
+/// Peak memory (weights included) against prompt length: the process's resident memory on
+/// the CPU, the device pool's peak on a GPU.
 fn memory(results: &Results) -> Chart {
+    let on_device = results.records.iter().any(|r| {
+        r.outcome
+            .measured()
+            .is_some_and(|m| m.peak_device_bytes.is_some())
+    });
+    let label = if on_device {
+        "peak device memory (MiB)"
+    } else {
+        "peak RSS (MiB)"
+    };
     Chart {
         title: "Peak memory against prompt length (batch 1)".into(),
         x: prompt_axis(),
-        y: axis("peak RSS (MiB)", Scale::Linear { from_zero: true }),
+        y: axis(label, Scale::Linear { from_zero: true }),
         series: per_model(
             results,
             Sweep::Length,
             |s| results.subjects[s].name.clone(),
             |r, m| {
-                let mib = m.peak_rss_bytes as f64 / (1u64 << 20) as f64;
-                (r.point.prompt_len as f64, mib)
+                let bytes = m.peak_device_bytes.unwrap_or(m.peak_rss_bytes);
+                (
+                    r.point.prompt_len as f64,
+                    bytes as f64 / (1u64 << 20) as f64,
+                )
             },
         ),
     }

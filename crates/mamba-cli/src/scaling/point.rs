@@ -29,6 +29,8 @@ pub struct Measured {
     pub decode_tokens_per_s: f64,
     pub ms_per_decode_step: f64,
     pub peak_rss_bytes: u64,
+    /// On a GPU, the most device memory held at once.
+    pub peak_device_bytes: Option<u64>,
 }
 
 /// How a point ended.
@@ -123,6 +125,7 @@ fn bench_args(
     ] {
         line.extend([flag.to_string(), value.to_string()]);
     }
+    line.extend(["--device".to_string(), args.device.as_arg()]);
     if point.sweep == Sweep::Batch {
         line.push("--shared-prompt".into());
     }
@@ -196,5 +199,6 @@ fn parse_report(stdout: &str) -> Option<Measured> {
         decode_tokens_per_s: number("decode_tokens_per_s")?,
         ms_per_decode_step: number("ms_per_decode_step")?,
         peak_rss_bytes: report["peak_rss_bytes"].as_u64()?,
+        peak_device_bytes: report["peak_device_bytes"].as_u64(),
     })
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 
 const CSV_HEADER: &str = "model,family,parameters,sweep,prompt_len,batch,status,\
 prefill_seconds,prefill_tokens_per_s,decode_tokens_per_s,ms_per_decode_step,peak_rss_bytes,\
-wall_seconds,note";
+wall_seconds,note,peak_device_bytes";
 
 /// One line per point, skipped and stopped points included (their measurements empty).
 pub fn write_csv(path: &Path, results: &Results) -> Result<()> {
@@ -34,6 +34,9 @@ pub fn write_csv(path: &Path, results: &Results) -> Result<()> {
             value(|m| m.peak_rss_bytes.to_string()),
             record.wall_seconds.to_string(),
             csv_field(&record.outcome.note()),
+            measured
+                .and_then(|m| m.peak_device_bytes)
+                .map_or_else(String::new, |b| b.to_string()),
         ];
         text.push_str(&fields.join(","));
         text.push('\n');
@@ -91,6 +94,7 @@ pub fn document(results: &Results) -> Value {
             "chunk_size": a.chunk.chunk_size,
             "memory_budget_gib": a.memory_budget,
             "point_timeout_seconds": a.point_timeout,
+            "device": a.device.as_arg(),
         },
         "wall_seconds": results.wall_seconds,
         "models": models,
@@ -113,6 +117,7 @@ fn point_json(results: &Results, record: &Record) -> Value {
         "decode_tokens_per_s": m.map(|m| m.decode_tokens_per_s),
         "ms_per_decode_step": m.map(|m| m.ms_per_decode_step),
         "peak_rss_bytes": m.map(|m| m.peak_rss_bytes),
+        "peak_device_bytes": m.and_then(|m| m.peak_device_bytes),
     })
 }
 
@@ -211,7 +216,7 @@ pub fn tables(results: &Results) -> String {
             slope(last_doubling_slope(results, s)),
         );
     }
-    out.push_str("\n| model | prompt | prefill s | prefill tokens/s | decode tokens/s | peak RSS MiB | wall s | status |\n");
+    out.push_str("\n| model | prompt | prefill s | prefill tokens/s | decode tokens/s | peak memory MiB | wall s | status |\n");
     out.push_str("|---|---|---|---|---|---|---|---|\n");
     for r in results
         .records
@@ -227,14 +232,14 @@ pub fn tables(results: &Results) -> String {
             m.map_or_else(|| "-".into(), |m| format!("{:.2}", m.prefill_seconds)),
             m.map_or_else(|| "-".into(), |m| format!("{:.0}", m.prefill_tokens_per_s)),
             m.map_or_else(|| "-".into(), |m| format!("{:.1}", m.decode_tokens_per_s)),
-            m.map_or_else(|| "-".into(), |m| mib(m.peak_rss_bytes)),
+            m.map_or_else(|| "-".into(), peak_memory),
             r.wall_seconds,
             status_text(r),
         );
     }
     let _ = writeln!(
         out,
-        "\n| model | batch (prompt {}) | decode tokens/s | ms per step | peak RSS MiB | status |",
+        "\n| model | batch (prompt {}) | decode tokens/s | ms per step | peak memory MiB | status |",
         results.args.batch_prompt_len
     );
     out.push_str("|---|---|---|---|---|---|\n");
@@ -251,11 +256,19 @@ pub fn tables(results: &Results) -> String {
             r.point.batch,
             m.map_or_else(|| "-".into(), |m| format!("{:.1}", m.decode_tokens_per_s)),
             m.map_or_else(|| "-".into(), |m| format!("{:.1}", m.ms_per_decode_step)),
-            m.map_or_else(|| "-".into(), |m| mib(m.peak_rss_bytes)),
+            m.map_or_else(|| "-".into(), peak_memory),
             status_text(r),
         );
     }
     out
+}
+
+/// Peak memory in MiB: the process's RSS on the CPU, the device pool's peak on a GPU.
+fn peak_memory(m: &Measured) -> String {
+    match m.peak_device_bytes {
+        Some(bytes) => format!("{} (device)", mib(bytes)),
+        None => mib(m.peak_rss_bytes),
+    }
 }
 
 /// The status, with the reason for points without a measurement.
