@@ -661,16 +661,18 @@ mod x86 {
         _mm256_xor_si256(load_q8_0(wq, k), _mm256_set1_epi8(-128))
     }
 
-    /// Blocks `k` and `k + 1` of q4_0 weights as their unsigned nibbles, in value order.
+    /// Blocks `k` and `k + 1` of q4_0 weights as their unsigned nibbles, in value order:
+    /// each block's 16 packed bytes broadcast to two 128-bit lanes, the second lane shifted
+    /// down by 4, then masked (three vector operations besides the loads).
     #[inline(always)]
     unsafe fn load_pair_q4_0(wq: &[u8], k: usize) -> __m512i {
-        let packed = _mm256_loadu_si256(wq.as_ptr().add(k * BLOCK / 2) as *const __m256i);
-        let mask = _mm256_set1_epi8(0xf);
-        let low = _mm256_and_si256(packed, mask); // [low nibbles of k | of k + 1]
-        let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
-        let both = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
-        // 128-bit lanes [low k, low k+1, high k, high k+1] → [low k, high k, low k+1, high k+1].
-        _mm512_shuffle_i64x2(both, both, 0b11_01_10_00)
+        let packed = wq.as_ptr().add(k * BLOCK / 2) as *const __m128i;
+        let a = _mm256_broadcastsi128_si256(_mm_loadu_si128(packed)); // [k, k]
+        let b = _mm256_broadcastsi128_si256(_mm_loadu_si128(packed.add(1))); // [k+1, k+1]
+        let both = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+        // 128-bit lanes [low k, high k, low k+1, high k+1] after the shifts and the mask.
+        let shifted = _mm512_srlv_epi64(both, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
+        _mm512_and_si512(shifted, _mm512_set1_epi8(0xf))
     }
 
     /// Block `k` of q4_0 weights as its unsigned nibbles, in value order.
