@@ -348,15 +348,23 @@ fn chunk_diagonal_and_state(dims: &SsdDims, x: &SsdInputs, dtp: &[f32], task: &m
                 }
             },
         );
+        // y = M X, M lower triangular: the first half of the rows needs only the first half
+        // of the columns (three quarters of the full product's work).
         let x_at = row_offset(dims, b, t0, h, nh, np);
-        matmul(
-            (ql, np, ql),
-            &mut task.y[h * np..],
-            nh * np,
-            MatRef::rows(&m, ql),
-            MatRef::rows(&x.x[x_at..], nh * np),
-            false,
-        );
+        let top = ql / 2;
+        for (rows, cols) in [(0..top, top), (top..ql, ql)] {
+            if rows.is_empty() {
+                continue;
+            }
+            matmul(
+                (rows.len(), np, cols),
+                &mut task.y[rows.start * nh * np + h * np..],
+                nh * np,
+                MatRef::rows(&m[rows.start * ql..], ql),
+                MatRef::rows(&x.x[x_at..], nh * np),
+                false,
+            );
+        }
     }
     // The chunk's own state, S[h, p, n] = sum_j xw[j, h, p] B[j, n] with the inputs weighted
     // xw[j, h, p] = exp(cum_last[h] - cum[h][j]) dt'_{j,h} x[j, h, p]: one product per group
