@@ -5,6 +5,7 @@ use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use half::bf16;
+use mamba_ops::causal_conv1d::{causal_conv1d_update_into, ConvUpdateDims, ConvUpdateInputs};
 use mamba_ops::gemm::{matmul_threaded, MatRef};
 use mamba_ops::gemv::{gemv, Weights};
 use mamba_ops::quant::{QuantMatrix, BLOCK};
@@ -312,6 +313,34 @@ pub fn split_scratch<const N: usize>(mut buf: &mut [f32], lens: [usize; N]) -> [
         buf = tail;
         head
     })
+}
+
+/// One new input per channel and sequence through a Mamba mixer's depthwise causal conv
+/// with SiLU, on host slices (the decoding step): `x, out: (batch, dim)`, `weight: (dim, W)`,
+/// `state: (batch, dim, W-1)` advanced in place.
+pub fn conv_step_silu_host(
+    state: &mut [f32],
+    x: &[f32],
+    (weight, bias): (&[f32], Option<&[f32]>),
+    (batch, width): (usize, usize),
+    out: &mut [f32],
+) -> Result<()> {
+    let dims = ConvUpdateDims {
+        batch,
+        dim: weight.len() / width.max(1),
+        width,
+        state_len: width - 1,
+        steps: 1,
+    };
+    let inputs = ConvUpdateInputs {
+        x,
+        weight,
+        bias,
+        silu: true,
+    };
+    dims.check(state, &inputs)?;
+    causal_conv1d_update_into(&dims, state, &inputs, out);
+    Ok(())
 }
 
 /// Copies columns `[start, start + width)` of each `row_len`-wide row of `src` to `dst`

@@ -21,17 +21,14 @@
 use crate::config::MambaConfig;
 use crate::error::Result;
 use crate::layers::{
-    columns, copy_columns, f32_vec, load_f32, rms_normalize, split_scratch, swap_time_channels,
-    with_scratch, Linear, RmsNorm,
+    columns, conv_step_silu_host, copy_columns, f32_vec, load_f32, rms_normalize, split_scratch,
+    swap_time_channels, with_scratch, Linear, RmsNorm,
 };
 use crate::model::{step_through_host, Mixer};
 use crate::state::{LayerState, StateSize};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use mamba_ops::causal_conv1d::{
-    causal_conv1d_token_major, causal_conv1d_update_into, ConvDims, ConvInputs, ConvUpdateDims,
-    ConvUpdateInputs,
-};
+use mamba_ops::causal_conv1d::{causal_conv1d_token_major, ConvDims, ConvInputs};
 use mamba_ops::math::NO_DT_LIMIT;
 use mamba_ops::selective_scan::{selective_scan_token_major, BcForm, ScanDims, ScanInputs};
 use mamba_ops::selective_state_update::{selective_state_update_into, StepDims, StepInputs};
@@ -435,21 +432,13 @@ impl Mixer for MambaMixer {
             self.in_proj.forward_host(x, xz)?; // (b, 2 d_inner)
             copy_columns(xz, 2 * di, 0, di, xs);
             copy_columns(xz, 2 * di, di, di, z);
-            let conv_dims = ConvUpdateDims {
-                batch,
-                dim: di,
-                width: self.conv_kernel,
-                state_len: self.conv_kernel - 1,
-                steps: 1,
-            };
-            let conv_inputs = ConvUpdateInputs {
-                x: xs,
-                weight: &p.conv_weight,
-                bias: p.conv_bias.as_deref(),
-                silu: true,
-            };
-            conv_dims.check(&state.conv, &conv_inputs)?;
-            causal_conv1d_update_into(&conv_dims, &mut state.conv, &conv_inputs, xc);
+            conv_step_silu_host(
+                &mut state.conv,
+                xs,
+                (&p.conv_weight, p.conv_bias.as_deref()),
+                (batch, self.conv_kernel),
+                xc,
+            )?;
             self.x_proj.forward_host(xc, dbc)?; // (b, dt_rank + 2N)
             copy_columns(dbc, r + 2 * n, 0, r, dt);
             copy_columns(dbc, r + 2 * n, r, n, b);

@@ -13,17 +13,14 @@
 use crate::config::Mamba2Config;
 use crate::error::Result;
 use crate::layers::{
-    columns, copy_columns, f32_vec, load_f32, split_scratch, swap_time_channels, with_scratch,
-    Linear,
+    columns, conv_step_silu_host, copy_columns, f32_vec, load_f32, split_scratch,
+    swap_time_channels, with_scratch, Linear,
 };
 use crate::model::{step_through_host, Mixer};
 use crate::state::{LayerState, StateSize};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use mamba_ops::causal_conv1d::{
-    causal_conv1d_token_major, causal_conv1d_update_into, ConvDims, ConvInputs, ConvUpdateDims,
-    ConvUpdateInputs,
-};
+use mamba_ops::causal_conv1d::{causal_conv1d_token_major, ConvDims, ConvInputs};
 use mamba_ops::rmsnorm_gated::{rmsnorm_gated_in_place, NormDims};
 use mamba_ops::selective_state_update::{selective_state_update_into, StepDims, StepInputs};
 use mamba_ops::ssd::{SsdDims, SsdInputs};
@@ -337,21 +334,13 @@ impl Mixer for Mamba2Mixer {
             copy_columns(zxbcdt, width, 0, di, z);
             copy_columns(zxbcdt, width, di, conv_dim, xbc);
             copy_columns(zxbcdt, width, di + conv_dim, nh, dt);
-            let conv_dims = ConvUpdateDims {
-                batch,
-                dim: conv_dim,
-                width: c.conv_kernel,
-                state_len: c.conv_kernel - 1,
-                steps: 1,
-            };
-            let conv_inputs = ConvUpdateInputs {
-                x: xbc,
-                weight: &pr.conv_weight,
-                bias: pr.conv_bias.as_deref(),
-                silu: true,
-            };
-            conv_dims.check(&state.conv, &conv_inputs)?;
-            causal_conv1d_update_into(&conv_dims, &mut state.conv, &conv_inputs, xbc_conv);
+            conv_step_silu_host(
+                &mut state.conv,
+                xbc,
+                (&pr.conv_weight, pr.conv_bias.as_deref()),
+                (batch, c.conv_kernel),
+                xbc_conv,
+            )?;
             copy_columns(xbc_conv, conv_dim, 0, di, xs);
             copy_columns(xbc_conv, conv_dim, di, gn, b);
             copy_columns(xbc_conv, conv_dim, di + gn, gn, cm);
