@@ -24,7 +24,7 @@ use candle_core::cuda_backend::cudarc::driver::sys::{
 use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr};
 use candle_core::cuda_backend::CudaStorageSlice;
 use candle_core::op::BackpropOp;
-use candle_core::{CudaDevice, CudaStorage, DType, Device, Storage, Tensor};
+use candle_core::{CudaDevice, CudaStorage, DType, Device, Storage, Tensor, TensorId};
 use mamba_ops::cuda::decode::{
     BlasProduct, BlasProducts, ConvStep, DecodeKernels, DecodeSpec, DevicePtr as Addr,
     GatedNormStep, Gemv, Mamba1Step, Mamba2Step,
@@ -151,12 +151,13 @@ pub(crate) struct FusedDecoder {
     _params: Vec<Tensor>,
     /// This step's token ids and the device table of `(conv, ssm)` state addresses per
     /// layer, with their addresses (taken once: nothing is asked of the buffers while a
-    /// graph is being recorded), and the state addresses the table holds now.
+    /// graph is being recorded), and the state tensors whose addresses the table holds now
+    /// (asking a tensor for its address costs driver calls, so only new tensors are asked).
     ids: CudaSlice<u32>,
     ids_addr: Addr,
     state_table: CudaSlice<u64>,
     table_addr: Addr,
-    state_addrs: Vec<u64>,
+    state_tensors: Vec<TensorId>,
     logits: CudaSlice<f32>,
     graph: Option<Graph>,
     /// `(conv, ssm)` shapes of each layer's state for one sequence.
@@ -427,7 +428,7 @@ impl FusedDecoder {
             ids_addr,
             state_table,
             table_addr,
-            state_addrs: Vec::new(),
+            state_tensors: Vec::new(),
             logits,
             graph: None,
             state_shapes,
@@ -447,14 +448,15 @@ impl FusedDecoder {
                 self.vocab
             )));
         }
-        let addrs = self.state_addresses(state)?;
+        let tensors = self.device_state_tensors(state)?;
         let candle_stream = self.device.cuda_stream();
         self.stream.join(&candle_stream).map_err(cuda_err)?;
-        if addrs != self.state_addrs {
+        if tensors != self.state_tensors {
+            let addrs = self.state_addresses(state)?;
             self.stream
                 .memcpy_htod(&addrs, &mut self.state_table)
                 .map_err(cuda_err)?;
-            self.state_addrs = addrs;
+            self.state_tensors = tensors;
         }
         self.stream
             .memcpy_htod(ids, &mut self.ids)
@@ -470,11 +472,11 @@ impl FusedDecoder {
         self.logits_tensor()
     }
 
-    /// Every layer's `(conv, ssm)` state addresses, moving host-held states to the device
-    /// first.
-    fn state_addresses(&self, state: &mut State) -> Result<Vec<u64>> {
+    /// The ids of every layer's `(conv, ssm)` state tensors, moving host-held states to the
+    /// device first and checking their shapes against the model's.
+    fn device_state_tensors(&self, state: &mut State) -> Result<Vec<TensorId>> {
         let device = Device::Cuda(self.device.clone());
-        let mut addrs = Vec::with_capacity(2 * state.layers.len());
+        let mut ids = Vec::with_capacity(2 * state.layers.len());
         for (layer, (conv_shape, ssm_shape)) in state.layers.iter_mut().zip(&self.state_shapes) {
             let conv_shape = batched(state.batch, conv_shape);
             let ssm_shape = batched(state.batch, ssm_shape);
@@ -486,6 +488,16 @@ impl FusedDecoder {
             if d.conv.dims() != conv_shape || d.ssm.dims() != ssm_shape {
                 return Err(Error::Input("the state does not fit the model".into()));
             }
+            ids.extend([d.conv.id(), d.ssm.id()]);
+        }
+        Ok(ids)
+    }
+
+    /// Every layer's `(conv, ssm)` state addresses (the states already on the device).
+    fn state_addresses(&self, state: &State) -> Result<Vec<u64>> {
+        let mut addrs = Vec::with_capacity(2 * state.layers.len());
+        for layer in &state.layers {
+            let d = device_state(layer)?;
             addrs.push(f32_address(&d.conv, &self.stream)?);
             addrs.push(f32_address(&d.ssm, &self.stream)?);
         }
