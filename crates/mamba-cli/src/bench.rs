@@ -115,6 +115,9 @@ fn measure(model: &Model, args: &BenchArgs) -> Result<Measurement> {
     let prompt = random_ids(prefill_tokens(args), model.vocab_size());
     let mut state = model.new_state(prompts);
     let spinner = spinner(format!("prefill of {prompts} x {} tokens", args.prompt_len));
+    if !model.device().is_cpu() {
+        warm_up_prefill(model, &prompt, prompts, args.chunk.chunk_size)?;
+    }
     let start = Instant::now();
     let logits = model.prefill_chunked(&prompt, &mut state, args.chunk.chunk_size)?;
     model.device().synchronize()?;
@@ -138,6 +141,15 @@ fn measure(model: &Model, args: &BenchArgs) -> Result<Measurement> {
         peak_rss_bytes: peak_rss_bytes(),
         peak_device_bytes: peak_device_bytes(model.device()),
     })
+}
+
+/// One untimed prefill of the same prompt on a GPU: the first call compiles the kernels
+/// (NVRTC), creates the cuBLAS handle and grows the memory pool, which a user pays once
+/// per process and not per prompt.
+fn warm_up_prefill(model: &Model, prompt: &[u32], prompts: usize, chunk: usize) -> Result<()> {
+    let mut state = model.new_state(prompts);
+    model.prefill_chunked(prompt, &mut state, chunk)?;
+    Ok(model.device().synchronize()?)
 }
 
 /// `batch` copies of a one-sequence state and of its logits `(1, vocab)`; the state

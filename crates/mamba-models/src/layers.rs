@@ -168,8 +168,10 @@ impl Linear {
             self.forward_host(&f32_vec(&x2)?, &mut y)?;
             Tensor::from_vec(y, (rows, self.out_features()), x.device())?
         } else {
-            let w = self.dense_f32()?.to_device(x.device())?;
-            let y = x2.matmul(&w.t()?)?;
+            let y = match self.gpu_bf16_weight(rows, x.device()) {
+                Some(w) => gpu_bf16_product(&x2, w)?,
+                None => x2.matmul(&self.dense_f32()?.to_device(x.device())?.t()?)?,
+            };
             match &self.bias {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
@@ -179,6 +181,29 @@ impl Linear {
         *out_dims.last_mut().expect("checked above") = self.out_features();
         Ok(y.reshape(out_dims)?)
     }
+
+    /// The bf16 weight to multiply by as it is stored: on a GPU, for more than
+    /// [`GEMV_MAX_ROWS`] rows (a prefill). Fewer rows (the ops decoding step) keep the
+    /// widened f32 product, whose numerics the fused decoder is tested against.
+    fn gpu_bf16_weight(&self, rows: usize, device: &Device) -> Option<&Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w)
+                if w.dtype() == DType::BF16 && !device.is_cpu() && rows > GEMV_MAX_ROWS =>
+            {
+                Some(w)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `x w^T` for f32 `x: (rows, in)` and bf16 `w: (out, in)` on a GPU, as PyTorch runs a bf16
+/// model: `x` rounded to bf16, one tensor-core GEMM accumulating in f32, its bf16 result
+/// widened back to f32 `(rows, out)`.
+fn gpu_bf16_product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.to_dtype(DType::BF16)?
+        .matmul(&w.t()?)?
+        .to_dtype(DType::F32)?)
 }
 
 impl Linear {
@@ -497,16 +522,6 @@ pub fn f32_vec(t: &Tensor) -> Result<Vec<f32>> {
 /// `shape`; it stays a training variable when the builder holds variables.
 pub fn load_f32(vb: &VarBuilder, name: &str, shape: &[usize]) -> Result<Tensor> {
     Ok(vb.to_dtype(DType::F32).get(shape, name)?)
-}
-
-/// A recurrent state held as an f32 vector, viewed as a tensor of `shape` (no gradient).
-pub fn state_tensor(values: &[f32], shape: &[usize]) -> Result<Tensor> {
-    state_tensor_on(values, shape, &Device::Cpu)
-}
-
-/// Like [`state_tensor`], on `device` (the host values are copied there).
-pub fn state_tensor_on(values: &[f32], shape: &[usize], device: &Device) -> Result<Tensor> {
-    Ok(Tensor::from_slice(values, shape, device)?)
 }
 
 /// Columns `[start, start + width)` of the last dimension.
