@@ -17,7 +17,7 @@
 //! the recurrent states do.
 
 use crate::error::{Error, Result};
-use crate::layers::{columns, f32_vec, state_tensor, Linear};
+use crate::layers::{columns, Linear};
 use crate::model::Mixer;
 use crate::state::{KvCache, LayerState, SequenceKv, StateSize};
 use candle_core::{IndexOp, Tensor, D};
@@ -193,7 +193,7 @@ impl Attention {
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, cache: &mut SequenceKv) -> Result<Tensor> {
         let s = &self.spec;
         let len = q.dim(0)?;
-        let past = cache.keys.len() / self.kv_width();
+        let past = cache.tokens(self.kv_width())?;
         let q = q.reshape((len, s.heads, s.head_dim))?;
         let k = k.reshape((len, s.kv_heads, s.head_dim))?;
         let v = v.reshape((len, s.kv_heads, s.head_dim))?;
@@ -201,10 +201,7 @@ impl Attention {
             Some(r) => (r.rotate(&q, past)?, r.rotate(&k, past)?),
             None => (q, k),
         };
-        let keys = after_cached(&cache.keys, &k, past)?; // (S, G, d)
-        let values = after_cached(&cache.values, &v, past)?; // (S, G, d)
-        cache.keys.extend(f32_vec(&k)?);
-        cache.values.extend(f32_vec(&v)?);
+        let (keys, values) = cache.append(&k, &v)?; // (S, G, d) each
         grouped_attention(&q, &keys, &values, past)
     }
 }
@@ -225,16 +222,6 @@ fn check_spec(s: &AttentionSpec) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The `past` cached rows (`(past, G, d)` as f32 values) followed by `new: (L, G, d)`.
-fn after_cached(cached: &[f32], new: &Tensor, past: usize) -> Result<Tensor> {
-    if past == 0 {
-        return Ok(new.clone());
-    }
-    let (_, g, d) = new.dims3()?;
-    let cached = state_tensor(cached, &[past, g, d])?;
-    Ok(Tensor::cat(&[&cached, new], 0)?)
 }
 
 /// `softmax(q K^T / sqrt(d) + mask) V` for `q: (L, H, d)` at positions `past ..`, and
@@ -320,6 +307,7 @@ impl Mixer for Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::f32_vec;
     use candle_core::{DType, Device};
     use std::collections::HashMap;
 

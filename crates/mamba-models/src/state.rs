@@ -83,11 +83,99 @@ pub struct KvCache {
 }
 
 /// One sequence's cache: `keys, values: (tokens, kv_heads, head_dim)`, row-major, in the
-/// order the tokens came.
+/// order the tokens came. On a CUDA device they stay there as `device` tensors (and the
+/// vectors stay empty), so that decoding does not copy the whole cache every token.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SequenceKv {
     pub keys: Vec<f32>,
     pub values: Vec<f32>,
+    pub device: Option<DeviceKv>,
+}
+
+/// A sequence's keys and values `(tokens, kv_heads, head_dim)` as f32 device tensors.
+/// Appending makes new tensors (as Hugging Face's dynamic cache concatenates), never
+/// writes in place, so a clone may share their storage.
+#[derive(Debug, Clone)]
+pub struct DeviceKv {
+    pub keys: Tensor,
+    pub values: Tensor,
+}
+
+impl PartialEq for DeviceKv {
+    /// Equal shapes and equal values (false where a value cannot be read).
+    fn eq(&self, other: &Self) -> bool {
+        let host = |t: &Tensor| host_values(t).ok().map(|v| (t.dims().to_vec(), v));
+        let (a, b) = (host(&self.keys), host(&other.keys));
+        let (c, d) = (host(&self.values), host(&other.values));
+        a.is_some() && a == b && c.is_some() && c == d
+    }
+}
+
+/// A tensor's values as f32, in row-major order, on the host.
+fn host_values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+}
+
+impl SequenceKv {
+    /// Tokens cached, for keys of `width` values per token.
+    pub fn tokens(&self, width: usize) -> Result<usize> {
+        Ok(match &self.device {
+            Some(d) => d.keys.dim(0)?,
+            None => self.keys.len() / width.max(1),
+        })
+    }
+
+    /// Appends new keys and values `k, v: (L, kv_heads, head_dim)` and returns every
+    /// cached one `(S, kv_heads, head_dim)`, the new rows last (still carrying their
+    /// gradient; the cache keeps them as constants).
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let past = self.tokens(k.dim(1)? * k.dim(2)?)?;
+        let (keys, values) = match &self.device {
+            Some(d) => (
+                Tensor::cat(&[&d.keys, k], 0)?,
+                Tensor::cat(&[&d.values, v], 0)?,
+            ),
+            None => (
+                after_host_rows(&self.keys, k, past)?,
+                after_host_rows(&self.values, v, past)?,
+            ),
+        };
+        if k.device().is_cuda() {
+            self.keys = Vec::new();
+            self.values = Vec::new();
+            self.device = Some(DeviceKv {
+                keys: keys.detach(),
+                values: values.detach(),
+            });
+        } else {
+            self.keys.extend(host_values(k)?);
+            self.values.extend(host_values(v)?);
+        }
+        Ok((keys, values))
+    }
+
+    /// This cache with device-held keys and values copied into the vectors.
+    fn to_host(&self) -> Result<SequenceKv> {
+        Ok(match &self.device {
+            Some(d) => SequenceKv {
+                keys: host_values(&d.keys)?,
+                values: host_values(&d.values)?,
+                device: None,
+            },
+            None => self.clone(),
+        })
+    }
+}
+
+/// The `past` rows held on the host (`(past, G, d)` f32 values) followed by
+/// `new: (L, G, d)`, on `new`'s device.
+fn after_host_rows(cached: &[f32], new: &Tensor, past: usize) -> Result<Tensor> {
+    if past == 0 {
+        return Ok(new.clone());
+    }
+    let (_, g, d) = new.dims3()?;
+    let cached = Tensor::from_slice(cached, (past, g, d), new.device())?;
+    Ok(Tensor::cat(&[&cached, new], 0)?)
 }
 
 impl LayerState {
@@ -165,18 +253,28 @@ impl LayerState {
         })
     }
 
-    /// This state with any device-held recurrent state copied back into `conv` and `ssm`.
+    /// This state with any device-held recurrent state copied back into `conv` and `ssm`
+    /// (and device-held keys and values into their vectors).
     pub fn to_host(&self) -> Result<LayerState> {
-        let Some(d) = &self.device else {
-            return Ok(self.clone());
+        let kv = match &self.kv {
+            Some(kv) => Some(KvCache {
+                width: kv.width,
+                sequences: kv
+                    .sequences
+                    .iter()
+                    .map(SequenceKv::to_host)
+                    .collect::<Result<_>>()?,
+            }),
+            None => None,
         };
-        let values = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        let (conv, ssm) = match &self.device {
+            Some(d) => (host_values(&d.conv)?, host_values(&d.ssm)?),
+            None => (self.conv.clone(), self.ssm.clone()),
         };
         Ok(LayerState {
-            conv: values(&d.conv)?,
-            ssm: values(&d.ssm)?,
-            kv: self.kv.clone(),
+            conv,
+            ssm,
+            kv,
             device: None,
         })
     }
@@ -202,11 +300,8 @@ impl LayerState {
     /// when they are on a CUDA device, else copied into the `conv` and `ssm` vectors.
     pub fn set_recurrent(&mut self, conv: &Tensor, ssm: &Tensor) -> Result<()> {
         if !conv.device().is_cuda() {
-            let values = |t: &Tensor| -> Result<Vec<f32>> {
-                Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
-            };
-            self.conv = values(conv)?;
-            self.ssm = values(ssm)?;
+            self.conv = host_values(conv)?;
+            self.ssm = host_values(ssm)?;
             self.device = None;
         } else {
             self.conv = Vec::new();
@@ -264,7 +359,7 @@ impl State {
         })
     }
 
-    /// This state with every device-held recurrent state copied back to the host.
+    /// This state with every device-held recurrent state and cache copied back to the host.
     pub fn to_host(&self) -> Result<State> {
         Ok(State {
             batch: self.batch,
