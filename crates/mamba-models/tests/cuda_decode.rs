@@ -2,7 +2,9 @@
 //! same GPU: the same logits step after step and the same state left behind, for every
 //! family it covers, f32 and bf16 weights, one and several sequences (11: past the
 //! matrix-vector kernel's tile, through cuBLAS), fixture checkpoints and a model of
-//! mamba-130m's / mamba2-130m's widths. Skips when no GPU is found.
+//! mamba-130m's / mamba2-130m's widths. Also a hybrid with attention (the Jamba fixture),
+//! which decodes through the ops with its key/value cache kept on the device, against the
+//! CPU. Skips when no GPU is found.
 #![cfg(feature = "cuda")]
 
 use candle_core::Device;
@@ -153,4 +155,67 @@ fn a_clone_of_a_device_state_is_independent() {
     model.step(&[4], &mut state).unwrap();
     assert_eq!(before.to_host().unwrap(), kept);
     assert_ne!(state.to_host().unwrap().layers, kept.layers);
+}
+
+#[test]
+fn jamba_decodes_on_the_gpu_as_on_the_cpu_with_its_cache_on_the_device() {
+    let Some(device) = gpu() else { return };
+    let (cpu, gpu) = (
+        fixture("jamba", WeightFormat::F32, &Device::Cpu),
+        fixture("jamba", WeightFormat::F32, &device),
+    );
+    let batch = 2;
+    // 20 tokens per sequence: past the matrix-vector rows, as a prefill runs.
+    let prompt: Vec<u32> = (0..batch * 20)
+        .map(|i| token(i, 3, cpu.vocab_size()))
+        .collect();
+    let (mut on_cpu, mut on_gpu) = (cpu.new_state(batch), gpu.new_state(batch));
+    let want = f32_vec(&cpu.prefill(&prompt, &mut on_cpu).unwrap()).unwrap();
+    let got = f32_vec(&gpu.prefill(&prompt, &mut on_gpu).unwrap()).unwrap();
+    assert!(relative_error(&got, &want) < 1e-4, "prefill logits");
+    let caches = || on_gpu.layers.iter().filter_map(|l| l.kv.as_ref());
+    assert!(caches().count() > 0, "the fixture has attention layers");
+    for kv in caches() {
+        assert!(kv
+            .sequences
+            .iter()
+            .all(|s| s.device.is_some() && s.keys.is_empty()));
+    }
+    let (want, want_state) = decode(&cpu, on_cpu, 4);
+    let (got, got_state) = decode(&gpu, on_gpu, 4);
+    for (t, (g, w)) in got.iter().zip(&want).enumerate() {
+        let err = relative_error(g, w);
+        assert!(err < 1e-4, "step {t}: logits differ by {err}");
+    }
+    for (g, w) in got_state.layers.iter().zip(&want_state.layers) {
+        if let (Some(g), Some(w)) = (&g.kv, &w.kv) {
+            for (gs, ws) in g.sequences.iter().zip(&w.sequences) {
+                assert_eq!(gs.keys.len(), ws.keys.len());
+                let (k, v) = (
+                    relative_error(&gs.keys, &ws.keys),
+                    relative_error(&gs.values, &ws.values),
+                );
+                assert!(k < 1e-4 && v < 1e-4, "caches differ by {k} / {v}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_bf16_prefill_on_tensor_cores_stays_near_the_cpu() {
+    let Some(device) = gpu() else { return };
+    for name in ["mamba-130m", "mamba2-130m"] {
+        let (cpu, gpu) = (
+            random(name, 3, WeightFormat::Bf16, &Device::Cpu),
+            random(name, 3, WeightFormat::Bf16, &device),
+        );
+        // 48 tokens: the products run as bf16 GEMMs on the GPU (inputs rounded to bf16),
+        // and with f32 inputs on the CPU.
+        let prompt: Vec<u32> = (0..48).map(|i| token(i, 5, cpu.vocab_size())).collect();
+        let (mut on_cpu, mut on_gpu) = (cpu.new_state(1), gpu.new_state(1));
+        let want = f32_vec(&cpu.prefill(&prompt, &mut on_cpu).unwrap()).unwrap();
+        let got = f32_vec(&gpu.prefill(&prompt, &mut on_gpu).unwrap()).unwrap();
+        let err = relative_error(&got, &want);
+        assert!(err < 2e-2, "{name}: bf16 prefill logits differ by {err}");
+    }
 }
