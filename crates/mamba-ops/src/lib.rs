@@ -23,6 +23,7 @@ pub mod rmsnorm_gated;
 pub mod selective_scan;
 pub mod selective_state_update;
 pub mod ssd;
+pub mod ssd_graph;
 pub mod tensor;
 
 pub use error::{OpError, Result};

@@ -7,9 +7,11 @@
 //! CPU kernel of the op's module; on a CUDA device (cargo feature `cuda`) it runs the op's CUDA
 //! kernel (see `crate::cuda`), reading bf16 directly when every input is bf16. Outputs are f32.
 //! The backward of a tensor on a CUDA device runs the op's CUDA backward kernels where it has
-//! them (gated RMSNorm, causal conv1d, the selective scan) and otherwise copies the inputs to
-//! the host, runs the fast CPU backward kernel and copies the gradients back (the SSD, for now);
-//! on the CPU it runs the fast CPU backward kernel.
+//! them (gated RMSNorm, causal conv1d, the selective scan); the SSD's recomputes its forward as
+//! differentiable batched products ([`crate::ssd_graph`]) and lets candle's autograd
+//! differentiate them there; otherwise (sizes a kernel does not cover) the inputs go to the
+//! host for the fast CPU backward kernel and the gradients come back. On the CPU every op
+//! runs its fast CPU backward kernel.
 //!
 //! Every op comes in two forms: `op(...)` returns its outputs, and `op_call(...)` returns a
 //! [`PackedCall`], the inputs already packed, whose [`PackedCall::run`] launches only the kernel
@@ -30,13 +32,14 @@ use crate::selective_scan::{
 };
 use crate::selective_state_update::{selective_state_update as step_fwd, StepDims, StepInputs};
 use crate::ssd::{ssd as ssd_fwd, ssd_backward, SsdDims, SsdInputs};
+use crate::ssd_graph::{ssd_chunked, SsdTensors};
 #[cfg(feature = "cuda")]
 use candle_core::{
     cuda_backend::cudarc::driver::{CudaSlice, CudaView},
     op::BackpropOp,
     CudaStorage, Storage,
 };
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, Var};
 use std::sync::Arc;
 
 /// A kernel over packed inputs: the inputs' flat slices in, the outputs' flat values out.
@@ -62,6 +65,16 @@ trait PackedKernel: Send + Sync + 'static {
     }
     /// Gradients of every input, concatenated in input order.
     fn backward(&self, inputs: &[&[f32]], grad_out: &[f32]) -> crate::Result<Vec<f32>>;
+    /// The backward through differentiable tensor operations on the packed input's own
+    /// device (the flat gradients of [`PackedKernel::backward`]), for an op whose GPU backward
+    /// is written that way; `None` for the others.
+    fn tensor_backward(
+        &self,
+        _packed: &Tensor,
+        _grad_out: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 struct PackedOp<K> {
@@ -134,8 +147,9 @@ impl<K: PackedKernel> CustomOp1 for PackedOp<K> {
         ))
     }
 
-    /// Runs the GPU backward kernels for a tensor on a CUDA device where the op has them, else
-    /// the CPU backward kernel (tensors on a GPU go to the host and their gradients back).
+    /// Runs the GPU backward kernels for a tensor on a CUDA device where the op has them, or
+    /// its backward through tensor operations there, else the CPU backward kernel (tensors on
+    /// a GPU go to the host and their gradients back).
     fn bwd(
         &self,
         arg: &Tensor,
@@ -145,6 +159,11 @@ impl<K: PackedKernel> CustomOp1 for PackedOp<K> {
         #[cfg(feature = "cuda")]
         if let Some(grads) = self.cuda_bwd(arg, grad_res)? {
             return Ok(Some(grads.to_dtype(arg.dtype())?));
+        }
+        if arg.device().is_cuda() {
+            if let Some(grads) = self.kernel.tensor_backward(arg, grad_res)? {
+                return Ok(Some(grads.to_dtype(arg.dtype())?));
+            }
         }
         let inputs = arg.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let grad_out = grad_res.to_dtype(DType::F32)?.to_vec1::<f32>()?;
@@ -987,6 +1006,41 @@ impl SsdKernel {
     }
 }
 
+impl SsdKernel {
+    /// The shape of each present input, by name, in packing order.
+    fn input_shapes(&self) -> Vec<(&'static str, Vec<usize>)> {
+        let d = &self.dims;
+        let tokens = vec![d.batch, d.len, d.heads, d.head_dim];
+        let bc = vec![d.batch, d.len, d.groups, d.state];
+        let skip = if self.d_per_p {
+            vec![d.heads, d.head_dim]
+        } else {
+            vec![d.heads]
+        };
+        let p = self.present;
+        [
+            ("x", Some(tokens.clone())),
+            ("dt", Some(vec![d.batch, d.len, d.heads])),
+            ("A", Some(vec![d.heads])),
+            ("B", Some(bc.clone())),
+            ("C", Some(bc)),
+            ("D", p.d.then_some(skip)),
+            ("z", p.z.then_some(tokens)),
+            ("dt_bias", p.bias.then(|| vec![d.heads])),
+            (
+                "initial_states",
+                p.init.then(|| vec![d.batch, d.heads, d.head_dim, d.state]),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, shape)| shape.map(|s| (name, s)))
+        .collect()
+    }
+}
+
+/// Chunk length of the SSD's backward through tensor operations (as the GPU forward's).
+const SSD_GRAPH_CHUNK: usize = 64;
+
 impl PackedKernel for SsdKernel {
     const NAME: &'static str = "ssd";
 
@@ -1004,28 +1058,11 @@ impl PackedKernel for SsdKernel {
                 "chunk_size must be at least 1".into(),
             ));
         }
-        let tokens = d.batch * d.len * d.heads * d.head_dim;
-        let bc = d.batch * d.len * d.groups * d.state;
-        let skip = if self.d_per_p {
-            d.heads * d.head_dim
-        } else {
-            d.heads
-        };
-        let p = self.present;
-        Ok(present_sizes([
-            ("x", Some(tokens)),
-            ("dt", Some(d.batch * d.len * d.heads)),
-            ("A", Some(d.heads)),
-            ("B", Some(bc)),
-            ("C", Some(bc)),
-            ("D", p.d.then_some(skip)),
-            ("z", p.z.then_some(tokens)),
-            ("dt_bias", p.bias.then_some(d.heads)),
-            (
-                "initial_states",
-                p.init.then_some(d.batch * d.heads * d.head_dim * d.state),
-            ),
-        ]))
+        Ok(self
+            .input_shapes()
+            .into_iter()
+            .map(|(name, shape)| (name, shape.iter().product()))
+            .collect())
     }
 
     fn forward(&self, inputs: &[&[f32]]) -> crate::Result<Vec<f32>> {
@@ -1059,6 +1096,56 @@ impl PackedKernel for SsdKernel {
             g.dt_bias,
             g.initial_states,
         ]))
+    }
+
+    /// Recomputes the forward as [`ssd_chunked`] on the packed input's device, with each input
+    /// a fresh variable, and differentiates `sum(y gy) + sum(final gf)`.
+    fn tensor_backward(
+        &self,
+        packed: &Tensor,
+        grad_out: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let flat = packed.to_dtype(DType::F32)?.detach();
+        let mut offset = 0;
+        let mut vars = Vec::new();
+        for (_, shape) in self.input_shapes() {
+            let n: usize = shape.iter().product();
+            vars.push(Var::from_tensor(
+                &flat.narrow(0, offset, n)?.reshape(shape)?,
+            )?);
+            offset += n;
+        }
+        let mut rest = vars[5..].iter().map(Var::as_tensor);
+        let p = self.present;
+        let inputs = SsdTensors {
+            x: vars[0].as_tensor(),
+            dt: vars[1].as_tensor(),
+            a: vars[2].as_tensor(),
+            b: vars[3].as_tensor(),
+            c: vars[4].as_tensor(),
+            d: p.d.then(|| rest.next()).flatten(),
+            z: p.z.then(|| rest.next()).flatten(),
+            dt_bias: p.bias.then(|| rest.next()).flatten(),
+            dt_softplus: self.softplus,
+            dt_limit: self.dt_limit,
+            initial_states: p.init.then(|| rest.next()).flatten(),
+        };
+        let (y, last) = ssd_chunked(&inputs, SSD_GRAPH_CHUNK)?;
+        let grad_out = grad_out.to_dtype(DType::F32)?;
+        let grad_y = grad_out.narrow(0, 0, y.elem_count())?.reshape(y.shape())?;
+        let grad_last = grad_out
+            .narrow(0, y.elem_count(), last.elem_count())?
+            .reshape(last.shape())?;
+        let objective = ((y * grad_y)?.sum_all()? + (last * grad_last)?.sum_all()?)?;
+        let store = objective.backward()?;
+        let grads = vars
+            .iter()
+            .map(|v| match store.get(v.as_tensor()) {
+                Some(g) => g.flatten_all(),
+                None => v.as_tensor().zeros_like()?.flatten_all(),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&grads, 0)?))
     }
 }
 
@@ -1254,4 +1341,106 @@ pub fn rmsnorm_gated_call(
         has_z: z.is_some(),
     };
     prepare(kernel, &inputs, &[x.dims()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn filler(n: usize, seed: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| lo + (hi - lo) * ((i * 7919 + seed * 104_729) % 997) as f32 / 997.0)
+            .collect()
+    }
+
+    /// The SSD's backward through tensor operations (the GPU's) unpacks the packed inputs in
+    /// the kernel's order and gives the CPU backward kernel's gradients, with and without the
+    /// optional inputs.
+    #[test]
+    fn ssd_tensor_backward_matches_the_cpu_kernel_on_packed_inputs() {
+        let dims = SsdDims {
+            batch: 1,
+            len: 70,
+            heads: 2,
+            head_dim: 4,
+            groups: 1,
+            state: 8,
+            chunk_size: 32,
+        };
+        let all = Present {
+            d: true,
+            z: true,
+            bias: true,
+            init: true,
+        };
+        let none = Present {
+            d: false,
+            z: false,
+            bias: false,
+            init: false,
+        };
+        let tiny = SsdDims {
+            batch: 4,
+            len: 32,
+            heads: 4,
+            head_dim: 16,
+            groups: 1,
+            state: 16,
+            chunk_size: 16,
+        };
+        for (dims, present, d_per_p, softplus) in [
+            (dims, all, true, true),
+            (dims, none, false, false),
+            (tiny, Present { z: false, ..all }, false, true),
+        ] {
+            let kernel = SsdKernel {
+                dims,
+                present,
+                d_per_p,
+                softplus,
+                dt_limit: (0.0, f32::INFINITY),
+            };
+            let sizes: Vec<usize> = kernel
+                .input_sizes()
+                .unwrap()
+                .iter()
+                .map(|(_, n)| *n)
+                .collect();
+            // Steps kept positive without the softplus, as a processed dt is.
+            let inputs: Vec<Vec<f32>> = kernel
+                .input_shapes()
+                .iter()
+                .zip(&sizes)
+                .enumerate()
+                .map(|(i, ((name, _), &n))| match *name {
+                    "A" => filler(n, i, -1.5, -0.5),
+                    "dt" if !softplus => filler(n, i, 0.05, 0.5),
+                    _ => filler(n, i, -1.0, 1.0),
+                })
+                .collect();
+            let packed: Vec<f32> = inputs.concat();
+            let out_len = dims.batch * dims.heads * dims.head_dim * (dims.len + dims.state);
+            let grad_out = filler(out_len, 99, -1.0, 1.0);
+            let slices: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+            let want = kernel.backward(&slices, &grad_out).unwrap();
+            let got = kernel
+                .tensor_backward(
+                    &Tensor::from_vec(packed, sizes.iter().sum::<usize>(), &Device::Cpu).unwrap(),
+                    &Tensor::from_vec(grad_out, out_len, &Device::Cpu).unwrap(),
+                )
+                .unwrap()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(got.len(), want.len());
+            let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+                / scale;
+            assert!(err < 1e-4, "present {present:?}: gradients differ by {err}");
+        }
+    }
 }
