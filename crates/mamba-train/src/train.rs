@@ -173,6 +173,8 @@ pub struct Progress {
     pub steps: usize,
     pub loss: f64,
     pub lr: f64,
+    /// Training tokens per second of the steps so far (forward, backward and update, the
+    /// device synchronised; evaluation and checkpoint writes not counted).
     pub tokens_per_s: f64,
     /// Validation loss when measured at this step.
     pub val_loss: Option<f64>,
@@ -184,6 +186,7 @@ pub struct Summary {
     pub steps: usize,
     pub final_train_loss: f64,
     pub final_val_loss: f64,
+    /// Training tokens per second, as in [`Progress::tokens_per_s`].
     pub tokens_per_s: f64,
     pub out_dir: PathBuf,
 }
@@ -264,8 +267,10 @@ pub fn train(
     let started = Instant::now();
     let tokens_per_step = (cfg.batch * cfg.seq_len * cfg.grad_accum) as u64;
     let mut tokens_this_run = 0u64;
+    let mut training_seconds = 0.0;
     while state.step < cfg.steps {
         let step = state.step;
+        let step_started = Instant::now();
         let mut grads = None;
         let mut loss_sum = 0.0;
         for micro in 0..cfg.grad_accum {
@@ -290,6 +295,8 @@ pub fn train(
         };
         let lr = schedule.lr(step);
         opt.step(&grads, lr, mean_scale * clip)?;
+        model.model.device().synchronize()?;
+        training_seconds += step_started.elapsed().as_secs_f64();
 
         state.step += 1;
         state.tokens_seen += tokens_per_step;
@@ -309,7 +316,7 @@ pub fn train(
             steps: cfg.steps,
             loss,
             lr,
-            tokens_per_s: tokens_this_run as f64 / elapsed.max(1e-9),
+            tokens_per_s: tokens_this_run as f64 / training_seconds.max(1e-9),
             val_loss,
         });
         if last || !keep_going || state.step.is_multiple_of(cfg.save_every) {
@@ -321,12 +328,11 @@ pub fn train(
             break;
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
     Ok(Summary {
         steps: state.step,
         final_train_loss: state.train_losses.last().map_or(f64::NAN, |l| l.1),
         final_val_loss: state.val_losses.last().map_or(f64::NAN, |l| l.1),
-        tokens_per_s: tokens_this_run as f64 / elapsed.max(1e-9),
+        tokens_per_s: tokens_this_run as f64 / training_seconds.max(1e-9),
         out_dir: out.to_path_buf(),
     })
 }
