@@ -614,10 +614,6 @@ fn model_cases() -> Vec<ModelCase> {
             spec("bias", &[channels], -0.5, 0.5),
         ]
     };
-    let chunks = L.div_ceil(64) as f64;
-    let (q, hf, pf, nf) = (64.0, h as f64, p as f64, n2 as f64);
-    // CB, chunk states, off-diagonal and (full square) diagonal products, 2 flops each.
-    let ssd_flops = 2.0 * chunks * (q * q * nf + hf * (pf * nf * q * 2.0 + q * q * pf));
     vec![
         ModelCase {
             name: "m1 causal_conv1d d1536 L2048",
@@ -625,36 +621,8 @@ fn model_cases() -> Vec<ModelCase> {
             call: |t| causal_conv1d_call(&t[0], &t[1], Some(&t[2]), None, true),
             flops: 0.0,
         },
-        ModelCase {
-            name: "m1 selective_scan d1536 N16 L2048",
-            specs: vec![
-                spec("u", &[1, L, d1], -1.0, 1.0),
-                spec("delta", &[1, L, d1], -0.5, 0.5),
-                spec("A", &[d1, n1], -16.0, -1.0),
-                spec("B", &[1, L, 1, n1], -1.0, 1.0),
-                spec("C", &[1, L, 1, n1], -1.0, 1.0),
-                spec("D", &[d1], 0.5, 1.5),
-                spec("z", &[1, L, d1], -2.0, 2.0),
-                spec("delta_bias", &[d1], -6.0, -2.0),
-            ],
-            call: |t| {
-                selective_scan_call(
-                    &t[0],
-                    &t[1],
-                    &t[2],
-                    &t[3],
-                    &t[4],
-                    ScanOptions {
-                        d: Some(&t[5]),
-                        z: Some(&t[6]),
-                        delta_bias: Some(&t[7]),
-                        delta_softplus: true,
-                        initial_state: None,
-                    },
-                )
-            },
-            flops: 0.0,
-        },
+        scan_case("m1 selective_scan d1536 N16 L2048", d1),
+        scan_case("m1 selective_scan d5120 N16 L2048", 5120),
         ModelCase {
             name: "m1 causal_conv1d_update b1",
             specs: conv_update(1, d1),
@@ -679,36 +647,8 @@ fn model_cases() -> Vec<ModelCase> {
             call: |t| causal_conv1d_call(&t[0], &t[1], Some(&t[2]), None, true),
             flops: 0.0,
         },
-        ModelCase {
-            name: "m2 ssd H24 P64 N128 L2048",
-            specs: vec![
-                spec("x", &[1, L, h, p], -1.0, 1.0),
-                spec("dt", &[1, L, h], -0.5, 0.5),
-                spec("A", &[h], -16.0, -1.0),
-                spec("B", &[1, L, 1, n2], -1.0, 1.0),
-                spec("C", &[1, L, 1, n2], -1.0, 1.0),
-                spec("D", &[h], 0.5, 1.5),
-                spec("dt_bias", &[h], -6.0, -2.0),
-                spec("initial_states", &[1, h, p, n2], -0.1, 0.1),
-            ],
-            call: |t| {
-                ssd_call(
-                    &t[0],
-                    &t[1],
-                    &t[2],
-                    &t[3],
-                    &t[4],
-                    SsdOptions {
-                        d: Some(&t[5]),
-                        dt_bias: Some(&t[6]),
-                        dt_softplus: true,
-                        initial_states: Some(&t[7]),
-                        ..Default::default()
-                    },
-                )
-            },
-            flops: ssd_flops,
-        },
+        ssd_case("m2 ssd H24 P64 N128 L2048", h),
+        ssd_case("m2 ssd H80 P64 N128 L2048", 80),
         ModelCase {
             name: "m2 rmsnorm_gated 2048x1536",
             specs: vec![
@@ -738,6 +678,88 @@ fn model_cases() -> Vec<ModelCase> {
             flops: 0.0,
         },
     ]
+}
+
+/// The Mamba-1 selective scan over 2048 tokens of `d` channels, N 16 (d 1536: mamba-130m;
+/// 5120: mamba-2.8b).
+fn scan_case(name: &'static str, d: usize) -> ModelCase {
+    const L: usize = 2048;
+    let n = 16;
+    ModelCase {
+        name,
+        specs: vec![
+            spec("u", &[1, L, d], -1.0, 1.0),
+            spec("delta", &[1, L, d], -0.5, 0.5),
+            spec("A", &[d, n], -16.0, -1.0),
+            spec("B", &[1, L, 1, n], -1.0, 1.0),
+            spec("C", &[1, L, 1, n], -1.0, 1.0),
+            spec("D", &[d], 0.5, 1.5),
+            spec("z", &[1, L, d], -2.0, 2.0),
+            spec("delta_bias", &[d], -6.0, -2.0),
+        ],
+        call: |t| {
+            selective_scan_call(
+                &t[0],
+                &t[1],
+                &t[2],
+                &t[3],
+                &t[4],
+                ScanOptions {
+                    d: Some(&t[5]),
+                    z: Some(&t[6]),
+                    delta_bias: Some(&t[7]),
+                    delta_softplus: true,
+                    initial_state: None,
+                },
+            )
+        },
+        flops: 0.0,
+    }
+}
+
+/// The Mamba-2 SSD over 2048 tokens of `h` heads of 64 channels, N 128, one group, chunk 64
+/// (24 heads: mamba2-130m; 80: mamba2-2.7b).
+fn ssd_case(name: &'static str, h: usize) -> ModelCase {
+    const L: usize = 2048;
+    let (p, n2) = (64, 128);
+    ModelCase {
+        name,
+        specs: vec![
+            spec("x", &[1, L, h, p], -1.0, 1.0),
+            spec("dt", &[1, L, h], -0.5, 0.5),
+            spec("A", &[h], -16.0, -1.0),
+            spec("B", &[1, L, 1, n2], -1.0, 1.0),
+            spec("C", &[1, L, 1, n2], -1.0, 1.0),
+            spec("D", &[h], 0.5, 1.5),
+            spec("dt_bias", &[h], -6.0, -2.0),
+            spec("initial_states", &[1, h, p, n2], -0.1, 0.1),
+        ],
+        call: |t| {
+            ssd_call(
+                &t[0],
+                &t[1],
+                &t[2],
+                &t[3],
+                &t[4],
+                SsdOptions {
+                    d: Some(&t[5]),
+                    dt_bias: Some(&t[6]),
+                    dt_softplus: true,
+                    initial_states: Some(&t[7]),
+                    ..Default::default()
+                },
+            )
+        },
+        flops: ssd_flops(h),
+    }
+}
+
+/// Multiply-adds (2 flops each) of the chunked SSD's products over 2048 tokens at `h` heads:
+/// CB, chunk states, off-diagonal and (full square) diagonal products.
+fn ssd_flops(h: usize) -> f64 {
+    let chunks = 2048usize.div_ceil(64) as f64;
+    let (q, hf, pf, nf) = (64.0, h as f64, 64.0, 128.0);
+    2.0 * chunks * (q * q * nf + hf * (pf * nf * q * 2.0 + q * q * pf))
 }
 
 fn m1_step(t: &[Tensor]) -> mamba_ops::Result<PackedCall> {
@@ -932,6 +954,10 @@ fn backward_cases() -> Vec<ModelCase> {
             specs: conv(conv2),
             call: |t| causal_conv1d_call(&t[0], &t[1], Some(&t[2]), Some(&t[3]), true),
             flops: 0.0,
+        },
+        ModelCase {
+            name: "bwd m2 ssd H24 P64 N128 L2048",
+            ..ssd_case("", 24)
         },
         ModelCase {
             name: "bwd m2 rmsnorm_gated 2048x1536",
