@@ -59,9 +59,9 @@ pub struct RotarySpec {
 }
 
 impl RotarySpec {
-    /// `x: (L, heads, head_dim)` at positions `start .. start + L`, rotated.
+    /// `x: (..., L, heads, head_dim)` at positions `start .. start + L`, rotated.
     fn rotate(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (len, _, head_dim) = x.dims3()?;
+        let (len, head_dim) = (x.dim(D::Minus(3))?, x.dim(D::Minus1)?);
         let half = self.dim / 2;
         let (cos, sin) = self.cos_sin(start, len, x.device())?; // (L, 1, dim/2) each
         let x1 = x.narrow(D::Minus1, 0, half)?;
@@ -188,22 +188,81 @@ impl Attention {
         }
     }
 
-    /// One sequence: `q: (L, H d)`, `k, v: (L, G d)` of new tokens, attending to the cached
-    /// tokens and to each other causally; appends `k, v` to the cache. Returns `(L, H d)`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, cache: &mut SequenceKv) -> Result<Tensor> {
+    /// `q: (b, L, H d)`, `k, v: (b, L, G d)` of new tokens attending to each sequence's cached
+    /// tokens and to each other causally; appends `k, v` to the caches. With `together`, and
+    /// when every cache holds as many tokens, the sequences attend in one batched product
+    /// (a GPU's choice: one launch per op instead of one per sequence); else one at a time
+    /// (the CPU's: no copy of every cache into one tensor). Returns `(b, L, H d)`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: &mut KvCache,
+        together: bool,
+    ) -> Result<Tensor> {
+        let width = self.kv_width();
+        let cached = cache
+            .sequences
+            .iter()
+            .map(|seq| seq.tokens(width))
+            .collect::<Result<Vec<_>>>()?;
+        if together && cached.windows(2).all(|pair| pair[0] == pair[1]) {
+            return self.attend_together(q, k, v, &mut cache.sequences, cached[0]);
+        }
+        let per_sequence = cache
+            .sequences
+            .iter_mut()
+            .enumerate()
+            .map(|(row, seq)| {
+                let rows = |t: &Tensor| t.narrow(0, row, 1);
+                self.attend_together(
+                    &rows(q)?,
+                    &rows(k)?,
+                    &rows(v)?,
+                    std::slice::from_mut(seq),
+                    cached[row],
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&per_sequence, 0)?)
+    }
+
+    /// [`Attention::attend`] for sequences that have all cached `past` tokens.
+    fn attend_together(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        sequences: &mut [SequenceKv],
+        past: usize,
+    ) -> Result<Tensor> {
         let s = &self.spec;
-        let len = q.dim(0)?;
-        let past = cache.tokens(self.kv_width())?;
-        let q = q.reshape((len, s.heads, s.head_dim))?;
-        let k = k.reshape((len, s.kv_heads, s.head_dim))?;
-        let v = v.reshape((len, s.kv_heads, s.head_dim))?;
+        let (batch, len, _) = q.dims3()?;
+        let q = q.reshape((batch, len, s.heads, s.head_dim))?;
+        let k = k.reshape((batch, len, s.kv_heads, s.head_dim))?;
+        let v = v.reshape((batch, len, s.kv_heads, s.head_dim))?;
         let (q, k) = match &s.rotary {
             Some(r) => (r.rotate(&q, past)?, r.rotate(&k, past)?),
             None => (q, k),
         };
-        let (keys, values) = cache.append(&k, &v)?; // (S, G, d) each
-        grouped_attention(&q, &keys, &values, past)
+        let (keys, values): (Vec<Tensor>, Vec<Tensor>) = sequences
+            .iter_mut()
+            .enumerate()
+            .map(|(row, seq)| seq.append(&k.i(row)?, &v.i(row)?)) // (S, G, d) each
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+        grouped_attention(&q, &stacked(&keys)?, &stacked(&values)?, past)
     }
+}
+
+/// `(S, G, d)` tensors as one `(b, S, G, d)` (a view of the only one when there is one).
+fn stacked(rows: &[Tensor]) -> Result<Tensor> {
+    Ok(match rows {
+        [one] => one.unsqueeze(0)?,
+        _ => Tensor::stack(rows, 0)?,
+    })
 }
 
 fn check_spec(s: &AttentionSpec) -> Result<()> {
@@ -224,33 +283,36 @@ fn check_spec(s: &AttentionSpec) -> Result<()> {
     Ok(())
 }
 
-/// `softmax(q K^T / sqrt(d) + mask) V` for `q: (L, H, d)` at positions `past ..`, and
-/// `k, v: (S, G, d)` at positions `0 .. S`; query head `j` reads key/value head
-/// `j / (H/G)`. Returns `(L, H d)`.
+/// `softmax(q K^T / sqrt(d) + mask) V` for `q: (b, L, H, d)` at positions `past ..`, and
+/// `k, v: (b, S, G, d)` at positions `0 .. S`; query head `j` reads key/value head
+/// `j / (H/G)`. Returns `(b, L, H d)`.
 fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
-    let (len, heads, d) = q.dims3()?;
-    let (keys, kv_heads, _) = k.dims3()?;
+    let (batch, len, heads, d) = q.dims4()?;
+    let (_, keys, kv_heads, _) = k.dims4()?;
     let group = heads / kv_heads;
-    // Query heads of one key/value head side by side: (G, group * L, d).
+    let pairs = batch * kv_heads;
+    // Query heads of one key/value head side by side: (b G, group * L, d).
     let q = q
-        .reshape((len, kv_heads, group, d))?
-        .permute((1, 2, 0, 3))?
-        .reshape((kv_heads, group * len, d))?;
-    let k = k.transpose(0, 1)?.contiguous()?; // (G, S, d)
-    let v = v.transpose(0, 1)?.contiguous()?; // (G, S, d)
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (G, group * L, S)
-    let scores = scores.reshape((kv_heads, group, len, keys))?;
+        .reshape((batch, len, kv_heads, group, d))?
+        .permute((0, 2, 3, 1, 4))?
+        .reshape((pairs, group * len, d))?;
+    let by_head = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.transpose(1, 2)?.contiguous()?.reshape((pairs, keys, d))?) // (b G, S, d)
+    };
+    let (k, v) = (by_head(k)?, by_head(v)?);
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?; // (b G, group * L, S)
+    let scores = scores.reshape((pairs, group, len, keys))?;
     let scores = if len > 1 {
         scores.broadcast_add(&causal_mask(len, past, q.device())?)?
     } else {
         scores // a single new token sees every key
     };
     let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
-    let out = weights.reshape((kv_heads, group * len, keys))?.matmul(&v)?; // (G, group * L, d)
+    let out = weights.reshape((pairs, group * len, keys))?.matmul(&v)?; // (b G, group * L, d)
     Ok(out
-        .reshape((kv_heads, group, len, d))?
-        .permute((2, 0, 1, 3))?
-        .reshape((len, heads * d))?)
+        .reshape((batch, kv_heads, group, len, d))?
+        .permute((0, 3, 1, 2, 4))?
+        .reshape((batch, len, heads * d))?)
 }
 
 /// `(L, past + L)`: 0 where query `t` (at position `past + t`) may see key `s`, else -inf.
@@ -289,13 +351,9 @@ impl Mixer for Attention {
         let batch = x.dim(0)?;
         let cache = self.cache(state, batch)?;
         let (q, k, v) = self.project(x)?; // (b, L, H d), (b, L, G d), (b, L, G d)
-        let per_sequence = cache
-            .sequences
-            .iter_mut()
-            .enumerate()
-            .map(|(row, seq)| self.attend(&q.i(row)?, &k.i(row)?, &v.i(row)?, seq))
-            .collect::<Result<Vec<_>>>()?;
-        self.out_proj.forward(&Tensor::stack(&per_sequence, 0)?) // (b, L, hidden)
+        let together = x.device().is_cuda();
+        self.out_proj
+            .forward(&self.attend(&q, &k, &v, cache, together)?) // (b, L, hidden)
     }
 
     /// One token per sequence, `x: (b, hidden)`.
@@ -399,6 +457,52 @@ mod tests {
                     max_diff(&x.values, &y.values) < 1e-5,
                     "rotary {rotary:?}: values"
                 );
+            }
+        }
+    }
+
+    /// A batch gives each sequence what it gets alone, attending together (allowed, and every
+    /// cache as long) or one at a time, and leaves each cache as the sequence alone does.
+    #[test]
+    fn sequences_attend_together_as_alone() {
+        let attn = layer(&SPEC);
+        let h = SPEC.hidden_size;
+        let prefilled = |lens: &[usize]| -> Vec<LayerState> {
+            lens.iter()
+                .enumerate()
+                .map(|(i, &len)| {
+                    let mut state = LayerState::zeros(1, attn.state_size());
+                    let x = tensor(filler(len * h, 10 + i), &[1, len, h]);
+                    attn.forward(&x, &mut state).unwrap();
+                    state
+                })
+                .collect()
+        };
+        let token = tensor(filler(3 * h, 20), &[3, h]);
+        for lens in [[4, 4, 4], [2, 5, 3]] {
+            let mut alone = prefilled(&lens);
+            let mut want = Vec::new();
+            for (i, state) in alone.iter_mut().enumerate() {
+                let next = token.narrow(0, i, 1).unwrap();
+                want.extend(f32_vec(&attn.step(&next, state).unwrap()).unwrap());
+            }
+            for together in [false, true] {
+                let states = prefilled(&lens);
+                let mut batch = LayerState::stack(&states.iter().collect::<Vec<_>>()).unwrap();
+                let (q, k, v) = attn.project(&token.unsqueeze(1).unwrap()).unwrap();
+                let mixed = attn
+                    .attend(&q, &k, &v, batch.kv.as_mut().unwrap(), together)
+                    .unwrap();
+                let got = f32_vec(&attn.out_proj.forward(&mixed).unwrap()).unwrap();
+                let label = format!("cached lengths {lens:?}, together {together}");
+                assert!(max_diff(&got, &want) < 1e-5, "{label}");
+                let kv = batch.kv.unwrap();
+                for (seq, single) in kv.sequences.iter().zip(&alone) {
+                    let single = &single.kv.as_ref().unwrap().sequences[0];
+                    assert_eq!(seq.keys.len(), single.keys.len(), "{label}");
+                    assert!(max_diff(&seq.keys, &single.keys) < 1e-6, "{label}");
+                    assert!(max_diff(&seq.values, &single.values) < 1e-6, "{label}");
+                }
             }
         }
     }
