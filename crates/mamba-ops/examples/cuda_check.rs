@@ -621,8 +621,8 @@ fn model_cases() -> Vec<ModelCase> {
             call: |t| causal_conv1d_call(&t[0], &t[1], Some(&t[2]), None, true),
             flops: 0.0,
         },
-        scan_case("m1 selective_scan d1536 N16 L2048", d1),
-        scan_case("m1 selective_scan d5120 N16 L2048", 5120),
+        scan_case("m1 selective_scan d1536 N16 L2048", d1, false),
+        scan_case("m1 selective_scan d5120 N16 L2048", 5120, false),
         ModelCase {
             name: "m1 causal_conv1d_update b1",
             specs: conv_update(1, d1),
@@ -681,22 +681,26 @@ fn model_cases() -> Vec<ModelCase> {
 }
 
 /// The Mamba-1 selective scan over 2048 tokens of `d` channels, N 16 (d 1536: mamba-130m;
-/// 5120: mamba-2.8b).
-fn scan_case(name: &'static str, d: usize) -> ModelCase {
+/// 5120: mamba-2.8b), from an initial state when `init`.
+fn scan_case(name: &'static str, d: usize, init: bool) -> ModelCase {
     const L: usize = 2048;
     let n = 16;
+    let mut specs = vec![
+        spec("u", &[1, L, d], -1.0, 1.0),
+        spec("delta", &[1, L, d], -0.5, 0.5),
+        spec("A", &[d, n], -16.0, -1.0),
+        spec("B", &[1, L, 1, n], -1.0, 1.0),
+        spec("C", &[1, L, 1, n], -1.0, 1.0),
+        spec("D", &[d], 0.5, 1.5),
+        spec("z", &[1, L, d], -2.0, 2.0),
+        spec("delta_bias", &[d], -6.0, -2.0),
+    ];
+    if init {
+        specs.push(spec("initial_state", &[1, d, n], -1.0, 1.0));
+    }
     ModelCase {
         name,
-        specs: vec![
-            spec("u", &[1, L, d], -1.0, 1.0),
-            spec("delta", &[1, L, d], -0.5, 0.5),
-            spec("A", &[d, n], -16.0, -1.0),
-            spec("B", &[1, L, 1, n], -1.0, 1.0),
-            spec("C", &[1, L, 1, n], -1.0, 1.0),
-            spec("D", &[d], 0.5, 1.5),
-            spec("z", &[1, L, d], -2.0, 2.0),
-            spec("delta_bias", &[d], -6.0, -2.0),
-        ],
+        specs,
         call: |t| {
             selective_scan_call(
                 &t[0],
@@ -709,7 +713,7 @@ fn scan_case(name: &'static str, d: usize) -> ModelCase {
                     z: Some(&t[6]),
                     delta_bias: Some(&t[7]),
                     delta_softplus: true,
-                    initial_state: None,
+                    initial_state: t.get(8),
                 },
             )
         },
@@ -885,7 +889,7 @@ fn check_model_case(
 /// optional input of the scan, and none with two groups, batch 2 and a ragged last segment).
 fn backward_cases() -> Vec<ModelCase> {
     const L: usize = 2048;
-    let (d1, n1, conv2, w) = (1536, 16, 1792, 4);
+    let (d1, conv2, w) = (1536, 1792, 4);
     let conv = |channels: usize| {
         vec![
             spec("x", &[1, channels, L], -1.0, 1.0),
@@ -900,37 +904,7 @@ fn backward_cases() -> Vec<ModelCase> {
         spec("z", &[1, L, d1], -2.0, 2.0),
     ];
     vec![
-        ModelCase {
-            name: "bwd m1 selective_scan d1536 N16 L2048",
-            specs: vec![
-                spec("u", &[1, L, d1], -1.0, 1.0),
-                spec("delta", &[1, L, d1], -0.5, 0.5),
-                spec("A", &[d1, n1], -16.0, -1.0),
-                spec("B", &[1, L, 1, n1], -1.0, 1.0),
-                spec("C", &[1, L, 1, n1], -1.0, 1.0),
-                spec("D", &[d1], 0.5, 1.5),
-                spec("z", &[1, L, d1], -2.0, 2.0),
-                spec("delta_bias", &[d1], -6.0, -2.0),
-                spec("initial_state", &[1, d1, n1], -1.0, 1.0),
-            ],
-            call: |t| {
-                selective_scan_call(
-                    &t[0],
-                    &t[1],
-                    &t[2],
-                    &t[3],
-                    &t[4],
-                    ScanOptions {
-                        d: Some(&t[5]),
-                        z: Some(&t[6]),
-                        delta_bias: Some(&t[7]),
-                        delta_softplus: true,
-                        initial_state: Some(&t[8]),
-                    },
-                )
-            },
-            flops: 0.0,
-        },
+        scan_case("bwd m1 selective_scan d1536 N16 L2048", d1, true),
         ModelCase {
             name: "bwd selective_scan b2 d64 G2 N4 L37 plain",
             specs: vec![

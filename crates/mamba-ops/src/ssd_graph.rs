@@ -20,36 +20,30 @@
 //! D: (H) or (H, P); B, C: (batch, L, G, N); initial state, final state: (batch, H, P, N).
 
 use crate::math::NO_DT_LIMIT;
+use crate::tensor::SsdOptions;
 use candle_core::{DType, Result, Tensor, D};
 
-/// Inputs of [`ssd_chunked`], f32 tensors on one device.
-#[derive(Debug, Clone, Copy)]
-pub struct SsdTensors<'a> {
-    pub x: &'a Tensor,
-    pub dt: &'a Tensor,
-    pub a: &'a Tensor,
-    pub b: &'a Tensor,
-    pub c: &'a Tensor,
-    pub d: Option<&'a Tensor>,
-    pub z: Option<&'a Tensor>,
-    pub dt_bias: Option<&'a Tensor>,
-    pub dt_softplus: bool,
-    pub dt_limit: (f32, f32),
-    pub initial_states: Option<&'a Tensor>,
-}
-
-/// `y: (batch, L, H, P)` and the final state `(batch, H, P, N)` of the SSD, in chunks of
-/// `chunk` steps, through differentiable tensor operations.
-pub fn ssd_chunked(s: &SsdTensors, chunk: usize) -> Result<(Tensor, Tensor)> {
-    let (batch, len, heads, head_dim) = s.x.dims4()?;
-    let state = s.b.dim(3)?;
+/// What [`crate::tensor::ssd`] computes, `y: (batch, L, H, P)` and the final state
+/// `(batch, H, P, N)` from f32 `x, dt, a, b, c` and the same options, in chunks of
+/// `opts.chunk_size` steps, through differentiable tensor operations.
+pub fn ssd_chunked(
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    opts: &SsdOptions,
+) -> Result<(Tensor, Tensor)> {
+    let (batch, len, heads, head_dim) = x.dims4()?;
+    let state = b.dim(3)?;
+    let chunk = opts.chunk_size;
     let chunks = len.div_ceil(chunk);
     let padded = chunks * chunk;
-    let dtp = pad_steps(&processed_dt(s)?, padded)?; // (b, Lp, H)
-    let x = pad_steps(s.x, padded)?; // (b, Lp, H, P)
+    let dtp = pad_steps(&processed_dt(dt, opts)?, padded)?; // (b, Lp, H)
+    let xp = pad_steps(x, padded)?; // (b, Lp, H, P)
     let (b, c) = (
-        pad_steps(&per_head(s.b, heads)?, padded)?, // (b, Lp, H, N)
-        pad_steps(&per_head(s.c, heads)?, padded)?,
+        pad_steps(&per_head(b, heads)?, padded)?, // (b, Lp, H, N)
+        pad_steps(&per_head(c, heads)?, padded)?,
     );
     // Chunk-major, head before step: (b, chunks, H, Q, ...).
     let by_chunk = |t: &Tensor, width: usize| -> Result<Tensor> {
@@ -58,17 +52,16 @@ pub fn ssd_chunked(s: &SsdTensors, chunk: usize) -> Result<(Tensor, Tensor)> {
             .contiguous()
     };
     let (xc, bc, cc) = (
-        by_chunk(&x, head_dim)?,
+        by_chunk(&xp, head_dim)?,
         by_chunk(&b, state)?,
         by_chunk(&c, state)?,
     );
     let dtc = by_chunk(&dtp.unsqueeze(3)?, 1)?.squeeze(4)?; // (b, chunks, H, Q)
-    let a = s.a.reshape((1, 1, heads, 1))?;
-    let cum = running_sum(&dtc.broadcast_mul(&a)?)?; // (b, chunks, H, Q)
+    let cum = running_sum(&dtc.broadcast_mul(&a.reshape((1, 1, heads, 1))?)?)?; // (b, chunks, H, Q)
 
     let y_diag = diagonal_blocks(&xc, &bc, &cc, &dtc, &cum)?; // (b, chunks, H, Q, P)
     let own = chunk_states(&xc, &bc, &dtc, &cum)?; // (b, chunks, H, P, N)
-    let (entering, last) = pass_states(&own, &cum, s.initial_states)?;
+    let (entering, last) = pass_states(&own, &cum, opts.initial_states)?;
     // y_off[i] = exp(cum_i) C_i . S_in: (Q, N) x (N, P) per (b, chunk, head).
     let y_off = batched_product(&cc, &entering.transpose(3, 4)?)?
         .broadcast_mul(&cum.exp()?.unsqueeze(4)?)?;
@@ -76,21 +69,21 @@ pub fn ssd_chunked(s: &SsdTensors, chunk: usize) -> Result<(Tensor, Tensor)> {
         .permute((0, 1, 3, 2, 4))? // (b, chunks, Q, H, P)
         .reshape((batch, padded, heads, head_dim))?
         .narrow(1, 0, len)?;
-    Ok((skip_and_gate(y, s)?, last))
+    Ok((skip_and_gate(y, x, opts)?, last))
 }
 
 /// dt' = clamp(softplus(dt + bias)): `(batch, L, H)`.
-fn processed_dt(s: &SsdTensors) -> Result<Tensor> {
-    let heads = s.dt.dim(2)?;
-    let mut dt = match s.dt_bias {
-        Some(bias) => s.dt.broadcast_add(&bias.reshape((1, 1, heads))?)?,
-        None => s.dt.clone(),
+fn processed_dt(dt: &Tensor, opts: &SsdOptions) -> Result<Tensor> {
+    let heads = dt.dim(2)?;
+    let mut dt = match opts.dt_bias {
+        Some(bias) => dt.broadcast_add(&bias.reshape((1, 1, heads))?)?,
+        None => dt.clone(),
     };
-    if s.dt_softplus {
+    if opts.dt_softplus {
         dt = softplus(&dt)?;
     }
-    if s.dt_limit != NO_DT_LIMIT {
-        dt = dt.clamp(s.dt_limit.0, s.dt_limit.1)?;
+    if opts.dt_limit != NO_DT_LIMIT {
+        dt = dt.clamp(opts.dt_limit.0, opts.dt_limit.1)?;
     }
     Ok(dt)
 }
@@ -218,20 +211,20 @@ fn batched_product(l: &Tensor, r: &Tensor) -> Result<Tensor> {
 }
 
 /// `(y + D x) * silu(z)`, each part where given.
-fn skip_and_gate(y: Tensor, s: &SsdTensors) -> Result<Tensor> {
-    let (_, _, heads, head_dim) = s.x.dims4()?;
-    let y = match s.d {
+fn skip_and_gate(y: Tensor, x: &Tensor, opts: &SsdOptions) -> Result<Tensor> {
+    let (_, _, heads, head_dim) = x.dims4()?;
+    let y = match opts.d {
         Some(d) => {
             let d = if d.elem_count() == heads * head_dim {
                 d.reshape((1, 1, heads, head_dim))?
             } else {
                 d.reshape((1, 1, heads, 1))?
             };
-            (y + s.x.broadcast_mul(&d)?)?
+            (y + x.broadcast_mul(&d)?)?
         }
         None => y,
     };
-    match s.z {
+    match opts.z {
         Some(z) => y * z.silu()?,
         None => Ok(y),
     }
@@ -318,20 +311,17 @@ mod tests {
                 var(&bias, &[h]),
                 var(&init, &[b, h, p, n]),
             ];
-            let t = SsdTensors {
-                x: vars[0].as_tensor(),
-                dt: vars[1].as_tensor(),
-                a: vars[2].as_tensor(),
-                b: vars[3].as_tensor(),
-                c: vars[4].as_tensor(),
-                d: Some(vars[5].as_tensor()),
-                z: Some(vars[6].as_tensor()),
-                dt_bias: Some(vars[7].as_tensor()),
+            let t = |i: usize| vars[i].as_tensor();
+            let opts = SsdOptions {
+                d: Some(t(5)),
+                z: Some(t(6)),
+                dt_bias: Some(t(7)),
                 dt_softplus: true,
                 dt_limit: (0.0, 1.5),
-                initial_states: Some(vars[8].as_tensor()),
+                initial_states: Some(t(8)),
+                chunk_size: dims.chunk_size,
             };
-            let (y, last) = ssd_chunked(&t, dims.chunk_size).unwrap();
+            let (y, last) = ssd_chunked(t(0), t(1), t(2), t(3), t(4), &opts).unwrap();
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert!(max_rel(&flat(&y), &want.y) < 1e-5, "y");
             assert!(

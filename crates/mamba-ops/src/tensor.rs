@@ -32,7 +32,7 @@ use crate::selective_scan::{
 };
 use crate::selective_state_update::{selective_state_update as step_fwd, StepDims, StepInputs};
 use crate::ssd::{ssd as ssd_fwd, ssd_backward, SsdDims, SsdInputs};
-use crate::ssd_graph::{ssd_chunked, SsdTensors};
+use crate::ssd_graph::ssd_chunked;
 #[cfg(feature = "cuda")]
 use candle_core::{
     cuda_backend::cudarc::driver::{CudaSlice, CudaView},
@@ -1117,20 +1117,17 @@ impl PackedKernel for SsdKernel {
         }
         let mut rest = vars[5..].iter().map(Var::as_tensor);
         let p = self.present;
-        let inputs = SsdTensors {
-            x: vars[0].as_tensor(),
-            dt: vars[1].as_tensor(),
-            a: vars[2].as_tensor(),
-            b: vars[3].as_tensor(),
-            c: vars[4].as_tensor(),
+        let opts = SsdOptions {
             d: p.d.then(|| rest.next()).flatten(),
             z: p.z.then(|| rest.next()).flatten(),
             dt_bias: p.bias.then(|| rest.next()).flatten(),
             dt_softplus: self.softplus,
             dt_limit: self.dt_limit,
             initial_states: p.init.then(|| rest.next()).flatten(),
+            chunk_size: SSD_GRAPH_CHUNK,
         };
-        let (y, last) = ssd_chunked(&inputs, SSD_GRAPH_CHUNK)?;
+        let t = |i: usize| vars[i].as_tensor();
+        let (y, last) = ssd_chunked(t(0), t(1), t(2), t(3), t(4), &opts)?;
         let grad_out = grad_out.to_dtype(DType::F32)?;
         let grad_y = grad_out.narrow(0, 0, y.elem_count())?.reshape(y.shape())?;
         let grad_last = grad_out
