@@ -17,11 +17,12 @@
 //! the recurrent states do.
 
 use crate::error::{Error, Result};
-use crate::layers::{columns, Linear};
+use crate::layers::{columns, f32_vec, Linear};
 use crate::model::Mixer;
 use crate::state::{KvCache, LayerState, SequenceKv, StateSize};
 use candle_core::{IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 /// The sizes of an attention mixer.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -246,6 +247,9 @@ impl Attention {
             Some(r) => (r.rotate(&q, past)?, r.rotate(&k, past)?),
             None => (q, k),
         };
+        if len == 1 && q.device().is_cpu() && !(q.track_op() || k.track_op() || v.track_op()) {
+            return self.attend_new_token_on_host(&q, &k, &v, sequences);
+        }
         let (keys, values): (Vec<Tensor>, Vec<Tensor>) = sequences
             .iter_mut()
             .enumerate()
@@ -255,6 +259,126 @@ impl Attention {
             .unzip();
         grouped_attention(&q, &stacked(&keys)?, &stacked(&values)?, past)
     }
+}
+
+impl Attention {
+    /// Decoding on the CPU, one new token per sequence (`q: (b, 1, H, d)`, `k, v: (b, 1, G, d)`,
+    /// no gradient): each cache's vectors grow in place by the new key and value, and the
+    /// token attends over them directly, every cached key and value read once, instead of
+    /// the whole cache being copied into tensors every step. Returns `(b, 1, H d)`.
+    fn attend_new_token_on_host(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        sequences: &mut [SequenceKv],
+    ) -> Result<Tensor> {
+        let s = &self.spec;
+        let (q, k, v) = (f32_vec(q)?, f32_vec(k)?, f32_vec(v)?);
+        let (q_width, width) = (s.heads * s.head_dim, self.kv_width());
+        let mut out = Vec::with_capacity(sequences.len() * q_width);
+        for (row, seq) in sequences.iter_mut().enumerate() {
+            seq.keys.extend_from_slice(&k[row * width..][..width]);
+            seq.values.extend_from_slice(&v[row * width..][..width]);
+            out.extend(attend_cached(
+                &q[row * q_width..][..q_width],
+                &seq.keys,
+                &seq.values,
+                s,
+            ));
+        }
+        Ok(Tensor::from_vec(
+            out,
+            (sequences.len(), 1, q_width),
+            &candle_core::Device::Cpu,
+        )?)
+    }
+}
+
+/// Tokens of the cache one worker takes at a time in [`attend_cached`].
+const TOKENS_PER_TASK: usize = 256;
+
+/// `softmax(q K^T / sqrt(d)) V` of one query `q: (H, d)` over host keys and values
+/// `(S, G, d)`, query head `j` reading key/value head `j / (H/G)`. The cache is read token
+/// by token (each token's keys, then values, contiguous), blocks of tokens in parallel: the
+/// scores of every head first, then each block's share of the weighted values, summed.
+/// Returns `(H d)`.
+fn attend_cached(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSpec) -> Vec<f32> {
+    let (heads, d, kv_heads) = (s.heads, s.head_dim, s.kv_heads);
+    let (group, width) = (heads / kv_heads, kv_heads * d);
+    let scale = 1.0 / (d as f32).sqrt();
+    // scores: (S, H).
+    let mut scores = vec![0.0f32; keys.len() / width * heads];
+    scores
+        .par_chunks_mut(TOKENS_PER_TASK * heads)
+        .zip(keys.par_chunks(TOKENS_PER_TASK * width))
+        .for_each(|(scores, keys)| {
+            for (row, key) in scores.chunks_mut(heads).zip(keys.chunks(width)) {
+                for (j, score) in row.iter_mut().enumerate() {
+                    let g = j / group;
+                    *score = dot(&q[j * d..][..d], &key[g * d..][..d]) * scale;
+                }
+            }
+        });
+    let mut max = vec![f32::NEG_INFINITY; heads];
+    for row in scores.chunks(heads) {
+        for (m, &v) in max.iter_mut().zip(row) {
+            *m = m.max(v);
+        }
+    }
+    let mut sum = vec![0.0f32; heads];
+    for row in scores.chunks_mut(heads) {
+        for ((v, m), total) in row.iter_mut().zip(&max).zip(&mut sum) {
+            *v = (*v - m).exp();
+            *total += *v;
+        }
+    }
+    let partial = |(weights, values): (&[f32], &[f32])| -> Vec<f32> {
+        let mut out = vec![0.0f32; heads * d];
+        for (row, value) in weights.chunks(heads).zip(values.chunks(width)) {
+            for (j, o) in out.chunks_mut(d).enumerate() {
+                let (w, v) = (row[j], &value[(j / group) * d..][..d]);
+                for (o, v) in o.iter_mut().zip(v) {
+                    *o += w * v;
+                }
+            }
+        }
+        out
+    };
+    let mut out = scores
+        .par_chunks(TOKENS_PER_TASK * heads)
+        .zip(values.par_chunks(TOKENS_PER_TASK * width))
+        .map(partial)
+        .reduce(
+            || vec![0.0f32; heads * d],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    for (o, total) in out.chunks_mut(d).zip(&sum) {
+        o.iter_mut().for_each(|v| *v /= total);
+    }
+    out
+}
+
+/// `a . b`, in eight partial sums (so that it vectorises).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut parts = [0.0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            parts[i] += x[i] * y[i];
+        }
+    }
+    parts.iter().sum::<f32>() + tail
 }
 
 /// `(S, G, d)` tensors as one `(b, S, G, d)` (a view of the only one when there is one).
@@ -365,7 +489,6 @@ impl Mixer for Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::f32_vec;
     use candle_core::{DType, Device};
     use std::collections::HashMap;
 
