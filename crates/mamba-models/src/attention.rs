@@ -278,8 +278,7 @@ impl Attention {
         let (q_width, width) = (s.heads * s.head_dim, self.kv_width());
         let mut out = Vec::with_capacity(sequences.len() * q_width);
         for (row, seq) in sequences.iter_mut().enumerate() {
-            seq.keys.extend_from_slice(&k[row * width..][..width]);
-            seq.values.extend_from_slice(&v[row * width..][..width]);
+            seq.extend_host(&k[row * width..][..width], &v[row * width..][..width]);
             out.extend(attend_cached(
                 &q[row * q_width..][..q_width],
                 &seq.keys,

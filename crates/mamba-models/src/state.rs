@@ -57,19 +57,7 @@ impl Clone for DeviceState {
 impl PartialEq for DeviceState {
     /// Equal shapes and equal values (false where a value cannot be read).
     fn eq(&self, other: &Self) -> bool {
-        let values = |t: &Tensor| -> Option<(Vec<usize>, Vec<f32>)> {
-            let v = t
-                .to_dtype(DType::F32)
-                .ok()?
-                .flatten_all()
-                .ok()?
-                .to_vec1()
-                .ok()?;
-            Some((t.dims().to_vec(), v))
-        };
-        let (a, b) = (values(&self.conv), values(&other.conv));
-        let (c, d) = (values(&self.ssm), values(&other.ssm));
-        a.is_some() && a == b && c.is_some() && c == d
+        same_values(&self.conv, &other.conv) && same_values(&self.ssm, &other.ssm)
     }
 }
 
@@ -104,16 +92,20 @@ pub struct DeviceKv {
 impl PartialEq for DeviceKv {
     /// Equal shapes and equal values (false where a value cannot be read).
     fn eq(&self, other: &Self) -> bool {
-        let host = |t: &Tensor| host_values(t).ok().map(|v| (t.dims().to_vec(), v));
-        let (a, b) = (host(&self.keys), host(&other.keys));
-        let (c, d) = (host(&self.values), host(&other.values));
-        a.is_some() && a == b && c.is_some() && c == d
+        same_values(&self.keys, &other.keys) && same_values(&self.values, &other.values)
     }
 }
 
 /// A tensor's values as f32, in row-major order, on the host.
 fn host_values(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+}
+
+/// Whether two tensors have the same shape and values (false where a value cannot be read).
+fn same_values(a: &Tensor, b: &Tensor) -> bool {
+    let read = |t: &Tensor| host_values(t).ok().map(|v| (t.dims().to_vec(), v));
+    let a = read(a);
+    a.is_some() && a == read(b)
 }
 
 impl SequenceKv {
@@ -148,10 +140,16 @@ impl SequenceKv {
                 values: values.detach(),
             });
         } else {
-            self.keys.extend(host_values(k)?);
-            self.values.extend(host_values(v)?);
+            self.extend_host(&host_values(k)?, &host_values(v)?);
         }
         Ok((keys, values))
+    }
+
+    /// Appends keys and values `(L, kv_heads, head_dim)` given as host values to a cache
+    /// held on the host, in place.
+    pub fn extend_host(&mut self, keys: &[f32], values: &[f32]) {
+        self.keys.extend_from_slice(keys);
+        self.values.extend_from_slice(values);
     }
 
     /// This cache with device-held keys and values copied into the vectors.
