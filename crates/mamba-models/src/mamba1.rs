@@ -429,7 +429,7 @@ impl Mixer for MambaMixer {
         let lens = [2 * di, di, di, di, r + 2 * n, r, n, n, di, di].map(|l| l * batch);
         with_scratch(&STEP_SCRATCH, lens.iter().sum(), |buf| {
             let [xz, xs, z, xc, dbc, dt, b, c, delta, y] = split_scratch(buf, lens);
-            self.in_proj.forward_host(x, xz)?; // (b, 2 d_inner)
+            self.in_proj.forward_step_host(x, xz)?; // (b, 2 d_inner)
             copy_columns(xz, 2 * di, 0, di, xs);
             copy_columns(xz, 2 * di, di, di, z);
             conv_step_silu_host(
@@ -439,12 +439,12 @@ impl Mixer for MambaMixer {
                 (batch, self.conv_kernel),
                 xc,
             )?;
-            self.x_proj.forward_host(xc, dbc)?; // (b, dt_rank + 2N)
+            self.x_proj.forward_step_host(xc, dbc)?; // (b, dt_rank + 2N)
             copy_columns(dbc, r + 2 * n, 0, r, dt);
             copy_columns(dbc, r + 2 * n, r, n, b);
             copy_columns(dbc, r + 2 * n, r + n, n, c);
             self.dt_bc_norms.apply_host([dt, b, c], batch)?;
-            self.dt_proj.forward_host(dt, delta)?; // (b, d_inner), bias added below
+            self.dt_proj.forward_step_host(dt, delta)?; // (b, d_inner), bias added below
             let step_dims = StepDims::mamba1(batch, di, n);
             let inputs = StepInputs {
                 x: xc,
@@ -460,7 +460,7 @@ impl Mixer for MambaMixer {
             };
             step_dims.check(&state.ssm, &inputs)?;
             selective_state_update_into(&step_dims, &mut state.ssm, &inputs, y);
-            self.out_proj.forward_host(y, out)
+            self.out_proj.forward_step_host(y, out)
         })
     }
 }

@@ -330,7 +330,7 @@ impl Mixer for Mamba2Mixer {
         let lens = [width, di, conv_dim, nh, conv_dim, di, gn, gn, di].map(|l| l * batch);
         with_scratch(&STEP_SCRATCH, lens.iter().sum(), |buf| {
             let [zxbcdt, z, xbc, dt, xbc_conv, xs, b, cm, y] = split_scratch(buf, lens);
-            self.in_proj.forward_host(x, zxbcdt)?; // (b, 2 d_inner + 2GN + H)
+            self.in_proj.forward_step_host(x, zxbcdt)?; // (b, 2 d_inner + 2GN + H)
             copy_columns(zxbcdt, width, 0, di, z);
             copy_columns(zxbcdt, width, di, conv_dim, xbc);
             copy_columns(zxbcdt, width, di + conv_dim, nh, dt);
@@ -374,7 +374,7 @@ impl Mixer for Mamba2Mixer {
                 norm_before_gate: c.norm_before_gate,
             };
             rmsnorm_gated_in_place(&norm_dims, y, &pr.norm_weight, Some(z))?;
-            self.out_proj.forward_host(y, out)
+            self.out_proj.forward_step_host(y, out)
         })
     }
 }

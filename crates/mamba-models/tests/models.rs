@@ -187,3 +187,29 @@ fn bf16_weights_track_f32() {
         );
     }
 }
+
+/// A decoding step of many sequences (20: past the matrix-vector rows, so f32 products take a
+/// GEMM) gives each sequence the logits it gets stepped alone.
+#[test]
+fn a_step_of_many_sequences_equals_each_alone() {
+    for name in ["mamba_untied", "mamba2"] {
+        let case = ModelCase::load(name);
+        let model = &case.model;
+        let batch = 20;
+        let prompts: Vec<u32> = (0..batch * 4)
+            .map(|i| ((i * 37 + 5) % model.vocab_size()) as u32)
+            .collect();
+        let next: Vec<u32> = (0..batch).map(|b| (b * 11 + 3) as u32).collect();
+        let mut together = model.new_state(batch);
+        model.prefill(&prompts, &mut together).unwrap();
+        let got = f32_vec(&model.step(&next, &mut together).unwrap()).unwrap();
+        let vocab = got.len() / batch;
+        for b in 0..batch {
+            let mut alone = model.new_state(1);
+            model.prefill(&prompts[b * 4..][..4], &mut alone).unwrap();
+            let want = f32_vec(&model.step(&next[b..b + 1], &mut alone).unwrap()).unwrap();
+            let diff = mamba_testing::max_abs_diff(&got[b * vocab..][..vocab], &want);
+            assert!(diff < 1e-4, "{name} sequence {b}: logits differ by {diff}");
+        }
+    }
+}
