@@ -22,6 +22,7 @@ use crate::model::Mixer;
 use crate::state::{KvCache, LayerState, SequenceKv, StateSize};
 use candle_core::{IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
+use mamba_ops::math::dot;
 use rayon::prelude::*;
 
 /// The sizes of an attention mixer.
@@ -259,9 +260,7 @@ impl Attention {
             .unzip();
         grouped_attention(&q, &stacked(&keys)?, &stacked(&values)?, past)
     }
-}
 
-impl Attention {
     /// Decoding on the CPU, one new token per sequence (`q: (b, 1, H, d)`, `k, v: (b, 1, G, d)`,
     /// no gradient): each cache's vectors grow in place by the new key and value, and the
     /// token attends over them directly, every cached key and value read once, instead of
@@ -359,25 +358,6 @@ fn attend_cached(q: &[f32], keys: &[f32], values: &[f32], s: &AttentionSpec) -> 
         o.iter_mut().for_each(|v| *v /= total);
     }
     out
-}
-
-/// `a . b`, in eight partial sums (so that it vectorises).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut parts = [0.0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            parts[i] += x[i] * y[i];
-        }
-    }
-    parts.iter().sum::<f32>() + tail
 }
 
 /// `(S, G, d)` tensors as one `(b, S, G, d)` (a view of the only one when there is one).
