@@ -192,6 +192,16 @@ pub fn selective_state_update_into(
     x: &StepInputs,
     y: &mut [f32],
 ) {
+    if dims.per_head {
+        per_head_step(dims, state, x, y)
+    } else {
+        per_row_step(dims, state, x, y)
+    }
+}
+
+/// Per-head `A` and Δ (Mamba-2): threaded over batch x heads, one decay per head,
+/// vectorised over each state row.
+fn per_head_step(dims: &StepDims, state: &mut [f32], x: &StepInputs, y: &mut [f32]) {
     let (nh, np, nn) = (dims.heads, dims.head_dim, dims.state);
     let heads_per_group = nh / dims.groups;
     let work = |bh: usize, head_state: &mut [f32], head_y: &mut [f32]| {
@@ -199,36 +209,21 @@ pub fn selective_state_update_into(
         let g = b * dims.groups + h / heads_per_group;
         let bvec = &x.b[g * nn..][..nn];
         let cvec = &x.c[g * nn..][..nn];
-        let step_of = |k: usize| {
-            let dt_raw = x.dt[b * dims.dt_row() + k];
-            process_dt_fast(
-                dt_raw,
-                x.dt_bias.map_or(0.0, |v| v[k]),
-                x.dt_softplus,
-                x.dt_limit,
-            )
-        };
-        // With per-head A the step and the decay are the head's, the same for every row.
-        let head = dims.per_head.then(|| {
-            let dt = step_of(h);
-            (dt, exp_fast(dt * x.a[h]))
-        });
+        let dt = process_dt_fast(
+            x.dt[b * nh + h],
+            x.dt_bias.map_or(0.0, |v| v[h]),
+            x.dt_softplus,
+            x.dt_limit,
+        );
+        let decay = exp_fast(dt * x.a[h]);
+        let d = x.d.map_or(0.0, |v| v[h]);
         with_simd(
             #[inline(always)]
             || {
                 for (p, (s, y_p)) in head_state.chunks_mut(nn).zip(head_y.iter_mut()).enumerate() {
-                    let k = dims.param(h, p);
                     let i = bh * np + p;
                     let xi = x.x[i];
-                    let ssm = match head {
-                        Some((dt, decay)) => scalar_decay_step(s, decay, bvec, cvec, dt * xi),
-                        None => {
-                            let dt = step_of(k);
-                            let a = &x.a[(h * np + p) * nn..][..nn];
-                            state_step(s, a, bvec, cvec, dt, dt * xi)
-                        }
-                    };
-                    let out = ssm + x.d.map_or(0.0, |v| v[k]) * xi;
+                    let out = scalar_decay_step(s, decay, bvec, cvec, dt * xi) + d * xi;
                     *y_p = x.z.map_or(out, |z| out * silu_fast(z[i]));
                 }
             },
@@ -240,6 +235,71 @@ pub fn selective_state_update_into(
         .enumerate()
         .with_min_len(STATE_VALUES_PER_TASK.div_ceil(np * nn))
         .for_each(|(bh, (s, y))| work(bh, s, y));
+}
+
+/// Rows whose Δ and gate are computed together, lane by lane, before their state rows.
+const ROW_BLOCK: usize = 16;
+
+/// Per-`(head, p)` `A` and Δ (Mamba-1): threaded over ranges of state rows within a
+/// sequence. Each block of rows first takes its Δ (softplus) and gate (silu) as one
+/// vectorised pass, then updates its state rows one by one, vectorised over `N`.
+fn per_row_step(dims: &StepDims, state: &mut [f32], x: &StepInputs, y: &mut [f32]) {
+    let (np, nn) = (dims.head_dim, dims.state);
+    let rows = dims.heads * np; // per sequence
+    let rows_per_group = rows / dims.groups;
+    let task_rows = STATE_VALUES_PER_TASK.div_ceil(nn);
+    let task = |b: usize, first: usize, s: &mut [f32], y: &mut [f32]| {
+        // This task's rows `first ..` of sequence `b`: `s: (count, N)`, `y: (count)`.
+        let at = b * rows + first;
+        let count = y.len();
+        let dt_raw = &x.dt[at..][..count];
+        let xs = &x.x[at..][..count];
+        let a = &x.a[first * nn..][..count * nn];
+        with_simd(
+            #[inline(always)]
+            || {
+                let mut dt = [0.0f32; ROW_BLOCK];
+                let mut gate = [1.0f32; ROW_BLOCK];
+                for j0 in (0..count).step_by(ROW_BLOCK) {
+                    let m = ROW_BLOCK.min(count - j0);
+                    for j in 0..m {
+                        let bias = x.dt_bias.map_or(0.0, |v| v[first + j0 + j]);
+                        dt[j] = process_dt_fast(dt_raw[j0 + j], bias, x.dt_softplus, x.dt_limit);
+                    }
+                    if let Some(z) = x.z {
+                        for (g, z) in gate.iter_mut().zip(&z[at + j0..][..m]) {
+                            *g = silu_fast(*z);
+                        }
+                    }
+                    for j in 0..m {
+                        let (r, row) = (j0 + j, first + j0 + j);
+                        let g = b * dims.groups + row / rows_per_group;
+                        let (bvec, cvec) = (&x.b[g * nn..][..nn], &x.c[g * nn..][..nn]);
+                        let xi = xs[r];
+                        let ssm = state_step(
+                            &mut s[r * nn..][..nn],
+                            &a[r * nn..][..nn],
+                            bvec,
+                            cvec,
+                            dt[j],
+                            dt[j] * xi,
+                        );
+                        y[r] = (ssm + x.d.map_or(0.0, |v| v[row]) * xi) * gate[j];
+                    }
+                }
+            },
+        );
+    };
+    state
+        .par_chunks_mut(rows * nn)
+        .zip(y.par_chunks_mut(rows))
+        .enumerate()
+        .for_each(|(b, (s, y))| {
+            s.par_chunks_mut(task_rows * nn)
+                .zip(y.par_chunks_mut(task_rows))
+                .enumerate()
+                .for_each(|(t, (s, y))| task(b, t * task_rows, s, y));
+        });
 }
 
 /// One step with the same decay for the whole state row (per-head `A`):

@@ -148,6 +148,65 @@ fn repeated_state_updates_reproduce_the_scan() {
     assert!(max_abs_diff(&state, &scan.last_state) < 1e-6);
 }
 
+/// The fast step against the reference where it works in blocks of rows and in several
+/// tasks per sequence: Mamba-1's form at a width past one task (with gate, D and Δ bias),
+/// and the per-`(head, p)` form with groups (without them).
+#[test]
+fn fast_state_update_matches_reference_across_blocks_and_tasks() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let wide = StepDims::mamba1(2, 600, 16);
+    let grouped = StepDims {
+        batch: 2,
+        heads: 6,
+        head_dim: 50,
+        state: 16,
+        groups: 3,
+        per_head: false,
+    };
+    for (dims, extras) in [(wide, true), (grouped, false)] {
+        let rows = dims.batch * dims.heads * dims.head_dim;
+        let per_seq = dims.heads * dims.head_dim;
+        let bc = dims.batch * dims.groups * dims.state;
+        let x = random(&mut rng, rows, -1.0, 1.0);
+        // Raw Δ around the softplus knee, or already positive when there is no softplus.
+        let dt = if extras {
+            random(&mut rng, rows, -3.0, 1.0)
+        } else {
+            random(&mut rng, rows, 0.01, 1.0)
+        };
+        let a = random(&mut rng, per_seq * dims.state, -2.0, -0.1);
+        let (b, c) = (
+            random(&mut rng, bc, -1.0, 1.0),
+            random(&mut rng, bc, -1.0, 1.0),
+        );
+        let d = random(&mut rng, per_seq, -1.0, 1.0);
+        let z = random(&mut rng, rows, -2.0, 2.0);
+        let bias = random(&mut rng, per_seq, -0.5, 0.5);
+        let inputs = StepInputs {
+            x: &x,
+            dt: &dt,
+            a: &a,
+            b: &b,
+            c: &c,
+            d: extras.then_some(&d[..]),
+            z: extras.then_some(&z[..]),
+            dt_bias: extras.then_some(&bias[..]),
+            dt_softplus: extras,
+            dt_limit: NO_DT_LIMIT,
+        };
+        let start = random(&mut rng, rows * dims.state, -1.0, 1.0);
+        let (mut want_state, mut got_state) = (start.clone(), start);
+        let want = selective_state_update_reference(&dims, &mut want_state, &inputs).unwrap();
+        let got = selective_state_update(&dims, &mut got_state, &inputs).unwrap();
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff < 1e-5, "{dims:?} y differs by {diff}");
+        assert!(
+            max_abs_diff(&got_state, &want_state) < 1e-5,
+            "{dims:?} state"
+        );
+    }
+}
+
 #[test]
 fn fast_conv_matches_reference_and_update_continues_it() {
     let mut rng = StdRng::seed_from_u64(4);
