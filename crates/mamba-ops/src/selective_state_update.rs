@@ -14,7 +14,9 @@
 //! models keep them; otherwise they are full `(H, P, N)` / `(batch, H, P)` / `(H, P)`.
 
 use crate::error::{OpError, Result};
-use crate::math::{dot, exp_fast, process_dt, process_dt_fast, silu, silu_fast, with_simd};
+use crate::math::{
+    dot, exp_fast, process_dt, process_dt_fast, silu, silu_fast, softplus_fast, with_simd,
+};
 use crate::selective_scan::state_step;
 use rayon::prelude::*;
 
@@ -240,6 +242,27 @@ fn per_head_step(dims: &StepDims, state: &mut [f32], x: &StepInputs, y: &mut [f3
 /// Rows whose Δ and gate are computed together, lane by lane, before their state rows.
 const ROW_BLOCK: usize = 16;
 
+/// `out = clamp(softplus(raw + bias))` (softplus and bias as `x` says), one simple loop per
+/// stage so that each vectorises.
+#[inline(always)]
+fn steps_of_rows(raw: &[f32], bias: Option<&[f32]>, x: &StepInputs, out: &mut [f32]) {
+    out.copy_from_slice(raw);
+    if let Some(bias) = bias {
+        for (o, b) in out.iter_mut().zip(bias) {
+            *o += b;
+        }
+    }
+    if x.dt_softplus {
+        for o in out.iter_mut() {
+            *o = softplus_fast(*o);
+        }
+    }
+    let (lo, hi) = x.dt_limit;
+    for o in out.iter_mut() {
+        *o = o.clamp(lo, hi);
+    }
+}
+
 /// Per-`(head, p)` `A` and Δ (Mamba-1): threaded over ranges of state rows within a
 /// sequence. Each block of rows first takes its Δ (softplus) and gate (silu) as one
 /// vectorised pass, then updates its state rows one by one, vectorised over `N`.
@@ -262,10 +285,12 @@ fn per_row_step(dims: &StepDims, state: &mut [f32], x: &StepInputs, y: &mut [f32
                 let mut gate = [1.0f32; ROW_BLOCK];
                 for j0 in (0..count).step_by(ROW_BLOCK) {
                     let m = ROW_BLOCK.min(count - j0);
-                    for j in 0..m {
-                        let bias = x.dt_bias.map_or(0.0, |v| v[first + j0 + j]);
-                        dt[j] = process_dt_fast(dt_raw[j0 + j], bias, x.dt_softplus, x.dt_limit);
-                    }
+                    steps_of_rows(
+                        &dt_raw[j0..][..m],
+                        x.dt_bias.map(|v| &v[first + j0..][..m]),
+                        x,
+                        &mut dt[..m],
+                    );
                     if let Some(z) = x.z {
                         for (g, z) in gate.iter_mut().zip(&z[at + j0..][..m]) {
                             *g = silu_fast(*z);
