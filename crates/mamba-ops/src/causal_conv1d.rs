@@ -342,14 +342,21 @@ pub fn causal_conv1d_update_into(
                     let new = x.x[row * steps + t];
                     // The window is the last W-1 state entries followed by the new input.
                     let past = &st[s + 1 - w..];
-                    let acc = bias
+                    *o_t = bias
                         + past.iter().zip(weight).map(|(a, b)| a * b).sum::<f32>()
                         + weight[w - 1] * new;
-                    *o_t = if x.silu { silu_fast(acc) } else { acc };
                     if s > 0 {
-                        st.copy_within(1.., 0);
+                        for i in 1..s {
+                            st[i - 1] = st[i];
+                        }
                         st[s - 1] = new;
                     }
+                }
+            }
+            // The activation as a pass of its own over every output, so that it vectorises.
+            if x.silu {
+                for o in out.iter_mut() {
+                    *o = silu_fast(*o);
                 }
             }
         },
