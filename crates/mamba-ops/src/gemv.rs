@@ -4,7 +4,9 @@
 //! bound by memory bandwidth: the kernels read each weight once for the whole batch and
 //! keep the arithmetic in registers.
 //!
-//! - f32 and bf16: f32 fused multiply-adds over eight (AVX2) or sixteen (AVX-512) lanes.
+//! - f32 and bf16: f32 fused multiply-adds over eight lanes (AVX2). Sixteen-lane AVX-512
+//!   versions were measured slower on this project's Zen 4 for rows read from memory (the
+//!   output head: 23-24 -> 17-19 GB/s f32, 30-33 -> 15-16 GB/s bf16), faster only in cache.
 //! - q8_0 and q4_0: as in llama.cpp, `x` is first quantised to q8_0 blocks, then each block
 //!   product is an integer dot product of 32 int8 pairs (AVX2 `maddubs`, or AVX-512 VNNI
 //!   `dpbusd` where the CPU has it) scaled by the two block scales.
