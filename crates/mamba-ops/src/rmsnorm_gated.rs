@@ -118,20 +118,26 @@ pub fn rmsnorm_gated_in_place(
     Ok(())
 }
 
+/// One row normalised in place, vectorised (the gate's silu in its polynomial form).
 fn normalize_row(dims: &NormDims, row: &mut [f32], weight: &[f32], z: Option<&[f32]>) {
-    if let (Some(z), false) = (z, dims.norm_before_gate) {
-        row.iter_mut().zip(z).for_each(|(v, z)| *v *= silu(*z));
-    }
-    for (group, w) in row
-        .chunks_mut(dims.group_size)
-        .zip(weight.chunks(dims.group_size))
-    {
-        let inv = 1.0 / (dot(group, group) / group.len() as f32 + dims.eps).sqrt();
-        group.iter_mut().zip(w).for_each(|(v, w)| *v *= inv * w);
-    }
-    if let (Some(z), true) = (z, dims.norm_before_gate) {
-        row.iter_mut().zip(z).for_each(|(v, z)| *v *= silu(*z));
-    }
+    with_simd(
+        #[inline(always)]
+        || {
+            if let (Some(z), false) = (z, dims.norm_before_gate) {
+                row.iter_mut().zip(z).for_each(|(v, z)| *v *= silu_fast(*z));
+            }
+            for (group, w) in row
+                .chunks_mut(dims.group_size)
+                .zip(weight.chunks(dims.group_size))
+            {
+                let inv = 1.0 / (dot(group, group) / group.len() as f32 + dims.eps).sqrt();
+                group.iter_mut().zip(w).for_each(|(v, w)| *v *= inv * w);
+            }
+            if let (Some(z), true) = (z, dims.norm_before_gate) {
+                row.iter_mut().zip(z).for_each(|(v, z)| *v *= silu_fast(*z));
+            }
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------
