@@ -329,9 +329,15 @@ fn chunk_diagonal_and_state(dims: &SsdDims, x: &SsdInputs, dtp: &[f32], task: &m
             false,
         );
     }
+    let hpg = dims.heads_per_group();
+    let mut factored = vec![false; nh];
+    for g in 0..ng {
+        let cb_g = &cb[g * ql * ql..][..ql * ql];
+        diagonal_factored(dims, x, dtp, task, cb_g, g, &mut factored);
+    }
     let mut m = vec![0.0; ql * ql];
-    for h in 0..nh {
-        let g = h / dims.heads_per_group();
+    for h in (0..nh).filter(|&h| !factored[h]) {
+        let g = h / hpg;
         let cum = &task.cum[h * q..][..ql];
         // M[i][j] = (C_i . B_j) exp(cum_i - cum_j) dt'_j for j <= i.
         let dt_h: Vec<f32> = (0..ql).map(|j| dt_at(j, h)).collect();
@@ -378,7 +384,6 @@ fn chunk_diagonal_and_state(dims: &SsdDims, x: &SsdInputs, dtp: &[f32], task: &m
             xw_jh.iter_mut().zip(x_jh).for_each(|(d, s)| *d = w * s);
         }
     }
-    let hpg = dims.heads_per_group();
     for g in 0..ng {
         let h0 = g * hpg;
         matmul(
@@ -389,6 +394,103 @@ fn chunk_diagonal_and_state(dims: &SsdDims, x: &SsdInputs, dtp: &[f32], task: &m
             MatRef::rows(&x.b[row_offset(dims, b, t0, g, ng, nn)..], ng * nn),
             false,
         );
+    }
+}
+
+/// Largest spread of a head's running sum of `dt A` within a chunk for which its diagonal
+/// block is taken in factored form (below): measured from the middle of the spread, each
+/// factor stays within `exp(±60)` ≈ 1e±26 of one, so that inputs up to 1e12 stay finite.
+const FACTORED_SPREAD: f32 = 120.0;
+
+/// The diagonal blocks of group `g`'s heads whose running sum `cum` spreads over at most
+/// [`FACTORED_SPREAD`] within the chunk, as one product; marks those heads in `factored`
+/// (the others keep a product of their own). With `e_h[i] = exp(cum_h[i] - mid_h)` the
+/// decay factors, `exp(cum_i - cum_j) = e_h[i] / e_h[j]`, so
+///
+/// ```text
+/// y[i, h, :] = e_h[i] sum_{j <= i} (C_i . B_j) (dt'_h[j] / e_h[j]) x[j, h, :]
+/// ```
+///
+/// is `tril(C B^T) (ql, ql)` times the weighted inputs `(ql, heads P)` for all the group's
+/// heads at once, then each row scaled by `e_h[i]` (in place of one small product per head;
+/// the columns of unmarked heads get zero inputs and are overwritten by their own product).
+fn diagonal_factored(
+    dims: &SsdDims,
+    x: &SsdInputs,
+    dtp: &[f32],
+    task: &mut ChunkTask,
+    cb: &[f32],
+    g: usize,
+    factored: &mut [bool],
+) {
+    let (nh, np, q) = (dims.heads, dims.head_dim, dims.chunk_size);
+    let (b, t0) = (task.batch, task.start);
+    let ql = task.y.len() / (nh * np);
+    let heads = g * dims.heads_per_group()..(g + 1) * dims.heads_per_group();
+    // The middle of each head's spread, for the heads whose spread allows the factors.
+    let mids: Vec<Option<f32>> = heads
+        .clone()
+        .map(|h| {
+            let cum = &task.cum[h * q..][..ql];
+            let (lo, hi) = cum
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), c| {
+                    (lo.min(*c), hi.max(*c))
+                });
+            (hi - lo <= FACTORED_SPREAD).then_some(0.5 * (lo + hi))
+        })
+        .collect();
+    if mids.iter().all(Option::is_none) {
+        return;
+    }
+    let width = heads.len() * np;
+    // x'[j, h, :] = (dt'_h[j] / e_h[j]) x[j, h, :]: (ql, heads P).
+    let mut weighted = vec![0.0; ql * width];
+    for (j, w_j) in weighted.chunks_mut(width).enumerate() {
+        let x_j = &x.x[row_offset(dims, b, t0 + j, heads.start, nh, np)..][..width];
+        for ((h, mid), (w_jh, x_jh)) in heads
+            .clone()
+            .zip(&mids)
+            .zip(w_j.chunks_mut(np).zip(x_j.chunks(np)))
+        {
+            if let Some(mid) = mid {
+                let scale =
+                    dtp[(b * dims.len + t0 + j) * nh + h] * (mid - task.cum[h * q + j]).exp();
+                w_jh.iter_mut().zip(x_jh).for_each(|(w, v)| *w = scale * v);
+            }
+        }
+    }
+    let mut lower = cb.to_vec(); // tril(C B^T): (ql, ql)
+    for (i, row) in lower.chunks_mut(ql).enumerate() {
+        row[i + 1..].fill(0.0);
+    }
+    // As for the per-head blocks: the first half of the rows needs only the first half of
+    // the columns.
+    let out = &mut task.y[heads.start * np..];
+    let top = ql / 2;
+    for (rows, cols) in [(0..top, top), (top..ql, ql)] {
+        if rows.is_empty() {
+            continue;
+        }
+        matmul(
+            (rows.len(), width, cols),
+            &mut out[rows.start * nh * np..],
+            nh * np,
+            MatRef::rows(&lower[rows.start * ql..], ql),
+            MatRef::rows(&weighted, width),
+            false,
+        );
+    }
+    for (i, y_i) in task.y.chunks_mut(nh * np).enumerate() {
+        for (h, mid) in heads.clone().zip(&mids) {
+            if let Some(mid) = mid {
+                let e = (task.cum[h * q + i] - mid).exp();
+                y_i[h * np..][..np].iter_mut().for_each(|v| *v *= e);
+            }
+        }
+    }
+    for (h, mid) in heads.zip(&mids) {
+        factored[h] = mid.is_some();
     }
 }
 

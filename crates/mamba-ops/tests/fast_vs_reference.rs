@@ -321,6 +321,50 @@ fn chunked_ssd_matches_sequential_at_every_chunk_size() {
     }
 }
 
+/// Heads of one group whose decays within a chunk are mild (the diagonal blocks taken as
+/// one factored product) beside heads whose decays span far more than f32's range (a
+/// product per head): both against the sequential definition.
+#[test]
+fn chunked_ssd_with_mild_and_steep_decays_matches_sequential() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let dims = SsdDims {
+        batch: 1,
+        len: 200,
+        heads: 4,
+        head_dim: 16,
+        groups: 2,
+        state: 8,
+        chunk_size: 64,
+    };
+    let (l, h, p, n, g) = (200, 4, 16, 8, 2);
+    let x = random(&mut rng, l * h * p, -1.0, 1.0);
+    let dt = random(&mut rng, l * h, -1.0, 1.0);
+    // Per step |dt A| about 0.005 and 0.7 (mild) against 8 and 16 (steep), in both groups.
+    let a = vec![-0.01, -8.0, -1.0, -16.0];
+    let bm = random(&mut rng, l * g * n, -1.0, 1.0);
+    let cm = random(&mut rng, l * g * n, -1.0, 1.0);
+    let d = random(&mut rng, h, -1.0, 1.0);
+    let init = random(&mut rng, h * p * n, -1.0, 1.0);
+    let inputs = SsdInputs {
+        x: &x,
+        dt: &dt,
+        a: &a,
+        b: &bm,
+        c: &cm,
+        d: Some(&d),
+        z: None,
+        dt_bias: None,
+        dt_softplus: true,
+        dt_limit: NO_DT_LIMIT,
+        initial_states: Some(&init),
+    };
+    let want = ssd_reference(&dims, &inputs).unwrap();
+    let got = ssd(&dims, &inputs).unwrap();
+    let diff = max_abs_diff(&got.y, &want.y);
+    assert!(diff < 2e-4, "y differs by {diff}");
+    assert!(max_abs_diff(&got.final_state, &want.final_state) < 2e-4);
+}
+
 #[test]
 fn wrong_lengths_are_errors_not_panics() {
     let dims = ScanDims {
