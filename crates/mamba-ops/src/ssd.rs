@@ -397,23 +397,27 @@ fn chunk_diagonal_and_state(dims: &SsdDims, x: &SsdInputs, dtp: &[f32], task: &m
     }
 }
 
-/// Largest spread of a head's running sum of `dt A` within a chunk for which its diagonal
-/// block is taken in factored form (below): measured from the middle of the spread, each
-/// factor stays within `exp(±60)` ≈ 1e±26 of one, so that inputs up to 1e12 stay finite.
-const FACTORED_SPREAD: f32 = 120.0;
+/// Rows of a diagonal block taken by one product of the factored form (below).
+const FACTORED_ROWS: usize = 32;
 
-/// The diagonal blocks of group `g`'s heads whose running sum `cum` spreads over at most
-/// [`FACTORED_SPREAD`] within the chunk, as one product; marks those heads in `factored`
-/// (the others keep a product of their own). With `e_h[i] = exp(cum_h[i] - mid_h)` the
-/// decay factors, `exp(cum_i - cum_j) = e_h[i] / e_h[j]`, so
+/// Largest distance of a decay exponent from its reference point in the factored form:
+/// every factor stays within `exp(±60)` ≈ 1e±26, so that inputs up to 1e12 stay finite.
+const FACTORED_REACH: f32 = 60.0;
+
+/// The diagonal blocks of group `g`'s heads in factored form, one product per
+/// [`FACTORED_ROWS`] rows for all the heads whose decays allow it (marked in `factored`;
+/// the others keep a product of their own). For the rows `I` of a block and a reference
+/// point `mid_h` (the middle of `cum_h` over `I`), `exp(cum_i - cum_j) = exp(cum_i - mid_h)
+/// exp(mid_h - cum_j)`, so
 ///
 /// ```text
-/// y[i, h, :] = e_h[i] sum_{j <= i} (C_i . B_j) (dt'_h[j] / e_h[j]) x[j, h, :]
+/// y[i, h, :] = exp(cum_h[i] - mid_h) sum_{j <= i} (C_i . B_j) dt'_h[j] exp(mid_h - cum_h[j]) x[j, h, :]
 /// ```
 ///
-/// is `tril(C B^T) (ql, ql)` times the weighted inputs `(ql, heads P)` for all the group's
-/// heads at once, then each row scaled by `e_h[i]` (in place of one small product per head;
-/// the columns of unmarked heads get zero inputs and are overwritten by their own product).
+/// is `tril(C B^T)[I, ..end(I)]` times the weighted inputs `(end(I), heads P)`, then each row
+/// scaled. A head qualifies when every factor of every block is within [`FACTORED_REACH`]
+/// of zero in the exponent (with `cum` falling, the columns before `I` give factors below
+/// one, so this is half the spread of `cum` over each block).
 fn diagonal_factored(
     dims: &SsdDims,
     x: &SsdInputs,
@@ -427,71 +431,87 @@ fn diagonal_factored(
     let (b, t0) = (task.batch, task.start);
     let ql = task.y.len() / (nh * np);
     let heads = g * dims.heads_per_group()..(g + 1) * dims.heads_per_group();
-    // The middle of each head's spread, for the heads whose spread allows the factors.
-    let mids: Vec<Option<f32>> = heads
-        .clone()
-        .map(|h| {
-            let cum = &task.cum[h * q..][..ql];
-            let (lo, hi) = cum
-                .iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), c| {
-                    (lo.min(*c), hi.max(*c))
-                });
-            (hi - lo <= FACTORED_SPREAD).then_some(0.5 * (lo + hi))
+    let blocks: Vec<std::ops::Range<usize>> = (0..ql)
+        .step_by(FACTORED_ROWS)
+        .map(|s| s..(s + FACTORED_ROWS).min(ql))
+        .collect();
+    // mids[block][head in group]: the reference point of each block and head.
+    let mids: Vec<Vec<f32>> = blocks
+        .iter()
+        .map(|rows| {
+            heads
+                .clone()
+                .map(|h| {
+                    let (lo, hi) = min_max(&task.cum[h * q..][rows.clone()]);
+                    0.5 * (lo + hi)
+                })
+                .collect()
         })
         .collect();
-    if mids.iter().all(Option::is_none) {
+    let qualifies: Vec<bool> = heads
+        .clone()
+        .enumerate()
+        .map(|(k, h)| {
+            let cum = &task.cum[h * q..][..ql];
+            blocks.iter().zip(&mids).all(|(rows, mid)| {
+                let (lo_rows, hi_rows) = min_max(&cum[rows.clone()]);
+                let (lo_before, _) = min_max(&cum[..rows.end]);
+                hi_rows - mid[k] <= FACTORED_REACH
+                    && mid[k] - lo_rows <= FACTORED_REACH
+                    && mid[k] - lo_before <= FACTORED_REACH
+            })
+        })
+        .collect();
+    if !qualifies.contains(&true) {
         return;
     }
     let width = heads.len() * np;
-    // x'[j, h, :] = (dt'_h[j] / e_h[j]) x[j, h, :]: (ql, heads P).
-    let mut weighted = vec![0.0; ql * width];
-    for (j, w_j) in weighted.chunks_mut(width).enumerate() {
-        let x_j = &x.x[row_offset(dims, b, t0 + j, heads.start, nh, np)..][..width];
-        for ((h, mid), (w_jh, x_jh)) in heads
-            .clone()
-            .zip(&mids)
-            .zip(w_j.chunks_mut(np).zip(x_j.chunks(np)))
-        {
-            if let Some(mid) = mid {
-                let scale =
-                    dtp[(b * dims.len + t0 + j) * nh + h] * (mid - task.cum[h * q + j]).exp();
-                w_jh.iter_mut().zip(x_jh).for_each(|(w, v)| *w = scale * v);
-            }
-        }
-    }
     let mut lower = cb.to_vec(); // tril(C B^T): (ql, ql)
     for (i, row) in lower.chunks_mut(ql).enumerate() {
         row[i + 1..].fill(0.0);
     }
-    // As for the per-head blocks: the first half of the rows needs only the first half of
-    // the columns.
-    let out = &mut task.y[heads.start * np..];
-    let top = ql / 2;
-    for (rows, cols) in [(0..top, top), (top..ql, ql)] {
-        if rows.is_empty() {
-            continue;
+    let mut weighted = vec![0.0; ql * width]; // (ql, heads P)
+    for (rows, mid) in blocks.iter().zip(&mids) {
+        // x'[j, h, :] = dt'_h[j] exp(mid_h - cum_h[j]) x[j, h, :] for j < end(I).
+        for (j, w_j) in weighted.chunks_mut(width).take(rows.end).enumerate() {
+            let x_j = &x.x[row_offset(dims, b, t0 + j, heads.start, nh, np)..][..width];
+            for (k, (w_jh, x_jh)) in w_j.chunks_mut(np).zip(x_j.chunks(np)).enumerate() {
+                let h = heads.start + k;
+                let scale = if qualifies[k] {
+                    dtp[(b * dims.len + t0 + j) * nh + h] * (mid[k] - task.cum[h * q + j]).exp()
+                } else {
+                    0.0
+                };
+                w_jh.iter_mut().zip(x_jh).for_each(|(w, v)| *w = scale * v);
+            }
         }
         matmul(
-            (rows.len(), width, cols),
-            &mut out[rows.start * nh * np..],
+            (rows.len(), width, rows.end),
+            &mut task.y[rows.start * nh * np + heads.start * np..],
             nh * np,
             MatRef::rows(&lower[rows.start * ql..], ql),
             MatRef::rows(&weighted, width),
             false,
         );
-    }
-    for (i, y_i) in task.y.chunks_mut(nh * np).enumerate() {
-        for (h, mid) in heads.clone().zip(&mids) {
-            if let Some(mid) = mid {
-                let e = (task.cum[h * q + i] - mid).exp();
+        for i in rows.clone() {
+            let y_i = &mut task.y[i * nh * np..][..nh * np];
+            for (k, h) in heads.clone().enumerate().filter(|&(k, _)| qualifies[k]) {
+                let e = (task.cum[h * q + i] - mid[k]).exp();
                 y_i[h * np..][..np].iter_mut().for_each(|v| *v *= e);
             }
         }
     }
-    for (h, mid) in heads.zip(&mids) {
-        factored[h] = mid.is_some();
+    for (k, h) in heads.enumerate() {
+        factored[h] = qualifies[k];
     }
+}
+
+/// The smallest and largest of `v`.
+fn min_max(v: &[f32]) -> (f32, f32) {
+    v.iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), c| {
+            (lo.min(*c), hi.max(*c))
+        })
 }
 
 /// Which way [`pass_between_chunks`] walks the chunks.
