@@ -25,6 +25,7 @@ use crate::math::{
 use crate::parallel::{fold_in_blocks, sum_in_order};
 use crate::selective_scan::narrow;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Rows `(batch, t)` per block of the deterministic `D` gradient sum.
 const ROWS_PER_BLOCK: usize = 64;
@@ -375,15 +376,9 @@ fn chunk_diagonal_and_state(dims: &SsdDims, x: &SsdInputs, dtp: &[f32], task: &m
     // The chunk's own state, S[h, p, n] = sum_j xw[j, h, p] B[j, n] with the inputs weighted
     // xw[j, h, p] = exp(cum_last[h] - cum[h][j]) dt'_{j,h} x[j, h, p]: one product per group
     // for all of its heads, (heads P, N) = xw^T (heads P, ql) B (ql, N).
+    let cum_last: Vec<Option<f32>> = (0..nh).map(|h| Some(task.cum[h * q + ql - 1])).collect();
     let mut xw = vec![0.0; ql * nh * np]; // (ql, H, P)
-    for (j, xw_j) in xw.chunks_mut(nh * np).enumerate() {
-        let x_j = &x.x[row_offset(dims, b, t0 + j, 0, nh, np)..][..nh * np];
-        for (h, (xw_jh, x_jh)) in xw_j.chunks_mut(np).zip(x_j.chunks(np)).enumerate() {
-            let cum = &task.cum[h * q..][..ql];
-            let w = (cum[ql - 1] - cum[j]).exp() * dt_at(j, h);
-            xw_jh.iter_mut().zip(x_jh).for_each(|(d, s)| *d = w * s);
-        }
-    }
+    decay_weighted_inputs(dims, x, dtp, task, (0..nh, &cum_last), &mut xw);
     for g in 0..ng {
         let h0 = g * hpg;
         matmul(
@@ -428,41 +423,19 @@ fn diagonal_factored(
     factored: &mut [bool],
 ) {
     let (nh, np, q) = (dims.heads, dims.head_dim, dims.chunk_size);
-    let (b, t0) = (task.batch, task.start);
     let ql = task.y.len() / (nh * np);
     let heads = g * dims.heads_per_group()..(g + 1) * dims.heads_per_group();
-    let blocks: Vec<std::ops::Range<usize>> = (0..ql)
+    let blocks: Vec<Range<usize>> = (0..ql)
         .step_by(FACTORED_ROWS)
         .map(|s| s..(s + FACTORED_ROWS).min(ql))
         .collect();
-    // mids[block][head in group]: the reference point of each block and head.
-    let mids: Vec<Vec<f32>> = blocks
-        .iter()
-        .map(|rows| {
-            heads
-                .clone()
-                .map(|h| {
-                    let (lo, hi) = min_max(&task.cum[h * q..][rows.clone()]);
-                    0.5 * (lo + hi)
-                })
-                .collect()
-        })
-        .collect();
-    let qualifies: Vec<bool> = heads
+    // Each head's reference point per block, None for a head that does not qualify:
+    // references[k][block].
+    let references: Vec<Option<Vec<f32>>> = heads
         .clone()
-        .enumerate()
-        .map(|(k, h)| {
-            let cum = &task.cum[h * q..][..ql];
-            blocks.iter().zip(&mids).all(|(rows, mid)| {
-                let (lo_rows, hi_rows) = min_max(&cum[rows.clone()]);
-                let (lo_before, _) = min_max(&cum[..rows.end]);
-                hi_rows - mid[k] <= FACTORED_REACH
-                    && mid[k] - lo_rows <= FACTORED_REACH
-                    && mid[k] - lo_before <= FACTORED_REACH
-            })
-        })
+        .map(|h| block_references(&task.cum[h * q..][..ql], &blocks))
         .collect();
-    if !qualifies.contains(&true) {
+    if references.iter().all(Option::is_none) {
         return;
     }
     let width = heads.len() * np;
@@ -471,20 +444,19 @@ fn diagonal_factored(
         row[i + 1..].fill(0.0);
     }
     let mut weighted = vec![0.0; ql * width]; // (ql, heads P)
-    for (rows, mid) in blocks.iter().zip(&mids) {
-        // x'[j, h, :] = dt'_h[j] exp(mid_h - cum_h[j]) x[j, h, :] for j < end(I).
-        for (j, w_j) in weighted.chunks_mut(width).take(rows.end).enumerate() {
-            let x_j = &x.x[row_offset(dims, b, t0 + j, heads.start, nh, np)..][..width];
-            for (k, (w_jh, x_jh)) in w_j.chunks_mut(np).zip(x_j.chunks(np)).enumerate() {
-                let h = heads.start + k;
-                let scale = if qualifies[k] {
-                    dtp[(b * dims.len + t0 + j) * nh + h] * (mid[k] - task.cum[h * q + j]).exp()
-                } else {
-                    0.0
-                };
-                w_jh.iter_mut().zip(x_jh).for_each(|(w, v)| *w = scale * v);
-            }
-        }
+    for (block, rows) in blocks.iter().enumerate() {
+        let mids: Vec<Option<f32>> = references
+            .iter()
+            .map(|r| r.as_ref().map(|r| r[block]))
+            .collect();
+        decay_weighted_inputs(
+            dims,
+            x,
+            dtp,
+            task,
+            (heads.clone(), &mids),
+            &mut weighted[..rows.end * width],
+        );
         matmul(
             (rows.len(), width, rows.end),
             &mut task.y[rows.start * nh * np + heads.start * np..],
@@ -495,23 +467,71 @@ fn diagonal_factored(
         );
         for i in rows.clone() {
             let y_i = &mut task.y[i * nh * np..][..nh * np];
-            for (k, h) in heads.clone().enumerate().filter(|&(k, _)| qualifies[k]) {
-                let e = (task.cum[h * q + i] - mid[k]).exp();
-                y_i[h * np..][..np].iter_mut().for_each(|v| *v *= e);
+            for (h, mid) in heads.clone().zip(&mids) {
+                if let Some(mid) = mid {
+                    let e = (task.cum[h * q + i] - mid).exp();
+                    y_i[h * np..][..np].iter_mut().for_each(|v| *v *= e);
+                }
             }
         }
     }
-    for (k, h) in heads.enumerate() {
-        factored[h] = qualifies[k];
+    for (h, r) in heads.zip(&references) {
+        factored[h] = r.is_some();
     }
 }
 
-/// The smallest and largest of `v`.
-fn min_max(v: &[f32]) -> (f32, f32) {
-    v.iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), c| {
-            (lo.min(*c), hi.max(*c))
+/// The reference point of each block of rows for one head's running sum `cum`: the middle
+/// of `cum` over the block, provided every factor of the block stays within
+/// [`FACTORED_REACH`] in the exponent (the block's own rows, and every earlier column down to
+/// the lowest `cum` so far); None when some block's factors would reach further.
+fn block_references(cum: &[f32], blocks: &[Range<usize>]) -> Option<Vec<f32>> {
+    let mut lowest = f32::INFINITY;
+    blocks
+        .iter()
+        .map(|rows| {
+            let (lo, hi) = cum[rows.clone()]
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), c| {
+                    (lo.min(*c), hi.max(*c))
+                });
+            lowest = lowest.min(lo);
+            let mid = 0.5 * (lo + hi);
+            (hi - mid <= FACTORED_REACH && mid - lowest <= FACTORED_REACH).then_some(mid)
         })
+        .collect()
+}
+
+/// The chunk's inputs weighted by their decay towards a reference point, for the first
+/// `out.len() / (heads P)` positions of the chunk and the heads `heads`:
+/// `out[j, h, :] = dt'_h[j] exp(reference_h - cum_h[j]) x[j, h, :]` (zero for a head without
+/// a reference), `out: (positions, heads P)`.
+fn decay_weighted_inputs(
+    dims: &SsdDims,
+    x: &SsdInputs,
+    dtp: &[f32],
+    task: &ChunkTask,
+    (heads, references): (Range<usize>, &[Option<f32>]),
+    out: &mut [f32],
+) {
+    let (nh, np, q) = (dims.heads, dims.head_dim, dims.chunk_size);
+    let (b, t0) = (task.batch, task.start);
+    let width = heads.len() * np;
+    for (j, out_j) in out.chunks_mut(width).enumerate() {
+        let x_j = &x.x[row_offset(dims, b, t0 + j, heads.start, nh, np)..][..width];
+        for ((h, reference), (out_jh, x_jh)) in heads
+            .clone()
+            .zip(references)
+            .zip(out_j.chunks_mut(np).zip(x_j.chunks(np)))
+        {
+            let scale = reference.map_or(0.0, |r| {
+                (r - task.cum[h * q + j]).exp() * dtp[(b * dims.len + t0 + j) * nh + h]
+            });
+            out_jh
+                .iter_mut()
+                .zip(x_jh)
+                .for_each(|(o, v)| *o = scale * v);
+        }
+    }
 }
 
 /// Which way [`pass_between_chunks`] walks the chunks.
