@@ -235,15 +235,7 @@ mod tests {
     use super::*;
     use crate::ssd::{ssd, ssd_backward, SsdDims, SsdInputs};
     use candle_core::{Device, Var};
-
-    fn filler(n: usize, seed: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let u = ((i * 7919 + seed * 104_729) % 1000) as f32 / 1000.0;
-                lo + (hi - lo) * u
-            })
-            .collect()
-    }
+    use mamba_testing::lcg_values_in;
 
     fn max_rel(a: &[f32], b: &[f32]) -> f32 {
         let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
@@ -268,15 +260,15 @@ mod tests {
         };
         let (b, l, h, p, g, n) = (2, 37, 4, 8, 2, 16);
         for d_per_p in [false, true] {
-            let x = filler(b * l * h * p, 1, -1.0, 1.0);
-            let dt = filler(b * l * h, 2, -1.0, 1.0);
-            let a = filler(h, 3, -2.0, -0.5);
-            let bm = filler(b * l * g * n, 4, -1.0, 1.0);
-            let cm = filler(b * l * g * n, 5, -1.0, 1.0);
-            let dv = filler(if d_per_p { h * p } else { h }, 6, 0.5, 1.5);
-            let z = filler(b * l * h * p, 7, -2.0, 2.0);
-            let bias = filler(h, 8, -1.0, 0.5);
-            let init = filler(b * h * p * n, 9, -0.5, 0.5);
+            let x = lcg_values_in(b * l * h * p, 1, -1.0, 1.0);
+            let dt = lcg_values_in(b * l * h, 2, -1.0, 1.0);
+            let a = lcg_values_in(h, 3, -2.0, -0.5);
+            let bm = lcg_values_in(b * l * g * n, 4, -1.0, 1.0);
+            let cm = lcg_values_in(b * l * g * n, 5, -1.0, 1.0);
+            let dv = lcg_values_in(if d_per_p { h * p } else { h }, 6, 0.5, 1.5);
+            let z = lcg_values_in(b * l * h * p, 7, -2.0, 2.0);
+            let bias = lcg_values_in(h, 8, -1.0, 0.5);
+            let init = lcg_values_in(b * h * p * n, 9, -0.5, 0.5);
             let inputs = SsdInputs {
                 x: &x,
                 dt: &dt,
@@ -291,8 +283,8 @@ mod tests {
                 initial_states: Some(&init),
             };
             let want = ssd(&dims, &inputs).unwrap();
-            let gy = filler(want.y.len(), 10, -1.0, 1.0);
-            let gf = filler(want.final_state.len(), 11, -1.0, 1.0);
+            let gy = lcg_values_in(want.y.len(), 10, -1.0, 1.0);
+            let gf = lcg_values_in(want.final_state.len(), 11, -1.0, 1.0);
             let grads = ssd_backward(&dims, &inputs, &gy, Some(&gf)).unwrap();
 
             let dev = Device::Cpu;

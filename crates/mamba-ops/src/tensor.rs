@@ -1344,12 +1344,7 @@ pub fn rmsnorm_gated_call(
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    fn filler(n: usize, seed: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n)
-            .map(|i| lo + (hi - lo) * ((i * 7919 + seed * 104_729) % 997) as f32 / 997.0)
-            .collect()
-    }
+    use mamba_testing::lcg_values_in;
 
     /// The SSD's backward through tensor operations (the GPU's) unpacks the packed inputs in
     /// the kernel's order and gives the CPU backward kernel's gradients, with and without the
@@ -1411,14 +1406,14 @@ mod tests {
                 .zip(&sizes)
                 .enumerate()
                 .map(|(i, ((name, _), &n))| match *name {
-                    "A" => filler(n, i, -1.5, -0.5),
-                    "dt" if !softplus => filler(n, i, 0.05, 0.5),
-                    _ => filler(n, i, -1.0, 1.0),
+                    "A" => lcg_values_in(n, i as u64, -1.5, -0.5),
+                    "dt" if !softplus => lcg_values_in(n, i as u64, 0.05, 0.5),
+                    _ => lcg_values_in(n, i as u64, -1.0, 1.0),
                 })
                 .collect();
             let packed: Vec<f32> = inputs.concat();
             let out_len = dims.batch * dims.heads * dims.head_dim * (dims.len + dims.state);
-            let grad_out = filler(out_len, 99, -1.0, 1.0);
+            let grad_out = lcg_values_in(out_len, 99, -1.0, 1.0);
             let slices: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
             let want = kernel.backward(&slices, &grad_out).unwrap();
             let got = kernel

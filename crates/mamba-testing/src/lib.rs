@@ -209,3 +209,11 @@ pub fn lcg_values(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// `n` values of [`lcg_values`] moved into `[lo, hi)`.
+pub fn lcg_values_in(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
+    lcg_values(n, seed)
+        .into_iter()
+        .map(|v| lo + (hi - lo) * 0.5 * (v + 1.0))
+        .collect()
+}
