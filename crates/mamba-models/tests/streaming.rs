@@ -125,6 +125,45 @@ fn chunked_scoring_gives_the_nll_and_logits_of_one_pass() {
     }
 }
 
+/// Tokens per sequence of a forward pass longer than two of the pieces (512 tokens) the
+/// CPU forward pass cuts its input into.
+const LONG_LEN: usize = 1100;
+
+/// Every position's hidden states of one long forward pass (several pieces on the CPU,
+/// the last one short) equal those of consecutive shorter passes, for two sequences.
+#[test]
+fn a_long_forward_pass_gives_every_position_of_shorter_passes() {
+    for (name, model) in models() {
+        let ids: Vec<u32> = (0..2)
+            .flat_map(|row| token_ids(LONG_LEN, model.vocab_size(), row + 7))
+            .collect();
+        let mut whole = model.new_state(2);
+        let want = f32_vec(&model.forward(&ids, &mut whole).unwrap()).unwrap();
+        let hidden = want.len() / ids.len();
+        let mut state = model.new_state(2);
+        let mut got = vec![0.0f32; want.len()]; // (2, LONG_LEN, hidden)
+        for start in (0..LONG_LEN).step_by(300) {
+            let end = (start + 300).min(LONG_LEN);
+            let piece: Vec<u32> = ids
+                .chunks(LONG_LEN)
+                .flat_map(|row| row[start..end].iter().copied())
+                .collect();
+            let h = f32_vec(&model.forward(&piece, &mut state).unwrap()).unwrap();
+            for (row, seq) in got
+                .chunks_mut(LONG_LEN * hidden)
+                .zip(h.chunks((end - start) * hidden))
+            {
+                row[start * hidden..end * hidden].copy_from_slice(seq);
+            }
+        }
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff < TOLERANCE, "{name}: hidden states differ by {diff}");
+        let diff = state_diff(&state, &whole);
+        assert!(diff < TOLERANCE, "{name}: states differ by {diff}");
+        assert_eq!(whole.tokens_seen, LONG_LEN, "{name}");
+    }
+}
+
 #[test]
 fn a_zero_chunk_size_is_an_input_error() {
     let (_, model) = models().remove(0);
