@@ -20,10 +20,11 @@ const SHORT: usize = 20_000;
 const LONG: usize = 80_000;
 
 /// Peak RSS may grow by at most this much from the short to the long input when
-/// streaming. The ids and the text of 60 000 more bytes take 0.3 MB; one pass over the
-/// whole input holds every position's activations and logits, over 1 KB per token of
-/// this model, and grows by far more (which the test checks too).
-const GROWTH_BOUND: u64 = 16 << 20;
+/// streaming (measured: 0.2–0.5 MB scoring, 3.5–3.8 MB generating). One pass over the
+/// whole input holds at least every position's final hidden state, 256 bytes per token of
+/// this model (15 MB for 60 000 more tokens; scoring also every position's logits), and
+/// grows by more (which the test checks too).
+const GROWTH_BOUND: u64 = 8 << 20;
 
 /// A freshly initialised tiny model in `dir/model`.
 fn tiny_model(dir: &Path) -> PathBuf {

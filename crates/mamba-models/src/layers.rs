@@ -220,7 +220,7 @@ impl Linear {
             })?,
             LinearWeight::Quantized(q) => gemv(Weights::Quant(q), out, inp, x, y)?,
         }
-        self.add_bias_host(y)
+        self.add_bias_host(y, 0..out)
     }
 
     /// [`Linear::forward_host`] for one decoding step of `rows` sequences: the
@@ -242,49 +242,100 @@ impl Linear {
     /// `y: (rows, out)`: a few rows go to the matrix-vector kernels, more to one threaded
     /// matrix product (quantised and bf16 weights widened to f32 for it).
     pub fn forward_rows_host(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        self.forward_rows_host_parts(x, &mut [y])
+    }
+
+    /// [`Linear::forward_rows_host`] with the output's columns cut into consecutive parts,
+    /// each its own contiguous `(rows, width)` buffer (the widths add up to `out`): each part
+    /// is the product of its rows of the weights, so that a mixer takes its projection's
+    /// pieces (z, x, Δ, B, C) without copying columns afterwards.
+    pub fn forward_rows_host_parts(&self, x: &[f32], parts: &mut [&mut [f32]]) -> Result<()> {
         let out = self.out_features();
-        let rows = y.len() / out.max(1);
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let rows = total / out.max(1);
+        if rows == 0 {
+            return Ok(());
+        }
+        if rows * out != total || parts.iter().any(|p| p.len() % rows != 0) {
+            return Err(Error::Input(format!(
+                "output parts of {total} values do not split {out}-wide rows"
+            )));
+        }
         if rows <= GEMV_MAX_ROWS {
-            return self.forward_host(x, y);
+            return self.forward_few_rows_parts(x, rows, parts);
         }
         let inp = x.len() / rows;
-        let product = |w: &[f32], y: &mut [f32]| {
-            matmul_threaded(
-                (rows, out, inp),
-                y,
-                out,
-                MatRef::rows(x, inp),
-                MatRef::transposed(w, inp),
-                false,
-            )
+        let products = |w: &[f32], parts: &mut [&mut [f32]]| {
+            let mut first = 0;
+            for part in parts.iter_mut() {
+                let width = part.len() / rows;
+                matmul_threaded(
+                    (rows, width, inp),
+                    part,
+                    width,
+                    MatRef::rows(x, inp),
+                    MatRef::transposed(&w[first * inp..(first + width) * inp], inp),
+                    false,
+                );
+                first += width;
+            }
         };
         match &self.weight {
             LinearWeight::Dense(w) if w.dtype() == DType::F32 => {
                 with_host_values(w, |v| match v {
                     HostValues::F32(v) => {
-                        product(v, y);
+                        products(v, parts);
                         Ok(())
                     }
                     HostValues::Bf16(_) => Err(Error::Input("expected f32 weights".into())),
                 })?
             }
-            LinearWeight::Dense(w) => product(&f32_vec(w)?, y),
-            LinearWeight::Quantized(q) => product(&q.dequantize(), y),
+            LinearWeight::Dense(w) => products(&f32_vec(w)?, parts),
+            LinearWeight::Quantized(q) => products(&q.dequantize(), parts),
         }
-        self.add_bias_host(y)
+        let mut first = 0;
+        for part in parts.iter_mut() {
+            let width = part.len() / rows;
+            self.add_bias_host(part, first..first + width)?;
+            first += width;
+        }
+        Ok(())
     }
 
-    /// Adds the bias (if any) to each `out`-wide row of `y`.
-    fn add_bias_host(&self, y: &mut [f32]) -> Result<()> {
+    /// [`Linear::forward_rows_host_parts`] for a few rows: the matrix-vector kernels, their
+    /// output cut into the parts.
+    fn forward_few_rows_parts(
+        &self,
+        x: &[f32],
+        rows: usize,
+        parts: &mut [&mut [f32]],
+    ) -> Result<()> {
+        if let [y] = parts {
+            return self.forward_host(x, y);
+        }
+        let out = self.out_features();
+        let mut y = vec![0.0f32; rows * out];
+        self.forward_host(x, &mut y)?;
+        let mut first = 0;
+        for part in parts.iter_mut() {
+            let width = part.len() / rows;
+            copy_columns(&y, out, first, width, part);
+            first += width;
+        }
+        Ok(())
+    }
+
+    /// Adds the bias's `columns` (if there is a bias) to each row of `y`.
+    fn add_bias_host(&self, y: &mut [f32], columns: std::ops::Range<usize>) -> Result<()> {
         let Some(bias) = &self.bias else {
             return Ok(());
         };
-        let out = self.out_features();
         with_host_values(bias, |b| {
             let HostValues::F32(b) = b else {
                 return Err(Error::Input("a bias must be f32".into()));
             };
-            y.chunks_mut(out)
+            let b = &b[columns];
+            y.chunks_mut(b.len().max(1))
                 .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
             Ok(())
         })
@@ -545,4 +596,52 @@ pub fn columns(t: &Tensor, start: usize, width: usize) -> Result<Tensor> {
 /// `(b, L, C)` → `(b, C, L)` and back, contiguous.
 pub fn swap_time_channels(t: &Tensor) -> Result<Tensor> {
     Ok(t.transpose(1, 2)?.contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mamba_testing::{lcg_values, max_abs_diff};
+
+    /// The output's columns `[first, first + width)` of each `out`-wide row.
+    fn column_range(y: &[f32], out: usize, first: usize, width: usize) -> Vec<f32> {
+        y.chunks(out)
+            .flat_map(|row| row[first..first + width].iter().copied())
+            .collect()
+    }
+
+    /// Each part of a split projection equals its columns of the whole product through
+    /// the tensors (bias included), for a few rows (matrix-vector kernels) and many (GEMM),
+    /// dense and quantised weights.
+    #[test]
+    fn projection_parts_are_the_columns_of_the_whole_product() {
+        let (out, inp, widths) = (40, 64, [7, 25, 8]);
+        let weight = Tensor::from_vec(lcg_values(out * inp, 3), (out, inp), &Device::Cpu).unwrap();
+        let bias = Tensor::from_vec(lcg_values(out, 4), out, &Device::Cpu).unwrap();
+        for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Q8_0] {
+            let mut linear = Linear::new(weight.clone(), Some(bias.clone()));
+            linear.convert(format).unwrap();
+            for rows in [3, GEMV_MAX_ROWS + 21] {
+                let x = lcg_values(rows * inp, 5);
+                let want = f32_vec(
+                    &linear
+                        .forward(&Tensor::from_slice(&x, (rows, inp), &Device::Cpu).unwrap())
+                        .unwrap(),
+                )
+                .unwrap();
+                let mut parts = widths.map(|w| vec![0.0f32; rows * w]);
+                let mut views: Vec<&mut [f32]> = parts.iter_mut().map(|p| &mut p[..]).collect();
+                linear.forward_rows_host_parts(&x, &mut views).unwrap();
+                let mut first = 0;
+                for (part, width) in parts.iter().zip(widths) {
+                    let diff = max_abs_diff(part, &column_range(&want, out, first, width));
+                    assert!(
+                        diff < 1e-4,
+                        "{format:?}, {rows} rows, columns from {first}: differ by {diff}"
+                    );
+                    first += width;
+                }
+            }
+        }
+    }
 }

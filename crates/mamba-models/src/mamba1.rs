@@ -347,10 +347,9 @@ impl Mixer for MambaMixer {
         );
         let p = &self.decode;
         let rows = batch * len;
-        let mut xz = vec![0.0f32; rows * 2 * di];
-        self.in_proj.forward_rows_host(x, &mut xz)?; // (b, L, 2 d_inner)
-        let mut xs = vec![0.0f32; rows * di];
-        copy_columns(&xz, 2 * di, 0, di, &mut xs);
+        let (mut xs, mut z) = (vec![0.0f32; rows * di], vec![0.0f32; rows * di]); // (b, L, d_inner)
+        self.in_proj
+            .forward_rows_host_parts(x, &mut [&mut xs, &mut z])?;
         let conv = causal_conv1d_token_major(
             &ConvDims {
                 batch,
@@ -367,22 +366,17 @@ impl Mixer for MambaMixer {
             },
         )?;
         let xc = conv.out; // (b, L, d_inner)
-        let mut dbc = vec![0.0f32; rows * (r + 2 * n)];
-        self.x_proj.forward_rows_host(&xc, &mut dbc)?;
         let (mut dt, mut b, mut c) = (
-            vec![0.0f32; rows * r],
-            vec![0.0f32; rows * n],
-            vec![0.0f32; rows * n],
+            vec![0.0f32; rows * r], // (b, L, dt_rank)
+            vec![0.0f32; rows * n], // (b, L, N)
+            vec![0.0f32; rows * n], // (b, L, N)
         );
-        copy_columns(&dbc, r + 2 * n, 0, r, &mut dt);
-        copy_columns(&dbc, r + 2 * n, r, n, &mut b);
-        copy_columns(&dbc, r + 2 * n, r + n, n, &mut c);
+        self.x_proj
+            .forward_rows_host_parts(&xc, &mut [&mut dt, &mut b, &mut c])?;
         self.dt_bc_norms
             .apply_host([&mut dt, &mut b, &mut c], rows)?;
         let mut delta = vec![0.0f32; rows * di];
         self.dt_proj.forward_rows_host(&dt, &mut delta)?;
-        let mut z = xs; // reused: (b, L, d_inner)
-        copy_columns(&xz, 2 * di, di, di, &mut z);
         let scan = selective_scan_token_major(
             &ScanDims {
                 batch,

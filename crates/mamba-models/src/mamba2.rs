@@ -231,13 +231,16 @@ impl Mixer for Mamba2Mixer {
             conv_dim,
             heads: nh,
             group_states: gn,
-            total: width,
+            ..
         } = self.in_proj_widths();
         let rows = batch * len;
-        let mut zxbcdt = vec![0.0f32; rows * width];
-        self.in_proj.forward_rows_host(x, &mut zxbcdt)?; // (b, L, 2 d_inner + 2GN + H)
-        let mut xbc = vec![0.0f32; rows * conv_dim];
-        copy_columns(&zxbcdt, width, di, conv_dim, &mut xbc);
+        let (mut z, mut xbc, mut dt) = (
+            vec![0.0f32; rows * di],       // (b, L, d_inner)
+            vec![0.0f32; rows * conv_dim], // (b, L, d_inner + 2GN)
+            vec![0.0f32; rows * nh],       // (b, L, H)
+        );
+        self.in_proj
+            .forward_rows_host_parts(x, &mut [&mut z, &mut xbc, &mut dt])?;
         let conv = causal_conv1d_token_major(
             &ConvDims {
                 batch,
@@ -253,16 +256,14 @@ impl Mixer for Mamba2Mixer {
                 silu: true,
             },
         )?; // (b, L, conv_dim)
-        let (mut xs, mut b, mut cm, mut dt) = (
+        let (mut xs, mut b, mut cm) = (
             vec![0.0f32; rows * di],
             vec![0.0f32; rows * gn],
             vec![0.0f32; rows * gn],
-            vec![0.0f32; rows * nh],
         );
         copy_columns(&conv.out, conv_dim, 0, di, &mut xs);
         copy_columns(&conv.out, conv_dim, di, gn, &mut b);
         copy_columns(&conv.out, conv_dim, di + gn, gn, &mut cm);
-        copy_columns(&zxbcdt, width, di + conv_dim, nh, &mut dt);
         let ssd = mamba_ops::ssd::ssd(
             &SsdDims {
                 batch,
@@ -288,8 +289,6 @@ impl Mixer for Mamba2Mixer {
             },
         )?;
         let mut y = ssd.y; // (b, L, d_inner)
-        let mut z = xs; // reused: (b, L, d_inner)
-        copy_columns(&zxbcdt, width, 0, di, &mut z);
         let norm_dims = NormDims {
             rows,
             hidden: di,
