@@ -37,10 +37,15 @@ const ROW_THREADS: usize = 256;
 const BLAS_WORKSPACE: usize = 32 << 20;
 /// Sequences one pass over a weight row serves (`GEMV_BT`, at most).
 const MAX_BATCH_TILE: usize = 8;
-/// Rows from which a matrix counts as tall (several rows per warp).
+/// Rows from which a matrix counts as tall (two rows per group, the interleaved kernels).
 const GEMV_TALL_ROWS: usize = 2048;
-/// Fewest 16-byte chunks of a row one warp takes when a row is split between warps.
-const GEMV_MIN_CHUNKS_PER_WARP: usize = 64;
+/// Rows from which a tall matrix takes four rows per group (at a batch tile of 1).
+const GEMV_TALLER_ROWS: usize = 4096;
+/// Fewest 16-byte chunks of a row one warp takes, times two, when a row is split.
+const GEMV_MIN_CHUNKS_PER_SPLIT: usize = 48;
+/// Most bytes of the staged input (`GEMV_BT * cols` f32) in shared memory: 48 KB without
+/// opting in, less the kernels' own partial sums.
+const GEMV_STAGED_MAX_BYTES: usize = 46 << 10;
 
 /// What the kernels are specialised for: weight type, batch and the model's sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +76,94 @@ impl DecodeSpec {
             4
         }
     }
+}
+
+/// The matrix-vector kernels of `decode_step.cu`, in the order [`DecodeKernels`] loads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GemvKernel {
+    /// `gemv_r1`: one row per group, the input read in the loop (short matrices).
+    R1,
+    /// `gemv_r2`: two rows per group, the input read in the loop (tall matrices whose
+    /// input tile does not fit in shared memory).
+    R2,
+    /// `gemv_r2_xs`: two rows per group, the input staged in shared memory.
+    R2Staged,
+    /// `gemv_r4_xs`: four rows per group, the input staged in shared memory.
+    R4Staged,
+}
+
+impl GemvKernel {
+    fn rows_per_group(self) -> usize {
+        match self {
+            GemvKernel::R1 => 1,
+            GemvKernel::R2 | GemvKernel::R2Staged => 2,
+            GemvKernel::R4Staged => 4,
+        }
+    }
+
+    fn staged(self) -> bool {
+        matches!(self, GemvKernel::R2Staged | GemvKernel::R4Staged)
+    }
+}
+
+/// How one product is launched: kernel, warps per row group, blocks, dynamic shared memory.
+#[derive(Debug, Clone, Copy)]
+struct GemvPlan {
+    kernel: GemvKernel,
+    split: usize,
+    grid: usize,
+    shared: usize,
+}
+
+/// Launches `function` with programmatic dependent launch allowed: it may start while the
+/// kernel before it on the stream still runs (it waits, with `griddepcontrol.wait`, before
+/// reading that kernel's results). Recorded into a CUDA graph as a programmatic edge.
+///
+/// # Safety
+/// `params` points to the kernel's parameters, in order and of its types.
+unsafe fn launch_dependent(
+    stream: &Arc<CudaStream>,
+    function: &CudaFunction,
+    cfg: LaunchConfig,
+    params: &mut [*mut std::ffi::c_void],
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let mut attribute = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value: sys::CUlaunchAttributeValue {
+            programmaticStreamSerializationAllowed: 1,
+        },
+    };
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(|e| cuda_err(format!("binding the device's context: {e:?}")))?;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attribute,
+        numAttrs: 1,
+    };
+    // SAFETY: the configuration and attribute live through the call; the caller vouches
+    // for the parameters.
+    let status = unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            function.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    };
+    status
+        .result()
+        .map_err(|e| cuda_err(format!("launching a matrix-vector product: {e:?}")))
 }
 
 /// `GemvArgs` of `decode_step.cu`.
@@ -252,8 +345,8 @@ pub struct GatedNormStep {
 pub struct DecodeKernels {
     spec: DecodeSpec,
     multiprocessors: usize,
-    /// `gemv_r1`, `gemv_r2`: one or two rows per warp.
-    gemv: [CudaFunction; 2],
+    /// `gemv_r1`, `gemv_r2`, `gemv_r2_xs`, `gemv_r4_xs` (see [`GemvKernel`]).
+    gemv: [CudaFunction; 4],
     embed: CudaFunction,
     conv_step: CudaFunction,
     mamba1_step: CudaFunction,
@@ -296,7 +389,12 @@ impl DecodeKernels {
         Ok(DecodeKernels {
             spec,
             multiprocessors: multiprocessors(dev)?,
-            gemv: [load("gemv_r1")?, load("gemv_r2")?],
+            gemv: [
+                load("gemv_r1")?,
+                load("gemv_r2")?,
+                load("gemv_r2_xs")?,
+                load("gemv_r4_xs")?,
+            ],
             embed: load("embed")?,
             conv_step: load("conv_step")?,
             mamba1_step: load("mamba1_ssm_step")?,
@@ -323,44 +421,46 @@ impl DecodeKernels {
         cols > 0 && cols.is_multiple_of(self.spec.chunk())
     }
 
-    /// Which `gemv_r*` kernel takes `rows` rows, and its rows per warp: more rows per warp
-    /// (each input load serving more weights) for tall matrices at small batch tiles, one
-    /// row per warp for short matrices (so that they still spread over the device) and for
-    /// large tiles (whose accumulators the extra rows would multiply).
-    fn gemv_variant(&self, rows: usize) -> (usize, usize) {
-        if rows >= GEMV_TALL_ROWS && self.spec.batch_tile() <= 2 {
-            (1, 2)
-        } else {
-            (0, 1)
-        }
-    }
-
-    /// Warps per group of rows (1, 2, 4 or 8): the split whose blocks fill the device's
-    /// block slots best over whole waves (a last wave a third full leaves two thirds of the
-    /// device idle), among those leaving each warp at least `GEMV_MIN_CHUNKS_PER_WARP`
-    /// chunks; the smaller split on near ties.
-    fn gemv_split(&self, groups: usize, cols: usize) -> usize {
-        let slots = (self.multiprocessors * self.gemv_blocks_per_sm()) as f64;
-        let chunks = cols / self.spec.chunk();
-        let fill = |split: usize| {
-            let waves = (groups * split).div_ceil(GEMV_WARPS) as f64 / slots;
-            waves / waves.ceil()
+    /// How a product of `rows x cols` weights is launched (`decode_step.cu`'s rule, measured
+    /// on the H200 over the 130m to 2.8b models' matrices): which kernel (rows per group, and
+    /// whether the input is staged in shared memory), the split, and a persistent grid of up
+    /// to four blocks per multiprocessor, each taking the same number of tasks.
+    fn gemv_plan(&self, rows: usize, cols: usize) -> GemvPlan {
+        let tile = self.spec.batch_tile();
+        let staged = tile * cols * std::mem::size_of::<f32>();
+        let fits = staged <= GEMV_STAGED_MAX_BYTES;
+        let kernel = match rows {
+            r if r < GEMV_TALL_ROWS => GemvKernel::R1,
+            r if r >= GEMV_TALLER_ROWS && tile == 1 && fits => GemvKernel::R4Staged,
+            _ if fits => GemvKernel::R2Staged,
+            _ => GemvKernel::R2,
         };
-        let mut best = 1;
-        for split in [2, 4, 8] {
-            if chunks / split >= GEMV_MIN_CHUNKS_PER_WARP && fill(split) > fill(best) + 0.05 {
-                best = split;
-            }
+        let groups = rows.div_ceil(kernel.rows_per_group());
+        let chunks = cols / self.spec.chunk();
+        let tasks = |split: usize| (groups * split).div_ceil(GEMV_WARPS);
+        let mut split = 1;
+        while split < GEMV_WARPS
+            && tasks(split) < 2 * self.multiprocessors
+            && chunks / (2 * split) >= GEMV_MIN_CHUNKS_PER_SPLIT
+        {
+            split *= 2;
         }
-        best
-    }
-
-    /// Blocks of `gemv` resident per multiprocessor (`GEMV_MIN_BLOCKS`).
-    fn gemv_blocks_per_sm(&self) -> usize {
-        if self.spec.batch_tile() > 2 {
+        // The blocks the kernels' registers allow per multiprocessor (four, two for gemv_r1
+        // at large tiles): three were measured slower than four (mamba-1.4b bf16 1.62 against
+        // 1.53 ms per step), never faster.
+        let blocks_per_sm = if kernel == GemvKernel::R1 && tile > 2 {
             2
         } else {
             4
+        };
+        // Every block the same number of tasks: a last few blocks with one task more than
+        // the rest would double the product's tail.
+        let tasks_per_block = tasks(split).div_ceil(blocks_per_sm * self.multiprocessors);
+        GemvPlan {
+            kernel,
+            split,
+            grid: tasks(split).div_ceil(tasks_per_block.max(1)),
+            shared: if kernel.staged() { staged } else { 0 },
         }
     }
 
@@ -375,14 +475,12 @@ impl DecodeKernels {
                 g.cols, g.x_stride
             )));
         }
-        let (variant, rows_per_warp) = self.gemv_variant(g.rows);
-        let groups = g.rows.div_ceil(rows_per_warp);
-        let split = self.gemv_split(groups, g.cols);
+        let plan = self.gemv_plan(g.rows, g.cols);
         let args = GemvArgs {
             rows: int(g.rows)?,
             cols: int(g.cols)?,
             batch: int(self.spec.batch)?,
-            split: int(split)?,
+            split: int(plan.split)?,
             x_stride: long(g.x_stride)?,
             y_stride: long(g.y_stride)?,
             accumulate: g.accumulate.into(),
@@ -390,17 +488,20 @@ impl DecodeKernels {
         };
         let norm_w = or_null(g.norm.map(|(w, _)| w));
         let bias = or_null(g.bias);
-        let groups_per_block = GEMV_WARPS / split;
-        let cfg = config((groups.div_ceil(groups_per_block), 1, 1), GEMV_THREADS, 0)?;
-        let mut b = stream.launch_builder(&self.gemv[variant]);
-        b.arg(&g.weight)
-            .arg(&g.x)
-            .arg(&bias)
-            .arg(&norm_w)
-            .arg(&args)
-            .arg(&g.y);
-        // SAFETY: arguments as `gemv` takes them; the caller vouches for the buffers.
-        unsafe { launch(&mut b, cfg) }
+        let Some(cfg) = config((plan.grid, 1, 1), GEMV_THREADS, plan.shared)? else {
+            return Ok(());
+        };
+        let mut params = [
+            (&g.weight as *const DevicePtr).cast_mut().cast(),
+            (&g.x as *const DevicePtr).cast_mut().cast(),
+            (&bias as *const DevicePtr).cast_mut().cast(),
+            (&norm_w as *const DevicePtr).cast_mut().cast(),
+            (&args as *const GemvArgs).cast_mut().cast(),
+            (&g.y as *const DevicePtr).cast_mut().cast(),
+        ];
+        // SAFETY: the parameters are `gemv_r*`'s, in order, alive for the call; the caller
+        // vouches for the buffers.
+        unsafe { launch_dependent(stream, &self.gemv[plan.kernel as usize], cfg, &mut params) }
     }
 
     /// `h (batch, hidden) = table[ids]` for a `(vocab, hidden)` table of f32 or (`bf16`)

@@ -19,20 +19,42 @@
 
 // ---------------------------------------------------------------------------------------
 // Matrix-vector products: y[b, r] (+)= sum_c W[r, c] * x'[b, c] (+ bias[r]), where x' is x,
-// or x with an RMSNorm folded in (norm_eps >= 0; every warp sees its rows' whole input, so
-// the mean square costs no extra pass): x' = x * norm_w * rsqrt(mean(x^2) + eps).
+// or x with an RMSNorm folded in (norm_eps >= 0): x' = x * norm_w * rsqrt(mean(x^2) + eps).
 //
-// gemv_r{R}: a warp computes R rows at once, so each input value it loads serves R weights
-// (the launcher picks R from the matrix's height). `split` warps (a power of two <= 8) share
-// a group of rows, each taking a contiguous range of its 16-byte chunks, and add their
-// partial sums in shared memory. A block is 8 warps, with registers for four blocks per
-// multiprocessor (two for large batch tiles); each lane keeps 8 chunk loads in flight. Rows and inputs
-// are 16-byte aligned (cols * sizeof(in_t) and the strides of x multiples of 16 bytes,
-// checked by the launcher).
+// A persistent grid of 8-warp blocks streams the matrix. Work is cut into tasks: a task is
+// GEMV_WARPS / split groups of R consecutive rows; each group is shared by `split` warps
+// (a power of two <= 8). Block i takes the contiguous task range
+// [i * tasks / grid, (i + 1) * tasks / grid), so any grid from 1 to `tasks` blocks is valid;
+// with at most four blocks per multiprocessor, tall matrices make each warp loop over several
+// row groups, so the device never drains between short-lived blocks. Each lane keeps U * R 16-byte weight loads
+// in flight (ld.global.nc.L1::no_allocate: weights are read once and must not evict x); a
+// task's partial sums meet in shared memory (one barrier per task when split > 1,
+// double-buffered).
+//
+// Two orders of a row's chunks between the split warps (each measured faster somewhere):
+//   gemv_rows_contiguous (gemv_r1): warp p takes chunks [p * per_part, (p + 1) * per_part)
+//     and issues the next task's first loads before reducing the current task; best for
+//     short matrices at split 8.
+//   gemv_rows_interleaved (gemv_r2, gemv_r2_xs, gemv_r4_xs): blocks of 32 * U chunks dealt
+//     round robin to the split warps, the next loads after the task's sums; 10-25 % faster
+//     for tall matrices at splits 1 and 2.
+// The _xs kernels stage x * norm_w once per block in shared memory (chunk c's h-th float4 in
+// plane h, so lanes reading consecutive chunks hit consecutive words), summing x^2 on the
+// way, and scale each row's sum by rsqrt(mean(x^2) + eps) at the end; gemv_r1 / gemv_r2 read
+// x in the loop and gather sum(x^2) along with the row's partial sums.
+//
+// Programmatic dependent launch (the launcher sets the attribute): a product issues its
+// first weight loads, which no kernel writes, then waits for the earlier kernels
+// (griddepcontrol.wait) before reading x or y, and lets the next kernel start at once
+// (launch_dependents) so that it can prefetch its own weights. Activations are read through
+// L2 (ld.global.cg): an early-started block must not find a line of its input in its
+// multiprocessor's L1 from before the previous kernel wrote it.
+//
+// The launcher's rule is in `decode.rs` (`GemvPlan`). Rows and inputs are 16-byte aligned
+// (cols * sizeof(in_t) and the strides of x multiples of 16 bytes, checked by the launcher).
 // ---------------------------------------------------------------------------------------
 
 #define GEMV_WARPS 8
-#define GEMV_LOADS 8
 // Blocks per multiprocessor the register budget is set for: fewer for large batch tiles,
 // whose accumulators need the registers.
 #define GEMV_MIN_BLOCKS (GEMV_BT > 2 ? 2 : 4)
@@ -63,16 +85,40 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// CHUNK floats from a 16-byte aligned address.
+// CHUNK floats from a 16-byte aligned address: parameters no kernel writes (through the
+// read-only cache), or activations (through L2, see above).
+template <bool ACTIVATIONS>
 __device__ __forceinline__ void load_floats(const float* p, float* out) {
 #pragma unroll
     for (int i = 0; i < CHUNK / 4; ++i) {
-        const float4 v = __ldg(reinterpret_cast<const float4*>(p) + i);
+        const float4* q = reinterpret_cast<const float4*>(p) + i;
+        const float4 v = ACTIVATIONS ? __ldcg(q) : __ldg(q);
         out[4 * i] = v.x;
         out[4 * i + 1] = v.y;
         out[4 * i + 2] = v.z;
         out[4 * i + 3] = v.w;
     }
+}
+
+// A weight chunk: read once per product, so kept out of L1 (x and norm_w stay there).
+__device__ __forceinline__ uint4 load_weights(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ void wait_for_earlier_kernels() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
 }
 
 struct GemvArgs {
@@ -82,27 +128,94 @@ struct GemvArgs {
     float norm_eps;                // < 0: x' = x
 };
 
-template <int R>
-__device__ __forceinline__ void gemv_rows(const in_t* __restrict__ w, const float* __restrict__ x,
-                                          const float* __restrict__ bias,
-                                          const float* __restrict__ norm_w, const GemvArgs& a,
-                                          float* __restrict__ y) {
-    constexpr int UNROLL = GEMV_LOADS / R;
-    __shared__ float part_sum[GEMV_WARPS][R][GEMV_BT];
-    __shared__ float part_sq[GEMV_WARPS][GEMV_BT];
+// R rows per group, U loads per row and lane in flight, XS: x' staged in shared memory.
+template <int R, int U, bool XS>
+__device__ __forceinline__ void gemv_rows_contiguous(const in_t* __restrict__ w,
+                                                     const float* __restrict__ x,
+                                                     const float* __restrict__ bias,
+                                                     const float* __restrict__ norm_w,
+                                                     const GemvArgs& a, float* __restrict__ y) {
+    extern __shared__ float4 x_s[];  // XS: GEMV_BT x (cols / 4) float4, chunk planes
+    __shared__ float part_s[2][GEMV_WARPS][R + 1][GEMV_BT];  // [R]: sum of squares (!XS)
+    __shared__ float sq_s[GEMV_WARPS][GEMV_BT];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int row0 = (blockIdx.x * (GEMV_WARPS / a.split) + warp / a.split) * R;
-    const int part = warp % a.split;
-    const int chunks = a.cols / CHUNK;
-    const int per_part = (chunks + a.split - 1) / a.split;
+    const int split = a.split, groups_per_task = GEMV_WARPS / split;
+    const int part = warp % split, group_in_task = warp / split;
+    const int chunks = a.cols / CHUNK, cols4 = a.cols / 4;
+    const int per_part = (chunks + split - 1) / split;
     const int c_begin = part * per_part, c_end = min(chunks, c_begin + per_part);
+    const int iters = (per_part + 32 * U - 1) / (32 * U);  // steps per task
+    const int groups = (a.rows + R - 1) / R;
+    const int tasks = (groups + groups_per_task - 1) / groups_per_task;
+    const int t_begin = (int)((long long)blockIdx.x * tasks / gridDim.x);
+    const int t_end = (int)((long long)(blockIdx.x + 1) * tasks / gridDim.x);
+    const int steps = (t_end - t_begin) * iters;
     const bool norm = a.norm_eps >= 0.0f;
-    const uint4* w_row0 = reinterpret_cast<const uint4*>(w + (long long)min(row0, a.rows - 1) * a.cols);
-    // Rows past the end re-read the last row (their sums are dropped).
-    int row_step[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) row_step[r] = (min(row0 + r, a.rows - 1) - min(row0, a.rows - 1)) * chunks;
+    const uint4* wv = reinterpret_cast<const uint4*>(w);
+
+    allow_next_kernel();
+
     for (int b0 = 0; b0 < a.batch; b0 += GEMV_BT) {
+        // Step (t, it) of the block: task t_begin + t, chunks c_begin + it * 32 * U + ...
+        // Rows past the end re-read the last row (their sums are dropped).
+        auto load = [&](int t, int it, uint4(&dst)[U][R]) {
+            const int row0 = ((t_begin + t) * groups_per_task + group_in_task) * R;
+            const int c0 = c_begin + it * 32 * U + lane;
+            const int first = min(row0, a.rows - 1);
+            const uint4* p = wv + (long long)first * chunks + c0;
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+                if (c0 + u * 32 < c_end)
+#pragma unroll
+                    for (int r = 0; r < R; ++r)
+                        dst[u][r] = load_weights(p + (min(row0 + r, a.rows - 1) - first) * chunks + u * 32);
+        };
+        uint4 v[U][R];
+        if (steps > 0) load(0, 0, v);
+        wait_for_earlier_kernels();  // nothing above reads what earlier kernels write
+
+        float scale[GEMV_BT];  // XS: the norm's scale per sequence
+#pragma unroll
+        for (int b = 0; b < GEMV_BT; ++b) scale[b] = 1.0f;
+        if (XS) {
+            if (b0 > 0) __syncthreads();  // the previous tile is done with x_s and sq_s
+            float sq[GEMV_BT];
+#pragma unroll
+            for (int b = 0; b < GEMV_BT; ++b) {
+                sq[b] = 0.0f;
+                if (b0 + b >= a.batch) continue;
+                const float4* xb = reinterpret_cast<const float4*>(x + (b0 + b) * a.x_stride);
+                const float4* nb = reinterpret_cast<const float4*>(norm_w);
+                for (int i = threadIdx.x; i < cols4; i += GEMV_WARPS * 32) {
+                    float4 q = __ldcg(xb + i);
+                    if (norm) {
+                        sq[b] += q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w;
+                        const float4 n = __ldg(nb + i);
+                        q.x *= n.x;
+                        q.y *= n.y;
+                        q.z *= n.z;
+                        q.w *= n.w;
+                    }
+                    x_s[b * cols4 + (i % (CHUNK / 4)) * chunks + i / (CHUNK / 4)] = q;
+                }
+            }
+            if (norm)
+#pragma unroll
+                for (int b = 0; b < GEMV_BT; ++b) {
+                    sq[b] = warp_sum(sq[b]);
+                    if (lane == 0) sq_s[warp][b] = sq[b];
+                }
+            __syncthreads();
+            if (norm)
+#pragma unroll
+                for (int b = 0; b < GEMV_BT; ++b) {
+                    float total = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < GEMV_WARPS; ++i) total += sq_s[i][b];
+                    scale[b] = rsqrtf(total / a.cols + a.norm_eps);
+                }
+        }
+
         float acc[R][GEMV_BT], sq[GEMV_BT];
 #pragma unroll
         for (int b = 0; b < GEMV_BT; ++b) {
@@ -110,94 +223,324 @@ __device__ __forceinline__ void gemv_rows(const in_t* __restrict__ w, const floa
 #pragma unroll
             for (int r = 0; r < R; ++r) acc[r][b] = 0.0f;
         }
-        if (row0 < a.rows) {
-            for (int c = c_begin + lane; c < c_end; c += 32 * UNROLL) {
-                uint4 v[UNROLL][R];
+        int t = 0, it = 0;
+        for (int s = 0; s < steps; ++s) {
+            const int c0 = c_begin + it * 32 * U + lane;
 #pragma unroll
-                for (int u = 0; u < UNROLL; ++u)
-                    if (c + u * 32 < c_end)
+            for (int u = 0; u < U; ++u) {
+                const int c = c0 + u * 32;
+                if (c >= c_end) break;
+                float nw[CHUNK];
+                if (!XS && norm) load_floats<false>(norm_w + c * CHUNK, nw);
 #pragma unroll
-                        for (int r = 0; r < R; ++r) v[u][r] = __ldg(w_row0 + row_step[r] + c + u * 32);
+                for (int b = 0; b < GEMV_BT; ++b) {
+                    if (b0 + b >= a.batch) break;
+                    float xv[CHUNK];
+                    if (XS) {
+                        const float4* xp = x_s + b * cols4 + c;
 #pragma unroll
-                for (int u = 0; u < UNROLL; ++u) {
-                    const int cc = c + u * 32;
-                    if (cc >= c_end) break;
-                    float nw[CHUNK];
-                    if (norm) load_floats(norm_w + cc * CHUNK, nw);
-#pragma unroll
-                    for (int b = 0; b < GEMV_BT; ++b) {
-                        if (b0 + b >= a.batch) break;
-                        float xv[CHUNK];
-                        load_floats(x + (b0 + b) * a.x_stride + cc * CHUNK, xv);
+                        for (int i = 0; i < CHUNK / 4; ++i) {
+                            const float4 q = xp[i * chunks];
+                            xv[4 * i] = q.x;
+                            xv[4 * i + 1] = q.y;
+                            xv[4 * i + 2] = q.z;
+                            xv[4 * i + 3] = q.w;
+                        }
+                    } else {
+                        load_floats<true>(x + (b0 + b) * a.x_stride + c * CHUNK, xv);
                         if (norm)
 #pragma unroll
                             for (int k = 0; k < CHUNK; ++k) {
                                 sq[b] += xv[k] * xv[k];
                                 xv[k] *= nw[k];
                             }
+                    }
 #pragma unroll
-                        for (int r = 0; r < R; ++r) {
-                            float wv[CHUNK];
-                            unpack(v[u][r], wv);
+                    for (int r = 0; r < R; ++r) {
+                        float wf[CHUNK];
+                        unpack(v[u][r], wf);
 #pragma unroll
-                            for (int k = 0; k < CHUNK; ++k) acc[r][b] += wv[k] * xv[k];
-                        }
+                        for (int k = 0; k < CHUNK; ++k) acc[r][b] += wf[k] * xv[k];
                     }
                 }
             }
-        }
-#pragma unroll
-        for (int b = 0; b < GEMV_BT; ++b) {
-#pragma unroll
-            for (int r = 0; r < R; ++r) acc[r][b] = warp_sum(acc[r][b]);
-            if (norm) sq[b] = warp_sum(sq[b]);
-        }
-        if (a.split > 1) {
-            if (lane == 0)
+            const bool task_done = it == iters - 1;
+            const int t_next = task_done ? t + 1 : t, it_next = task_done ? 0 : it + 1;
+            if (task_done) {
+                // Issue the next task's first loads before reducing this one.
+                if (s + 1 < steps) load(t_next, it_next, v);
 #pragma unroll
                 for (int b = 0; b < GEMV_BT; ++b) {
-                    part_sq[warp][b] = sq[b];
 #pragma unroll
-                    for (int r = 0; r < R; ++r) part_sum[warp][r][b] = acc[r][b];
+                    for (int r = 0; r < R; ++r) acc[r][b] = warp_sum(acc[r][b]);
+                    if (!XS && norm) sq[b] = warp_sum(sq[b]);
                 }
-            __syncthreads();
-            if (part == 0 && lane == 0)
-                for (int p = 1; p < a.split; ++p)
+                if (split > 1) {
+                    const int par = t & 1;
+                    if (lane == 0)
 #pragma unroll
-                    for (int b = 0; b < GEMV_BT; ++b) {
-                        sq[b] += part_sq[warp + p][b];
+                        for (int b = 0; b < GEMV_BT; ++b) {
 #pragma unroll
-                        for (int r = 0; r < R; ++r) acc[r][b] += part_sum[warp + p][r][b];
-                    }
-            __syncthreads();
-        }
-        if (part == 0 && lane == 0)
+                            for (int r = 0; r < R; ++r) part_s[par][warp][r][b] = acc[r][b];
+                            part_s[par][warp][R][b] = sq[b];
+                        }
+                    __syncthreads();
+                    if (part == 0)
+                        for (int p = 1; p < split; ++p)
 #pragma unroll
-            for (int b = 0; b < GEMV_BT; ++b) {
-                if (b0 + b >= a.batch) break;
-                const float scale = norm ? rsqrtf(sq[b] / a.cols + a.norm_eps) : 1.0f;
+                            for (int b = 0; b < GEMV_BT; ++b) {
 #pragma unroll
-                for (int r = 0; r < R; ++r) {
-                    const int row = row0 + r;
-                    if (row >= a.rows) break;
-                    float v = acc[r][b] * scale;
-                    if (bias) v += bias[row];
-                    float* out = y + (b0 + b) * a.y_stride + row;
-                    *out = a.accumulate ? *out + v : v;
+                                for (int r = 0; r < R; ++r) acc[r][b] += part_s[par][warp + p][r][b];
+                                sq[b] += part_s[par][warp + p][R][b];
+                            }
                 }
+                if (part == 0) {
+                    const int row0 = ((t_begin + t) * groups_per_task + group_in_task) * R;
+#pragma unroll
+                    for (int r = 0; r < R; ++r)
+#pragma unroll
+                        for (int b = 0; b < GEMV_BT; ++b)
+                            if (lane == r * GEMV_BT + b && row0 + r < a.rows && b0 + b < a.batch) {
+                                const float sc =
+                                    XS ? scale[b] : (norm ? rsqrtf(sq[b] / a.cols + a.norm_eps) : 1.0f);
+                                float val = acc[r][b] * sc;
+                                if (bias) val += bias[row0 + r];
+                                float* out = y + (b0 + b) * a.y_stride + row0 + r;
+                                *out = a.accumulate ? __ldcg(out) + val : val;
+                            }
+                }
+#pragma unroll
+                for (int b = 0; b < GEMV_BT; ++b) {
+                    sq[b] = 0.0f;
+#pragma unroll
+                    for (int r = 0; r < R; ++r) acc[r][b] = 0.0f;
+                }
+            } else {
+                load(t_next, it_next, v);
             }
+            t = t_next;
+            it = it_next;
+        }
     }
 }
 
-#define GEMV_VARIANT(R)                                                                          \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, GEMV_MIN_BLOCKS)                             \
-        gemv_r##R(const in_t* __restrict__ w, const float* __restrict__ x,                       \
-                  const float* __restrict__ bias, const float* __restrict__ norm_w, GemvArgs a, \
-                  float* __restrict__ y) {                                                       \
-        gemv_rows<R>(w, x, bias, norm_w, a, y);                                                  \
+// The same with the chunks of a row dealt to the split warps in turn, in blocks of 32 * U (block
+// j of a row to warp j % split), the next step's loads issued after the task's sums, and x'
+// staged (XM 1) or read through L1 (XM 2). Faster than the contiguous order for tall matrices
+// at splits 1 and 2 (measured); the contiguous one is faster for skinny matrices at split 8.
+template <int R, int U, int XM>
+__device__ __forceinline__ void gemv_rows_interleaved(const in_t* __restrict__ w,
+                                                      const float* __restrict__ x,
+                                                      const float* __restrict__ bias,
+                                                      const float* __restrict__ norm_w,
+                                                      const GemvArgs& a, float* __restrict__ y) {
+    constexpr int NW = GEMV_WARPS, NT = NW * 32;
+    extern __shared__ float4 x_s[];  // XM 1: GEMV_BT x (cols / 4) float4, chunk planes
+    __shared__ float part_s[2][NW][R + 1][GEMV_BT];  // [R]: sum of squares (XM 2)
+    __shared__ float sq_s[NW][GEMV_BT];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int S = a.split, gpb = NW / S, part = warp % S, gib = warp / S;
+    const int chunks = a.cols / CHUNK, cols4 = a.cols / 4;
+    const int groups = (a.rows + R - 1) / R;
+    const int tasks = (groups + gpb - 1) / gpb;
+    const int iters = (chunks + 32 * U * S - 1) / (32 * U * S);
+    const int t_begin = (int)((long long)blockIdx.x * tasks / gridDim.x);
+    const int t_end = (int)((long long)(blockIdx.x + 1) * tasks / gridDim.x);
+    const int steps = (t_end - t_begin) * iters;
+    const bool norm = a.norm_eps >= 0.0f;
+    const uint4* W = reinterpret_cast<const uint4*>(w);
+
+    allow_next_kernel();
+
+    for (int b0 = 0; b0 < a.batch; b0 += GEMV_BT) {
+        auto load = [&](int tl, int it, uint4(&dst)[U][R]) {
+            const int row0 = ((t_begin + tl) * gpb + gib) * R;
+            const int c0 = (it * S + part) * 32 * U + lane;
+            const int first = min(row0, a.rows - 1);
+            const uint4* p = W + (long long)first * chunks + c0;
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+                if (c0 + u * 32 < chunks)
+#pragma unroll
+                    for (int r = 0; r < R; ++r)
+                        dst[u][r] = load_weights(p + (min(row0 + r, a.rows - 1) - first) * chunks + u * 32);
+        };
+        uint4 v[U][R];
+        if (steps > 0) load(0, 0, v);
+        wait_for_earlier_kernels();  // nothing above reads what earlier kernels write
+        float sc[GEMV_BT];
+#pragma unroll
+        for (int b = 0; b < GEMV_BT; ++b) sc[b] = 1.0f;
+        if (XM == 1) {
+            if (b0 > 0) __syncthreads();  // the previous tile is done with x_s, sq_s
+            float sq[GEMV_BT];
+#pragma unroll
+            for (int b = 0; b < GEMV_BT; ++b) {
+                sq[b] = 0.0f;
+                if (b0 + b >= a.batch) continue;
+                const float4* xb = reinterpret_cast<const float4*>(x + (b0 + b) * a.x_stride);
+                const float4* nb = reinterpret_cast<const float4*>(norm_w);
+                for (int i = threadIdx.x; i < cols4; i += NT) {
+                    float4 q = __ldcg(xb + i);
+                    if (norm) {
+                        sq[b] += q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w;
+                        const float4 n = __ldg(nb + i);
+                        q.x *= n.x;
+                        q.y *= n.y;
+                        q.z *= n.z;
+                        q.w *= n.w;
+                    }
+                    x_s[b * cols4 + (i % (CHUNK / 4)) * chunks + i / (CHUNK / 4)] = q;
+                }
+            }
+            if (norm)
+#pragma unroll
+                for (int b = 0; b < GEMV_BT; ++b) {
+                    sq[b] = warp_sum(sq[b]);
+                    if (lane == 0) sq_s[warp][b] = sq[b];
+                }
+            __syncthreads();
+            if (norm)
+#pragma unroll
+                for (int b = 0; b < GEMV_BT; ++b) {
+                    float t = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < NW; ++i) t += sq_s[i][b];
+                    sc[b] = rsqrtf(t / a.cols + a.norm_eps);
+                }
+        }
+
+        float acc[R][GEMV_BT], sq[GEMV_BT];
+#pragma unroll
+        for (int b = 0; b < GEMV_BT; ++b) {
+            sq[b] = 0.0f;
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[r][b] = 0.0f;
+        }
+        int tl = 0, it = 0;
+        for (int s = 0; s < steps; ++s) {
+            const int tn = it + 1 == iters ? tl + 1 : tl, in = it + 1 == iters ? 0 : it + 1;
+            const int c0 = (it * S + part) * 32 * U + lane;
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = c0 + u * 32;
+                if (c >= chunks) break;
+                float nwv[CHUNK];
+                if (XM == 2 && norm) load_floats<false>(norm_w + c * CHUNK, nwv);
+#pragma unroll
+                for (int b = 0; b < GEMV_BT; ++b) {
+                    if (b0 + b >= a.batch) break;
+                    float xv[CHUNK];
+                    if (XM == 1) {
+                        const float4* xp = x_s + b * cols4 + c;
+#pragma unroll
+                        for (int i = 0; i < CHUNK / 4; ++i) {
+                            const float4 q = xp[i * chunks];
+                            xv[4 * i] = q.x;
+                            xv[4 * i + 1] = q.y;
+                            xv[4 * i + 2] = q.z;
+                            xv[4 * i + 3] = q.w;
+                        }
+                    } else {
+                        load_floats<true>(x + (b0 + b) * a.x_stride + c * CHUNK, xv);
+                        if (norm)
+#pragma unroll
+                            for (int i = 0; i < CHUNK; ++i) {
+                                sq[b] += xv[i] * xv[i];
+                                xv[i] *= nwv[i];
+                            }
+                    }
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        float wv[CHUNK];
+                        unpack(v[u][r], wv);
+#pragma unroll
+                        for (int i = 0; i < CHUNK; ++i) acc[r][b] += wv[i] * xv[i];
+                    }
+                }
+            }
+            if (it == iters - 1) {
+#pragma unroll
+                for (int b = 0; b < GEMV_BT; ++b) {
+#pragma unroll
+                    for (int r = 0; r < R; ++r) acc[r][b] = warp_sum(acc[r][b]);
+                    if (XM == 2 && norm) sq[b] = warp_sum(sq[b]);
+                }
+                if (S > 1) {
+                    const int par = tl & 1;
+                    if (lane == 0)
+#pragma unroll
+                        for (int b = 0; b < GEMV_BT; ++b) {
+#pragma unroll
+                            for (int r = 0; r < R; ++r) part_s[par][warp][r][b] = acc[r][b];
+                            part_s[par][warp][R][b] = sq[b];
+                        }
+                    __syncthreads();
+                    if (part == 0)
+                        for (int p = 1; p < S; ++p)
+#pragma unroll
+                            for (int b = 0; b < GEMV_BT; ++b) {
+#pragma unroll
+                                for (int r = 0; r < R; ++r) acc[r][b] += part_s[par][warp + p][r][b];
+                                sq[b] += part_s[par][warp + p][R][b];
+                            }
+                }
+                if (part == 0) {
+                    const int row0 = ((t_begin + tl) * gpb + gib) * R;
+#pragma unroll
+                    for (int r = 0; r < R; ++r)
+#pragma unroll
+                        for (int b = 0; b < GEMV_BT; ++b)
+                            if (lane == r * GEMV_BT + b && row0 + r < a.rows && b0 + b < a.batch) {
+                                const float scale =
+                                    XM == 2 ? (norm ? rsqrtf(sq[b] / a.cols + a.norm_eps) : 1.0f) : sc[b];
+                                float val = acc[r][b] * scale;
+                                if (bias) val += bias[row0 + r];
+                                float* out = y + (b0 + b) * a.y_stride + row0 + r;
+                                *out = a.accumulate ? __ldcg(out) + val : val;
+                            }
+                }
+#pragma unroll
+                for (int b = 0; b < GEMV_BT; ++b) {
+                    sq[b] = 0.0f;
+#pragma unroll
+                    for (int r = 0; r < R; ++r) acc[r][b] = 0.0f;
+                }
+            }
+            if (s + 1 < steps) load(tn, in, v);
+            tl = tn;
+            it = in;
+        }
     }
-GEMV_VARIANT(1)
-GEMV_VARIANT(2)
+}
+
+// gemv_r1: one row per group, contiguous split, x through L1 (short matrices, rows < 2048).
+// gemv_r2: two rows, interleaved split, x through L1 (tall matrices whose input tile does not
+// fit 48 KB of shared memory). gemv_r2_xs, gemv_r4_xs: two / four rows, x' in dynamic shared
+// memory of GEMV_BT * cols * 4 bytes (tall matrices). The interleaved kernels were measured
+// with registers for four blocks per multiprocessor at every batch tile.
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, GEMV_MIN_BLOCKS)
+    gemv_r1(const in_t* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias,
+            const float* __restrict__ norm_w, GemvArgs a, float* __restrict__ y) {
+    gemv_rows_contiguous<1, 4, false>(w, x, bias, norm_w, a, y);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
+    gemv_r2(const in_t* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias,
+            const float* __restrict__ norm_w, GemvArgs a, float* __restrict__ y) {
+    gemv_rows_interleaved<2, 2, 2>(w, x, bias, norm_w, a, y);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
+    gemv_r2_xs(const in_t* __restrict__ w, const float* __restrict__ x,
+               const float* __restrict__ bias, const float* __restrict__ norm_w, GemvArgs a,
+               float* __restrict__ y) {
+    gemv_rows_interleaved<2, 2, 1>(w, x, bias, norm_w, a, y);
+}
+extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
+    gemv_r4_xs(const in_t* __restrict__ w, const float* __restrict__ x,
+               const float* __restrict__ bias, const float* __restrict__ norm_w, GemvArgs a,
+               float* __restrict__ y) {
+    gemv_rows_interleaved<4, 2, 1>(w, x, bias, norm_w, a, y);
+}
 
 // ---------------------------------------------------------------------------------------
 // Row kernels (the cuBLAS input, Mamba-2's gated norm): one block of ROW_BLOCK threads per row.
