@@ -490,8 +490,24 @@ impl BlockScan<'_> {
         })
     }
 
+    /// Runs the block over every step, `state: (N, LANES)`. A state of Mamba-1's usual
+    /// 16 values goes through a local array of known length, which the compiler keeps in
+    /// registers together with the output sums (through the slice, the sums went to the
+    /// stack and back at every state index).
     #[inline(always)]
     fn run(&self, state: &mut [[f32; LANES]], out: &mut [f32]) {
+        match <&mut [[f32; LANES]; 16]>::try_from(&mut *state) {
+            Ok(fixed) => {
+                let mut local = *fixed;
+                self.run_steps(&mut local, out);
+                *fixed = local;
+            }
+            Err(_) => self.run_steps(state, out),
+        }
+    }
+
+    #[inline(always)]
+    fn run_steps<S: AsMut<[[f32; LANES]]> + ?Sized>(&self, state: &mut S, out: &mut [f32]) {
         let (nd, nn) = (self.dims.dim, self.dims.state);
         let g = self.first / (nd / self.groups);
         let bias = self.per_channel(self.x.delta_bias);
@@ -513,7 +529,7 @@ impl BlockScan<'_> {
             let bc_at = ((self.batch * self.dims.len + t) * self.groups + g) * nn;
             let (b_t, c_t) = (&self.x.b[bc_at..bc_at + nn], &self.x.c[bc_at..bc_at + nn]);
             let mut y = [0.0f32; LANES];
-            for (n, s) in state.iter_mut().enumerate() {
+            for (n, s) in state.as_mut().iter_mut().enumerate() {
                 let a: &[f32; LANES] = self.a_t[n * nd + self.first..][..LANES]
                     .try_into()
                     .expect("LANES");
