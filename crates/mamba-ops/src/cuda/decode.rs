@@ -68,6 +68,49 @@ impl DecodeSpec {
         self.state_size.next_power_of_two().min(32)
     }
 
+    /// How a product of `rows x cols` weights is launched (`decode_step.cu`'s rule, measured
+    /// on the H200 over the 130m to 2.8b models' matrices): which kernel (rows per group, and
+    /// whether the input is staged in shared memory), the split, and a persistent grid of up
+    /// to four blocks per multiprocessor, taking as few tasks each as that allows.
+    fn gemv_plan(&self, multiprocessors: usize, rows: usize, cols: usize) -> GemvPlan {
+        let tile = self.batch_tile();
+        let staged = tile * cols * std::mem::size_of::<f32>();
+        let fits = staged <= GEMV_STAGED_MAX_BYTES;
+        let kernel = match rows {
+            r if r < GEMV_TALL_ROWS => GemvKernel::R1,
+            r if r >= GEMV_TALLER_ROWS && tile == 1 && fits => GemvKernel::R4Staged,
+            _ if fits => GemvKernel::R2Staged,
+            _ => GemvKernel::R2,
+        };
+        let groups = rows.div_ceil(kernel.rows_per_group());
+        let chunks = cols / self.chunk();
+        let tasks = |split: usize| (groups * split).div_ceil(GEMV_WARPS);
+        let mut split = 1;
+        while split < GEMV_WARPS
+            && tasks(split) < 2 * multiprocessors
+            && chunks / (2 * split) >= GEMV_MIN_CHUNKS_PER_SPLIT
+        {
+            split *= 2;
+        }
+        // The blocks the kernels' registers allow per multiprocessor (four, two for gemv_r1
+        // at large tiles): three were measured slower than four (mamba-1.4b bf16 1.62 against
+        // 1.53 ms per step), never faster.
+        let blocks_per_sm = if kernel == GemvKernel::R1 && tile > 2 {
+            2
+        } else {
+            4
+        };
+        // Every block the same number of tasks: a last few blocks with one task more than
+        // the rest would double the product's tail.
+        let tasks_per_block = tasks(split).div_ceil(blocks_per_sm * multiprocessors);
+        GemvPlan {
+            kernel,
+            split,
+            grid: tasks(split).div_ceil(tasks_per_block.max(1)),
+            shared: if kernel.staged() { staged } else { 0 },
+        }
+    }
+
     /// Weight elements per 16-byte chunk of a row.
     fn chunk(&self) -> usize {
         if self.bf16_weights {
@@ -421,49 +464,6 @@ impl DecodeKernels {
         cols > 0 && cols.is_multiple_of(self.spec.chunk())
     }
 
-    /// How a product of `rows x cols` weights is launched (`decode_step.cu`'s rule, measured
-    /// on the H200 over the 130m to 2.8b models' matrices): which kernel (rows per group, and
-    /// whether the input is staged in shared memory), the split, and a persistent grid of up
-    /// to four blocks per multiprocessor, each taking the same number of tasks.
-    fn gemv_plan(&self, rows: usize, cols: usize) -> GemvPlan {
-        let tile = self.spec.batch_tile();
-        let staged = tile * cols * std::mem::size_of::<f32>();
-        let fits = staged <= GEMV_STAGED_MAX_BYTES;
-        let kernel = match rows {
-            r if r < GEMV_TALL_ROWS => GemvKernel::R1,
-            r if r >= GEMV_TALLER_ROWS && tile == 1 && fits => GemvKernel::R4Staged,
-            _ if fits => GemvKernel::R2Staged,
-            _ => GemvKernel::R2,
-        };
-        let groups = rows.div_ceil(kernel.rows_per_group());
-        let chunks = cols / self.spec.chunk();
-        let tasks = |split: usize| (groups * split).div_ceil(GEMV_WARPS);
-        let mut split = 1;
-        while split < GEMV_WARPS
-            && tasks(split) < 2 * self.multiprocessors
-            && chunks / (2 * split) >= GEMV_MIN_CHUNKS_PER_SPLIT
-        {
-            split *= 2;
-        }
-        // The blocks the kernels' registers allow per multiprocessor (four, two for gemv_r1
-        // at large tiles): three were measured slower than four (mamba-1.4b bf16 1.62 against
-        // 1.53 ms per step), never faster.
-        let blocks_per_sm = if kernel == GemvKernel::R1 && tile > 2 {
-            2
-        } else {
-            4
-        };
-        // Every block the same number of tasks: a last few blocks with one task more than
-        // the rest would double the product's tail.
-        let tasks_per_block = tasks(split).div_ceil(blocks_per_sm * self.multiprocessors);
-        GemvPlan {
-            kernel,
-            split,
-            grid: tasks(split).div_ceil(tasks_per_block.max(1)),
-            shared: if kernel.staged() { staged } else { 0 },
-        }
-    }
-
     /// # Safety
     /// Every address points to a live buffer of the sizes `g` and the spec's batch imply;
     /// `weight`, `x` and `norm`'s weight are 16-byte aligned.
@@ -475,7 +475,7 @@ impl DecodeKernels {
                 g.cols, g.x_stride
             )));
         }
-        let plan = self.gemv_plan(g.rows, g.cols);
+        let plan = self.spec.gemv_plan(self.multiprocessors, g.rows, g.cols);
         let args = GemvArgs {
             rows: int(g.rows)?,
             cols: int(g.cols)?,
@@ -775,5 +775,55 @@ impl BlasProducts {
             )
         }
         .map_err(|e| cuda_err(format!("cuBLAS product: {e:?}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The launch plans of the products of the 130m to 2.8b models (and odd sizes) keep
+    /// what the kernels need: a power-of-two split of at most eight warps, a grid of 1 to
+    /// `tasks` blocks that all stay resident, as few tasks per block as that allows, and a
+    /// staged input that fits the shared memory given without opting in.
+    #[test]
+    fn gemv_plans_keep_the_kernels_limits() {
+        let sms = 132;
+        for (bf16_weights, batch) in [(true, 1), (true, 2), (false, 1), (false, 3), (true, 8)] {
+            let spec = DecodeSpec {
+                bf16_weights,
+                batch,
+                state_size: 16,
+                conv_kernel: 4,
+            };
+            for rows in [1, 160, 192, 2048, 2560, 3352, 8192, 10240, 10576, 50280] {
+                for cols in [64, 768, 1536, 2560, 5120, 12288] {
+                    let plan = spec.gemv_plan(sms, rows, cols);
+                    let what = format!("{spec:?}, {rows} x {cols}: {plan:?}");
+                    assert!(
+                        plan.split.is_power_of_two() && plan.split <= GEMV_WARPS,
+                        "{what}"
+                    );
+                    let groups = rows.div_ceil(plan.kernel.rows_per_group());
+                    let tasks = (groups * plan.split).div_ceil(GEMV_WARPS);
+                    assert!((1..=tasks).contains(&plan.grid), "{what}");
+                    let resident = match plan.kernel {
+                        GemvKernel::R1 if spec.batch_tile() > 2 => 2 * sms,
+                        _ => 4 * sms,
+                    };
+                    assert!(plan.grid <= resident, "{what}");
+                    assert!(
+                        tasks.div_ceil(plan.grid) <= tasks.div_ceil(resident),
+                        "{what}"
+                    );
+                    if plan.kernel.staged() {
+                        assert_eq!(plan.shared, spec.batch_tile() * cols * 4, "{what}");
+                        assert!(plan.shared <= GEMV_STAGED_MAX_BYTES, "{what}");
+                    } else {
+                        assert_eq!(plan.shared, 0, "{what}");
+                    }
+                }
+            }
+        }
     }
 }
