@@ -128,20 +128,173 @@ struct GemvArgs {
     float norm_eps;                // < 0: x' = x
 };
 
-// R rows per group, U loads per row and lane in flight, XS: x' staged in shared memory.
-template <int R, int U, bool XS>
+// x' of the sequences b0 .. b0 + GEMV_BT - 1 staged in x_s (chunk c's h-th float4 in plane h,
+// so lanes reading consecutive chunks hit consecutive words) and each sequence's norm scale
+// (1 without a norm). Every thread of the block calls it.
+__device__ __forceinline__ void stage_input(const float* __restrict__ x,
+                                            const float* __restrict__ norm_w, const GemvArgs& a,
+                                            int b0, float4* x_s,
+                                            float (&sq_s)[GEMV_WARPS][GEMV_BT],
+                                            float (&scale)[GEMV_BT]) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int chunks = a.cols / CHUNK, cols4 = a.cols / 4;
+    const bool norm = a.norm_eps >= 0.0f;
+    if (b0 > 0) __syncthreads();  // the previous tile is done with x_s and sq_s
+    float sq[GEMV_BT];
+#pragma unroll
+    for (int b = 0; b < GEMV_BT; ++b) {
+        sq[b] = 0.0f;
+        if (b0 + b >= a.batch) continue;
+        const float4* xb = reinterpret_cast<const float4*>(x + (b0 + b) * a.x_stride);
+        const float4* nb = reinterpret_cast<const float4*>(norm_w);
+        for (int i = threadIdx.x; i < cols4; i += GEMV_WARPS * 32) {
+            float4 q = __ldcg(xb + i);
+            if (norm) {
+                sq[b] += q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w;
+                const float4 n = __ldg(nb + i);
+                q.x *= n.x;
+                q.y *= n.y;
+                q.z *= n.z;
+                q.w *= n.w;
+            }
+            x_s[b * cols4 + (i % (CHUNK / 4)) * chunks + i / (CHUNK / 4)] = q;
+        }
+    }
+    if (norm)
+#pragma unroll
+        for (int b = 0; b < GEMV_BT; ++b) {
+            sq[b] = warp_sum(sq[b]);
+            if (lane == 0) sq_s[warp][b] = sq[b];
+        }
+    __syncthreads();
+#pragma unroll
+    for (int b = 0; b < GEMV_BT; ++b) {
+        float total = 0.0f;
+#pragma unroll
+        for (int i = 0; i < GEMV_WARPS; ++i) total += sq_s[i][b];
+        scale[b] = norm ? rsqrtf(total / a.cols + a.norm_eps) : 1.0f;
+    }
+}
+
+// acc[r][b] += W[row r of the group, chunk c] . x'[b0 + b, chunk c] for the R weight chunks
+// in v. x' comes from the staged tile, or (not STAGED) is read through L2 with the norm's
+// weights applied and x^2 added to sq (the norm's scale is applied at the end of the task).
+template <int R, bool STAGED>
+__device__ __forceinline__ void multiply_chunk(const uint4 (&v)[R], const float* __restrict__ x,
+                                               const float4* x_s,
+                                               const float* __restrict__ norm_w,
+                                               const GemvArgs& a, int b0, int c,
+                                               float (&acc)[R][GEMV_BT], float (&sq)[GEMV_BT]) {
+    const int chunks = a.cols / CHUNK, cols4 = a.cols / 4;
+    const bool norm = a.norm_eps >= 0.0f;
+    float nw[CHUNK];
+    if (!STAGED && norm) load_floats<false>(norm_w + c * CHUNK, nw);
+#pragma unroll
+    for (int b = 0; b < GEMV_BT; ++b) {
+        if (b0 + b >= a.batch) break;
+        float xv[CHUNK];
+        if (STAGED) {
+            const float4* xp = x_s + b * cols4 + c;
+#pragma unroll
+            for (int i = 0; i < CHUNK / 4; ++i) {
+                const float4 q = xp[i * chunks];
+                xv[4 * i] = q.x;
+                xv[4 * i + 1] = q.y;
+                xv[4 * i + 2] = q.z;
+                xv[4 * i + 3] = q.w;
+            }
+        } else {
+            load_floats<true>(x + (b0 + b) * a.x_stride + c * CHUNK, xv);
+            if (norm)
+#pragma unroll
+                for (int k = 0; k < CHUNK; ++k) {
+                    sq[b] += xv[k] * xv[k];
+                    xv[k] *= nw[k];
+                }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float wf[CHUNK];
+            unpack(v[r], wf);
+#pragma unroll
+            for (int k = 0; k < CHUNK; ++k) acc[r][b] += wf[k] * xv[k];
+        }
+    }
+}
+
+// The end of a task (rows row0 .. row0 + R - 1): each warp's sums across its lanes, the
+// split warps' partial sums added in shared memory (double-buffered by the task's parity),
+// the outputs written by the group's first warp (scaled by the norm, plus the bias, added to
+// y when accumulating), and the sums reset for the next task.
+template <int R, bool STAGED>
+__device__ __forceinline__ void finish_task(float (&acc)[R][GEMV_BT], float (&sq)[GEMV_BT],
+                                            float (&part_s)[2][GEMV_WARPS][R + 1][GEMV_BT],
+                                            const float (&scale)[GEMV_BT], int parity, int row0,
+                                            int b0, const float* __restrict__ bias,
+                                            const GemvArgs& a, float* __restrict__ y) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, part = warp % a.split;
+    const bool norm = a.norm_eps >= 0.0f;
+#pragma unroll
+    for (int b = 0; b < GEMV_BT; ++b) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][b] = warp_sum(acc[r][b]);
+        if (!STAGED && norm) sq[b] = warp_sum(sq[b]);
+    }
+    if (a.split > 1) {
+        if (lane == 0)
+#pragma unroll
+            for (int b = 0; b < GEMV_BT; ++b) {
+#pragma unroll
+                for (int r = 0; r < R; ++r) part_s[parity][warp][r][b] = acc[r][b];
+                part_s[parity][warp][R][b] = sq[b];
+            }
+        __syncthreads();
+        if (part == 0)
+            for (int p = 1; p < a.split; ++p)
+#pragma unroll
+                for (int b = 0; b < GEMV_BT; ++b) {
+#pragma unroll
+                    for (int r = 0; r < R; ++r) acc[r][b] += part_s[parity][warp + p][r][b];
+                    sq[b] += part_s[parity][warp + p][R][b];
+                }
+    }
+    if (part == 0)
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int b = 0; b < GEMV_BT; ++b)
+                if (lane == r * GEMV_BT + b && row0 + r < a.rows && b0 + b < a.batch) {
+                    const float sc =
+                        STAGED ? scale[b] : (norm ? rsqrtf(sq[b] / a.cols + a.norm_eps) : 1.0f);
+                    float val = acc[r][b] * sc;
+                    if (bias) val += bias[row0 + r];
+                    float* out = y + (b0 + b) * a.y_stride + row0 + r;
+                    *out = a.accumulate ? __ldcg(out) + val : val;
+                }
+#pragma unroll
+    for (int b = 0; b < GEMV_BT; ++b) {
+        sq[b] = 0.0f;
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][b] = 0.0f;
+    }
+}
+
+// The product with warp p of a group taking its chunks [p * per_part, (p + 1) * per_part),
+// the next task's first loads issued before the current task is reduced. R rows per group,
+// U loads per row and lane in flight, STAGED: x' staged in shared memory.
+template <int R, int U, bool STAGED>
 __device__ __forceinline__ void gemv_rows_contiguous(const in_t* __restrict__ w,
                                                      const float* __restrict__ x,
                                                      const float* __restrict__ bias,
                                                      const float* __restrict__ norm_w,
                                                      const GemvArgs& a, float* __restrict__ y) {
-    extern __shared__ float4 x_s[];  // XS: GEMV_BT x (cols / 4) float4, chunk planes
-    __shared__ float part_s[2][GEMV_WARPS][R + 1][GEMV_BT];  // [R]: sum of squares (!XS)
+    extern __shared__ float4 x_s[];  // STAGED: GEMV_BT x (cols / 4) float4, chunk planes
+    __shared__ float part_s[2][GEMV_WARPS][R + 1][GEMV_BT];  // [R]: sum of squares
     __shared__ float sq_s[GEMV_WARPS][GEMV_BT];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int split = a.split, groups_per_task = GEMV_WARPS / split;
     const int part = warp % split, group_in_task = warp / split;
-    const int chunks = a.cols / CHUNK, cols4 = a.cols / 4;
+    const int chunks = a.cols / CHUNK;
     const int per_part = (chunks + split - 1) / split;
     const int c_begin = part * per_part, c_end = min(chunks, c_begin + per_part);
     const int iters = (per_part + 32 * U - 1) / (32 * U);  // steps per task
@@ -150,7 +303,6 @@ __device__ __forceinline__ void gemv_rows_contiguous(const in_t* __restrict__ w,
     const int t_begin = (int)((long long)blockIdx.x * tasks / gridDim.x);
     const int t_end = (int)((long long)(blockIdx.x + 1) * tasks / gridDim.x);
     const int steps = (t_end - t_begin) * iters;
-    const bool norm = a.norm_eps >= 0.0f;
     const uint4* wv = reinterpret_cast<const uint4*>(w);
 
     allow_next_kernel();
@@ -174,47 +326,8 @@ __device__ __forceinline__ void gemv_rows_contiguous(const in_t* __restrict__ w,
         if (steps > 0) load(0, 0, v);
         wait_for_earlier_kernels();  // nothing above reads what earlier kernels write
 
-        float scale[GEMV_BT];  // XS: the norm's scale per sequence
-#pragma unroll
-        for (int b = 0; b < GEMV_BT; ++b) scale[b] = 1.0f;
-        if (XS) {
-            if (b0 > 0) __syncthreads();  // the previous tile is done with x_s and sq_s
-            float sq[GEMV_BT];
-#pragma unroll
-            for (int b = 0; b < GEMV_BT; ++b) {
-                sq[b] = 0.0f;
-                if (b0 + b >= a.batch) continue;
-                const float4* xb = reinterpret_cast<const float4*>(x + (b0 + b) * a.x_stride);
-                const float4* nb = reinterpret_cast<const float4*>(norm_w);
-                for (int i = threadIdx.x; i < cols4; i += GEMV_WARPS * 32) {
-                    float4 q = __ldcg(xb + i);
-                    if (norm) {
-                        sq[b] += q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w;
-                        const float4 n = __ldg(nb + i);
-                        q.x *= n.x;
-                        q.y *= n.y;
-                        q.z *= n.z;
-                        q.w *= n.w;
-                    }
-                    x_s[b * cols4 + (i % (CHUNK / 4)) * chunks + i / (CHUNK / 4)] = q;
-                }
-            }
-            if (norm)
-#pragma unroll
-                for (int b = 0; b < GEMV_BT; ++b) {
-                    sq[b] = warp_sum(sq[b]);
-                    if (lane == 0) sq_s[warp][b] = sq[b];
-                }
-            __syncthreads();
-            if (norm)
-#pragma unroll
-                for (int b = 0; b < GEMV_BT; ++b) {
-                    float total = 0.0f;
-#pragma unroll
-                    for (int i = 0; i < GEMV_WARPS; ++i) total += sq_s[i][b];
-                    scale[b] = rsqrtf(total / a.cols + a.norm_eps);
-                }
-        }
+        float scale[GEMV_BT];  // STAGED: the norm's scale per sequence
+        if (STAGED) stage_input(x, norm_w, a, b0, x_s, sq_s, scale);
 
         float acc[R][GEMV_BT], sq[GEMV_BT];
 #pragma unroll
@@ -230,91 +343,15 @@ __device__ __forceinline__ void gemv_rows_contiguous(const in_t* __restrict__ w,
             for (int u = 0; u < U; ++u) {
                 const int c = c0 + u * 32;
                 if (c >= c_end) break;
-                float nw[CHUNK];
-                if (!XS && norm) load_floats<false>(norm_w + c * CHUNK, nw);
-#pragma unroll
-                for (int b = 0; b < GEMV_BT; ++b) {
-                    if (b0 + b >= a.batch) break;
-                    float xv[CHUNK];
-                    if (XS) {
-                        const float4* xp = x_s + b * cols4 + c;
-#pragma unroll
-                        for (int i = 0; i < CHUNK / 4; ++i) {
-                            const float4 q = xp[i * chunks];
-                            xv[4 * i] = q.x;
-                            xv[4 * i + 1] = q.y;
-                            xv[4 * i + 2] = q.z;
-                            xv[4 * i + 3] = q.w;
-                        }
-                    } else {
-                        load_floats<true>(x + (b0 + b) * a.x_stride + c * CHUNK, xv);
-                        if (norm)
-#pragma unroll
-                            for (int k = 0; k < CHUNK; ++k) {
-                                sq[b] += xv[k] * xv[k];
-                                xv[k] *= nw[k];
-                            }
-                    }
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        float wf[CHUNK];
-                        unpack(v[u][r], wf);
-#pragma unroll
-                        for (int k = 0; k < CHUNK; ++k) acc[r][b] += wf[k] * xv[k];
-                    }
-                }
+                multiply_chunk<R, STAGED>(v[u], x, x_s, norm_w, a, b0, c, acc, sq);
             }
             const bool task_done = it == iters - 1;
             const int t_next = task_done ? t + 1 : t, it_next = task_done ? 0 : it + 1;
             if (task_done) {
                 // Issue the next task's first loads before reducing this one.
                 if (s + 1 < steps) load(t_next, it_next, v);
-#pragma unroll
-                for (int b = 0; b < GEMV_BT; ++b) {
-#pragma unroll
-                    for (int r = 0; r < R; ++r) acc[r][b] = warp_sum(acc[r][b]);
-                    if (!XS && norm) sq[b] = warp_sum(sq[b]);
-                }
-                if (split > 1) {
-                    const int par = t & 1;
-                    if (lane == 0)
-#pragma unroll
-                        for (int b = 0; b < GEMV_BT; ++b) {
-#pragma unroll
-                            for (int r = 0; r < R; ++r) part_s[par][warp][r][b] = acc[r][b];
-                            part_s[par][warp][R][b] = sq[b];
-                        }
-                    __syncthreads();
-                    if (part == 0)
-                        for (int p = 1; p < split; ++p)
-#pragma unroll
-                            for (int b = 0; b < GEMV_BT; ++b) {
-#pragma unroll
-                                for (int r = 0; r < R; ++r) acc[r][b] += part_s[par][warp + p][r][b];
-                                sq[b] += part_s[par][warp + p][R][b];
-                            }
-                }
-                if (part == 0) {
-                    const int row0 = ((t_begin + t) * groups_per_task + group_in_task) * R;
-#pragma unroll
-                    for (int r = 0; r < R; ++r)
-#pragma unroll
-                        for (int b = 0; b < GEMV_BT; ++b)
-                            if (lane == r * GEMV_BT + b && row0 + r < a.rows && b0 + b < a.batch) {
-                                const float sc =
-                                    XS ? scale[b] : (norm ? rsqrtf(sq[b] / a.cols + a.norm_eps) : 1.0f);
-                                float val = acc[r][b] * sc;
-                                if (bias) val += bias[row0 + r];
-                                float* out = y + (b0 + b) * a.y_stride + row0 + r;
-                                *out = a.accumulate ? __ldcg(out) + val : val;
-                            }
-                }
-#pragma unroll
-                for (int b = 0; b < GEMV_BT; ++b) {
-                    sq[b] = 0.0f;
-#pragma unroll
-                    for (int r = 0; r < R; ++r) acc[r][b] = 0.0f;
-                }
+                const int row0 = ((t_begin + t) * groups_per_task + group_in_task) * R;
+                finish_task<R, STAGED>(acc, sq, part_s, scale, t & 1, row0, b0, bias, a, y);
             } else {
                 load(t_next, it_next, v);
             }
@@ -324,30 +361,28 @@ __device__ __forceinline__ void gemv_rows_contiguous(const in_t* __restrict__ w,
     }
 }
 
-// The same with the chunks of a row dealt to the split warps in turn, in blocks of 32 * U (block
-// j of a row to warp j % split), the next step's loads issued after the task's sums, and x'
-// staged (XM 1) or read through L1 (XM 2). Faster than the contiguous order for tall matrices
-// at splits 1 and 2 (measured); the contiguous one is faster for skinny matrices at split 8.
-template <int R, int U, int XM>
+// The same with the chunks of a row dealt to the split warps in turn, in blocks of 32 * U
+// (block j of a row to warp j % split), the next step's loads issued after the task's sums.
+// Faster than the contiguous order for tall matrices at splits 1 and 2 (measured); the
+// contiguous one is faster for skinny matrices at split 8.
+template <int R, int U, bool STAGED>
 __device__ __forceinline__ void gemv_rows_interleaved(const in_t* __restrict__ w,
                                                       const float* __restrict__ x,
                                                       const float* __restrict__ bias,
                                                       const float* __restrict__ norm_w,
                                                       const GemvArgs& a, float* __restrict__ y) {
-    constexpr int NW = GEMV_WARPS, NT = NW * 32;
-    extern __shared__ float4 x_s[];  // XM 1: GEMV_BT x (cols / 4) float4, chunk planes
-    __shared__ float part_s[2][NW][R + 1][GEMV_BT];  // [R]: sum of squares (XM 2)
-    __shared__ float sq_s[NW][GEMV_BT];
+    extern __shared__ float4 x_s[];  // STAGED: GEMV_BT x (cols / 4) float4, chunk planes
+    __shared__ float part_s[2][GEMV_WARPS][R + 1][GEMV_BT];  // [R]: sum of squares
+    __shared__ float sq_s[GEMV_WARPS][GEMV_BT];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int S = a.split, gpb = NW / S, part = warp % S, gib = warp / S;
-    const int chunks = a.cols / CHUNK, cols4 = a.cols / 4;
+    const int S = a.split, gpb = GEMV_WARPS / S, part = warp % S, gib = warp / S;
+    const int chunks = a.cols / CHUNK;
     const int groups = (a.rows + R - 1) / R;
     const int tasks = (groups + gpb - 1) / gpb;
     const int iters = (chunks + 32 * U * S - 1) / (32 * U * S);
     const int t_begin = (int)((long long)blockIdx.x * tasks / gridDim.x);
     const int t_end = (int)((long long)(blockIdx.x + 1) * tasks / gridDim.x);
     const int steps = (t_end - t_begin) * iters;
-    const bool norm = a.norm_eps >= 0.0f;
     const uint4* W = reinterpret_cast<const uint4*>(w);
 
     allow_next_kernel();
@@ -368,47 +403,9 @@ __device__ __forceinline__ void gemv_rows_interleaved(const in_t* __restrict__ w
         uint4 v[U][R];
         if (steps > 0) load(0, 0, v);
         wait_for_earlier_kernels();  // nothing above reads what earlier kernels write
-        float sc[GEMV_BT];
-#pragma unroll
-        for (int b = 0; b < GEMV_BT; ++b) sc[b] = 1.0f;
-        if (XM == 1) {
-            if (b0 > 0) __syncthreads();  // the previous tile is done with x_s, sq_s
-            float sq[GEMV_BT];
-#pragma unroll
-            for (int b = 0; b < GEMV_BT; ++b) {
-                sq[b] = 0.0f;
-                if (b0 + b >= a.batch) continue;
-                const float4* xb = reinterpret_cast<const float4*>(x + (b0 + b) * a.x_stride);
-                const float4* nb = reinterpret_cast<const float4*>(norm_w);
-                for (int i = threadIdx.x; i < cols4; i += NT) {
-                    float4 q = __ldcg(xb + i);
-                    if (norm) {
-                        sq[b] += q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w;
-                        const float4 n = __ldg(nb + i);
-                        q.x *= n.x;
-                        q.y *= n.y;
-                        q.z *= n.z;
-                        q.w *= n.w;
-                    }
-                    x_s[b * cols4 + (i % (CHUNK / 4)) * chunks + i / (CHUNK / 4)] = q;
-                }
-            }
-            if (norm)
-#pragma unroll
-                for (int b = 0; b < GEMV_BT; ++b) {
-                    sq[b] = warp_sum(sq[b]);
-                    if (lane == 0) sq_s[warp][b] = sq[b];
-                }
-            __syncthreads();
-            if (norm)
-#pragma unroll
-                for (int b = 0; b < GEMV_BT; ++b) {
-                    float t = 0.0f;
-#pragma unroll
-                    for (int i = 0; i < NW; ++i) t += sq_s[i][b];
-                    sc[b] = rsqrtf(t / a.cols + a.norm_eps);
-                }
-        }
+
+        float scale[GEMV_BT];  // STAGED: the norm's scale per sequence
+        if (STAGED) stage_input(x, norm_w, a, b0, x_s, sq_s, scale);
 
         float acc[R][GEMV_BT], sq[GEMV_BT];
 #pragma unroll
@@ -425,87 +422,11 @@ __device__ __forceinline__ void gemv_rows_interleaved(const in_t* __restrict__ w
             for (int u = 0; u < U; ++u) {
                 const int c = c0 + u * 32;
                 if (c >= chunks) break;
-                float nwv[CHUNK];
-                if (XM == 2 && norm) load_floats<false>(norm_w + c * CHUNK, nwv);
-#pragma unroll
-                for (int b = 0; b < GEMV_BT; ++b) {
-                    if (b0 + b >= a.batch) break;
-                    float xv[CHUNK];
-                    if (XM == 1) {
-                        const float4* xp = x_s + b * cols4 + c;
-#pragma unroll
-                        for (int i = 0; i < CHUNK / 4; ++i) {
-                            const float4 q = xp[i * chunks];
-                            xv[4 * i] = q.x;
-                            xv[4 * i + 1] = q.y;
-                            xv[4 * i + 2] = q.z;
-                            xv[4 * i + 3] = q.w;
-                        }
-                    } else {
-                        load_floats<true>(x + (b0 + b) * a.x_stride + c * CHUNK, xv);
-                        if (norm)
-#pragma unroll
-                            for (int i = 0; i < CHUNK; ++i) {
-                                sq[b] += xv[i] * xv[i];
-                                xv[i] *= nwv[i];
-                            }
-                    }
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        float wv[CHUNK];
-                        unpack(v[u][r], wv);
-#pragma unroll
-                        for (int i = 0; i < CHUNK; ++i) acc[r][b] += wv[i] * xv[i];
-                    }
-                }
+                multiply_chunk<R, STAGED>(v[u], x, x_s, norm_w, a, b0, c, acc, sq);
             }
             if (it == iters - 1) {
-#pragma unroll
-                for (int b = 0; b < GEMV_BT; ++b) {
-#pragma unroll
-                    for (int r = 0; r < R; ++r) acc[r][b] = warp_sum(acc[r][b]);
-                    if (XM == 2 && norm) sq[b] = warp_sum(sq[b]);
-                }
-                if (S > 1) {
-                    const int par = tl & 1;
-                    if (lane == 0)
-#pragma unroll
-                        for (int b = 0; b < GEMV_BT; ++b) {
-#pragma unroll
-                            for (int r = 0; r < R; ++r) part_s[par][warp][r][b] = acc[r][b];
-                            part_s[par][warp][R][b] = sq[b];
-                        }
-                    __syncthreads();
-                    if (part == 0)
-                        for (int p = 1; p < S; ++p)
-#pragma unroll
-                            for (int b = 0; b < GEMV_BT; ++b) {
-#pragma unroll
-                                for (int r = 0; r < R; ++r) acc[r][b] += part_s[par][warp + p][r][b];
-                                sq[b] += part_s[par][warp + p][R][b];
-                            }
-                }
-                if (part == 0) {
-                    const int row0 = ((t_begin + tl) * gpb + gib) * R;
-#pragma unroll
-                    for (int r = 0; r < R; ++r)
-#pragma unroll
-                        for (int b = 0; b < GEMV_BT; ++b)
-                            if (lane == r * GEMV_BT + b && row0 + r < a.rows && b0 + b < a.batch) {
-                                const float scale =
-                                    XM == 2 ? (norm ? rsqrtf(sq[b] / a.cols + a.norm_eps) : 1.0f) : sc[b];
-                                float val = acc[r][b] * scale;
-                                if (bias) val += bias[row0 + r];
-                                float* out = y + (b0 + b) * a.y_stride + row0 + r;
-                                *out = a.accumulate ? __ldcg(out) + val : val;
-                            }
-                }
-#pragma unroll
-                for (int b = 0; b < GEMV_BT; ++b) {
-                    sq[b] = 0.0f;
-#pragma unroll
-                    for (int r = 0; r < R; ++r) acc[r][b] = 0.0f;
-                }
+                const int row0 = ((t_begin + tl) * gpb + gib) * R;
+                finish_task<R, STAGED>(acc, sq, part_s, scale, tl & 1, row0, b0, bias, a, y);
             }
             if (s + 1 < steps) load(tn, in, v);
             tl = tn;
@@ -514,9 +435,9 @@ __device__ __forceinline__ void gemv_rows_interleaved(const in_t* __restrict__ w
     }
 }
 
-// gemv_r1: one row per group, contiguous split, x through L1 (short matrices, rows < 2048).
-// gemv_r2: two rows, interleaved split, x through L1 (tall matrices whose input tile does not
-// fit 48 KB of shared memory). gemv_r2_xs, gemv_r4_xs: two / four rows, x' in dynamic shared
+// gemv_r1: one row per group, contiguous split, x read in the loop (short matrices, rows <
+// 2048). gemv_r2: two rows, interleaved split, x read in the loop (tall matrices whose input
+// tile does not fit 48 KB of shared memory). gemv_r2_xs, gemv_r4_xs: two / four rows, x' in dynamic shared
 // memory of GEMV_BT * cols * 4 bytes (tall matrices). The interleaved kernels were measured
 // with registers for four blocks per multiprocessor at every batch tile.
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, GEMV_MIN_BLOCKS)
@@ -527,19 +448,19 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, GEMV_MIN_BLOCKS)
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
     gemv_r2(const in_t* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias,
             const float* __restrict__ norm_w, GemvArgs a, float* __restrict__ y) {
-    gemv_rows_interleaved<2, 2, 2>(w, x, bias, norm_w, a, y);
+    gemv_rows_interleaved<2, 2, false>(w, x, bias, norm_w, a, y);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
     gemv_r2_xs(const in_t* __restrict__ w, const float* __restrict__ x,
                const float* __restrict__ bias, const float* __restrict__ norm_w, GemvArgs a,
                float* __restrict__ y) {
-    gemv_rows_interleaved<2, 2, 1>(w, x, bias, norm_w, a, y);
+    gemv_rows_interleaved<2, 2, true>(w, x, bias, norm_w, a, y);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
     gemv_r4_xs(const in_t* __restrict__ w, const float* __restrict__ x,
                const float* __restrict__ bias, const float* __restrict__ norm_w, GemvArgs a,
                float* __restrict__ y) {
-    gemv_rows_interleaved<4, 2, 1>(w, x, bias, norm_w, a, y);
+    gemv_rows_interleaved<4, 2, true>(w, x, bias, norm_w, a, y);
 }
 
 // ---------------------------------------------------------------------------------------
