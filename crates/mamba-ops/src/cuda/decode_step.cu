@@ -128,6 +128,32 @@ struct GemvArgs {
     float norm_eps;                // < 0: x' = x
 };
 
+// The U chunks (lane, lane + 32, ...) from chunk c0 of the R rows from row0 that lie before
+// chunk c_end: rows past the end re-read the last row (their sums are dropped).
+template <int U, int R>
+__device__ __forceinline__ void load_rows(const uint4* __restrict__ w, const GemvArgs& a,
+                                          int row0, int c0, int c_end, uint4 (&dst)[U][R]) {
+    const int chunks = a.cols / CHUNK;
+    const int first = min(row0, a.rows - 1);
+    const uint4* p = w + (long long)first * chunks + c0;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+        if (c0 + u * 32 < c_end)
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                dst[u][r] = load_weights(p + (min(row0 + r, a.rows - 1) - first) * chunks + u * 32);
+}
+
+template <int R>
+__device__ __forceinline__ void reset_sums(float (&acc)[R][GEMV_BT], float (&sq)[GEMV_BT]) {
+#pragma unroll
+    for (int b = 0; b < GEMV_BT; ++b) {
+        sq[b] = 0.0f;
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r][b] = 0.0f;
+    }
+}
+
 // x' of the sequences b0 .. b0 + GEMV_BT - 1 staged in x_s (chunk c's h-th float4 in plane h,
 // so lanes reading consecutive chunks hit consecutive words) and each sequence's norm scale
 // (1 without a norm). Every thread of the block calls it.
@@ -271,12 +297,7 @@ __device__ __forceinline__ void finish_task(float (&acc)[R][GEMV_BT], float (&sq
                     float* out = y + (b0 + b) * a.y_stride + row0 + r;
                     *out = a.accumulate ? __ldcg(out) + val : val;
                 }
-#pragma unroll
-    for (int b = 0; b < GEMV_BT; ++b) {
-        sq[b] = 0.0f;
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[r][b] = 0.0f;
-    }
+    reset_sums(acc, sq);
 }
 
 // The product with warp p of a group taking its chunks [p * per_part, (p + 1) * per_part),
@@ -309,18 +330,9 @@ __device__ __forceinline__ void gemv_rows_contiguous(const in_t* __restrict__ w,
 
     for (int b0 = 0; b0 < a.batch; b0 += GEMV_BT) {
         // Step (t, it) of the block: task t_begin + t, chunks c_begin + it * 32 * U + ...
-        // Rows past the end re-read the last row (their sums are dropped).
         auto load = [&](int t, int it, uint4(&dst)[U][R]) {
             const int row0 = ((t_begin + t) * groups_per_task + group_in_task) * R;
-            const int c0 = c_begin + it * 32 * U + lane;
-            const int first = min(row0, a.rows - 1);
-            const uint4* p = wv + (long long)first * chunks + c0;
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-                if (c0 + u * 32 < c_end)
-#pragma unroll
-                    for (int r = 0; r < R; ++r)
-                        dst[u][r] = load_weights(p + (min(row0 + r, a.rows - 1) - first) * chunks + u * 32);
+            load_rows(wv, a, row0, c_begin + it * 32 * U + lane, c_end, dst);
         };
         uint4 v[U][R];
         if (steps > 0) load(0, 0, v);
@@ -330,12 +342,7 @@ __device__ __forceinline__ void gemv_rows_contiguous(const in_t* __restrict__ w,
         if (STAGED) stage_input(x, norm_w, a, b0, x_s, sq_s, scale);
 
         float acc[R][GEMV_BT], sq[GEMV_BT];
-#pragma unroll
-        for (int b = 0; b < GEMV_BT; ++b) {
-            sq[b] = 0.0f;
-#pragma unroll
-            for (int r = 0; r < R; ++r) acc[r][b] = 0.0f;
-        }
+        reset_sums(acc, sq);
         int t = 0, it = 0;
         for (int s = 0; s < steps; ++s) {
             const int c0 = c_begin + it * 32 * U + lane;
@@ -388,17 +395,10 @@ __device__ __forceinline__ void gemv_rows_interleaved(const in_t* __restrict__ w
     allow_next_kernel();
 
     for (int b0 = 0; b0 < a.batch; b0 += GEMV_BT) {
+        // Step (tl, it) of the block: task t_begin + tl, chunk block it * S + part.
         auto load = [&](int tl, int it, uint4(&dst)[U][R]) {
             const int row0 = ((t_begin + tl) * gpb + gib) * R;
-            const int c0 = (it * S + part) * 32 * U + lane;
-            const int first = min(row0, a.rows - 1);
-            const uint4* p = W + (long long)first * chunks + c0;
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-                if (c0 + u * 32 < chunks)
-#pragma unroll
-                    for (int r = 0; r < R; ++r)
-                        dst[u][r] = load_weights(p + (min(row0 + r, a.rows - 1) - first) * chunks + u * 32);
+            load_rows(W, a, row0, (it * S + part) * 32 * U + lane, chunks, dst);
         };
         uint4 v[U][R];
         if (steps > 0) load(0, 0, v);
@@ -408,12 +408,7 @@ __device__ __forceinline__ void gemv_rows_interleaved(const in_t* __restrict__ w
         if (STAGED) stage_input(x, norm_w, a, b0, x_s, sq_s, scale);
 
         float acc[R][GEMV_BT], sq[GEMV_BT];
-#pragma unroll
-        for (int b = 0; b < GEMV_BT; ++b) {
-            sq[b] = 0.0f;
-#pragma unroll
-            for (int r = 0; r < R; ++r) acc[r][b] = 0.0f;
-        }
+        reset_sums(acc, sq);
         int tl = 0, it = 0;
         for (int s = 0; s < steps; ++s) {
             const int tn = it + 1 == iters ? tl + 1 : tl, in = it + 1 == iters ? 0 : it + 1;
