@@ -130,6 +130,21 @@ impl QuantMatrix {
     /// The values the blocks stand for, `(rows, cols)` row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0.0f32; self.rows * self.cols];
+        self.dequantize_into(&mut out);
+        out
+    }
+
+    /// [`QuantMatrix::dequantize`] into `out` (`rows * cols` values; a buffer the caller
+    /// reuses stays in the cache and needs no zeroing).
+    ///
+    /// # Panics
+    /// If `out` does not hold `rows * cols` values.
+    pub fn dequantize_into(&self, out: &mut [f32]) {
+        assert_eq!(
+            out.len(),
+            self.rows * self.cols,
+            "dequantising into a wrong size"
+        );
         let qb = self.format.quant_bytes_per_block();
         let format = self.format;
         out.par_chunks_mut(BLOCK)
@@ -137,7 +152,6 @@ impl QuantMatrix {
             .zip(self.quants.par_chunks(qb))
             .with_min_len(256)
             .for_each(|((dst, d), q)| dequantize_block(format, d.to_f32(), q, dst));
-        out
     }
 
     pub fn format(&self) -> QuantFormat {
