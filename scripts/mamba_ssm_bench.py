@@ -8,6 +8,9 @@ these kernels are Triton). Timing as in cuda_check: device time per call, the me
 SAMPLES replays of a CUDA graph holding CALLS calls (so no host launch cost is counted).
 
     python3 scripts/mamba_ssm_bench.py            # prints one line per case
+    python3 scripts/mamba_ssm_bench.py --only selective_state_update   # cases containing TEXT
+    ncu ... python3 scripts/mamba_ssm_bench.py --once ...   # each case called twice, no graph:
+                                                            # kernel times from the profiler
 """
 import statistics
 import sys
@@ -111,8 +114,19 @@ def main():
                           lambda b=batch, t=dtype: m1_step(b, t)))
             cases.append((f"m2 selective_state_update b{batch} {name}",
                           lambda b=batch, t=dtype: m2_step(b, t)))
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
+    once = "--once" in sys.argv
     for label, make in cases:
+        if only not in label:
+            continue
         try:
+            if once:
+                fn = make()
+                fn()
+                fn()
+                torch.cuda.synchronize()
+                print(f"{label}: called twice", flush=True)
+                continue
             print(f"{label}: {device_us(make()):.1f} us", flush=True)
         except Exception as e:  # one failing case should not hide the others
             print(f"{label}: failed: {type(e).__name__}: {e}", flush=True)

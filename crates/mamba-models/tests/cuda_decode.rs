@@ -14,10 +14,19 @@ use mamba_models::init::init_tensors;
 use mamba_models::layers::f32_vec;
 use mamba_models::{Model, State, WeightFormat};
 use mamba_testing::fixtures_dir;
+use std::sync::{Mutex, MutexGuard};
 
-fn gpu() -> Option<Device> {
+/// Held by each test while it uses the GPU: candle's ops on one thread can fail with
+/// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED` while another thread records a decoder's graph
+/// (seen on the H200 with two test threads), so the tests take the device in turn.
+static ONE_TEST_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn gpu() -> Option<(MutexGuard<'static, ()>, Device)> {
+    let turn = ONE_TEST_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     match Device::new_cuda(0) {
-        Ok(d) => Some(d),
+        Ok(d) => Some((turn, d)),
         Err(e) => {
             eprintln!("skipped: no CUDA device ({e})");
             None
@@ -108,7 +117,9 @@ fn check_fused_matches_ops(label: &str, model: &Model, batch: usize, tol: f32) {
 
 #[test]
 fn fused_step_matches_the_ops_on_the_fixtures() {
-    let Some(device) = gpu() else { return };
+    let Some((_turn, device)) = gpu() else {
+        return;
+    };
     for name in ["mamba_tied", "mamba_untied", "falcon_mamba", "mamba2"] {
         for (format, tol) in [(WeightFormat::F32, 1e-5), (WeightFormat::Bf16, 2e-3)] {
             let model = fixture(name, format, &device);
@@ -121,7 +132,9 @@ fn fused_step_matches_the_ops_on_the_fixtures() {
 
 #[test]
 fn fused_step_matches_the_ops_at_130m_widths() {
-    let Some(device) = gpu() else { return };
+    let Some((_turn, device)) = gpu() else {
+        return;
+    };
     for name in ["mamba-130m", "mamba2-130m"] {
         for (format, tol) in [(WeightFormat::F32, 1e-5), (WeightFormat::Bf16, 2e-3)] {
             let model = random(name, 3, format, &device);
@@ -136,7 +149,9 @@ fn fused_step_matches_the_ops_at_130m_widths() {
 
 #[test]
 fn fused_step_refuses_out_of_range_ids() {
-    let Some(device) = gpu() else { return };
+    let Some((_turn, device)) = gpu() else {
+        return;
+    };
     let model = fixture("mamba_tied", WeightFormat::F32, &device);
     let mut state = model.new_state(1);
     let vocab = model.vocab_size() as u32;
@@ -146,7 +161,9 @@ fn fused_step_refuses_out_of_range_ids() {
 
 #[test]
 fn a_clone_of_a_device_state_is_independent() {
-    let Some(device) = gpu() else { return };
+    let Some((_turn, device)) = gpu() else {
+        return;
+    };
     let model = fixture("mamba2", WeightFormat::F32, &device);
     let mut state = model.new_state(1);
     model.prefill(&[1, 2, 3], &mut state).unwrap();
@@ -159,7 +176,9 @@ fn a_clone_of_a_device_state_is_independent() {
 
 #[test]
 fn jamba_decodes_on_the_gpu_as_on_the_cpu_with_its_cache_on_the_device() {
-    let Some(device) = gpu() else { return };
+    let Some((_turn, device)) = gpu() else {
+        return;
+    };
     let (cpu, gpu) = (
         fixture("jamba", WeightFormat::F32, &Device::Cpu),
         fixture("jamba", WeightFormat::F32, &device),
@@ -203,7 +222,9 @@ fn jamba_decodes_on_the_gpu_as_on_the_cpu_with_its_cache_on_the_device() {
 
 #[test]
 fn a_bf16_prefill_on_tensor_cores_stays_near_the_cpu() {
-    let Some(device) = gpu() else { return };
+    let Some((_turn, device)) = gpu() else {
+        return;
+    };
     for name in ["mamba-130m", "mamba2-130m"] {
         let (cpu, gpu) = (
             random(name, 3, WeightFormat::Bf16, &Device::Cpu),

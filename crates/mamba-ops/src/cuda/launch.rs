@@ -40,6 +40,8 @@ fn int(v: usize) -> Result<i32> {
 
 /// Threads per block of the element-wise kernels.
 const THREADS: usize = 128;
+/// The largest grid dimension y (and z) of a launch.
+const MAX_GRID_Y: usize = 65_535;
 
 // ---------------------------------------------------------------------------------------
 // Selective scan
@@ -549,6 +551,30 @@ struct StepArgs {
 // SAFETY: plain old data laid out as the kernel's struct.
 unsafe impl DeviceRepr for StepArgs {}
 
+/// Threads that fill an H200 (132 multiprocessors of 2048): with fewer rows than this, each
+/// lane group takes one row, for the shortest chain of dependent loads.
+const STATE_UPDATE_FULL: usize = 132 * 2048;
+/// Rows each lane group of the state update takes in turn when there are many.
+const STATE_UPDATE_ROW_STEPS: usize = 4;
+
+/// The state update's compile-time sizes for state length `n` and `rows` state rows in all:
+/// `STATE_N`; `ROW_LANES` lanes sharing one state row (a power of two, at most a warp, about
+/// four entries each); `ROW_STEPS` rows per lane group, several when the rows are enough
+/// to fill the GPU without it (their per-row work, Δ and B, C, is then done once per head).
+pub(super) fn state_update_defines(n: usize, rows: usize) -> [(&'static str, usize); 3] {
+    let row_lanes = n.div_ceil(4).next_power_of_two().min(32);
+    let steps = if rows * row_lanes / STATE_UPDATE_ROW_STEPS >= STATE_UPDATE_FULL {
+        STATE_UPDATE_ROW_STEPS
+    } else {
+        1
+    };
+    [
+        ("STATE_N", n),
+        ("ROW_LANES", row_lanes),
+        ("ROW_STEPS", steps),
+    ]
+}
+
 /// One SSM decoding step (inputs `state, x, dt, A, B, C, [D], [z], [dt_bias]`); output
 /// `[y (batch, H, P) | new state (batch, H, P, N)]`.
 pub(crate) fn selective_state_update(
@@ -558,7 +584,7 @@ pub(crate) fn selective_state_update(
     softplus: bool,
     dt_limit: (f32, f32),
 ) -> Result<CudaSlice<f32>> {
-    let rows = dims.batch * dims.heads * dims.head_dim;
+    let rows = dims.heads * dims.head_dim; // per sequence
     let [state, x, dt, a, b, c, d, z, dt_bias] = p.offsets([
         true,
         true,
@@ -589,17 +615,32 @@ pub(crate) fn selective_state_update(
         dt_lo: dt_limit.0,
         dt_hi: dt_limit.1,
     };
-    // Lanes sharing one state row: a power of two, at most a warp.
-    let row_lanes = dims.state.next_power_of_two().min(32);
-    let defines = [("STATE_N", dims.state), ("ROW_LANES", row_lanes)];
+    let defines = state_update_defines(dims.state, dims.batch * rows);
+    let (row_lanes, steps) = (defines[1].1, defines[2].1);
     let func = kernel(
         p.device(),
         &SELECTIVE_STATE_UPDATE,
         &p.variant(&defines),
         "selective_state_update_fwd",
     )?;
-    let mut out = p.buffer(rows + rows * dims.state)?;
-    let cfg = config(((rows * row_lanes).div_ceil(THREADS), 1, 1), THREADS, 0)?;
+    let all_rows = dims.batch * rows;
+    let mut out = p.buffer(all_rows + all_rows * dims.state)?;
+    if dims.batch > MAX_GRID_Y {
+        return Err(cuda_err(format!(
+            "a state update of {} sequences (at most {MAX_GRID_Y} per launch)",
+            dims.batch
+        )));
+    }
+    // Grid: (blocks of row groups of one sequence, sequences).
+    let cfg = config(
+        (
+            (rows.div_ceil(steps) * row_lanes).div_ceil(THREADS),
+            dims.batch,
+            1,
+        ),
+        THREADS,
+        0,
+    )?;
     {
         let mut builder = p.builder(&func);
         builder.arg(&args).arg(&mut out);

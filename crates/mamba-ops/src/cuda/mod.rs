@@ -324,8 +324,8 @@ mod tests {
             ),
             (
                 &launch::SELECTIVE_STATE_UPDATE,
-                [(4, 4), (16, 16), (128, 32)]
-                    .map(|(n, lanes)| vec![("STATE_N", n), ("ROW_LANES", lanes)])
+                [(4, 1), (16, 64 * 1536), (128, 64 * 1536)]
+                    .map(|(n, rows)| launch::state_update_defines(n, rows).to_vec())
                     .into(),
             ),
             (
