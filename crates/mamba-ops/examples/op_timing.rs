@@ -10,8 +10,8 @@ use mamba_ops::rmsnorm_gated::{
     rmsnorm_gated, rmsnorm_gated_backward, rmsnorm_gated_backward_reference, NormDims,
 };
 use mamba_ops::selective_scan::{
-    selective_scan, selective_scan_backward, selective_scan_backward_reference, BcForm, ScanDims,
-    ScanInputs,
+    selective_scan, selective_scan_backward, selective_scan_backward_reference,
+    selective_scan_token_major, BcForm, ScanDims, ScanInputs,
 };
 use mamba_ops::ssd::{ssd, ssd_backward, ssd_backward_reference, SsdDims, SsdInputs};
 use rand::rngs::StdRng;
@@ -83,6 +83,12 @@ fn scan(rng: &mut StdRng) {
     let reference = seconds(1, || selective_scan_backward_reference(&dims, &x, &g, None));
     let fast = seconds(5, || selective_scan_backward(&dims, &x, &g, None));
     report("selective scan d=1536 L=512 N=16", forward, reference, fast);
+    // The same sizes read as token-major inputs (random data either way): prefill's scan.
+    let token_major = seconds(5, || selective_scan_token_major(&dims, &x));
+    println!(
+        "selective scan, token-major (prefill): forward {:.2} ms",
+        token_major * 1e3
+    );
 }
 
 fn chunked_ssd(rng: &mut StdRng) {

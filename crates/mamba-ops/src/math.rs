@@ -139,6 +139,27 @@ pub fn exp_fast(x: f32) -> f32 {
     poly * scale
 }
 
+/// `2^x` in f32 for `x` clamped to `[-126, 126]`, without branches or library calls (a
+/// degree-5 polynomial for `2^f` on `[-0.5, 0.5]`, relative error below 3e-7), so that a loop
+/// over it compiles to SIMD: a third fewer operations than [`exp_fast`], for exponentials
+/// whose argument can be scaled by `log2(e)` ahead of time. Uses fused multiply-adds.
+#[inline(always)]
+pub fn exp2_fast(x: f32) -> f32 {
+    // 1.5 * 2^23 + 127: adding it rounds x to the nearest integer n and leaves n + 127, the
+    // biased exponent of 2^n, in the low mantissa bits (shifted into place below).
+    const ROUND_BIASED: f32 = 12_582_912.0 + 127.0;
+    let x = x.clamp(-126.0, 126.0);
+    let shifted = x + ROUND_BIASED;
+    let f = x - (shifted - ROUND_BIASED);
+    let mut p = 1.327_647_2e-3_f32;
+    p = p.mul_add(f, 9.675_542e-3);
+    p = p.mul_add(f, 5.550_713e-2);
+    p = p.mul_add(f, 0.240_221_2);
+    p = p.mul_add(f, 0.693_146_94);
+    p = p.mul_add(f, 1.000_000_1);
+    p * f32::from_bits(shifted.to_bits() << 23)
+}
+
 /// `a . b` with eight independent partial sums, so that it vectorises.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -234,6 +255,19 @@ unsafe fn run_avx2<R>(body: impl FnOnce() -> R) -> R {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp2_fast_is_close_to_powers_of_two() {
+        let mut worst = 0.0f64;
+        let mut x = -126.0f32;
+        while x <= 126.0 {
+            let want = 2f64.powf(x as f64);
+            worst = worst.max((exp2_fast(x) as f64 - want).abs() / want);
+            x += 0.00731;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(exp2_fast(-1000.0), exp2_fast(-126.0));
+    }
 
     #[test]
     fn exp_fast_is_close_to_std_exp() {

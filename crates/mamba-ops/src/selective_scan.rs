@@ -15,8 +15,8 @@
 
 use crate::error::{OpError, Result};
 use crate::math::{
-    dot, exp_fast, process_dt, sigmoid_fast, silu, silu_fast, silu_grad_fast, softplus_fast,
-    with_simd, NO_DT_LIMIT,
+    dot, exp2_fast, exp_fast, process_dt, sigmoid_fast, silu, silu_fast, silu_grad_fast,
+    softplus_fast, with_simd, NO_DT_LIMIT,
 };
 use crate::parallel::{add_into, fold_in_blocks};
 use rayon::prelude::*;
@@ -366,10 +366,11 @@ pub fn selective_scan_token_major(dims: &ScanDims, x: &ScanInputs) -> Result<Sca
     if (nd / groups) % LANES != 0 {
         return scan_via_channel_major(dims, x);
     }
-    // A transposed to (N, dim) so that a block of channels reads one vector per state index.
-    let a_t: Vec<f32> = (0..nn)
+    // A transposed to (N, dim), so that a block of channels reads one vector per state
+    // index, and in log2 units: exp(dt A) = 2^(dt A log2(e)).
+    let a2_t: Vec<f32> = (0..nn)
         .flat_map(|n| (0..nd).map(move |d| (n, d)))
-        .map(|(n, d)| x.a[d * nn + n])
+        .map(|(n, d)| x.a[d * nn + n] * std::f32::consts::LOG2_E)
         .collect();
     let blocks = nd / LANES;
     let results: Vec<(Vec<f32>, Vec<f32>)> = (0..nb * blocks)
@@ -388,7 +389,7 @@ pub fn selective_scan_token_major(dims: &ScanDims, x: &ScanInputs) -> Result<Sca
             let job = BlockScan {
                 dims,
                 x,
-                a_t: &a_t,
+                a2_t: &a2_t,
                 batch: b,
                 first: block * LANES,
                 groups,
@@ -467,10 +468,21 @@ fn scan_via_channel_major(dims: &ScanDims, x: &ScanInputs) -> Result<ScanOutput>
 struct BlockScan<'a> {
     dims: &'a ScanDims,
     x: &'a ScanInputs<'a>,
-    a_t: &'a [f32],
+    /// `A log2(e)`, transposed to `(N, dim)`.
+    a2_t: &'a [f32],
     batch: usize,
     first: usize,
     groups: usize,
+}
+
+/// What every state index of one step shares: `dt` and `dt * u` per channel, and the step's
+/// `B`, `C` of the block's group.
+struct StepInputs<'s> {
+    u: [f32; LANES],
+    dt: [f32; LANES],
+    du: [f32; LANES],
+    b: &'s [f32],
+    c: &'s [f32],
 }
 
 impl BlockScan<'_> {
@@ -490,66 +502,121 @@ impl BlockScan<'_> {
         })
     }
 
-    /// Runs the block over every step, `state: (N, LANES)`. A state of Mamba-1's usual
-    /// 16 values goes through a local array of known length, which the compiler keeps in
-    /// registers together with the output sums (through the slice, the sums went to the
-    /// stack and back at every state index).
+    /// `A log2(e)` of the block's channels at state index `n`.
+    #[inline(always)]
+    fn a2(&self, n: usize) -> [f32; LANES] {
+        self.a2_t[n * self.dims.dim + self.first..][..LANES]
+            .try_into()
+            .expect("LANES")
+    }
+
+    /// Runs the block over every step, `state: (N, LANES)`; Mamba-1's usual 16 values go
+    /// through [`BlockScan::run_steps_16`].
     #[inline(always)]
     fn run(&self, state: &mut [[f32; LANES]], out: &mut [f32]) {
         match <&mut [[f32; LANES]; 16]>::try_from(&mut *state) {
-            Ok(fixed) => {
-                let mut local = *fixed;
-                self.run_steps(&mut local, out);
-                *fixed = local;
-            }
+            Ok(fixed) => self.run_steps_16(fixed, out),
             Err(_) => self.run_steps(state, out),
         }
     }
 
     #[inline(always)]
-    fn run_steps<S: AsMut<[[f32; LANES]]> + ?Sized>(&self, state: &mut S, out: &mut [f32]) {
-        let (nd, nn) = (self.dims.dim, self.dims.state);
-        let g = self.first / (nd / self.groups);
+    fn step_inputs(&self, t: usize, bias: &[f32; LANES]) -> StepInputs<'_> {
+        let nn = self.dims.state;
+        let g = self.first / (self.dims.dim / self.groups);
+        let raw = self.lanes(self.x.delta, t);
+        let u = self.lanes(self.x.u, t);
+        let mut dt = [0.0; LANES];
+        let mut du = [0.0; LANES];
+        for l in 0..LANES {
+            let v = raw[l] + bias[l];
+            dt[l] = if self.x.delta_softplus {
+                softplus_fast(v)
+            } else {
+                v
+            };
+            du[l] = dt[l] * u[l];
+        }
+        let bc_at = ((self.batch * self.dims.len + t) * self.groups + g) * nn;
+        StepInputs {
+            u,
+            dt,
+            du,
+            b: &self.x.b[bc_at..bc_at + nn],
+            c: &self.x.c[bc_at..bc_at + nn],
+        }
+    }
+
+    /// `out_t = (y + D u) * silu(z)` (no gate without `z`).
+    #[inline(always)]
+    fn write_output(
+        &self,
+        t: usize,
+        step: &StepInputs,
+        skip: &[f32; LANES],
+        y: &[f32; LANES],
+        out_t: &mut [f32],
+    ) {
+        let mut gate = [1.0f32; LANES];
+        if let Some(z) = self.x.z {
+            let z = self.lanes(z, t);
+            for l in 0..LANES {
+                gate[l] = silu_fast(z[l]);
+            }
+        }
+        for l in 0..LANES {
+            out_t[l] = skip[l].mul_add(step.u[l], y[l]) * gate[l];
+        }
+    }
+
+    /// Any state length: the state through the slice.
+    #[inline(always)]
+    fn run_steps(&self, state: &mut [[f32; LANES]], out: &mut [f32]) {
         let bias = self.per_channel(self.x.delta_bias);
         let skip = self.per_channel(self.x.d);
         for (t, out_t) in out.chunks_exact_mut(LANES).enumerate() {
-            let raw = self.lanes(self.x.delta, t);
-            let u = self.lanes(self.x.u, t);
-            let mut dt = [0.0; LANES];
-            let mut du = [0.0; LANES];
-            for l in 0..LANES {
-                let v = raw[l] + bias[l];
-                dt[l] = if self.x.delta_softplus {
-                    softplus_fast(v)
-                } else {
-                    v
-                };
-                du[l] = dt[l] * u[l];
-            }
-            let bc_at = ((self.batch * self.dims.len + t) * self.groups + g) * nn;
-            let (b_t, c_t) = (&self.x.b[bc_at..bc_at + nn], &self.x.c[bc_at..bc_at + nn]);
+            let step = self.step_inputs(t, &bias);
             let mut y = [0.0f32; LANES];
-            for (n, s) in state.as_mut().iter_mut().enumerate() {
-                let a: &[f32; LANES] = self.a_t[n * nd + self.first..][..LANES]
-                    .try_into()
-                    .expect("LANES");
-                let (bn, cn) = (b_t[n], c_t[n]);
+            for (n, s) in state.iter_mut().enumerate() {
+                let a2 = self.a2(n);
+                let (bn, cn) = (step.b[n], step.c[n]);
                 for l in 0..LANES {
-                    s[l] = exp_fast(dt[l] * a[l]).mul_add(s[l], du[l] * bn);
+                    s[l] = exp2_fast(step.dt[l] * a2[l]).mul_add(s[l], step.du[l] * bn);
                     y[l] = cn.mul_add(s[l], y[l]);
                 }
             }
-            let mut gate = [1.0f32; LANES];
-            if let Some(z) = self.x.z {
-                let z = self.lanes(z, t);
-                for l in 0..LANES {
-                    gate[l] = silu_fast(z[l]);
-                }
-            }
-            for l in 0..LANES {
-                out_t[l] = skip[l].mul_add(u[l], y[l]) * gate[l];
-            }
+            self.write_output(t, &step, &skip, &y, out_t);
         }
+    }
+
+    /// Sixteen state values, the update written out once per index so that the state stays
+    /// in sixteen vector registers across the steps (a loop over the indices, even over a
+    /// local array, left it in memory: a load and a store per index and step).
+    #[inline(always)]
+    fn run_steps_16(&self, state: &mut [[f32; LANES]; 16], out: &mut [f32]) {
+        let bias = self.per_channel(self.x.delta_bias);
+        let skip = self.per_channel(self.x.d);
+        let a2: [[f32; LANES]; 16] = std::array::from_fn(|n| self.a2(n));
+        let mut s = *state;
+        for (t, out_t) in out.chunks_exact_mut(LANES).enumerate() {
+            let step = self.step_inputs(t, &bias);
+            let (b, c): (&[f32; 16], &[f32; 16]) = (
+                step.b.try_into().expect("16 values"),
+                step.c.try_into().expect("16 values"),
+            );
+            let mut y = [0.0f32; LANES];
+            macro_rules! update {
+                ($($n:literal)*) => {$(
+                    for l in 0..LANES {
+                        s[$n][l] = exp2_fast(step.dt[l] * a2[$n][l]).mul_add(s[$n][l], step.du[l] * b[$n]);
+                        y[l] = c[$n].mul_add(s[$n][l], y[l]);
+                    }
+                )*};
+            }
+            update!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+            self.write_output(t, &step, &skip, &y, out_t);
+        }
+        *state = s;
     }
 }
 
