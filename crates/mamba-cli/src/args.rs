@@ -368,6 +368,11 @@ pub struct BenchArgs {
     /// per token), to compare the two.
     #[arg(long)]
     pub no_fused_decode: bool,
+
+    /// Time the first prefill of the process, without the untimed prefill of the same
+    /// prompt that otherwise comes before it (llama-bench's --no-warmup).
+    #[arg(long)]
+    pub no_warmup: bool,
 }
 
 #[derive(Debug, Args)]

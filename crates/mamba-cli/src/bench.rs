@@ -108,14 +108,15 @@ fn prefill_tokens(args: &BenchArgs) -> usize {
     }
 }
 
-/// Times the prefill of a random prompt (in chunks of `--chunk-size`), then `gen_len`
-/// greedy decoding steps after one untimed warm-up step.
+/// Times the prefill of a random prompt (in chunks of `--chunk-size`, after an untimed
+/// prefill of the same prompt unless `--no-warmup`), then `gen_len` greedy decoding steps
+/// after one untimed warm-up step.
 fn measure(model: &Model, args: &BenchArgs) -> Result<Measurement> {
     let prompts = prefill_tokens(args) / args.prompt_len;
     let prompt = random_ids(prefill_tokens(args), model.vocab_size());
     let mut state = model.new_state(prompts);
     let spinner = spinner(format!("prefill of {prompts} x {} tokens", args.prompt_len));
-    if !model.device().is_cpu() {
+    if !args.no_warmup {
         warm_up_prefill(model, &prompt, prompts, args.chunk.chunk_size)?;
     }
     let start = Instant::now();
@@ -143,9 +144,10 @@ fn measure(model: &Model, args: &BenchArgs) -> Result<Measurement> {
     })
 }
 
-/// One untimed prefill of the same prompt on a GPU: the first call compiles the kernels
-/// (NVRTC), creates the cuBLAS handle and grows the memory pool, which a user pays once
-/// per process and not per prompt.
+/// One untimed prefill of the same prompt, as llama-bench's warm-up run: the first call
+/// grows the per-thread buffers and faults in their pages (CPU; 3-4 % of a 512-token
+/// mamba2-130m q4_0 prefill), or compiles the kernels (NVRTC), creates the cuBLAS handle and
+/// grows the memory pool (GPU), which a user pays once per process and not per prompt.
 fn warm_up_prefill(model: &Model, prompt: &[u32], prompts: usize, chunk: usize) -> Result<()> {
     let mut state = model.new_state(prompts);
     model.prefill_chunked(prompt, &mut state, chunk)?;
@@ -226,6 +228,7 @@ fn report(args: &BenchArgs, random: &RandomModel, m: &Measurement) -> serde_json
         "prompt_len": args.prompt_len,
         "chunk_size": args.chunk.chunk_size,
         "gen_len": args.gen_len,
+        "warmup": !args.no_warmup,
         "prefill_tokens": prefill_tokens(args),
         "prefill_seconds": m.prefill_seconds,
         "prefill_tokens_per_s": m.prefill_tokens_per_s(args),

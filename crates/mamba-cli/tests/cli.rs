@@ -354,6 +354,7 @@ fn bench_reports_positive_speeds() {
         assert_eq!(report["batch"], 1);
         assert_eq!(report["prompt_len"], 16);
         assert_eq!(report["gen_len"], 4);
+        assert_eq!(report["warmup"], true);
         for key in [
             "prefill_tokens_per_s",
             "decode_tokens_per_s",
@@ -373,6 +374,25 @@ fn bench_reports_positive_speeds() {
         );
         assert_eq!(report["decode_engine"], "host step", "{preset}");
     }
+}
+
+#[test]
+fn bench_times_the_first_prefill_when_asked() {
+    let report = json_output(&mamba(&[
+        "bench",
+        "--preset",
+        "mamba-130m",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "2",
+        "--no-warmup",
+        "--json",
+    ]));
+    assert_eq!(report["warmup"], false);
+    assert!(report["prefill_tokens_per_s"]
+        .as_f64()
+        .is_some_and(|v| v > 0.0));
 }
 
 fn generate_args(model_dir: &Path) -> Vec<String> {
