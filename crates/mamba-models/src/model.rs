@@ -666,12 +666,12 @@ fn sequence_length(total: usize, batch: usize) -> Result<usize> {
     Ok(total / batch)
 }
 
-/// Positions `start..end` of every sequence of `ids: (batch, len)`, row-major.
 /// Tokens per sequence in one piece of a host forward pass: a mamba2-130m layer's
 /// intermediates for 512 tokens (≈ 10 MB) stay in the cache, those of 2048 do not (prefill
 /// of 2048 tokens at 1 thread: 421 tokens/s in one piece, 438-445 in pieces of 512).
 const HOST_PIECE_LEN: usize = 512;
 
+/// Positions `start..end` of every sequence of `ids: (batch, len)`, row-major.
 fn token_columns(ids: &[u32], len: usize, start: usize, end: usize) -> Vec<u32> {
     ids.chunks(len)
         .flat_map(|row| row[start..end].iter().copied())
