@@ -11,6 +11,7 @@ use mamba_ops::gemv::{gemv, Weights};
 use mamba_ops::quant::{QuantMatrix, BLOCK};
 use rayon::prelude::*;
 use std::cell::Cell;
+use std::ops::Range;
 use std::sync::Arc;
 
 pub use mamba_ops::quant::QuantFormat;
@@ -267,18 +268,15 @@ impl Linear {
         }
         let inp = x.len() / rows;
         let products = |w: &[f32], parts: &mut [&mut [f32]]| {
-            let mut first = 0;
-            for part in parts.iter_mut() {
-                let width = part.len() / rows;
+            for (columns, part) in parts_with_columns(parts, rows) {
                 matmul_threaded(
-                    (rows, width, inp),
+                    (rows, columns.len(), inp),
                     part,
-                    width,
+                    columns.len(),
                     MatRef::rows(x, inp),
-                    MatRef::transposed(&w[first * inp..(first + width) * inp], inp),
+                    MatRef::transposed(&w[columns.start * inp..columns.end * inp], inp),
                     false,
                 );
-                first += width;
             }
         };
         match &self.weight {
@@ -297,11 +295,8 @@ impl Linear {
                 |w| products(w, parts),
             ),
         }
-        let mut first = 0;
-        for part in parts.iter_mut() {
-            let width = part.len() / rows;
-            self.add_bias_host(part, first..first + width)?;
-            first += width;
+        for (columns, part) in parts_with_columns(parts, rows) {
+            self.add_bias_host(part, columns)?;
         }
         Ok(())
     }
@@ -320,17 +315,14 @@ impl Linear {
         let out = self.out_features();
         let mut y = vec![0.0f32; rows * out];
         self.forward_host(x, &mut y)?;
-        let mut first = 0;
-        for part in parts.iter_mut() {
-            let width = part.len() / rows;
-            copy_columns(&y, out, first, width, part);
-            first += width;
+        for (columns, part) in parts_with_columns(parts, rows) {
+            copy_columns(&y, out, columns.start, columns.len(), part);
         }
         Ok(())
     }
 
     /// Adds the bias's `columns` (if there is a bias) to each row of `y`.
-    fn add_bias_host(&self, y: &mut [f32], columns: std::ops::Range<usize>) -> Result<()> {
+    fn add_bias_host(&self, y: &mut [f32], columns: Range<usize>) -> Result<()> {
         let Some(bias) = &self.bias else {
             return Ok(());
         };
@@ -344,6 +336,19 @@ impl Linear {
             Ok(())
         })
     }
+}
+
+/// Each part of a `rows`-row output cut into consecutive column ranges, with the output
+/// columns it holds (its width is its length over `rows`).
+fn parts_with_columns<'p, 'b>(
+    parts: &'p mut [&'b mut [f32]],
+    rows: usize,
+) -> impl Iterator<Item = (Range<usize>, &'p mut [f32])> + use<'p, 'b> {
+    parts.iter_mut().scan(0, move |first, part| {
+        let columns = *first..*first + part.len() / rows;
+        *first = columns.end;
+        Some((columns, &mut **part))
+    })
 }
 
 thread_local! {
