@@ -144,6 +144,16 @@ __device__ __forceinline__ void load_rows(const uint4* __restrict__ w, const Gem
                 dst[u][r] = load_weights(p + (min(row0 + r, a.rows - 1) - first) * chunks + u * 32);
 }
 
+// This block's task range [t_begin, t_end): the tasks (groups_per_task groups of `rows`
+// rows each) dealt to the grid's blocks in contiguous, balanced ranges.
+__device__ __forceinline__ void block_tasks(const GemvArgs& a, int rows, int groups_per_task,
+                                            int& t_begin, int& t_end) {
+    const int groups = (a.rows + rows - 1) / rows;
+    const int tasks = (groups + groups_per_task - 1) / groups_per_task;
+    t_begin = (int)((long long)blockIdx.x * tasks / gridDim.x);
+    t_end = (int)((long long)(blockIdx.x + 1) * tasks / gridDim.x);
+}
+
 template <int R>
 __device__ __forceinline__ void reset_sums(float (&acc)[R][GEMV_BT], float (&sq)[GEMV_BT]) {
 #pragma unroll
@@ -319,10 +329,8 @@ __device__ __forceinline__ void gemv_rows_contiguous(const in_t* __restrict__ w,
     const int per_part = (chunks + split - 1) / split;
     const int c_begin = part * per_part, c_end = min(chunks, c_begin + per_part);
     const int iters = (per_part + 32 * U - 1) / (32 * U);  // steps per task
-    const int groups = (a.rows + R - 1) / R;
-    const int tasks = (groups + groups_per_task - 1) / groups_per_task;
-    const int t_begin = (int)((long long)blockIdx.x * tasks / gridDim.x);
-    const int t_end = (int)((long long)(blockIdx.x + 1) * tasks / gridDim.x);
+    int t_begin, t_end;
+    block_tasks(a, R, groups_per_task, t_begin, t_end);
     const int steps = (t_end - t_begin) * iters;
     const uint4* wv = reinterpret_cast<const uint4*>(w);
 
@@ -384,11 +392,9 @@ __device__ __forceinline__ void gemv_rows_interleaved(const in_t* __restrict__ w
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int S = a.split, gpb = GEMV_WARPS / S, part = warp % S, gib = warp / S;
     const int chunks = a.cols / CHUNK;
-    const int groups = (a.rows + R - 1) / R;
-    const int tasks = (groups + gpb - 1) / gpb;
     const int iters = (chunks + 32 * U * S - 1) / (32 * U * S);
-    const int t_begin = (int)((long long)blockIdx.x * tasks / gridDim.x);
-    const int t_end = (int)((long long)(blockIdx.x + 1) * tasks / gridDim.x);
+    int t_begin, t_end;
+    block_tasks(a, R, gpb, t_begin, t_end);
     const int steps = (t_end - t_begin) * iters;
     const uint4* W = reinterpret_cast<const uint4*>(w);
 
