@@ -544,7 +544,39 @@ extern "C" __global__ void embed(const void* __restrict__ table, int table_bf16,
 // x is read at x[b * x_stride + x_offset + c] (a column range of in_proj's output); layer
 // `layer`'s conv state (batch, channels, W-1), found in the state table, is updated in place.
 // One thread per (b, c).
+//
+// The conv and SSM steps and the gated norm are launched like the products (programmatic
+// dependent launch, when the products are these kernels rather than cuBLAS's): they start in
+// the tail of the product before them and load what no kernel of this step writes (weights,
+// parameters, and the layer's own state, which only the same kernel of the previous token
+// wrote) before griddepcontrol.wait, and activations after it, through L2 (__ldcg): an L1
+// line from before the wait may be stale (CUDA_NOTES). A sequence's dt_low / B / C, read by
+// every channel, are staged once per block in shared memory: read through L2 by every
+// thread they made the step slower (mamba-2.8b 2.56 -> 2.64 ms per token on the H200).
+// They do not let the next kernel start early (no launch_dependents): a product started
+// early finds the multiprocessors partly taken by their blocks, and its persistent grid,
+// which counts on four resident blocks per multiprocessor, runs a second wave (measured:
+// mamba-2.8b 2.55 -> 2.76 ms per token).
+//
+// Behind cuBLAS's products (EARLY_START 0: large batches) they are launched plainly, after
+// every earlier kernel has finished: activations then come through L1 and dt_low / B / C are
+// read in place (staged and read through L2 they made mamba-2.8b at batch 64 8.1 -> 8.8 ms
+// per step).
 // ---------------------------------------------------------------------------------------
+
+#ifndef EARLY_START
+#error "EARLY_START (0 or 1): whether the small kernels start in the tail of the product before them"
+#endif
+
+// An activation (another kernel of this step wrote it): through L2 when this kernel may have
+// started before that one finished, through L1 otherwise.
+__device__ __forceinline__ float load_activation(const float* p) {
+#if EARLY_START
+    return __ldcg(p);
+#else
+    return *p;
+#endif
+}
 
 struct ConvArgs {
     int batch, channels;
@@ -555,18 +587,22 @@ extern "C" __global__ void conv_step(const float* __restrict__ x, float* __restr
                                      int layer, const float* __restrict__ weight,
                                      const float* __restrict__ bias, ConvArgs a,
                                      float* __restrict__ out) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // b * channels + c
-    if (i >= (long long)a.batch * a.channels) return;
-    const int c = (int)(i % a.channels);
-    const long long b = i / a.channels;
-    float* state = states[2 * layer] + i * (CONV_W - 1);
-    float window[CONV_W];
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;  // b * channels + c
+    const bool active = i < a.batch * a.channels;
+    const int c = active ? i % a.channels : 0, b = active ? i / a.channels : 0;
+    float* state = states[2 * layer] + (long long)(active ? i : 0) * (CONV_W - 1);
+    float window[CONV_W], taps[CONV_W];
 #pragma unroll
-    for (int k = 0; k < CONV_W - 1; ++k) window[k] = state[k];
-    window[CONV_W - 1] = x[b * a.x_stride + a.x_offset + c];
-    float acc = bias ? bias[c] : 0.0f;
+    for (int k = 0; k < CONV_W - 1; ++k) window[k] = load_activation(state + k);
 #pragma unroll
-    for (int k = 0; k < CONV_W; ++k) acc += weight[c * CONV_W + k] * window[k];
+    for (int k = 0; k < CONV_W; ++k) taps[k] = __ldg(weight + c * CONV_W + k);
+    const float acc0 = bias ? __ldg(bias + c) : 0.0f;
+    wait_for_earlier_kernels();
+    if (!active) return;
+    window[CONV_W - 1] = load_activation(x + b * a.x_stride + a.x_offset + c);
+    float acc = acc0;
+#pragma unroll
+    for (int k = 0; k < CONV_W; ++k) acc += taps[k] * window[k];
 #pragma unroll
     for (int k = 0; k < CONV_W - 1; ++k) state[k] = window[k + 1];
     out[i] = silu(acc);
@@ -588,6 +624,14 @@ struct Mamba1Args {
     float bc_eps;
 };
 
+// State entries per lane (lane, lane + ROW_LANES, ...), and the Δ weights per lane loaded
+// before the wait (the rest of a wider dt_rank is read after it). Sixteen when the kernel
+// starts early, one otherwise: held in registers they took mamba1_ssm_step from 30 to 47
+// registers per thread, 62 % occupancy, and made the memory-bound step at batch 64 slower
+// (mamba-2.8b 8.0 -> 8.7 ms per step on the H200).
+#define STATE_PER_LANE ((STATE_N + ROW_LANES - 1) / ROW_LANES)
+#define DT_PER_LANE (EARLY_START ? 16 : 1)
+
 __device__ __forceinline__ float lane_group_sum_sq(const float* v, int len, int lane) {
     float s = 0.0f;
 #pragma unroll 4
@@ -595,20 +639,64 @@ __device__ __forceinline__ float lane_group_sum_sq(const float* v, int len, int 
     return lane_group_sum(s, ROW_LANES);
 }
 
+// The layer's state entries of this lane, through L2 (the previous token's step wrote them).
+__device__ __forceinline__ void load_state(const float* state, int lane,
+                                           float (&s)[STATE_PER_LANE]) {
+#pragma unroll
+    for (int q = 0; q < STATE_PER_LANE; ++q) {
+        const int n = lane + q * ROW_LANES;
+        s[q] = n < STATE_N ? load_activation(state + n) : 0.0f;
+    }
+}
+
+// The sequence's len floats at src (an earlier kernel's output) that every row of the block
+// reads: staged by the whole block in shared memory (dst) when the kernel starts early, read
+// in place otherwise; every thread calls it.
+__device__ __forceinline__ const float* sequence_inputs(const float* src, int len, float* dst) {
+#if EARLY_START
+    for (int i = threadIdx.x; i < len; i += blockDim.x) dst[i] = __ldcg(src + i);
+    __syncthreads();
+    return dst;
+#else
+    return src;
+#endif
+}
+
+// Grid: (blocks of channels, batch); dynamic shared memory (EARLY_START): dt_rank + 2 N floats.
 extern "C" __global__ void mamba1_ssm_step(const float* __restrict__ xc, const float* __restrict__ dbc,
                                            const float* __restrict__ xz, const in_t* __restrict__ dt_w,
                                            const float* __restrict__ dt_bias,
                                            const float* __restrict__ a_neg, const float* __restrict__ d,
                                            float* __restrict__ const* states, int layer, Mamba1Args a,
                                            float* __restrict__ y) {
-    const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long row = thread / ROW_LANES;  // b * d_inner + c
-    const int lane = (int)(thread % ROW_LANES);
-    const bool active = row < (long long)a.batch * a.d_inner;
-    const long long safe_row = active ? row : 0;
-    const int c = (int)(safe_row % a.d_inner);
-    const long long b = safe_row / a.d_inner;
-    const float* low = dbc + b * a.dbc_stride;
+    extern __shared__ float dbc_s[];  // this sequence's [dt_low | B | C]
+    const int ch = blockIdx.x * (blockDim.x / ROW_LANES) + threadIdx.x / ROW_LANES;
+    const int lane = threadIdx.x % ROW_LANES;
+    const int b = blockIdx.y;
+    const bool active = ch < a.d_inner;
+    const int c = active ? ch : 0;
+    const long long row = (long long)b * a.d_inner + c;
+
+    // Before the wait: this channel's Δ weights, A, D, Δ bias and state.
+    float w_dt[DT_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < DT_PER_LANE; ++i) {
+        const int j = lane + i * ROW_LANES;
+        w_dt[i] = j < a.dt_rank ? ld(dt_w, (long long)c * a.dt_rank + j) : 0.0f;
+    }
+    float* state = states[2 * layer + 1] + row * STATE_N;
+    float s[STATE_PER_LANE], decay_rate[STATE_PER_LANE];
+    load_state(state, lane, s);
+#pragma unroll
+    for (int q = 0; q < STATE_PER_LANE; ++q) {
+        const int n = lane + q * ROW_LANES;
+        decay_rate[q] = n < STATE_N ? __ldg(a_neg + c * STATE_N + n) : 0.0f;
+    }
+    const float bias_c = __ldg(dt_bias + c), d_c = __ldg(d + c);
+    wait_for_earlier_kernels();
+
+    // dt_low, B and C, read by every channel of the sequence, staged once per block.
+    const float* low = sequence_inputs(dbc + b * a.dbc_stride, a.dt_rank + 2 * STATE_N, dbc_s);
     const float* bv = low + a.dt_rank;
     const float* cv = bv + STATE_N;
     float scale_dt = 1.0f, scale_b = 1.0f, scale_c = 1.0f;
@@ -618,22 +706,28 @@ extern "C" __global__ void mamba1_ssm_step(const float* __restrict__ xc, const f
         scale_c = rsqrtf(lane_group_sum_sq(cv, STATE_N, lane) / STATE_N + a.bc_eps);
     }
     float dot = 0.0f;
-#pragma unroll 8
-    for (int j = lane; j < a.dt_rank; j += ROW_LANES) dot += ld(dt_w, (long long)c * a.dt_rank + j) * low[j];
-    const float dt = softplus(lane_group_sum(dot, ROW_LANES) * scale_dt + dt_bias[c]);
-    const float xi = xc[safe_row];
+#pragma unroll
+    for (int i = 0; i < DT_PER_LANE; ++i) {
+        const int j = lane + i * ROW_LANES;
+        if (j < a.dt_rank) dot += w_dt[i] * low[j];
+    }
+    for (int j = lane + DT_PER_LANE * ROW_LANES; j < a.dt_rank; j += ROW_LANES)
+        dot += ld(dt_w, (long long)c * a.dt_rank + j) * low[j];
+    const float dt = softplus(lane_group_sum(dot, ROW_LANES) * scale_dt + bias_c);
+    const float xi = load_activation(xc + row);
     const float dtx = dt * xi * scale_b;
-    float* state = states[2 * layer + 1] + safe_row * STATE_N;
     float sum = 0.0f;
-    if (active)
-        for (int n = lane; n < STATE_N; n += ROW_LANES) {
-            const float next = __expf(dt * a_neg[c * STATE_N + n]) * state[n] + dtx * bv[n];
-            state[n] = next;
-            sum += next * cv[n];
-        }
+#pragma unroll
+    for (int q = 0; q < STATE_PER_LANE; ++q) {
+        const int n = lane + q * ROW_LANES;
+        if (!active || n >= STATE_N) continue;
+        const float next = __expf(dt * decay_rate[q]) * s[q] + dtx * bv[n];
+        state[n] = next;
+        sum += next * cv[n];
+    }
     sum = lane_group_sum(sum, ROW_LANES) * scale_c;
     if (active && lane == 0)
-        y[row] = (sum + d[c] * xi) * silu(xz[b * a.xz_stride + a.d_inner + c]);
+        y[row] = (sum + d_c * xi) * silu(load_activation(xz + b * a.xz_stride + a.d_inner + c));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -653,37 +747,50 @@ struct Mamba2Args {
     float dt_lo, dt_hi;
 };
 
+// Grid: (blocks of state rows, batch); dynamic shared memory (EARLY_START): 2 G N floats.
 extern "C" __global__ void mamba2_ssm_step(const float* __restrict__ xbc, const float* __restrict__ zxbcdt,
                                            const float* __restrict__ dt_bias, const float* __restrict__ a_neg,
                                            const float* __restrict__ d, float* __restrict__ const* states,
                                            int layer, Mamba2Args a, float* __restrict__ y) {
-    const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long row = thread / ROW_LANES;  // (b * H + h) * P + p
-    const int lane = (int)(thread % ROW_LANES);
+    extern __shared__ float bc_s[];  // this sequence's [B (G N) | C (G N)]
     const int d_inner = a.heads * a.head_dim;
-    const bool active = row < (long long)a.batch * d_inner;
-    const long long safe_row = active ? row : 0;
-    const int hp = (int)(safe_row % d_inner), h = hp / a.head_dim;
-    const long long b = safe_row / d_inner;
+    const int hp_raw = blockIdx.x * (blockDim.x / ROW_LANES) + threadIdx.x / ROW_LANES;  // h * P + p
+    const int lane = threadIdx.x % ROW_LANES;
+    const int b = blockIdx.y;
+    const bool active = hp_raw < d_inner;
+    const int hp = active ? hp_raw : 0, h = hp / a.head_dim;
     const int g = h / (a.heads / a.groups);
+    const long long row = (long long)b * d_inner + hp;
+
+    // Before the wait: this row's state and its head's parameters.
+    float* state = states[2 * layer + 1] + row * STATE_N;
+    float s[STATE_PER_LANE];
+    load_state(state, lane, s);
+    const float rate = __ldg(a_neg + h), bias_h = __ldg(dt_bias + h), d_h = __ldg(d + h);
+    wait_for_earlier_kernels();
+
+    // B and C, read by every row of the sequence, staged once per block.
     const float* seq = xbc + b * a.xbc_stride;
-    const float* bv = seq + d_inner + g * STATE_N;
-    const float* cv = seq + d_inner + (a.groups + g) * STATE_N;
-    const float dt = process_dt(zxbcdt[b * a.in_stride + a.dt_offset + h], dt_bias[h], 1, a.dt_lo, a.dt_hi);
-    const float decay = __expf(dt * a_neg[h]);
-    const float xi = seq[hp], dtx = dt * xi;
-    float* state = states[2 * layer + 1] + safe_row * STATE_N;
+    const float* bc = sequence_inputs(seq + d_inner, 2 * a.groups * STATE_N, bc_s);
+    const float* bv = bc + g * STATE_N;
+    const float* cv = bc + (a.groups + g) * STATE_N;
+    const float* in_row = zxbcdt + b * a.in_stride;
+    const float dt = process_dt(load_activation(in_row + a.dt_offset + h), bias_h, 1, a.dt_lo, a.dt_hi);
+    const float decay = __expf(dt * rate);
+    const float xi = load_activation(seq + hp), dtx = dt * xi;
     float sum = 0.0f;
-    if (active)
-        for (int n = lane; n < STATE_N; n += ROW_LANES) {
-            const float next = decay * state[n] + dtx * bv[n];
-            state[n] = next;
-            sum += next * cv[n];
-        }
+#pragma unroll
+    for (int q = 0; q < STATE_PER_LANE; ++q) {
+        const int n = lane + q * ROW_LANES;
+        if (!active || n >= STATE_N) continue;
+        const float next = decay * s[q] + dtx * bv[n];
+        state[n] = next;
+        sum += next * cv[n];
+    }
     sum = lane_group_sum(sum, ROW_LANES);
     if (active && lane == 0) {
-        const float out = sum + d[h] * xi;
-        y[row] = a.gate ? out * silu(zxbcdt[b * a.in_stride + hp]) : out;
+        const float out = sum + d_h * xi;
+        y[row] = a.gate ? out * silu(load_activation(in_row + hp)) : out;
     }
 }
 
@@ -702,6 +809,7 @@ struct GatedNormArgs {
 extern "C" __global__ void __launch_bounds__(ROW_BLOCK)
     gated_norm_step(float* __restrict__ y, const float* __restrict__ z, const float* __restrict__ w,
                     GatedNormArgs a) {
+    wait_for_earlier_kernels();
     const int groups = a.d_inner / a.group_size;
     const long long b = blockIdx.x / groups;
     const int start = (blockIdx.x % groups) * a.group_size;
@@ -709,13 +817,14 @@ extern "C" __global__ void __launch_bounds__(ROW_BLOCK)
     const float* zb = z + b * a.z_stride;
     float sq = 0.0f;
     for (int i = start + threadIdx.x; i < start + a.group_size; i += ROW_BLOCK) {
-        const float v = a.norm_before_gate ? yb[i] : yb[i] * silu(zb[i]);
+        const float yi = load_activation(yb + i);
+        const float v = a.norm_before_gate ? yi : yi * silu(load_activation(zb + i));
         sq += v * v;
     }
     const float inv = rsqrtf(block_sum(sq) / a.group_size + a.eps);
     for (int i = start + threadIdx.x; i < start + a.group_size; i += ROW_BLOCK) {
-        const float gate = silu(zb[i]);
-        const float v = a.norm_before_gate ? yb[i] : yb[i] * gate;
+        const float gate = silu(load_activation(zb + i)), yi = load_activation(yb + i);
+        const float v = a.norm_before_gate ? yi : yi * gate;
         yb[i] = a.norm_before_gate ? v * inv * w[i] * gate : v * inv * w[i];
     }
 }

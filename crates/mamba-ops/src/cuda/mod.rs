@@ -335,14 +335,15 @@ mod tests {
             (&launch::RMSNORM_GATED, vec![vec![("NORM_THREADS", 256)]]),
             (
                 &decode::DECODE_STEP,
-                [(1, 16, 4), (8, 128, 4), (3, 4, 2)]
-                    .map(|(bt, n, w)| {
-                        vec![
-                            ("GEMV_BT", bt),
-                            ("STATE_N", n),
-                            ("ROW_LANES", n.min(32)),
-                            ("CONV_W", w),
-                        ]
+                [(1, 16, 4), (8, 128, 4), (3, 4, 2), (64, 16, 4)]
+                    .map(|(batch, state_size, conv_kernel)| {
+                        let spec = decode::DecodeSpec {
+                            bf16_weights: false,
+                            batch,
+                            state_size,
+                            conv_kernel,
+                        };
+                        spec.defines().to_vec()
                     })
                     .into(),
             ),
