@@ -2,6 +2,7 @@
 //! f32 activations), embeddings, RMSNorm and tensor/slice conversions.
 
 use crate::error::{Error, Result};
+use crate::int8_product::Int8Product;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use half::bf16;
@@ -12,7 +13,7 @@ use mamba_ops::quant::{QuantMatrix, BLOCK};
 use rayon::prelude::*;
 use std::cell::Cell;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub use mamba_ops::quant::QuantFormat;
 
@@ -66,6 +67,9 @@ impl WeightFormat {
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
+    /// q8_0 weights on candle's integer kernels for prefills, made at the first one
+    /// (`None` inside where those kernels do not take the matrix).
+    int8: Arc<OnceLock<Option<Int8Product>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +85,7 @@ impl Linear {
         Linear {
             weight: LinearWeight::Dense(weight),
             bias,
+            int8: Arc::default(),
         }
     }
 
@@ -142,6 +147,7 @@ impl Linear {
             }
             Some(_) | None => LinearWeight::Dense(dense.to_dtype(format.load_dtype())?),
         };
+        self.int8 = Arc::default();
         Ok(())
     }
 
@@ -242,7 +248,8 @@ impl Linear {
 impl Linear {
     /// [`Linear::forward`] on host slices for any number of rows, `x: (rows, in)` →
     /// `y: (rows, out)`: a few rows go to the matrix-vector kernels, more to one threaded
-    /// matrix product (quantised and bf16 weights widened to f32 for it).
+    /// matrix product: q8_0 / q4_0 weights on candle's integer kernels where they take the
+    /// matrix (`int8_product`), otherwise (and bf16 weights) widened to f32 for it.
     pub fn forward_rows_host(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
         self.forward_rows_host_parts(x, &mut [y])
     }
@@ -289,16 +296,38 @@ impl Linear {
                 }
                 Ok(())
             })?,
-            LinearWeight::Quantized(q) => with_widened(
-                q.rows() * q.cols(),
-                |buf| q.dequantize_into(buf),
-                |w| products(w, parts),
-            ),
+            LinearWeight::Quantized(q) => match self.int8_product(q)? {
+                Some(product) => {
+                    let out = self.out_features();
+                    with_scratch(&INT8_OUTPUT, rows * out, |y| {
+                        product.forward(x, y)?;
+                        for (columns, part) in parts_with_columns(parts, rows) {
+                            copy_columns(y, out, columns.start, columns.len(), part);
+                        }
+                        Ok::<_, Error>(())
+                    })?
+                }
+                None => with_widened(
+                    q.rows() * q.cols(),
+                    |buf| q.dequantize_into(buf),
+                    |w| products(w, parts),
+                ),
+            },
         }
         for (columns, part) in parts_with_columns(parts, rows) {
             self.add_bias_host(part, columns)?;
         }
         Ok(())
+    }
+
+    /// The prefill product on candle's integer kernels for `q` (this layer's weights), made
+    /// at the first call; `None` where those kernels do not take the matrix.
+    fn int8_product(&self, q: &QuantMatrix) -> Result<Option<&Int8Product>> {
+        if self.int8.get().is_none() {
+            // Two threads may both make it; the first one stored wins, the same product.
+            let _ = self.int8.set(Int8Product::new(q)?);
+        }
+        Ok(self.int8.get().and_then(Option::as_ref))
     }
 
     /// [`Linear::forward_rows_host_parts`] for a few rows: the matrix-vector kernels, their
@@ -352,6 +381,9 @@ fn parts_with_columns<'p, 'b>(
 }
 
 thread_local! {
+    /// The whole output of a prefill's product on candle's integer kernels, before its
+    /// columns go to the parts.
+    static INT8_OUTPUT: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// A bf16 or quantised matrix widened to f32 for a prefill's product, reused from
     /// product to product: it stays in the cache between layers and needs no zeroing.
     static WIDENED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
@@ -685,6 +717,35 @@ mod tests {
                     first += width;
                 }
             }
+        }
+    }
+
+    /// A q8_0 projection wide enough for candle's integer kernels (40 rows: 32 on them, 8
+    /// widened; a part across the boundary) gives its parts the dequantised product's
+    /// columns but for the activations' 8-bit rounding.
+    #[test]
+    fn an_int8_prefill_projection_fills_its_parts() {
+        let (out, inp, widths, rows) = (40, 512, [7, 30, 3], GEMV_MAX_ROWS + 21);
+        let weight = Tensor::from_vec(lcg_values(out * inp, 6), (out, inp), &Device::Cpu).unwrap();
+        let bias = Tensor::from_vec(lcg_values(out, 7), out, &Device::Cpu).unwrap();
+        let mut linear = Linear::new(weight, Some(bias.clone()));
+        linear.convert(WeightFormat::Q8_0).unwrap();
+        let dequantised = Linear::new(linear.dense_f32().unwrap(), Some(bias));
+        let x = lcg_values(rows * inp, 8);
+        let mut want = vec![0.0f32; rows * out];
+        dequantised.forward_rows_host(&x, &mut want).unwrap();
+        let mut parts = widths.map(|w| vec![0.0f32; rows * w]);
+        let mut views: Vec<&mut [f32]> = parts.iter_mut().map(|p| &mut p[..]).collect();
+        linear.forward_rows_host_parts(&x, &mut views).unwrap();
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let mut first = 0;
+        for (part, width) in parts.iter().zip(widths) {
+            let diff = max_abs_diff(part, &column_range(&want, out, first, width));
+            assert!(
+                diff < 1e-2 * scale,
+                "columns from {first}: differ by {diff} (largest value {scale})"
+            );
+            first += width;
         }
     }
 }

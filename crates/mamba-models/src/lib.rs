@@ -14,6 +14,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hybrid;
 pub mod init;
+mod int8_product;
 pub mod jamba;
 pub mod layers;
 pub mod mamba1;

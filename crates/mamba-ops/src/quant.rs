@@ -171,6 +171,46 @@ impl QuantMatrix {
         self.scales.len() * 2 + self.quants.len()
     }
 
+    /// The same values in q8_0 blocks: exact, since a q4_0 block's values `(q - 8) d` are
+    /// 8-bit integers times the same scale (a q8_0 matrix is returned as it is).
+    pub fn to_q8_0(&self) -> QuantMatrix {
+        let quants = match self.format {
+            QuantFormat::Q8_0 => self.quants.clone(),
+            QuantFormat::Q4_0 => self
+                .quants
+                .chunks_exact(BLOCK / 2)
+                .flat_map(|block| {
+                    let low = block.iter().map(|q| (q & 0xf) as i8 - 8);
+                    let high = block.iter().map(|q| (q >> 4) as i8 - 8);
+                    low.chain(high).map(|v| v as u8)
+                })
+                .collect(),
+        };
+        QuantMatrix {
+            format: QuantFormat::Q8_0,
+            rows: self.rows,
+            cols: self.cols,
+            scales: self.scales.clone(),
+            quants,
+        }
+    }
+
+    /// Rows `start..start + count` as a matrix of their own.
+    ///
+    /// # Panics
+    /// If the rows are not all in the matrix.
+    pub fn row_block(&self, start: usize, count: usize) -> QuantMatrix {
+        assert!(start + count <= self.rows, "rows past the matrix");
+        let (scales, quants) = self.row_range(start, count);
+        QuantMatrix {
+            format: self.format,
+            rows: count,
+            cols: self.cols,
+            scales: scales.to_vec(),
+            quants: quants.to_vec(),
+        }
+    }
+
     /// The scales and quants of rows `start..start + count`.
     pub(crate) fn row_range(&self, start: usize, count: usize) -> (&[f16], &[u8]) {
         let bpr = self.cols / BLOCK;
@@ -281,6 +321,28 @@ mod tests {
                 QuantMatrix::from_ggml_bytes(&bytes, 2, 64, format).unwrap(),
                 q
             );
+        }
+    }
+
+    #[test]
+    fn q4_0_blocks_become_q8_0_blocks_of_the_same_values() {
+        let w = ramp(3 * 64);
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+            let q = QuantMatrix::quantize(&w, 3, 64, format).unwrap();
+            let q8 = q.to_q8_0();
+            assert_eq!(q8.format(), QuantFormat::Q8_0);
+            assert_eq!(q8.dequantize(), q.dequantize());
+        }
+    }
+
+    #[test]
+    fn a_row_block_holds_those_rows() {
+        let w = ramp(5 * 64);
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+            let q = QuantMatrix::quantize(&w, 5, 64, format).unwrap();
+            let block = q.row_block(1, 3);
+            assert_eq!((block.rows(), block.cols()), (3, 64));
+            assert_eq!(block.dequantize(), q.dequantize()[64..4 * 64]);
         }
     }
 
