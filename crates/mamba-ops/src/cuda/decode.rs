@@ -473,6 +473,31 @@ impl DecodeKernels {
         })
     }
 
+    /// Launches one of the small kernels (conv step, SSM steps, gated norm): with
+    /// programmatic dependent launch when they start early
+    /// ([`DecodeSpec::small_kernels_early`]).
+    ///
+    /// # Safety
+    /// As for [`launch_dependent`].
+    unsafe fn launch_small(
+        &self,
+        stream: &Arc<CudaStream>,
+        function: &CudaFunction,
+        cfg: LaunchConfig,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<()> {
+        // SAFETY: the caller vouches for the parameters.
+        unsafe {
+            launch_dependent(
+                stream,
+                function,
+                cfg,
+                params,
+                self.spec.small_kernels_early(),
+            )
+        }
+    }
+
     pub fn spec(&self) -> DecodeSpec {
         self.spec
     }
@@ -598,15 +623,7 @@ impl DecodeKernels {
             param(&c.out),
         ];
         // SAFETY: the parameters are `conv_step`'s, in order, alive for the call.
-        unsafe {
-            launch_dependent(
-                stream,
-                &self.conv_step,
-                cfg,
-                &mut params,
-                self.spec.small_kernels_early(),
-            )
-        }
+        unsafe { self.launch_small(stream, &self.conv_step, cfg, &mut params) }
     }
 
     /// The launch of an SSM step over `rows` state rows per sequence, `ROW_LANES` threads
@@ -668,15 +685,7 @@ impl DecodeKernels {
             param(&m.y),
         ];
         // SAFETY: the parameters are `mamba1_ssm_step`'s, in order, alive for the call.
-        unsafe {
-            launch_dependent(
-                stream,
-                &self.mamba1_step,
-                cfg,
-                &mut params,
-                self.spec.small_kernels_early(),
-            )
-        }
+        unsafe { self.launch_small(stream, &self.mamba1_step, cfg, &mut params) }
     }
 
     /// # Safety
@@ -718,15 +727,7 @@ impl DecodeKernels {
             param(&m.y),
         ];
         // SAFETY: the parameters are `mamba2_ssm_step`'s, in order, alive for the call.
-        unsafe {
-            launch_dependent(
-                stream,
-                &self.mamba2_step,
-                cfg,
-                &mut params,
-                self.spec.small_kernels_early(),
-            )
-        }
+        unsafe { self.launch_small(stream, &self.mamba2_step, cfg, &mut params) }
     }
 
     /// The input of a cuBLAS product: `out (batch, cols)`, contiguous, = `x` (rows
@@ -779,15 +780,7 @@ impl DecodeKernels {
         };
         let mut params = [param(&n.y), param(&n.z), param(&n.weight), param(&args)];
         // SAFETY: the parameters are `gated_norm_step`'s, in order, alive for the call.
-        unsafe {
-            launch_dependent(
-                stream,
-                &self.gated_norm,
-                cfg,
-                &mut params,
-                self.spec.small_kernels_early(),
-            )
-        }
+        unsafe { self.launch_small(stream, &self.gated_norm, cfg, &mut params) }
     }
 }
 
