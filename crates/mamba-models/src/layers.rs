@@ -67,7 +67,7 @@ impl WeightFormat {
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
-    /// q8_0 weights on candle's integer kernels for prefills, made at the first one
+    /// Quantised weights on candle's integer kernels for prefills, made at the first one
     /// (`None` inside where those kernels do not take the matrix).
     int8: Arc<OnceLock<Option<Int8Product>>>,
 }
