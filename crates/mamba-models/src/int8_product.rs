@@ -15,7 +15,8 @@
 //! Memory: candle keeps the rows in its own block layout and, once used, repacked: two q8_0
 //! copies of the matrix besides ours for decoding (for q4_0 weights, 3.8 times their bytes).
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::layers::{with_host_values, HostValues};
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 use mamba_ops::gemm::{matmul_threaded, MatRef};
@@ -67,13 +68,21 @@ impl Int8Product {
         let head = self
             .head
             .forward(&Tensor::from_slice(x, (rows, self.cols), &Device::Cpu)?)?;
-        let head = head.flatten_all()?.to_vec1::<f32>()?; // (rows, head_rows)
-        for (row, part) in y
-            .chunks_exact_mut(self.out)
-            .zip(head.chunks_exact(self.head_rows))
-        {
-            row[..self.head_rows].copy_from_slice(part);
-        }
+        // (rows, head_rows), read where candle left it.
+        with_host_values(&head, |values| {
+            let HostValues::F32(head) = values else {
+                return Err(Error::Input(
+                    "candle's q8_0 product gave non-f32 values".into(),
+                ));
+            };
+            for (row, part) in y
+                .chunks_exact_mut(self.out)
+                .zip(head.chunks_exact(self.head_rows))
+            {
+                row[..self.head_rows].copy_from_slice(part);
+            }
+            Ok(())
+        })?;
         let tail_rows = self.out - self.head_rows;
         if tail_rows > 0 {
             matmul_threaded(
