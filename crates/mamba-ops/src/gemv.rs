@@ -21,7 +21,7 @@
 
 use crate::error::{OpError, Result};
 use crate::math::with_simd;
-use crate::quant::{QuantFormat, QuantMatrix, BLOCK};
+use crate::quant::{q4_0_values, QuantFormat, QuantMatrix, BLOCK};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -387,9 +387,9 @@ fn dot_q8_0_scalar(ws: &[f16], wq: &[u8], x: ActivationRow) -> f32 {
 fn dot_q4_0_scalar(ws: &[f16], wq: &[u8], x: ActivationRow) -> f32 {
     let xq = x.quants;
     dot_blocks_scalar(ws, x.scales, |k, j| {
-        let byte = wq[k * BLOCK / 2 + j % (BLOCK / 2)];
-        let nibble = if j < BLOCK / 2 { byte & 0xf } else { byte >> 4 };
-        (nibble as i32 - 8) * xq[k * BLOCK + j] as i32
+        let (low, high) = q4_0_values(wq[k * BLOCK / 2 + j % (BLOCK / 2)]);
+        let w = if j < BLOCK / 2 { low } else { high };
+        w as i32 * xq[k * BLOCK + j] as i32
     })
 }
 

@@ -180,8 +180,8 @@ impl QuantMatrix {
                 .quants
                 .chunks_exact(BLOCK / 2)
                 .flat_map(|block| {
-                    let low = block.iter().map(|q| (q & 0xf) as i8 - 8);
-                    let high = block.iter().map(|q| (q >> 4) as i8 - 8);
+                    let low = block.iter().map(|q| q4_0_values(*q).0);
+                    let high = block.iter().map(|q| q4_0_values(*q).1);
                     low.chain(high).map(|v| v as u8)
                 })
                 .collect(),
@@ -222,8 +222,14 @@ impl QuantMatrix {
     }
 }
 
-/// One block's values `dst[j] = q_j d` (q4_0: `q_j` is the nibble minus 8; byte `j` holds
-/// values `j` and `j + 16`).
+/// The two values byte `j` of a q4_0 block holds, its nibbles minus 8: value `j` (low
+/// nibble) and value `j + 16` (high nibble), before the block's scale.
+#[inline(always)]
+pub(crate) fn q4_0_values(byte: u8) -> (i8, i8) {
+    ((byte & 0xf) as i8 - 8, (byte >> 4) as i8 - 8)
+}
+
+/// One block's values `dst[j] = q_j d` (q4_0: see [`q4_0_values`]).
 #[inline(always)]
 fn dequantize_block(format: QuantFormat, d: f32, q: &[u8], dst: &mut [f32]) {
     match format {
@@ -235,8 +241,9 @@ fn dequantize_block(format: QuantFormat, d: f32, q: &[u8], dst: &mut [f32]) {
         QuantFormat::Q4_0 => {
             let (low, high) = dst.split_at_mut(BLOCK / 2);
             for ((lo, hi), q) in low.iter_mut().zip(high.iter_mut()).zip(q) {
-                *lo = ((q & 0xf) as i32 - 8) as f32 * d;
-                *hi = ((q >> 4) as i32 - 8) as f32 * d;
+                let (l, h) = q4_0_values(*q);
+                *lo = l as f32 * d;
+                *hi = h as f32 * d;
             }
         }
     }
