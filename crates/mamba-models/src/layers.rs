@@ -297,16 +297,19 @@ impl Linear {
                 Ok(())
             })?,
             LinearWeight::Quantized(q) => match self.int8_product(q)? {
-                Some(product) => {
-                    let out = self.out_features();
-                    with_scratch(&INT8_OUTPUT, rows * out, |y| {
-                        product.forward(x, y)?;
-                        for (columns, part) in parts_with_columns(parts, rows) {
-                            copy_columns(y, out, columns.start, columns.len(), part);
-                        }
-                        Ok::<_, Error>(())
-                    })?
-                }
+                Some(product) => match parts {
+                    [y] => product.forward(x, y)?,
+                    _ => {
+                        let out = self.out_features();
+                        with_bounded_scratch(&INT8_OUTPUT, rows * out, |y| {
+                            product.forward(x, y)?;
+                            for (columns, part) in parts_with_columns(parts, rows) {
+                                copy_columns(y, out, columns.start, columns.len(), part);
+                            }
+                            Ok::<_, Error>(())
+                        })?
+                    }
+                },
                 None => with_widened(
                     q.rows() * q.cols(),
                     |buf| q.dequantize_into(buf),
@@ -381,32 +384,39 @@ fn parts_with_columns<'p, 'b>(
 }
 
 thread_local! {
-    /// The whole output of a prefill's product on candle's integer kernels, before its
-    /// columns go to the parts.
+    /// The whole output of a prefill's product on candle's integer kernels when it is cut
+    /// into parts, before its columns go to them.
     static INT8_OUTPUT: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// A bf16 or quantised matrix widened to f32 for a prefill's product, reused from
     /// product to product: it stays in the cache between layers and needs no zeroing.
     static WIDENED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// Most values [`WIDENED`] keeps (16 MB, a 130m model's in_proj one and a half times over);
-/// larger matrices are widened into a buffer of their own, so that a thread does not hold on
-/// to a model-sized one.
-const WIDENED_SCRATCH_MAX: usize = 4 << 20;
+/// Most values a prefill's per-thread scratch ([`WIDENED`], [`INT8_OUTPUT`]) keeps (16 MB, a
+/// 130m model's in_proj one and a half times over); larger buffers are made for the call, so
+/// that a thread does not hold on to a model-sized one.
+const SCRATCH_MAX: usize = 4 << 20;
 
-/// Runs `read` on the `len` f32 values `fill` writes: in the per-thread [`WIDENED`] buffer
-/// when they fit it, otherwise in a buffer of their own.
-fn with_widened(len: usize, fill: impl FnOnce(&mut [f32]), read: impl FnOnce(&[f32])) {
-    if len <= WIDENED_SCRATCH_MAX {
-        with_scratch(&WIDENED, len, |buf| {
-            fill(buf);
-            read(buf)
-        })
+/// Runs `f` on `len` values (contents unspecified) of the per-thread `pool` when they fit
+/// [`SCRATCH_MAX`], otherwise on a buffer of their own.
+fn with_bounded_scratch<R>(
+    pool: &'static std::thread::LocalKey<Cell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    if len <= SCRATCH_MAX {
+        with_scratch(pool, len, f)
     } else {
-        let mut buf = vec![0.0f32; len];
-        fill(&mut buf);
-        read(&buf)
+        f(&mut vec![0.0f32; len])
     }
+}
+
+/// Runs `read` on the `len` f32 values `fill` writes, in [`WIDENED`] when they fit.
+fn with_widened(len: usize, fill: impl FnOnce(&mut [f32]), read: impl FnOnce(&[f32])) {
+    with_bounded_scratch(&WIDENED, len, |buf| {
+        fill(buf);
+        read(buf)
+    })
 }
 
 /// `out[i] = v[i]` as f32, spread over rayon's threads.
@@ -721,8 +731,8 @@ mod tests {
     }
 
     /// A q8_0 projection wide enough for candle's integer kernels (40 rows: 32 on them, 8
-    /// widened; a part across the boundary) gives its parts the dequantised product's
-    /// columns but for the activations' 8-bit rounding.
+    /// widened; a part across the boundary) gives its parts, and its unsplit output, the
+    /// dequantised product's columns but for the activations' 8-bit rounding.
     #[test]
     fn an_int8_prefill_projection_fills_its_parts() {
         let (out, inp, widths, rows) = (40, 512, [7, 30, 3], GEMV_MAX_ROWS + 21);
@@ -747,5 +757,10 @@ mod tests {
             );
             first += width;
         }
+        // Unsplit, the product goes straight to the output.
+        let mut whole = vec![0.0f32; rows * out];
+        linear.forward_rows_host(&x, &mut whole).unwrap();
+        let diff = max_abs_diff(&whole, &want);
+        assert!(diff < 1e-2 * scale, "whole output: differs by {diff}");
     }
 }
