@@ -8,6 +8,7 @@
 //! buffer of the type and size the call's dimensions imply, on the device the kernels were
 //! loaded for.
 
+use super::launch::MAX_GRID_Y;
 use super::{config, cuda_err, kernel, launch, multiprocessors, Source, Variant};
 use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use candle_core::cuda_backend::cudarc::driver::{
@@ -48,8 +49,6 @@ const GEMV_MIN_CHUNKS_PER_SPLIT: usize = 48;
 const GEMV_STAGED_MAX_BYTES: usize = 46 << 10;
 /// Most bytes of dynamic shared memory a kernel takes without opting in.
 const MAX_SHARED_WITHOUT_OPT_IN: usize = 48 << 10;
-/// The largest grid dimension y: the SSM steps' sequences.
-const MAX_GRID_Y: usize = 65_535;
 
 /// What the kernels are specialised for: weight type, batch and the model's sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

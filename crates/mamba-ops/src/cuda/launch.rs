@@ -40,8 +40,9 @@ fn int(v: usize) -> Result<i32> {
 
 /// Threads per block of the element-wise kernels.
 const THREADS: usize = 128;
-/// The largest grid dimension y (and z) of a launch.
-const MAX_GRID_Y: usize = 65_535;
+/// The largest grid dimension y (and z) of a launch: the state update's and the decoding SSM
+/// steps' sequences.
+pub(super) const MAX_GRID_Y: usize = 65_535;
 
 // ---------------------------------------------------------------------------------------
 // Selective scan
