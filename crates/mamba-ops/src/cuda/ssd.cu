@@ -58,37 +58,69 @@ __device__ __forceinline__ long long token_row(const SsdArgs& s, long long b, in
     return ((b * s.len + t) * inner + k) * (long long)width;
 }
 
+// Two shared-memory slabs per operand: one being multiplied while the next is filled.
+typedef float Slabs[2][SLAB][TILE + PAD];
+
+// Values of one operand each thread moves per slab.
+#define SLAB_SHARE (SLAB * TILE / PRODUCT_THREADS)
+
+// The finish of an operand read from the inputs (ld_raw) and used as it is: widened.
+struct Widened {
+    __device__ __forceinline__ float operator()(int, int, float raw) const { return widen(raw); }
+};
+
+// The finish of an operand read from f32 scratch and used as it is.
+struct AsRead {
+    __device__ __forceinline__ float operator()(int, int, float v) const { return v; }
+};
+
 // acc[r][q] += sum_k A(k, m) Bm(k, n) for this thread's 4 x 4 outputs (m = 4 * (tid / 16) + r,
-// n = 4 * (tid % 16) + q) of a TILE x TILE product over k < depth, in slabs of SLAB. a_at(k, m)
-// and b_at(k, n) read the operands, 0 outside them. A_K_FAST says a_at's consecutive k are
-// adjacent in memory (else consecutive m), and likewise B_K_FAST, so that adjacent threads load
-// adjacent values. Every thread of the block must call it.
-template <bool A_K_FAST, bool B_K_FAST, class AAt, class BAt>
-__device__ __forceinline__ void block_product(int depth, AAt a_at, BAt b_at, float (&acc)[4][4],
-                                              float (*as)[TILE + PAD], float (*bs)[TILE + PAD]) {
+// n = 4 * (tid % 16) + q) of a TILE x TILE product over k < depth, in slabs of SLAB. Each
+// operand comes as read(k, m), the raw value (0 outside the operand), and finish(k, m, v), the
+// factor made from it (a scale, a decay): the next slab's values are read into registers
+// before the current slab is multiplied, and finished when they go to shared memory, so that
+// the product's FMAs run while the loads are in flight. A_K_FAST says a_read's consecutive k
+// are adjacent in memory (else consecutive m), and likewise B_K_FAST, so that adjacent threads
+// load adjacent values. Every thread of the block must call it.
+template <bool A_K_FAST, bool B_K_FAST, class ARead, class AFinish, class BRead, class BFinish>
+__device__ __forceinline__ void block_product(int depth, ARead a_read, AFinish a_finish, BRead b_read,
+                                              BFinish b_finish, float (&acc)[4][4], Slabs& as, Slabs& bs) {
     const int tid = threadIdx.x, tm = tid / 16, tn = tid % 16;
-    for (int k0 = 0; k0 < depth; k0 += SLAB) {
+    float ra[SLAB_SHARE], rb[SLAB_SHARE];
+    const auto a_k = [&](int r) { const int e = tid + r * PRODUCT_THREADS; return A_K_FAST ? e % SLAB : e / TILE; };
+    const auto a_m = [&](int r) { const int e = tid + r * PRODUCT_THREADS; return A_K_FAST ? e / SLAB : e % TILE; };
+    const auto b_k = [&](int r) { const int e = tid + r * PRODUCT_THREADS; return B_K_FAST ? e % SLAB : e / TILE; };
+    const auto b_n = [&](int r) { const int e = tid + r * PRODUCT_THREADS; return B_K_FAST ? e / SLAB : e % TILE; };
+    const auto read_slab = [&](int k0) {
 #pragma unroll
-        for (int r = 0; r < SLAB * TILE / PRODUCT_THREADS; ++r) {
-            const int e = tid + r * PRODUCT_THREADS;
-            const int ka = A_K_FAST ? e % SLAB : e / TILE, ma = A_K_FAST ? e / SLAB : e % TILE;
-            as[ka][ma] = a_at(k0 + ka, ma);
-            const int kb = B_K_FAST ? e % SLAB : e / TILE, nb = B_K_FAST ? e / SLAB : e % TILE;
-            bs[kb][nb] = b_at(k0 + kb, nb);
+        for (int r = 0; r < SLAB_SHARE; ++r) {
+            ra[r] = a_read(k0 + a_k(r), a_m(r));
+            rb[r] = b_read(k0 + b_k(r), b_n(r));
+        }
+    };
+    read_slab(0);
+    int buf = 0;
+    for (int k0 = 0; k0 < depth; k0 += SLAB, buf ^= 1) {
+#pragma unroll
+        for (int r = 0; r < SLAB_SHARE; ++r) {
+            as[buf][a_k(r)][a_m(r)] = a_finish(k0 + a_k(r), a_m(r), ra[r]);
+            bs[buf][b_k(r)][b_n(r)] = b_finish(k0 + b_k(r), b_n(r), rb[r]);
         }
         __syncthreads();
+        if (k0 + SLAB < depth) read_slab(k0 + SLAB);
 #pragma unroll
         for (int k = 0; k < SLAB; ++k) {
-            const float4 a4 = *reinterpret_cast<const float4*>(&as[k][tm * 4]);
-            const float4 b4 = *reinterpret_cast<const float4*>(&bs[k][tn * 4]);
+            const float4 a4 = *reinterpret_cast<const float4*>(&as[buf][k][tm * 4]);
+            const float4 b4 = *reinterpret_cast<const float4*>(&bs[buf][k][tn * 4]);
             const float av[4] = {a4.x, a4.y, a4.z, a4.w}, bv[4] = {b4.x, b4.y, b4.z, b4.w};
 #pragma unroll
             for (int r = 0; r < 4; ++r)
 #pragma unroll
                 for (int q = 0; q < 4; ++q) acc[r][q] += av[r] * bv[q];
         }
-        __syncthreads();
     }
+    // The slabs are free again once every thread has multiplied the last one.
+    __syncthreads();
 }
 
 // dt'_t and cum_t = sum_{j<=t} dt'_j A[h] inside each chunk. Block: SSD_Q threads, one step each;
@@ -122,21 +154,20 @@ extern "C" __global__ void ssd_dt(const in_t* __restrict__ x, SsdArgs s, float* 
 
 // CB[i][j] = C_{t0+i} . B_{t0+j} for one (batch, chunk, group) `bcg`.
 __device__ __forceinline__ void chunk_cb(const in_t* __restrict__ x, const SsdArgs& s, long long bcg,
-                                         float* __restrict__ cb, float (*as)[TILE + PAD],
-                                         float (*bs)[TILE + PAD]) {
+                                         float* __restrict__ cb, Slabs& as, Slabs& bs) {
     const int g = (int)(bcg % s.groups);
     const long long bc = bcg / s.groups;
     const int t0 = (int)(bc % s.chunks) * SSD_Q;
     const long long b = bc / s.chunks;
     const auto row_of = [&](long long offset, int k, int i) {
         const int t = t0 + i;
-        return (k < s.state && t < s.len) ? ld(x, offset + token_row(s, b, t, g, s.groups, s.state) + k)
+        return (k < s.state && t < s.len) ? ld_raw(x, offset + token_row(s, b, t, g, s.groups, s.state) + k)
                                           : 0.0f;
     };
     float acc[4][4] = {};
     block_product<true, true>(
-        s.state, [&](int k, int i) { return row_of(s.c, k, i); },
-        [&](int k, int j) { return row_of(s.b, k, j); }, acc, as, bs);
+        s.state, [&](int k, int i) { return row_of(s.c, k, i); }, Widened{},
+        [&](int k, int j) { return row_of(s.b, k, j); }, Widened{}, acc, as, bs);
     const int tm = threadIdx.x / 16, tn = threadIdx.x % 16;
 #pragma unroll
     for (int r = 0; r < 4; ++r)
@@ -149,8 +180,7 @@ __device__ __forceinline__ void chunk_cb(const in_t* __restrict__ x, const SsdAr
 __device__ __forceinline__ void chunk_state(const in_t* __restrict__ x, const SsdArgs& s, long long bch,
                                             int n0, int p0, const float* __restrict__ dtp,
                                             const float* __restrict__ cum, float* __restrict__ states,
-                                            float (*as)[TILE + PAD], float (*bs)[TILE + PAD],
-                                            float* weight) {
+                                            Slabs& as, Slabs& bs, float* weight) {
     const ChunkHead k = chunk_head(s, bch);
     const long long step0 = (k.b * s.heads + k.h) * ((long long)s.chunks * SSD_Q) + k.t0;
     if (threadIdx.x < SSD_Q)
@@ -162,16 +192,17 @@ __device__ __forceinline__ void chunk_state(const in_t* __restrict__ x, const Ss
         [&](int j, int m) {
             const int t = k.t0 + j, p = p0 + m;
             return (t < s.len && p < s.head_dim)
-                       ? ld(x, s.x + token_row(s, k.b, t, k.h, s.heads, s.head_dim) + p) * weight[j]
+                       ? ld_raw(x, s.x + token_row(s, k.b, t, k.h, s.heads, s.head_dim) + p)
                        : 0.0f;
         },
+        [&](int j, int, float raw) { return widen(raw) * weight[j]; },
         [&](int j, int n) {
             const int t = k.t0 + j, nn = n0 + n;
             return (t < s.len && nn < s.state)
-                       ? ld(x, s.b + token_row(s, k.b, t, k.g, s.groups, s.state) + nn)
+                       ? ld_raw(x, s.b + token_row(s, k.b, t, k.g, s.groups, s.state) + nn)
                        : 0.0f;
         },
-        acc, as, bs);
+        Widened{}, acc, as, bs);
     const int tm = threadIdx.x / 16, tn = threadIdx.x % 16;
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
@@ -187,12 +218,13 @@ __device__ __forceinline__ void chunk_state(const in_t* __restrict__ x, const Ss
 
 // The two products that only read the inputs, in one launch so that they overlap: the first
 // batch * chunks * groups blocks compute CB, the others one chunk-state tile each, taking
-// (batch, chunk, head), then N tiles, then P tiles.
-extern "C" __global__ void ssd_chunk_products(const in_t* __restrict__ x, SsdArgs s,
-                                              const float* __restrict__ dtp, const float* __restrict__ cum,
-                                              float* __restrict__ cb, float* __restrict__ states) {
-    __shared__ __align__(16) float as[SLAB][TILE + PAD];
-    __shared__ __align__(16) float bs[SLAB][TILE + PAD];
+// (batch, chunk, head), then N tiles, then P tiles. Three blocks per multiprocessor (80
+// registers, no spills): the registers holding the next slab took it to 96, two blocks, and
+// the SSD from 136 to 140 us (H 24, f32, H200).
+extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
+    ssd_chunk_products(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ dtp,
+                       const float* __restrict__ cum, float* __restrict__ cb, float* __restrict__ states) {
+    __shared__ __align__(16) Slabs as, bs;
     __shared__ float weight[SSD_Q];  // exp(cum_last - cum_j) dt'_j
     const long long cb_blocks = (long long)s.batch * s.chunks * s.groups;
     if (blockIdx.x < cb_blocks) {
@@ -249,8 +281,7 @@ extern "C" __global__ void ssd_chunk_scan(const in_t* __restrict__ x, SsdArgs s,
                                           const float* __restrict__ dtp, const float* __restrict__ cum,
                                           const float* __restrict__ cb, const float* __restrict__ states,
                                           float* __restrict__ y) {
-    __shared__ __align__(16) float as[SLAB][TILE + PAD];
-    __shared__ __align__(16) float bs[SLAB][TILE + PAD];
+    __shared__ __align__(16) Slabs as, bs;
     __shared__ float cum_c[SSD_Q], dt_c[SSD_Q];
     const ChunkHead k = chunk_head(s, blockIdx.x);
     const int p0 = blockIdx.y * TILE;
@@ -267,16 +298,17 @@ extern "C" __global__ void ssd_chunk_scan(const in_t* __restrict__ x, SsdArgs s,
         [&](int n, int i) {
             const int t = k.t0 + i;
             return (n < s.state && t < s.len)
-                       ? ld(x, s.c + token_row(s, k.b, t, k.g, s.groups, s.state) + n)
+                       ? ld_raw(x, s.c + token_row(s, k.b, t, k.g, s.groups, s.state) + n)
                        : 0.0f;
         },
+        Widened{},
         [&](int n, int m) {
             const int p = p0 + m;
             return (n < s.state && p < s.head_dim)
                        ? states[(k.bch * s.head_dim + p) * (long long)s.state + n]
                        : 0.0f;
         },
-        acc, as, bs);
+        AsRead{}, acc, as, bs);
     const int tm = threadIdx.x / 16, tn = threadIdx.x % 16;
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
@@ -288,16 +320,16 @@ extern "C" __global__ void ssd_chunk_scan(const in_t* __restrict__ x, SsdArgs s,
     const long long cb0 = (k.bc * s.groups + k.g) * (long long)SSD_Q * SSD_Q;
     block_product<true, false>(
         SSD_Q,
-        [&](int j, int i) {
-            return j <= i ? cb[cb0 + i * SSD_Q + j] * __expf(cum_c[i] - cum_c[j]) * dt_c[j] : 0.0f;
-        },
+        [&](int j, int i) { return j <= i ? cb[cb0 + i * SSD_Q + j] : 0.0f; },
+        // Masked again: above the diagonal exp(cum_i - cum_j) can overflow, and 0 * inf is NaN.
+        [&](int j, int i, float v) { return j <= i ? v * __expf(cum_c[i] - cum_c[j]) * dt_c[j] : 0.0f; },
         [&](int j, int m) {
             const int t = k.t0 + j, p = p0 + m;
             return (t < s.len && p < s.head_dim)
-                       ? ld(x, s.x + token_row(s, k.b, t, k.h, s.heads, s.head_dim) + p)
+                       ? ld_raw(x, s.x + token_row(s, k.b, t, k.h, s.heads, s.head_dim) + p)
                        : 0.0f;
         },
-        acc, as, bs);
+        Widened{}, acc, as, bs);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
         const int t = k.t0 + tm * 4 + r;
