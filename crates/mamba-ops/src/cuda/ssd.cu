@@ -15,8 +15,9 @@
 //   ssd_chunk_scan   y_i = exp(cum_i) S_in(c) C_i                                (off-diagonal)
 //                        + sum_{j<=i} CB[i][j] exp(cum_i - cum_j) dt'_j x_j          (diagonal)
 //                    then the D skip and the z gate.
-// The matrix-shaped parts run as block products over shared-memory slabs in f32 (no tensor
-// cores yet). Layouts: x, z, y: (batch, L, H, P); dt: (batch, L, H); A, dt_bias: (H); D: (H) or
+// The matrix-shaped parts run as block products over shared-memory slabs: f32 FMAs for f32
+// inputs, tensor cores (bf16 operands split in two where not exact, f32 sums) for bf16 inputs.
+// Layouts: x, z, y: (batch, L, H, P); dt: (batch, L, H); A, dt_bias: (H); D: (H) or
 // (H, P); B, C: (batch, L, G, N); initial_states, final state: (batch, H, P, N).
 // Scratch: dt', cum: (batch, H, chunks * SSD_Q); CB: (batch, chunks, G, SSD_Q, SSD_Q);
 // chunk states: (batch, chunks, H, P, N).
@@ -58,9 +59,6 @@ __device__ __forceinline__ long long token_row(const SsdArgs& s, long long b, in
     return ((b * s.len + t) * inner + k) * (long long)width;
 }
 
-// Two shared-memory slabs per operand: one being multiplied while the next is filled.
-typedef float Slabs[2][SLAB][TILE + PAD];
-
 // Values of one operand each thread moves per slab.
 #define SLAB_SHARE (SLAB * TILE / PRODUCT_THREADS)
 
@@ -74,18 +72,131 @@ struct AsRead {
     __device__ __forceinline__ float operator()(int, int, float v) const { return v; }
 };
 
-// acc[r][q] += sum_k A(k, m) Bm(k, n) for this thread's 4 x 4 outputs (m = 4 * (tid / 16) + r,
-// n = 4 * (tid % 16) + q) of a TILE x TILE product over k < depth, in slabs of SLAB. Each
-// operand comes as read(k, m), the raw value (0 outside the operand), and finish(k, m, v), the
-// factor made from it (a scale, a decay): the next slab's values are read into registers
-// before the current slab is multiplied, and finished when they go to shared memory, so that
-// the product's FMAs run while the loads are in flight. A_K_FAST says a_read's consecutive k
-// are adjacent in memory (else consecutive m), and likewise B_K_FAST, so that adjacent threads
-// load adjacent values. Every thread of the block must call it.
-template <bool A_K_FAST, bool B_K_FAST, class ARead, class AFinish, class BRead, class BFinish>
+#ifdef IN_BF16
+// With bf16 inputs the block products run on tensor cores (mma.sync m16n8k16, bf16 operands,
+// f32 sums). An operand that is not exactly a bf16 input (scaled, decayed, or f32 scratch) is
+// stored as two bf16 planes, hi = bf16(v) and lo = bf16(v - hi), and multiplied as hi and lo
+// (three products where both operands are split, none of lo x lo): about 16 significant bits
+// per operand, so that the result stays within the f32 path's tolerance. Slabs hold each
+// operand as [row][k] (row = m for A, n for B), 16 k per row padded to SK so that the
+// fragment loads of a warp hit 32 distinct banks.
+#define SK (SLAB + 8)
+struct Slabs {
+    unsigned short hi[2][TILE][SK];
+    unsigned short lo[2][TILE][SK];
+};
+
+// Warp w owns rows 16 (w % 4) .. +16 and columns 32 (w / 4) .. +32 of the output tile, as four
+// m16n8 tiles: acc[j][e] is tile j's accumulator e, at row g (+8 for e >= 2) and column
+// 8 j + 2 t (+1 for odd e), g = lane / 4, t = lane % 4.
+__device__ __forceinline__ int acc_row(int, int e) {
+    const int lane = threadIdx.x % 32;
+    return (threadIdx.x / 32 % 4) * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+}
+__device__ __forceinline__ int acc_col(int j, int e) {
+    const int lane = threadIdx.x % 32;
+    return (threadIdx.x / 128) * 32 + j * 8 + 2 * (lane % 4) + (e & 1);
+}
+
+// v rounded to bf16 (nearest even), as bits.
+__device__ __forceinline__ unsigned short bf16_bits(float v) {
+    const unsigned int u = __float_as_uint(v);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Stores v at (row, k) of slab buf: its hi plane, and its lo plane unless the operand is exact.
+template <bool EXACT>
+__device__ __forceinline__ void store_split(Slabs& sl, int buf, int row, int k, float v) {
+    const unsigned short hi = bf16_bits(v);
+    sl.hi[buf][row][k] = hi;
+    if (!EXACT) sl.lo[buf][row][k] = bf16_bits(v - __uint_as_float((unsigned int)hi << 16));
+}
+
+// The two bf16 at (row, k), (row, k + 1) of a plane, as one register.
+__device__ __forceinline__ unsigned int bf16_pair(const unsigned short (&plane)[TILE][SK], int row, int k) {
+    return *reinterpret_cast<const unsigned int*>(&plane[row][k]);
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned int (&a)[4], unsigned int b0,
+                                         unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A's fragment (rows 16 (w % 4) .. +16, the slab's 16 k) from a plane.
+__device__ __forceinline__ void load_a(const unsigned short (&plane)[TILE][SK], unsigned int (&a)[4]) {
+    const int lane = threadIdx.x % 32, row = (threadIdx.x / 32 % 4) * 16 + lane / 4, k = 2 * (lane % 4);
+    a[0] = bf16_pair(plane, row, k);
+    a[1] = bf16_pair(plane, row + 8, k);
+    a[2] = bf16_pair(plane, row, k + 8);
+    a[3] = bf16_pair(plane, row + 8, k + 8);
+}
+
+// acc += the slab's product on tensor cores.
+template <bool A_EXACT, bool B_EXACT>
+__device__ __forceinline__ void multiply_slab(const Slabs& as, const Slabs& bs, int buf, float (&acc)[4][4]) {
+    const int lane = threadIdx.x % 32, k = 2 * (lane % 4);
+    unsigned int a_hi[4], a_lo[4];
+    load_a(as.hi[buf], a_hi);
+    if (!A_EXACT) load_a(as.lo[buf], a_lo);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int n = (threadIdx.x / 128) * 32 + j * 8 + lane / 4;
+        const unsigned int b0 = bf16_pair(bs.hi[buf], n, k), b1 = bf16_pair(bs.hi[buf], n, k + 8);
+        mma_bf16(acc[j], a_hi, b0, b1);
+        if (!A_EXACT) mma_bf16(acc[j], a_lo, b0, b1);
+        if (!B_EXACT)
+            mma_bf16(acc[j], a_hi, bf16_pair(bs.lo[buf], n, k), bf16_pair(bs.lo[buf], n, k + 8));
+    }
+}
+#else
+// Two shared-memory slabs per operand, [k][row]: one being multiplied while the next is filled.
+typedef float Slabs[2][SLAB][TILE + PAD];
+
+// Each thread owns 4 x 4 outputs of the tile: acc[r][q] at row 4 (tid / 16) + r, column
+// 4 (tid % 16) + q.
+__device__ __forceinline__ int acc_row(int r, int) { return threadIdx.x / 16 * 4 + r; }
+__device__ __forceinline__ int acc_col(int, int q) { return threadIdx.x % 16 * 4 + q; }
+
+// acc += the slab's product in f32 FMAs.
+template <bool A_EXACT, bool B_EXACT>
+__device__ __forceinline__ void multiply_slab(const Slabs& as, const Slabs& bs, int buf, float (&acc)[4][4]) {
+    const int tm = threadIdx.x / 16, tn = threadIdx.x % 16;
+#pragma unroll
+    for (int k = 0; k < SLAB; ++k) {
+        const float4 a4 = *reinterpret_cast<const float4*>(&as[buf][k][tm * 4]);
+        const float4 b4 = *reinterpret_cast<const float4*>(&bs[buf][k][tn * 4]);
+        const float av[4] = {a4.x, a4.y, a4.z, a4.w}, bv[4] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[r][q] += av[r] * bv[q];
+    }
+}
+
+template <bool EXACT>
+__device__ __forceinline__ void store_split(Slabs& sl, int buf, int row, int k, float v) {
+    sl[buf][k][row] = v;
+}
+#endif
+
+// acc += sum_k A(k, m) Bm(k, n) over k < depth for this thread's outputs (acc_row, acc_col)
+// of a TILE x TILE product, in slabs of SLAB. Each operand comes as read(k, m), the raw value
+// (0 outside the operand), and finish(k, m, v), the factor made from it (a scale, a decay):
+// the next slab's values are read into registers before the current slab is multiplied, and
+// finished when they go to shared memory, so that the multiplication runs while the loads
+// are in flight. A_K_FAST says a_read's consecutive k are adjacent in memory (else
+// consecutive m), and likewise B_K_FAST, so that adjacent threads load adjacent values.
+// A_EXACT / B_EXACT say the operand's values are bf16 inputs as they are (one bf16 plane
+// holds them exactly). Every thread of the block must call it.
+template <bool A_K_FAST, bool B_K_FAST, bool A_EXACT, bool B_EXACT, class ARead, class AFinish, class BRead,
+          class BFinish>
 __device__ __forceinline__ void block_product(int depth, ARead a_read, AFinish a_finish, BRead b_read,
                                               BFinish b_finish, float (&acc)[4][4], Slabs& as, Slabs& bs) {
-    const int tid = threadIdx.x, tm = tid / 16, tn = tid % 16;
+    const int tid = threadIdx.x;
     float ra[SLAB_SHARE], rb[SLAB_SHARE];
     const auto a_k = [&](int r) { const int e = tid + r * PRODUCT_THREADS; return A_K_FAST ? e % SLAB : e / TILE; };
     const auto a_m = [&](int r) { const int e = tid + r * PRODUCT_THREADS; return A_K_FAST ? e / SLAB : e % TILE; };
@@ -103,21 +214,12 @@ __device__ __forceinline__ void block_product(int depth, ARead a_read, AFinish a
     for (int k0 = 0; k0 < depth; k0 += SLAB, buf ^= 1) {
 #pragma unroll
         for (int r = 0; r < SLAB_SHARE; ++r) {
-            as[buf][a_k(r)][a_m(r)] = a_finish(k0 + a_k(r), a_m(r), ra[r]);
-            bs[buf][b_k(r)][b_n(r)] = b_finish(k0 + b_k(r), b_n(r), rb[r]);
+            store_split<A_EXACT>(as, buf, a_m(r), a_k(r), a_finish(k0 + a_k(r), a_m(r), ra[r]));
+            store_split<B_EXACT>(bs, buf, b_n(r), b_k(r), b_finish(k0 + b_k(r), b_n(r), rb[r]));
         }
         __syncthreads();
         if (k0 + SLAB < depth) read_slab(k0 + SLAB);
-#pragma unroll
-        for (int k = 0; k < SLAB; ++k) {
-            const float4 a4 = *reinterpret_cast<const float4*>(&as[buf][k][tm * 4]);
-            const float4 b4 = *reinterpret_cast<const float4*>(&bs[buf][k][tn * 4]);
-            const float av[4] = {a4.x, a4.y, a4.z, a4.w}, bv[4] = {b4.x, b4.y, b4.z, b4.w};
-#pragma unroll
-            for (int r = 0; r < 4; ++r)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) acc[r][q] += av[r] * bv[q];
-        }
+        multiply_slab<A_EXACT, B_EXACT>(as, bs, buf, acc);
     }
     // The slabs are free again once every thread has multiplied the last one.
     __syncthreads();
@@ -165,14 +267,13 @@ __device__ __forceinline__ void chunk_cb(const in_t* __restrict__ x, const SsdAr
                                           : 0.0f;
     };
     float acc[4][4] = {};
-    block_product<true, true>(
+    block_product<true, true, true, true>(
         s.state, [&](int k, int i) { return row_of(s.c, k, i); }, Widened{},
         [&](int k, int j) { return row_of(s.b, k, j); }, Widened{}, acc, as, bs);
-    const int tm = threadIdx.x / 16, tn = threadIdx.x % 16;
 #pragma unroll
     for (int r = 0; r < 4; ++r)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) cb[(bcg * SSD_Q + tm * 4 + r) * SSD_Q + tn * 4 + q] = acc[r][q];
+        for (int q = 0; q < 4; ++q) cb[(bcg * SSD_Q + acc_row(r, q)) * SSD_Q + acc_col(r, q)] = acc[r][q];
 }
 
 // Z(c)[p][n] = sum_j exp(cum_last - cum_j) dt'_j x_j[p] B_j[n] for one (batch, chunk, head)
@@ -187,7 +288,7 @@ __device__ __forceinline__ void chunk_state(const in_t* __restrict__ x, const Ss
         weight[threadIdx.x] = __expf(cum[step0 + SSD_Q - 1] - cum[step0 + threadIdx.x]) * dtp[step0 + threadIdx.x];
     __syncthreads();
     float acc[4][4] = {};
-    block_product<false, false>(
+    block_product<false, false, false, true>(
         SSD_Q,
         [&](int j, int m) {
             const int t = k.t0 + j, p = p0 + m;
@@ -203,13 +304,11 @@ __device__ __forceinline__ void chunk_state(const in_t* __restrict__ x, const Ss
                        : 0.0f;
         },
         Widened{}, acc, as, bs);
-    const int tm = threadIdx.x / 16, tn = threadIdx.x % 16;
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-        const int p = p0 + tm * 4 + r;
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-            const int n = n0 + tn * 4 + q;
+            const int p = p0 + acc_row(r, q), n = n0 + acc_col(r, q);
             if (p < s.head_dim && n < s.state)
                 states[(k.bch * s.head_dim + p) * (long long)s.state + n] = acc[r][q];
         }
@@ -293,7 +392,7 @@ extern "C" __global__ void ssd_chunk_scan(const in_t* __restrict__ x, SsdArgs s,
     __syncthreads();
     float acc[4][4] = {};
     // Off-diagonal: sum_n C_i[n] S_in[p][n].
-    block_product<true, true>(
+    block_product<true, true, true, false>(
         s.state,
         [&](int n, int i) {
             const int t = k.t0 + i;
@@ -309,16 +408,13 @@ extern "C" __global__ void ssd_chunk_scan(const in_t* __restrict__ x, SsdArgs s,
                        : 0.0f;
         },
         AsRead{}, acc, as, bs);
-    const int tm = threadIdx.x / 16, tn = threadIdx.x % 16;
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        const float decay = __expf(cum_c[tm * 4 + r]);
+    for (int r = 0; r < 4; ++r)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) acc[r][q] *= decay;
-    }
+        for (int q = 0; q < 4; ++q) acc[r][q] *= __expf(cum_c[acc_row(r, q)]);
     // Diagonal: sum_{j<=i} CB[i][j] exp(cum_i - cum_j) dt'_j x_j[p].
     const long long cb0 = (k.bc * s.groups + k.g) * (long long)SSD_Q * SSD_Q;
-    block_product<true, false>(
+    block_product<true, false, false, true>(
         SSD_Q,
         [&](int j, int i) { return j <= i ? cb[cb0 + i * SSD_Q + j] : 0.0f; },
         // Masked again: above the diagonal exp(cum_i - cum_j) can overflow, and 0 * inf is NaN.
@@ -332,10 +428,9 @@ extern "C" __global__ void ssd_chunk_scan(const in_t* __restrict__ x, SsdArgs s,
         Widened{}, acc, as, bs);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-        const int t = k.t0 + tm * 4 + r;
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-            const int p = p0 + tn * 4 + q;
+            const int t = k.t0 + acc_row(r, q), p = p0 + acc_col(r, q);
             if (t >= s.len || p >= s.head_dim) continue;
             const long long at = token_row(s, k.b, t, k.h, s.heads, s.head_dim) + p;
             const float skip = s.d < 0 ? 0.0f : ld(x, s.d + (s.d_per_p ? k.h * s.head_dim + p : k.h));
