@@ -6,16 +6,13 @@
 #ifdef IN_BF16
 typedef unsigned short in_t;
 // bf16 is the upper half of an f32: shift its bits back into place.
-__device__ __forceinline__ float widen(float raw) { return __uint_as_float(__float_as_uint(raw) << 16); }
-// The element's bits as they are stored, in the low half of a float's bits: a value loaded
-// ahead is widened only where it is used, so that the widening does not wait for the load.
-__device__ __forceinline__ float ld_raw(const in_t* p, long long i) { return __uint_as_float(p[i]); }
+__device__ __forceinline__ float ld(const in_t* p, long long i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
 #else
 typedef float in_t;
-__device__ __forceinline__ float widen(float raw) { return raw; }
-__device__ __forceinline__ float ld_raw(const in_t* p, long long i) { return p[i]; }
+__device__ __forceinline__ float ld(const in_t* p, long long i) { return p[i]; }
 #endif
-__device__ __forceinline__ float ld(const in_t* p, long long i) { return widen(ld_raw(p, i)); }
 
 // An optional input: its value at i, or `absent` when its offset is -1.
 __device__ __forceinline__ float ld_or(const in_t* p, long long offset, long long i, float absent) {

@@ -59,15 +59,65 @@ __device__ __forceinline__ long long token_row(const SsdArgs& s, long long b, in
     return ((b * s.len + t) * inner + k) * (long long)width;
 }
 
-// Values of one operand each thread moves per slab.
-#define SLAB_SHARE (SLAB * TILE / PRODUCT_THREADS)
+static_assert(SLAB * TILE == 4 * PRODUCT_THREADS, "each thread moves four values of an operand per slab");
 
-// The finish of an operand read from the inputs (ld_raw) and used as it is: widened.
-struct Widened {
-    __device__ __forceinline__ float operator()(int, int, float raw) const { return widen(raw); }
-};
+// Four consecutive raw values of an operand, loaded ahead and widened only where they are
+// used (so that nothing waits on the load before the slab in hand is multiplied): inputs as
+// stored (bf16: two per 32-bit word, the first in the low half), or f32 scratch.
+#ifdef IN_BF16
+typedef uint2 Raw4;
+__device__ __forceinline__ float value(const Raw4& r, int q) {
+    const unsigned int w = q < 2 ? r.x : r.y;
+    return __uint_as_float(q % 2 == 0 ? w << 16 : w & 0xffff0000u);
+}
+#else
+typedef float4 Raw4;
+#endif
+__device__ __forceinline__ float value(const float4& r, int q) {
+    return q == 0 ? r.x : q == 1 ? r.y : q == 2 ? r.z : r.w;
+}
 
-// The finish of an operand read from f32 scratch and used as it is.
+// The four inputs from element i on, the first `valid` of them (none when valid <= 0) and
+// zeros after: one vector load when all four are there and aligned, else one at a time.
+__device__ __forceinline__ Raw4 inputs4(const in_t* __restrict__ p, long long i, int valid) {
+#ifdef IN_BF16
+    if (valid >= 4 && i % 4 == 0) return __ldg(reinterpret_cast<const uint2*>(p + i));
+    unsigned int h[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) h[q] = q < valid ? p[i + q] : 0u;
+    return make_uint2(h[0] | h[1] << 16, h[2] | h[3] << 16);
+#else
+    if (valid >= 4 && i % 4 == 0) return __ldg(reinterpret_cast<const float4*>(p + i));
+    float v[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) v[q] = q < valid ? p[i + q] : 0.0f;
+    return make_float4(v[0], v[1], v[2], v[3]);
+#endif
+}
+
+// The same from f32 scratch written by an earlier kernel.
+__device__ __forceinline__ float4 scratch4(const float* __restrict__ p, long long i, int valid) {
+    if (valid >= 4 && i % 4 == 0) return *reinterpret_cast<const float4*>(p + i);
+    float v[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) v[q] = q < valid ? p[i + q] : 0.0f;
+    return make_float4(v[0], v[1], v[2], v[3]);
+}
+
+__device__ __forceinline__ Raw4 no_inputs() {
+#ifdef IN_BF16
+    return make_uint2(0u, 0u);
+#else
+    return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#endif
+}
+
+__device__ __forceinline__ float4 no_scratch() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
+
+// How many of the four values from index `at` lie before `end`.
+__device__ __forceinline__ int valid4(int at, int end) { return min(4, end - at); }
+
+// The finish of an operand used as it is read.
 struct AsRead {
     __device__ __forceinline__ float operator()(int, int, float v) const { return v; }
 };
@@ -184,41 +234,38 @@ __device__ __forceinline__ void store_split(Slabs& sl, int buf, int row, int k, 
 #endif
 
 // acc += sum_k A(k, m) Bm(k, n) over k < depth for this thread's outputs (acc_row, acc_col)
-// of a TILE x TILE product, in slabs of SLAB. Each operand comes as read(k, m), the raw value
-// (0 outside the operand), and finish(k, m, v), the factor made from it (a scale, a decay):
-// the next slab's values are read into registers before the current slab is multiplied, and
-// finished when they go to shared memory, so that the multiplication runs while the loads
-// are in flight. A_K_FAST says a_read's consecutive k are adjacent in memory (else
-// consecutive m), and likewise B_K_FAST, so that adjacent threads load adjacent values.
-// A_EXACT / B_EXACT say the operand's values are bf16 inputs as they are (one bf16 plane
-// holds them exactly). Every thread of the block must call it.
+// of a TILE x TILE product, in slabs of SLAB. Each thread moves four consecutive values of each
+// operand per slab: along k when A_K_FAST (B_K_FAST) says the operand's consecutive k are
+// adjacent in memory, else along m (n). a_read(k, m) gives the raw group from (k, m) on (zeros
+// outside the operand) and a_finish(k, m, v) the factor made from one value (a scale, a
+// decay, a mask): the next slab's groups are read into registers before the current slab is
+// multiplied, and finished when they go to shared memory, so that the multiplication runs
+// while the loads are in flight. A_EXACT / B_EXACT say the operand's values are bf16 inputs
+// as they are (one bf16 plane holds them exactly). Every thread of the block must call it.
 template <bool A_K_FAST, bool B_K_FAST, bool A_EXACT, bool B_EXACT, class ARead, class AFinish, class BRead,
           class BFinish>
 __device__ __forceinline__ void block_product(int depth, ARead a_read, AFinish a_finish, BRead b_read,
                                               BFinish b_finish, float (&acc)[4][4], Slabs& as, Slabs& bs) {
     const int tid = threadIdx.x;
-    float ra[SLAB_SHARE], rb[SLAB_SHARE];
-    const auto a_k = [&](int r) { const int e = tid + r * PRODUCT_THREADS; return A_K_FAST ? e % SLAB : e / TILE; };
-    const auto a_m = [&](int r) { const int e = tid + r * PRODUCT_THREADS; return A_K_FAST ? e / SLAB : e % TILE; };
-    const auto b_k = [&](int r) { const int e = tid + r * PRODUCT_THREADS; return B_K_FAST ? e % SLAB : e / TILE; };
-    const auto b_n = [&](int r) { const int e = tid + r * PRODUCT_THREADS; return B_K_FAST ? e / SLAB : e % TILE; };
-    const auto read_slab = [&](int k0) {
-#pragma unroll
-        for (int r = 0; r < SLAB_SHARE; ++r) {
-            ra[r] = a_read(k0 + a_k(r), a_m(r));
-            rb[r] = b_read(k0 + b_k(r), b_n(r));
-        }
-    };
-    read_slab(0);
+    // This thread's first (k, m) of each operand's group within a slab.
+    const int a_k = A_K_FAST ? tid % 4 * 4 : tid / 16, a_m = A_K_FAST ? tid / 4 : tid % 16 * 4;
+    const int b_k = B_K_FAST ? tid % 4 * 4 : tid / 16, b_n = B_K_FAST ? tid / 4 : tid % 16 * 4;
+    auto ra = a_read(a_k, a_m);
+    auto rb = b_read(b_k, b_n);
     int buf = 0;
     for (int k0 = 0; k0 < depth; k0 += SLAB, buf ^= 1) {
 #pragma unroll
-        for (int r = 0; r < SLAB_SHARE; ++r) {
-            store_split<A_EXACT>(as, buf, a_m(r), a_k(r), a_finish(k0 + a_k(r), a_m(r), ra[r]));
-            store_split<B_EXACT>(bs, buf, b_n(r), b_k(r), b_finish(k0 + b_k(r), b_n(r), rb[r]));
+        for (int q = 0; q < 4; ++q) {
+            const int ak = a_k + (A_K_FAST ? q : 0), am = a_m + (A_K_FAST ? 0 : q);
+            store_split<A_EXACT>(as, buf, am, ak, a_finish(k0 + ak, am, value(ra, q)));
+            const int bk = b_k + (B_K_FAST ? q : 0), bn = b_n + (B_K_FAST ? 0 : q);
+            store_split<B_EXACT>(bs, buf, bn, bk, b_finish(k0 + bk, bn, value(rb, q)));
         }
         __syncthreads();
-        if (k0 + SLAB < depth) read_slab(k0 + SLAB);
+        if (k0 + SLAB < depth) {
+            ra = a_read(k0 + SLAB + a_k, a_m);
+            rb = b_read(k0 + SLAB + b_k, b_n);
+        }
         multiply_slab<A_EXACT, B_EXACT>(as, bs, buf, acc);
     }
     // The slabs are free again once every thread has multiplied the last one.
@@ -263,13 +310,13 @@ __device__ __forceinline__ void chunk_cb(const in_t* __restrict__ x, const SsdAr
     const long long b = bc / s.chunks;
     const auto row_of = [&](long long offset, int k, int i) {
         const int t = t0 + i;
-        return (k < s.state && t < s.len) ? ld_raw(x, offset + token_row(s, b, t, g, s.groups, s.state) + k)
-                                          : 0.0f;
+        return t < s.len ? inputs4(x, offset + token_row(s, b, t, g, s.groups, s.state) + k, valid4(k, s.state))
+                         : no_inputs();
     };
     float acc[4][4] = {};
     block_product<true, true, true, true>(
-        s.state, [&](int k, int i) { return row_of(s.c, k, i); }, Widened{},
-        [&](int k, int j) { return row_of(s.b, k, j); }, Widened{}, acc, as, bs);
+        s.state, [&](int k, int i) { return row_of(s.c, k, i); }, AsRead{},
+        [&](int k, int j) { return row_of(s.b, k, j); }, AsRead{}, acc, as, bs);
 #pragma unroll
     for (int r = 0; r < 4; ++r)
 #pragma unroll
@@ -292,18 +339,18 @@ __device__ __forceinline__ void chunk_state(const in_t* __restrict__ x, const Ss
         SSD_Q,
         [&](int j, int m) {
             const int t = k.t0 + j, p = p0 + m;
-            return (t < s.len && p < s.head_dim)
-                       ? ld_raw(x, s.x + token_row(s, k.b, t, k.h, s.heads, s.head_dim) + p)
-                       : 0.0f;
+            return t < s.len ? inputs4(x, s.x + token_row(s, k.b, t, k.h, s.heads, s.head_dim) + p,
+                                     valid4(p, s.head_dim))
+                             : no_inputs();
         },
-        [&](int j, int, float raw) { return widen(raw) * weight[j]; },
+        [&](int j, int, float v) { return v * weight[j]; },
         [&](int j, int n) {
             const int t = k.t0 + j, nn = n0 + n;
-            return (t < s.len && nn < s.state)
-                       ? ld_raw(x, s.b + token_row(s, k.b, t, k.g, s.groups, s.state) + nn)
-                       : 0.0f;
+            return t < s.len ? inputs4(x, s.b + token_row(s, k.b, t, k.g, s.groups, s.state) + nn,
+                                     valid4(nn, s.state))
+                             : no_inputs();
         },
-        Widened{}, acc, as, bs);
+        AsRead{}, acc, as, bs);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
 #pragma unroll
@@ -396,16 +443,15 @@ extern "C" __global__ void ssd_chunk_scan(const in_t* __restrict__ x, SsdArgs s,
         s.state,
         [&](int n, int i) {
             const int t = k.t0 + i;
-            return (n < s.state && t < s.len)
-                       ? ld_raw(x, s.c + token_row(s, k.b, t, k.g, s.groups, s.state) + n)
-                       : 0.0f;
+            return t < s.len ? inputs4(x, s.c + token_row(s, k.b, t, k.g, s.groups, s.state) + n, valid4(n, s.state))
+                             : no_inputs();
         },
-        Widened{},
+        AsRead{},
         [&](int n, int m) {
             const int p = p0 + m;
-            return (n < s.state && p < s.head_dim)
-                       ? states[(k.bch * s.head_dim + p) * (long long)s.state + n]
-                       : 0.0f;
+            return p < s.head_dim
+                       ? scratch4(states, (k.bch * s.head_dim + p) * (long long)s.state + n, valid4(n, s.state))
+                       : no_scratch();
         },
         AsRead{}, acc, as, bs);
 #pragma unroll
@@ -416,16 +462,16 @@ extern "C" __global__ void ssd_chunk_scan(const in_t* __restrict__ x, SsdArgs s,
     const long long cb0 = (k.bc * s.groups + k.g) * (long long)SSD_Q * SSD_Q;
     block_product<true, false, false, true>(
         SSD_Q,
-        [&](int j, int i) { return j <= i ? cb[cb0 + i * SSD_Q + j] : 0.0f; },
+        [&](int j, int i) { return j <= i ? scratch4(cb, cb0 + i * SSD_Q + j, 4) : no_scratch(); },
         // Masked again: above the diagonal exp(cum_i - cum_j) can overflow, and 0 * inf is NaN.
         [&](int j, int i, float v) { return j <= i ? v * __expf(cum_c[i] - cum_c[j]) * dt_c[j] : 0.0f; },
         [&](int j, int m) {
             const int t = k.t0 + j, p = p0 + m;
-            return (t < s.len && p < s.head_dim)
-                       ? ld_raw(x, s.x + token_row(s, k.b, t, k.h, s.heads, s.head_dim) + p)
-                       : 0.0f;
+            return t < s.len ? inputs4(x, s.x + token_row(s, k.b, t, k.h, s.heads, s.head_dim) + p,
+                                     valid4(p, s.head_dim))
+                             : no_inputs();
         },
-        Widened{}, acc, as, bs);
+        AsRead{}, acc, as, bs);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
 #pragma unroll
