@@ -248,8 +248,11 @@ __device__ __forceinline__ void block_product(int depth, ARead a_read, AFinish a
                                               BFinish b_finish, float (&acc)[4][4], Slabs& as, Slabs& bs) {
     const int tid = threadIdx.x;
     // This thread's first (k, m) of each operand's group within a slab.
-    const int a_k = A_K_FAST ? tid % 4 * 4 : tid / 16, a_m = A_K_FAST ? tid / 4 : tid % 16 * 4;
-    const int b_k = B_K_FAST ? tid % 4 * 4 : tid / 16, b_n = B_K_FAST ? tid / 4 : tid % 16 * 4;
+    constexpr int K_GROUPS = SLAB / 4, ROW_GROUPS = TILE / 4;  // groups of four along k, along rows
+    const int a_k = A_K_FAST ? tid % K_GROUPS * 4 : tid / ROW_GROUPS;
+    const int a_m = A_K_FAST ? tid / K_GROUPS : tid % ROW_GROUPS * 4;
+    const int b_k = B_K_FAST ? tid % K_GROUPS * 4 : tid / ROW_GROUPS;
+    const int b_n = B_K_FAST ? tid / K_GROUPS : tid % ROW_GROUPS * 4;
     auto ra = a_read(a_k, a_m);
     auto rb = b_read(b_k, b_n);
     int buf = 0;
