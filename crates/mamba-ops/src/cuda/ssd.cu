@@ -233,6 +233,32 @@ __device__ __forceinline__ void store_split(Slabs& sl, int buf, int row, int k, 
 }
 #endif
 
+// Stores a group of four values of an operand (from (row, k) of the slab on, along k when
+// K_FAST, else along rows) in slab buf, each finished (k0: the slab's first k). An exact
+// operand's values are bf16 inputs used as they are: with bf16 inputs they go in as loaded,
+// without rounding or finish.
+template <bool K_FAST, bool EXACT, class Raw, class Finish>
+__device__ __forceinline__ void stash(Slabs& sl, int buf, int row, int k, int k0, const Raw& raw,
+                                      Finish finish) {
+#ifdef IN_BF16
+    if constexpr (EXACT) {
+        if (K_FAST) {
+            *reinterpret_cast<uint2*>(&sl.hi[buf][row][k]) = raw;
+        } else {
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+                sl.hi[buf][row + q][k] = (unsigned short)((q < 2 ? raw.x : raw.y) >> (q % 2 * 16));
+        }
+        return;
+    }
+#endif
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int kq = k + (K_FAST ? q : 0), rq = row + (K_FAST ? 0 : q);
+        store_split<EXACT>(sl, buf, rq, kq, finish(k0 + kq, rq, value(raw, q)));
+    }
+}
+
 // acc += sum_k A(k, m) Bm(k, n) over k < depth for this thread's outputs (acc_row, acc_col)
 // of a TILE x TILE product, in slabs of SLAB. Each thread moves four consecutive values of each
 // operand per slab: along k when A_K_FAST (B_K_FAST) says the operand's consecutive k are
@@ -240,8 +266,9 @@ __device__ __forceinline__ void store_split(Slabs& sl, int buf, int row, int k, 
 // outside the operand) and a_finish(k, m, v) the factor made from one value (a scale, a
 // decay, a mask): the next slab's groups are read into registers before the current slab is
 // multiplied, and finished when they go to shared memory, so that the multiplication runs
-// while the loads are in flight. A_EXACT / B_EXACT say the operand's values are bf16 inputs
-// as they are (one bf16 plane holds them exactly). Every thread of the block must call it.
+// while the loads are in flight. A_EXACT / B_EXACT say the operand's values are inputs used
+// as they are (one bf16 plane holds bf16 inputs exactly; the finish is not called). Every
+// thread of the block must call it.
 template <bool A_K_FAST, bool B_K_FAST, bool A_EXACT, bool B_EXACT, class ARead, class AFinish, class BRead,
           class BFinish>
 __device__ __forceinline__ void block_product(int depth, ARead a_read, AFinish a_finish, BRead b_read,
@@ -257,13 +284,8 @@ __device__ __forceinline__ void block_product(int depth, ARead a_read, AFinish a
     auto rb = b_read(b_k, b_n);
     int buf = 0;
     for (int k0 = 0; k0 < depth; k0 += SLAB, buf ^= 1) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int ak = a_k + (A_K_FAST ? q : 0), am = a_m + (A_K_FAST ? 0 : q);
-            store_split<A_EXACT>(as, buf, am, ak, a_finish(k0 + ak, am, value(ra, q)));
-            const int bk = b_k + (B_K_FAST ? q : 0), bn = b_n + (B_K_FAST ? 0 : q);
-            store_split<B_EXACT>(bs, buf, bn, bk, b_finish(k0 + bk, bn, value(rb, q)));
-        }
+        stash<A_K_FAST, A_EXACT>(as, buf, a_m, a_k, k0, ra, a_finish);
+        stash<B_K_FAST, B_EXACT>(bs, buf, b_n, b_k, k0, rb, b_finish);
         __syncthreads();
         if (k0 + SLAB < depth) {
             ra = a_read(k0 + SLAB + a_k, a_m);
