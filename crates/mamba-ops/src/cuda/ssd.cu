@@ -126,8 +126,8 @@ struct AsRead {
 // With bf16 inputs the block products run on tensor cores (mma.sync m16n8k16, bf16 operands,
 // f32 sums). An operand that is not exactly a bf16 input (scaled, decayed, or f32 scratch) is
 // stored as two bf16 planes, hi = bf16(v) and lo = bf16(v - hi), and multiplied as hi and lo
-// (three products where both operands are split, none of lo x lo): about 16 significant bits
-// per operand, so that the result stays within the f32 path's tolerance. Slabs hold each
+// against the other operand (every product here has at most one such operand): about 16
+// significant bits, so that the result stays within the f32 path's tolerance. Slabs hold each
 // operand as [row][k] (row = m for A, n for B), 16 k per row padded to SK so that the
 // fragment loads of a warp hit 32 distinct banks.
 #define SK (SLAB + 8)
@@ -227,6 +227,7 @@ __device__ __forceinline__ void multiply_slab(const Slabs& as, const Slabs& bs, 
     }
 }
 
+// Stores v at (row, k) of slab buf (f32 slabs hold every value as it is).
 template <bool EXACT>
 __device__ __forceinline__ void store_split(Slabs& sl, int buf, int row, int k, float v) {
     sl[buf][k][row] = v;
