@@ -235,9 +235,19 @@ __device__ __forceinline__ void store_split(Slabs& sl, int buf, int row, int k, 
 #endif
 
 // Stores a group of four values of an operand (from (row, k) of the slab on, along k when
-// K_FAST, else along rows) in slab buf, each finished (k0: the slab's first k). An exact
-// operand's values are bf16 inputs used as they are: with bf16 inputs they go in as loaded,
-// without rounding or finish.
+// K_FAST, else along rows) in slab buf, each finished (k0: the slab's first k).
+template <bool K_FAST, bool EXACT, class Raw, class Finish>
+__device__ __forceinline__ void store_finished(Slabs& sl, int buf, int row, int k, int k0, const Raw& raw,
+                                               Finish finish) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int kq = k + (K_FAST ? q : 0), rq = row + (K_FAST ? 0 : q);
+        store_split<EXACT>(sl, buf, rq, kq, finish(k0 + kq, rq, value(raw, q)));
+    }
+}
+
+// Stores a group as store_finished does; an exact operand's values are inputs used as they
+// are, and with bf16 inputs they go in as loaded, without rounding or finish.
 template <bool K_FAST, bool EXACT, class Raw, class Finish>
 __device__ __forceinline__ void stash(Slabs& sl, int buf, int row, int k, int k0, const Raw& raw,
                                       Finish finish) {
@@ -250,14 +260,12 @@ __device__ __forceinline__ void stash(Slabs& sl, int buf, int row, int k, int k0
             for (int q = 0; q < 4; ++q)
                 sl.hi[buf][row + q][k] = (unsigned short)((q < 2 ? raw.x : raw.y) >> (q % 2 * 16));
         }
-        return;
+    } else {
+        store_finished<K_FAST, EXACT>(sl, buf, row, k, k0, raw, finish);
     }
+#else
+    store_finished<K_FAST, EXACT>(sl, buf, row, k, k0, raw, finish);
 #endif
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        const int kq = k + (K_FAST ? q : 0), rq = row + (K_FAST ? 0 : q);
-        store_split<EXACT>(sl, buf, rq, kq, finish(k0 + kq, rq, value(raw, q)));
-    }
 }
 
 // acc += sum_k A(k, m) Bm(k, n) over k < depth for this thread's outputs (acc_row, acc_col)
