@@ -77,26 +77,10 @@ __device__ __forceinline__ float value(const float4& r, int q) {
     return q == 0 ? r.x : q == 1 ? r.y : q == 2 ? r.z : r.w;
 }
 
-// The four inputs from element i on, the first `valid` of them (none when valid <= 0) and
-// zeros after: one vector load when all four are there and aligned, else one at a time.
-__device__ __forceinline__ Raw4 inputs4(const in_t* __restrict__ p, long long i, int valid) {
-#ifdef IN_BF16
-    if (valid >= 4 && i % 4 == 0) return __ldg(reinterpret_cast<const uint2*>(p + i));
-    unsigned int h[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) h[q] = q < valid ? p[i + q] : 0u;
-    return make_uint2(h[0] | h[1] << 16, h[2] | h[3] << 16);
-#else
-    if (valid >= 4 && i % 4 == 0) return __ldg(reinterpret_cast<const float4*>(p + i));
-    float v[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) v[q] = q < valid ? p[i + q] : 0.0f;
-    return make_float4(v[0], v[1], v[2], v[3]);
-#endif
-}
-
-// The same from f32 scratch written by an earlier kernel.
-__device__ __forceinline__ float4 scratch4(const float* __restrict__ p, long long i, int valid) {
+// Four consecutive f32 from element i on (f32 inputs, or scratch an earlier kernel wrote), the
+// first `valid` of them (none when valid <= 0) and zeros after: one vector load when all four
+// are there and aligned, else one at a time.
+__device__ __forceinline__ float4 floats4(const float* __restrict__ p, long long i, int valid) {
     if (valid >= 4 && i % 4 == 0) return *reinterpret_cast<const float4*>(p + i);
     float v[4];
 #pragma unroll
@@ -104,15 +88,26 @@ __device__ __forceinline__ float4 scratch4(const float* __restrict__ p, long lon
     return make_float4(v[0], v[1], v[2], v[3]);
 }
 
-__device__ __forceinline__ Raw4 no_inputs() {
+__device__ __forceinline__ float4 no_floats() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
+
+// The same for the inputs, as they are stored.
 #ifdef IN_BF16
-    return make_uint2(0u, 0u);
-#else
-    return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#endif
+__device__ __forceinline__ Raw4 inputs4(const in_t* __restrict__ p, long long i, int valid) {
+    if (valid >= 4 && i % 4 == 0) return __ldg(reinterpret_cast<const uint2*>(p + i));
+    unsigned int h[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) h[q] = q < valid ? p[i + q] : 0u;
+    return make_uint2(h[0] | h[1] << 16, h[2] | h[3] << 16);
 }
 
-__device__ __forceinline__ float4 no_scratch() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
+__device__ __forceinline__ Raw4 no_inputs() { return make_uint2(0u, 0u); }
+#else
+__device__ __forceinline__ Raw4 inputs4(const in_t* __restrict__ p, long long i, int valid) {
+    return floats4(p, i, valid);
+}
+
+__device__ __forceinline__ Raw4 no_inputs() { return no_floats(); }
+#endif
 
 // How many of the four values from index `at` lie before `end`.
 __device__ __forceinline__ int valid4(int at, int end) { return min(4, end - at); }
@@ -484,8 +479,8 @@ extern "C" __global__ void ssd_chunk_scan(const in_t* __restrict__ x, SsdArgs s,
         [&](int n, int m) {
             const int p = p0 + m;
             return p < s.head_dim
-                       ? scratch4(states, (k.bch * s.head_dim + p) * (long long)s.state + n, valid4(n, s.state))
-                       : no_scratch();
+                       ? floats4(states, (k.bch * s.head_dim + p) * (long long)s.state + n, valid4(n, s.state))
+                       : no_floats();
         },
         AsRead{}, acc, as, bs);
 #pragma unroll
@@ -496,7 +491,7 @@ extern "C" __global__ void ssd_chunk_scan(const in_t* __restrict__ x, SsdArgs s,
     const long long cb0 = (k.bc * s.groups + k.g) * (long long)SSD_Q * SSD_Q;
     block_product<true, false, false, true>(
         SSD_Q,
-        [&](int j, int i) { return j <= i ? scratch4(cb, cb0 + i * SSD_Q + j, 4) : no_scratch(); },
+        [&](int j, int i) { return j <= i ? floats4(cb, cb0 + i * SSD_Q + j, 4) : no_floats(); },
         // Masked again: above the diagonal exp(cum_i - cum_j) can overflow, and 0 * inf is NaN.
         [&](int j, int i, float v) { return j <= i ? v * __expf(cum_c[i] - cum_c[j]) * dt_c[j] : 0.0f; },
         [&](int j, int m) {
