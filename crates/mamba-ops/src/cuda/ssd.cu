@@ -123,13 +123,21 @@ struct AsRead {
 // stored as two bf16 planes, hi = bf16(v) and lo = bf16(v - hi), and multiplied as hi and lo
 // against the other operand (every product here has at most one such operand): about 16
 // significant bits, so that the result stays within the f32 path's tolerance. Slabs hold each
-// operand as [row][k] (row = m for A, n for B), 16 k per row padded to SK so that the
-// fragment loads of a warp hit 32 distinct banks.
-#define SK (SLAB + 8)
+// operand as [row][k] (row = m for A, n for B), the 16 k of a row as eight bf16 pairs whose
+// places are permuted per row (slab_index) so that a warp's fragment loads (rows g, pairs t)
+// hit 32 distinct banks and its stores of groups along rows (rows 4i + q, one pair) at most
+// two to a bank: with rows simply padded those stores met eight to a bank.
 struct Slabs {
-    unsigned short hi[2][TILE][SK];
-    unsigned short lo[2][TILE][SK];
+    unsigned short hi[2][TILE][SLAB];
+    unsigned short lo[2][TILE][SLAB];
 };
+
+// Where value k of a slab row goes: its pair k / 2 XORed with bits of the row (bit 2 of the
+// row moves the pair by four, bits 3-4 by up to three).
+__device__ __forceinline__ int slab_index(int row, int k) {
+    const int swizzle = ((row >> 2) & 1) << 2 | ((row >> 3) & 3);
+    return 2 * ((k >> 1) ^ swizzle) + (k & 1);
+}
 
 // Warp w owns rows 16 (w % 4) .. +16 and columns 32 (w / 4) .. +32 of the output tile, as four
 // m16n8 tiles: acc[j][e] is tile j's accumulator e, at row g (+8 for e >= 2) and column
@@ -153,13 +161,14 @@ __device__ __forceinline__ unsigned short bf16_bits(float v) {
 template <bool EXACT>
 __device__ __forceinline__ void store_split(Slabs& sl, int buf, int row, int k, float v) {
     const unsigned short hi = bf16_bits(v);
-    sl.hi[buf][row][k] = hi;
-    if (!EXACT) sl.lo[buf][row][k] = bf16_bits(v - __uint_as_float((unsigned int)hi << 16));
+    const int at = slab_index(row, k);
+    sl.hi[buf][row][at] = hi;
+    if (!EXACT) sl.lo[buf][row][at] = bf16_bits(v - __uint_as_float((unsigned int)hi << 16));
 }
 
-// The two bf16 at (row, k), (row, k + 1) of a plane, as one register.
-__device__ __forceinline__ unsigned int bf16_pair(const unsigned short (&plane)[TILE][SK], int row, int k) {
-    return *reinterpret_cast<const unsigned int*>(&plane[row][k]);
+// The two bf16 at (row, k), (row, k + 1) of a plane (k even), as one register.
+__device__ __forceinline__ unsigned int bf16_pair(const unsigned short (&plane)[TILE][SLAB], int row, int k) {
+    return *reinterpret_cast<const unsigned int*>(&plane[row][slab_index(row, k)]);
 }
 
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned int (&a)[4], unsigned int b0,
@@ -172,7 +181,7 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned int (&a)[
 }
 
 // A's fragment (rows 16 (w % 4) .. +16, the slab's 16 k) from a plane.
-__device__ __forceinline__ void load_a(const unsigned short (&plane)[TILE][SK], unsigned int (&a)[4]) {
+__device__ __forceinline__ void load_a(const unsigned short (&plane)[TILE][SLAB], unsigned int (&a)[4]) {
     const int lane = threadIdx.x % 32, row = (threadIdx.x / 32 % 4) * 16 + lane / 4, k = 2 * (lane % 4);
     a[0] = bf16_pair(plane, row, k);
     a[1] = bf16_pair(plane, row + 8, k);
@@ -249,11 +258,14 @@ __device__ __forceinline__ void stash(Slabs& sl, int buf, int row, int k, int k0
 #ifdef IN_BF16
     if constexpr (EXACT) {
         if (K_FAST) {
-            *reinterpret_cast<uint2*>(&sl.hi[buf][row][k]) = raw;
+            unsigned short(&plane)[TILE][SLAB] = sl.hi[buf];
+            *reinterpret_cast<unsigned int*>(&plane[row][slab_index(row, k)]) = raw.x;
+            *reinterpret_cast<unsigned int*>(&plane[row][slab_index(row, k + 2)]) = raw.y;
         } else {
 #pragma unroll
             for (int q = 0; q < 4; ++q)
-                sl.hi[buf][row + q][k] = (unsigned short)((q < 2 ? raw.x : raw.y) >> (q % 2 * 16));
+                sl.hi[buf][row + q][slab_index(row + q, k)] =
+                    (unsigned short)((q < 2 ? raw.x : raw.y) >> (q % 2 * 16));
         }
     } else {
         store_finished<K_FAST, EXACT>(sl, buf, row, k, k0, raw, finish);
@@ -451,8 +463,9 @@ extern "C" __global__ void ssd_state_passing(const in_t* __restrict__ x, SsdArgs
 
 // y for one (batch, chunk, head) and one tile of TILE values of P: the off-diagonal product
 // (entering state), rows scaled by exp(cum_i), plus the masked diagonal product, then the D skip
-// and the z gate. Grid: (batch * chunks * heads, P tiles).
-extern "C" __global__ void ssd_chunk_scan(const in_t* __restrict__ x, SsdArgs s,
+// and the z gate. Grid: (batch * chunks * heads, P tiles). Three blocks per multiprocessor
+// (80 registers, no spills; the bf16 slabs' permuted fragment addresses took it to 94).
+extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3) ssd_chunk_scan(const in_t* __restrict__ x, SsdArgs s,
                                           const float* __restrict__ dtp, const float* __restrict__ cum,
                                           const float* __restrict__ cb, const float* __restrict__ states,
                                           float* __restrict__ y) {
