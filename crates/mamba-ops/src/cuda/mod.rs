@@ -328,10 +328,7 @@ mod tests {
                     .map(|(n, rows)| launch::state_update_defines(n, rows).to_vec())
                     .into(),
             ),
-            (
-                &launch::SSD,
-                vec![vec![("SSD_Q", 64), ("TILE", 64), ("PRODUCT_THREADS", 256)]],
-            ),
+            (&launch::SSD, vec![launch::ssd_defines().to_vec()]),
             (&launch::RMSNORM_GATED, vec![vec![("NORM_THREADS", 256)]]),
             (
                 &decode::DECODE_STEP,

@@ -19,12 +19,15 @@
 // inputs, tensor cores (bf16 operands split in two where not exact, f32 sums) for bf16 inputs.
 // Layouts: x, z, y: (batch, L, H, P); dt: (batch, L, H); A, dt_bias: (H); D: (H) or
 // (H, P); B, C: (batch, L, G, N); initial_states, final state: (batch, H, P, N).
-// Scratch: dt', cum: (batch, H, chunks * SSD_Q); CB: (batch, chunks, G, SSD_Q, SSD_Q);
-// chunk states: (batch, chunks, H, P, N).
+// Scratch: dt', cum: (batch, H, chunks * SSD_Q); CB: (batch, chunks, G, SSD_Q, SSD_Q), only
+// its tiles on or below the diagonal written; chunk states: (batch, chunks, H, P, N).
 
 // SSD_Q (chunk length), TILE (a block product's output tile is TILE x TILE) and PRODUCT_THREADS
 // are defined by the launcher (launch.rs); each thread of a block product owns 4 x 4 outputs.
-static_assert(TILE == 64 && PRODUCT_THREADS == 256 && SSD_Q == TILE, "one chunk is one tile");
+// A chunk is ROW_TILES tiles long: CB and the chunk scan's outputs are cut into tiles of TILE
+// steps.
+static_assert(TILE == 64 && PRODUCT_THREADS == 256 && SSD_Q % TILE == 0, "a chunk is whole tiles");
+#define ROW_TILES (SSD_Q / TILE)
 #define SLAB 16  // depth of one shared-memory slab
 #define PAD 4    // keeps rows 16-byte aligned while spreading them over the banks
 
@@ -342,13 +345,24 @@ extern "C" __global__ void ssd_dt(const in_t* __restrict__ x, SsdArgs s, float* 
     cum[at] = sum;
 }
 
-// CB[i][j] = C_{t0+i} . B_{t0+j} for one (batch, chunk, group) `bcg`.
-__device__ __forceinline__ void chunk_cb(const in_t* __restrict__ x, const SsdArgs& s, long long bcg,
+// The tiles of CB on or below the diagonal, in rows: tile `tile` is (i0, j0) / TILE.
+__device__ __forceinline__ void lower_tile(int tile, int& i0, int& j0) {
+    int ti = 0;
+    while ((ti + 1) * (ti + 2) / 2 <= tile) ++ti;
+    i0 = ti * TILE;
+    j0 = (tile - ti * (ti + 1) / 2) * TILE;
+}
+
+// CB[i][j] = C_{t0+i} . B_{t0+j} for one (batch, chunk, group) `bcg` and one tile of it on or
+// below the diagonal (the chunk scan reads no other).
+__device__ __forceinline__ void chunk_cb(const in_t* __restrict__ x, const SsdArgs& s, long long bcg, int tile,
                                          float* __restrict__ cb, Slabs& as, Slabs& bs) {
     const int g = (int)(bcg % s.groups);
     const long long bc = bcg / s.groups;
     const int t0 = (int)(bc % s.chunks) * SSD_Q;
     const long long b = bc / s.chunks;
+    int i0, j0;
+    lower_tile(tile, i0, j0);
     const auto row_of = [&](long long offset, int k, int i) {
         const int t = t0 + i;
         return t < s.len ? inputs4(x, offset + token_row(s, b, t, g, s.groups, s.state) + k, valid4(k, s.state))
@@ -356,12 +370,13 @@ __device__ __forceinline__ void chunk_cb(const in_t* __restrict__ x, const SsdAr
     };
     float acc[4][4] = {};
     block_product<true, true, true, true>(
-        s.state, [&](int k, int i) { return row_of(s.c, k, i); }, AsRead{},
-        [&](int k, int j) { return row_of(s.b, k, j); }, AsRead{}, acc, as, bs);
+        s.state, [&](int k, int i) { return row_of(s.c, k, i0 + i); }, AsRead{},
+        [&](int k, int j) { return row_of(s.b, k, j0 + j); }, AsRead{}, acc, as, bs);
 #pragma unroll
     for (int r = 0; r < 4; ++r)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) cb[(bcg * SSD_Q + acc_row(r, q)) * SSD_Q + acc_col(r, q)] = acc[r][q];
+        for (int q = 0; q < 4; ++q)
+            cb[(bcg * SSD_Q + i0 + acc_row(r, q)) * SSD_Q + j0 + acc_col(r, q)] = acc[r][q];
 }
 
 // Z(c)[p][n] = sum_j exp(cum_last - cum_j) dt'_j x_j[p] B_j[n] for one (batch, chunk, head)
@@ -372,8 +387,8 @@ __device__ __forceinline__ void chunk_state(const in_t* __restrict__ x, const Ss
                                             Slabs& as, Slabs& bs, float* weight) {
     const ChunkHead k = chunk_head(s, bch);
     const long long step0 = (k.b * s.heads + k.h) * ((long long)s.chunks * SSD_Q) + k.t0;
-    if (threadIdx.x < SSD_Q)
-        weight[threadIdx.x] = __expf(cum[step0 + SSD_Q - 1] - cum[step0 + threadIdx.x]) * dtp[step0 + threadIdx.x];
+    for (int j = threadIdx.x; j < SSD_Q; j += PRODUCT_THREADS)
+        weight[j] = __expf(cum[step0 + SSD_Q - 1] - cum[step0 + j]) * dtp[step0 + j];
     __syncthreads();
     float acc[4][4] = {};
     block_product<false, false, false, true>(
@@ -404,7 +419,8 @@ __device__ __forceinline__ void chunk_state(const in_t* __restrict__ x, const Ss
 }
 
 // The two products that only read the inputs, in one launch so that they overlap: the first
-// batch * chunks * groups blocks compute CB, the others one chunk-state tile each, taking
+// batch * chunks * groups * LOWER_TILES blocks compute a tile of CB, the others one
+// chunk-state tile each, taking
 // (batch, chunk, head), then N tiles, then P tiles. Three blocks per multiprocessor (80
 // registers, no spills): the registers holding the next slab took it to 96, two blocks, and
 // the SSD from 136 to 140 us (H 24, f32, H200).
@@ -413,9 +429,10 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
                        const float* __restrict__ cum, float* __restrict__ cb, float* __restrict__ states) {
     __shared__ __align__(16) Slabs as, bs;
     __shared__ float weight[SSD_Q];  // exp(cum_last - cum_j) dt'_j
-    const long long cb_blocks = (long long)s.batch * s.chunks * s.groups;
+    constexpr int LOWER_TILES = ROW_TILES * (ROW_TILES + 1) / 2;
+    const long long cb_blocks = (long long)s.batch * s.chunks * s.groups * LOWER_TILES;
     if (blockIdx.x < cb_blocks) {
-        chunk_cb(x, s, blockIdx.x, cb, as, bs);
+        chunk_cb(x, s, blockIdx.x / LOWER_TILES, (int)(blockIdx.x % LOWER_TILES), cb, as, bs);
         return;
     }
     const long long tile = blockIdx.x - cb_blocks;
@@ -461,9 +478,10 @@ extern "C" __global__ void ssd_state_passing(const in_t* __restrict__ x, SsdArgs
     final_state[bh * entries + e] = running;
 }
 
-// y for one (batch, chunk, head) and one tile of TILE values of P: the off-diagonal product
-// (entering state), rows scaled by exp(cum_i), plus the masked diagonal product, then the D skip
-// and the z gate. Grid: (batch * chunks * heads, P tiles). Three blocks per multiprocessor
+// y for one (batch, chunk, head), one tile of TILE steps i0 .. of the chunk and one of TILE
+// values of P: the off-diagonal product (entering state), rows scaled by exp(cum_i), plus the
+// masked diagonal product over steps j <= i, then the D skip and the z gate. Grid: (batch *
+// chunks * heads, P tiles * ROW_TILES). Three blocks per multiprocessor
 // (80 registers, no spills; the bf16 slabs' permuted fragment addresses took it to 94).
 extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3) ssd_chunk_scan(const in_t* __restrict__ x, SsdArgs s,
                                           const float* __restrict__ dtp, const float* __restrict__ cum,
@@ -472,11 +490,12 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3) ssd_chunk_scan(
     __shared__ __align__(16) Slabs as, bs;
     __shared__ float cum_c[SSD_Q], dt_c[SSD_Q];
     const ChunkHead k = chunk_head(s, blockIdx.x);
-    const int p0 = blockIdx.y * TILE;
+    const int p_tiles = (s.head_dim + TILE - 1) / TILE;
+    const int p0 = (int)(blockIdx.y % p_tiles) * TILE, i0 = (int)(blockIdx.y / p_tiles) * TILE;
     const long long step0 = (k.b * s.heads + k.h) * ((long long)s.chunks * SSD_Q) + k.t0;
-    if (threadIdx.x < SSD_Q) {
-        cum_c[threadIdx.x] = cum[step0 + threadIdx.x];
-        dt_c[threadIdx.x] = dtp[step0 + threadIdx.x];
+    for (int j = threadIdx.x; j < i0 + TILE; j += PRODUCT_THREADS) {
+        cum_c[j] = cum[step0 + j];
+        dt_c[j] = dtp[step0 + j];
     }
     __syncthreads();
     float acc[4][4] = {};
@@ -484,7 +503,7 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3) ssd_chunk_scan(
     block_product<true, true, true, false>(
         s.state,
         [&](int n, int i) {
-            const int t = k.t0 + i;
+            const int t = k.t0 + i0 + i;
             return t < s.len ? inputs4(x, s.c + token_row(s, k.b, t, k.g, s.groups, s.state) + n, valid4(n, s.state))
                              : no_inputs();
         },
@@ -499,14 +518,16 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3) ssd_chunk_scan(
 #pragma unroll
     for (int r = 0; r < 4; ++r)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) acc[r][q] *= __expf(cum_c[acc_row(r, q)]);
-    // Diagonal: sum_{j<=i} CB[i][j] exp(cum_i - cum_j) dt'_j x_j[p].
-    const long long cb0 = (k.bc * s.groups + k.g) * (long long)SSD_Q * SSD_Q;
+        for (int q = 0; q < 4; ++q) acc[r][q] *= __expf(cum_c[i0 + acc_row(r, q)]);
+    // Diagonal: sum_{j<=i} CB[i][j] exp(cum_i - cum_j) dt'_j x_j[p], i = i0 + the tile's row.
+    const long long cb0 = ((k.bc * s.groups + k.g) * (long long)SSD_Q + i0) * SSD_Q;
     block_product<true, false, false, true>(
-        SSD_Q,
-        [&](int j, int i) { return j <= i ? floats4(cb, cb0 + i * SSD_Q + j, 4) : no_floats(); },
+        i0 + TILE,
+        [&](int j, int i) { return j <= i0 + i ? floats4(cb, cb0 + i * SSD_Q + j, 4) : no_floats(); },
         // Masked again: above the diagonal exp(cum_i - cum_j) can overflow, and 0 * inf is NaN.
-        [&](int j, int i, float v) { return j <= i ? v * __expf(cum_c[i] - cum_c[j]) * dt_c[j] : 0.0f; },
+        [&](int j, int i, float v) {
+            return j <= i0 + i ? v * __expf(cum_c[i0 + i] - cum_c[j]) * dt_c[j] : 0.0f;
+        },
         [&](int j, int m) {
             const int t = k.t0 + j, p = p0 + m;
             return t < s.len ? inputs4(x, s.x + token_row(s, k.b, t, k.h, s.heads, s.head_dim) + p,
@@ -518,7 +539,7 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3) ssd_chunk_scan(
     for (int r = 0; r < 4; ++r) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-            const int t = k.t0 + acc_row(r, q), p = p0 + acc_col(r, q);
+            const int t = k.t0 + i0 + acc_row(r, q), p = p0 + acc_col(r, q);
             if (t >= s.len || p >= s.head_dim) continue;
             const long long at = token_row(s, k.b, t, k.h, s.heads, s.head_dim) + p;
             const float skip = s.d < 0 ? 0.0f : ld(x, s.d + (s.d_per_p ? k.h * s.head_dim + p : k.h));
