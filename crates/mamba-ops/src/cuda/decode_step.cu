@@ -695,6 +695,10 @@ extern "C" __global__ void mamba1_ssm_step(const float* __restrict__ xc, const f
     const float bias_c = __ldg(dt_bias + c), d_c = __ldg(d + c);
     wait_for_earlier_kernels();
 
+    // This channel's input and gate, loaded before the staging's barrier so that their round
+    // trip overlaps it.
+    const float xi = load_activation(xc + row);
+    const float z = load_activation(xz + b * a.xz_stride + a.d_inner + c);
     // dt_low, B and C, read by every channel of the sequence, staged once per block.
     const float* low = sequence_inputs(dbc + b * a.dbc_stride, a.dt_rank + 2 * STATE_N, dbc_s);
     const float* bv = low + a.dt_rank;
@@ -714,7 +718,6 @@ extern "C" __global__ void mamba1_ssm_step(const float* __restrict__ xc, const f
     for (int j = lane + DT_PER_LANE * ROW_LANES; j < a.dt_rank; j += ROW_LANES)
         dot += ld(dt_w, (long long)c * a.dt_rank + j) * low[j];
     const float dt = softplus(lane_group_sum(dot, ROW_LANES) * scale_dt + bias_c);
-    const float xi = load_activation(xc + row);
     const float dtx = dt * xi * scale_b;
     float sum = 0.0f;
 #pragma unroll
@@ -726,8 +729,7 @@ extern "C" __global__ void mamba1_ssm_step(const float* __restrict__ xc, const f
         sum += next * cv[n];
     }
     sum = lane_group_sum(sum, ROW_LANES) * scale_c;
-    if (active && lane == 0)
-        y[row] = (sum + d_c * xi) * silu(load_activation(xz + b * a.xz_stride + a.d_inner + c));
+    if (active && lane == 0) y[row] = (sum + d_c * xi) * silu(z);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -769,15 +771,19 @@ extern "C" __global__ void mamba2_ssm_step(const float* __restrict__ xbc, const 
     const float rate = __ldg(a_neg + h), bias_h = __ldg(dt_bias + h), d_h = __ldg(d + h);
     wait_for_earlier_kernels();
 
-    // B and C, read by every row of the sequence, staged once per block.
+    // This row's input, step and gate, loaded before the staging's barrier so that their
+    // round trip overlaps it.
     const float* seq = xbc + b * a.xbc_stride;
+    const float* in_row = zxbcdt + b * a.in_stride;
+    const float xi = load_activation(seq + hp), dt_raw = load_activation(in_row + a.dt_offset + h);
+    const float z = a.gate ? load_activation(in_row + hp) : 0.0f;
+    // B and C, read by every row of the sequence, staged once per block.
     const float* bc = sequence_inputs(seq + d_inner, 2 * a.groups * STATE_N, bc_s);
     const float* bv = bc + g * STATE_N;
     const float* cv = bc + (a.groups + g) * STATE_N;
-    const float* in_row = zxbcdt + b * a.in_stride;
-    const float dt = process_dt(load_activation(in_row + a.dt_offset + h), bias_h, 1, a.dt_lo, a.dt_hi);
+    const float dt = process_dt(dt_raw, bias_h, 1, a.dt_lo, a.dt_hi);
     const float decay = __expf(dt * rate);
-    const float xi = load_activation(seq + hp), dtx = dt * xi;
+    const float dtx = dt * xi;
     float sum = 0.0f;
 #pragma unroll
     for (int q = 0; q < STATE_PER_LANE; ++q) {
@@ -790,7 +796,7 @@ extern "C" __global__ void mamba2_ssm_step(const float* __restrict__ xbc, const 
     sum = lane_group_sum(sum, ROW_LANES);
     if (active && lane == 0) {
         const float out = sum + d_h * xi;
-        y[row] = a.gate ? out * silu(load_activation(in_row + hp)) : out;
+        y[row] = a.gate ? out * silu(z) : out;
     }
 }
 
