@@ -420,10 +420,9 @@ __device__ __forceinline__ void chunk_state(const in_t* __restrict__ x, const Ss
 
 // The two products that only read the inputs, in one launch so that they overlap: the first
 // batch * chunks * groups * LOWER_TILES blocks compute a tile of CB, the others one
-// chunk-state tile each, taking
-// (batch, chunk, head), then N tiles, then P tiles. Three blocks per multiprocessor (80
-// registers, no spills): the registers holding the next slab took it to 96, two blocks, and
-// the SSD from 136 to 140 us (H 24, f32, H200).
+// chunk-state tile each, taking (batch, chunk, head), then N tiles, then P tiles. Three blocks
+// per multiprocessor (80 registers, no spills): the registers holding the next slab took it
+// to 96, two blocks, and the SSD from 136 to 140 us (H 24, f32, H200).
 extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
     ssd_chunk_products(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ dtp,
                        const float* __restrict__ cum, float* __restrict__ cb, float* __restrict__ states) {
