@@ -647,8 +647,10 @@ fn model_cases() -> Vec<ModelCase> {
             call: |t| causal_conv1d_call(&t[0], &t[1], Some(&t[2]), None, true),
             flops: 0.0,
         },
-        ssd_case("m2 ssd H24 P64 N128 L2048", h),
-        ssd_case("m2 ssd H80 P64 N128 L2048", 80),
+        ssd_case("m2 ssd H24 P64 N128 L2048", h, L),
+        ssd_case("m2 ssd H80 P64 N128 L2048", 80, L),
+        // A last chunk cut short inside its second tile (the GPU's chunks are 128 steps).
+        ssd_case("m2 ssd H8 P64 N128 L200", 8, 200),
         ModelCase {
             name: "m2 rmsnorm_gated 2048x1536",
             specs: vec![
@@ -721,19 +723,18 @@ fn scan_case(name: &'static str, d: usize, init: bool) -> ModelCase {
     }
 }
 
-/// The Mamba-2 SSD over 2048 tokens of `h` heads of 64 channels, N 128, one group, chunk 64
-/// (24 heads: mamba2-130m; 80: mamba2-2.7b).
-fn ssd_case(name: &'static str, h: usize) -> ModelCase {
-    const L: usize = 2048;
+/// The Mamba-2 SSD over `len` tokens of `h` heads of 64 channels, N 128, one group (24 heads:
+/// mamba2-130m; 80: mamba2-2.7b).
+fn ssd_case(name: &'static str, h: usize, len: usize) -> ModelCase {
     let (p, n2) = (64, 128);
     ModelCase {
         name,
         specs: vec![
-            spec("x", &[1, L, h, p], -1.0, 1.0),
-            spec("dt", &[1, L, h], -0.5, 0.5),
+            spec("x", &[1, len, h, p], -1.0, 1.0),
+            spec("dt", &[1, len, h], -0.5, 0.5),
             spec("A", &[h], -16.0, -1.0),
-            spec("B", &[1, L, 1, n2], -1.0, 1.0),
-            spec("C", &[1, L, 1, n2], -1.0, 1.0),
+            spec("B", &[1, len, 1, n2], -1.0, 1.0),
+            spec("C", &[1, len, 1, n2], -1.0, 1.0),
             spec("D", &[h], 0.5, 1.5),
             spec("dt_bias", &[h], -6.0, -2.0),
             spec("initial_states", &[1, h, p, n2], -0.1, 0.1),
@@ -754,14 +755,15 @@ fn ssd_case(name: &'static str, h: usize) -> ModelCase {
                 },
             )
         },
-        flops: ssd_flops(h),
+        flops: ssd_flops(h, len),
     }
 }
 
-/// Multiply-adds (2 flops each) of the chunked SSD's products over 2048 tokens at `h` heads:
-/// CB, chunk states, off-diagonal and (full square) diagonal products.
-fn ssd_flops(h: usize) -> f64 {
-    let chunks = 2048usize.div_ceil(64) as f64;
+/// Multiply-adds (2 flops each) of the chunked SSD's products over `len` tokens at `h` heads,
+/// counted for chunks of 64 whatever the kernels use (a fixed measure of the work): CB, chunk
+/// states, off-diagonal and (full square) diagonal products.
+fn ssd_flops(h: usize, len: usize) -> f64 {
+    let chunks = len.div_ceil(64) as f64;
     let (q, hf, pf, nf) = (64.0, h as f64, 64.0, 128.0);
     2.0 * chunks * (q * q * nf + hf * (pf * nf * q * 2.0 + q * q * pf))
 }
@@ -931,7 +933,7 @@ fn backward_cases() -> Vec<ModelCase> {
         },
         ModelCase {
             name: "bwd m2 ssd H24 P64 N128 L2048",
-            ..ssd_case("", 24)
+            ..ssd_case("", 24, 2048)
         },
         ModelCase {
             name: "bwd m2 rmsnorm_gated 2048x1536",
