@@ -480,12 +480,12 @@ extern "C" __global__ void ssd_state_passing(const in_t* __restrict__ x, SsdArgs
 // y for one (batch, chunk, head), one tile of TILE steps i0 .. of the chunk and one of TILE
 // values of P: the off-diagonal product (entering state), rows scaled by exp(cum_i), plus the
 // masked diagonal product over steps j <= i, then the D skip and the z gate. Grid: (batch *
-// chunks * heads, P tiles * ROW_TILES). Three blocks per multiprocessor
-// (80 registers, no spills; the bf16 slabs' permuted fragment addresses took it to 94).
-extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3) ssd_chunk_scan(const in_t* __restrict__ x, SsdArgs s,
-                                          const float* __restrict__ dtp, const float* __restrict__ cum,
-                                          const float* __restrict__ cb, const float* __restrict__ states,
-                                          float* __restrict__ y) {
+// chunks * heads, P tiles * ROW_TILES). Three blocks per multiprocessor (80 registers, no
+// spills; the bf16 slabs' permuted fragment addresses took it to 94).
+extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
+    ssd_chunk_scan(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ dtp,
+                   const float* __restrict__ cum, const float* __restrict__ cb,
+                   const float* __restrict__ states, float* __restrict__ y) {
     __shared__ __align__(16) Slabs as, bs;
     __shared__ float cum_c[SSD_Q], dt_c[SSD_Q];
     const ChunkHead k = chunk_head(s, blockIdx.x);
