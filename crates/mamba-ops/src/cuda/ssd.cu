@@ -241,11 +241,37 @@ __device__ __forceinline__ void store_split(Slabs& sl, int buf, int row, int k, 
 }
 #endif
 
+#ifdef IN_BF16
+// Stores the finished values v0, v1 at (row, k), (row, k + 1) of slab buf (k even): one 32-bit
+// store per plane, the pair being adjacent in a slab row.
+template <bool EXACT>
+__device__ __forceinline__ void store_split_pair(Slabs& sl, int buf, int row, int k, float v0, float v1) {
+    const unsigned short h0 = bf16_bits(v0), h1 = bf16_bits(v1);
+    const int at = slab_index(row, k);
+    *reinterpret_cast<unsigned int*>(&sl.hi[buf][row][at]) = (unsigned int)h0 | (unsigned int)h1 << 16;
+    if (!EXACT) {
+        const unsigned short l0 = bf16_bits(v0 - __uint_as_float((unsigned int)h0 << 16));
+        const unsigned short l1 = bf16_bits(v1 - __uint_as_float((unsigned int)h1 << 16));
+        *reinterpret_cast<unsigned int*>(&sl.lo[buf][row][at]) = (unsigned int)l0 | (unsigned int)l1 << 16;
+    }
+}
+#endif
+
 // Stores a group of four values of an operand (from (row, k) of the slab on, along k when
-// K_FAST, else along rows) in slab buf, each finished (k0: the slab's first k).
+// K_FAST, else along rows) in slab buf, each finished (k0: the slab's first k). With bf16
+// slabs a group along k goes in as two pairs (k is a multiple of four).
 template <bool K_FAST, bool EXACT, class Raw, class Finish>
 __device__ __forceinline__ void store_finished(Slabs& sl, int buf, int row, int k, int k0, const Raw& raw,
                                                Finish finish) {
+#ifdef IN_BF16
+    if constexpr (K_FAST) {
+#pragma unroll
+        for (int q = 0; q < 4; q += 2)
+            store_split_pair<EXACT>(sl, buf, row, k + q, finish(k0 + k + q, row, value(raw, q)),
+                                    finish(k0 + k + q + 1, row, value(raw, q + 1)));
+        return;
+    }
+#endif
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
         const int kq = k + (K_FAST ? q : 0), rq = row + (K_FAST ? 0 : q);
