@@ -27,7 +27,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Storage, Tensor, TensorId};
 use mamba_ops::cuda::decode::{
     BlasProduct, BlasProducts, ConvStep, DecodeKernels, DecodeSpec, DevicePtr as Addr,
-    GatedNormStep, Gemv, Mamba1Step, Mamba2Step,
+    GatedNormStep, Gemv, GemvConv, Mamba1Step, Mamba2Step,
 };
 use std::sync::Arc;
 
@@ -213,6 +213,8 @@ struct Builder<'k> {
     batch: usize,
     /// Room for a cuBLAS product's prepared input.
     prepared: Addr,
+    /// The device table of `(conv, ssm)` state addresses per layer.
+    states: Addr,
 }
 
 impl Builder<'_> {
@@ -288,6 +290,7 @@ impl Builder<'_> {
             bias: self.optional_param(linear.bias())?,
             norm,
             accumulate,
+            conv: None,
         }))
     }
 }
@@ -385,6 +388,7 @@ impl FusedDecoder {
             params: Vec::new(),
             batch,
             prepared,
+            states: table_addr,
         };
         let mut launches = Vec::new();
         let mut state_shapes = Vec::new();
@@ -672,7 +676,9 @@ struct LayerCtx<'s> {
 }
 
 /// The block's normed `in_proj` (`width` outputs per sequence, into the `proj` scratch),
-/// then the causal conv over its output columns `[offset, offset + channels)` (into `conv`).
+/// then the causal conv over its output columns `[offset, offset + channels)` (into `conv`):
+/// done by the product's own blocks when it is a matrix-vector product, else a launch of its
+/// own after the cuBLAS product.
 fn in_proj_and_conv(
     b: &mut Builder,
     block: &BlockWeights,
@@ -680,30 +686,46 @@ fn in_proj_and_conv(
     (in_proj, width): (&Linear, usize),
     (offset, channels): (usize, usize),
     (weight, bias): (&Tensor, Option<&Tensor>),
-) -> Result<[Launch; 2]> {
+) -> Result<Vec<Launch>> {
     let (h_buf, h) = ctx.hidden;
     let s = ctx.scratch;
-    Ok([
-        b.gemv(
-            in_proj,
-            (width, h),
-            GemvInput::normed(h_buf, block.norm),
-            (s.proj, width),
-            false,
-        )?,
-        Launch::Conv {
-            layer: ctx.layer,
-            call: ConvStep {
-                x: s.proj,
-                x_stride: width,
-                x_offset: offset,
+    let (weight, bias) = (b.param(weight)?, b.optional_param(bias)?);
+    let product = b.gemv(
+        in_proj,
+        (width, h),
+        GemvInput::normed(h_buf, block.norm),
+        (s.proj, width),
+        false,
+    )?;
+    Ok(match product {
+        Launch::Gemv(g) => vec![Launch::Gemv(Gemv {
+            conv: Some(GemvConv {
+                offset,
                 channels,
-                weight: b.param(weight)?,
-                bias: b.optional_param(bias)?,
+                weight,
+                bias,
+                states: b.states,
+                layer: ctx.layer,
                 out: s.conv,
+            }),
+            ..g
+        })],
+        product => vec![
+            product,
+            Launch::Conv {
+                layer: ctx.layer,
+                call: ConvStep {
+                    x: s.proj,
+                    x_stride: width,
+                    x_offset: offset,
+                    channels,
+                    weight,
+                    bias,
+                    out: s.conv,
+                },
             },
-        },
-    ])
+        ],
+    })
 }
 
 /// The launches of one block, in order.
@@ -730,7 +752,7 @@ fn layer_launches(b: &mut Builder, block: &BlockWeights, ctx: &LayerCtx) -> Resu
         } => {
             let dbc_width = dt_rank + 2 * state_size;
             let dt_weight = b.weight(dt_proj)?;
-            let [in_launch, conv_launch] = in_proj_and_conv(
+            let mut launches = in_proj_and_conv(
                 b,
                 block,
                 ctx,
@@ -738,9 +760,7 @@ fn layer_launches(b: &mut Builder, block: &BlockWeights, ctx: &LayerCtx) -> Resu
                 (0, d_inner),
                 (conv_weight, conv_bias),
             )?;
-            Ok(vec![
-                in_launch,
-                conv_launch,
+            launches.extend([
                 b.gemv(
                     x_proj,
                     (dbc_width, d_inner),
@@ -772,7 +792,8 @@ fn layer_launches(b: &mut Builder, block: &BlockWeights, ctx: &LayerCtx) -> Resu
                     (h_buf, h),
                     true,
                 )?,
-            ])
+            ]);
+            Ok(launches)
         }
         MixerWeights::Mamba2 {
             in_proj,
@@ -795,7 +816,7 @@ fn layer_launches(b: &mut Builder, block: &BlockWeights, ctx: &LayerCtx) -> Resu
             // With one group and the gate first, the step applies the gate and the norm
             // folds into out_proj; otherwise the norm runs on its own after the step.
             let gate_in_step = groups == 1 && !norm_before_gate;
-            let [in_launch, conv_launch] = in_proj_and_conv(
+            let mut launches = in_proj_and_conv(
                 b,
                 block,
                 ctx,
@@ -803,28 +824,24 @@ fn layer_launches(b: &mut Builder, block: &BlockWeights, ctx: &LayerCtx) -> Resu
                 (d_inner, conv_dim),
                 (conv_weight, conv_bias),
             )?;
-            let mut launches = vec![
-                in_launch,
-                conv_launch,
-                Launch::Mamba2 {
-                    layer,
-                    call: Mamba2Step {
-                        xbc: s.conv,
-                        zxbcdt: s.proj,
-                        in_stride: width,
-                        dt_offset: d_inner + conv_dim,
-                        dt_bias: b.param(dt_bias)?,
-                        a: b.param(a)?,
-                        d: b.param(d)?,
-                        heads,
-                        head_dim,
-                        groups,
-                        dt_limit,
-                        gate: gate_in_step,
-                        y: s.y,
-                    },
+            launches.extend([Launch::Mamba2 {
+                layer,
+                call: Mamba2Step {
+                    xbc: s.conv,
+                    zxbcdt: s.proj,
+                    in_stride: width,
+                    dt_offset: d_inner + conv_dim,
+                    dt_bias: b.param(dt_bias)?,
+                    a: b.param(a)?,
+                    d: b.param(d)?,
+                    heads,
+                    head_dim,
+                    groups,
+                    dt_limit,
+                    gate: gate_in_step,
+                    y: s.y,
                 },
-            ];
+            }]);
             let out_input = if gate_in_step {
                 GemvInput {
                     x: s.y,

@@ -253,6 +253,19 @@ struct GemvArgs {
     norm_eps: f32,
 }
 
+/// `ConvEpilogue` of `decode_step.cu` (`channels == 0`: none).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConvEpilogue {
+    weight: DevicePtr,
+    bias: DevicePtr,
+    states: DevicePtr,
+    out: DevicePtr,
+    layer: i32,
+    channels: i32,
+    offset: i32,
+}
+
 /// `ConvArgs` of `decode_step.cu`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -337,6 +350,23 @@ pub struct Gemv {
     pub norm: Option<(DevicePtr, f32)>,
     /// Add to `y` instead of overwriting it (a residual connection).
     pub accumulate: bool,
+    /// The causal conv step over some of the outputs, done by the blocks that produced them.
+    pub conv: Option<GemvConv>,
+}
+
+/// The causal conv step over outputs `[offset, offset + channels)` of a [`Gemv`] (every
+/// sequence's `y` row), as [`ConvStep`] computes it, with layer `layer`'s conv state `(batch,
+/// channels, W-1)` found in the device table `states`; writes `out: (batch, channels)`.
+#[derive(Debug, Clone, Copy)]
+pub struct GemvConv {
+    pub offset: usize,
+    pub channels: usize,
+    /// f32 `(channels, W)` and `(channels)`.
+    pub weight: DevicePtr,
+    pub bias: Option<DevicePtr>,
+    pub states: DevicePtr,
+    pub layer: usize,
+    pub out: DevicePtr,
 }
 
 /// The one-token causal conv over `channels` columns of `x` starting at `x_offset`, with the
@@ -538,6 +568,37 @@ impl DecodeKernels {
         };
         let norm_w = or_null(g.norm.map(|(w, _)| w));
         let bias = or_null(g.bias);
+        let conv = match g.conv {
+            Some(c) => {
+                if c.offset + c.channels > g.rows {
+                    return Err(cuda_err(format!(
+                        "a conv over outputs {}..{} of a product of {} rows",
+                        c.offset,
+                        c.offset + c.channels,
+                        g.rows
+                    )));
+                }
+                int(self.spec.batch * c.channels)?;
+                ConvEpilogue {
+                    weight: c.weight,
+                    bias: or_null(c.bias),
+                    states: c.states,
+                    out: c.out,
+                    layer: int(c.layer)?,
+                    channels: int(c.channels)?,
+                    offset: int(c.offset)?,
+                }
+            }
+            None => ConvEpilogue {
+                weight: 0,
+                bias: 0,
+                states: 0,
+                out: 0,
+                layer: 0,
+                channels: 0,
+                offset: 0,
+            },
+        };
         let Some(cfg) = config((plan.grid, 1, 1), GEMV_THREADS, plan.shared)? else {
             return Ok(());
         };
@@ -547,6 +608,7 @@ impl DecodeKernels {
             param(&bias),
             param(&norm_w),
             param(&args),
+            param(&conv),
             param(&g.y),
         ];
         // SAFETY: the parameters are `gemv_r*`'s, in order, alive for the call; the caller

@@ -128,6 +128,43 @@ struct GemvArgs {
     float norm_eps;                // < 0: x' = x
 };
 
+// The causal conv step (as conv_step computes it) over outputs [offset, offset + channels) of
+// a product, done by the block that produced them once its tasks are done (a channel's state is
+// touched by that block only), so that no conv launch waits between this product and the
+// next kernel; channels == 0: none. Layer `layer`'s conv state (batch, channels, W-1) is in
+// the state table; out is (batch, channels).
+struct ConvEpilogue {
+    const float* weight;
+    const float* bias;
+    float* const* states;
+    float* out;
+    int layer, channels, offset;
+};
+
+// The conv over the outputs rows [row_begin, row_end) of this block wrote, for every sequence.
+// Every thread of the block calls it.
+__device__ __forceinline__ void conv_epilogue(const ConvEpilogue& cv, const GemvArgs& a, int row_begin,
+                                              int row_end, const float* y) {
+    const int lo = max(row_begin, cv.offset), hi = min(min(row_end, a.rows), cv.offset + cv.channels);
+    if (lo >= hi) return;
+    __syncthreads();  // the block's outputs are written
+    const int n = hi - lo;
+    for (int i = threadIdx.x; i < n * a.batch; i += blockDim.x) {
+        const int row = lo + i % n, b = i / n, c = row - cv.offset;
+        float* state = cv.states[2 * cv.layer] + ((long long)b * cv.channels + c) * (CONV_W - 1);
+        float window[CONV_W];
+#pragma unroll
+        for (int k = 0; k < CONV_W - 1; ++k) window[k] = __ldcg(state + k);
+        window[CONV_W - 1] = __ldcg(y + b * a.y_stride + row);
+        float acc = cv.bias ? __ldg(cv.bias + c) : 0.0f;
+#pragma unroll
+        for (int k = 0; k < CONV_W; ++k) acc += __ldg(cv.weight + c * CONV_W + k) * window[k];
+#pragma unroll
+        for (int k = 0; k < CONV_W - 1; ++k) state[k] = window[k + 1];
+        cv.out[(long long)b * cv.channels + c] = silu(acc);
+    }
+}
+
 // The U chunks (lane, lane + 32, ...) from chunk c0 of the R rows from row0 that lie before
 // chunk c_end: rows past the end re-read the last row (their sums are dropped).
 template <int U, int R>
@@ -318,7 +355,8 @@ __device__ __forceinline__ void gemv_rows_contiguous(const in_t* __restrict__ w,
                                                      const float* __restrict__ x,
                                                      const float* __restrict__ bias,
                                                      const float* __restrict__ norm_w,
-                                                     const GemvArgs& a, float* __restrict__ y) {
+                                                     const GemvArgs& a, const ConvEpilogue& conv,
+                                                     float* __restrict__ y) {
     extern __shared__ float4 x_s[];  // STAGED: GEMV_BT x (cols / 4) float4, chunk planes
     __shared__ float part_s[2][GEMV_WARPS][R + 1][GEMV_BT];  // [R]: sum of squares
     __shared__ float sq_s[GEMV_WARPS][GEMV_BT];
@@ -374,6 +412,7 @@ __device__ __forceinline__ void gemv_rows_contiguous(const in_t* __restrict__ w,
             it = it_next;
         }
     }
+    conv_epilogue(conv, a, t_begin * groups_per_task * R, t_end * groups_per_task * R, y);
 }
 
 // The same with the chunks of a row dealt to the split warps in turn, in blocks of 32 * U
@@ -385,7 +424,8 @@ __device__ __forceinline__ void gemv_rows_interleaved(const in_t* __restrict__ w
                                                       const float* __restrict__ x,
                                                       const float* __restrict__ bias,
                                                       const float* __restrict__ norm_w,
-                                                      const GemvArgs& a, float* __restrict__ y) {
+                                                      const GemvArgs& a, const ConvEpilogue& conv,
+                                                      float* __restrict__ y) {
     extern __shared__ float4 x_s[];  // STAGED: GEMV_BT x (cols / 4) float4, chunk planes
     __shared__ float part_s[2][GEMV_WARPS][R + 1][GEMV_BT];  // [R]: sum of squares
     __shared__ float sq_s[GEMV_WARPS][GEMV_BT];
@@ -434,6 +474,7 @@ __device__ __forceinline__ void gemv_rows_interleaved(const in_t* __restrict__ w
             it = in;
         }
     }
+    conv_epilogue(conv, a, t_begin * gpb * R, t_end * gpb * R, y);
 }
 
 // gemv_r1: one row per group, contiguous split, x read in the loop (short matrices, rows <
@@ -443,25 +484,25 @@ __device__ __forceinline__ void gemv_rows_interleaved(const in_t* __restrict__ w
 // with registers for four blocks per multiprocessor at every batch tile.
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, GEMV_MIN_BLOCKS)
     gemv_r1(const in_t* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias,
-            const float* __restrict__ norm_w, GemvArgs a, float* __restrict__ y) {
-    gemv_rows_contiguous<1, 4, false>(w, x, bias, norm_w, a, y);
+            const float* __restrict__ norm_w, GemvArgs a, ConvEpilogue conv, float* __restrict__ y) {
+    gemv_rows_contiguous<1, 4, false>(w, x, bias, norm_w, a, conv, y);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
     gemv_r2(const in_t* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias,
-            const float* __restrict__ norm_w, GemvArgs a, float* __restrict__ y) {
-    gemv_rows_interleaved<2, 2, false>(w, x, bias, norm_w, a, y);
+            const float* __restrict__ norm_w, GemvArgs a, ConvEpilogue conv, float* __restrict__ y) {
+    gemv_rows_interleaved<2, 2, false>(w, x, bias, norm_w, a, conv, y);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
     gemv_r2_xs(const in_t* __restrict__ w, const float* __restrict__ x,
                const float* __restrict__ bias, const float* __restrict__ norm_w, GemvArgs a,
-               float* __restrict__ y) {
-    gemv_rows_interleaved<2, 2, true>(w, x, bias, norm_w, a, y);
+               ConvEpilogue conv, float* __restrict__ y) {
+    gemv_rows_interleaved<2, 2, true>(w, x, bias, norm_w, a, conv, y);
 }
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
     gemv_r4_xs(const in_t* __restrict__ w, const float* __restrict__ x,
                const float* __restrict__ bias, const float* __restrict__ norm_w, GemvArgs a,
-               float* __restrict__ y) {
-    gemv_rows_interleaved<4, 2, true>(w, x, bias, norm_w, a, y);
+               ConvEpilogue conv, float* __restrict__ y) {
+    gemv_rows_interleaved<4, 2, true>(w, x, bias, norm_w, a, conv, y);
 }
 
 // ---------------------------------------------------------------------------------------
