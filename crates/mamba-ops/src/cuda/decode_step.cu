@@ -594,10 +594,12 @@ extern "C" __global__ void embed(const void* __restrict__ table, int table_bf16,
 // line from before the wait may be stale (CUDA_NOTES). A sequence's dt_low / B / C, read by
 // every channel, are staged once per block in shared memory: read through L2 by every
 // thread they made the step slower (mamba-2.8b 2.56 -> 2.64 ms per token on the H200).
-// They do not let the next kernel start early (no launch_dependents): a product started
-// early finds the multiprocessors partly taken by their blocks, and its persistent grid,
-// which counts on four resident blocks per multiprocessor, runs a second wave (measured:
-// mamba-2.8b 2.55 -> 2.76 ms per token).
+// Only Mamba-1's SSM step lets the next kernel (out_proj) start early, once its block has
+// staged dt_low / B / C: out_proj's launch and first weight loads then overlap the step's
+// arithmetic (mamba-2.8b 2.25 -> 2.18 ms per token; Mamba-2's step, doing the same, was no
+// faster). Triggered at the start, right after the wait, the product found the
+// multiprocessors still taken by the step's blocks, and its persistent grid, which counts on
+// four resident blocks per multiprocessor, ran a second wave (mamba-2.8b 2.55 -> 2.76 ms).
 //
 // Behind cuBLAS's products (EARLY_START 0: large batches) they are launched plainly, after
 // every earlier kernel has finished: activations then come through L1 and dt_low / B / C are
@@ -742,6 +744,9 @@ extern "C" __global__ void mamba1_ssm_step(const float* __restrict__ xc, const f
     const float z = load_activation(xz + b * a.xz_stride + a.d_inner + c);
     // dt_low, B and C, read by every channel of the sequence, staged once per block.
     const float* low = sequence_inputs(dbc + b * a.dbc_stride, a.dt_rank + 2 * STATE_N, dbc_s);
+#if EARLY_START
+    allow_next_kernel();
+#endif
     const float* bv = low + a.dt_rank;
     const float* cv = bv + STATE_N;
     float scale_dt = 1.0f, scale_b = 1.0f, scale_c = 1.0f;
