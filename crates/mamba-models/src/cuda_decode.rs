@@ -1,5 +1,5 @@
 //! The fused decoding step on an NVIDIA GPU: a whole Mamba-1, FalconMamba or Mamba-2 model's
-//! one-token step as four or five kernels per layer (`mamba_ops::cuda::decode`), recorded once
+//! one-token step as three or four kernels per layer (`mamba_ops::cuda::decode`), recorded once
 //! as a CUDA graph and replayed every token.
 //!
 //! Why: through candle's ops a step launches about twenty kernels per layer, allocates each

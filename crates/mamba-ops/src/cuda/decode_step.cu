@@ -7,9 +7,10 @@
 //   STATE_N   the SSM state length N, ROW_LANES lanes per state row (a power of two <= 32),
 //   CONV_W    the convolution width W.
 //
-// Per layer, five launches (Mamba-1):          four (Mamba-2):
+// Per layer, four launches (Mamba-1):          three (Mamba-2):
 //   xz  = in_proj(rmsnorm(h) * w_norm)           zxbcdt = in_proj(rmsnorm(h) * w_norm)
 //   xc  = silu(conv_step(x))                     xbc    = silu(conv_step(xBC))
+//         (the conv by in_proj's own blocks, ConvEpilogue; its own launch behind cuBLAS)
 //   dbc = x_proj(xc)                             y      = ssm_step(x, dt, B, C) * silu(z)
 //   y   = ssm_step(xc, dt_proj(dbc), B, C)       h     += out_proj(rmsnorm(y) * w)  (one group)
 //         * silu(z)
