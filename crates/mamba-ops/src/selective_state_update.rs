@@ -301,14 +301,27 @@ fn per_row_step(dims: &StepDims, state: &mut [f32], x: &StepInputs, y: &mut [f32
                         let g = b * dims.groups + row / rows_per_group;
                         let (bvec, cvec) = (&x.b[g * nn..][..nn], &x.c[g * nn..][..nn]);
                         let xi = xs[r];
-                        let ssm = state_step(
-                            &mut s[r * nn..][..nn],
-                            &a[r * nn..][..nn],
-                            bvec,
-                            cvec,
-                            dt[j],
-                            dt[j] * xi,
-                        );
+                        let ssm = if nn == 16 {
+                            state_step16(
+                                (&mut s[r * 16..][..16]).try_into().expect("16 values"),
+                                a[r * 16..][..16].try_into().expect("16 values"),
+                                (
+                                    bvec.try_into().expect("N = 16"),
+                                    cvec.try_into().expect("N = 16"),
+                                ),
+                                dt[j],
+                                dt[j] * xi,
+                            )
+                        } else {
+                            state_step(
+                                &mut s[r * nn..][..nn],
+                                &a[r * nn..][..nn],
+                                bvec,
+                                cvec,
+                                dt[j],
+                                dt[j] * xi,
+                            )
+                        };
                         y[r] = (ssm + x.d.map_or(0.0, |v| v[row]) * xi) * gate[j];
                     }
                 }
@@ -325,6 +338,31 @@ fn per_row_step(dims: &StepDims, state: &mut [f32], x: &StepInputs, y: &mut [f32
                 .enumerate()
                 .for_each(|(t, (s, y))| task(b, t * task_rows, s, y));
         });
+}
+
+/// [`state_step`] for a state of sixteen (Mamba-1's usual N): arrays of known length, so
+/// that the update is one vector per operand and `C . h` a tree of halving adds.
+#[inline(always)]
+fn state_step16(
+    h: &mut [f32; 16],
+    a: &[f32; 16],
+    (b, c): (&[f32; 16], &[f32; 16]),
+    dt: f32,
+    du: f32,
+) -> f32 {
+    let mut prod = [0.0f32; 16];
+    for n in 0..16 {
+        h[n] = exp_fast(dt * a[n]) * h[n] + du * b[n];
+        prod[n] = c[n] * h[n];
+    }
+    let mut width = 16;
+    while width > 1 {
+        width /= 2;
+        for n in 0..width {
+            prod[n] += prod[n + width];
+        }
+    }
+    prod[0]
 }
 
 /// One step with the same decay for the whole state row (per-head `A`):
