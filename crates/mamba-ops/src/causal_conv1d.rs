@@ -331,6 +331,12 @@ pub fn causal_conv1d_update_into(
     out: &mut [f32],
 ) {
     let (nd, w, s, steps) = (dims.dim, dims.width, dims.state_len, dims.steps);
+    if steps == 1 && w == 4 && s == 3 {
+        return with_simd(
+            #[inline(always)]
+            || one_step_width4(nd, state, x, out),
+        );
+    }
     with_simd(
         #[inline(always)]
         || {
@@ -361,6 +367,34 @@ pub fn causal_conv1d_update_into(
             }
         },
     )
+}
+
+/// [`causal_conv1d_update_into`] for one new input per channel, width 4 and a state of
+/// the last 3 inputs (the models' usual shape): fixed-size rows, so that the channels
+/// vectorise side by side (the generic loop took 9.2 ns per channel).
+#[inline(always)]
+fn one_step_width4(nd: usize, state: &mut [f32], x: &ConvUpdateInputs, out: &mut [f32]) {
+    for ((st, o), xs) in state
+        .chunks_mut(nd * 3)
+        .zip(out.chunks_mut(nd))
+        .zip(x.x.chunks(nd))
+    {
+        let rows = st.chunks_exact_mut(3).zip(x.weight.chunks_exact(4));
+        for (c, ((st, w), (o, &new))) in rows.zip(o.iter_mut().zip(xs)).enumerate() {
+            let bias = x.bias.map_or(0.0, |b| b[c]);
+            // Summed in the generic loop's order, so the two give the same bits.
+            let past = w[0] * st[0] + w[1] * st[1] + w[2] * st[2];
+            *o = bias + past + w[3] * new;
+            st[0] = st[1];
+            st[1] = st[2];
+            st[2] = new;
+        }
+    }
+    if x.silu {
+        for o in out.iter_mut() {
+            *o = silu_fast(*o);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -269,6 +269,43 @@ fn fast_conv_matches_reference_and_update_continues_it() {
 }
 
 #[test]
+fn width4_single_step_conv_update_matches_reference() {
+    // The width-4, one-input-per-channel decoding update has its own fast loop: over several
+    // steps, with and without a bias and the activation, it gives the reference's outputs and
+    // states (an odd channel count, three sequences).
+    let mut rng = StdRng::seed_from_u64(11);
+    let dims = ConvUpdateDims {
+        batch: 3,
+        dim: 37,
+        width: 4,
+        state_len: 3,
+        steps: 1,
+    };
+    let weight = random(&mut rng, 37 * 4, -1.0, 1.0);
+    let bias = random(&mut rng, 37, -1.0, 1.0);
+    for (with_bias, silu) in [(true, true), (false, false)] {
+        let mut fast_state = random(&mut rng, 3 * 37 * 3, -1.0, 1.0);
+        let mut slow_state = fast_state.clone();
+        for _ in 0..4 {
+            let x = random(&mut rng, 3 * 37, -1.0, 1.0);
+            let inputs = ConvUpdateInputs {
+                x: &x,
+                weight: &weight,
+                bias: with_bias.then_some(&bias[..]),
+                silu,
+            };
+            let got = causal_conv1d_update(&dims, &mut fast_state, &inputs).unwrap();
+            let want = causal_conv1d_update_reference(&dims, &mut slow_state, &inputs).unwrap();
+            assert!(
+                max_abs_diff(&got, &want) < 1e-6,
+                "bias {with_bias}, silu {silu}"
+            );
+            assert_eq!(fast_state, slow_state);
+        }
+    }
+}
+
+#[test]
 fn chunked_ssd_matches_sequential_at_every_chunk_size() {
     let mut rng = StdRng::seed_from_u64(5);
     let base = SsdDims {
