@@ -268,11 +268,11 @@ fn fast_conv_matches_reference_and_update_continues_it() {
     }
 }
 
+/// The width-4, one-input-per-channel decoding update has its own fast loop: over several
+/// steps, with and without a bias and the activation, it gives the reference's outputs and
+/// states (an odd channel count, three sequences).
 #[test]
 fn width4_single_step_conv_update_matches_reference() {
-    // The width-4, one-input-per-channel decoding update has its own fast loop: over several
-    // steps, with and without a bias and the activation, it gives the reference's outputs and
-    // states (an odd channel count, three sequences).
     let mut rng = StdRng::seed_from_u64(11);
     let dims = ConvUpdateDims {
         batch: 3,
