@@ -253,9 +253,9 @@ struct GemvArgs {
     norm_eps: f32,
 }
 
-/// `ConvEpilogue` of `decode_step.cu` (`channels == 0`: none).
+/// `ConvEpilogue` of `decode_step.cu` (`channels == 0`: none, the default).
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct ConvEpilogue {
     weight: DevicePtr,
     bias: DevicePtr,
@@ -589,15 +589,7 @@ impl DecodeKernels {
                     offset: int(c.offset)?,
                 }
             }
-            None => ConvEpilogue {
-                weight: 0,
-                bias: 0,
-                states: 0,
-                out: 0,
-                layer: 0,
-                channels: 0,
-                offset: 0,
-            },
+            None => ConvEpilogue::default(),
         };
         let Some(cfg) = config((plan.grid, 1, 1), GEMV_THREADS, plan.shared)? else {
             return Ok(());

@@ -142,6 +142,19 @@ struct ConvEpilogue {
     int layer, channels, offset;
 };
 
+// One channel's conv step once its window (the W-1 stored inputs, then the new one) and taps
+// are in registers: the window, shifted, becomes the channel's state; returns
+// silu(acc0 + taps . window).
+__device__ __forceinline__ float conv_advance(const float (&window)[CONV_W], const float (&taps)[CONV_W],
+                                              float acc0, float* state) {
+    float acc = acc0;
+#pragma unroll
+    for (int k = 0; k < CONV_W; ++k) acc += taps[k] * window[k];
+#pragma unroll
+    for (int k = 0; k < CONV_W - 1; ++k) state[k] = window[k + 1];
+    return silu(acc);
+}
+
 // The conv over the outputs rows [row_begin, row_end) of this block wrote, for every sequence.
 // Every thread of the block calls it.
 __device__ __forceinline__ void conv_epilogue(const ConvEpilogue& cv, const GemvArgs& a, int row_begin,
@@ -153,16 +166,14 @@ __device__ __forceinline__ void conv_epilogue(const ConvEpilogue& cv, const Gemv
     for (int i = threadIdx.x; i < n * a.batch; i += blockDim.x) {
         const int row = lo + i % n, b = i / n, c = row - cv.offset;
         float* state = cv.states[2 * cv.layer] + ((long long)b * cv.channels + c) * (CONV_W - 1);
-        float window[CONV_W];
+        float window[CONV_W], taps[CONV_W];
 #pragma unroll
         for (int k = 0; k < CONV_W - 1; ++k) window[k] = __ldcg(state + k);
         window[CONV_W - 1] = __ldcg(y + b * a.y_stride + row);
-        float acc = cv.bias ? __ldg(cv.bias + c) : 0.0f;
 #pragma unroll
-        for (int k = 0; k < CONV_W; ++k) acc += __ldg(cv.weight + c * CONV_W + k) * window[k];
-#pragma unroll
-        for (int k = 0; k < CONV_W - 1; ++k) state[k] = window[k + 1];
-        cv.out[(long long)b * cv.channels + c] = silu(acc);
+        for (int k = 0; k < CONV_W; ++k) taps[k] = __ldg(cv.weight + c * CONV_W + k);
+        const float acc0 = cv.bias ? __ldg(cv.bias + c) : 0.0f;
+        cv.out[(long long)b * cv.channels + c] = conv_advance(window, taps, acc0, state);
     }
 }
 
@@ -644,12 +655,7 @@ extern "C" __global__ void conv_step(const float* __restrict__ x, float* __restr
     wait_for_earlier_kernels();
     if (!active) return;
     window[CONV_W - 1] = load_activation(x + b * a.x_stride + a.x_offset + c);
-    float acc = acc0;
-#pragma unroll
-    for (int k = 0; k < CONV_W; ++k) acc += taps[k] * window[k];
-#pragma unroll
-    for (int k = 0; k < CONV_W - 1; ++k) state[k] = window[k + 1];
-    out[i] = silu(acc);
+    out[i] = conv_advance(window, taps, acc0, state);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -160,13 +160,18 @@ __device__ __forceinline__ unsigned short bf16_bits(float v) {
     return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+// The lo plane's part of v whose hi plane holds `hi`: bf16(v - hi).
+__device__ __forceinline__ unsigned short bf16_rest(float v, unsigned short hi) {
+    return bf16_bits(v - __uint_as_float((unsigned int)hi << 16));
+}
+
 // Stores v at (row, k) of slab buf: its hi plane, and its lo plane unless the operand is exact.
 template <bool EXACT>
 __device__ __forceinline__ void store_split(Slabs& sl, int buf, int row, int k, float v) {
     const unsigned short hi = bf16_bits(v);
     const int at = slab_index(row, k);
     sl.hi[buf][row][at] = hi;
-    if (!EXACT) sl.lo[buf][row][at] = bf16_bits(v - __uint_as_float((unsigned int)hi << 16));
+    if (!EXACT) sl.lo[buf][row][at] = bf16_rest(v, hi);
 }
 
 // The two bf16 at (row, k), (row, k + 1) of a plane (k even), as one register.
@@ -249,11 +254,9 @@ __device__ __forceinline__ void store_split_pair(Slabs& sl, int buf, int row, in
     const unsigned short h0 = bf16_bits(v0), h1 = bf16_bits(v1);
     const int at = slab_index(row, k);
     *reinterpret_cast<unsigned int*>(&sl.hi[buf][row][at]) = (unsigned int)h0 | (unsigned int)h1 << 16;
-    if (!EXACT) {
-        const unsigned short l0 = bf16_bits(v0 - __uint_as_float((unsigned int)h0 << 16));
-        const unsigned short l1 = bf16_bits(v1 - __uint_as_float((unsigned int)h1 << 16));
-        *reinterpret_cast<unsigned int*>(&sl.lo[buf][row][at]) = (unsigned int)l0 | (unsigned int)l1 << 16;
-    }
+    if (!EXACT)
+        *reinterpret_cast<unsigned int*>(&sl.lo[buf][row][at]) =
+            (unsigned int)bf16_rest(v0, h0) | (unsigned int)bf16_rest(v1, h1) << 16;
 }
 #endif
 
@@ -269,13 +272,14 @@ __device__ __forceinline__ void store_finished(Slabs& sl, int buf, int row, int 
         for (int q = 0; q < 4; q += 2)
             store_split_pair<EXACT>(sl, buf, row, k + q, finish(k0 + k + q, row, value(raw, q)),
                                     finish(k0 + k + q + 1, row, value(raw, q + 1)));
-        return;
-    }
+    } else
 #endif
+    {
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        const int kq = k + (K_FAST ? q : 0), rq = row + (K_FAST ? 0 : q);
-        store_split<EXACT>(sl, buf, rq, kq, finish(k0 + kq, rq, value(raw, q)));
+        for (int q = 0; q < 4; ++q) {
+            const int kq = k + (K_FAST ? q : 0), rq = row + (K_FAST ? 0 : q);
+            store_split<EXACT>(sl, buf, rq, kq, finish(k0 + kq, rq, value(raw, q)));
+        }
     }
 }
 
