@@ -436,10 +436,11 @@ mod x86 {
         }
     }
 
-    /// Rows of `W` taken at once. One: the weights stream from memory in one sequence,
-    /// which the hardware prefetcher follows best (several short rows at once measured
-    /// slower on the output head, which does not fit in cache).
-    const ROWS: usize = 1;
+    /// Rows of `W` taken at once: two, far apart (rows `i` and `i + count / 2` of a task),
+    /// so that the weights stream from memory in two long sequences, which the hardware
+    /// prefetcher follows (adjacent rows at once measured slower on the output head, which
+    /// does not fit in cache), sharing each load of `x`.
+    const ROWS: usize = 2;
     /// Vectors of eight columns per row and step: four independent multiply-add chains.
     /// (Software prefetching ahead of the loads measured slower than the hardware
     /// prefetcher alone on the output head.)
@@ -452,25 +453,27 @@ mod x86 {
         unsafe fn inner<T>(w: &[T], cols: usize, x: &[f32], out: &mut [f32], widen: Widen) {
             let batch = x.len() / cols;
             let count = out.len() / batch;
-            let mut r = 0;
-            while r + ROWS <= count {
+            // Row r goes with row r + apart.
+            let apart = count / ROWS;
+            for r in 0..apart {
                 for b in 0..batch {
                     let sums = dot_rows::<T, ROWS, VECS>(
                         w.as_ptr().add(r * cols),
+                        apart * cols,
                         cols,
                         &x[b * cols..][..cols],
                         widen,
                     );
                     for (i, s) in sums.into_iter().enumerate() {
-                        out[(r + i) * batch + b] = s;
+                        out[(r + i * apart) * batch + b] = s;
                     }
                 }
-                r += ROWS;
             }
-            for r in r..count {
+            for r in ROWS * apart..count {
                 for b in 0..batch {
                     out[r * batch + b] = dot_rows::<T, 1, VECS>(
                         w.as_ptr().add(r * cols),
+                        cols,
                         cols,
                         &x[b * cols..][..cols],
                         widen,
@@ -485,11 +488,12 @@ mod x86 {
         unsafe { inner(w, cols, x, out, widen) }
     }
 
-    /// `R` dot products of the consecutive rows at `w` (each `cols` long) with `x`, `V`
-    /// vectors of eight columns per row and step: `R * V` independent multiply-add chains.
+    /// `R` dot products of the rows at `w`, `w + stride`, ... (each `cols` long) with `x`,
+    /// `V` vectors of eight columns per row and step: `R * V` independent multiply-add chains.
     #[inline(always)]
     unsafe fn dot_rows<T, const R: usize, const V: usize>(
         w: *const T,
+        stride: usize,
         cols: usize,
         x: &[f32],
         widen: Widen,
@@ -502,7 +506,7 @@ mod x86 {
             for v in 0..V {
                 let xv = _mm256_loadu_ps(x.as_ptr().add(c + 8 * v));
                 for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let wv = load8(w.add(r * cols + c + 8 * v), widen);
+                    let wv = load8(w.add(r * stride + c + 8 * v), widen);
                     acc_r[v] = _mm256_fmadd_ps(wv, xv, acc_r[v]);
                 }
             }
@@ -516,8 +520,8 @@ mod x86 {
             *s = hsum(total);
             for (c, xc) in x.iter().enumerate().skip(body) {
                 let v = match widen {
-                    Widen::F32 => *(w.add(r * cols + c) as *const f32),
-                    Widen::Bf16 => (*(w.add(r * cols + c) as *const bf16)).to_f32(),
+                    Widen::F32 => *(w.add(r * stride + c) as *const f32),
+                    Widen::Bf16 => (*(w.add(r * stride + c) as *const bf16)).to_f32(),
                 };
                 *s += v * xc;
             }
