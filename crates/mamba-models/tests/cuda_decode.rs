@@ -2,9 +2,9 @@
 //! same GPU: the same logits step after step and the same state left behind, for every
 //! family it covers, f32 and bf16 weights, one and several sequences (11: past the
 //! matrix-vector kernel's tile, through cuBLAS), fixture checkpoints and a model of
-//! mamba-130m's / mamba2-130m's widths. Also a hybrid with attention (the Jamba fixture),
-//! which decodes through the ops with its key/value cache kept on the device, against the
-//! CPU. Skips when no GPU is found.
+//! mamba-130m's / mamba2-130m's widths, and the same bits on every run. Also a hybrid with
+//! attention (the Jamba fixture), which decodes through the ops with its key/value cache kept
+//! on the device, against the CPU. Skips when no GPU is found.
 #![cfg(feature = "cuda")]
 
 use candle_core::Device;
@@ -143,6 +143,33 @@ fn fused_step_matches_the_ops_at_130m_widths() {
             for (batch, tol) in [(1, tol), (11, if tol > 1e-5 { 2e-2 } else { tol })] {
                 check_fused_matches_ops(&format!("{name} {format:?}"), &model, batch, tol);
             }
+        }
+    }
+}
+
+/// No step sums across blocks in the order they happen to finish (no float atomics):
+/// decoding twice from one state gives the same bits, in f32 and bf16, one and three sequences.
+#[test]
+fn fused_step_gives_the_same_bits_every_run() {
+    let Some((_turn, device)) = gpu() else {
+        return;
+    };
+    for format in [WeightFormat::F32, WeightFormat::Bf16] {
+        let model = random("mamba-130m", 2, format, &device);
+        for batch in [1, 3] {
+            let mut state = model.new_state(batch);
+            let prompt: Vec<u32> = (0..batch * 5)
+                .map(|i| token(i, 2, model.vocab_size()))
+                .collect();
+            model.prefill(&prompt, &mut state).unwrap();
+            let (first, first_state) = decode(&model, state.clone(), 4);
+            let (again, again_state) = decode(&model, state, 4);
+            assert!(model.decode_engine().starts_with("fused"));
+            assert_eq!(first, again, "{format:?} batch {batch}: logits");
+            assert_eq!(
+                first_state.layers, again_state.layers,
+                "{format:?} batch {batch}"
+            );
         }
     }
 }
