@@ -483,8 +483,8 @@ mod x86 {
         }
         let batch = x.len() / cols;
         assert!(batch > 0 && x.len() == batch * cols && w.len() >= out.len() / batch * cols);
-        // SAFETY: the caller detected AVX2 and FMA; `dot_rows` reads `R` rows of `cols`
-        // weights from each row pointer, inside `w` by the check above.
+        // SAFETY: the caller detected AVX2 and FMA; `dot_rows` reads `cols` weights of rows
+        // below `count` (r + i * apart < ROWS * apart <= count), inside `w` by the check above.
         unsafe { inner(w, cols, x, out, widen) }
     }
 
