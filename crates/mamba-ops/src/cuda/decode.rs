@@ -47,6 +47,22 @@ const GEMV_MIN_CHUNKS_PER_SPLIT: usize = 48;
 /// Most bytes of the staged input (`GEMV_BT * cols` f32) in shared memory: 48 KB without
 /// opting in, less the kernels' own partial sums.
 const GEMV_STAGED_MAX_BYTES: usize = 46 << 10;
+/// Largest batch whose Mamba-1 step is the row kernel (`mamba1_ssm_step`); past it the tiled
+/// step (`mamba1_ssm_step_tiled*`) takes over. On the H200, mamba-2.8b bf16 per decoding
+/// step, row kernel against tiled: batch 16 4.60 against 4.73 ms, batch 32 5.77 against 4.95,
+/// batch 64 8.15 against 6.39.
+const TILED_AFTER_BATCH: usize = 16;
+// The tiled step reads its inputs as a kernel launched after the products that wrote them
+// (no programmatic launch, which only batches of one tile use).
+const _: () = assert!(TILED_AFTER_BATCH >= MAX_BATCH_TILE);
+/// Warps per block of the tiled Mamba-1 step (`SSM_WARPS`).
+const TILED_WARPS: usize = 4;
+/// Fewest blocks per multiprocessor the tiled Mamba-1 step aims for when it chooses how many
+/// sequences a thread takes.
+const TILED_BLOCKS_PER_SM: usize = 4;
+/// Most bytes of dynamic shared memory the tiled Mamba-1 step is allowed (opted into at
+/// load): 32 rows of Δ weights and the block's sequences' dt_low, B and C.
+const TILED_SHARED_MAX: usize = 96 << 10;
 /// Most bytes of dynamic shared memory a kernel takes without opting in.
 const MAX_SHARED_WITHOUT_OPT_IN: usize = 48 << 10;
 
@@ -69,6 +85,20 @@ impl DecodeSpec {
 
     fn row_lanes(&self) -> usize {
         self.state_size.next_power_of_two().min(32)
+    }
+
+    /// Sequences per thread of the tiled Mamba-1 step (`ITEMS`, their state rows held in
+    /// registers: 4 and 2 only while that is at most 64 floats) for `d_inner` channels: the
+    /// most that still gives every multiprocessor `TILED_BLOCKS_PER_SM` blocks, else 1.
+    fn tiled_items(&self, d_inner: usize, multiprocessors: usize) -> usize {
+        let blocks = |items: usize| d_inner.div_ceil(32) * self.batch.div_ceil(TILED_WARPS * items);
+        [4, 2]
+            .into_iter()
+            .find(|&items| {
+                items * self.state_size <= 64
+                    && blocks(items) >= TILED_BLOCKS_PER_SM * multiprocessors
+            })
+            .unwrap_or(1)
     }
 
     /// The sizes `decode_step.cu` is compiled for.
@@ -453,9 +483,27 @@ pub struct DecodeKernels {
     embed: CudaFunction,
     conv_step: CudaFunction,
     mamba1_step: CudaFunction,
+    /// `mamba1_ssm_step_tiled1`, `_tiled2`, `_tiled4` (sequences per thread).
+    mamba1_step_tiled: [CudaFunction; 3],
     mamba2_step: CudaFunction,
     gated_norm: CudaFunction,
     prepare_rows: CudaFunction,
+}
+
+/// `f`, allowed `bytes` of dynamic shared memory (past the 48 KB a kernel gets without
+/// asking).
+fn with_shared_opt_in(f: CudaFunction, bytes: usize) -> Result<CudaFunction> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute as Attr;
+    f.set_attribute(
+        Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        int(bytes)?,
+    )
+    .map_err(|e| {
+        cuda_err(format!(
+            "allowing a kernel {bytes} bytes of shared memory: {e:?}"
+        ))
+    })?;
+    Ok(f)
 }
 
 /// `v` as a kernel's `int`.
@@ -496,6 +544,11 @@ impl DecodeKernels {
             embed: load("embed")?,
             conv_step: load("conv_step")?,
             mamba1_step: load("mamba1_ssm_step")?,
+            mamba1_step_tiled: [
+                with_shared_opt_in(load("mamba1_ssm_step_tiled1")?, TILED_SHARED_MAX)?,
+                with_shared_opt_in(load("mamba1_ssm_step_tiled2")?, TILED_SHARED_MAX)?,
+                with_shared_opt_in(load("mamba1_ssm_step_tiled4")?, TILED_SHARED_MAX)?,
+            ],
             mamba2_step: load("mamba2_ssm_step")?,
             gated_norm: load("gated_norm_step")?,
             prepare_rows: load("prepare_rows")?,
@@ -720,8 +773,12 @@ impl DecodeKernels {
             bc_eps: m.bc_eps.unwrap_or(-1.0),
         };
         let layer = int(layer)?;
-        let Some(cfg) = self.state_rows_config(m.d_inner, m.dt_rank + 2 * self.spec.state_size)?
-        else {
+        let inputs = m.dt_rank + 2 * self.spec.state_size;
+        if self.spec.batch > TILED_AFTER_BATCH {
+            // SAFETY: as for this function.
+            return unsafe { self.mamba1_step_tiled(stream, states, layer, args, m) };
+        }
+        let Some(cfg) = self.state_rows_config(m.d_inner, inputs)? else {
             return Ok(());
         };
         let mut params = [
@@ -739,6 +796,56 @@ impl DecodeKernels {
         ];
         // SAFETY: the parameters are `mamba1_ssm_step`'s, in order, alive for the call.
         unsafe { self.launch_small(stream, &self.mamba1_step, cfg, &mut params) }
+    }
+
+    /// `mamba1_ssm_step_tiled`, the Mamba-1 step behind cuBLAS's products: blocks of 32
+    /// channels by `TILED_WARPS` warps of sequences, staging the channels' Δ weights and
+    /// each sequence's `inputs` floats (dt_low, B, C) in shared memory.
+    ///
+    /// # Safety
+    /// As for [`DecodeKernels::mamba1_step`].
+    unsafe fn mamba1_step_tiled(
+        &self,
+        stream: &Arc<CudaStream>,
+        states: DevicePtr,
+        layer: i32,
+        args: Mamba1Args,
+        m: &Mamba1Step,
+    ) -> Result<()> {
+        let items = self.spec.tiled_items(m.d_inner, self.multiprocessors);
+        let seqs = TILED_WARPS * items;
+        // `decode_step.cu`'s layout: weight rows of dt4 (dt_rank rounded up to 4) or dt4 + 4
+        // floats, an odd number of float4s; input rows of dt4 + 2 N rounded up to 4.
+        let dt4 = m.dt_rank.div_ceil(4) * 4;
+        let w_stride = if (dt4 / 4) % 2 == 1 { dt4 } else { dt4 + 4 };
+        let in_stride = dt4 + (2 * self.spec.state_size).div_ceil(4) * 4;
+        let shared = 4 * (32 * w_stride + seqs * in_stride);
+        if shared > TILED_SHARED_MAX {
+            return Err(cuda_err(format!(
+                "a Mamba-1 step with dt_rank {} stages {shared} bytes (at most {TILED_SHARED_MAX})",
+                m.dt_rank
+            )));
+        }
+        let grid = (m.d_inner.div_ceil(32), self.spec.batch.div_ceil(seqs), 1);
+        let Some(cfg) = config(grid, 32 * TILED_WARPS, shared)? else {
+            return Ok(());
+        };
+        let mut params = [
+            param(&m.xc),
+            param(&m.dbc),
+            param(&m.xz),
+            param(&m.dt_weight),
+            param(&m.dt_bias),
+            param(&m.a),
+            param(&m.d),
+            param(&states),
+            param(&layer),
+            param(&args),
+            param(&m.y),
+        ];
+        let function = &self.mamba1_step_tiled[items.trailing_zeros() as usize];
+        // SAFETY: the parameters are `mamba1_ssm_step_tiled*`'s, in order, alive for the call.
+        unsafe { self.launch_small(stream, function, cfg, &mut params) }
     }
 
     /// # Safety
