@@ -773,11 +773,11 @@ impl DecodeKernels {
             bc_eps: m.bc_eps.unwrap_or(-1.0),
         };
         let layer = int(layer)?;
-        let inputs = m.dt_rank + 2 * self.spec.state_size;
         if self.spec.batch > TILED_AFTER_BATCH {
             // SAFETY: as for this function.
             return unsafe { self.mamba1_step_tiled(stream, states, layer, args, m) };
         }
+        let inputs = m.dt_rank + 2 * self.spec.state_size;
         let Some(cfg) = self.state_rows_config(m.d_inner, inputs)? else {
             return Ok(());
         };
@@ -798,9 +798,9 @@ impl DecodeKernels {
         unsafe { self.launch_small(stream, &self.mamba1_step, cfg, &mut params) }
     }
 
-    /// `mamba1_ssm_step_tiled`, the Mamba-1 step behind cuBLAS's products: blocks of 32
-    /// channels by `TILED_WARPS` warps of sequences, staging the channels' Δ weights and
-    /// each sequence's `inputs` floats (dt_low, B, C) in shared memory.
+    /// `mamba1_ssm_step_tiled*`, the Mamba-1 step of large batches: blocks of 32 channels by
+    /// `TILED_WARPS` warps of sequences, staging the channels' Δ weights and each sequence's
+    /// dt_low, B and C in shared memory.
     ///
     /// # Safety
     /// As for [`DecodeKernels::mamba1_step`].
@@ -827,6 +827,13 @@ impl DecodeKernels {
             )));
         }
         let grid = (m.d_inner.div_ceil(32), self.spec.batch.div_ceil(seqs), 1);
+        if grid.1 > MAX_GRID_Y {
+            return Err(cuda_err(format!(
+                "a Mamba-1 step of {} sequences (at most {})",
+                self.spec.batch,
+                MAX_GRID_Y * seqs
+            )));
+        }
         let Some(cfg) = config(grid, 32 * TILED_WARPS, shared)? else {
             return Ok(());
         };
