@@ -773,12 +773,14 @@ impl DecodeKernels {
             bc_eps: m.bc_eps.unwrap_or(-1.0),
         };
         let layer = int(layer)?;
-        if self.spec.batch > TILED_AFTER_BATCH {
-            // SAFETY: as for this function.
-            return unsafe { self.mamba1_step_tiled(stream, states, layer, args, m) };
-        }
-        let inputs = m.dt_rank + 2 * self.spec.state_size;
-        let Some(cfg) = self.state_rows_config(m.d_inner, inputs)? else {
+        let launch = if self.spec.batch > TILED_AFTER_BATCH {
+            self.mamba1_tiled_launch(m)?
+        } else {
+            let inputs = m.dt_rank + 2 * self.spec.state_size;
+            self.state_rows_config(m.d_inner, inputs)?
+                .map(|cfg| (&self.mamba1_step, cfg))
+        };
+        let Some((function, cfg)) = launch else {
             return Ok(());
         };
         let mut params = [
@@ -794,24 +796,15 @@ impl DecodeKernels {
             param(&args),
             param(&m.y),
         ];
-        // SAFETY: the parameters are `mamba1_ssm_step`'s, in order, alive for the call.
-        unsafe { self.launch_small(stream, &self.mamba1_step, cfg, &mut params) }
+        // SAFETY: the parameters are those of `mamba1_ssm_step` and of the tiled kernels
+        // (one list), in order, alive for the call.
+        unsafe { self.launch_small(stream, function, cfg, &mut params) }
     }
 
-    /// `mamba1_ssm_step_tiled*`, the Mamba-1 step of large batches: blocks of 32 channels by
-    /// `TILED_WARPS` warps of sequences, staging the channels' Δ weights and each sequence's
-    /// dt_low, B and C in shared memory.
-    ///
-    /// # Safety
-    /// As for [`DecodeKernels::mamba1_step`].
-    unsafe fn mamba1_step_tiled(
-        &self,
-        stream: &Arc<CudaStream>,
-        states: DevicePtr,
-        layer: i32,
-        args: Mamba1Args,
-        m: &Mamba1Step,
-    ) -> Result<()> {
+    /// The kernel and launch of `mamba1_ssm_step_tiled*`, the Mamba-1 step of large batches:
+    /// blocks of 32 channels by `TILED_WARPS` warps of sequences, staging the channels' Δ
+    /// weights and each sequence's dt_low, B and C in shared memory.
+    fn mamba1_tiled_launch(&self, m: &Mamba1Step) -> Result<Option<(&CudaFunction, LaunchConfig)>> {
         let items = self.spec.tiled_items(m.d_inner, self.multiprocessors);
         let seqs = TILED_WARPS * items;
         // `decode_step.cu`'s layout: weight rows of dt4 (dt_rank rounded up to 4) or dt4 + 4
@@ -834,25 +827,8 @@ impl DecodeKernels {
                 MAX_GRID_Y * seqs
             )));
         }
-        let Some(cfg) = config(grid, 32 * TILED_WARPS, shared)? else {
-            return Ok(());
-        };
-        let mut params = [
-            param(&m.xc),
-            param(&m.dbc),
-            param(&m.xz),
-            param(&m.dt_weight),
-            param(&m.dt_bias),
-            param(&m.a),
-            param(&m.d),
-            param(&states),
-            param(&layer),
-            param(&args),
-            param(&m.y),
-        ];
         let function = &self.mamba1_step_tiled[items.trailing_zeros() as usize];
-        // SAFETY: the parameters are `mamba1_ssm_step_tiled*`'s, in order, alive for the call.
-        unsafe { self.launch_small(stream, function, cfg, &mut params) }
+        Ok(config(grid, 32 * TILED_WARPS, shared)?.map(|cfg| (function, cfg)))
     }
 
     /// # Safety
