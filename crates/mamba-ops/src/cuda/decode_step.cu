@@ -945,8 +945,8 @@ __device__ __forceinline__ void mamba1_ssm_step_tiled(
     }
 }
 
-// The tiled step with 1, 2 or 4 sequences per thread (state rows held in registers: the
-// launcher takes more only for N <= 32 and 16).
+// The tiled step with 1, 2 or 4 sequences per thread (their state rows held in registers:
+// 2 only for N <= 32 and 4 only for N <= 16, as `DecodeSpec::tiled_items` chooses).
 #define MAMBA1_TILED(NAME, ITEMS)                                                                 \
     extern "C" __global__ void __launch_bounds__(32 * SSM_WARPS)                                 \
         NAME(const float* __restrict__ xc, const float* __restrict__ dbc,                         \
