@@ -682,11 +682,27 @@ struct Mamba1Args {
 #define STATE_PER_LANE ((STATE_N + ROW_LANES - 1) / ROW_LANES)
 #define DT_PER_LANE (EARLY_START ? 16 : 1)
 
-__device__ __forceinline__ float lane_group_sum_sq(const float* v, int len, int lane) {
+// Sum of v[j]^2 over j < len by a group of `width` lanes (lane < width takes every width-th
+// j); every lane of the group gets it.
+__device__ __forceinline__ float lane_group_sum_sq(const float* v, int len, int lane, int width) {
     float s = 0.0f;
 #pragma unroll 4
-    for (int j = lane; j < len; j += ROW_LANES) s += v[j] * v[j];
-    return lane_group_sum(s, ROW_LANES);
+    for (int j = lane; j < len; j += width) s += v[j] * v[j];
+    return lane_group_sum(s, width);
+}
+
+// FalconMamba's RMS scales of dt_low (dt_rank floats at low), B and C (STATE_N each), summed
+// by groups of `width` lanes; all 1 without them (bc_eps < 0).
+struct DbcScales {
+    float dt, b, c;
+};
+
+__device__ __forceinline__ DbcScales dbc_scales(const float* low, const float* bv, const float* cv,
+                                                int dt_rank, float eps, int lane, int width) {
+    if (eps < 0.0f) return {1.0f, 1.0f, 1.0f};
+    return {rsqrtf(lane_group_sum_sq(low, dt_rank, lane, width) / dt_rank + eps),
+            rsqrtf(lane_group_sum_sq(bv, STATE_N, lane, width) / STATE_N + eps),
+            rsqrtf(lane_group_sum_sq(cv, STATE_N, lane, width) / STATE_N + eps)};
 }
 
 // The layer's state entries of this lane, through L2 (the previous token's step wrote them).
@@ -756,12 +772,7 @@ extern "C" __global__ void mamba1_ssm_step(const float* __restrict__ xc, const f
 #endif
     const float* bv = low + a.dt_rank;
     const float* cv = bv + STATE_N;
-    float scale_dt = 1.0f, scale_b = 1.0f, scale_c = 1.0f;
-    if (a.bc_eps >= 0.0f) {
-        scale_dt = rsqrtf(lane_group_sum_sq(low, a.dt_rank, lane) / a.dt_rank + a.bc_eps);
-        scale_b = rsqrtf(lane_group_sum_sq(bv, STATE_N, lane) / STATE_N + a.bc_eps);
-        scale_c = rsqrtf(lane_group_sum_sq(cv, STATE_N, lane) / STATE_N + a.bc_eps);
-    }
+    const DbcScales scale = dbc_scales(low, bv, cv, a.dt_rank, a.bc_eps, lane, ROW_LANES);
     float dot = 0.0f;
 #pragma unroll
     for (int i = 0; i < DT_PER_LANE; ++i) {
@@ -770,8 +781,8 @@ extern "C" __global__ void mamba1_ssm_step(const float* __restrict__ xc, const f
     }
     for (int j = lane + DT_PER_LANE * ROW_LANES; j < a.dt_rank; j += ROW_LANES)
         dot += ld(dt_w, (long long)c * a.dt_rank + j) * low[j];
-    const float dt = softplus(lane_group_sum(dot, ROW_LANES) * scale_dt + bias_c);
-    const float dtx = dt * xi * scale_b;
+    const float dt = softplus(lane_group_sum(dot, ROW_LANES) * scale.dt + bias_c);
+    const float dtx = dt * xi * scale.b;
     float sum = 0.0f;
 #pragma unroll
     for (int q = 0; q < STATE_PER_LANE; ++q) {
@@ -781,7 +792,7 @@ extern "C" __global__ void mamba1_ssm_step(const float* __restrict__ xc, const f
         state[n] = next;
         sum += next * cv[n];
     }
-    sum = lane_group_sum(sum, ROW_LANES) * scale_c;
+    sum = lane_group_sum(sum, ROW_LANES) * scale.c;
     if (active && lane == 0) y[row] = (sum + d_c * xi) * silu(z);
 }
 
@@ -825,13 +836,6 @@ __device__ __forceinline__ void store_row(float* p, const float (&v)[STATE_N]) {
 #pragma unroll
     for (int n = 0; n < STATE_N; ++n) p[n] = v[n];
 #endif
-}
-
-// Sum of v[j]^2 over j < len, the warp's lanes taking every 32nd j; every lane gets it.
-__device__ __forceinline__ float warp_sum_sq(const float* v, int len, int lane) {
-    float s = 0.0f;
-    for (int j = lane; j < len; j += 32) s += v[j] * v[j];
-    return warp_sum(s);
 }
 
 // Fills `count` floats of shared memory, dst[i] = value(i), STAGE_LOADS loads in flight per
@@ -924,14 +928,9 @@ __device__ __forceinline__ void mamba1_ssm_step_tiled(
         if (first + k >= block_seqs) break;
         const float* bv = in_k[k] + dt4;
         const float* cv = bv + STATE_N;
-        float scale_dt = 1.0f, scale_b = 1.0f, scale_c = 1.0f;
-        if (a.bc_eps >= 0.0f) {
-            scale_dt = rsqrtf(warp_sum_sq(in_k[k], a.dt_rank, lane) / a.dt_rank + a.bc_eps);
-            scale_b = rsqrtf(warp_sum_sq(bv, STATE_N, lane) / STATE_N + a.bc_eps);
-            scale_c = rsqrtf(warp_sum_sq(cv, STATE_N, lane) / STATE_N + a.bc_eps);
-        }
-        const float dt = softplus(dot[k] * scale_dt + bias_c);
-        const float dtx = dt * xi[k] * scale_b;
+        const DbcScales scale = dbc_scales(in_k[k], bv, cv, a.dt_rank, a.bc_eps, lane, 32);
+        const float dt = softplus(dot[k] * scale.dt + bias_c);
+        const float dtx = dt * xi[k] * scale.b;
         float sum = 0.0f;
 #pragma unroll
         for (int n = 0; n < STATE_N; ++n) {
@@ -941,7 +940,7 @@ __device__ __forceinline__ void mamba1_ssm_step_tiled(
         if (!active) continue;
         const long long row = (long long)(b0 + first + k) * a.d_inner + c;
         store_row(layer_state + row * STATE_N, h[k]);
-        y[row] = (sum * scale_c + d_c * xi[k]) * silu(z[k]);
+        y[row] = (sum * scale.c + d_c * xi[k]) * silu(z[k]);
     }
 }
 
