@@ -621,8 +621,10 @@ fn model_cases() -> Vec<ModelCase> {
             call: |t| causal_conv1d_call(&t[0], &t[1], Some(&t[2]), None, true),
             flops: 0.0,
         },
-        scan_case("m1 selective_scan d1536 N16 L2048", d1, false),
-        scan_case("m1 selective_scan d5120 N16 L2048", 5120, false),
+        scan_case("m1 selective_scan d1536 N16 L2048", 1, d1, L, false),
+        scan_case("m1 selective_scan d5120 N16 L2048", 1, 5120, L, false),
+        // Short prompts of a batch (the forward's chunk shrinks to 64 steps here).
+        scan_case("m1 selective_scan b5 d1536 N16 L40", 5, d1, 40, true),
         ModelCase {
             name: "m1 causal_conv1d_update b1",
             specs: conv_update(1, d1),
@@ -682,23 +684,22 @@ fn model_cases() -> Vec<ModelCase> {
     ]
 }
 
-/// The Mamba-1 selective scan over 2048 tokens of `d` channels, N 16 (d 1536: mamba-130m;
-/// 5120: mamba-2.8b), from an initial state when `init`.
-fn scan_case(name: &'static str, d: usize, init: bool) -> ModelCase {
-    const L: usize = 2048;
+/// The Mamba-1 selective scan of `batch` sequences of `len` tokens over `d` channels, N 16 (d
+/// 1536: mamba-130m; 5120: mamba-2.8b), from an initial state when `init`.
+fn scan_case(name: &'static str, batch: usize, d: usize, len: usize, init: bool) -> ModelCase {
     let n = 16;
     let mut specs = vec![
-        spec("u", &[1, L, d], -1.0, 1.0),
-        spec("delta", &[1, L, d], -0.5, 0.5),
+        spec("u", &[batch, len, d], -1.0, 1.0),
+        spec("delta", &[batch, len, d], -0.5, 0.5),
         spec("A", &[d, n], -16.0, -1.0),
-        spec("B", &[1, L, 1, n], -1.0, 1.0),
-        spec("C", &[1, L, 1, n], -1.0, 1.0),
+        spec("B", &[batch, len, 1, n], -1.0, 1.0),
+        spec("C", &[batch, len, 1, n], -1.0, 1.0),
         spec("D", &[d], 0.5, 1.5),
-        spec("z", &[1, L, d], -2.0, 2.0),
+        spec("z", &[batch, len, d], -2.0, 2.0),
         spec("delta_bias", &[d], -6.0, -2.0),
     ];
     if init {
-        specs.push(spec("initial_state", &[1, d, n], -1.0, 1.0));
+        specs.push(spec("initial_state", &[batch, d, n], -1.0, 1.0));
     }
     ModelCase {
         name,
@@ -906,7 +907,7 @@ fn backward_cases() -> Vec<ModelCase> {
         spec("z", &[1, L, d1], -2.0, 2.0),
     ];
     vec![
-        scan_case("bwd m1 selective_scan d1536 N16 L2048", d1, true),
+        scan_case("bwd m1 selective_scan d1536 N16 L2048", 1, d1, 2048, true),
         ModelCase {
             name: "bwd selective_scan b2 d64 G2 N4 L37 plain",
             specs: vec![

@@ -9,7 +9,9 @@
 //! loaded for.
 
 use super::launch::MAX_GRID_Y;
-use super::{config, cuda_err, kernel, launch, multiprocessors, Source, Variant};
+use super::{
+    config, cuda_err, kernel, launch, multiprocessors, with_shared_opt_in, Source, Variant,
+};
 use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -488,22 +490,6 @@ pub struct DecodeKernels {
     mamba2_step: CudaFunction,
     gated_norm: CudaFunction,
     prepare_rows: CudaFunction,
-}
-
-/// `f`, allowed `bytes` of dynamic shared memory (past the 48 KB a kernel gets without
-/// asking).
-fn with_shared_opt_in(f: CudaFunction, bytes: usize) -> Result<CudaFunction> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute as Attr;
-    f.set_attribute(
-        Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        int(bytes)?,
-    )
-    .map_err(|e| {
-        cuda_err(format!(
-            "allowing a kernel {bytes} bytes of shared memory: {e:?}"
-        ))
-    })?;
-    Ok(f)
 }
 
 /// `v` as a kernel's `int`.

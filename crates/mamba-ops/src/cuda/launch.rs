@@ -1,7 +1,9 @@
 //! One launcher per op: the argument struct its kernels take (mirroring the `.cu` file's struct
 //! field for field), the launch geometry, and the output buffer in the CPU op's flat layout.
 
-use super::{config, cuda_err, kernel, launch, multiprocessors, Packed, Source};
+use super::{
+    config, cuda_err, kernel, launch, multiprocessors, with_shared_opt_in, Packed, Source,
+};
 use crate::causal_conv1d::{ConvDims, ConvUpdateDims};
 use crate::rmsnorm_gated::NormDims;
 use crate::selective_scan::ScanDims;
@@ -47,12 +49,17 @@ pub(super) const MAX_GRID_Y: usize = 65_535;
 // ---------------------------------------------------------------------------------------
 // Selective scan
 
-/// Segments (warps of 32 channels) per block of the scan's segment kernels.
+/// Segments (warps of 32 channels) per block of the scan backward's segment kernels.
 const SCAN_WARPS: usize = 8;
-/// Fewest steps per segment: shorter ones cost more in the combine than they save.
-const SCAN_MIN_SEGMENT: usize = 16;
-/// Blocks per multiprocessor the scan aims for, enough waves to even out the tail.
-const SCAN_BLOCKS_PER_SM: usize = 8;
+/// Most channels (warps) per block of the chunked forward scan.
+const SCAN_MOST_CHANNELS: usize = 8;
+/// Most steps per lane of the forward scan's chunk (a chunk is 32 lanes' steps).
+const SCAN_MOST_ITEMS: usize = 8;
+/// Most shared memory the forward scan's staged columns may take (two blocks fit on an H100 /
+/// H200 multiprocessor even at the most).
+const SCAN_SHARED_MAX: usize = 96 << 10;
+/// Most values of B (and of C) a thread of the forward scan holds for the next chunk.
+const SCAN_STAGED_BC: usize = 16;
 
 /// `ScanArgs` of `selective_scan.cu`.
 #[repr(C)]
@@ -79,18 +86,72 @@ struct ScanArgs {
 // SAFETY: plain old data laid out as the kernel's struct.
 unsafe impl DeviceRepr for ScanArgs {}
 
-/// Segments each channel's sequence is cut into: enough blocks to fill the GPU several times
-/// over, but segments of at least `SCAN_MIN_SEGMENT` steps; a multiple of `SCAN_WARPS`.
-fn scan_segments(dims: &ScanDims, multiprocessors: usize) -> usize {
-    let channel_blocks = (dims.batch * dims.dim.div_ceil(32)).max(1);
-    let wanted = (SCAN_BLOCKS_PER_SM * multiprocessors).div_ceil(channel_blocks);
-    let most = dims.len.div_ceil(SCAN_MIN_SEGMENT).div_ceil(SCAN_WARPS);
-    wanted.clamp(1, most.max(1)) * SCAN_WARPS
+/// Shape of the chunked forward scan: channels (warps) per block, steps per lane, and the
+/// stride of a shared-memory column in floats (`selective_scan.cu`'s `chunk_pos` skews 4 floats
+/// per 32 steps; the stride is 4 more than a multiple of 32).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct ScanChunk {
+    channels: usize,
+    items: usize,
+    column: usize,
+}
+
+impl ScanChunk {
+    /// The most channels per block that `dim / groups` holds a whole number of, and the most
+    /// steps per lane (a power of two) whose staged columns fit `SCAN_SHARED_MAX` and whose
+    /// staged B and C rows take each thread at most `SCAN_STAGED_BC` registers apiece
+    /// (`items * N / channels`), but no more than a chunk as long as the sequence (`len`) needs.
+    pub(super) fn new(dim: usize, groups: usize, state: usize, len: usize) -> Result<Self> {
+        let per_group = dim / groups.max(1);
+        let channels = (0..=SCAN_MOST_CHANNELS.ilog2())
+            .rev()
+            .map(|k| 1usize << k)
+            .find(|&c| per_group.is_multiple_of(c))
+            .unwrap_or(1);
+        let staged_fit = (SCAN_STAGED_BC * channels / state.max(1)).max(1);
+        let needed = len.div_ceil(32).next_power_of_two();
+        let mut items = SCAN_MOST_ITEMS.min(1 << staged_fit.ilog2()).min(needed);
+        loop {
+            let chunk = ScanChunk {
+                channels,
+                items,
+                column: 36 * items + (4 - 4 * items as isize).rem_euclid(32) as usize,
+            };
+            if chunk.shared_bytes(state) <= SCAN_SHARED_MAX {
+                return Ok(chunk);
+            }
+            if items == 1 {
+                return Err(cuda_err(format!(
+                    "a selective scan with N = {state} needs {} bytes of shared memory per block (at most {SCAN_SHARED_MAX})",
+                    chunk.shared_bytes(state)
+                )));
+            }
+            items /= 2;
+        }
+    }
+
+    /// The forward's variant of `selective_scan.cu`.
+    pub(super) fn defines(&self, state: usize) -> [(&'static str, usize); 6] {
+        let [n, warps, bwd_seg] = scan_defines(state);
+        [
+            n,
+            warps,
+            bwd_seg,
+            ("SCAN_ITEMS", self.items),
+            ("SCAN_CHANNELS", self.channels),
+            ("SCAN_COLUMN", self.column),
+        ]
+    }
+
+    /// Shared memory of a block: delta, u and z columns per channel, B and C columns per n.
+    fn shared_bytes(&self, state: usize) -> usize {
+        (3 * self.channels + 2 * state) * self.column * 4
+    }
 }
 
 /// Token-major selective scan (inputs `u, delta, A, B, C, [D], [z], [delta_bias],
-/// [initial_state]`); output `[out (batch, L, dim) | last_state (batch, dim, N)]`. Three kernels
-/// in order (see `selective_scan.cu`).
+/// [initial_state]`); output `[out (batch, L, dim) | last_state (batch, dim, N)]`. One kernel,
+/// `selective_scan_chunked` (see `selective_scan.cu`).
 pub(crate) fn selective_scan(
     p: &Packed,
     dims: &ScanDims,
@@ -99,44 +160,33 @@ pub(crate) fn selective_scan(
     softplus: bool,
 ) -> Result<CudaSlice<f32>> {
     let (nb, nd, nl, nn) = (dims.batch, dims.dim, dims.len, dims.state);
-    let segments = scan_segments(dims, multiprocessors(p.device())?);
-    let args = scan_args(p, dims, groups, present, softplus, segments)?;
-    let defines = scan_defines(nn);
+    if nb > MAX_GRID_Y {
+        return Err(cuda_err(format!(
+            "a selective scan of {nb} sequences (at most {MAX_GRID_Y} on the GPU)"
+        )));
+    }
+    let chunk = ScanChunk::new(nd, groups, nn, nl)?;
+    let args = scan_args(p, dims, groups, present, softplus, 1)?;
+    let defines = chunk.defines(nn);
     let variant = p.variant(&defines);
-    let func = |name: &str| kernel(p.device(), &SELECTIVE_SCAN, &variant, name);
-    let mut seg_state = p.buffer(nb * segments * nd * nn)?;
-    let mut seg_dt = p.buffer(nb * segments * nd)?;
+    let shared = chunk.shared_bytes(nn);
+    let f = with_shared_opt_in(
+        kernel(
+            p.device(),
+            &SELECTIVE_SCAN,
+            &variant,
+            "selective_scan_chunked",
+        )?,
+        shared,
+    )?;
     let mut out = p.buffer(nb * nl * nd + nb * nd * nn)?;
-    let segment_grid = (nd.div_ceil(32), segments / SCAN_WARPS, nb);
-    // SAFETY (every launch below): the arguments match the kernel's parameters, the packed
-    // inputs were checked against `dims`, and the scratch and output buffers have the sizes
-    // `selective_scan.cu` gives them.
-    {
-        let f = func("selective_scan_segments")?;
-        let mut builder = p.builder(&f);
-        builder.arg(&args).arg(&mut seg_state).arg(&mut seg_dt);
-        let cfg = config(segment_grid, 32 * SCAN_WARPS, 0)?;
-        unsafe { launch(&mut builder, cfg) }?;
-    }
-    {
-        let f = func("selective_scan_combine")?;
-        let mut last_state = out.slice_mut(nb * nl * nd..);
-        let mut builder = p.builder(&f);
-        builder
-            .arg(&args)
-            .arg(&mut seg_state)
-            .arg(&seg_dt)
-            .arg(&mut last_state);
-        let cfg = config(((nb * nd * nn).div_ceil(THREADS), 1, 1), THREADS, 0)?;
-        unsafe { launch(&mut builder, cfg) }?;
-    }
-    {
-        let f = func("selective_scan_outputs")?;
-        let mut builder = p.builder(&f);
-        builder.arg(&args).arg(&seg_state).arg(&mut out);
-        let cfg = config(segment_grid, 32 * SCAN_WARPS, 0)?;
-        unsafe { launch(&mut builder, cfg) }?;
-    }
+    let mut builder = p.builder(&f);
+    builder.arg(&args).arg(&mut out);
+    let cfg = config((nd / chunk.channels, nb, 1), 32 * chunk.channels, shared)?;
+    // SAFETY: the arguments match the kernel's parameters, the packed inputs were checked
+    // against `dims`, `out` holds the outputs and last states, and `shared` is the columns'
+    // size that `chunk` gives the kernel.
+    unsafe { launch(&mut builder, cfg) }?;
     Ok(out)
 }
 

@@ -101,6 +101,24 @@ impl Variant<'_> {
     }
 }
 
+/// `f`, allowed `bytes` of dynamic shared memory (past the 48 KB a kernel gets without
+/// asking).
+fn with_shared_opt_in(f: CudaFunction, bytes: usize) -> candle_core::Result<CudaFunction> {
+    use cudarc::driver::sys::CUfunction_attribute as Attr;
+    let bytes_int = i32::try_from(bytes)
+        .map_err(|_| cuda_err(format!("{bytes} bytes of shared memory do not fit an int")))?;
+    f.set_attribute(
+        Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes_int,
+    )
+    .map_err(|e| {
+        cuda_err(format!(
+            "allowing a kernel {bytes} bytes of shared memory: {e:?}"
+        ))
+    })?;
+    Ok(f)
+}
+
 /// What this process has compiled and loaded.
 #[derive(Default)]
 struct Cache {
@@ -305,6 +323,45 @@ unsafe fn launch(builder: &mut LaunchArgs, cfg: Option<LaunchConfig>) -> candle_
 mod tests {
     use super::*;
 
+    /// The forward scan's chunk: whole channel groups per block, no longer than twice the
+    /// sequence, a column long enough for the skewed chunk and 4 more than a multiple of 32
+    /// floats (so that float4 reads stay aligned and conflict-free), and shared memory within
+    /// the limit.
+    #[test]
+    fn scan_chunks_fit_their_columns() {
+        let shapes = [
+            (1536, 1, 16, 2048),
+            (5120, 1, 16, 40),
+            (8, 2, 4, 33),
+            (6, 1, 64, 12),
+            (64, 1, 256, 2048),
+        ];
+        for (dim, groups, state, len) in shapes {
+            let chunk = launch::ScanChunk::new(dim, groups, state, len).unwrap();
+            let defines: HashMap<_, _> = chunk.defines(state).into_iter().collect();
+            let (items, channels, column) = (
+                defines["SCAN_ITEMS"],
+                defines["SCAN_CHANNELS"],
+                defines["SCAN_COLUMN"],
+            );
+            assert!(
+                (dim / groups).is_multiple_of(channels),
+                "{dim}/{groups}: {channels}"
+            );
+            assert!(
+                32 * items < 2 * len.max(32),
+                "{items} items for {len} steps"
+            );
+            let last_step = 32 * items - 1;
+            assert!(
+                column > last_step + 4 * (last_step / 32),
+                "{items} items, column {column}"
+            );
+            assert_eq!(column % 32, 4, "{items} items");
+            assert!((3 * channels + 2 * state) * column * 4 <= 96 << 10);
+        }
+    }
+
     /// Every source compiles with NVRTC for sm_90, f32 and bf16, with the definitions its
     /// launcher passes (for a few state sizes). Needs libnvrtc, not a GPU.
     #[test]
@@ -313,7 +370,22 @@ mod tests {
         let sources: [(&Source, Vec<Defines>); 6] = [
             (
                 &launch::SELECTIVE_SCAN,
-                [1, 16, 64].map(|n| launch::scan_defines(n).to_vec()).into(),
+                [1, 16, 64]
+                    .map(|n| launch::scan_defines(n).to_vec())
+                    .into_iter()
+                    .chain(
+                        [
+                            (8, 2, 4, 16),
+                            (1536, 1, 16, 2048),
+                            (1536, 1, 16, 40),
+                            (6, 1, 64, 1),
+                        ]
+                        .map(|(dim, groups, n, len)| {
+                            let chunk = launch::ScanChunk::new(dim, groups, n, len).unwrap();
+                            chunk.defines(n).to_vec()
+                        }),
+                    )
+                    .collect(),
             ),
             (
                 &launch::CAUSAL_CONV1D,

@@ -8,22 +8,34 @@
 // with g(d) = d / (dim / groups). Layouts: u, delta, z, out: (batch, L, dim); A: (dim, N);
 // B, C: (batch, L, groups, N); D, delta_bias: (dim); initial_state, last_state: (batch, dim, N).
 //
-// A channel's state h (N values) lives in registers and the sequence is walked in order; it is
-// cut into `segments` consecutive pieces walked side by side, in three kernels:
+// Forward (selective_scan_chunked): one kernel; the sequence is walked in chunks of
+// SCAN_CHUNK = 32 * SCAN_ITEMS steps and the (batch, dim, L, N) states never leave registers.
+// A block is SCAN_CHANNELS warps of one sequence, warp w taking channel blockIdx.x *
+// SCAN_CHANNELS + w (all of one group), and lane l steps l * SCAN_ITEMS ... + SCAN_ITEMS - 1
+// of the chunk. The recurrence is a scan of the pairs (a_t, b_t) = (exp(dt_t A_n), dt_t u_t
+// B_t,n) under (a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2): for each n the lane composes its
+// own steps in order, the warp composes the lanes' totals with shuffles (Hillis-Steele), and
+// the state carried from the previous chunk enters through the composed prefix, so that every
+// exp(dt A) is computed once. Each chunk's delta, u, z (SCAN_CHANNELS columns) and B, C (N
+// columns of the block's group) are first copied from their token-major rows into shared
+// memory as one column per channel or n (coalesced reads, each B / C row read once for all the
+// block's channels), the next chunk's loads issued right after; the outputs go back the same
+// way.
+
+// Backward (below) cuts each channel's sequence into `segments` consecutive pieces walked side
+// by side, starting with the two kernels that give the state entering each segment:
 //   1. selective_scan_segments: each segment k of each channel from a zero state, giving its own
 //      end state H_k and total step S_k = sum of dt (the segment multiplies an entering state by
 //      exp(A * S_k));
 //   2. selective_scan_combine: the state entering each segment, one (batch, channel, n) per
-//      thread: h_in(0) = initial_state, h_in(k+1) = exp(A * S_k) * h_in(k) + H_k; the state
-//      after the last segment is last_state;
-//   3. selective_scan_outputs: each segment again from h_in(k), now writing the outputs.
-// Only the segments' end states (batch, segments, dim, N) pass through device memory, never the
-// (batch, dim, L, N) states; the inputs are read twice.
+//      thread: h_in(0) = initial_state, h_in(k+1) = exp(A * S_k) * h_in(k) + H_k.
+// Only the segments' end states (batch, segments, dim, N) pass through device memory.
 //
-// In kernels 1 and 3 a warp is 32 adjacent channels at the same step of one segment, so that
-// u, delta, z and out move as whole 128-byte rows and every lane reads the same B and C row
+// In the segment kernels a warp is 32 adjacent channels at the same step of one segment, so
+// that u, delta and z move as whole 128-byte rows and every lane reads the same B and C row
 // (one broadcast per load); a block holds SCAN_WARPS segments. Grid: (dim / 32, segments /
-// SCAN_WARPS, batch). STATE_N and SCAN_WARPS are defined by the launcher (launch.rs).
+// SCAN_WARPS, batch). STATE_N and SCAN_WARPS are defined by the launcher (launch.rs), and for
+// the forward's variant the chunk's shape (ScanChunk::defines).
 
 #define LOG2E 1.4426950408889634f
 
@@ -40,56 +52,40 @@ __device__ __forceinline__ float exp2_approx(float x) {
     return y;
 }
 
-// The per-channel inputs of one step: raw delta, u and (optionally) z, loaded one step ahead
-// of their use so that the loads overlap the previous step's arithmetic.
+// The per-channel inputs of one step: raw delta and u, loaded one step ahead of their use so
+// that the loads overlap the previous step's arithmetic.
 struct ScanStep {
-    float delta, u, z;
+    float delta, u;
 };
 
-__device__ __forceinline__ ScanStep load_step(const in_t* x, const ScanArgs& s, long long row, int d,
-                                              bool with_z) {
+__device__ __forceinline__ ScanStep load_step(const in_t* x, const ScanArgs& s, long long row, int d) {
     const long long at = row * s.dim + d;
-    ScanStep step;
-    step.delta = ld(x, s.delta + at);
-    step.u = ld(x, s.u + at);
-    step.z = (with_z && s.z >= 0) ? ld(x, s.z + at) : 0.0f;
-    return step;
+    return ScanStep{ld(x, s.delta + at), ld(x, s.u + at)};
 }
 
-// Steps t0 <= t < t1 of channel d from state h, in order: h_t = exp(dt A) h + dt u B_t. With
-// WRITE, also y_t = C_t . h_t + D u, gated, into out.
-template <bool WRITE>
+// Steps t0 <= t < t1 of channel d from state h, in order: h_t = exp(dt A) h + dt u B_t. Returns
+// the sum of the steps' dt.
 __device__ __forceinline__ float scan_steps(const in_t* __restrict__ x, const ScanArgs& s, int b, int d,
                                             int g, int t0, int t1, const float (&a2)[STATE_N],
-                                            float (&h)[STATE_N], float bias, float skip,
-                                            float* __restrict__ out) {
+                                            float (&h)[STATE_N], float bias) {
     float dt_sum = 0.0f;
-    ScanStep next = t0 < t1 ? load_step(x, s, (long long)b * s.len + t0, d, WRITE) : ScanStep{};
+    ScanStep next = t0 < t1 ? load_step(x, s, (long long)b * s.len + t0, d) : ScanStep{};
     for (int t = t0; t < t1; ++t) {
         const long long row = (long long)b * s.len + t;
         const ScanStep step = next;
-        if (t + 1 < t1) next = load_step(x, s, row + 1, d, WRITE);
+        if (t + 1 < t1) next = load_step(x, s, row + 1, d);
         float dt = step.delta + bias;
         if (s.softplus) dt = softplus(dt);
         dt_sum += dt;
         const float du = dt * step.u;
         const long long bc = (row * s.groups + g) * STATE_N;
-        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // C . h in four independent sums
 #pragma unroll
-        for (int n = 0; n < STATE_N; ++n) {
-            h[n] = exp2_approx(dt * a2[n]) * h[n] + du * ld(x, s.b + bc + n);
-            if (WRITE) part[n % 4] += ld(x, s.c + bc + n) * h[n];
-        }
-        if (WRITE) {
-            float y = (part[0] + part[1]) + (part[2] + part[3]) + skip * step.u;
-            if (s.z >= 0) y *= silu(step.z);
-            out[row * s.dim + d] = y;
-        }
+        for (int n = 0; n < STATE_N; ++n) h[n] = exp2_approx(dt * a2[n]) * h[n] + du * ld(x, s.b + bc + n);
     }
     return dt_sum;
 }
 
-// Channel, segment and steps of a thread of kernels 1 and 3.
+// Channel, segment and steps of a thread of the segment kernels.
 struct SegmentThread {
     int b, d, g, k, t0, t1;
     bool active;
@@ -129,16 +125,16 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
 #pragma unroll
     for (int n = 0; n < STATE_N; ++n) h[n] = 0.0f;
     const float bias = ld_or(x, s.delta_bias, th.d, 0.0f);
-    const float dt_sum =
-        scan_steps<false>(x, s, th.b, th.d, th.g, th.t0, th.t1, a2, h, bias, 0.0f, nullptr);
+    const float dt_sum = scan_steps(x, s, th.b, th.d, th.g, th.t0, th.t1, a2, h, bias);
     const long long at = segment_state_at(s, th.b, th.k, th.d);
 #pragma unroll
     for (int n = 0; n < STATE_N; ++n) seg_state[at + n] = h[n];
     seg_dt[((long long)th.b * s.segments + th.k) * s.dim + th.d] = dt_sum;
 }
 
-// 2. The state entering each segment, in place of the segment's own end state, and last_state. One (batch, channel, n) per thread; the segments are taken
-// COMBINE_AHEAD at a time, their loads issued together.
+// 2. The state entering each segment, in place of the segment's own end state, and the state
+// after the last one into last_state. One (batch, channel, n) per thread; the segments are
+// taken COMBINE_AHEAD at a time, their loads issued together.
 #define COMBINE_AHEAD 16
 extern "C" __global__ void selective_scan_combine(const in_t* __restrict__ x, ScanArgs s,
                                                   float* __restrict__ seg_state,
@@ -169,20 +165,241 @@ extern "C" __global__ void selective_scan_combine(const in_t* __restrict__ x, Sc
     last_state[e] = running;
 }
 
-// 3. Each segment again from its entering state, writing the outputs.
-extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
-    selective_scan_outputs(const in_t* __restrict__ x, ScanArgs s,
-                           const float* __restrict__ seg_state, float* __restrict__ out) {
-    const SegmentThread th = segment_thread(s);
-    if (!th.active || th.k >= s.segments) return;
-    float a2[STATE_N], h[STATE_N];
-    load_a2(x, s, th.d, a2);
-    const long long at = segment_state_at(s, th.b, th.k, th.d);
-#pragma unroll
-    for (int n = 0; n < STATE_N; ++n) h[n] = seg_state[at + n];
-    scan_steps<true>(x, s, th.b, th.d, th.g, th.t0, th.t1, a2, h, ld_or(x, s.delta_bias, th.d, 0.0f),
-                     ld_or(x, s.d, th.d, 0.0f), out);
+// ---------------------------------------------------------------------------------------------
+// Forward: selective_scan_chunked (see the top of the file). Compiled only in the forward's
+// variant, which defines the chunk's shape.
+#ifdef SCAN_ITEMS
+#define SCAN_CHUNK (32 * SCAN_ITEMS)
+#define SCAN_THREADS (32 * SCAN_CHANNELS)
+// Values of a COLS-column slab of a chunk each thread stages.
+#define STAGED(COLS) ((SCAN_CHUNK * (COLS) + SCAN_THREADS - 1) / SCAN_THREADS)
+
+// Where step t of a chunk sits in its shared-memory column: 4 floats of skew after every 32
+// steps, so that the first 8 lanes' reads of their SCAN_ITEMS steps (float4s at 16-byte
+// multiples) fall in distinct banks. A lane's steps never straddle a skew. The column stride
+// SCAN_COLUMN is 4 more than a multiple of 32, so that the staging's stores of 4 consecutive
+// steps of 8 columns fall in distinct banks too.
+__device__ __forceinline__ int chunk_pos(int t) { return t + 4 * (t / 32); }
+
+// A chunk's inputs on their way to shared memory, held by the thread that loaded them:
+// element k of each array is element e = threadIdx.x + k * SCAN_THREADS of the slab (step
+// e / COLS, column e % COLS), so that consecutive threads read consecutive columns of a row.
+struct ChunkSlabs {
+    float delta[STAGED(SCAN_CHANNELS)], u[STAGED(SCAN_CHANNELS)], z[STAGED(SCAN_CHANNELS)];
+    float b[STAGED(STATE_N)], c[STAGED(STATE_N)];
+};
+
+// Whether row `row` of a COLS-column slab, as the threads' turns reach it, is inside the chunk:
+// always when the turns cover the chunk exactly, else only the rows before SCAN_CHUNK (a short
+// chunk of few columns takes fewer threads than the block has).
+template <int COLS>
+__device__ __forceinline__ bool in_chunk(int row) {
+    return SCAN_CHUNK * COLS % SCAN_THREADS == 0 || row < SCAN_CHUNK;
 }
+
+// Steps [row0, row0 + SCAN_CHUNK) of columns col0 .. col0 + COLS of a token-major input (row
+// stride `stride`, starting at element `offset`), zero past the `rows` rows there are. All the
+// loads are issued before any is used.
+template <int COLS>
+__device__ __forceinline__ void load_slab(const in_t* __restrict__ x, long long offset, long long row0,
+                                          int rows, int stride, int col0, float (&v)[STAGED(COLS)]) {
+    const in_t* chunk = x + offset + row0 * stride + col0;
+    if constexpr (SCAN_THREADS % COLS == 0) {  // each thread keeps its column: offsets step evenly
+        constexpr int rows_per_turn = SCAN_THREADS / COLS;
+        const int t = threadIdx.x / COLS, at = t * stride + threadIdx.x % COLS;
+#pragma unroll
+        for (int k = 0; k < STAGED(COLS); ++k) {
+            const int row = t + k * rows_per_turn;
+            v[k] = in_chunk<COLS>(row) && row < rows ? ld(chunk, at + k * rows_per_turn * stride) : 0.0f;
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < STAGED(COLS); ++k) {
+            const int e = threadIdx.x + k * SCAN_THREADS, t = e / COLS;
+            v[k] = e < SCAN_CHUNK * COLS && t < rows ? ld(chunk, t * stride + e % COLS) : 0.0f;
+        }
+    }
+}
+
+// The slab into shared columns: column c, step t at dst[c * SCAN_COLUMN + chunk_pos(t)].
+template <int COLS>
+__device__ __forceinline__ void store_slab(const float (&v)[STAGED(COLS)], float* __restrict__ dst) {
+    if constexpr (SCAN_THREADS % COLS == 0) {
+        const int t = threadIdx.x / COLS;
+        float* col = dst + (threadIdx.x % COLS) * SCAN_COLUMN;
+#pragma unroll
+        for (int k = 0; k < STAGED(COLS); ++k) {
+            const int row = t + k * (SCAN_THREADS / COLS);
+            if (in_chunk<COLS>(row)) col[chunk_pos(row)] = v[k];
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < STAGED(COLS); ++k) {
+            const int e = threadIdx.x + k * SCAN_THREADS;
+            if (e < SCAN_CHUNK * COLS) dst[(e % COLS) * SCAN_COLUMN + chunk_pos(e / COLS)] = v[k];
+        }
+    }
+}
+
+// The chunk from step t0 of sequence b, for the block's channels c0 ... and group g.
+__device__ __forceinline__ void load_chunk(const in_t* __restrict__ x, const ScanArgs& s, int b, int t0,
+                                           int c0, int g, ChunkSlabs& slabs) {
+    const long long row0 = (long long)b * s.len + t0;
+    const int rows = s.len - t0, bc_stride = s.groups * STATE_N;
+    load_slab<SCAN_CHANNELS>(x, s.delta, row0, rows, s.dim, c0, slabs.delta);
+    load_slab<SCAN_CHANNELS>(x, s.u, row0, rows, s.dim, c0, slabs.u);
+    if (s.z >= 0) load_slab<SCAN_CHANNELS>(x, s.z, row0, rows, s.dim, c0, slabs.z);
+    load_slab<STATE_N>(x, s.b + g * STATE_N, row0, rows, bc_stride, 0, slabs.b);
+    load_slab<STATE_N>(x, s.c + g * STATE_N, row0, rows, bc_stride, 0, slabs.c);
+}
+
+// A lane's SCAN_ITEMS consecutive steps of a shared column, from step `first`.
+__device__ __forceinline__ void read_items(const float* col, int first, float (&v)[SCAN_ITEMS]) {
+    const float* p = col + chunk_pos(first);
+#if SCAN_ITEMS % 4 == 0
+#pragma unroll
+    for (int i = 0; i < SCAN_ITEMS; i += 4) {
+        const float4 q = *reinterpret_cast<const float4*>(p + i);
+        v[i] = q.x, v[i + 1] = q.y, v[i + 2] = q.z, v[i + 3] = q.w;
+    }
+#else
+#pragma unroll
+    for (int i = 0; i < SCAN_ITEMS; ++i) v[i] = p[i];
+#endif
+}
+
+__device__ __forceinline__ void write_items(float* col, int first, const float (&v)[SCAN_ITEMS]) {
+    float* p = col + chunk_pos(first);
+#pragma unroll
+    for (int i = 0; i < SCAN_ITEMS; ++i) p[i] = v[i];
+}
+
+// State n over the warp's chunk: adds C_t,n h_t,n to y for the lane's steps and returns the
+// state after the chunk, from `carry`, the state before it (both the same on every lane).
+// a2n = A_n log2(e); dt, du = dt u, b, c: the lane's steps.
+__device__ __forceinline__ float scan_state(float a2n, const float (&dt)[SCAN_ITEMS],
+                                            const float (&du)[SCAN_ITEMS], const float (&b)[SCAN_ITEMS],
+                                            const float (&c)[SCAN_ITEMS], float carry,
+                                            float (&y)[SCAN_ITEMS]) {
+    const int lane = threadIdx.x % 32;
+    // The lane's own steps composed in order: after step i, h_i = a_i h_before + hh_i.
+    float a[SCAN_ITEMS], hh[SCAN_ITEMS];
+#pragma unroll
+    for (int i = 0; i < SCAN_ITEMS; ++i) {
+        a[i] = exp2_approx(dt[i] * a2n);
+        hh[i] = du[i] * b[i];
+    }
+#pragma unroll
+    for (int i = 1; i < SCAN_ITEMS; ++i) {
+        hh[i] = fmaf(a[i], hh[i - 1], hh[i]);
+        a[i] *= a[i - 1];
+    }
+    // The lanes' totals composed up the warp: lane l holds lanes 0 .. l.
+    float wa = a[SCAN_ITEMS - 1], wh = hh[SCAN_ITEMS - 1];
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+        const float pa = __shfl_up_sync(0xffffffffu, wa, offset);
+        const float ph = __shfl_up_sync(0xffffffffu, wh, offset);
+        if (lane >= offset) {
+            wh = fmaf(wa, ph, wh);
+            wa *= pa;
+        }
+    }
+    // The state entering the lane's first step: lanes 0 .. l - 1 applied to the carry.
+    const float ea = __shfl_up_sync(0xffffffffu, wa, 1);
+    const float eh = __shfl_up_sync(0xffffffffu, wh, 1);
+    const float entering = lane == 0 ? carry : fmaf(ea, carry, eh);
+#pragma unroll
+    for (int i = 0; i < SCAN_ITEMS; ++i) y[i] = fmaf(c[i], fmaf(a[i], entering, hh[i]), y[i]);
+    return __shfl_sync(0xffffffffu, fmaf(wa, carry, wh), 31);
+}
+
+// Grid (dim / SCAN_CHANNELS, batch); block SCAN_THREADS; dynamic shared memory (3 *
+// SCAN_CHANNELS + 2 * STATE_N) * SCAN_COLUMN floats. out: [out (batch, L, dim) | last_state].
+// Per-n values the same on every lane of a warp (A_n log2(e), the carried state) are held by
+// lane n % 32 in slot n / 32 and broadcast when used. The next chunk's loads are issued before
+// the current chunk is computed; at most 128 registers (two blocks per multiprocessor) spill a
+// little but measured faster than one block.
+#define SCAN_SLOTS ((STATE_N + 31) / 32)
+#if SCAN_SLOTS == 1
+#define SLOT(n) 0
+#else
+#define SLOT(n) ((n) / 32)
+#endif
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 2)
+    selective_scan_chunked(const in_t* __restrict__ x, ScanArgs s, float* __restrict__ out) {
+    extern __shared__ float4 scan_shared[];
+    float* delta_cols = reinterpret_cast<float*>(scan_shared);  // [channel][step]
+    float* u_cols = delta_cols + SCAN_CHANNELS * SCAN_COLUMN;     // then the outputs
+    float* z_cols = u_cols + SCAN_CHANNELS * SCAN_COLUMN;
+    float* b_cols = z_cols + SCAN_CHANNELS * SCAN_COLUMN;         // [n][step]
+    float* c_cols = b_cols + STATE_N * SCAN_COLUMN;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int b = blockIdx.y, c0 = blockIdx.x * SCAN_CHANNELS, d = c0 + warp;
+    const int g = c0 / (s.dim / s.groups);
+    const int first = lane * SCAN_ITEMS;
+    float a2_lane[SCAN_SLOTS], carry_lane[SCAN_SLOTS];
+#pragma unroll
+    for (int k = 0; k < SCAN_SLOTS; ++k) {
+        const int n = min(k * 32 + lane, STATE_N - 1);
+        a2_lane[k] = ld(x, s.a + (long long)d * STATE_N + n) * LOG2E;
+        carry_lane[k] = ld_or(x, s.initial_state, ((long long)b * s.dim + d) * STATE_N + n, 0.0f);
+    }
+    const float bias = ld_or(x, s.delta_bias, d, 0.0f), skip = ld_or(x, s.d, d, 0.0f);
+    ChunkSlabs slabs;
+    load_chunk(x, s, b, 0, c0, g, slabs);
+    for (int t0 = 0; t0 < s.len; t0 += SCAN_CHUNK) {
+        const int rows = s.len - t0;
+        __syncthreads();  // the previous chunk's outputs are out of u_cols
+        store_slab<SCAN_CHANNELS>(slabs.delta, delta_cols);
+        store_slab<SCAN_CHANNELS>(slabs.u, u_cols);
+        if (s.z >= 0) store_slab<SCAN_CHANNELS>(slabs.z, z_cols);
+        store_slab<STATE_N>(slabs.b, b_cols);
+        store_slab<STATE_N>(slabs.c, c_cols);
+        __syncthreads();
+        if (t0 + SCAN_CHUNK < s.len) load_chunk(x, s, b, t0 + SCAN_CHUNK, c0, g, slabs);
+        float dt[SCAN_ITEMS], du[SCAN_ITEMS], y[SCAN_ITEMS];
+        read_items(delta_cols + warp * SCAN_COLUMN, first, dt);
+        read_items(u_cols + warp * SCAN_COLUMN, first, du);
+#pragma unroll
+        for (int i = 0; i < SCAN_ITEMS; ++i) {
+            const float u = du[i];
+            float v = dt[i] + bias;
+            if (s.softplus) v = softplus(v);
+            dt[i] = first + i < rows ? v : 0.0f;  // past the end: a = 1, b = 0
+            du[i] = dt[i] * u;
+            y[i] = skip * u;
+        }
+#pragma unroll 1
+        for (int n = 0; n < STATE_N; ++n) {
+            float bn[SCAN_ITEMS], cn[SCAN_ITEMS];
+            read_items(b_cols + n * SCAN_COLUMN, first, bn);
+            read_items(c_cols + n * SCAN_COLUMN, first, cn);
+            const float a2n = __shfl_sync(0xffffffffu, a2_lane[SLOT(n)], n % 32);
+            const float carry = __shfl_sync(0xffffffffu, carry_lane[SLOT(n)], n % 32);
+            const float after = scan_state(a2n, dt, du, bn, cn, carry, y);
+            if (lane == n % 32) carry_lane[SLOT(n)] = after;
+        }
+        if (s.z >= 0) {
+            float z[SCAN_ITEMS];
+            read_items(z_cols + warp * SCAN_COLUMN, first, z);
+#pragma unroll
+            for (int i = 0; i < SCAN_ITEMS; ++i) y[i] *= silu(z[i]);
+        }
+        write_items(u_cols + warp * SCAN_COLUMN, first, y);  // only this warp reads its column
+        __syncthreads();
+        const long long row0 = (long long)b * s.len + t0;
+        for (int e = threadIdx.x; e < SCAN_CHUNK * SCAN_CHANNELS; e += SCAN_THREADS) {
+            const int t = e / SCAN_CHANNELS, c = e % SCAN_CHANNELS;
+            if (t < rows) out[(row0 + t) * s.dim + c0 + c] = u_cols[c * SCAN_COLUMN + chunk_pos(t)];
+        }
+    }
+    float* last_state = out + (long long)s.batch * s.len * s.dim + ((long long)b * s.dim + d) * STATE_N;
+#pragma unroll
+    for (int k = 0; k < SCAN_SLOTS; ++k)
+        if (k * 32 + lane < STATE_N) last_state[k * 32 + lane] = carry_lane[k];
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Backward. With a_t = exp(dt_t A), go_t = g_out_t * silu(z_t) (g_out_t without z) and lambda_t
