@@ -166,7 +166,7 @@ pub(crate) fn selective_scan(
         )));
     }
     let chunk = ScanChunk::new(nd, groups, nn, nl)?;
-    let args = scan_args(p, dims, groups, present, softplus, 1)?;
+    let args = scan_args(p, dims, groups, present, softplus, 1)?; // the forward cuts nothing
     let defines = chunk.defines(nn);
     let variant = p.variant(&defines);
     let shared = chunk.shared_bytes(nn);
