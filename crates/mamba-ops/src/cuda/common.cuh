@@ -14,6 +14,21 @@ typedef float in_t;
 __device__ __forceinline__ float ld(const in_t* p, long long i) { return p[i]; }
 #endif
 
+// K consecutive floats from p, as float4s when K is a multiple of 4 (p then 16-byte aligned).
+template <int K>
+__device__ __forceinline__ void load_floats(const float* p, float (&v)[K]) {
+    if constexpr (K % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < K; i += 4) {
+            const float4 q = *reinterpret_cast<const float4*>(p + i);
+            v[i] = q.x, v[i + 1] = q.y, v[i + 2] = q.z, v[i + 3] = q.w;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < K; ++i) v[i] = p[i];
+    }
+}
+
 // An optional input: its value at i, or `absent` when its offset is -1.
 __device__ __forceinline__ float ld_or(const in_t* p, long long offset, long long i, float absent) {
     return offset < 0 ? absent : ld(p, offset + i);

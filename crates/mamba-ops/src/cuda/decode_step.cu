@@ -814,19 +814,6 @@ extern "C" __global__ void mamba1_ssm_step(const float* __restrict__ xc, const f
 #define STAGE_LOADS 8
 
 // A state row of STATE_N floats (rows start 16-byte aligned when STATE_N is a multiple of 4).
-__device__ __forceinline__ void load_row(const float* p, float (&v)[STATE_N]) {
-#if STATE_N % 4 == 0
-#pragma unroll
-    for (int n = 0; n < STATE_N; n += 4) {
-        const float4 q = *reinterpret_cast<const float4*>(p + n);
-        v[n] = q.x, v[n + 1] = q.y, v[n + 2] = q.z, v[n + 3] = q.w;
-    }
-#else
-#pragma unroll
-    for (int n = 0; n < STATE_N; ++n) v[n] = p[n];
-#endif
-}
-
 __device__ __forceinline__ void store_row(float* p, const float (&v)[STATE_N]) {
 #if STATE_N % 4 == 0
 #pragma unroll
@@ -883,7 +870,7 @@ __device__ __forceinline__ void mamba1_ssm_step_tiled(
     for (int k = 0; k < ITEMS; ++k) {
         const int s = min(first + k, block_seqs - 1);
         const long long row = (long long)(b0 + s) * a.d_inner + c;
-        load_row(layer_state + row * STATE_N, h[k]);
+        load_floats(layer_state + row * STATE_N, h[k]);  // rows 16-byte aligned when N % 4 == 0
         xi[k] = xc[row];
         z[k] = xz[(b0 + s) * a.xz_stride + a.d_inner + c];
         in_k[k] = in_s + s * in_stride;

@@ -255,17 +255,7 @@ __device__ __forceinline__ void load_chunk(const in_t* __restrict__ x, const Sca
 
 // A lane's SCAN_ITEMS consecutive steps of a shared column, from step `first`.
 __device__ __forceinline__ void read_items(const float* col, int first, float (&v)[SCAN_ITEMS]) {
-    const float* p = col + chunk_pos(first);
-#if SCAN_ITEMS % 4 == 0
-#pragma unroll
-    for (int i = 0; i < SCAN_ITEMS; i += 4) {
-        const float4 q = *reinterpret_cast<const float4*>(p + i);
-        v[i] = q.x, v[i + 1] = q.y, v[i + 2] = q.z, v[i + 3] = q.w;
-    }
-#else
-#pragma unroll
-    for (int i = 0; i < SCAN_ITEMS; ++i) v[i] = p[i];
-#endif
+    load_floats(col + chunk_pos(first), v);
 }
 
 __device__ __forceinline__ void write_items(float* col, int first, const float (&v)[SCAN_ITEMS]) {
