@@ -484,7 +484,10 @@ impl FusedDecoder {
         for (layer, (conv_shape, ssm_shape)) in state.layers.iter_mut().zip(&self.state_shapes) {
             let conv_shape = batched(state.batch, conv_shape);
             let ssm_shape = batched(state.batch, ssm_shape);
-            if layer.device.is_none() {
+            let shaped = |d: &crate::state::DeviceState| {
+                d.conv.dims() == conv_shape && d.ssm.dims() == ssm_shape
+            };
+            if !layer.device.as_ref().is_some_and(shaped) {
                 let (conv, ssm) = layer.recurrent_tensors(&conv_shape, &ssm_shape, &device)?;
                 layer.set_recurrent(&conv, &ssm)?;
             }

@@ -372,7 +372,10 @@ impl Model {
     /// key/value caches.
     pub fn new_state(&self, batch: usize) -> State {
         let sizes: Vec<StateSize> = self.layers.iter().map(|l| l.mixer.state_size()).collect();
-        State::zeros(batch, &sizes)
+        // Where the GPU cannot hold the zeros now, the host does, and the first forward
+        // that moves them there reports it.
+        State::zeros_on(batch, &sizes, self.device())
+            .unwrap_or_else(|_| State::zeros(batch, &sizes))
     }
 
     /// Runs `ids: (batch, L)` (row-major) from `state`, advancing it, and returns the

@@ -2,7 +2,7 @@
 //! keeps its last `W-1` conv inputs and its SSM state, whose size does not grow with the
 //! sequence; an attention layer keeps the keys and values of every token it has seen.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
 /// What one layer keeps for each sequence.
@@ -21,6 +21,9 @@ pub enum StateSize {
 /// A Mamba layer of a model on an accelerator keeps the same state as f32 tensors of those
 /// shapes in `device` instead, so that decoding does not copy it to the host every token;
 /// `conv` and `ssm` are then empty. [`LayerState::to_host`] brings it back.
+/// ([`LayerState::zeros_on`] and [`LayerState::stack`] leave them as `(batch, values per
+/// sequence)`, the same values in the same order; [`LayerState::recurrent_tensors`] gives
+/// them the layer's shapes.)
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerState {
     pub conv: Vec<f32>,
@@ -30,7 +33,8 @@ pub struct LayerState {
 }
 
 /// A Mamba layer's recurrent state held on the model's device: f32 tensors
-/// `conv: (batch, conv_dim, W-1)` and `ssm: (batch, d_inner, N)` or `(batch, H, P, N)`.
+/// `conv: (batch, conv_dim, W-1)` and `ssm: (batch, d_inner, N)` or `(batch, H, P, N)`, or
+/// the same values as `(batch, values per sequence)` (see [`LayerState`]).
 ///
 /// The fused CUDA decoding step updates these tensors in place, so a clone copies them
 /// (as cloning a host state copies its vectors) instead of sharing their storage.
@@ -101,11 +105,11 @@ fn host_values(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
 }
 
-/// Whether two tensors have the same shape and values (false where a value cannot be read).
+/// Whether two tensors hold the same values in row-major order (false where a value cannot
+/// be read).
 fn same_values(a: &Tensor, b: &Tensor) -> bool {
-    let read = |t: &Tensor| host_values(t).ok().map(|v| (t.dims().to_vec(), v));
-    let a = read(a);
-    a.is_some() && a == read(b)
+    let a = host_values(a).ok();
+    a.is_some() && a == host_values(b).ok()
 }
 
 impl SequenceKv {
@@ -198,6 +202,24 @@ impl LayerState {
         }
     }
 
+    /// [`LayerState::zeros`], with a Mamba layer's state made on `device` when that is a GPU:
+    /// `(batch, values per sequence)` zeros set there, so that the first prefill neither fills
+    /// host memory nor copies it over (for 64 sequences of mamba-2.8b, 1.3 GB).
+    pub fn zeros_on(batch: usize, size: StateSize, device: &Device) -> Result<Self> {
+        match size {
+            StateSize::Recurrent { conv, ssm } if device.is_cuda() => Ok(LayerState {
+                conv: Vec::new(),
+                ssm: Vec::new(),
+                kv: None,
+                device: Some(DeviceState {
+                    conv: Tensor::zeros((batch, conv), DType::F32, device)?,
+                    ssm: Tensor::zeros((batch, ssm), DType::F32, device)?,
+                }),
+            }),
+            _ => Ok(LayerState::zeros(batch, size)),
+        }
+    }
+
     /// The states of several batches of the same layer as one batch, in order
     /// (the recurrent layouts are batch-major, the caches per sequence). Parts whose state
     /// is on a device stack there (a part still on the host is moved to that device).
@@ -237,8 +259,8 @@ impl LayerState {
                     (rows(&part.conv, &on.conv)?, rows(&part.ssm, &on.ssm)?)
                 }
             };
-            convs.push(conv);
-            ssms.push(ssm);
+            convs.push(conv.flatten_from(1)?); // (rows, values per sequence)
+            ssms.push(ssm.flatten_from(1)?);
         }
         Ok(LayerState {
             conv: Vec::new(),
@@ -285,8 +307,18 @@ impl LayerState {
         ssm_shape: &[usize],
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
+        let fits = |held: usize, shape: &[usize]| held == shape.iter().product::<usize>();
+        let (conv_len, ssm_len) = match &self.device {
+            Some(d) => (d.conv.elem_count(), d.ssm.elem_count()),
+            None => (self.conv.len(), self.ssm.len()),
+        };
+        if !fits(conv_len, conv_shape) || !fits(ssm_len, ssm_shape) {
+            return Err(Error::Input(format!(
+                "the state holds {conv_len} conv and {ssm_len} SSM values where the layer needs {conv_shape:?} and {ssm_shape:?}"
+            )));
+        }
         match &self.device {
-            Some(d) => Ok((d.conv.clone(), d.ssm.clone())),
+            Some(d) => Ok((d.conv.reshape(conv_shape)?, d.ssm.reshape(ssm_shape)?)),
             None => Ok((
                 Tensor::from_slice(&self.conv, conv_shape, device)?,
                 Tensor::from_slice(&self.ssm, ssm_shape, device)?,
@@ -341,6 +373,18 @@ impl State {
                 .collect(),
             tokens_seen: 0,
         }
+    }
+
+    /// [`State::zeros`] with the Mamba layers' states made on `device` ([`LayerState::zeros_on`]).
+    pub fn zeros_on(batch: usize, per_sequence: &[StateSize], device: &Device) -> Result<Self> {
+        Ok(State {
+            batch,
+            layers: per_sequence
+                .iter()
+                .map(|&size| LayerState::zeros_on(batch, size, device))
+                .collect::<Result<_>>()?,
+            tokens_seen: 0,
+        })
     }
 
     /// `times` copies of this batch's sequences, one batch after another, as one batch
@@ -422,5 +466,13 @@ mod tests {
             tokens_seen: 0,
         };
         assert_eq!(state.bytes_per_sequence(), 5 * 4);
+    }
+
+    /// A state asked for in shapes that do not hold its values is refused, not reshaped.
+    #[test]
+    fn a_state_of_another_size_is_refused() {
+        let layer = LayerState::zeros(2, StateSize::Recurrent { conv: 2, ssm: 3 });
+        let asked = layer.recurrent_tensors(&[2, 1, 2], &[2, 1, 4], &Device::Cpu);
+        assert!(matches!(asked, Err(Error::Input(m)) if m.contains("[2, 1, 4]")));
     }
 }

@@ -213,6 +213,45 @@ fn a_clone_of_a_device_state_is_independent() {
     assert_ne!(state.to_host().unwrap().layers, kept.layers);
 }
 
+/// `new_state` on the GPU makes the zero states there (as `(batch, values)` tensors, which
+/// the layers reshape), and a prefill or a decode from them gives the same bits as from the
+/// same zeros made on the host and copied over.
+#[test]
+fn a_fresh_state_is_made_on_the_gpu_and_runs_as_a_host_one() {
+    let Some((_turn, device)) = gpu() else {
+        return;
+    };
+    let batch = 3;
+    for name in ["mamba_tied", "mamba2"] {
+        let model = fixture(name, WeightFormat::F32, &device);
+        let fresh = model.new_state(batch);
+        assert!(
+            fresh
+                .layers
+                .iter()
+                .all(|l| l.device.is_some() && l.conv.is_empty() && l.ssm.is_empty()),
+            "{name}: the zeros are on the GPU"
+        );
+        let host = fresh.to_host().unwrap();
+        assert!(host
+            .layers
+            .iter()
+            .all(|l| l.device.is_none() && l.ssm.iter().chain(&l.conv).all(|&v| v == 0.0)));
+        let (got, got_state) = decode(&model, fresh.clone(), 3);
+        let (want, want_state) = decode(&model, host.clone(), 3);
+        assert_eq!(got, want, "{name}: decoding from fresh states");
+        assert_eq!(got_state, want_state, "{name}: states after decoding");
+        let prompt: Vec<u32> = (0..batch * 5)
+            .map(|i| token(i, 2, model.vocab_size()))
+            .collect();
+        let (mut on_device, mut from_host) = (fresh, host);
+        let got = f32_vec(&model.prefill(&prompt, &mut on_device).unwrap()).unwrap();
+        let want = f32_vec(&model.prefill(&prompt, &mut from_host).unwrap()).unwrap();
+        assert_eq!(got, want, "{name}: prefill from fresh states");
+        assert_eq!(on_device.to_host().unwrap(), from_host.to_host().unwrap());
+    }
+}
+
 #[test]
 fn jamba_decodes_on_the_gpu_as_on_the_cpu_with_its_cache_on_the_device() {
     let Some((_turn, device)) = gpu() else {
