@@ -6,13 +6,12 @@
 #ifdef IN_BF16
 typedef unsigned short in_t;
 // bf16 is the upper half of an f32: shift its bits back into place.
-__device__ __forceinline__ float ld(const in_t* p, long long i) {
-    return __uint_as_float(((unsigned int)p[i]) << 16);
-}
+__device__ __forceinline__ float widen(in_t v) { return __uint_as_float(((unsigned int)v) << 16); }
 #else
 typedef float in_t;
-__device__ __forceinline__ float ld(const in_t* p, long long i) { return p[i]; }
+__device__ __forceinline__ float widen(in_t v) { return v; }
 #endif
+__device__ __forceinline__ float ld(const in_t* p, long long i) { return widen(p[i]); }
 
 // K consecutive floats from p, as float4s when K is a multiple of 4 (p then 16-byte aligned).
 template <int K>

@@ -181,12 +181,14 @@ extern "C" __global__ void selective_scan_combine(const in_t* __restrict__ x, Sc
 // steps of 8 columns fall in distinct banks too.
 __device__ __forceinline__ int chunk_pos(int t) { return t + 4 * (t / 32); }
 
-// A chunk's inputs on their way to shared memory, held by the thread that loaded them:
-// element k of each array is element e = threadIdx.x + k * SCAN_THREADS of the slab (step
-// e / COLS, column e % COLS), so that consecutive threads read consecutive columns of a row.
+// A chunk's inputs on their way to shared memory, held as loaded (bf16 widened only when
+// stored, so that no instruction waits for the loads before the current chunk is computed) by
+// the thread that loaded them: element k of each array is element e = threadIdx.x + k *
+// SCAN_THREADS of the slab (step e / COLS, column e % COLS), so that consecutive threads read
+// consecutive columns of a row.
 struct ChunkSlabs {
-    float delta[STAGED(SCAN_CHANNELS)], u[STAGED(SCAN_CHANNELS)], z[STAGED(SCAN_CHANNELS)];
-    float b[STAGED(STATE_N)], c[STAGED(STATE_N)];
+    in_t delta[STAGED(SCAN_CHANNELS)], u[STAGED(SCAN_CHANNELS)], z[STAGED(SCAN_CHANNELS)];
+    in_t b[STAGED(STATE_N)], c[STAGED(STATE_N)];
 };
 
 // Whether row `row` of a COLS-column slab, as the threads' turns reach it, is inside the chunk:
@@ -202,7 +204,7 @@ __device__ __forceinline__ bool in_chunk(int row) {
 // loads are issued before any is used.
 template <int COLS>
 __device__ __forceinline__ void load_slab(const in_t* __restrict__ x, long long offset, long long row0,
-                                          int rows, int stride, int col0, float (&v)[STAGED(COLS)]) {
+                                          int rows, int stride, int col0, in_t (&v)[STAGED(COLS)]) {
     const in_t* chunk = x + offset + row0 * stride + col0;
     if constexpr (SCAN_THREADS % COLS == 0) {  // each thread keeps its column: offsets step evenly
         constexpr int rows_per_turn = SCAN_THREADS / COLS;
@@ -210,33 +212,33 @@ __device__ __forceinline__ void load_slab(const in_t* __restrict__ x, long long 
 #pragma unroll
         for (int k = 0; k < STAGED(COLS); ++k) {
             const int row = t + k * rows_per_turn;
-            v[k] = in_chunk<COLS>(row) && row < rows ? ld(chunk, at + k * rows_per_turn * stride) : 0.0f;
+            v[k] = in_chunk<COLS>(row) && row < rows ? chunk[at + k * rows_per_turn * stride] : in_t(0);
         }
     } else {
 #pragma unroll
         for (int k = 0; k < STAGED(COLS); ++k) {
             const int e = threadIdx.x + k * SCAN_THREADS, t = e / COLS;
-            v[k] = e < SCAN_CHUNK * COLS && t < rows ? ld(chunk, t * stride + e % COLS) : 0.0f;
+            v[k] = e < SCAN_CHUNK * COLS && t < rows ? chunk[t * stride + e % COLS] : in_t(0);
         }
     }
 }
 
 // The slab into shared columns: column c, step t at dst[c * SCAN_COLUMN + chunk_pos(t)].
 template <int COLS>
-__device__ __forceinline__ void store_slab(const float (&v)[STAGED(COLS)], float* __restrict__ dst) {
+__device__ __forceinline__ void store_slab(const in_t (&v)[STAGED(COLS)], float* __restrict__ dst) {
     if constexpr (SCAN_THREADS % COLS == 0) {
         const int t = threadIdx.x / COLS;
         float* col = dst + (threadIdx.x % COLS) * SCAN_COLUMN;
 #pragma unroll
         for (int k = 0; k < STAGED(COLS); ++k) {
             const int row = t + k * (SCAN_THREADS / COLS);
-            if (in_chunk<COLS>(row)) col[chunk_pos(row)] = v[k];
+            if (in_chunk<COLS>(row)) col[chunk_pos(row)] = widen(v[k]);
         }
     } else {
 #pragma unroll
         for (int k = 0; k < STAGED(COLS); ++k) {
             const int e = threadIdx.x + k * SCAN_THREADS;
-            if (e < SCAN_CHUNK * COLS) dst[(e % COLS) * SCAN_COLUMN + chunk_pos(e / COLS)] = v[k];
+            if (e < SCAN_CHUNK * COLS) dst[(e % COLS) * SCAN_COLUMN + chunk_pos(e / COLS)] = widen(v[k]);
         }
     }
 }
