@@ -625,6 +625,9 @@ fn model_cases() -> Vec<ModelCase> {
         scan_case("m1 selective_scan d5120 N16 L2048", 1, 5120, L, false),
         // Short prompts of a batch (the forward's chunk shrinks to 64 steps here).
         scan_case("m1 selective_scan b5 d1536 N16 L40", 5, d1, 40, true),
+        // Short prompts of a large batch: a thread per channel.
+        scan_case("m1 selective_scan b64 d1536 N16 L1", 64, d1, 1, true),
+        scan_case("m1 selective_scan b64 d1536 N16 L32", 64, d1, 32, true),
         ModelCase {
             name: "m1 causal_conv1d_update b1",
             specs: conv_update(1, d1),

@@ -10,7 +10,7 @@
 
 use super::launch::MAX_GRID_Y;
 use super::{
-    config, cuda_err, kernel, launch, multiprocessors, with_shared_opt_in, Source, Variant,
+    config, cuda_err, kernel, kernel_with_shared, launch, multiprocessors, Source, Variant,
 };
 use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use candle_core::cuda_backend::cudarc::driver::{
@@ -518,6 +518,8 @@ impl DecodeKernels {
             bf16: spec.bf16_weights,
         };
         let load = |name| kernel(dev, &DECODE_STEP, &variant, name);
+        let load_tiled =
+            |name| kernel_with_shared(dev, &DECODE_STEP, &variant, name, TILED_SHARED_MAX);
         Ok(DecodeKernels {
             spec,
             multiprocessors: multiprocessors(dev)?,
@@ -531,9 +533,9 @@ impl DecodeKernels {
             conv_step: load("conv_step")?,
             mamba1_step: load("mamba1_ssm_step")?,
             mamba1_step_tiled: [
-                with_shared_opt_in(load("mamba1_ssm_step_tiled1")?, TILED_SHARED_MAX)?,
-                with_shared_opt_in(load("mamba1_ssm_step_tiled2")?, TILED_SHARED_MAX)?,
-                with_shared_opt_in(load("mamba1_ssm_step_tiled4")?, TILED_SHARED_MAX)?,
+                load_tiled("mamba1_ssm_step_tiled1")?,
+                load_tiled("mamba1_ssm_step_tiled2")?,
+                load_tiled("mamba1_ssm_step_tiled4")?,
             ],
             mamba2_step: load("mamba2_ssm_step")?,
             gated_norm: load("gated_norm_step")?,

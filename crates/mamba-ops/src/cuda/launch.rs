@@ -2,7 +2,7 @@
 //! field for field), the launch geometry, and the output buffer in the CPU op's flat layout.
 
 use super::{
-    config, cuda_err, kernel, launch, multiprocessors, with_shared_opt_in, Packed, Source,
+    config, cuda_err, kernel, kernel_with_shared, launch, multiprocessors, Packed, Source,
 };
 use crate::causal_conv1d::{ConvDims, ConvUpdateDims};
 use crate::rmsnorm_gated::NormDims;
@@ -131,12 +131,13 @@ impl ScanChunk {
     }
 
     /// The forward's variant of `selective_scan.cu`.
-    pub(super) fn defines(&self, state: usize) -> [(&'static str, usize); 6] {
-        let [n, warps, bwd_seg] = scan_defines(state);
+    pub(super) fn defines(&self, state: usize) -> [(&'static str, usize); 7] {
+        let [n, warps, bwd_seg, seq_n] = scan_defines(state);
         [
             n,
             warps,
             bwd_seg,
+            seq_n,
             ("SCAN_ITEMS", self.items),
             ("SCAN_CHANNELS", self.channels),
             ("SCAN_COLUMN", self.column),
@@ -150,8 +151,9 @@ impl ScanChunk {
 }
 
 /// Token-major selective scan (inputs `u, delta, A, B, C, [D], [z], [delta_bias],
-/// [initial_state]`); output `[out (batch, L, dim) | last_state (batch, dim, N)]`. One kernel,
-/// `selective_scan_chunked` (see `selective_scan.cu`).
+/// [initial_state]`); output `[out (batch, L, dim) | last_state (batch, dim, N)]`. One kernel:
+/// `selective_scan_chunked`, or `selective_scan_sequential` for short sequences of a large
+/// enough batch (see `selective_scan.cu` and [`ScanShape::one_thread_per_channel`]).
 pub(crate) fn selective_scan(
     p: &Packed,
     dims: &ScanDims,
@@ -165,18 +167,25 @@ pub(crate) fn selective_scan(
             "a selective scan of {nb} sequences (at most {MAX_GRID_Y} on the GPU)"
         )));
     }
-    let chunk = ScanChunk::new(nd, groups, nn, nl)?;
     let args = scan_args(p, dims, groups, present, softplus, 1)?; // the forward cuts nothing
+    let chunk = ScanChunk::new(nd, groups, nn, nl)?;
+    let shape = ScanShape {
+        batch: nb,
+        dim: nd,
+        len: nl,
+        state: nn,
+    };
+    if shape.one_thread_per_channel(chunk.channels, multiprocessors(p.device())?) {
+        return selective_scan_sequential(p, dims, args);
+    }
     let defines = chunk.defines(nn);
     let variant = p.variant(&defines);
     let shared = chunk.shared_bytes(nn);
-    let f = with_shared_opt_in(
-        kernel(
-            p.device(),
-            &SELECTIVE_SCAN,
-            &variant,
-            "selective_scan_chunked",
-        )?,
+    let f = kernel_with_shared(
+        p.device(),
+        &SELECTIVE_SCAN,
+        &variant,
+        "selective_scan_chunked",
         shared,
     )?;
     let mut out = p.buffer(nb * nl * nd + nb * nd * nn)?;
@@ -190,15 +199,82 @@ pub(crate) fn selective_scan(
     Ok(out)
 }
 
+/// What decides between the forward's two kernels.
+pub(super) struct ScanShape {
+    pub(super) batch: usize,
+    pub(super) dim: usize,
+    pub(super) len: usize,
+    pub(super) state: usize,
+}
+
+impl ScanShape {
+    /// Whether `selective_scan_sequential` (a thread per channel, the steps one after another)
+    /// beats the chunked kernel (blocks of `channels` channels) on `sms` multiprocessors. On
+    /// the H200 (d1536, N 16, L 1 to 64) a sequential step took about 2 us at any batch up to
+    /// one wave of its blocks, and a wave of chunked blocks about 4 us: so the sequential
+    /// kernel runs while `len` times its waves is at most twice the chunked kernel's waves.
+    /// Measured crossings: batch 1 between L 1 and 4, batch 8 between L 8 and 16, batch 64
+    /// past L 64 (132 against 249 us there).
+    pub(super) fn one_thread_per_channel(&self, channels: usize, sms: usize) -> bool {
+        let waves = |blocks: usize, per_sm: usize| blocks.div_ceil(per_sm * sms);
+        let chunked = waves(self.batch * self.dim / channels, CHUNKED_BLOCKS_PER_SM);
+        let sequential = waves(
+            self.batch * self.dim.div_ceil(SEQ_THREADS),
+            SEQ_BLOCKS_PER_SM,
+        );
+        self.state <= SEQ_MOST_N && self.len * sequential <= 2 * chunked
+    }
+}
+
+/// Blocks of `selective_scan_chunked` a multiprocessor holds (its launch bounds: 256 threads
+/// at 128 registers).
+const CHUNKED_BLOCKS_PER_SM: usize = 2;
+
+/// Blocks of `selective_scan_sequential` a multiprocessor holds (128 threads at 64 registers
+/// for f32 inputs, 72 for bf16).
+const SEQ_BLOCKS_PER_SM: usize = 7;
+
+/// The forward of short sequences: a thread per (sequence, channel), steps in order.
+fn selective_scan_sequential(
+    p: &Packed,
+    dims: &ScanDims,
+    args: ScanArgs,
+) -> Result<CudaSlice<f32>> {
+    let (nb, nd, nl, nn) = (dims.batch, dims.dim, dims.len, dims.state);
+    let defines = scan_defines(nn);
+    let variant = p.variant(&defines);
+    let f = kernel(
+        p.device(),
+        &SELECTIVE_SCAN,
+        &variant,
+        "selective_scan_sequential",
+    )?;
+    let mut out = p.buffer(nb * nl * nd + nb * nd * nn)?;
+    let mut builder = p.builder(&f);
+    builder.arg(&args).arg(&mut out);
+    let cfg = config((nd.div_ceil(SEQ_THREADS), nb, 1), SEQ_THREADS, 0)?;
+    // SAFETY: the arguments match the kernel's parameters, the packed inputs were checked
+    // against `dims` and `out` holds the outputs and last states.
+    unsafe { launch(&mut builder, cfg) }?;
+    Ok(out)
+}
+
+/// Threads per block of `selective_scan_sequential` (`SEQ_THREADS` in the kernel).
+const SEQ_THREADS: usize = 128;
+
+/// Largest N `selective_scan_sequential` takes: its block's states fit static shared memory.
+const SEQ_MOST_N: usize = 64;
+
 /// Most steps per segment of the scan's backward: each thread keeps a segment's states.
 const SCAN_BWD_SEG: usize = 16;
 
 /// The compile-time sizes of the scan's module (forward and backward kernels).
-pub(super) fn scan_defines(state: usize) -> [(&'static str, usize); 3] {
+pub(super) fn scan_defines(state: usize) -> [(&'static str, usize); 4] {
     [
         ("STATE_N", state),
         ("SCAN_WARPS", SCAN_WARPS),
         ("SCAN_BWD_SEG", SCAN_BWD_SEG),
+        ("SEQ_MOST_N", SEQ_MOST_N),
     ]
 }
 

@@ -166,6 +166,18 @@ fn kernel(
     variant: &Variant,
     function: &str,
 ) -> candle_core::Result<CudaFunction> {
+    kernel_with_shared(dev, source, variant, function, 0)
+}
+
+/// [`kernel`], allowed `shared` bytes of dynamic shared memory (none asked for when 0) once,
+/// as it is loaded: every launch of one variant of a function asks for the same.
+fn kernel_with_shared(
+    dev: &CudaDevice,
+    source: &Source,
+    variant: &Variant,
+    function: &str,
+    shared: usize,
+) -> candle_core::Result<CudaFunction> {
     let module = variant.module_name(source);
     let key = (dev.id(), format!("{module}/{function}"));
     let mut cache = cache()
@@ -178,9 +190,12 @@ fn kernel(
         let ptx = compile(source, variant, device_arch(dev)?)?;
         cache.ptx.insert(module.clone(), ptx);
     }
-    let f = dev
+    let mut f = dev
         .get_or_load_custom_func(function, &module, &cache.ptx[&module])?
         .into_cuda_function();
+    if shared > 0 {
+        f = with_shared_opt_in(f, shared)?;
+    }
     cache.functions.insert(key, f.clone());
     Ok(f)
 }
@@ -360,6 +375,33 @@ mod tests {
             assert_eq!(column % 32, 4, "{items} items");
             assert!((3 * channels + 2 * state) * column * 4 <= 96 << 10);
         }
+    }
+
+    /// The forward scan takes a thread per channel where the H200 measured it faster (132
+    /// multiprocessors, d1536, 8 channels per chunked block), and the chunked kernel where that
+    /// was faster or N is past what the sequential kernel stages.
+    #[test]
+    fn short_sequences_of_a_large_batch_take_a_thread_per_channel() {
+        let sequential = |batch, len, state| {
+            let shape = launch::ScanShape {
+                batch,
+                dim: 1536,
+                len,
+                state,
+            };
+            shape.one_thread_per_channel(8, 132)
+        };
+        for (batch, faster_sequential, faster_chunked) in [(1, 1, 4), (8, 8, 16), (64, 64, 2048)] {
+            assert!(
+                sequential(batch, faster_sequential, 16),
+                "b{batch} L{faster_sequential}"
+            );
+            assert!(
+                !sequential(batch, faster_chunked, 16),
+                "b{batch} L{faster_chunked}"
+            );
+        }
+        assert!(!sequential(64, 1, 128), "N 128 is not staged");
     }
 
     /// Every source compiles with NVRTC for sm_90, f32 and bf16, with the definitions its

@@ -20,7 +20,8 @@
 // columns of the block's group) are first copied from their token-major rows into shared
 // memory as one column per channel or n (coalesced reads, each B / C row read once for all the
 // block's channels), the next chunk's loads issued right after; the outputs go back the same
-// way.
+// way. Short sequences of a large batch go instead to selective_scan_sequential (a thread per
+// channel), which the launcher picks where it measured faster.
 
 // Backward (below) cuts each channel's sequence into `segments` consecutive pieces walked side
 // by side, starting with the two kernels that give the state entering each segment:
@@ -164,6 +165,58 @@ extern "C" __global__ void selective_scan_combine(const in_t* __restrict__ x, Sc
     }
     last_state[e] = running;
 }
+
+// Forward of short sequences (selective_scan_sequential): one thread per (sequence, channel),
+// walking the steps in order with its N states in registers, the warp's 32 adjacent channels
+// reading u, delta and z as whole rows and B, C as one broadcast row; the block's initial and
+// last states pass through shared memory, so that they move as whole rows too. Grid
+// (ceil(dim / SEQ_THREADS), batch); out as the chunked kernel's.
+#if STATE_N <= SEQ_MOST_N
+#define SEQ_THREADS 128
+#define SEQ_ROW (STATE_N + 1)  // a thread's states in shared memory, padded against bank conflicts
+extern "C" __global__ void __launch_bounds__(SEQ_THREADS)
+    selective_scan_sequential(const in_t* __restrict__ x, ScanArgs s, float* __restrict__ out) {
+    __shared__ float states[SEQ_THREADS * SEQ_ROW];
+    const int b = blockIdx.y, d0 = blockIdx.x * SEQ_THREADS, d = d0 + threadIdx.x;
+    const int channels = min(SEQ_THREADS, s.dim - d0);
+    const long long block_states = ((long long)b * s.dim + d0) * STATE_N;
+    for (int e = threadIdx.x; e < channels * STATE_N; e += SEQ_THREADS)
+        states[e / STATE_N * SEQ_ROW + e % STATE_N] = ld_or(x, s.initial_state, block_states + e, 0.0f);
+    __syncthreads();
+    float h[STATE_N];
+#pragma unroll
+    for (int n = 0; n < STATE_N; ++n) h[n] = states[threadIdx.x * SEQ_ROW + n];
+    if (d < s.dim) {
+        const int g = d / (s.dim / s.groups);
+        float a2[STATE_N];
+        load_a2(x, s, d, a2);
+        const float bias = ld_or(x, s.delta_bias, d, 0.0f), skip = ld_or(x, s.d, d, 0.0f);
+        for (int t = 0; t < s.len; ++t) {
+            const long long row = (long long)b * s.len + t, at = row * s.dim + d;
+            const float u = ld(x, s.u + at);
+            float dt = ld(x, s.delta + at) + bias;
+            if (s.softplus) dt = softplus(dt);
+            const float du = dt * u;
+            const long long bc = (row * s.groups + g) * STATE_N;
+            float y = skip * u;
+#pragma unroll
+            for (int n = 0; n < STATE_N; ++n) {
+                h[n] = exp2_approx(dt * a2[n]) * h[n] + du * ld(x, s.b + bc + n);
+                y = fmaf(ld(x, s.c + bc + n), h[n], y);
+            }
+            if (s.z >= 0) y *= silu(ld(x, s.z + at));
+            out[at] = y;
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int n = 0; n < STATE_N; ++n) states[threadIdx.x * SEQ_ROW + n] = h[n];
+    __syncthreads();
+    float* last_state = out + (long long)s.batch * s.len * s.dim + block_states;
+    for (int e = threadIdx.x; e < channels * STATE_N; e += SEQ_THREADS)
+        last_state[e] = states[e / STATE_N * SEQ_ROW + e % STATE_N];
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Forward: selective_scan_chunked (see the top of the file). Compiled only in the forward's
