@@ -153,7 +153,7 @@ impl ScanChunk {
 /// Token-major selective scan (inputs `u, delta, A, B, C, [D], [z], [delta_bias],
 /// [initial_state]`); output `[out (batch, L, dim) | last_state (batch, dim, N)]`. One kernel:
 /// `selective_scan_chunked`, or `selective_scan_sequential` for short sequences of a large
-/// enough batch (see `selective_scan.cu` and [`ScanShape::one_thread_per_channel`]).
+/// enough batch (see `selective_scan.cu` and [`one_thread_per_channel`]).
 pub(crate) fn selective_scan(
     p: &Packed,
     dims: &ScanDims,
@@ -169,13 +169,7 @@ pub(crate) fn selective_scan(
     }
     let args = scan_args(p, dims, groups, present, softplus, 1)?; // the forward cuts nothing
     let chunk = ScanChunk::new(nd, groups, nn, nl)?;
-    let shape = ScanShape {
-        batch: nb,
-        dim: nd,
-        len: nl,
-        state: nn,
-    };
-    if shape.one_thread_per_channel(chunk.channels, multiprocessors(p.device())?) {
+    if one_thread_per_channel(dims, chunk.channels, multiprocessors(p.device())?) {
         return selective_scan_sequential(p, dims, args);
     }
     let defines = chunk.defines(nn);
@@ -199,31 +193,21 @@ pub(crate) fn selective_scan(
     Ok(out)
 }
 
-/// What decides between the forward's two kernels.
-pub(super) struct ScanShape {
-    pub(super) batch: usize,
-    pub(super) dim: usize,
-    pub(super) len: usize,
-    pub(super) state: usize,
-}
-
-impl ScanShape {
-    /// Whether `selective_scan_sequential` (a thread per channel, the steps one after another)
-    /// beats the chunked kernel (blocks of `channels` channels) on `sms` multiprocessors. On
-    /// the H200 (d1536, N 16, L 1 to 64) a sequential step took about 2 us at any batch up to
-    /// one wave of its blocks, and a wave of chunked blocks about 4 us: so the sequential
-    /// kernel runs while `len` times its waves is at most twice the chunked kernel's waves.
-    /// Measured crossings: batch 1 between L 1 and 4, batch 8 between L 8 and 16, batch 64
-    /// past L 64 (132 against 249 us there).
-    pub(super) fn one_thread_per_channel(&self, channels: usize, sms: usize) -> bool {
-        let waves = |blocks: usize, per_sm: usize| blocks.div_ceil(per_sm * sms);
-        let chunked = waves(self.batch * self.dim / channels, CHUNKED_BLOCKS_PER_SM);
-        let sequential = waves(
-            self.batch * self.dim.div_ceil(SEQ_THREADS),
-            SEQ_BLOCKS_PER_SM,
-        );
-        self.state <= SEQ_MOST_N && self.len * sequential <= 2 * chunked
-    }
+/// Whether `selective_scan_sequential` (a thread per channel, the steps one after another)
+/// beats the chunked kernel (blocks of `channels` channels) for `dims` on `sms`
+/// multiprocessors. On the H200 (d1536, N 16, L 1 to 64) a sequential step took about 2 us at
+/// any batch up to one wave of its blocks, and a wave of chunked blocks about 4 us: so the
+/// sequential kernel runs while `len` times its waves is at most twice the chunked kernel's
+/// waves. Measured crossings: batch 1 between L 1 and 4, batch 8 between L 8 and 16, batch 64
+/// past L 64 (132 against 249 us there).
+pub(super) fn one_thread_per_channel(dims: &ScanDims, channels: usize, sms: usize) -> bool {
+    let waves = |blocks: usize, per_sm: usize| blocks.div_ceil(per_sm * sms);
+    let chunked = waves(dims.batch * dims.dim / channels, CHUNKED_BLOCKS_PER_SM);
+    let sequential = waves(
+        dims.batch * dims.dim.div_ceil(SEQ_THREADS),
+        SEQ_BLOCKS_PER_SM,
+    );
+    dims.state <= SEQ_MOST_N && dims.len * sequential <= 2 * chunked
 }
 
 /// Blocks of `selective_scan_chunked` a multiprocessor holds (its launch bounds: 256 threads

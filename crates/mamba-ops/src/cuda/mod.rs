@@ -383,13 +383,14 @@ mod tests {
     #[test]
     fn short_sequences_of_a_large_batch_take_a_thread_per_channel() {
         let sequential = |batch, len, state| {
-            let shape = launch::ScanShape {
+            let dims = crate::selective_scan::ScanDims {
                 batch,
                 dim: 1536,
                 len,
                 state,
+                bc: crate::selective_scan::BcForm::Varying { groups: 1 },
             };
-            shape.one_thread_per_channel(8, 132)
+            launch::one_thread_per_channel(&dims, 8, 132)
         };
         for (batch, faster_sequential, faster_chunked) in [(1, 1, 4), (8, 8, 16), (64, 64, 2048)] {
             assert!(

@@ -185,7 +185,7 @@ extern "C" __global__ void __launch_bounds__(SEQ_THREADS)
     __syncthreads();
     float h[STATE_N];
 #pragma unroll
-    for (int n = 0; n < STATE_N; ++n) h[n] = states[threadIdx.x * SEQ_ROW + n];
+    for (int n = 0; n < STATE_N; ++n) h[n] = d < s.dim ? states[threadIdx.x * SEQ_ROW + n] : 0.0f;
     if (d < s.dim) {
         const int g = d / (s.dim / s.groups);
         float a2[STATE_N];
