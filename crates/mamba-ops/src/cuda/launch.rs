@@ -214,8 +214,7 @@ pub(super) fn one_thread_per_channel(dims: &ScanDims, channels: usize, sms: usiz
 /// at 128 registers).
 const CHUNKED_BLOCKS_PER_SM: usize = 2;
 
-/// Blocks of `selective_scan_sequential` a multiprocessor holds (128 threads at 64 registers
-/// for f32 inputs, 72 for bf16).
+/// Blocks of `selective_scan_sequential` a multiprocessor holds (128 threads at 72 registers).
 const SEQ_BLOCKS_PER_SM: usize = 7;
 
 /// The forward of short sequences: a thread per (sequence, channel), steps in order.

@@ -53,35 +53,51 @@ __device__ __forceinline__ float exp2_approx(float x) {
     return y;
 }
 
-// The per-channel inputs of one step: raw delta and u, loaded one step ahead of their use so
-// that the loads overlap the previous step's arithmetic.
+// The per-channel inputs of one step: raw delta, u and (optionally) z, loaded one step ahead
+// of their use so that the loads overlap the previous step's arithmetic.
 struct ScanStep {
-    float delta, u;
+    float delta, u, z;
 };
 
-__device__ __forceinline__ ScanStep load_step(const in_t* x, const ScanArgs& s, long long row, int d) {
+__device__ __forceinline__ ScanStep load_step(const in_t* x, const ScanArgs& s, long long row, int d,
+                                              bool with_z) {
     const long long at = row * s.dim + d;
-    return ScanStep{ld(x, s.delta + at), ld(x, s.u + at)};
+    ScanStep step;
+    step.delta = ld(x, s.delta + at);
+    step.u = ld(x, s.u + at);
+    step.z = (with_z && s.z >= 0) ? ld(x, s.z + at) : 0.0f;
+    return step;
 }
 
-// Steps t0 <= t < t1 of channel d from state h, in order: h_t = exp(dt A) h + dt u B_t. Returns
-// the sum of the steps' dt.
+// Steps t0 <= t < t1 of channel d from state h, in order: h_t = exp(dt A) h + dt u B_t. With
+// WRITE, also y_t = C_t . h_t + D u, gated, into out. Returns the sum of the steps' dt.
+template <bool WRITE>
 __device__ __forceinline__ float scan_steps(const in_t* __restrict__ x, const ScanArgs& s, int b, int d,
                                             int g, int t0, int t1, const float (&a2)[STATE_N],
-                                            float (&h)[STATE_N], float bias) {
+                                            float (&h)[STATE_N], float bias, float skip,
+                                            float* __restrict__ out) {
     float dt_sum = 0.0f;
-    ScanStep next = t0 < t1 ? load_step(x, s, (long long)b * s.len + t0, d) : ScanStep{};
+    ScanStep next = t0 < t1 ? load_step(x, s, (long long)b * s.len + t0, d, WRITE) : ScanStep{};
     for (int t = t0; t < t1; ++t) {
         const long long row = (long long)b * s.len + t;
         const ScanStep step = next;
-        if (t + 1 < t1) next = load_step(x, s, row + 1, d);
+        if (t + 1 < t1) next = load_step(x, s, row + 1, d, WRITE);
         float dt = step.delta + bias;
         if (s.softplus) dt = softplus(dt);
         dt_sum += dt;
         const float du = dt * step.u;
         const long long bc = (row * s.groups + g) * STATE_N;
+        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // C . h in four independent sums
 #pragma unroll
-        for (int n = 0; n < STATE_N; ++n) h[n] = exp2_approx(dt * a2[n]) * h[n] + du * ld(x, s.b + bc + n);
+        for (int n = 0; n < STATE_N; ++n) {
+            h[n] = exp2_approx(dt * a2[n]) * h[n] + du * ld(x, s.b + bc + n);
+            if (WRITE) part[n % 4] += ld(x, s.c + bc + n) * h[n];
+        }
+        if (WRITE) {
+            float y = (part[0] + part[1]) + (part[2] + part[3]) + skip * step.u;
+            if (s.z >= 0) y *= silu(step.z);
+            out[row * s.dim + d] = y;
+        }
     }
     return dt_sum;
 }
@@ -126,7 +142,8 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
 #pragma unroll
     for (int n = 0; n < STATE_N; ++n) h[n] = 0.0f;
     const float bias = ld_or(x, s.delta_bias, th.d, 0.0f);
-    const float dt_sum = scan_steps(x, s, th.b, th.d, th.g, th.t0, th.t1, a2, h, bias);
+    const float dt_sum =
+        scan_steps<false>(x, s, th.b, th.d, th.g, th.t0, th.t1, a2, h, bias, 0.0f, nullptr);
     const long long at = segment_state_at(s, th.b, th.k, th.d);
 #pragma unroll
     for (int n = 0; n < STATE_N; ++n) seg_state[at + n] = h[n];
@@ -187,26 +204,10 @@ extern "C" __global__ void __launch_bounds__(SEQ_THREADS)
 #pragma unroll
     for (int n = 0; n < STATE_N; ++n) h[n] = d < s.dim ? states[threadIdx.x * SEQ_ROW + n] : 0.0f;
     if (d < s.dim) {
-        const int g = d / (s.dim / s.groups);
         float a2[STATE_N];
         load_a2(x, s, d, a2);
-        const float bias = ld_or(x, s.delta_bias, d, 0.0f), skip = ld_or(x, s.d, d, 0.0f);
-        for (int t = 0; t < s.len; ++t) {
-            const long long row = (long long)b * s.len + t, at = row * s.dim + d;
-            const float u = ld(x, s.u + at);
-            float dt = ld(x, s.delta + at) + bias;
-            if (s.softplus) dt = softplus(dt);
-            const float du = dt * u;
-            const long long bc = (row * s.groups + g) * STATE_N;
-            float y = skip * u;
-#pragma unroll
-            for (int n = 0; n < STATE_N; ++n) {
-                h[n] = exp2_approx(dt * a2[n]) * h[n] + du * ld(x, s.b + bc + n);
-                y = fmaf(ld(x, s.c + bc + n), h[n], y);
-            }
-            if (s.z >= 0) y *= silu(ld(x, s.z + at));
-            out[at] = y;
-        }
+        scan_steps<true>(x, s, b, d, d / (s.dim / s.groups), 0, s.len, a2, h, ld_or(x, s.delta_bias, d, 0.0f),
+                         ld_or(x, s.d, d, 0.0f), out);
     }
     __syncthreads();
 #pragma unroll
