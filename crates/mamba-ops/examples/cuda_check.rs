@@ -7,8 +7,9 @@
 //!    one mamba2-130m layer (H = 24, P = 64, N = 128, L = 2048), plus decoding steps at batch 1
 //!    and 64, run on the GPU with f32 and with bf16 inputs and are compared with the fast CPU path
 //!    on the same (rounded) values by relative L2 error;
-//! 3. the backward kernels (gated RMSNorm, causal conv1d, selective scan; the SSD's still runs
-//!    on the CPU) at those sizes and one small grouped scan, on fresh random inputs and output gradients: gradients of every input compared
+//! 3. the backward kernels (gated RMSNorm, causal conv1d, selective scan, SSD) at those sizes,
+//!    mamba2-2.7b's SSD, one small grouped scan and one small gated SSD, on fresh random inputs
+//!    and output gradients: gradients of every input compared
 //!    with the fast CPU backward by relative L2 error, two GPU runs compared bit for bit (the
 //!    summed weight gradients are deterministic), and the conv fixtures' gradients of
 //!    `sum(out * proj_out)` through candle's autograd on the GPU;
@@ -763,6 +764,43 @@ fn ssd_case(name: &'static str, h: usize, len: usize) -> ModelCase {
     }
 }
 
+/// The SSD's other paths, for the backward: batch 2, two groups, the z gate, D per channel,
+/// a clamped step, no initial state, and a last chunk that ends inside the backward's chunk.
+fn ssd_gated_case() -> ModelCase {
+    let (b, len, h, g, p, n) = (2, 200, 8, 2, 64, 64);
+    ModelCase {
+        name: "bwd ssd b2 H8 G2 P64 N64 L200 z D(H,P) clamp",
+        specs: vec![
+            spec("x", &[b, len, h, p], -1.0, 1.0),
+            spec("dt", &[b, len, h], -0.5, 0.5),
+            spec("A", &[h], -8.0, -1.0),
+            spec("B", &[b, len, g, n], -1.0, 1.0),
+            spec("C", &[b, len, g, n], -1.0, 1.0),
+            spec("D", &[h, p], 0.5, 1.5),
+            spec("z", &[b, len, h, p], -2.0, 2.0),
+            spec("dt_bias", &[h], -4.0, -2.0),
+        ],
+        call: |t| {
+            ssd_call(
+                &t[0],
+                &t[1],
+                &t[2],
+                &t[3],
+                &t[4],
+                SsdOptions {
+                    d: Some(&t[5]),
+                    z: Some(&t[6]),
+                    dt_bias: Some(&t[7]),
+                    dt_softplus: true,
+                    dt_limit: (0.0, 0.05),
+                    ..Default::default()
+                },
+            )
+        },
+        flops: 0.0,
+    }
+}
+
 /// Multiply-adds (2 flops each) of the chunked SSD's products over `len` tokens at `h` heads,
 /// counted for chunks of 64 whatever the kernels use (a fixed measure of the work): CB, chunk
 /// states, off-diagonal and (full square) diagonal products.
@@ -939,6 +977,11 @@ fn backward_cases() -> Vec<ModelCase> {
             name: "bwd m2 ssd H24 P64 N128 L2048",
             ..ssd_case("", 24, 2048)
         },
+        ModelCase {
+            name: "bwd m2 ssd H80 P64 N128 L2048",
+            ..ssd_case("", 80, 2048)
+        },
+        ssd_gated_case(),
         ModelCase {
             name: "bwd m2 rmsnorm_gated 2048x1536",
             specs: norm.clone(),

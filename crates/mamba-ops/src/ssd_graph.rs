@@ -1,9 +1,9 @@
 //! The Mamba-2 SSD as differentiable tensor operations: the chunked algorithm of the Mamba-2
 //! paper (its "minimal SSD" listing) written with candle's batched matrix products, so that
 //! candle's autograd gives its backward on any device. On a GPU the products run as cuBLAS
-//! batched GEMMs; this is the SSD's backward there ([`crate::tensor::ssd`] recomputes the
-//! forward this way and differentiates it), in place of copying to the host for the CPU
-//! backward kernel.
+//! batched GEMMs; this is the SSD's backward there where the CUDA backward kernels' chunk does
+//! not fit the device's shared memory ([`crate::tensor::ssd`] recomputes the forward this way
+//! and differentiates it), in place of copying to the host for the CPU backward kernel.
 //!
 //! With dt' the processed step, per chunk of Q steps and head h (cum = running sum of dt' A
 //! inside the chunk):

@@ -7,10 +7,11 @@
 //! CPU kernel of the op's module; on a CUDA device (cargo feature `cuda`) it runs the op's CUDA
 //! kernel (see `crate::cuda`), reading bf16 directly when every input is bf16. Outputs are f32.
 //! The backward of a tensor on a CUDA device runs the op's CUDA backward kernels where it has
-//! them (gated RMSNorm, causal conv1d, the selective scan); the SSD's recomputes its forward as
-//! differentiable batched products ([`crate::ssd_graph`]) and lets candle's autograd
-//! differentiate them there; otherwise (sizes a kernel does not cover) the inputs go to the
-//! host for the fast CPU backward kernel and the gradients come back. On the CPU every op
+//! them (gated RMSNorm, causal conv1d, the selective scan, the SSD); where the SSD's chunk
+//! does not fit the device's shared memory it recomputes its forward as differentiable batched
+//! products ([`crate::ssd_graph`]) and lets candle's autograd differentiate them there;
+//! otherwise (sizes a kernel does not cover) the inputs go to the host for the fast CPU
+//! backward kernel and the gradients come back. On the CPU every op
 //! runs its fast CPU backward kernel.
 //!
 //! Every op comes in two forms: `op(...)` returns its outputs, and `op_call(...)` returns a
@@ -988,6 +989,16 @@ struct SsdKernel {
 }
 
 impl SsdKernel {
+    #[cfg(feature = "cuda")]
+    fn flags(&self) -> cuda::SsdFlags {
+        cuda::SsdFlags {
+            present: self.present,
+            d_per_p: self.d_per_p,
+            softplus: self.softplus,
+            dt_limit: self.dt_limit,
+        }
+    }
+
     fn inputs<'a>(&self, v: &[&'a [f32]]) -> SsdInputs<'a> {
         let mut rest = v[5..].iter().copied();
         SsdInputs {
@@ -1072,13 +1083,16 @@ impl PackedKernel for SsdKernel {
 
     #[cfg(feature = "cuda")]
     fn cuda_forward(&self, packed: &cuda::Packed) -> candle_core::Result<CudaSlice<f32>> {
-        let flags = cuda::SsdFlags {
-            present: self.present,
-            d_per_p: self.d_per_p,
-            softplus: self.softplus,
-            dt_limit: self.dt_limit,
-        };
-        cuda::ssd(packed, &self.dims, flags)
+        cuda::ssd(packed, &self.dims, self.flags())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_backward(
+        &self,
+        packed: &cuda::Packed,
+        grad_out: &CudaView<f32>,
+    ) -> candle_core::Result<Option<CudaSlice<f32>>> {
+        cuda::ssd_backward(packed, &self.dims, self.flags(), grad_out)
     }
 
     fn backward(&self, inputs: &[&[f32]], grad_out: &[f32]) -> crate::Result<Vec<f32>> {

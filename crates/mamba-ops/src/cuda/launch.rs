@@ -2,7 +2,8 @@
 //! field for field), the launch geometry, and the output buffer in the CPU op's flat layout.
 
 use super::{
-    config, cuda_err, kernel, kernel_with_shared, launch, multiprocessors, Packed, Source,
+    config, cuda_err, kernel, kernel_with_shared, launch, max_shared_opt_in, multiprocessors,
+    Packed, Source,
 };
 use crate::causal_conv1d::{ConvDims, ConvUpdateDims};
 use crate::rmsnorm_gated::NormDims;
@@ -935,6 +936,345 @@ pub(crate) fn ssd(p: &Packed, dims: &SsdDims, flags: SsdFlags) -> Result<CudaSli
         unsafe { launch(&mut builder, cfg) }?;
     }
     Ok(out)
+}
+
+/// Chunk length of the SSD's backward: its chunk kernel holds a chunk's operands and two
+/// `SSD_BWD_CHUNK`-square matrices in shared memory at once.
+const SSD_BWD_CHUNK: usize = 64;
+const SSD_BWD_THREADS: usize = 256;
+
+/// The sizes `ssd.cu` is compiled with for the backward (its forward kernels included, at the
+/// backward's chunk length).
+pub(super) fn ssd_backward_defines() -> [(&'static str, usize); 4] {
+    [
+        ("SSD_Q", SSD_BWD_CHUNK),
+        ("TILE", SSD_TILE),
+        ("PRODUCT_THREADS", SSD_PRODUCT_THREADS),
+        ("SSD_BWD", 1),
+    ]
+}
+
+/// Bytes of `ssd_bwd_chunk`'s shared memory for head dimension `np` and state size `nn`: X
+/// and go (Q x P), B and C (Q x N), G and S_in (P x N), M and W (Q x Q), rows padded to odd
+/// lengths; the shares of two row dots; twelve per-step vectors and one value per thread.
+fn ssd_bwd_chunk_shared(np: usize, nn: usize) -> usize {
+    let q = SSD_BWD_CHUNK;
+    let (ps, ns, qs) = (np | 1, nn | 1, q | 1);
+    let floats = 2 * q * ps
+        + 2 * q * ns
+        + 2 * np * ns
+        + 2 * q * qs
+        + q * nn.div_ceil(4)
+        + q * np.div_ceil(4)
+        + 12 * q
+        + SSD_BWD_THREADS;
+    4 * floats
+}
+
+/// Bytes of `ssd_bwd_own_states`' shared memory: go (Q x P), C (Q x N), exp(cum).
+fn ssd_bwd_own_states_shared(np: usize, nn: usize) -> usize {
+    4 * (SSD_BWD_CHUNK * ((np | 1) + (nn | 1) + 1))
+}
+
+/// `SsdGradsAt` of `ssd.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SsdGradsAt {
+    x: i64,
+    dt: i64,
+    a: i64,
+    b: i64,
+    c: i64,
+    d: i64,
+    z: i64,
+    dt_bias: i64,
+    initial_states: i64,
+}
+
+// SAFETY: plain old data laid out as the kernel's struct.
+unsafe impl DeviceRepr for SsdGradsAt {}
+
+/// Gradients of the chunked SSD given `grad = [g_y (batch, L, H, P) | g_final (batch, H, P,
+/// N)]`: `[g_x | g_dt | g_A | g_B | g_C | g_D | g_z | g_dt_bias | g_initial_states]` (the
+/// optional ones where given), or `None` when a chunk's operands do not fit the device's
+/// shared memory (the caller then differentiates the tensor-operation form). The forward's
+/// kernels at the backward's chunk length, then the backward's (see `ssd.cu`).
+pub(crate) fn ssd_backward(
+    p: &Packed,
+    dims: &SsdDims,
+    flags: SsdFlags,
+    grad: &CudaView<f32>,
+) -> Result<Option<CudaSlice<f32>>> {
+    let (nb, nl, nh, np, ng, nn) = (
+        dims.batch,
+        dims.len,
+        dims.heads,
+        dims.head_dim,
+        dims.groups,
+        dims.state,
+    );
+    // Both shared-memory kernels are allowed the device's most (their launches ask for what
+    // the sizes need, which differs from call to call).
+    let (chunk_shared, most_shared) =
+        (ssd_bwd_chunk_shared(np, nn), max_shared_opt_in(p.device())?);
+    if chunk_shared > most_shared {
+        return Ok(None);
+    }
+    let q = SSD_BWD_CHUNK;
+    let chunks = nl.div_ceil(q);
+    let present = flags.present;
+    let [x, dt, a, b, c, d, z, dt_bias, initial_states] = p.offsets([
+        true,
+        true,
+        true,
+        true,
+        true,
+        present.d,
+        present.z,
+        present.bias,
+        present.init,
+    ])?;
+    let args = SsdArgs {
+        x,
+        dt,
+        a,
+        b,
+        c,
+        d,
+        z,
+        dt_bias,
+        initial_states,
+        batch: int(nb)?,
+        len: int(nl)?,
+        heads: int(nh)?,
+        head_dim: int(np)?,
+        groups: int(ng)?,
+        state: int(nn)?,
+        chunks: int(chunks)?,
+        d_per_p: flags.d_per_p.into(),
+        softplus: flags.softplus.into(),
+        dt_lo: flags.dt_limit.0,
+        dt_hi: flags.dt_limit.1,
+    };
+    // The gradients' layout: each input's gradient where the input sits in the packing order.
+    let tokens = nb * nl * nh * np;
+    let bc_len = nb * nl * ng * nn;
+    let d_len = if flags.d_per_p { nh * np } else { nh };
+    let sizes = [
+        (true, tokens),
+        (true, nb * nl * nh),
+        (true, nh),
+        (true, bc_len),
+        (true, bc_len),
+        (present.d, d_len),
+        (present.z, tokens),
+        (present.bias, nh),
+        (present.init, nb * nh * np * nn),
+    ];
+    let mut starts = [-1i64; 9];
+    let mut total = 0;
+    for (start, &(here, len)) in starts.iter_mut().zip(&sizes) {
+        if here {
+            *start = total as i64;
+            total += len;
+        }
+    }
+    let at = SsdGradsAt {
+        x: starts[0],
+        dt: starts[1],
+        a: starts[2],
+        b: starts[3],
+        c: starts[4],
+        d: starts[5],
+        z: starts[6],
+        dt_bias: starts[7],
+        initial_states: starts[8],
+    };
+    let defines = ssd_backward_defines();
+    let variant = p.variant(&defines);
+    let func = |name: &str| kernel(p.device(), &SSD, &variant, name);
+    let steps = nb * nh * chunks * q;
+    let block_heads = nb * chunks * nh;
+    let state_len = nb * nh * np * nn;
+    let mut dtp = p.buffer(steps)?;
+    let mut cum = p.buffer(steps)?;
+    let mut cb = p.buffer(nb * chunks * ng * q * q)?;
+    let mut states = p.buffer(block_heads * np * nn)?;
+    let mut final_state = p.buffer(state_len)?;
+    let mut grads = p.buffer(total)?;
+    let mut go = p.buffer(tokens)?;
+    let mut own = p.buffer(block_heads * np * nn)?;
+    let mut b_share = p.buffer(nb * nh * nl * nn)?;
+    let mut c_share = p.buffer(nb * nh * nl * nn)?;
+    let mut a_part = p.buffer(block_heads)?;
+    let mut bias_part = p.buffer(block_heads)?;
+    let mut d_part = p.buffer(block_heads * np)?;
+    let mut d_head_part = p.buffer(block_heads)?;
+    let (g_y, g_final) = (grad.slice(..tokens), grad.slice(tokens..tokens + state_len));
+    // SAFETY (every launch below): the arguments match the kernel's parameters, the packed
+    // inputs were checked against `dims`, `grad` holds g_y and g_final (checked by the caller),
+    // and the scratch and gradient buffers have the sizes `ssd.cu` gives them.
+    {
+        let f = func("ssd_dt")?;
+        let mut builder = p.builder(&f);
+        builder.arg(&args).arg(&mut dtp).arg(&mut cum);
+        unsafe { launch(&mut builder, config((nb * nh * chunks, 1, 1), q, 0)?) }?;
+    }
+    {
+        let f = func("ssd_chunk_products")?;
+        let mut builder = p.builder(&f);
+        builder
+            .arg(&args)
+            .arg(&dtp)
+            .arg(&cum)
+            .arg(&mut cb)
+            .arg(&mut states);
+        let tiles = nn.div_ceil(SSD_TILE) * np.div_ceil(SSD_TILE);
+        let blocks = nb * chunks * ng + block_heads * tiles;
+        let cfg = config((blocks, 1, 1), SSD_PRODUCT_THREADS, 0)?;
+        unsafe { launch(&mut builder, cfg) }?;
+    }
+    {
+        let f = func("ssd_state_passing")?;
+        let mut builder = p.builder(&f);
+        builder
+            .arg(&args)
+            .arg(&cum)
+            .arg(&mut states)
+            .arg(&mut final_state);
+        let cfg = config((nb * nh, (np * nn).div_ceil(THREADS), 1), THREADS, 0)?;
+        unsafe { launch(&mut builder, cfg) }?;
+    }
+    // The output before the gate, which g_z needs.
+    let ungated = if present.z {
+        let mut out = p.buffer(tokens)?;
+        let f = func("ssd_chunk_scan")?;
+        let plain = SsdArgs { z: -1, ..args };
+        let mut builder = p.builder(&f);
+        builder
+            .arg(&plain)
+            .arg(&dtp)
+            .arg(&cum)
+            .arg(&cb)
+            .arg(&states)
+            .arg(&mut out);
+        let cfg = config(
+            (block_heads, np.div_ceil(SSD_TILE), 1),
+            SSD_PRODUCT_THREADS,
+            0,
+        )?;
+        unsafe { launch(&mut builder, cfg) }?;
+        Some(out)
+    } else {
+        None
+    };
+    {
+        let f = func("ssd_bwd_gate")?;
+        let mut builder = p.builder(&f);
+        builder.arg(&args).arg(&g_y);
+        match &ungated {
+            Some(out) => builder.arg(out),
+            None => builder.arg(&g_y), // not read without z
+        };
+        builder.arg(&mut go).arg(&mut grads).arg(&at);
+        unsafe {
+            launch(
+                &mut builder,
+                config((tokens.div_ceil(THREADS), 1, 1), THREADS, 0)?,
+            )
+        }?;
+    }
+    {
+        let shared = ssd_bwd_own_states_shared(np, nn);
+        let f = kernel_with_shared(
+            p.device(),
+            &SSD,
+            &variant,
+            "ssd_bwd_own_states",
+            most_shared,
+        )?;
+        let mut builder = p.builder(&f);
+        builder.arg(&args).arg(&go).arg(&cum).arg(&mut own);
+        let cfg = config((block_heads, 1, 1), SSD_BWD_THREADS, shared)?;
+        unsafe { launch(&mut builder, cfg) }?;
+    }
+    {
+        let f = func("ssd_bwd_state_passing")?;
+        let mut builder = p.stream.launch_builder(&f);
+        builder
+            .arg(&args)
+            .arg(&cum)
+            .arg(&g_final)
+            .arg(&mut own)
+            .arg(&mut grads)
+            .arg(&at);
+        let cfg = config((nb * nh, (np * nn).div_ceil(THREADS), 1), THREADS, 0)?;
+        unsafe { launch(&mut builder, cfg) }?;
+    }
+    {
+        let f = kernel_with_shared(p.device(), &SSD, &variant, "ssd_bwd_chunk", most_shared)?;
+        let mut builder = p.builder(&f);
+        builder
+            .arg(&args)
+            .arg(&go)
+            .arg(&dtp)
+            .arg(&cum)
+            .arg(&cb)
+            .arg(&states)
+            .arg(&own)
+            .arg(&mut grads)
+            .arg(&at)
+            .arg(&mut b_share)
+            .arg(&mut c_share)
+            .arg(&mut a_part)
+            .arg(&mut bias_part)
+            .arg(&mut d_part)
+            .arg(&mut d_head_part);
+        let cfg = config((block_heads, 1, 1), SSD_BWD_THREADS, chunk_shared)?;
+        unsafe { launch(&mut builder, cfg) }?;
+    }
+    for (share, start) in [(&b_share, at.b), (&c_share, at.c)] {
+        let f = func("ssd_bwd_group_sum")?;
+        let start = start as usize;
+        let mut out = grads.slice_mut(start..start + bc_len);
+        let mut builder = p.stream.launch_builder(&f);
+        builder.arg(&args).arg(share).arg(&mut out);
+        unsafe {
+            launch(
+                &mut builder,
+                config((bc_len.div_ceil(THREADS), 1, 1), THREADS, 0)?,
+            )
+        }?;
+    }
+    // g_A, g_dt_bias and g_D: the (batch, chunk) parts added in order.
+    let d_parts = if flags.d_per_p { &d_part } else { &d_head_part };
+    for (here, part, start, width) in [
+        (true, &a_part, at.a, nh),
+        (present.bias, &bias_part, at.dt_bias, nh),
+        (present.d, d_parts, at.d, d_len),
+    ] {
+        if !here {
+            continue;
+        }
+        let f = func("sum_parts")?;
+        let start = start as usize;
+        let mut out = grads.slice_mut(start..start + width);
+        let (count, stride, width_arg) = (int(nb * chunks)?, int(width)?, int(width)?);
+        let mut builder = p.stream.launch_builder(&f);
+        builder
+            .arg(part)
+            .arg(&count)
+            .arg(&stride)
+            .arg(&width_arg)
+            .arg(&mut out);
+        unsafe {
+            launch(
+                &mut builder,
+                config((width.div_ceil(THREADS), 1, 1), THREADS, 0)?,
+            )
+        }?;
+    }
+    Ok(Some(grads))
 }
 
 // ---------------------------------------------------------------------------------------

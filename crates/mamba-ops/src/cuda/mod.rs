@@ -158,6 +158,13 @@ fn multiprocessors(dev: &CudaDevice) -> candle_core::Result<usize> {
     Ok(count.max(1) as usize)
 }
 
+/// The most shared memory a block may opt in to on the device, in bytes.
+fn max_shared_opt_in(dev: &CudaDevice) -> candle_core::Result<usize> {
+    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN as OPT_IN;
+    let bytes = dev.cuda_stream().context().attribute(OPT_IN).w()?;
+    Ok(bytes.max(0) as usize)
+}
+
 /// Kernel `function` of `source` compiled as `variant`, compiling the module on first use and
 /// loading it on first use on `dev`.
 fn kernel(
@@ -443,7 +450,13 @@ mod tests {
                     .map(|(n, rows)| launch::state_update_defines(n, rows).to_vec())
                     .into(),
             ),
-            (&launch::SSD, vec![launch::ssd_defines().to_vec()]),
+            (
+                &launch::SSD,
+                vec![
+                    launch::ssd_defines().to_vec(),
+                    launch::ssd_backward_defines().to_vec(),
+                ],
+            ),
             (&launch::RMSNORM_GATED, vec![vec![("NORM_THREADS", 256)]]),
             (
                 &decode::DECODE_STEP,

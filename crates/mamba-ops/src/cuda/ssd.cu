@@ -578,3 +578,415 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backward (compiled with SSD_BWD, in a variant of its own chunk length): the gradients of
+// every input given g_y and g_final, in the CPU backward's chunked form (`ssd::ssd_backward`).
+// With go = g_y silu(z) (g_y without z) and, per chunk, l_ij = exp(cum_i - cum_j) for j <= i
+// (else 0), into_j = exp(cum_last - cum_j), w_j = into_j dt'_j, S_in the state entering the
+// chunk and G the gradient of the state leaving it:
+//
+//   GX = go X^T              M = CB ∘ l ∘ dt'_j        W = GX ∘ l ∘ dt'_j
+//   g_X = M^T go + w ∘ (B G^T) + D go       g_B = W^T C + w ∘ (X G)
+//   g_C = W B + exp(cum) ∘ (go S_in)
+//   g_dt'_j (direct) = sum_i (CB ∘ l ∘ GX)_ij + into_j x_j . (G B_j)
+//   g_cum_i = rowsum_i(M ∘ GX) - colsum_i(M ∘ GX) + exp(cum_i) go_i . (S_in C_i) - w_i x_i . (G B_i)
+//             [+ sum_j w_j x_j . (G B_j) + exp(cum_last) <G, S_in> at the last step]
+//   g_dt'_j += A sum_{i >= j} g_cum_i,       g_A += sum_i g_cum_i sum_{j <= i} dt'_j
+//
+// and G runs backwards over the chunks as the states run forwards: G(last) = g_final,
+// G(c-1) = exp(cum_last(c)) G(c) + sum_i exp(cum_i) outer(go_i, C_i); what leaves the first
+// chunk is g_initial_states. Kernels, after the forward ones (ssd_dt, ssd_chunk_products,
+// ssd_state_passing and, with z, ssd_chunk_scan without the gate for the ungated output):
+//   ssd_bwd_gate          go, and g_z = g_y out silu'(z);
+//   ssd_bwd_own_states    each chunk's sum_i exp(cum_i) outer(go_i, C_i);
+//   ssd_bwd_state_passing G(c) over the chunks, from the end, and g_initial_states;
+//   ssd_bwd_chunk         one (batch, chunk, head): everything above, in shared memory;
+//   ssd_bwd_group_sum     g_B and g_C: the heads' shares added over each group's heads;
+//   sum_parts             g_A, g_D and g_dt_bias: the chunks' parts added in order.
+// Every sum runs in a fixed order (no float atomics): every run gives the same bits.
+#ifdef SSD_BWD
+#define BWD_THREADS 256
+
+// Where each gradient goes in the flat output (element offsets; -1 for an absent input).
+struct SsdGradsAt {
+    long long x, dt, a, b, c, d, z, dt_bias, initial_states;
+};
+
+// go = g_y silu(z) and g_z = g_y out silu'(z) (go = g_y without z). One element per thread.
+extern "C" __global__ void ssd_bwd_gate(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ grad,
+                                        const float* __restrict__ out, float* __restrict__ go,
+                                        float* __restrict__ grads, SsdGradsAt at) {
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (long long)s.batch * s.len * s.heads * s.head_dim) return;
+    const float g = grad[e];
+    if (s.z < 0) {
+        go[e] = g;
+        return;
+    }
+    const float z = ld(x, s.z + e);
+    go[e] = g * silu(z);
+    grads[at.z + e] = g * out[e] * silu_grad(z);
+}
+
+// A matrix in shared memory: element (r, c) at p[r * rs + c * cs].
+struct Smem {
+    const float* p;
+    int rs, cs;
+    __device__ __forceinline__ float at(int r, int c) const { return p[r * rs + c * cs]; }
+};
+
+// acc[i][j] += sum_k a(rows[i], k) b(k, cols[j]).
+__device__ __forceinline__ void multiply_into(float (&acc)[4][4], const int (&rows)[4], const int (&cols)[4],
+                                              int depth, Smem a, Smem b) {
+#pragma unroll 4
+    for (int k = 0; k < depth; ++k) {
+        float av[4], bv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) av[i] = a.at(rows[i], k);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) bv[j] = b.at(k, cols[j]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+    }
+}
+
+// An m x n result from operands in shared memory, in the order
+//   out = a1 b1 (depth k1);  with dot.p: part[r * ceil(n / 4) + cc] = the thread's share of
+//   sum_c out[r][c] dot(r, c);  out[r][.] *= scale(r);  out += a2 b2 (depth k2);  emit(r, c, out).
+// Each thread takes 4 x 4 outputs at a time, rows rr + RS i and columns cc + CS j (RS = ceil(m / 4),
+// CS = ceil(n / 4)), so that a warp's lanes read consecutive columns and one or two rows: with
+// odd row strides no two lanes wait on one bank.
+template <class Scale, class Emit>
+__device__ void two_products(int m, int n, int k1, Smem a1, Smem b1, Smem dot, float* part, Scale scale,
+                             int k2, Smem a2, Smem b2, Emit emit) {
+    const int row_step = (m + 3) / 4, col_step = (n + 3) / 4;
+    for (int tile = threadIdx.x; tile < row_step * col_step; tile += blockDim.x) {
+        const int rr = tile / col_step, cc = tile % col_step;
+        int rows[4], cols[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            rows[i] = min(rr + row_step * i, m - 1);  // past the edge: read row m - 1, not kept
+            cols[i] = min(cc + col_step * i, n - 1);
+        }
+        float acc[4][4] = {};
+        multiply_into(acc, rows, cols, k1, a1, b1);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const bool row_in = rr + row_step * i < m;
+            if (dot.p != nullptr && row_in) {
+                float d = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    if (cc + col_step * j < n) d += acc[i][j] * dot.at(rows[i], cols[j]);
+                part[rows[i] * col_step + cc] = d;
+            }
+            const float sc = scale(rows[i]);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] *= sc;
+        }
+        multiply_into(acc, rows, cols, k2, a2, b2);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                if (rr + row_step * i < m && cc + col_step * j < n) emit(rows[i], cols[j], acc[i][j]);
+    }
+}
+
+// Odd row strides of the shared matrices (conflict-free column reads).
+__device__ __forceinline__ int odd_stride(int width) { return width | 1; }
+
+// Rows t0 .. t0 + SSD_Q of a (batch, L, K, width) input at inner index k into shared rows of
+// `stride` floats (zeros past the sequence).
+__device__ __forceinline__ void stage_input_rows(const in_t* __restrict__ x, const SsdArgs& s, long long offset,
+                                                 long long b, int t0, int k, int inner, int width,
+                                                 float* dst, int stride) {
+    for (int e = threadIdx.x; e < SSD_Q * width; e += blockDim.x) {
+        const int i = e / width, v = e % width, t = t0 + i;
+        dst[i * stride + v] = t < s.len ? ld(x, offset + token_row(s, b, t, k, inner, width) + v) : 0.0f;
+    }
+}
+
+// The same from f32 (batch, L, H, P) rows (go), each row scaled by scale[i] when given.
+__device__ __forceinline__ void stage_float_rows(const float* __restrict__ src, const SsdArgs& s, const ChunkHead& k,
+                                                 const float* scale, float* dst, int stride) {
+    const int width = s.head_dim;
+    for (int e = threadIdx.x; e < SSD_Q * width; e += blockDim.x) {
+        const int i = e / width, v = e % width, t = k.t0 + i;
+        const float f = scale != nullptr ? scale[i] : 1.0f;
+        dst[i * stride + v] = t < s.len ? f * src[token_row(s, k.b, t, k.h, s.heads, width) + v] : 0.0f;
+    }
+}
+
+// Where the chunk's steps start in the (batch, H, chunks * SSD_Q) dt' and cum.
+__device__ __forceinline__ long long chunk_step0(const SsdArgs& s, const ChunkHead& k) {
+    return (k.b * s.heads + k.h) * ((long long)s.chunks * SSD_Q) + k.t0;
+}
+
+// The chunk's dt' and cum (SSD_Q each) into shared memory.
+__device__ __forceinline__ void stage_steps(const SsdArgs& s, const ChunkHead& k, const float* __restrict__ dtp,
+                                            const float* __restrict__ cum, float* dt_c, float* cum_c) {
+    const long long step0 = chunk_step0(s, k);
+    for (int j = threadIdx.x; j < SSD_Q; j += blockDim.x) {
+        dt_c[j] = dtp[step0 + j];
+        cum_c[j] = cum[step0 + j];
+    }
+}
+
+// Each chunk's own share of the gradient of the state entering it, sum_i exp(cum_i)
+// outer(go_i, C_i), into own (batch, chunks, H, P, N). One (batch, chunk, head) per block;
+// dynamic shared memory: go scaled (SSD_Q x odd P), C (SSD_Q x odd N), exp(cum).
+extern "C" __global__ void __launch_bounds__(BWD_THREADS)
+    ssd_bwd_own_states(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ go,
+                       const float* __restrict__ cum, float* __restrict__ own) {
+    extern __shared__ float smem[];
+    const int np = s.head_dim, nn = s.state, ps = odd_stride(np), ns = odd_stride(nn);
+    float* gos = smem;
+    float* cs = gos + SSD_Q * ps;
+    float* scale = cs + SSD_Q * ns;  // exp(cum_i)
+    const ChunkHead k = chunk_head(s, blockIdx.x);
+    for (int j = threadIdx.x; j < SSD_Q; j += blockDim.x) scale[j] = __expf(cum[chunk_step0(s, k) + j]);
+    __syncthreads();
+    stage_float_rows(go, s, k, scale, gos, ps);
+    stage_input_rows(x, s, s.c, k.b, k.t0, k.g, s.groups, nn, cs, ns);
+    __syncthreads();
+    const Smem none{nullptr, 0, 0};
+    two_products(
+        np, nn, SSD_Q, Smem{gos, 1, ps}, Smem{cs, ns, 1}, none, nullptr, [](int) { return 1.0f; }, 0, none, none,
+        [&](int p, int n, float v) { own[(k.bch * np + p) * (long long)nn + n] = v; });
+}
+
+// G(c) over the chunks from the last: own(c) is replaced by G(c), the gradient of the state
+// leaving chunk c (g_final for the last), and G(c-1) = exp(cum_last(c)) G(c) + own(c); what
+// reaches the front is g_initial_states. One (p, n) entry per thread, the chunks taken
+// PASS_AHEAD at a time as in ssd_state_passing. Grid: (batch * heads, P * N / blockDim.x).
+extern "C" __global__ void ssd_bwd_state_passing(SsdArgs s, const float* __restrict__ cum,
+                                                 const float* __restrict__ g_final, float* __restrict__ own,
+                                                 float* __restrict__ grads, SsdGradsAt at_grad) {
+    const long long bh = blockIdx.x;
+    const int h = (int)(bh % s.heads);
+    const long long b = bh / s.heads;
+    const long long entries = (long long)s.head_dim * s.state;
+    const long long e = (long long)blockIdx.y * blockDim.x + threadIdx.x;
+    if (e >= entries) return;
+    const long long cum_last = bh * ((long long)s.chunks * SSD_Q) + SSD_Q - 1;
+    const auto at = [&](int c) { return ((b * s.chunks + c) * s.heads + h) * entries + e; };
+    float running = g_final[bh * entries + e];
+    for (int c0 = s.chunks - 1; c0 >= 0; c0 -= PASS_AHEAD) {
+        float mine[PASS_AHEAD], decay[PASS_AHEAD];
+#pragma unroll
+        for (int k = 0; k < PASS_AHEAD; ++k) {
+            if (c0 - k < 0) break;
+            mine[k] = own[at(c0 - k)];
+            decay[k] = __expf(cum[cum_last + (long long)(c0 - k) * SSD_Q]);
+        }
+#pragma unroll
+        for (int k = 0; k < PASS_AHEAD; ++k) {
+            if (c0 - k < 0) break;
+            own[at(c0 - k)] = running;
+            running = decay[k] * running + mine[k];
+        }
+    }
+    if (at_grad.initial_states >= 0) grads[at_grad.initial_states + bh * entries + e] = running;
+}
+
+// The gradients of one (batch, chunk, head) (equations above). Writes g_X and g_dt (with the
+// processed step's derivative) into grads, the head's shares of g_B and g_C into b_share and
+// c_share (batch, H, L, N), and the chunk's parts of g_A (a_part), g_dt_bias (bias_part) and
+// g_D (d_part: P per chunk; with D per head, also their sum into d_head_part). Grid: batch *
+// chunks * heads; dynamic shared memory as laid out below (the launcher's
+// `ssd_bwd_chunk_shared`).
+extern "C" __global__ void __launch_bounds__(BWD_THREADS)
+    ssd_bwd_chunk(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ go_g,
+                  const float* __restrict__ dtp, const float* __restrict__ cum, const float* __restrict__ cb,
+                  const float* __restrict__ states, const float* __restrict__ g_states, float* __restrict__ grads,
+                  SsdGradsAt at, float* __restrict__ b_share, float* __restrict__ c_share,
+                  float* __restrict__ a_part, float* __restrict__ bias_part, float* __restrict__ d_part,
+                  float* __restrict__ d_head_part) {
+    extern __shared__ float smem[];
+    const int np = s.head_dim, nn = s.state;
+    const int ps = odd_stride(np), ns = odd_stride(nn), qs = odd_stride(SSD_Q);
+    float* xs = smem;                    // X    (Q, P)
+    float* gos = xs + SSD_Q * ps;        // go   (Q, P)
+    float* bs = gos + SSD_Q * ps;        // B    (Q, N)
+    float* cs = bs + SSD_Q * ns;         // C    (Q, N)
+    float* gst = cs + SSD_Q * ns;        // G    (P, N)
+    float* sin = gst + np * ns;          // S_in (P, N)
+    float* m = sin + np * ns;            // CB, then M   (Q, Q)
+    float* w = m + SSD_Q * qs;           // GX, then W   (Q, Q)
+    float* part_c = w + SSD_Q * qs;      // (Q, ceil(N / 4)): shares of go_i . (S_in C_i)
+    float* part_x = part_c + SSD_Q * ((nn + 3) / 4);  // (Q, ceil(P / 4)): of x_i . (G B_i)
+    float* cum_c = part_x + SSD_Q * ((np + 3) / 4);
+    float* dt_c = cum_c + SSD_Q;
+    float* raw_c = dt_c + SSD_Q;         // dt + dt_bias, for the processed step's derivative
+    float* into = raw_c + SSD_Q;         // exp(cum_last - cum_j)
+    float* wj = into + SSD_Q;            // into_j dt'_j
+    float* row_f = wj + SSD_Q;           // rowsum(M ∘ GX)
+    float* col_f = row_f + SSD_Q;        // colsum(M ∘ GX)
+    float* col_e = col_f + SSD_Q;        // colsum(CB ∘ l ∘ GX)
+    float* g_cum = col_e + SSD_Q;
+    float* g_dt = g_cum + SSD_Q;
+    float* u_c = g_dt + SSD_Q;           // go_i . (S_in C_i)
+    float* u_x = u_c + SSD_Q;            // x_i . (G B_i)
+    float* red = u_x + SSD_Q;            // BWD_THREADS partial sums of <G, S_in>
+
+    const ChunkHead k = chunk_head(s, blockIdx.x);
+    const int tid = threadIdx.x;
+    stage_steps(s, k, dtp, cum, dt_c, cum_c);
+    const float bias = ld_or(x, s.dt_bias, k.h, 0.0f);
+    for (int j = tid; j < SSD_Q; j += blockDim.x) {
+        const int t = k.t0 + j;
+        raw_c[j] = t < s.len ? ld(x, s.dt + (k.b * s.len + t) * s.heads + k.h) + bias : 0.0f;
+    }
+    stage_input_rows(x, s, s.x, k.b, k.t0, k.h, s.heads, np, xs, ps);
+    stage_float_rows(go_g, s, k, nullptr, gos, ps);
+    stage_input_rows(x, s, s.b, k.b, k.t0, k.g, s.groups, nn, bs, ns);
+    stage_input_rows(x, s, s.c, k.b, k.t0, k.g, s.groups, nn, cs, ns);
+    const long long state0 = k.bch * np * (long long)nn;
+    for (int e = tid; e < np * nn; e += blockDim.x) {
+        gst[(e / nn) * ns + e % nn] = g_states[state0 + e];
+        sin[(e / nn) * ns + e % nn] = states[state0 + e];
+    }
+    const long long cb0 = (k.bc * s.groups + k.g) * (long long)SSD_Q * SSD_Q;
+    for (int e = tid; e < SSD_Q * SSD_Q; e += blockDim.x) {
+        const int i = e / SSD_Q, j = e % SSD_Q;
+        m[i * qs + j] = j <= i ? cb[cb0 + e] : 0.0f;
+    }
+    __syncthreads();
+    for (int j = tid; j < SSD_Q; j += blockDim.x) {
+        into[j] = __expf(cum_c[SSD_Q - 1] - cum_c[j]);
+        wj[j] = into[j] * dt_c[j];
+    }
+    const Smem none{nullptr, 0, 0};
+    const auto one = [](int) { return 1.0f; };
+    // GX = go X^T.
+    two_products(SSD_Q, SSD_Q, np, Smem{gos, ps, 1}, Smem{xs, 1, ps}, none, nullptr, one, 0, none, none,
+                 [&](int i, int j, float v) { w[i * qs + j] = v; });
+    __syncthreads();
+    // The diagonal block's sums: a thread per column j (col_e, col_f), then per row i (row_f).
+    const auto e_of = [&](int i, int j) {  // (CB ∘ l ∘ GX)_ij, j <= i
+        return m[i * qs + j] * __expf(cum_c[i] - cum_c[j]) * w[i * qs + j];
+    };
+    if (tid < SSD_Q) {
+        const int j = tid;
+        float e_sum = 0.0f;
+        for (int i = j; i < SSD_Q; ++i) e_sum += e_of(i, j);
+        col_e[j] = e_sum;
+        col_f[j] = e_sum * dt_c[j];
+    } else if (tid < 2 * SSD_Q) {
+        const int i = tid - SSD_Q;
+        float f_sum = 0.0f;
+        for (int j = 0; j <= i; ++j) f_sum += e_of(i, j) * dt_c[j];
+        row_f[i] = f_sum;
+    }
+    __syncthreads();
+    // M = CB ∘ l ∘ dt'_j and W = GX ∘ l ∘ dt'_j (zero above the diagonal).
+    for (int e = tid; e < SSD_Q * SSD_Q; e += blockDim.x) {
+        const int i = e / SSD_Q, j = e % SSD_Q;
+        const float l = j <= i ? __expf(cum_c[i] - cum_c[j]) * dt_c[j] : 0.0f;
+        m[i * qs + j] *= l;
+        w[i * qs + j] = j <= i ? w[i * qs + j] * l : 0.0f;
+    }
+    __syncthreads();
+    const int t_end = s.len - k.t0;  // steps of this chunk inside the sequence, if fewer than SSD_Q
+    const auto share_at = [&](int i, int n) { return ((k.b * s.heads + k.h) * s.len + k.t0 + i) * (long long)nn + n; };
+    // g_C = exp(cum) ∘ (go S_in) + W B, with the shares of go_i . (S_in C_i).
+    two_products(SSD_Q, nn, np, Smem{gos, ps, 1}, Smem{sin, ns, 1}, Smem{cs, ns, 1}, part_c,
+                 [&](int i) { return __expf(cum_c[i]); }, SSD_Q, Smem{w, qs, 1}, Smem{bs, ns, 1},
+                 [&](int i, int n, float v) {
+                     if (i < t_end) c_share[share_at(i, n)] = v;
+                 });
+    // g_B = w ∘ (X G) + W^T C.
+    two_products(SSD_Q, nn, np, Smem{xs, ps, 1}, Smem{gst, ns, 1}, none, nullptr, [&](int j) { return wj[j]; },
+                 SSD_Q, Smem{w, 1, qs}, Smem{cs, ns, 1}, [&](int j, int n, float v) {
+                     if (j < t_end) b_share[share_at(j, n)] = v;
+                 });
+    // g_X = w ∘ (B G^T) + M^T go + D go, with the shares of x_j . (G B_j).
+    two_products(SSD_Q, np, nn, Smem{bs, ns, 1}, Smem{gst, 1, ns}, Smem{xs, ps, 1}, part_x,
+                 [&](int j) { return wj[j]; }, SSD_Q, Smem{m, 1, qs}, Smem{gos, ps, 1}, [&](int j, int p, float v) {
+                     if (j >= t_end) return;
+                     const float skip = s.d < 0 ? 0.0f : ld(x, s.d + (s.d_per_p ? k.h * np + p : k.h));
+                     grads[at.x + token_row(s, k.b, k.t0 + j, k.h, s.heads, np) + p] = v + skip * gos[j * ps + p];
+                 });
+    // <G, S_in>, each thread's share in order.
+    float gs = 0.0f;
+    for (int e = tid; e < np * nn; e += blockDim.x) gs += gst[(e / nn) * ns + e % nn] * sin[(e / nn) * ns + e % nn];
+    red[tid] = gs;
+    // g_D's part: sum_i go_i x_i per p.
+    if (s.d >= 0)
+        for (int p = tid; p < np; p += blockDim.x) {
+            float v = 0.0f;
+            for (int i = 0; i < SSD_Q; ++i) v += gos[i * ps + p] * xs[i * ps + p];
+            d_part[k.bch * np + p] = v;
+        }
+    __syncthreads();
+    if (tid < SSD_Q) {
+        const int i = tid;
+        float uc = 0.0f, ux = 0.0f;
+        for (int q = 0; q < (nn + 3) / 4; ++q) uc += part_c[i * ((nn + 3) / 4) + q];
+        for (int q = 0; q < (np + 3) / 4; ++q) ux += part_x[i * ((np + 3) / 4) + q];
+        u_c[i] = uc;
+        u_x[i] = ux;
+    }
+    __syncthreads();
+    if (tid != 0) return;
+    // The chunk's scalars, in order: g_cum, then g_dt' and g_A through cum = A sum dt'.
+    float gs_total = 0.0f, to_last = 0.0f;
+    for (int q = 0; q < blockDim.x; ++q) gs_total += red[q];
+    for (int i = 0; i < SSD_Q; ++i) {
+        g_cum[i] = row_f[i] - col_f[i] + __expf(cum_c[i]) * u_c[i] - wj[i] * u_x[i];
+        g_dt[i] = col_e[i] + into[i] * u_x[i];
+        to_last += wj[i] * u_x[i];
+    }
+    g_cum[SSD_Q - 1] += to_last + __expf(cum_c[SSD_Q - 1]) * gs_total;
+    float dt_sum = 0.0f, g_a = 0.0f;
+    for (int i = 0; i < SSD_Q; ++i) {
+        dt_sum += dt_c[i];
+        g_a += g_cum[i] * dt_sum;
+    }
+    const float a = ld(x, s.a + k.h);
+    float suffix = 0.0f, g_bias = 0.0f;
+    for (int j = SSD_Q - 1; j >= 0; --j) {
+        suffix += g_cum[j];
+        if (j >= t_end) continue;
+        // d dt' / d dt: the softplus's sigmoid (1 above 20 or without it), 0 where clamped.
+        const float v = raw_c[j];
+        const bool smooth = s.softplus && v <= 20.0f;
+        const float before_clamp = smooth ? softplus(v) : v;
+        const float slope = before_clamp < s.dt_lo || before_clamp > s.dt_hi ? 0.0f
+                            : smooth ? 1.0f / (1.0f + __expf(-v)) : 1.0f;
+        const float g = (g_dt[j] + a * suffix) * slope;
+        grads[at.dt + (k.b * s.len + k.t0 + j) * s.heads + k.h] = g;
+        g_bias += g;
+    }
+    a_part[k.bch] = g_a;
+    bias_part[k.bch] = g_bias;
+    if (s.d >= 0 && !s.d_per_p) {
+        float g_d = 0.0f;
+        for (int p = 0; p < np; ++p) g_d += d_part[k.bch * np + p];
+        d_head_part[k.bch] = g_d;
+    }
+}
+
+// g_B or g_C (batch, L, G, N): the heads' shares (batch, H, L, N) added over each group's heads
+// in order. One (batch, t, group, n) per thread.
+extern "C" __global__ void ssd_bwd_group_sum(SsdArgs s, const float* __restrict__ share, float* __restrict__ out) {
+    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // (b, t, g, n)
+    if (e >= (long long)s.batch * s.len * s.groups * s.state) return;
+    const int n = (int)(e % s.state);
+    const long long btg = e / s.state;
+    const int g = (int)(btg % s.groups);
+    const long long bt = btg / s.groups;
+    const int t = (int)(bt % s.len);
+    const long long b = bt / s.len;
+    const int per_group = s.heads / s.groups;
+    float total = 0.0f;
+    for (int h = g * per_group; h < (g + 1) * per_group; ++h)
+        total += share[((b * s.heads + h) * s.len + t) * (long long)s.state + n];
+    out[e] = total;
+}
+
+#endif
