@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Times mamba_ssm's Triton kernels at the shapes of `cuda_check`'s model cases
-(crates/mamba-ops/examples/cuda_check.rs), for the side-by-side table in BENCHMARKS.md.
+(crates/mamba-ops/examples/cuda_check.rs), for the side-by-side table in BENCHMARKS.md: the
+SSD forward, the SSD forward and backward together (its backward alone is the difference), and
+the decoding steps.
 
 Needs PyTorch with CUDA, Triton, einops, and mamba_ssm's `ops/triton` package importable
 (a checkout of state-spaces/mamba on PYTHONPATH; its compiled extensions are not needed,
@@ -56,6 +58,22 @@ def device_us(fn):
     return statistics.median(samples)
 
 
+def queued_us(fn):
+    """Median time of one call of `fn` queued back to back (host launch cost included when the
+    host is slower than the device)."""
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(SAMPLES):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(CALLS):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / CALLS)
+    return statistics.median(samples)
+
+
 def ssd(heads, chunk, dtype):
     p, n = 64, 128
     x = uniform((1, L, heads, p), -1, 1, dtype)
@@ -69,6 +87,35 @@ def ssd(heads, chunk, dtype):
     return lambda: mamba_chunk_scan_combined(
         x, dt, a, b, c, chunk, D=d, dt_bias=dt_bias, initial_states=h0,
         dt_softplus=True, return_final_states=True)
+
+
+def ssd_backward(heads, chunk, dtype):
+    """The SSD's forward and backward (gradients of every input from random output
+    gradients); the backward alone is this minus `ssd`'s time."""
+    p, n = 64, 128
+    leaves = [
+        uniform((1, L, heads, p), -1, 1, dtype),
+        uniform((1, L, heads), -0.5, 0.5, dtype),
+        uniform((heads,), -16, -1),
+        uniform((1, L, 1, n), -1, 1, dtype),
+        uniform((1, L, 1, n), -1, 1, dtype),
+        uniform((heads,), 0.5, 1.5),
+        uniform((heads,), -6, -2),
+        uniform((1, heads, p, n), -0.1, 0.1),
+    ]
+    for t in leaves:
+        t.requires_grad_(True)
+    x, dt, a, b, c, d, dt_bias, h0 = leaves
+    g_y = uniform((1, L, heads, p), -1, 1, dtype)
+    g_final = uniform((1, heads, p, n), -1, 1)
+
+    def step():
+        y, final = mamba_chunk_scan_combined(
+            x, dt, a, b, c, chunk, D=d, dt_bias=dt_bias, initial_states=h0,
+            dt_softplus=True, return_final_states=True)
+        torch.autograd.backward([y, final], [g_y, g_final])
+
+    return step
 
 
 def m1_step(batch, dtype):
@@ -109,6 +156,8 @@ def main():
             for chunk in (64, 256):
                 cases.append((f"m2 ssd H{heads} P64 N128 L2048 chunk {chunk} {name}",
                               lambda h=heads, q=chunk, t=dtype: ssd(h, q, t)))
+                cases.append((f"m2 ssd forward+backward H{heads} P64 N128 L2048 chunk {chunk} {name}",
+                              lambda h=heads, q=chunk, t=dtype: ssd_backward(h, q, t)))
         for batch in (1, 64):
             cases.append((f"m1 selective_state_update b{batch} {name}",
                           lambda b=batch, t=dtype: m1_step(b, t)))
@@ -127,7 +176,11 @@ def main():
                 torch.cuda.synchronize()
                 print(f"{label}: called twice", flush=True)
                 continue
-            print(f"{label}: {device_us(make()):.1f} us", flush=True)
+            fn = make()
+            try:
+                print(f"{label}: {device_us(fn):.1f} us", flush=True)
+            except RuntimeError as e:  # not capturable: time the calls as the host queues them
+                print(f"{label}: {queued_us(fn):.1f} us (no CUDA graph: {str(e)[:60]})", flush=True)
         except Exception as e:  # one failing case should not hide the others
             print(f"{label}: failed: {type(e).__name__}: {e}", flush=True)
 

@@ -941,7 +941,7 @@ pub(crate) fn ssd(p: &Packed, dims: &SsdDims, flags: SsdFlags) -> Result<CudaSli
 /// Chunk length of the SSD's backward: its chunk kernel holds a chunk's operands and two
 /// `SSD_BWD_CHUNK`-square matrices in shared memory at once.
 const SSD_BWD_CHUNK: usize = 64;
-const SSD_BWD_THREADS: usize = 256;
+const SSD_BWD_THREADS: usize = 512;
 
 /// The sizes `ssd.cu` is compiled with for the backward (its forward kernels included, at the
 /// backward's chunk length).
@@ -1102,7 +1102,6 @@ pub(crate) fn ssd_backward(
     let mut states = p.buffer(block_heads * np * nn)?;
     let mut final_state = p.buffer(state_len)?;
     let mut grads = p.buffer(total)?;
-    let mut go = p.buffer(tokens)?;
     let mut own = p.buffer(block_heads * np * nn)?;
     let mut b_share = p.buffer(nb * nh * nl * nn)?;
     let mut c_share = p.buffer(nb * nh * nl * nn)?;
@@ -1168,22 +1167,29 @@ pub(crate) fn ssd_backward(
     } else {
         None
     };
-    {
-        let f = func("ssd_bwd_gate")?;
-        let mut builder = p.builder(&f);
-        builder.arg(&args).arg(&g_y);
-        match &ungated {
-            Some(out) => builder.arg(out),
-            None => builder.arg(&g_y), // not read without z
-        };
-        builder.arg(&mut go).arg(&mut grads).arg(&at);
-        unsafe {
-            launch(
-                &mut builder,
-                config((tokens.div_ceil(THREADS), 1, 1), THREADS, 0)?,
-            )
-        }?;
-    }
+    // go, the gradient of the output before the gate: g_y itself without z.
+    let gated = match &ungated {
+        Some(out) => {
+            let mut go = p.buffer(tokens)?;
+            let f = func("ssd_bwd_gate")?;
+            let mut builder = p.builder(&f);
+            builder
+                .arg(&args)
+                .arg(&g_y)
+                .arg(out)
+                .arg(&mut go)
+                .arg(&mut grads)
+                .arg(&at);
+            let cfg = config((tokens.div_ceil(THREADS), 1, 1), THREADS, 0)?;
+            unsafe { launch(&mut builder, cfg) }?;
+            Some(go)
+        }
+        None => None,
+    };
+    let go = match &gated {
+        Some(go) => go.slice(..),
+        None => grad.slice(..tokens),
+    };
     {
         let shared = ssd_bwd_own_states_shared(np, nn);
         let f = kernel_with_shared(

@@ -598,7 +598,7 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
 // G(c-1) = exp(cum_last(c)) G(c) + sum_i exp(cum_i) outer(go_i, C_i); what leaves the first
 // chunk is g_initial_states. Kernels, after the forward ones (ssd_dt, ssd_chunk_products,
 // ssd_state_passing and, with z, ssd_chunk_scan without the gate for the ungated output):
-//   ssd_bwd_gate          go, and g_z = g_y out silu'(z);
+//   ssd_bwd_gate          with z: go, and g_z = g_y out silu'(z);
 //   ssd_bwd_own_states    each chunk's sum_i exp(cum_i) outer(go_i, C_i);
 //   ssd_bwd_state_passing G(c) over the chunks, from the end, and g_initial_states;
 //   ssd_bwd_chunk         one (batch, chunk, head): everything above, in shared memory;
@@ -606,24 +606,21 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
 //   sum_parts             g_A, g_D and g_dt_bias: the chunks' parts added in order.
 // Every sum runs in a fixed order (no float atomics): every run gives the same bits.
 #ifdef SSD_BWD
-#define BWD_THREADS 256
+#define BWD_THREADS 512
 
 // Where each gradient goes in the flat output (element offsets; -1 for an absent input).
 struct SsdGradsAt {
     long long x, dt, a, b, c, d, z, dt_bias, initial_states;
 };
 
-// go = g_y silu(z) and g_z = g_y out silu'(z) (go = g_y without z). One element per thread.
+// With z: go = g_y silu(z) and g_z = g_y out silu'(z) (without z, go is g_y itself). One element
+// per thread.
 extern "C" __global__ void ssd_bwd_gate(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ grad,
                                         const float* __restrict__ out, float* __restrict__ go,
                                         float* __restrict__ grads, SsdGradsAt at) {
     const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= (long long)s.batch * s.len * s.heads * s.head_dim) return;
     const float g = grad[e];
-    if (s.z < 0) {
-        go[e] = g;
-        return;
-    }
     const float z = ld(x, s.z + e);
     go[e] = g * silu(z);
     grads[at.z + e] = g * out[e] * silu_grad(z);
@@ -636,42 +633,41 @@ struct Smem {
     __device__ __forceinline__ float at(int r, int c) const { return p[r * rs + c * cs]; }
 };
 
-// acc[i][j] += sum_k a(rows[i], k) b(k, cols[j]).
-__device__ __forceinline__ void multiply_into(float (&acc)[4][4], const int (&rows)[4], const int (&cols)[4],
+// An m x n result from operands in shared memory, in the order
+//   out = a1 b1 (depth k1);  with dot.p: part[r * ceil(n / BWD_COLS) + cc] = the thread's share of
+//   sum_c out[r][c] dot(r, c);  out[r][.] *= scale(r);  out += a2 b2 (depth k2);  emit(r, c, out).
+// Each thread takes 4 x BWD_COLS outputs at a time, rows rr + RS i and columns cc + CS j (RS =
+// ceil(m / 4), CS = ceil(n / BWD_COLS)), so that a warp's lanes read consecutive columns and one or two
+// rows: with odd row strides no two lanes wait on one bank.
+#define BWD_COLS 4
+__device__ __forceinline__ void multiply_into(float (&acc)[4][BWD_COLS], const int (&rows)[4], const int (&cols)[BWD_COLS],
                                               int depth, Smem a, Smem b) {
 #pragma unroll 4
     for (int k = 0; k < depth; ++k) {
-        float av[4], bv[4];
+        float av[4], bv[BWD_COLS];
 #pragma unroll
         for (int i = 0; i < 4; ++i) av[i] = a.at(rows[i], k);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) bv[j] = b.at(k, cols[j]);
+        for (int j = 0; j < BWD_COLS; ++j) bv[j] = b.at(k, cols[j]);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+            for (int j = 0; j < BWD_COLS; ++j) acc[i][j] += av[i] * bv[j];
     }
 }
 
-// An m x n result from operands in shared memory, in the order
-//   out = a1 b1 (depth k1);  with dot.p: part[r * ceil(n / 4) + cc] = the thread's share of
-//   sum_c out[r][c] dot(r, c);  out[r][.] *= scale(r);  out += a2 b2 (depth k2);  emit(r, c, out).
-// Each thread takes 4 x 4 outputs at a time, rows rr + RS i and columns cc + CS j (RS = ceil(m / 4),
-// CS = ceil(n / 4)), so that a warp's lanes read consecutive columns and one or two rows: with
-// odd row strides no two lanes wait on one bank.
 template <class Scale, class Emit>
 __device__ void two_products(int m, int n, int k1, Smem a1, Smem b1, Smem dot, float* part, Scale scale,
                              int k2, Smem a2, Smem b2, Emit emit) {
-    const int row_step = (m + 3) / 4, col_step = (n + 3) / 4;
+    const int row_step = (m + 3) / 4, col_step = (n + BWD_COLS - 1) / BWD_COLS;
     for (int tile = threadIdx.x; tile < row_step * col_step; tile += blockDim.x) {
         const int rr = tile / col_step, cc = tile % col_step;
-        int rows[4], cols[4];
+        int rows[4], cols[BWD_COLS];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            rows[i] = min(rr + row_step * i, m - 1);  // past the edge: read row m - 1, not kept
-            cols[i] = min(cc + col_step * i, n - 1);
-        }
-        float acc[4][4] = {};
+        for (int i = 0; i < 4; ++i) rows[i] = min(rr + row_step * i, m - 1);  // past the edge: row m - 1, not kept
+#pragma unroll
+        for (int j = 0; j < BWD_COLS; ++j) cols[j] = min(cc + col_step * j, n - 1);
+        float acc[4][BWD_COLS] = {};
         multiply_into(acc, rows, cols, k1, a1, b1);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -679,20 +675,40 @@ __device__ void two_products(int m, int n, int k1, Smem a1, Smem b1, Smem dot, f
             if (dot.p != nullptr && row_in) {
                 float d = 0.0f;
 #pragma unroll
-                for (int j = 0; j < 4; ++j)
+                for (int j = 0; j < BWD_COLS; ++j)
                     if (cc + col_step * j < n) d += acc[i][j] * dot.at(rows[i], cols[j]);
                 part[rows[i] * col_step + cc] = d;
             }
             const float sc = scale(rows[i]);
 #pragma unroll
-            for (int j = 0; j < 4; ++j) acc[i][j] *= sc;
+            for (int j = 0; j < BWD_COLS; ++j) acc[i][j] *= sc;
         }
         multiply_into(acc, rows, cols, k2, a2, b2);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
+            for (int j = 0; j < BWD_COLS; ++j)
                 if (rr + row_step * i < m && cc + col_step * j < n) emit(rows[i], cols[j], acc[i][j]);
+    }
+}
+
+// Values load(e), e < total, handed to store(e, v), each thread keeping STAGE_AHEAD loads in
+// flight before it stores (one at a time, every load would wait out its latency in turn).
+#define STAGE_AHEAD 8
+template <class Load, class Store>
+__device__ __forceinline__ void stage(int total, Load load, Store store) {
+    for (int e0 = threadIdx.x; e0 < total; e0 += STAGE_AHEAD * blockDim.x) {
+        float v[STAGE_AHEAD];
+#pragma unroll
+        for (int u = 0; u < STAGE_AHEAD; ++u) {
+            const int e = e0 + u * blockDim.x;
+            v[u] = e < total ? load(e) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < STAGE_AHEAD; ++u) {
+            const int e = e0 + u * blockDim.x;
+            if (e < total) store(e, v[u]);
+        }
     }
 }
 
@@ -704,21 +720,29 @@ __device__ __forceinline__ int odd_stride(int width) { return width | 1; }
 __device__ __forceinline__ void stage_input_rows(const in_t* __restrict__ x, const SsdArgs& s, long long offset,
                                                  long long b, int t0, int k, int inner, int width,
                                                  float* dst, int stride) {
-    for (int e = threadIdx.x; e < SSD_Q * width; e += blockDim.x) {
-        const int i = e / width, v = e % width, t = t0 + i;
-        dst[i * stride + v] = t < s.len ? ld(x, offset + token_row(s, b, t, k, inner, width) + v) : 0.0f;
-    }
+    stage(
+        SSD_Q * width,
+        [&](int e) {
+            const int t = t0 + e / width;
+            return t < s.len ? ld(x, offset + token_row(s, b, t, k, inner, width) + e % width) : 0.0f;
+        },
+        [&](int e, float v) { dst[(e / width) * stride + e % width] = v; });
 }
 
 // The same from f32 (batch, L, H, P) rows (go), each row scaled by scale[i] when given.
 __device__ __forceinline__ void stage_float_rows(const float* __restrict__ src, const SsdArgs& s, const ChunkHead& k,
                                                  const float* scale, float* dst, int stride) {
     const int width = s.head_dim;
-    for (int e = threadIdx.x; e < SSD_Q * width; e += blockDim.x) {
-        const int i = e / width, v = e % width, t = k.t0 + i;
-        const float f = scale != nullptr ? scale[i] : 1.0f;
-        dst[i * stride + v] = t < s.len ? f * src[token_row(s, k.b, t, k.h, s.heads, width) + v] : 0.0f;
-    }
+    stage(
+        SSD_Q * width,
+        [&](int e) {
+            const int t = k.t0 + e / width;
+            return t < s.len ? src[token_row(s, k.b, t, k.h, s.heads, width) + e % width] : 0.0f;
+        },
+        [&](int e, float v) {
+            const int i = e / width;
+            dst[i * stride + e % width] = scale != nullptr ? scale[i] * v : v;
+        });
 }
 
 // Where the chunk's steps start in the (batch, H, chunks * SSD_Q) dt' and cum.
@@ -846,15 +870,16 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     stage_input_rows(x, s, s.b, k.b, k.t0, k.g, s.groups, nn, bs, ns);
     stage_input_rows(x, s, s.c, k.b, k.t0, k.g, s.groups, nn, cs, ns);
     const long long state0 = k.bch * np * (long long)nn;
-    for (int e = tid; e < np * nn; e += blockDim.x) {
-        gst[(e / nn) * ns + e % nn] = g_states[state0 + e];
-        sin[(e / nn) * ns + e % nn] = states[state0 + e];
-    }
+    stage(
+        np * nn, [&](int e) { return g_states[state0 + e]; },
+        [&](int e, float v) { gst[(e / nn) * ns + e % nn] = v; });
+    stage(
+        np * nn, [&](int e) { return states[state0 + e]; },
+        [&](int e, float v) { sin[(e / nn) * ns + e % nn] = v; });
     const long long cb0 = (k.bc * s.groups + k.g) * (long long)SSD_Q * SSD_Q;
-    for (int e = tid; e < SSD_Q * SSD_Q; e += blockDim.x) {
-        const int i = e / SSD_Q, j = e % SSD_Q;
-        m[i * qs + j] = j <= i ? cb[cb0 + e] : 0.0f;
-    }
+    stage(
+        SSD_Q * SSD_Q, [&](int e) { return e % SSD_Q <= e / SSD_Q ? cb[cb0 + e] : 0.0f; },
+        [&](int e, float v) { m[(e / SSD_Q) * qs + e % SSD_Q] = v; });
     __syncthreads();
     for (int j = tid; j < SSD_Q; j += blockDim.x) {
         into[j] = __expf(cum_c[SSD_Q - 1] - cum_c[j]);
