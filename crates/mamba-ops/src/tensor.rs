@@ -1360,9 +1360,9 @@ mod tests {
     use candle_core::Device;
     use mamba_testing::lcg_values_in;
 
-    /// The SSD's backward through tensor operations (the GPU's) unpacks the packed inputs in
-    /// the kernel's order and gives the CPU backward kernel's gradients, with and without the
-    /// optional inputs.
+    /// The SSD's backward through tensor operations (the GPU's where the backward kernels'
+    /// chunk does not fit shared memory) unpacks the packed inputs in the kernel's order and
+    /// gives the CPU backward kernel's gradients, with and without the optional inputs.
     #[test]
     fn ssd_tensor_backward_matches_the_cpu_kernel_on_packed_inputs() {
         let dims = SsdDims {
