@@ -954,18 +954,25 @@ pub(super) fn ssd_backward_defines() -> [(&'static str, usize); 4] {
     ]
 }
 
+/// The row stride of a shared matrix `width` floats wide in the backward kernels (`bwd_stride`
+/// of `ssd.cu`): 4 more than a multiple of 32.
+fn ssd_bwd_stride(width: usize) -> usize {
+    width + (36 - width % 32) % 32
+}
+
 /// Bytes of `ssd_bwd_chunk`'s shared memory for head dimension `np` and state size `nn`: X
-/// and go (Q x P), B and C (Q x N), G and S_in (P x N), M and W (Q x Q), rows padded to odd
-/// lengths; the shares of two row dots; twelve per-step vectors and one value per thread.
+/// and go (Q x P), B and C (Q x N), G and S_in (P x N), M and W (Q x Q), rows at
+/// [`ssd_bwd_stride`]; the shares of two row dots; twelve per-step vectors and one value per
+/// thread.
 fn ssd_bwd_chunk_shared(np: usize, nn: usize) -> usize {
     let q = SSD_BWD_CHUNK;
-    let (ps, ns, qs) = (np | 1, nn | 1, q | 1);
+    let (ps, ns, qs) = (ssd_bwd_stride(np), ssd_bwd_stride(nn), ssd_bwd_stride(q));
     let floats = 2 * q * ps
         + 2 * q * ns
         + 2 * np * ns
         + 2 * q * qs
-        + q * nn.div_ceil(4)
-        + q * np.div_ceil(4)
+        + q * nn / 4
+        + q * np / 4
         + 12 * q
         + SSD_BWD_THREADS;
     4 * floats
@@ -973,7 +980,7 @@ fn ssd_bwd_chunk_shared(np: usize, nn: usize) -> usize {
 
 /// Bytes of `ssd_bwd_own_states`' shared memory: go (Q x P), C (Q x N), exp(cum).
 fn ssd_bwd_own_states_shared(np: usize, nn: usize) -> usize {
-    4 * (SSD_BWD_CHUNK * ((np | 1) + (nn | 1) + 1))
+    4 * (SSD_BWD_CHUNK * (ssd_bwd_stride(np) + ssd_bwd_stride(nn) + 1))
 }
 
 /// `SsdGradsAt` of `ssd.cu`.
@@ -996,8 +1003,9 @@ unsafe impl DeviceRepr for SsdGradsAt {}
 
 /// Gradients of the chunked SSD given `grad = [g_y (batch, L, H, P) | g_final (batch, H, P,
 /// N)]`: `[g_x | g_dt | g_A | g_B | g_C | g_D | g_z | g_dt_bias | g_initial_states]` (the
-/// optional ones where given), or `None` when a chunk's operands do not fit the device's
-/// shared memory (the caller then differentiates the tensor-operation form). The forward's
+/// optional ones where given), or `None` when P or N is not a multiple of 4 (the kernels read
+/// shared memory four values at a time) or a chunk's operands do not fit the device's shared
+/// memory (the caller then differentiates the tensor-operation form). The forward's
 /// kernels at the backward's chunk length, then the backward's (see `ssd.cu`).
 pub(crate) fn ssd_backward(
     p: &Packed,
@@ -1017,7 +1025,7 @@ pub(crate) fn ssd_backward(
     // the sizes need, which differs from call to call).
     let (chunk_shared, most_shared) =
         (ssd_bwd_chunk_shared(np, nn), max_shared_opt_in(p.device())?);
-    if chunk_shared > most_shared {
+    if !np.is_multiple_of(4) || !nn.is_multiple_of(4) || chunk_shared > most_shared {
         return Ok(None);
     }
     let q = SSD_BWD_CHUNK;

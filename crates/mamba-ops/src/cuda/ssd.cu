@@ -626,69 +626,116 @@ extern "C" __global__ void ssd_bwd_gate(const in_t* __restrict__ x, SsdArgs s, c
     grads[at.z + e] = g * out[e] * silu_grad(z);
 }
 
-// A matrix in shared memory: element (r, c) at p[r * rs + c * cs].
-struct Smem {
+// A row-major matrix in shared memory, element (r, c) at p[r * stride + c], and the transpose
+// of one, element (r, c) at p[c * stride + r]. Strides are 4 more than a multiple of 32 floats
+// (`bwd_stride`) and every matrix starts 16-byte aligned, so that four consecutive values are one
+// 16-byte load and a warp's loads of them take the fewest shared-memory wavefronts.
+struct Rows {
     const float* p;
-    int rs, cs;
-    __device__ __forceinline__ float at(int r, int c) const { return p[r * rs + c * cs]; }
+    int stride;
 };
+struct Cols {
+    const float* p;
+    int stride;
+};
+__device__ __forceinline__ float at(Rows m, int r, int c) { return m.p[r * m.stride + c]; }
+__device__ __forceinline__ float4 four(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
-// An m x n result from operands in shared memory, in the order
-//   out = a1 b1 (depth k1);  with dot.p: part[r * ceil(n / BWD_COLS) + cc] = the thread's share of
-//   sum_c out[r][c] dot(r, c);  out[r][.] *= scale(r);  out += a2 b2 (depth k2);  emit(r, c, out).
-// Each thread takes 4 x BWD_COLS outputs at a time, rows rr + RS i and columns cc + CS j (RS =
-// ceil(m / 4), CS = ceil(n / BWD_COLS)), so that a warp's lanes read consecutive columns and one or two
-// rows: with odd row strides no two lanes wait on one bank.
-#define BWD_COLS 4
-__device__ __forceinline__ void multiply_into(float (&acc)[4][BWD_COLS], const int (&rows)[4], const int (&cols)[BWD_COLS],
-                                              int depth, Smem a, Smem b) {
-#pragma unroll 4
-    for (int k = 0; k < depth; ++k) {
-        float av[4], bv[BWD_COLS];
+// The row stride of a shared matrix `width` floats wide (a multiple of 4).
+__device__ __forceinline__ int bwd_stride(int width) { return width + (36 - width % 32) % 32; }
+
+// av[i][q] = a(r0 + i, k + q): along k for a row-major a, along its rows for a transposed one.
+__device__ __forceinline__ void load_a(Rows a, int r0, int k, float (&av)[4][4]) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) av[i] = a.at(rows[i], k);
+    for (int i = 0; i < 4; ++i) {
+        const float4 v = four(a.p + (r0 + i) * a.stride + k);
+        av[i][0] = v.x, av[i][1] = v.y, av[i][2] = v.z, av[i][3] = v.w;
+    }
+}
+__device__ __forceinline__ void load_a(Cols a, int r0, int k, float (&av)[4][4]) {
 #pragma unroll
-        for (int j = 0; j < BWD_COLS; ++j) bv[j] = b.at(k, cols[j]);
+    for (int q = 0; q < 4; ++q) {
+        const float4 v = four(a.p + (k + q) * a.stride + r0);
+        av[0][q] = v.x, av[1][q] = v.y, av[2][q] = v.z, av[3][q] = v.w;
+    }
+}
+// bv[q][j] = b(k + q, cols[j]): a row-major b along its columns when they are consecutive
+// (CONSECUTIVE), else one value at a time; a transposed b along k.
+template <bool CONSECUTIVE>
+__device__ __forceinline__ void load_b(Rows b, int k, const int (&cols)[4], float (&bv)[4][4]) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+    for (int q = 0; q < 4; ++q) {
+        if constexpr (CONSECUTIVE) {
+            const float4 v = four(b.p + (k + q) * b.stride + cols[0]);
+            bv[q][0] = v.x, bv[q][1] = v.y, bv[q][2] = v.z, bv[q][3] = v.w;
+        } else {
 #pragma unroll
-            for (int j = 0; j < BWD_COLS; ++j) acc[i][j] += av[i] * bv[j];
+            for (int j = 0; j < 4; ++j) bv[q][j] = b.p[(k + q) * b.stride + cols[j]];
+        }
+    }
+}
+template <bool CONSECUTIVE>
+__device__ __forceinline__ void load_b(Cols b, int k, const int (&cols)[4], float (&bv)[4][4]) {
+    static_assert(!CONSECUTIVE, "a transposed operand's columns are read one lane per column");
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float4 v = four(b.p + cols[j] * b.stride + k);
+        bv[0][j] = v.x, bv[1][j] = v.y, bv[2][j] = v.z, bv[3][j] = v.w;
     }
 }
 
-template <class Scale, class Emit>
-__device__ void two_products(int m, int n, int k1, Smem a1, Smem b1, Smem dot, float* part, Scale scale,
-                             int k2, Smem a2, Smem b2, Emit emit) {
-    const int row_step = (m + 3) / 4, col_step = (n + BWD_COLS - 1) / BWD_COLS;
-    for (int tile = threadIdx.x; tile < row_step * col_step; tile += blockDim.x) {
-        const int rr = tile / col_step, cc = tile % col_step;
-        int rows[4], cols[BWD_COLS];
+// acc[i][j] += sum_k a(r0 + i, k) b(k, cols[j]), four steps of k at a time (depth a multiple of 4).
+template <bool CONSECUTIVE, class A, class B>
+__device__ __forceinline__ void multiply_into(float (&acc)[4][4], int r0, const int (&cols)[4], int depth, A a,
+                                              B b) {
+#pragma unroll 2
+    for (int k = 0; k < depth; k += 4) {
+        float av[4][4], bv[4][4];
+        load_a(a, r0, k, av);
+        load_b<CONSECUTIVE>(b, k, cols, bv);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) rows[i] = min(rr + row_step * i, m - 1);  // past the edge: row m - 1, not kept
+        for (int q = 0; q < 4; ++q)
 #pragma unroll
-        for (int j = 0; j < BWD_COLS; ++j) cols[j] = min(cc + col_step * j, n - 1);
-        float acc[4][BWD_COLS] = {};
-        multiply_into(acc, rows, cols, k1, a1, b1);
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] += av[i][q] * bv[q][j];
+    }
+}
+
+// An m x n result (m, n, k1, k2 multiples of 4) from operands in shared memory, in the order
+//   out = a1 b1 (depth k1);  with dot.p: part[r * n / 4 + cc] = the thread's share of
+//   sum_c out[r][c] dot(r, c);  out[r][.] *= scale(r);  out += a2 b2 (depth k2);  emit(r, c, out).
+// Each thread takes 4 x 4 outputs at a time: rows 4 rr .. 4 rr + 3, and columns 4 cc .. 4 cc + 3
+// (CONSECUTIVE: both b operands row-major) or cc + n / 4 j (a b operand transposed, read along k
+// one lane per column). A warp's lanes take consecutive cc and one or two rr.
+template <bool CONSECUTIVE, class A1, class B1, class A2, class B2, class Scale, class Emit>
+__device__ void two_products(int m, int n, int k1, A1 a1, B1 b1, Rows dot, float* part, Scale scale, int k2, A2 a2,
+                             B2 b2, Emit emit) {
+    const int col_step = n / 4;
+    for (int tile = threadIdx.x; tile < m / 4 * col_step; tile += blockDim.x) {
+        const int r0 = tile / col_step * 4, cc = tile % col_step;
+        int cols[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) cols[j] = CONSECUTIVE ? 4 * cc + j : cc + col_step * j;
+        float acc[4][4] = {};
+        multiply_into<CONSECUTIVE>(acc, r0, cols, k1, a1, b1);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const bool row_in = rr + row_step * i < m;
-            if (dot.p != nullptr && row_in) {
+            if (dot.p != nullptr) {
                 float d = 0.0f;
 #pragma unroll
-                for (int j = 0; j < BWD_COLS; ++j)
-                    if (cc + col_step * j < n) d += acc[i][j] * dot.at(rows[i], cols[j]);
-                part[rows[i] * col_step + cc] = d;
+                for (int j = 0; j < 4; ++j) d += acc[i][j] * at(dot, r0 + i, cols[j]);
+                part[(r0 + i) * col_step + cc] = d;
             }
-            const float sc = scale(rows[i]);
+            const float sc = scale(r0 + i);
 #pragma unroll
-            for (int j = 0; j < BWD_COLS; ++j) acc[i][j] *= sc;
+            for (int j = 0; j < 4; ++j) acc[i][j] *= sc;
         }
-        multiply_into(acc, rows, cols, k2, a2, b2);
+        multiply_into<CONSECUTIVE>(acc, r0, cols, k2, a2, b2);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int j = 0; j < BWD_COLS; ++j)
-                if (rr + row_step * i < m && cc + col_step * j < n) emit(rows[i], cols[j], acc[i][j]);
+            for (int j = 0; j < 4; ++j) emit(r0 + i, cols[j], acc[i][j]);
     }
 }
 
@@ -711,9 +758,6 @@ __device__ __forceinline__ void stage(int total, Load load, Store store) {
         }
     }
 }
-
-// Odd row strides of the shared matrices (conflict-free column reads).
-__device__ __forceinline__ int odd_stride(int width) { return width | 1; }
 
 // Rows t0 .. t0 + SSD_Q of a (batch, L, K, width) input at inner index k into shared rows of
 // `stride` floats (zeros past the sequence).
@@ -762,12 +806,12 @@ __device__ __forceinline__ void stage_steps(const SsdArgs& s, const ChunkHead& k
 
 // Each chunk's own share of the gradient of the state entering it, sum_i exp(cum_i)
 // outer(go_i, C_i), into own (batch, chunks, H, P, N). One (batch, chunk, head) per block;
-// dynamic shared memory: go scaled (SSD_Q x odd P), C (SSD_Q x odd N), exp(cum).
+// dynamic shared memory: go scaled (SSD_Q x P), C (SSD_Q x N), exp(cum). P and N multiples of 4.
 extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     ssd_bwd_own_states(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ go,
                        const float* __restrict__ cum, float* __restrict__ own) {
     extern __shared__ float smem[];
-    const int np = s.head_dim, nn = s.state, ps = odd_stride(np), ns = odd_stride(nn);
+    const int np = s.head_dim, nn = s.state, ps = bwd_stride(np), ns = bwd_stride(nn);
     float* gos = smem;
     float* cs = gos + SSD_Q * ps;
     float* scale = cs + SSD_Q * ns;  // exp(cum_i)
@@ -777,9 +821,9 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     stage_float_rows(go, s, k, scale, gos, ps);
     stage_input_rows(x, s, s.c, k.b, k.t0, k.g, s.groups, nn, cs, ns);
     __syncthreads();
-    const Smem none{nullptr, 0, 0};
-    two_products(
-        np, nn, SSD_Q, Smem{gos, 1, ps}, Smem{cs, ns, 1}, none, nullptr, [](int) { return 1.0f; }, 0, none, none,
+    const Rows none{nullptr, 0};
+    two_products<true>(
+        np, nn, SSD_Q, Cols{gos, ps}, Rows{cs, ns}, none, nullptr, [](int) { return 1.0f; }, 0, none, none,
         [&](int p, int n, float v) { own[(k.bch * np + p) * (long long)nn + n] = v; });
 }
 
@@ -832,7 +876,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
                   float* __restrict__ d_head_part) {
     extern __shared__ float smem[];
     const int np = s.head_dim, nn = s.state;
-    const int ps = odd_stride(np), ns = odd_stride(nn), qs = odd_stride(SSD_Q);
+    const int ps = bwd_stride(np), ns = bwd_stride(nn), qs = bwd_stride(SSD_Q);
     float* xs = smem;                    // X    (Q, P)
     float* gos = xs + SSD_Q * ps;        // go   (Q, P)
     float* bs = gos + SSD_Q * ps;        // B    (Q, N)
@@ -841,9 +885,9 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     float* sin = gst + np * ns;          // S_in (P, N)
     float* m = sin + np * ns;            // CB, then M   (Q, Q)
     float* w = m + SSD_Q * qs;           // GX, then W   (Q, Q)
-    float* part_c = w + SSD_Q * qs;      // (Q, ceil(N / 4)): shares of go_i . (S_in C_i)
-    float* part_x = part_c + SSD_Q * ((nn + 3) / 4);  // (Q, ceil(P / 4)): of x_i . (G B_i)
-    float* cum_c = part_x + SSD_Q * ((np + 3) / 4);
+    float* part_c = w + SSD_Q * qs;      // (Q, N / 4): shares of go_i . (S_in C_i)
+    float* part_x = part_c + SSD_Q * (nn / 4);  // (Q, P / 4): of x_i . (G B_i)
+    float* cum_c = part_x + SSD_Q * (np / 4);
     float* dt_c = cum_c + SSD_Q;
     float* raw_c = dt_c + SSD_Q;         // dt + dt_bias, for the processed step's derivative
     float* into = raw_c + SSD_Q;         // exp(cum_last - cum_j)
@@ -885,10 +929,10 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
         into[j] = __expf(cum_c[SSD_Q - 1] - cum_c[j]);
         wj[j] = into[j] * dt_c[j];
     }
-    const Smem none{nullptr, 0, 0};
+    const Rows none{nullptr, 0};
     const auto one = [](int) { return 1.0f; };
     // GX = go X^T.
-    two_products(SSD_Q, SSD_Q, np, Smem{gos, ps, 1}, Smem{xs, 1, ps}, none, nullptr, one, 0, none, none,
+    two_products<false>(SSD_Q, SSD_Q, np, Rows{gos, ps}, Cols{xs, ps}, none, nullptr, one, 0, none, none,
                  [&](int i, int j, float v) { w[i * qs + j] = v; });
     __syncthreads();
     // The diagonal block's sums: a thread per column j (col_e, col_f), then per row i (row_f).
@@ -919,19 +963,19 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     const int t_end = s.len - k.t0;  // steps of this chunk inside the sequence, if fewer than SSD_Q
     const auto share_at = [&](int i, int n) { return ((k.b * s.heads + k.h) * s.len + k.t0 + i) * (long long)nn + n; };
     // g_C = exp(cum) ∘ (go S_in) + W B, with the shares of go_i . (S_in C_i).
-    two_products(SSD_Q, nn, np, Smem{gos, ps, 1}, Smem{sin, ns, 1}, Smem{cs, ns, 1}, part_c,
-                 [&](int i) { return __expf(cum_c[i]); }, SSD_Q, Smem{w, qs, 1}, Smem{bs, ns, 1},
+    two_products<true>(SSD_Q, nn, np, Rows{gos, ps}, Rows{sin, ns}, Rows{cs, ns}, part_c,
+                 [&](int i) { return __expf(cum_c[i]); }, SSD_Q, Rows{w, qs}, Rows{bs, ns},
                  [&](int i, int n, float v) {
                      if (i < t_end) c_share[share_at(i, n)] = v;
                  });
     // g_B = w ∘ (X G) + W^T C.
-    two_products(SSD_Q, nn, np, Smem{xs, ps, 1}, Smem{gst, ns, 1}, none, nullptr, [&](int j) { return wj[j]; },
-                 SSD_Q, Smem{w, 1, qs}, Smem{cs, ns, 1}, [&](int j, int n, float v) {
+    two_products<true>(SSD_Q, nn, np, Rows{xs, ps}, Rows{gst, ns}, none, nullptr, [&](int j) { return wj[j]; },
+                 SSD_Q, Cols{w, qs}, Rows{cs, ns}, [&](int j, int n, float v) {
                      if (j < t_end) b_share[share_at(j, n)] = v;
                  });
     // g_X = w ∘ (B G^T) + M^T go + D go, with the shares of x_j . (G B_j).
-    two_products(SSD_Q, np, nn, Smem{bs, ns, 1}, Smem{gst, 1, ns}, Smem{xs, ps, 1}, part_x,
-                 [&](int j) { return wj[j]; }, SSD_Q, Smem{m, 1, qs}, Smem{gos, ps, 1}, [&](int j, int p, float v) {
+    two_products<false>(SSD_Q, np, nn, Rows{bs, ns}, Cols{gst, ns}, Rows{xs, ps}, part_x,
+                 [&](int j) { return wj[j]; }, SSD_Q, Cols{m, qs}, Rows{gos, ps}, [&](int j, int p, float v) {
                      if (j >= t_end) return;
                      const float skip = s.d < 0 ? 0.0f : ld(x, s.d + (s.d_per_p ? k.h * np + p : k.h));
                      grads[at.x + token_row(s, k.b, k.t0 + j, k.h, s.heads, np) + p] = v + skip * gos[j * ps + p];
@@ -951,8 +995,8 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     if (tid < SSD_Q) {
         const int i = tid;
         float uc = 0.0f, ux = 0.0f;
-        for (int q = 0; q < (nn + 3) / 4; ++q) uc += part_c[i * ((nn + 3) / 4) + q];
-        for (int q = 0; q < (np + 3) / 4; ++q) ux += part_x[i * ((np + 3) / 4) + q];
+        for (int q = 0; q < nn / 4; ++q) uc += part_c[i * (nn / 4) + q];
+        for (int q = 0; q < np / 4; ++q) ux += part_x[i * (np / 4) + q];
         u_c[i] = uc;
         u_x[i] = ux;
     }
