@@ -745,12 +745,8 @@ fn ssd_case(name: &'static str, h: usize, len: usize) -> ModelCase {
             spec("initial_states", &[1, h, p, n2], -0.1, 0.1),
         ],
         call: |t| {
-            ssd_call(
-                &t[0],
-                &t[1],
-                &t[2],
-                &t[3],
-                &t[4],
+            ssd_of(
+                t,
                 SsdOptions {
                     d: Some(&t[5]),
                     dt_bias: Some(&t[6]),
@@ -762,6 +758,11 @@ fn ssd_case(name: &'static str, h: usize, len: usize) -> ModelCase {
         },
         flops: ssd_flops(h, len),
     }
+}
+
+/// The SSD of the inputs `x, dt, A, B, C` in `t[..5]` with `opts`, packed.
+fn ssd_of(t: &[Tensor], opts: SsdOptions) -> mamba_ops::Result<PackedCall> {
+    ssd_call(&t[0], &t[1], &t[2], &t[3], &t[4], opts)
 }
 
 /// The SSD's other paths, for the backward: batch 2, two groups, the z gate, D per channel,
@@ -781,12 +782,8 @@ fn ssd_gated_case() -> ModelCase {
             spec("dt_bias", &[h], -4.0, -2.0),
         ],
         call: |t| {
-            ssd_call(
-                &t[0],
-                &t[1],
-                &t[2],
-                &t[3],
-                &t[4],
+            ssd_of(
+                t,
                 SsdOptions {
                     d: Some(&t[5]),
                     z: Some(&t[6]),

@@ -3,7 +3,7 @@
 
 use super::{
     config, cuda_err, kernel, kernel_with_shared, launch, max_shared_opt_in, multiprocessors,
-    Packed, Source,
+    Packed, Source, Variant,
 };
 use crate::causal_conv1d::{ConvDims, ConvUpdateDims};
 use crate::rmsnorm_gated::NormDims;
@@ -11,7 +11,9 @@ use crate::selective_scan::ScanDims;
 use crate::selective_state_update::StepDims;
 use crate::ssd::SsdDims;
 use crate::tensor::Present;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, CudaViewMut, DeviceRepr, PushKernelArg,
+};
 
 type Result<T> = candle_core::Result<T>;
 
@@ -771,9 +773,6 @@ pub(crate) fn selective_state_update(
 /// bf16 inputs and up to 5 % with f32, and 256 was slower than 128 (CUDA_NOTES).
 const SSD_CHUNK: usize = 128;
 const SSD_TILE: usize = 64;
-/// Product tiles along a chunk, and the tiles of a chunk's CB on or below its diagonal.
-const SSD_ROW_TILES: usize = SSD_CHUNK / SSD_TILE;
-const SSD_LOWER_TILES: usize = SSD_ROW_TILES * (SSD_ROW_TILES + 1) / 2;
 const SSD_PRODUCT_THREADS: usize = 256;
 
 /// The sizes `ssd.cu` is compiled with.
@@ -785,10 +784,12 @@ pub(super) fn ssd_defines() -> [(&'static str, usize); 3] {
     ]
 }
 
-/// `SsdArgs` of `ssd.cu`.
+/// Element offsets of the SSD's inputs, in their packing order (-1 for an absent one): the
+/// leading fields of `SsdArgs` in `ssd.cu`, and `SsdGradsAt` (where each input's gradient
+/// starts in the backward's output).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct SsdArgs {
+struct SsdOffsets {
     x: i64,
     dt: i64,
     a: i64,
@@ -798,6 +799,16 @@ struct SsdArgs {
     z: i64,
     dt_bias: i64,
     initial_states: i64,
+}
+
+// SAFETY: plain old data laid out as the kernel's `SsdGradsAt`.
+unsafe impl DeviceRepr for SsdOffsets {}
+
+/// `SsdArgs` of `ssd.cu` (its nine offsets first, laid out as `SsdOffsets`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SsdArgs {
+    inputs: SsdOffsets,
     batch: i32,
     len: i32,
     heads: i32,
@@ -824,18 +835,8 @@ pub(crate) struct SsdFlags {
     pub dt_limit: (f32, f32),
 }
 
-/// Chunked SSD (inputs `x, dt, A, B, C, [D], [z], [dt_bias], [initial_states]`); output
-/// `[y (batch, L, H, P) | final_state (batch, H, P, N)]`. Four kernels in order (see `ssd.cu`).
-pub(crate) fn ssd(p: &Packed, dims: &SsdDims, flags: SsdFlags) -> Result<CudaSlice<f32>> {
-    let (nb, nl, nh, np, ng, nn) = (
-        dims.batch,
-        dims.len,
-        dims.heads,
-        dims.head_dim,
-        dims.groups,
-        dims.state,
-    );
-    let chunks = nl.div_ceil(SSD_CHUNK);
+/// `SsdArgs` for `dims` cut into chunks of `chunk` steps.
+fn ssd_args(p: &Packed, dims: &SsdDims, flags: SsdFlags, chunk: usize) -> Result<SsdArgs> {
     let present = flags.present;
     let [x, dt, a, b, c, d, z, dt_bias, initial_states] = p.offsets([
         true,
@@ -848,93 +849,146 @@ pub(crate) fn ssd(p: &Packed, dims: &SsdDims, flags: SsdFlags) -> Result<CudaSli
         present.bias,
         present.init,
     ])?;
-    let args = SsdArgs {
-        x,
-        dt,
-        a,
-        b,
-        c,
-        d,
-        z,
-        dt_bias,
-        initial_states,
-        batch: int(nb)?,
-        len: int(nl)?,
-        heads: int(nh)?,
-        head_dim: int(np)?,
-        groups: int(ng)?,
-        state: int(nn)?,
-        chunks: int(chunks)?,
+    Ok(SsdArgs {
+        inputs: SsdOffsets {
+            x,
+            dt,
+            a,
+            b,
+            c,
+            d,
+            z,
+            dt_bias,
+            initial_states,
+        },
+        batch: int(dims.batch)?,
+        len: int(dims.len)?,
+        heads: int(dims.heads)?,
+        head_dim: int(dims.head_dim)?,
+        groups: int(dims.groups)?,
+        state: int(dims.state)?,
+        chunks: int(dims.len.div_ceil(chunk))?,
         d_per_p: flags.d_per_p.into(),
         softplus: flags.softplus.into(),
         dt_lo: flags.dt_limit.0,
         dt_hi: flags.dt_limit.1,
-    };
+    })
+}
+
+/// What the SSD's first three kernels leave for the chunk scan (and the backward), at a chunk
+/// length of `chunk` steps: dt' and cum `(batch, H, chunks * chunk)`, CB `(batch, chunks, G,
+/// chunk, chunk)` and the state entering each chunk `(batch, chunks, H, P, N)`.
+struct SsdChunks {
+    chunk: usize,
+    dtp: CudaSlice<f32>,
+    cum: CudaSlice<f32>,
+    cb: CudaSlice<f32>,
+    states: CudaSlice<f32>,
+}
+
+impl SsdChunks {
+    /// `ssd_dt`, `ssd_chunk_products` and `ssd_state_passing` of `variant` (compiled with
+    /// `SSD_Q = chunk`), the state after the last chunk into `final_state`.
+    fn run(
+        p: &Packed,
+        variant: &Variant,
+        args: &SsdArgs,
+        chunk: usize,
+        final_state: &mut CudaViewMut<f32>,
+    ) -> Result<Self> {
+        let func = |name: &str| kernel(p.device(), &SSD, variant, name);
+        let (nb, nh, np, ng, nn) = (
+            args.batch as usize,
+            args.heads as usize,
+            args.head_dim as usize,
+            args.groups as usize,
+            args.state as usize,
+        );
+        let chunks = args.chunks as usize;
+        let steps = nb * nh * chunks * chunk;
+        let mut out = SsdChunks {
+            chunk,
+            dtp: p.buffer(steps)?,
+            cum: p.buffer(steps)?,
+            cb: p.buffer(nb * chunks * ng * chunk * chunk)?,
+            states: p.buffer(nb * chunks * nh * np * nn)?,
+        };
+        let row_tiles = chunk / SSD_TILE;
+        let lower_tiles = row_tiles * (row_tiles + 1) / 2;
+        let state_tiles = nn.div_ceil(SSD_TILE) * np.div_ceil(SSD_TILE);
+        // SAFETY (every launch below): the arguments match the kernel's parameters, the packed
+        // inputs were checked against the sizes in `args`, and the scratch buffers have the
+        // sizes `ssd.cu` gives them.
+        {
+            let f = func("ssd_dt")?;
+            let mut builder = p.builder(&f);
+            builder.arg(args).arg(&mut out.dtp).arg(&mut out.cum);
+            let cfg = config((nb * nh * chunks, 1, 1), chunk, 0)?;
+            unsafe { launch(&mut builder, cfg) }?;
+        }
+        {
+            let f = func("ssd_chunk_products")?;
+            let mut builder = p.builder(&f);
+            builder
+                .arg(args)
+                .arg(&out.dtp)
+                .arg(&out.cum)
+                .arg(&mut out.cb)
+                .arg(&mut out.states);
+            let blocks = nb * chunks * ng * lower_tiles + nb * chunks * nh * state_tiles;
+            let cfg = config((blocks, 1, 1), SSD_PRODUCT_THREADS, 0)?;
+            unsafe { launch(&mut builder, cfg) }?;
+        }
+        {
+            let f = func("ssd_state_passing")?;
+            let mut builder = p.builder(&f);
+            builder
+                .arg(args)
+                .arg(&out.cum)
+                .arg(&mut out.states)
+                .arg(final_state);
+            let cfg = config((nb * nh, (np * nn).div_ceil(THREADS), 1), THREADS, 0)?;
+            unsafe { launch(&mut builder, cfg) }?;
+        }
+        Ok(out)
+    }
+
+    /// `ssd_chunk_scan`: the output `(batch, L, H, P)` into `y`, gated by z unless `args.z`
+    /// is -1.
+    fn scan(
+        &self,
+        p: &Packed,
+        variant: &Variant,
+        args: &SsdArgs,
+        y: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        let f = kernel(p.device(), &SSD, variant, "ssd_chunk_scan")?;
+        let mut builder = p.builder(&f);
+        builder
+            .arg(args)
+            .arg(&self.dtp)
+            .arg(&self.cum)
+            .arg(&self.cb)
+            .arg(&self.states)
+            .arg(y);
+        let block_heads = (args.batch * args.chunks * args.heads) as usize;
+        let p_tiles = (args.head_dim as usize).div_ceil(SSD_TILE);
+        let grid = (block_heads, p_tiles * (self.chunk / SSD_TILE), 1);
+        // SAFETY: as in `run`; `y` holds (batch, L, H, P) values.
+        unsafe { launch(&mut builder, config(grid, SSD_PRODUCT_THREADS, 0)?) }
+    }
+}
+
+/// Chunked SSD (inputs `x, dt, A, B, C, [D], [z], [dt_bias], [initial_states]`); output
+/// `[y (batch, L, H, P) | final_state (batch, H, P, N)]`. Four kernels in order (see `ssd.cu`).
+pub(crate) fn ssd(p: &Packed, dims: &SsdDims, flags: SsdFlags) -> Result<CudaSlice<f32>> {
+    let args = ssd_args(p, dims, flags, SSD_CHUNK)?;
     let defines = ssd_defines();
     let variant = p.variant(&defines);
-    let func = |name: &str| kernel(p.device(), &SSD, &variant, name);
-    let steps = nb * nh * chunks * SSD_CHUNK;
-    let mut dtp = p.buffer(steps)?;
-    let mut cum = p.buffer(steps)?;
-    let mut cb = p.buffer(nb * chunks * ng * SSD_CHUNK * SSD_CHUNK)?;
-    let mut states = p.buffer(nb * chunks * nh * np * nn)?;
-    let y_len = nb * nl * nh * np;
-    let mut out = p.buffer(y_len + nb * nh * np * nn)?;
-    let (n_tiles, p_tiles) = (nn.div_ceil(SSD_TILE), np.div_ceil(SSD_TILE));
-    let block_heads = nb * chunks * nh;
-    // SAFETY (every launch below): the arguments match the kernel's parameters, the packed
-    // inputs were checked against `dims`, and the scratch and output buffers have the sizes
-    // `ssd.cu` gives them.
-    {
-        let f = func("ssd_dt")?;
-        let mut builder = p.builder(&f);
-        builder.arg(&args).arg(&mut dtp).arg(&mut cum);
-        let cfg = config((nb * nh * chunks, 1, 1), SSD_CHUNK, 0)?;
-        unsafe { launch(&mut builder, cfg) }?;
-    }
-    {
-        let f = func("ssd_chunk_products")?;
-        let mut builder = p.builder(&f);
-        builder
-            .arg(&args)
-            .arg(&dtp)
-            .arg(&cum)
-            .arg(&mut cb)
-            .arg(&mut states);
-        let blocks = nb * chunks * ng * SSD_LOWER_TILES + block_heads * n_tiles * p_tiles;
-        let cfg = config((blocks, 1, 1), SSD_PRODUCT_THREADS, 0)?;
-        unsafe { launch(&mut builder, cfg) }?;
-    }
-    {
-        let f = func("ssd_state_passing")?;
-        let mut final_state = out.slice_mut(y_len..);
-        let mut builder = p.builder(&f);
-        builder
-            .arg(&args)
-            .arg(&cum)
-            .arg(&mut states)
-            .arg(&mut final_state);
-        let cfg = config((nb * nh, (np * nn).div_ceil(THREADS), 1), THREADS, 0)?;
-        unsafe { launch(&mut builder, cfg) }?;
-    }
-    {
-        let f = func("ssd_chunk_scan")?;
-        let mut y = out.slice_mut(..y_len);
-        let mut builder = p.builder(&f);
-        builder
-            .arg(&args)
-            .arg(&dtp)
-            .arg(&cum)
-            .arg(&cb)
-            .arg(&states)
-            .arg(&mut y);
-        let cfg = config(
-            (block_heads, p_tiles * SSD_ROW_TILES, 1),
-            SSD_PRODUCT_THREADS,
-            0,
-        )?;
-        unsafe { launch(&mut builder, cfg) }?;
-    }
+    let y_len = dims.batch * dims.len * dims.heads * dims.head_dim;
+    let mut out = p.buffer(y_len + dims.batch * dims.heads * dims.head_dim * dims.state)?;
+    let chunks = SsdChunks::run(p, &variant, &args, SSD_CHUNK, &mut out.slice_mut(y_len..))?;
+    chunks.scan(p, &variant, &args, &mut out.slice_mut(..y_len))?;
     Ok(out)
 }
 
@@ -946,12 +1000,8 @@ const SSD_BWD_THREADS: usize = 512;
 /// The sizes `ssd.cu` is compiled with for the backward (its forward kernels included, at the
 /// backward's chunk length).
 pub(super) fn ssd_backward_defines() -> [(&'static str, usize); 4] {
-    [
-        ("SSD_Q", SSD_BWD_CHUNK),
-        ("TILE", SSD_TILE),
-        ("PRODUCT_THREADS", SSD_PRODUCT_THREADS),
-        ("SSD_BWD", 1),
-    ]
+    let [_, tile, threads] = ssd_defines();
+    [("SSD_Q", SSD_BWD_CHUNK), tile, threads, ("SSD_BWD", 1)]
 }
 
 /// The row stride of a shared matrix `width` floats wide in the backward kernels (`bwd_stride`
@@ -983,23 +1033,52 @@ fn ssd_bwd_own_states_shared(np: usize, nn: usize) -> usize {
     4 * (SSD_BWD_CHUNK * (ssd_bwd_stride(np) + ssd_bwd_stride(nn) + 1))
 }
 
-/// `SsdGradsAt` of `ssd.cu`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SsdGradsAt {
-    x: i64,
-    dt: i64,
-    a: i64,
-    b: i64,
-    c: i64,
-    d: i64,
-    z: i64,
-    dt_bias: i64,
-    initial_states: i64,
+/// Where each input's gradient starts in the SSD backward's flat output (in the packing order,
+/// -1 for an absent input), and the output's length.
+fn ssd_grads_at(dims: &SsdDims, flags: SsdFlags) -> (SsdOffsets, usize) {
+    let SsdDims {
+        batch: nb,
+        len: nl,
+        heads: nh,
+        head_dim: np,
+        groups: ng,
+        state: nn,
+        ..
+    } = *dims;
+    let (tokens, bc_len) = (nb * nl * nh * np, nb * nl * ng * nn);
+    let present = flags.present;
+    let sizes = [
+        (true, tokens),
+        (true, nb * nl * nh),
+        (true, nh),
+        (true, bc_len),
+        (true, bc_len),
+        (present.d, if flags.d_per_p { nh * np } else { nh }),
+        (present.z, tokens),
+        (present.bias, nh),
+        (present.init, nb * nh * np * nn),
+    ];
+    let mut starts = [-1i64; 9];
+    let mut total = 0;
+    for (start, &(here, len)) in starts.iter_mut().zip(&sizes) {
+        if here {
+            *start = total as i64;
+            total += len;
+        }
+    }
+    let at = SsdOffsets {
+        x: starts[0],
+        dt: starts[1],
+        a: starts[2],
+        b: starts[3],
+        c: starts[4],
+        d: starts[5],
+        z: starts[6],
+        dt_bias: starts[7],
+        initial_states: starts[8],
+    };
+    (at, total)
 }
-
-// SAFETY: plain old data laid out as the kernel's struct.
-unsafe impl DeviceRepr for SsdGradsAt {}
 
 /// Gradients of the chunked SSD given `grad = [g_y (batch, L, H, P) | g_final (batch, H, P,
 /// N)]`: `[g_x | g_dt | g_A | g_B | g_C | g_D | g_z | g_dt_bias | g_initial_states]` (the
@@ -1013,14 +1092,15 @@ pub(crate) fn ssd_backward(
     flags: SsdFlags,
     grad: &CudaView<f32>,
 ) -> Result<Option<CudaSlice<f32>>> {
-    let (nb, nl, nh, np, ng, nn) = (
-        dims.batch,
-        dims.len,
-        dims.heads,
-        dims.head_dim,
-        dims.groups,
-        dims.state,
-    );
+    let SsdDims {
+        batch: nb,
+        len: nl,
+        heads: nh,
+        head_dim: np,
+        groups: ng,
+        state: nn,
+        ..
+    } = *dims;
     // Both shared-memory kernels are allowed the device's most (their launches ask for what
     // the sizes need, which differs from call to call).
     let (chunk_shared, most_shared) =
@@ -1031,84 +1111,15 @@ pub(crate) fn ssd_backward(
     let q = SSD_BWD_CHUNK;
     let chunks = nl.div_ceil(q);
     let present = flags.present;
-    let [x, dt, a, b, c, d, z, dt_bias, initial_states] = p.offsets([
-        true,
-        true,
-        true,
-        true,
-        true,
-        present.d,
-        present.z,
-        present.bias,
-        present.init,
-    ])?;
-    let args = SsdArgs {
-        x,
-        dt,
-        a,
-        b,
-        c,
-        d,
-        z,
-        dt_bias,
-        initial_states,
-        batch: int(nb)?,
-        len: int(nl)?,
-        heads: int(nh)?,
-        head_dim: int(np)?,
-        groups: int(ng)?,
-        state: int(nn)?,
-        chunks: int(chunks)?,
-        d_per_p: flags.d_per_p.into(),
-        softplus: flags.softplus.into(),
-        dt_lo: flags.dt_limit.0,
-        dt_hi: flags.dt_limit.1,
-    };
-    // The gradients' layout: each input's gradient where the input sits in the packing order.
-    let tokens = nb * nl * nh * np;
-    let bc_len = nb * nl * ng * nn;
+    let args = ssd_args(p, dims, flags, q)?;
+    let (at, total) = ssd_grads_at(dims, flags);
+    let (tokens, bc_len) = (nb * nl * nh * np, nb * nl * ng * nn);
     let d_len = if flags.d_per_p { nh * np } else { nh };
-    let sizes = [
-        (true, tokens),
-        (true, nb * nl * nh),
-        (true, nh),
-        (true, bc_len),
-        (true, bc_len),
-        (present.d, d_len),
-        (present.z, tokens),
-        (present.bias, nh),
-        (present.init, nb * nh * np * nn),
-    ];
-    let mut starts = [-1i64; 9];
-    let mut total = 0;
-    for (start, &(here, len)) in starts.iter_mut().zip(&sizes) {
-        if here {
-            *start = total as i64;
-            total += len;
-        }
-    }
-    let at = SsdGradsAt {
-        x: starts[0],
-        dt: starts[1],
-        a: starts[2],
-        b: starts[3],
-        c: starts[4],
-        d: starts[5],
-        z: starts[6],
-        dt_bias: starts[7],
-        initial_states: starts[8],
-    };
     let defines = ssd_backward_defines();
     let variant = p.variant(&defines);
     let func = |name: &str| kernel(p.device(), &SSD, &variant, name);
-    let steps = nb * nh * chunks * q;
     let block_heads = nb * chunks * nh;
     let state_len = nb * nh * np * nn;
-    let mut dtp = p.buffer(steps)?;
-    let mut cum = p.buffer(steps)?;
-    let mut cb = p.buffer(nb * chunks * ng * q * q)?;
-    let mut states = p.buffer(block_heads * np * nn)?;
-    let mut final_state = p.buffer(state_len)?;
     let mut grads = p.buffer(total)?;
     let mut own = p.buffer(block_heads * np * nn)?;
     let mut b_share = p.buffer(nb * nh * nl * nn)?;
@@ -1118,63 +1129,25 @@ pub(crate) fn ssd_backward(
     let mut d_part = p.buffer(block_heads * np)?;
     let mut d_head_part = p.buffer(block_heads)?;
     let (g_y, g_final) = (grad.slice(..tokens), grad.slice(tokens..tokens + state_len));
-    // SAFETY (every launch below): the arguments match the kernel's parameters, the packed
-    // inputs were checked against `dims`, `grad` holds g_y and g_final (checked by the caller),
-    // and the scratch and gradient buffers have the sizes `ssd.cu` gives them.
-    {
-        let f = func("ssd_dt")?;
-        let mut builder = p.builder(&f);
-        builder.arg(&args).arg(&mut dtp).arg(&mut cum);
-        unsafe { launch(&mut builder, config((nb * nh * chunks, 1, 1), q, 0)?) }?;
-    }
-    {
-        let f = func("ssd_chunk_products")?;
-        let mut builder = p.builder(&f);
-        builder
-            .arg(&args)
-            .arg(&dtp)
-            .arg(&cum)
-            .arg(&mut cb)
-            .arg(&mut states);
-        let tiles = nn.div_ceil(SSD_TILE) * np.div_ceil(SSD_TILE);
-        let blocks = nb * chunks * ng + block_heads * tiles;
-        let cfg = config((blocks, 1, 1), SSD_PRODUCT_THREADS, 0)?;
-        unsafe { launch(&mut builder, cfg) }?;
-    }
-    {
-        let f = func("ssd_state_passing")?;
-        let mut builder = p.builder(&f);
-        builder
-            .arg(&args)
-            .arg(&cum)
-            .arg(&mut states)
-            .arg(&mut final_state);
-        let cfg = config((nb * nh, (np * nn).div_ceil(THREADS), 1), THREADS, 0)?;
-        unsafe { launch(&mut builder, cfg) }?;
-    }
-    // The output before the gate, which g_z needs.
+    // The forward again, at the backward's chunk length, and with z the output before the
+    // gate, which g_z needs.
+    let mut final_state = p.buffer(state_len)?;
+    let fwd = SsdChunks::run(p, &variant, &args, q, &mut final_state.slice_mut(..))?;
     let ungated = if present.z {
         let mut out = p.buffer(tokens)?;
-        let f = func("ssd_chunk_scan")?;
-        let plain = SsdArgs { z: -1, ..args };
-        let mut builder = p.builder(&f);
-        builder
-            .arg(&plain)
-            .arg(&dtp)
-            .arg(&cum)
-            .arg(&cb)
-            .arg(&states)
-            .arg(&mut out);
-        let cfg = config(
-            (block_heads, np.div_ceil(SSD_TILE), 1),
-            SSD_PRODUCT_THREADS,
-            0,
-        )?;
-        unsafe { launch(&mut builder, cfg) }?;
+        let inputs = SsdOffsets {
+            z: -1,
+            ..args.inputs
+        };
+        let plain = SsdArgs { inputs, ..args };
+        fwd.scan(p, &variant, &plain, &mut out.slice_mut(..))?;
         Some(out)
     } else {
         None
     };
+    // SAFETY (every launch below): the arguments match the kernel's parameters, the packed
+    // inputs were checked against `dims`, `grad` holds g_y and g_final (checked by the caller),
+    // and the scratch and gradient buffers have the sizes `ssd.cu` gives them.
     // go, the gradient of the output before the gate: g_y itself without z.
     let gated = match &ungated {
         Some(out) => {
@@ -1208,7 +1181,7 @@ pub(crate) fn ssd_backward(
             most_shared,
         )?;
         let mut builder = p.builder(&f);
-        builder.arg(&args).arg(&go).arg(&cum).arg(&mut own);
+        builder.arg(&args).arg(&go).arg(&fwd.cum).arg(&mut own);
         let cfg = config((block_heads, 1, 1), SSD_BWD_THREADS, shared)?;
         unsafe { launch(&mut builder, cfg) }?;
     }
@@ -1217,7 +1190,7 @@ pub(crate) fn ssd_backward(
         let mut builder = p.stream.launch_builder(&f);
         builder
             .arg(&args)
-            .arg(&cum)
+            .arg(&fwd.cum)
             .arg(&g_final)
             .arg(&mut own)
             .arg(&mut grads)
@@ -1231,10 +1204,10 @@ pub(crate) fn ssd_backward(
         builder
             .arg(&args)
             .arg(&go)
-            .arg(&dtp)
-            .arg(&cum)
-            .arg(&cb)
-            .arg(&states)
+            .arg(&fwd.dtp)
+            .arg(&fwd.cum)
+            .arg(&fwd.cb)
+            .arg(&fwd.states)
             .arg(&own)
             .arg(&mut grads)
             .arg(&at)

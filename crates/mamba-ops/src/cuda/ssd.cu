@@ -471,40 +471,53 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
     chunk_state(x, s, tile / p_tiles / n_tiles, n0, p0, dtp, cum, states, as, bs, weight);
 }
 
-// S_in(c+1) = exp(cum_last(c)) S_in(c) + Z(c) over the chunks in order, one (p, n) entry per
-// thread; S_in(c) replaces Z(c) and the state after the last chunk goes to final_state. The
-// chunks are taken PASS_AHEAD at a time, their Z(c) loaded together before the short recurrence
-// over them, so that several loads are in flight rather than one per chunk.
-// Grid: (batch * heads, P * N / blockDim.x).
+// One (p, n) entry of a (batch, head)'s states walked over the chunks, forwards (BACKWARD
+// false: from the first chunk) or backwards (from the last): each chunk's own value v(c) is
+// replaced by the running value r entering it, then r = exp(cum_last(c)) r + v(c); returns r
+// after the last chunk walked. The chunks are taken PASS_AHEAD at a time, their values loaded
+// together before the short recurrence over them, so that several loads are in flight rather
+// than one per chunk.
 #define PASS_AHEAD 8
+template <bool BACKWARD>
+__device__ __forceinline__ float pass_chunks(const SsdArgs& s, const float* __restrict__ cum, float* __restrict__ values,
+                                             long long bh, long long e, float running) {
+    const int h = (int)(bh % s.heads);
+    const long long b = bh / s.heads;
+    const long long entries = (long long)s.head_dim * s.state;
+    const long long cum_last = bh * ((long long)s.chunks * SSD_Q) + SSD_Q - 1;
+    const auto at = [&](int c) { return ((b * s.chunks + c) * s.heads + h) * entries + e; };
+    const auto chunk_of = [&](int i) { return BACKWARD ? s.chunks - 1 - i : i; };  // i-th chunk walked
+    for (int i0 = 0; i0 < s.chunks; i0 += PASS_AHEAD) {
+        float own[PASS_AHEAD], decay[PASS_AHEAD];
+#pragma unroll
+        for (int k = 0; k < PASS_AHEAD; ++k) {
+            if (i0 + k >= s.chunks) break;
+            const int c = chunk_of(i0 + k);
+            own[k] = values[at(c)];
+            decay[k] = __expf(cum[cum_last + (long long)c * SSD_Q]);
+        }
+#pragma unroll
+        for (int k = 0; k < PASS_AHEAD; ++k) {
+            if (i0 + k >= s.chunks) break;
+            values[at(chunk_of(i0 + k))] = running;
+            running = decay[k] * running + own[k];
+        }
+    }
+    return running;
+}
+
+// S_in(c+1) = exp(cum_last(c)) S_in(c) + Z(c) over the chunks in order, one (p, n) entry per
+// thread; S_in(c) replaces Z(c) and the state after the last chunk goes to final_state.
+// Grid: (batch * heads, P * N / blockDim.x).
 extern "C" __global__ void ssd_state_passing(const in_t* __restrict__ x, SsdArgs s,
                                              const float* __restrict__ cum, float* __restrict__ states,
                                              float* __restrict__ final_state) {
     const long long bh = blockIdx.x;
-    const int h = (int)(bh % s.heads);
-    const long long b = bh / s.heads;
     const long long entries = (long long)s.head_dim * s.state;
     const long long e = (long long)blockIdx.y * blockDim.x + threadIdx.x;
     if (e >= entries) return;
-    const long long cum_last = bh * ((long long)s.chunks * SSD_Q) + SSD_Q - 1;
-    const auto at = [&](int c) { return ((b * s.chunks + c) * s.heads + h) * entries + e; };
-    float running = ld_or(x, s.initial_states, bh * entries + e, 0.0f);
-    for (int c0 = 0; c0 < s.chunks; c0 += PASS_AHEAD) {
-        float own[PASS_AHEAD], decay[PASS_AHEAD];
-#pragma unroll
-        for (int k = 0; k < PASS_AHEAD; ++k) {
-            if (c0 + k >= s.chunks) break;
-            own[k] = states[at(c0 + k)];
-            decay[k] = __expf(cum[cum_last + (long long)(c0 + k) * SSD_Q]);
-        }
-#pragma unroll
-        for (int k = 0; k < PASS_AHEAD; ++k) {
-            if (c0 + k >= s.chunks) break;
-            states[at(c0 + k)] = running;
-            running = decay[k] * running + own[k];
-        }
-    }
-    final_state[bh * entries + e] = running;
+    const float initial = ld_or(x, s.initial_states, bh * entries + e, 0.0f);
+    final_state[bh * entries + e] = pass_chunks<false>(s, cum, states, bh, e, initial);
 }
 
 // y for one (batch, chunk, head), one tile of TILE steps i0 .. of the chunk and one of TILE
@@ -829,36 +842,17 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
 
 // G(c) over the chunks from the last: own(c) is replaced by G(c), the gradient of the state
 // leaving chunk c (g_final for the last), and G(c-1) = exp(cum_last(c)) G(c) + own(c); what
-// reaches the front is g_initial_states. One (p, n) entry per thread, the chunks taken
-// PASS_AHEAD at a time as in ssd_state_passing. Grid: (batch * heads, P * N / blockDim.x).
+// reaches the front is g_initial_states. One (p, n) entry per thread, as ssd_state_passing.
+// Grid: (batch * heads, P * N / blockDim.x).
 extern "C" __global__ void ssd_bwd_state_passing(SsdArgs s, const float* __restrict__ cum,
                                                  const float* __restrict__ g_final, float* __restrict__ own,
                                                  float* __restrict__ grads, SsdGradsAt at_grad) {
     const long long bh = blockIdx.x;
-    const int h = (int)(bh % s.heads);
-    const long long b = bh / s.heads;
     const long long entries = (long long)s.head_dim * s.state;
     const long long e = (long long)blockIdx.y * blockDim.x + threadIdx.x;
     if (e >= entries) return;
-    const long long cum_last = bh * ((long long)s.chunks * SSD_Q) + SSD_Q - 1;
-    const auto at = [&](int c) { return ((b * s.chunks + c) * s.heads + h) * entries + e; };
-    float running = g_final[bh * entries + e];
-    for (int c0 = s.chunks - 1; c0 >= 0; c0 -= PASS_AHEAD) {
-        float mine[PASS_AHEAD], decay[PASS_AHEAD];
-#pragma unroll
-        for (int k = 0; k < PASS_AHEAD; ++k) {
-            if (c0 - k < 0) break;
-            mine[k] = own[at(c0 - k)];
-            decay[k] = __expf(cum[cum_last + (long long)(c0 - k) * SSD_Q]);
-        }
-#pragma unroll
-        for (int k = 0; k < PASS_AHEAD; ++k) {
-            if (c0 - k < 0) break;
-            own[at(c0 - k)] = running;
-            running = decay[k] * running + mine[k];
-        }
-    }
-    if (at_grad.initial_states >= 0) grads[at_grad.initial_states + bh * entries + e] = running;
+    const float front = pass_chunks<true>(s, cum, own, bh, e, g_final[bh * entries + e]);
+    if (at_grad.initial_states >= 0) grads[at_grad.initial_states + bh * entries + e] = front;
 }
 
 // The gradients of one (batch, chunk, head) (equations above). Writes g_X and g_dt (with the
