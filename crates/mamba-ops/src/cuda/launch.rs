@@ -789,16 +789,16 @@ pub(super) fn ssd_defines() -> [(&'static str, usize); 3] {
 /// starts in the backward's output).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct SsdOffsets {
-    x: i64,
-    dt: i64,
-    a: i64,
-    b: i64,
-    c: i64,
-    d: i64,
-    z: i64,
-    dt_bias: i64,
-    initial_states: i64,
+pub(super) struct SsdOffsets {
+    pub(super) x: i64,
+    pub(super) dt: i64,
+    pub(super) a: i64,
+    pub(super) b: i64,
+    pub(super) c: i64,
+    pub(super) d: i64,
+    pub(super) z: i64,
+    pub(super) dt_bias: i64,
+    pub(super) initial_states: i64,
 }
 
 // SAFETY: plain old data laid out as the kernel's `SsdGradsAt`.
@@ -1006,7 +1006,7 @@ pub(super) fn ssd_backward_defines() -> [(&'static str, usize); 4] {
 
 /// The row stride of a shared matrix `width` floats wide in the backward kernels (`bwd_stride`
 /// of `ssd.cu`): 4 more than a multiple of 32.
-fn ssd_bwd_stride(width: usize) -> usize {
+pub(super) fn ssd_bwd_stride(width: usize) -> usize {
     width + (36 - width % 32) % 32
 }
 
@@ -1014,7 +1014,7 @@ fn ssd_bwd_stride(width: usize) -> usize {
 /// and go (Q x P), B and C (Q x N), G and S_in (P x N), M and W (Q x Q), rows at
 /// [`ssd_bwd_stride`]; the shares of two row dots; twelve per-step vectors and one value per
 /// thread.
-fn ssd_bwd_chunk_shared(np: usize, nn: usize) -> usize {
+pub(super) fn ssd_bwd_chunk_shared(np: usize, nn: usize) -> usize {
     let q = SSD_BWD_CHUNK;
     let (ps, ns, qs) = (ssd_bwd_stride(np), ssd_bwd_stride(nn), ssd_bwd_stride(q));
     let floats = 2 * q * ps
@@ -1035,7 +1035,7 @@ fn ssd_bwd_own_states_shared(np: usize, nn: usize) -> usize {
 
 /// Where each input's gradient starts in the SSD backward's flat output (in the packing order,
 /// -1 for an absent input), and the output's length.
-fn ssd_grads_at(dims: &SsdDims, flags: SsdFlags) -> (SsdOffsets, usize) {
+pub(super) fn ssd_grads_at(dims: &SsdDims, flags: SsdFlags) -> (SsdOffsets, usize) {
     let SsdDims {
         batch: nb,
         len: nl,

@@ -412,6 +412,61 @@ mod tests {
         assert!(!sequential(64, 1, 128), "N 128 is not staged");
     }
 
+    /// The SSD backward's chunk kernel: matrix rows 16-byte aligned and 4 floats past a
+    /// multiple of 32, and shared memory for Mamba-2's head shapes within an H200's 227 KB (P 64
+    /// with N 128, P 128 with N 64) but not past it (P 128 with N 128 keeps the tensor-operation
+    /// backward).
+    #[test]
+    fn ssd_backward_chunks_fit_the_shared_memory() {
+        for width in [4, 16, 64, 128, 200] {
+            let stride = launch::ssd_bwd_stride(width);
+            assert!(stride >= width && stride % 32 == 4, "{width}: {stride}");
+        }
+        const H200: usize = 227 << 10;
+        assert!(launch::ssd_bwd_chunk_shared(64, 128) <= H200);
+        assert!(launch::ssd_bwd_chunk_shared(128, 64) <= H200);
+        assert!(launch::ssd_bwd_chunk_shared(128, 128) > H200);
+    }
+
+    /// The SSD backward's gradients follow the packing order, absent inputs at -1, and fill
+    /// the output exactly.
+    #[test]
+    fn ssd_gradients_follow_the_packing_order() {
+        let dims = crate::ssd::SsdDims {
+            batch: 2,
+            len: 10,
+            heads: 4,
+            head_dim: 8,
+            groups: 2,
+            state: 16,
+            chunk_size: 64,
+        };
+        let flags = |d, z| launch::SsdFlags {
+            present: crate::tensor::Present {
+                d,
+                z,
+                bias: true,
+                init: false,
+            },
+            d_per_p: true,
+            softplus: true,
+            dt_limit: (0.0, f32::INFINITY),
+        };
+        let (tokens, steps, bc) = (2 * 10 * 4 * 8, 2 * 10 * 4, 2 * 10 * 2 * 16);
+        let (at, total) = launch::ssd_grads_at(&dims, flags(true, true));
+        let starts = [at.x, at.dt, at.a, at.b, at.c, at.d, at.z, at.dt_bias];
+        let expected = [0, tokens, tokens + steps, tokens + steps + 4];
+        assert_eq!(starts[..4], expected.map(|v| v as i64));
+        assert_eq!(at.c, at.b + bc as i64);
+        assert_eq!(at.z, at.d + 4 * 8, "D per channel");
+        assert_eq!(at.dt_bias, at.z + tokens as i64);
+        assert_eq!((at.initial_states, total), (-1, at.dt_bias as usize + 4));
+        let (plain, plain_total) = launch::ssd_grads_at(&dims, flags(false, false));
+        assert_eq!((plain.d, plain.z), (-1, -1));
+        assert_eq!(plain.dt_bias, at.d);
+        assert_eq!(plain_total, total - 4 * 8 - tokens);
+    }
+
     /// Every source compiles with NVRTC for sm_90, f32 and bf16, with the definitions its
     /// launcher passes (for a few state sizes). Needs libnvrtc, not a GPU.
     #[test]
