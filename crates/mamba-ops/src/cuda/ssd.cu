@@ -56,6 +56,21 @@ __device__ __forceinline__ ChunkHead chunk_head(const SsdArgs& s, long long bch)
     return k;
 }
 
+// Where the chunk's steps start in the (batch, H, chunks * SSD_Q) dt' and cum.
+__device__ __forceinline__ long long chunk_step0(const SsdArgs& s, const ChunkHead& k) {
+    return (k.b * s.heads + k.h) * ((long long)s.chunks * SSD_Q) + k.t0;
+}
+
+// The chunk's first `count` dt' and cum into shared memory.
+__device__ __forceinline__ void stage_steps(const SsdArgs& s, const ChunkHead& k, const float* __restrict__ dtp,
+                                            const float* __restrict__ cum, float* dt_c, float* cum_c, int count) {
+    const long long step0 = chunk_step0(s, k);
+    for (int j = threadIdx.x; j < count; j += blockDim.x) {
+        cum_c[j] = cum[step0 + j];
+        dt_c[j] = dtp[step0 + j];
+    }
+}
+
 // Offset of row t of batch b in a (batch, L, K, width) tensor, at inner index k.
 __device__ __forceinline__ long long token_row(const SsdArgs& s, long long b, int t, int k, int inner,
                                                int width) {
@@ -416,7 +431,7 @@ __device__ __forceinline__ void chunk_state(const in_t* __restrict__ x, const Ss
                                             const float* __restrict__ cum, float* __restrict__ states,
                                             Slabs& as, Slabs& bs, float* weight) {
     const ChunkHead k = chunk_head(s, bch);
-    const long long step0 = (k.b * s.heads + k.h) * ((long long)s.chunks * SSD_Q) + k.t0;
+    const long long step0 = chunk_step0(s, k);
     for (int j = threadIdx.x; j < SSD_Q; j += PRODUCT_THREADS)
         weight[j] = __expf(cum[step0 + SSD_Q - 1] - cum[step0 + j]) * dtp[step0 + j];
     __syncthreads();
@@ -534,11 +549,7 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
     const ChunkHead k = chunk_head(s, blockIdx.x);
     const int p_tiles = (s.head_dim + TILE - 1) / TILE;
     const int p0 = (int)(blockIdx.y % p_tiles) * TILE, i0 = (int)(blockIdx.y / p_tiles) * TILE;
-    const long long step0 = (k.b * s.heads + k.h) * ((long long)s.chunks * SSD_Q) + k.t0;
-    for (int j = threadIdx.x; j < i0 + TILE; j += PRODUCT_THREADS) {
-        cum_c[j] = cum[step0 + j];
-        dt_c[j] = dtp[step0 + j];
-    }
+    stage_steps(s, k, dtp, cum, dt_c, cum_c, i0 + TILE);
     __syncthreads();
     float acc[4][4] = {};
     // Off-diagonal: sum_n C_i[n] S_in[p][n].
@@ -802,21 +813,6 @@ __device__ __forceinline__ void stage_float_rows(const float* __restrict__ src, 
         });
 }
 
-// Where the chunk's steps start in the (batch, H, chunks * SSD_Q) dt' and cum.
-__device__ __forceinline__ long long chunk_step0(const SsdArgs& s, const ChunkHead& k) {
-    return (k.b * s.heads + k.h) * ((long long)s.chunks * SSD_Q) + k.t0;
-}
-
-// The chunk's dt' and cum (SSD_Q each) into shared memory.
-__device__ __forceinline__ void stage_steps(const SsdArgs& s, const ChunkHead& k, const float* __restrict__ dtp,
-                                            const float* __restrict__ cum, float* dt_c, float* cum_c) {
-    const long long step0 = chunk_step0(s, k);
-    for (int j = threadIdx.x; j < SSD_Q; j += blockDim.x) {
-        dt_c[j] = dtp[step0 + j];
-        cum_c[j] = cum[step0 + j];
-    }
-}
-
 // Each chunk's own share of the gradient of the state entering it, sum_i exp(cum_i)
 // outer(go_i, C_i), into own (batch, chunks, H, P, N). One (batch, chunk, head) per block;
 // dynamic shared memory: go scaled (SSD_Q x P), C (SSD_Q x N), exp(cum). P and N multiples of 4.
@@ -897,7 +893,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
 
     const ChunkHead k = chunk_head(s, blockIdx.x);
     const int tid = threadIdx.x;
-    stage_steps(s, k, dtp, cum, dt_c, cum_c);
+    stage_steps(s, k, dtp, cum, dt_c, cum_c, SSD_Q);
     const float bias = ld_or(x, s.dt_bias, k.h, 0.0f);
     for (int j = tid; j < SSD_Q; j += blockDim.x) {
         const int t = k.t0 + j;
