@@ -760,6 +760,38 @@ fn ssd_case(name: &'static str, h: usize, len: usize) -> ModelCase {
     }
 }
 
+/// The SSD backward at a head dimension and state size off the kernels' multiples of 32 (20
+/// and 12, padded in shared memory), with an initial state and two chunks, the second partial.
+fn ssd_padded_case() -> ModelCase {
+    let (len, h, p, n) = (90, 4, 20, 12);
+    ModelCase {
+        name: "bwd ssd b1 H4 G1 P20 N12 L90 init",
+        specs: vec![
+            spec("x", &[1, len, h, p], -1.0, 1.0),
+            spec("dt", &[1, len, h], -0.5, 0.5),
+            spec("A", &[h], -8.0, -1.0),
+            spec("B", &[1, len, 1, n], -1.0, 1.0),
+            spec("C", &[1, len, 1, n], -1.0, 1.0),
+            spec("D", &[h], 0.5, 1.5),
+            spec("dt_bias", &[h], -4.0, -2.0),
+            spec("initial_states", &[1, h, p, n], -0.5, 0.5),
+        ],
+        call: |t| {
+            ssd_of(
+                t,
+                SsdOptions {
+                    d: Some(&t[5]),
+                    dt_bias: Some(&t[6]),
+                    dt_softplus: true,
+                    initial_states: Some(&t[7]),
+                    ..Default::default()
+                },
+            )
+        },
+        flops: 0.0,
+    }
+}
+
 /// The SSD of the inputs `x, dt, A, B, C` in `t[..5]` with `opts`, packed.
 fn ssd_of(t: &[Tensor], opts: SsdOptions) -> mamba_ops::Result<PackedCall> {
     ssd_call(&t[0], &t[1], &t[2], &t[3], &t[4], opts)
@@ -979,6 +1011,7 @@ fn backward_cases() -> Vec<ModelCase> {
             ..ssd_case("", 80, 2048)
         },
         ssd_gated_case(),
+        ssd_padded_case(),
         ModelCase {
             name: "bwd m2 rmsnorm_gated 2048x1536",
             specs: norm.clone(),

@@ -1004,33 +1004,33 @@ pub(super) fn ssd_backward_defines() -> [(&'static str, usize); 4] {
     [("SSD_Q", SSD_BWD_CHUNK), tile, threads, ("SSD_BWD", 1)]
 }
 
-/// The row stride of a shared matrix `width` floats wide in the backward kernels (`bwd_stride`
-/// of `ssd.cu`): 4 more than a multiple of 32.
-pub(super) fn ssd_bwd_stride(width: usize) -> usize {
-    width + (36 - width % 32) % 32
+/// The row width of a shared matrix in the backward kernels (`pad32` of `ssd.cu`): `n` rounded
+/// up to a multiple of 32, as their swizzle and tensor-core tiles need.
+pub(super) fn ssd_bwd_width(n: usize) -> usize {
+    n.next_multiple_of(32)
 }
 
 /// Bytes of `ssd_bwd_chunk`'s shared memory for head dimension `np` and state size `nn`: X
-/// and go (Q x P), B and C (Q x N), G and S_in (P x N), M and W (Q x Q), rows at
-/// [`ssd_bwd_stride`]; the shares of two row dots; twelve per-step vectors and one value per
-/// thread.
+/// and go (Q x P), B and C (Q x N), G and S_in (P x N), M and W (Q x Q), widths and P rows at
+/// [`ssd_bwd_width`]; the parts of two row dots (one per 8 columns); twelve per-step vectors
+/// and one value per warp.
 pub(super) fn ssd_bwd_chunk_shared(np: usize, nn: usize) -> usize {
     let q = SSD_BWD_CHUNK;
-    let (ps, ns, qs) = (ssd_bwd_stride(np), ssd_bwd_stride(nn), ssd_bwd_stride(q));
-    let floats = 2 * q * ps
-        + 2 * q * ns
-        + 2 * np * ns
-        + 2 * q * qs
-        + q * nn / 4
-        + q * np / 4
+    let (pw, nw) = (ssd_bwd_width(np), ssd_bwd_width(nn));
+    let floats = 2 * q * pw
+        + 2 * q * nw
+        + 2 * pw * nw
+        + 2 * q * q
+        + q * nw / 8
+        + q * pw / 8
         + 12 * q
-        + SSD_BWD_THREADS;
+        + SSD_BWD_THREADS / 32;
     4 * floats
 }
 
 /// Bytes of `ssd_bwd_own_states`' shared memory: go (Q x P), C (Q x N), exp(cum).
 fn ssd_bwd_own_states_shared(np: usize, nn: usize) -> usize {
-    4 * (SSD_BWD_CHUNK * (ssd_bwd_stride(np) + ssd_bwd_stride(nn) + 1))
+    4 * (SSD_BWD_CHUNK * (ssd_bwd_width(np) + ssd_bwd_width(nn) + 1))
 }
 
 /// Where each input's gradient starts in the SSD backward's flat output (in the packing order,
@@ -1082,9 +1082,8 @@ pub(super) fn ssd_grads_at(dims: &SsdDims, flags: SsdFlags) -> (SsdOffsets, usiz
 
 /// Gradients of the chunked SSD given `grad = [g_y (batch, L, H, P) | g_final (batch, H, P,
 /// N)]`: `[g_x | g_dt | g_A | g_B | g_C | g_D | g_z | g_dt_bias | g_initial_states]` (the
-/// optional ones where given), or `None` when P or N is not a multiple of 4 (the kernels read
-/// shared memory four values at a time) or a chunk's operands do not fit the device's shared
-/// memory (the caller then differentiates the tensor-operation form). The forward's
+/// optional ones where given), or `None` when a chunk's operands do not fit the device's
+/// shared memory (the caller then differentiates the tensor-operation form). The forward's
 /// kernels at the backward's chunk length, then the backward's (see `ssd.cu`).
 pub(crate) fn ssd_backward(
     p: &Packed,
@@ -1105,7 +1104,7 @@ pub(crate) fn ssd_backward(
     // the sizes need, which differs from call to call).
     let (chunk_shared, most_shared) =
         (ssd_bwd_chunk_shared(np, nn), max_shared_opt_in(p.device())?);
-    if !np.is_multiple_of(4) || !nn.is_multiple_of(4) || chunk_shared > most_shared {
+    if chunk_shared > most_shared {
         return Ok(None);
     }
     let q = SSD_BWD_CHUNK;

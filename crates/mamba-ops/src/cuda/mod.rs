@@ -412,15 +412,18 @@ mod tests {
         assert!(!sequential(64, 1, 128), "N 128 is not staged");
     }
 
-    /// The SSD backward's chunk kernel: matrix rows 16-byte aligned and 4 floats past a
-    /// multiple of 32, and shared memory for Mamba-2's head shapes within an H200's 227 KB (P 64
-    /// with N 128, P 128 with N 64) but not past it (P 128 with N 128 keeps the tensor-operation
+    /// The SSD backward's chunk kernel: matrix widths the least multiple of 32 that holds the
+    /// row, and shared memory for Mamba-2's head shapes within an H200's 227 KB (P 64 with N
+    /// 128, P 128 with N 64) but not past it (P 128 with N 128 keeps the tensor-operation
     /// backward).
     #[test]
     fn ssd_backward_chunks_fit_the_shared_memory() {
-        for width in [4, 16, 64, 128, 200] {
-            let stride = launch::ssd_bwd_stride(width);
-            assert!(stride >= width && stride % 32 == 4, "{width}: {stride}");
+        for width in [4, 16, 32, 64, 128, 200] {
+            let padded = launch::ssd_bwd_width(width);
+            assert!(
+                padded >= width && padded % 32 == 0 && padded < width + 32,
+                "{width}: {padded}"
+            );
         }
         const H200: usize = 227 << 10;
         assert!(launch::ssd_bwd_chunk_shared(64, 128) <= H200);

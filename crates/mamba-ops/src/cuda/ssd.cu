@@ -650,117 +650,141 @@ extern "C" __global__ void ssd_bwd_gate(const in_t* __restrict__ x, SsdArgs s, c
     grads[at.z + e] = g * out[e] * silu_grad(z);
 }
 
-// A row-major matrix in shared memory, element (r, c) at p[r * stride + c], and the transpose
-// of one, element (r, c) at p[c * stride + r]. Strides are 4 more than a multiple of 32 floats
-// (`bwd_stride`) and every matrix starts 16-byte aligned, so that four consecutive values are one
-// 16-byte load and a warp's loads of them take the fewest shared-memory wavefronts.
+// A matrix in shared memory, `width` floats a row (a multiple of 32, zeros past the values):
+// element (r, c) at p[r * width + (c ^ swizzle(r))]. The swizzle moves a row's columns by 8
+// (r % 4) + 4 (r / 4 % 2), so that the tensor-core fragment loads below, eight rows by four
+// columns or four rows by eight columns, meet 32 distinct banks either way.
+struct Shared {
+    float* p;
+    int width;
+};
+__device__ __forceinline__ int swizzle(int r) { return (r & 3) << 3 | (r & 4); }
+__device__ __forceinline__ float& at(Shared m, int r, int c) { return m.p[r * m.width + (c ^ swizzle(r))]; }
+
+// A shared matrix's width: n rounded up to a multiple of 32.
+__device__ __forceinline__ int pad32(int n) { return (n + 31) & ~31; }
+
+// An operand of a product: a shared matrix as it is (Rows) or transposed (Cols).
 struct Rows {
-    const float* p;
-    int stride;
+    Shared m;
 };
 struct Cols {
-    const float* p;
-    int stride;
+    Shared m;
 };
-__device__ __forceinline__ float at(Rows m, int r, int c) { return m.p[r * m.stride + c]; }
-__device__ __forceinline__ float4 four(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float get(Rows a, int r, int c) { return at(a.m, r, c); }
+__device__ __forceinline__ float get(Cols a, int r, int c) { return at(a.m, c, r); }
 
-// The row stride of a shared matrix `width` floats wide (a multiple of 4).
-__device__ __forceinline__ int bwd_stride(int width) { return width + (36 - width % 32) % 32; }
-
-// av[i][q] = a(r0 + i, k + q): along k for a row-major a, along its rows for a transposed one.
-__device__ __forceinline__ void load_a(Rows a, int r0, int k, float (&av)[4][4]) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float4 v = four(a.p + (r0 + i) * a.stride + k);
-        av[i][0] = v.x, av[i][1] = v.y, av[i][2] = v.z, av[i][3] = v.w;
-    }
-}
-__device__ __forceinline__ void load_a(Cols a, int r0, int k, float (&av)[4][4]) {
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        const float4 v = four(a.p + (k + q) * a.stride + r0);
-        av[0][q] = v.x, av[1][q] = v.y, av[2][q] = v.z, av[3][q] = v.w;
-    }
-}
-// bv[q][j] = b(k + q, cols[j]): a row-major b along its columns when they are consecutive
-// (CONSECUTIVE), else one value at a time; a transposed b along k.
-template <bool CONSECUTIVE>
-__device__ __forceinline__ void load_b(Rows b, int k, const int (&cols)[4], float (&bv)[4][4]) {
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        if constexpr (CONSECUTIVE) {
-            const float4 v = four(b.p + (k + q) * b.stride + cols[0]);
-            bv[q][0] = v.x, bv[q][1] = v.y, bv[q][2] = v.z, bv[q][3] = v.w;
-        } else {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) bv[q][j] = b.p[(k + q) * b.stride + cols[j]];
-        }
-    }
-}
-template <bool CONSECUTIVE>
-__device__ __forceinline__ void load_b(Cols b, int k, const int (&cols)[4], float (&bv)[4][4]) {
-    static_assert(!CONSECUTIVE, "a transposed operand's columns are read one lane per column");
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const float4 v = four(b.p + cols[j] * b.stride + k);
-        bv[0][j] = v.x, bv[1][j] = v.y, bv[2][j] = v.z, bv[3][j] = v.w;
-    }
+// The products run on tensor cores as tf32 mma.sync m16n8k8 with f32 sums. For f32 inputs
+// each operand value is split into hi (its top 19 bits, exact in tf32) and lo = v - hi (whose
+// bits past tf32 the tensor cores ignore), and a product is hi hi + hi lo + lo hi: about f32's
+// precision. For bf16 inputs hi alone (rounded to nearest), finer than the inputs.
+struct Tf32 {
+    unsigned int hi, lo;
+};
+__device__ __forceinline__ Tf32 split(float v) {
+#ifdef IN_BF16
+    unsigned int hi;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(hi) : "f"(v));
+    return {hi, 0u};
+#else
+    const unsigned int hi = __float_as_uint(v) & 0xffffe000u;
+    return {hi, __float_as_uint(v - __uint_as_float(hi))};
+#endif
 }
 
-// acc[i][j] += sum_k a(r0 + i, k) b(k, cols[j]), four steps of k at a time (depth a multiple of 4).
-template <bool CONSECUTIVE, class A, class B>
-__device__ __forceinline__ void multiply_into(float (&acc)[4][4], int r0, const int (&cols)[4], int depth, A a,
-                                              B b) {
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned int (&a)[4], unsigned int b0,
+                                         unsigned int b1) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// acc[j] += a(r0 .. r0 + 16, k) b(k, c0 + 8 j .. + 8), k < depth (a multiple of 8). Fragments of
+// m16n8k8, g = lane / 4, t = lane % 4: a at rows g, g + 8 and columns t, t + 4; b at rows t,
+// t + 4 and column g; acc[j][e] at row g (+8 for e >= 2) and column 8 j + 2 t (+1 for odd e).
+template <int NT, class A, class B>
+__device__ __forceinline__ void multiply_into(float (&acc)[NT][4], int r0, int c0, int depth, A a, B b) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#ifndef IN_BF16
+    float fix[NT][4] = {};  // the hi lo and lo hi terms, kept apart so that they chain less
+#endif
 #pragma unroll 2
-    for (int k = 0; k < depth; k += 4) {
-        float av[4][4], bv[4][4];
-        load_a(a, r0, k, av);
-        load_b<CONSECUTIVE>(b, k, cols, bv);
+    for (int k = 0; k < depth; k += 8) {
+        const Tf32 av[4] = {split(get(a, r0 + g, k + t)), split(get(a, r0 + g + 8, k + t)),
+                            split(get(a, r0 + g, k + t + 4)), split(get(a, r0 + g + 8, k + t + 4))};
+        const unsigned int a_hi[4] = {av[0].hi, av[1].hi, av[2].hi, av[3].hi};
+#ifndef IN_BF16
+        const unsigned int a_lo[4] = {av[0].lo, av[1].lo, av[2].lo, av[3].lo};
+#endif
 #pragma unroll
-        for (int q = 0; q < 4; ++q)
+        for (int j = 0; j < NT; ++j) {
+            const Tf32 b0 = split(get(b, k + t, c0 + 8 * j + g)), b1 = split(get(b, k + t + 4, c0 + 8 * j + g));
+            mma_tf32(acc[j], a_hi, b0.hi, b1.hi);
+#ifndef IN_BF16
+            mma_tf32(fix[j], a_hi, b0.lo, b1.lo);
+            mma_tf32(fix[j], a_lo, b0.hi, b1.hi);
+#endif
+        }
+    }
+#ifndef IN_BF16
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < NT; ++j)
 #pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] += av[i][q] * bv[q][j];
+        for (int e = 0; e < 4; ++e) acc[j][e] += fix[j][e];
+#endif
+}
+
+// An m x n result from operands in shared memory, in the order
+//   out = a1 b1 (depth k1);  with dot.p: part[r * pad32(n) / 8 + q] = sum over the columns
+//   8 q .. 8 q + 7 of out[r][c] dot(r, c);  out[r][.] *= scale(r);  out += a2 b2 (depth k2);
+//   emit(r, c, out) for r < m, c < n.
+// Sizes are rounded up to multiples of 32 (the operands' zero padding). Each warp takes tiles of
+// 16 rows by 8 NT columns.
+template <int NT, class A1, class B1, class A2, class B2, class Scale, class Emit>
+__device__ __forceinline__ void tiled_products(int m, int n, int k1, A1 a1, B1 b1, Shared dot, float* part,
+                                               Scale scale, int k2, A2 a2, B2 b2, Emit emit) {
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    const int col_tiles = pad32(n) / (8 * NT), parts = pad32(n) / 8;
+    for (int tile = threadIdx.x / 32; tile < pad32(m) / 16 * col_tiles; tile += blockDim.x / 32) {
+        const int r0 = tile / col_tiles * 16, c0 = tile % col_tiles * 8 * NT;
+        float acc[NT][4] = {};
+        multiply_into(acc, r0, c0, pad32(k1), a1, b1);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            const int c = c0 + 8 * j + 2 * t;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = r0 + g + 8 * h;
+                if (dot.p != nullptr) {
+                    float d = acc[j][2 * h] * at(dot, r, c) + acc[j][2 * h + 1] * at(dot, r, c + 1);
+                    d += __shfl_xor_sync(0xffffffffu, d, 1);
+                    d += __shfl_xor_sync(0xffffffffu, d, 2);
+                    if (t == 0) part[r * parts + c0 / 8 + j] = d;
+                }
+                const float sc = scale(r);
+                acc[j][2 * h] *= sc;
+                acc[j][2 * h + 1] *= sc;
+            }
+        }
+        multiply_into(acc, r0, c0, pad32(k2), a2, b2);
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = r0 + g + (e >= 2 ? 8 : 0), c = c0 + 8 * j + 2 * t + (e & 1);
+                if (r < m && c < n) emit(r, c, acc[j][e]);
+            }
     }
 }
 
-// An m x n result (m, n, k1, k2 multiples of 4) from operands in shared memory, in the order
-//   out = a1 b1 (depth k1);  with dot.p: part[r * n / 4 + cc] = the thread's share of
-//   sum_c out[r][c] dot(r, c);  out[r][.] *= scale(r);  out += a2 b2 (depth k2);  emit(r, c, out).
-// Each thread takes 4 x 4 outputs at a time: rows 4 rr .. 4 rr + 3, and columns 4 cc .. 4 cc + 3
-// (CONSECUTIVE: both b operands row-major) or cc + n / 4 j (a b operand transposed, read along k
-// one lane per column). A warp's lanes take consecutive cc and one or two rr.
-template <bool CONSECUTIVE, class A1, class B1, class A2, class B2, class Scale, class Emit>
-__device__ void two_products(int m, int n, int k1, A1 a1, B1 b1, Rows dot, float* part, Scale scale, int k2, A2 a2,
-                             B2 b2, Emit emit) {
-    const int col_step = n / 4;
-    for (int tile = threadIdx.x; tile < m / 4 * col_step; tile += blockDim.x) {
-        const int r0 = tile / col_step * 4, cc = tile % col_step;
-        int cols[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) cols[j] = CONSECUTIVE ? 4 * cc + j : cc + col_step * j;
-        float acc[4][4] = {};
-        multiply_into<CONSECUTIVE>(acc, r0, cols, k1, a1, b1);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            if (dot.p != nullptr) {
-                float d = 0.0f;
-#pragma unroll
-                for (int j = 0; j < 4; ++j) d += acc[i][j] * at(dot, r0 + i, cols[j]);
-                part[(r0 + i) * col_step + cc] = d;
-            }
-            const float sc = scale(r0 + i);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) acc[i][j] *= sc;
-        }
-        multiply_into<CONSECUTIVE>(acc, r0, cols, k2, a2, b2);
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) emit(r0 + i, cols[j], acc[i][j]);
-    }
+// tiled_products with tiles 32 columns wide where that still gives every warp one, else 16.
+template <class... Rest>
+__device__ void two_products(int m, int n, Rest... rest) {
+    if (pad32(m) / 16 * (pad32(n) / 32) >= (int)(blockDim.x / 32))
+        tiled_products<4>(m, n, rest...);
+    else
+        tiled_products<2>(m, n, rest...);
 }
 
 // Values load(e), e < total, handed to store(e, v), each thread keeping STAGE_AHEAD loads in
@@ -783,56 +807,61 @@ __device__ __forceinline__ void stage(int total, Load load, Store store) {
     }
 }
 
-// Rows t0 .. t0 + SSD_Q of a (batch, L, K, width) input at inner index k into shared rows of
-// `stride` floats (zeros past the sequence).
-__device__ __forceinline__ void stage_input_rows(const in_t* __restrict__ x, const SsdArgs& s, long long offset,
-                                                 long long b, int t0, int k, int inner, int width,
-                                                 float* dst, int stride) {
+// The first `tall` rows of dst: value(r, c) for r < rows and c < cols, zeros past them.
+template <class Value>
+__device__ __forceinline__ void stage_matrix(int tall, int rows, int cols, Value value, Shared dst) {
+    const int wide = dst.width;
     stage(
-        SSD_Q * width,
+        tall * wide,
         [&](int e) {
-            const int t = t0 + e / width;
-            return t < s.len ? ld(x, offset + token_row(s, b, t, k, inner, width) + e % width) : 0.0f;
+            const int r = e / wide, c = e % wide;
+            return r < rows && c < cols ? value(r, c) : 0.0f;
         },
-        [&](int e, float v) { dst[(e / width) * stride + e % width] = v; });
+        [&](int e, float v) { at(dst, e / wide, e % wide) = v; });
+}
+
+// Rows t0 .. t0 + SSD_Q of a (batch, L, K, width) input at inner index k into dst (zeros past
+// the sequence).
+__device__ __forceinline__ void stage_input_rows(const in_t* __restrict__ x, const SsdArgs& s, long long offset,
+                                                 long long b, int t0, int k, int inner, int width, Shared dst) {
+    stage_matrix(
+        SSD_Q, min(SSD_Q, s.len - t0), width,
+        [&](int r, int c) { return ld(x, offset + token_row(s, b, t0 + r, k, inner, width) + c); }, dst);
 }
 
 // The same from f32 (batch, L, H, P) rows (go), each row scaled by scale[i] when given.
 __device__ __forceinline__ void stage_float_rows(const float* __restrict__ src, const SsdArgs& s, const ChunkHead& k,
-                                                 const float* scale, float* dst, int stride) {
+                                                 const float* scale, Shared dst) {
     const int width = s.head_dim;
-    stage(
-        SSD_Q * width,
-        [&](int e) {
-            const int t = k.t0 + e / width;
-            return t < s.len ? src[token_row(s, k.b, t, k.h, s.heads, width) + e % width] : 0.0f;
+    stage_matrix(
+        SSD_Q, min(SSD_Q, s.len - k.t0), width,
+        [&](int r, int c) {
+            const float v = src[token_row(s, k.b, k.t0 + r, k.h, s.heads, width) + c];
+            return scale != nullptr ? scale[r] * v : v;
         },
-        [&](int e, float v) {
-            const int i = e / width;
-            dst[i * stride + e % width] = scale != nullptr ? scale[i] * v : v;
-        });
+        dst);
 }
 
 // Each chunk's own share of the gradient of the state entering it, sum_i exp(cum_i)
 // outer(go_i, C_i), into own (batch, chunks, H, P, N). One (batch, chunk, head) per block;
-// dynamic shared memory: go scaled (SSD_Q x P), C (SSD_Q x N), exp(cum). P and N multiples of 4.
+// dynamic shared memory: go scaled (SSD_Q x pad32(P)), C (SSD_Q x pad32(N)), exp(cum).
 extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     ssd_bwd_own_states(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ go,
                        const float* __restrict__ cum, float* __restrict__ own) {
     extern __shared__ float smem[];
-    const int np = s.head_dim, nn = s.state, ps = bwd_stride(np), ns = bwd_stride(nn);
-    float* gos = smem;
-    float* cs = gos + SSD_Q * ps;
-    float* scale = cs + SSD_Q * ns;  // exp(cum_i)
+    const int np = s.head_dim, nn = s.state;
+    const Shared gos{smem, pad32(np)};
+    const Shared cs{gos.p + SSD_Q * gos.width, pad32(nn)};
+    float* scale = cs.p + SSD_Q * cs.width;  // exp(cum_i)
     const ChunkHead k = chunk_head(s, blockIdx.x);
     for (int j = threadIdx.x; j < SSD_Q; j += blockDim.x) scale[j] = __expf(cum[chunk_step0(s, k) + j]);
     __syncthreads();
-    stage_float_rows(go, s, k, scale, gos, ps);
-    stage_input_rows(x, s, s.c, k.b, k.t0, k.g, s.groups, nn, cs, ns);
+    stage_float_rows(go, s, k, scale, gos);
+    stage_input_rows(x, s, s.c, k.b, k.t0, k.g, s.groups, nn, cs);
     __syncthreads();
-    const Rows none{nullptr, 0};
-    two_products<true>(
-        np, nn, SSD_Q, Cols{gos, ps}, Rows{cs, ns}, none, nullptr, [](int) { return 1.0f; }, 0, none, none,
+    const Rows none{{nullptr, 0}};
+    two_products(
+        np, nn, SSD_Q, Cols{gos}, Rows{cs}, none.m, nullptr, [](int) { return 1.0f; }, 0, none, none,
         [&](int p, int n, float v) { own[(k.bch * np + p) * (long long)nn + n] = v; });
 }
 
@@ -861,23 +890,22 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     ssd_bwd_chunk(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ go_g,
                   const float* __restrict__ dtp, const float* __restrict__ cum, const float* __restrict__ cb,
                   const float* __restrict__ states, const float* __restrict__ g_states, float* __restrict__ grads,
-                  SsdGradsAt at, float* __restrict__ b_share, float* __restrict__ c_share,
+                  SsdGradsAt at_grad, float* __restrict__ b_share, float* __restrict__ c_share,
                   float* __restrict__ a_part, float* __restrict__ bias_part, float* __restrict__ d_part,
                   float* __restrict__ d_head_part) {
     extern __shared__ float smem[];
-    const int np = s.head_dim, nn = s.state;
-    const int ps = bwd_stride(np), ns = bwd_stride(nn), qs = bwd_stride(SSD_Q);
-    float* xs = smem;                    // X    (Q, P)
-    float* gos = xs + SSD_Q * ps;        // go   (Q, P)
-    float* bs = gos + SSD_Q * ps;        // B    (Q, N)
-    float* cs = bs + SSD_Q * ns;         // C    (Q, N)
-    float* gst = cs + SSD_Q * ns;        // G    (P, N)
-    float* sin = gst + np * ns;          // S_in (P, N)
-    float* m = sin + np * ns;            // CB, then M   (Q, Q)
-    float* w = m + SSD_Q * qs;           // GX, then W   (Q, Q)
-    float* part_c = w + SSD_Q * qs;      // (Q, N / 4): shares of go_i . (S_in C_i)
-    float* part_x = part_c + SSD_Q * (nn / 4);  // (Q, P / 4): of x_i . (G B_i)
-    float* cum_c = part_x + SSD_Q * (np / 4);
+    const int np = s.head_dim, nn = s.state, pw = pad32(np), nw = pad32(nn);
+    const Shared xs{smem, pw};                       // X    (Q, P)
+    const Shared gos{xs.p + SSD_Q * pw, pw};         // go   (Q, P)
+    const Shared bs{gos.p + SSD_Q * pw, nw};         // B    (Q, N)
+    const Shared cs{bs.p + SSD_Q * nw, nw};          // C    (Q, N)
+    const Shared gst{cs.p + SSD_Q * nw, nw};         // G    (P, N)
+    const Shared sin{gst.p + pw * nw, nw};           // S_in (P, N)
+    const Shared m{sin.p + pw * nw, SSD_Q};          // CB, then M   (Q, Q)
+    const Shared w{m.p + SSD_Q * SSD_Q, SSD_Q};      // GX, then W   (Q, Q)
+    float* part_c = w.p + SSD_Q * SSD_Q;             // (Q, N / 8): parts of go_i . (S_in C_i)
+    float* part_x = part_c + SSD_Q * (nw / 8);       // (Q, P / 8): of x_i . (G B_i)
+    float* cum_c = part_x + SSD_Q * (pw / 8);
     float* dt_c = cum_c + SSD_Q;
     float* raw_c = dt_c + SSD_Q;         // dt + dt_bias, for the processed step's derivative
     float* into = raw_c + SSD_Q;         // exp(cum_last - cum_j)
@@ -889,7 +917,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     float* g_dt = g_cum + SSD_Q;
     float* u_c = g_dt + SSD_Q;           // go_i . (S_in C_i)
     float* u_x = u_c + SSD_Q;            // x_i . (G B_i)
-    float* red = u_x + SSD_Q;            // BWD_THREADS partial sums of <G, S_in>
+    float* red = u_x + SSD_Q;            // each warp's sum of <G, S_in>
 
     const ChunkHead k = chunk_head(s, blockIdx.x);
     const int tid = threadIdx.x;
@@ -899,35 +927,32 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
         const int t = k.t0 + j;
         raw_c[j] = t < s.len ? ld(x, s.dt + (k.b * s.len + t) * s.heads + k.h) + bias : 0.0f;
     }
-    stage_input_rows(x, s, s.x, k.b, k.t0, k.h, s.heads, np, xs, ps);
-    stage_float_rows(go_g, s, k, nullptr, gos, ps);
-    stage_input_rows(x, s, s.b, k.b, k.t0, k.g, s.groups, nn, bs, ns);
-    stage_input_rows(x, s, s.c, k.b, k.t0, k.g, s.groups, nn, cs, ns);
+    stage_input_rows(x, s, s.x, k.b, k.t0, k.h, s.heads, np, xs);
+    stage_float_rows(go_g, s, k, nullptr, gos);
+    stage_input_rows(x, s, s.b, k.b, k.t0, k.g, s.groups, nn, bs);
+    stage_input_rows(x, s, s.c, k.b, k.t0, k.g, s.groups, nn, cs);
     const long long state0 = k.bch * np * (long long)nn;
-    stage(
-        np * nn, [&](int e) { return g_states[state0 + e]; },
-        [&](int e, float v) { gst[(e / nn) * ns + e % nn] = v; });
-    stage(
-        np * nn, [&](int e) { return states[state0 + e]; },
-        [&](int e, float v) { sin[(e / nn) * ns + e % nn] = v; });
+    stage_matrix(
+        pw, np, nn, [&](int p, int n) { return g_states[state0 + p * nn + n]; }, gst);
+    stage_matrix(
+        pw, np, nn, [&](int p, int n) { return states[state0 + p * nn + n]; }, sin);
     const long long cb0 = (k.bc * s.groups + k.g) * (long long)SSD_Q * SSD_Q;
-    stage(
-        SSD_Q * SSD_Q, [&](int e) { return e % SSD_Q <= e / SSD_Q ? cb[cb0 + e] : 0.0f; },
-        [&](int e, float v) { m[(e / SSD_Q) * qs + e % SSD_Q] = v; });
+    stage_matrix(
+        SSD_Q, SSD_Q, SSD_Q, [&](int i, int j) { return j <= i ? cb[cb0 + i * SSD_Q + j] : 0.0f; }, m);
     __syncthreads();
     for (int j = tid; j < SSD_Q; j += blockDim.x) {
         into[j] = __expf(cum_c[SSD_Q - 1] - cum_c[j]);
         wj[j] = into[j] * dt_c[j];
     }
-    const Rows none{nullptr, 0};
+    const Rows none{{nullptr, 0}};
     const auto one = [](int) { return 1.0f; };
     // GX = go X^T.
-    two_products<false>(SSD_Q, SSD_Q, np, Rows{gos, ps}, Cols{xs, ps}, none, nullptr, one, 0, none, none,
-                 [&](int i, int j, float v) { w[i * qs + j] = v; });
+    two_products(SSD_Q, SSD_Q, np, Rows{gos}, Cols{xs}, none.m, nullptr, one, 0, none, none,
+                 [&](int i, int j, float v) { at(w, i, j) = v; });
     __syncthreads();
     // The diagonal block's sums: a thread per column j (col_e, col_f), then per row i (row_f).
     const auto e_of = [&](int i, int j) {  // (CB ∘ l ∘ GX)_ij, j <= i
-        return m[i * qs + j] * __expf(cum_c[i] - cum_c[j]) * w[i * qs + j];
+        return at(m, i, j) * __expf(cum_c[i] - cum_c[j]) * at(w, i, j);
     };
     if (tid < SSD_Q) {
         const int j = tid;
@@ -946,47 +971,48 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     for (int e = tid; e < SSD_Q * SSD_Q; e += blockDim.x) {
         const int i = e / SSD_Q, j = e % SSD_Q;
         const float l = j <= i ? __expf(cum_c[i] - cum_c[j]) * dt_c[j] : 0.0f;
-        m[i * qs + j] *= l;
-        w[i * qs + j] = j <= i ? w[i * qs + j] * l : 0.0f;
+        at(m, i, j) *= l;
+        at(w, i, j) = j <= i ? at(w, i, j) * l : 0.0f;
     }
     __syncthreads();
     const int t_end = s.len - k.t0;  // steps of this chunk inside the sequence, if fewer than SSD_Q
     const auto share_at = [&](int i, int n) { return ((k.b * s.heads + k.h) * s.len + k.t0 + i) * (long long)nn + n; };
-    // g_C = exp(cum) ∘ (go S_in) + W B, with the shares of go_i . (S_in C_i).
-    two_products<true>(SSD_Q, nn, np, Rows{gos, ps}, Rows{sin, ns}, Rows{cs, ns}, part_c,
-                 [&](int i) { return __expf(cum_c[i]); }, SSD_Q, Rows{w, qs}, Rows{bs, ns},
-                 [&](int i, int n, float v) {
+    // g_C = exp(cum) ∘ (go S_in) + W B, with the parts of go_i . (S_in C_i).
+    two_products(SSD_Q, nn, np, Rows{gos}, Rows{sin}, cs, part_c, [&](int i) { return __expf(cum_c[i]); }, SSD_Q,
+                 Rows{w}, Rows{bs}, [&](int i, int n, float v) {
                      if (i < t_end) c_share[share_at(i, n)] = v;
                  });
     // g_B = w ∘ (X G) + W^T C.
-    two_products<true>(SSD_Q, nn, np, Rows{xs, ps}, Rows{gst, ns}, none, nullptr, [&](int j) { return wj[j]; },
-                 SSD_Q, Cols{w, qs}, Rows{cs, ns}, [&](int j, int n, float v) {
+    two_products(SSD_Q, nn, np, Rows{xs}, Rows{gst}, none.m, nullptr, [&](int j) { return wj[j]; }, SSD_Q,
+                 Cols{w}, Rows{cs}, [&](int j, int n, float v) {
                      if (j < t_end) b_share[share_at(j, n)] = v;
                  });
-    // g_X = w ∘ (B G^T) + M^T go + D go, with the shares of x_j . (G B_j).
-    two_products<false>(SSD_Q, np, nn, Rows{bs, ns}, Cols{gst, ns}, Rows{xs, ps}, part_x,
-                 [&](int j) { return wj[j]; }, SSD_Q, Cols{m, qs}, Rows{gos, ps}, [&](int j, int p, float v) {
+    // g_X = w ∘ (B G^T) + M^T go + D go, with the parts of x_j . (G B_j).
+    two_products(SSD_Q, np, nn, Rows{bs}, Cols{gst}, xs, part_x, [&](int j) { return wj[j]; }, SSD_Q, Cols{m},
+                 Rows{gos}, [&](int j, int p, float v) {
                      if (j >= t_end) return;
                      const float skip = s.d < 0 ? 0.0f : ld(x, s.d + (s.d_per_p ? k.h * np + p : k.h));
-                     grads[at.x + token_row(s, k.b, k.t0 + j, k.h, s.heads, np) + p] = v + skip * gos[j * ps + p];
+                     grads[at_grad.x + token_row(s, k.b, k.t0 + j, k.h, s.heads, np) + p] = v + skip * at(gos, j, p);
                  });
-    // <G, S_in>, each thread's share in order.
+    // <G, S_in> (both laid out alike, zeros in the padding): each thread's share in order, then
+    // each warp's.
     float gs = 0.0f;
-    for (int e = tid; e < np * nn; e += blockDim.x) gs += gst[(e / nn) * ns + e % nn] * sin[(e / nn) * ns + e % nn];
-    red[tid] = gs;
+    for (int e = tid; e < pw * nw; e += blockDim.x) gs += gst.p[e] * sin.p[e];
+    for (int lanes = 16; lanes > 0; lanes /= 2) gs += __shfl_down_sync(0xffffffffu, gs, lanes);
+    if (tid % 32 == 0) red[tid / 32] = gs;
     // g_D's part: sum_i go_i x_i per p.
     if (s.d >= 0)
         for (int p = tid; p < np; p += blockDim.x) {
             float v = 0.0f;
-            for (int i = 0; i < SSD_Q; ++i) v += gos[i * ps + p] * xs[i * ps + p];
+            for (int i = 0; i < SSD_Q; ++i) v += at(gos, i, p) * at(xs, i, p);
             d_part[k.bch * np + p] = v;
         }
     __syncthreads();
     if (tid < SSD_Q) {
         const int i = tid;
         float uc = 0.0f, ux = 0.0f;
-        for (int q = 0; q < nn / 4; ++q) uc += part_c[i * (nn / 4) + q];
-        for (int q = 0; q < np / 4; ++q) ux += part_x[i * (np / 4) + q];
+        for (int q = 0; q < nw / 8; ++q) uc += part_c[i * (nw / 8) + q];
+        for (int q = 0; q < pw / 8; ++q) ux += part_x[i * (pw / 8) + q];
         u_c[i] = uc;
         u_x[i] = ux;
     }
@@ -994,7 +1020,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     if (tid != 0) return;
     // The chunk's scalars, in order: g_cum, then g_dt' and g_A through cum = A sum dt'.
     float gs_total = 0.0f, to_last = 0.0f;
-    for (int q = 0; q < blockDim.x; ++q) gs_total += red[q];
+    for (int q = 0; q < blockDim.x / 32; ++q) gs_total += red[q];
     for (int i = 0; i < SSD_Q; ++i) {
         g_cum[i] = row_f[i] - col_f[i] + __expf(cum_c[i]) * u_c[i] - wj[i] * u_x[i];
         g_dt[i] = col_e[i] + into[i] * u_x[i];
@@ -1018,7 +1044,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
         const float slope = before_clamp < s.dt_lo || before_clamp > s.dt_hi ? 0.0f
                             : smooth ? 1.0f / (1.0f + __expf(-v)) : 1.0f;
         const float g = (g_dt[j] + a * suffix) * slope;
-        grads[at.dt + (k.b * s.len + k.t0 + j) * s.heads + k.h] = g;
+        grads[at_grad.dt + (k.b * s.len + k.t0 + j) * s.heads + k.h] = g;
         g_bias += g;
     }
     a_part[k.bch] = g_a;
