@@ -1012,8 +1012,8 @@ pub(super) fn ssd_bwd_width(n: usize) -> usize {
 
 /// Bytes of `ssd_bwd_chunk`'s shared memory for head dimension `np` and state size `nn`: X
 /// and go (Q x P), B and C (Q x N), G and S_in (P x N), M and W (Q x Q), widths and P rows at
-/// [`ssd_bwd_width`]; the parts of two row dots (one per 8 columns); twelve per-step vectors
-/// and one value per warp.
+/// [`ssd_bwd_width`]; the parts of two row dots (one per 8 columns); ten per-step vectors and
+/// one value per warp.
 pub(super) fn ssd_bwd_chunk_shared(np: usize, nn: usize) -> usize {
     let q = SSD_BWD_CHUNK;
     let (pw, nw) = (ssd_bwd_width(np), ssd_bwd_width(nn));
@@ -1023,7 +1023,7 @@ pub(super) fn ssd_bwd_chunk_shared(np: usize, nn: usize) -> usize {
         + 2 * q * q
         + q * nw / 8
         + q * pw / 8
-        + 12 * q
+        + 10 * q
         + SSD_BWD_THREADS / 32;
     4 * floats
 }

@@ -787,37 +787,33 @@ __device__ void two_products(int m, int n, Rest... rest) {
         tiled_products<2>(m, n, rest...);
 }
 
-// Values load(e), e < total, handed to store(e, v), each thread keeping STAGE_AHEAD loads in
-// flight before it stores (one at a time, every load would wait out its latency in turn).
-#define STAGE_AHEAD 8
-template <class Load, class Store>
-__device__ __forceinline__ void stage(int total, Load load, Store store) {
-    for (int e0 = threadIdx.x; e0 < total; e0 += STAGE_AHEAD * blockDim.x) {
-        float v[STAGE_AHEAD];
-#pragma unroll
-        for (int u = 0; u < STAGE_AHEAD; ++u) {
-            const int e = e0 + u * blockDim.x;
-            v[u] = e < total ? load(e) : 0.0f;
-        }
-#pragma unroll
-        for (int u = 0; u < STAGE_AHEAD; ++u) {
-            const int e = e0 + u * blockDim.x;
-            if (e < total) store(e, v[u]);
-        }
-    }
-}
-
-// The first `tall` rows of dst: value(r, c) for r < rows and c < cols, zeros past them.
+// dst's first `tall` rows: value(r, c) for r < rows and c < cols, zeros past them. Warp w takes
+// rows w, w + warps, ... and lane l columns l, l + 32, ...: each thread issues the loads of
+// STAGE_ROWS rows by STAGE_SEGMENTS columns before it stores them (one at a time, every load
+// would wait out its latency in turn), and no value's place takes a division.
+#define STAGE_ROWS 4
+#define STAGE_SEGMENTS 4
 template <class Value>
 __device__ __forceinline__ void stage_matrix(int tall, int rows, int cols, Value value, Shared dst) {
-    const int wide = dst.width;
-    stage(
-        tall * wide,
-        [&](int e) {
-            const int r = e / wide, c = e % wide;
-            return r < rows && c < cols ? value(r, c) : 0.0f;
-        },
-        [&](int e, float v) { at(dst, e / wide, e % wide) = v; });
+    const int lane = threadIdx.x % 32, warps = blockDim.x / 32, segments = dst.width / 32;
+    for (int r0 = threadIdx.x / 32; r0 < tall; r0 += STAGE_ROWS * warps)
+        for (int s0 = 0; s0 < segments; s0 += STAGE_SEGMENTS) {
+            float v[STAGE_ROWS][STAGE_SEGMENTS];
+#pragma unroll
+            for (int i = 0; i < STAGE_ROWS; ++i)
+#pragma unroll
+                for (int q = 0; q < STAGE_SEGMENTS; ++q) {
+                    const int r = r0 + i * warps, c = lane + 32 * (s0 + q);
+                    v[i][q] = r < rows && c < cols ? value(r, c) : 0.0f;
+                }
+#pragma unroll
+            for (int i = 0; i < STAGE_ROWS; ++i)
+#pragma unroll
+                for (int q = 0; q < STAGE_SEGMENTS; ++q) {
+                    const int r = r0 + i * warps;
+                    if (r < tall && s0 + q < segments) at(dst, r, lane + 32 * (s0 + q)) = v[i][q];
+                }
+        }
 }
 
 // Rows t0 .. t0 + SSD_Q of a (batch, L, K, width) input at inner index k into dst (zeros past
@@ -880,6 +876,29 @@ extern "C" __global__ void ssd_bwd_state_passing(SsdArgs s, const float* __restr
     if (at_grad.initial_states >= 0) grads[at_grad.initial_states + bh * entries + e] = front;
 }
 
+// Over a warp's lanes (every lane calls them): the sum of v (whole in lane 0), the inclusive
+// prefix sum and the inclusive suffix sum of v.
+__device__ __forceinline__ float warp_total(float v) {
+    for (int lanes = 16; lanes > 0; lanes /= 2) v += __shfl_down_sync(0xffffffffu, v, lanes);
+    return v;
+}
+__device__ __forceinline__ float warp_prefix_sum(float v) {
+    const int lane = threadIdx.x % 32;
+    for (int offset = 1; offset < 32; offset *= 2) {
+        const float before = __shfl_up_sync(0xffffffffu, v, offset);
+        if (lane >= offset) v += before;
+    }
+    return v;
+}
+__device__ __forceinline__ float warp_suffix_sum(float v) {
+    const int lane = threadIdx.x % 32;
+    for (int offset = 1; offset < 32; offset *= 2) {
+        const float after = __shfl_down_sync(0xffffffffu, v, offset);
+        if (lane + offset < 32) v += after;
+    }
+    return v;
+}
+
 // The gradients of one (batch, chunk, head) (equations above). Writes g_X and g_dt (with the
 // processed step's derivative) into grads, the head's shares of g_B and g_C into b_share and
 // c_share (batch, H, L, N), and the chunk's parts of g_A (a_part), g_dt_bias (bias_part) and
@@ -913,9 +932,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     float* row_f = wj + SSD_Q;           // rowsum(M ∘ GX)
     float* col_f = row_f + SSD_Q;        // colsum(M ∘ GX)
     float* col_e = col_f + SSD_Q;        // colsum(CB ∘ l ∘ GX)
-    float* g_cum = col_e + SSD_Q;
-    float* g_dt = g_cum + SSD_Q;
-    float* u_c = g_dt + SSD_Q;           // go_i . (S_in C_i)
+    float* u_c = col_e + SSD_Q;          // go_i . (S_in C_i)
     float* u_x = u_c + SSD_Q;            // x_i . (G B_i)
     float* red = u_x + SSD_Q;            // each warp's sum of <G, S_in>
 
@@ -998,7 +1015,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     // each warp's.
     float gs = 0.0f;
     for (int e = tid; e < pw * nw; e += blockDim.x) gs += gst.p[e] * sin.p[e];
-    for (int lanes = 16; lanes > 0; lanes /= 2) gs += __shfl_down_sync(0xffffffffu, gs, lanes);
+    gs = warp_total(gs);
     if (tid % 32 == 0) red[tid / 32] = gs;
     // g_D's part: sum_i go_i x_i per p.
     if (s.d >= 0)
@@ -1017,25 +1034,34 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
         u_x[i] = ux;
     }
     __syncthreads();
-    if (tid != 0) return;
-    // The chunk's scalars, in order: g_cum, then g_dt' and g_A through cum = A sum dt'.
-    float gs_total = 0.0f, to_last = 0.0f;
+    static_assert(SSD_Q == 64, "the chunk's steps are two per lane of a warp");
+    if (tid >= 32) return;
+    // The chunk's scalars in warp 0, lane l taking steps l and l + 32: g_cum, then g_dt' and g_A
+    // through cum = A sum dt'.
+    const int lane = tid;
+    float gs_total = 0.0f;
     for (int q = 0; q < blockDim.x / 32; ++q) gs_total += red[q];
-    for (int i = 0; i < SSD_Q; ++i) {
-        g_cum[i] = row_f[i] - col_f[i] + __expf(cum_c[i]) * u_c[i] - wj[i] * u_x[i];
-        g_dt[i] = col_e[i] + into[i] * u_x[i];
+    float gc[2], gd[2], dt_sum[2], to_last = 0.0f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int i = lane + 32 * h;
+        gc[h] = row_f[i] - col_f[i] + __expf(cum_c[i]) * u_c[i] - wj[i] * u_x[i];
+        gd[h] = col_e[i] + into[i] * u_x[i];
         to_last += wj[i] * u_x[i];
+        dt_sum[h] = warp_prefix_sum(dt_c[i]);
     }
-    g_cum[SSD_Q - 1] += to_last + __expf(cum_c[SSD_Q - 1]) * gs_total;
-    float dt_sum = 0.0f, g_a = 0.0f;
-    for (int i = 0; i < SSD_Q; ++i) {
-        dt_sum += dt_c[i];
-        g_a += g_cum[i] * dt_sum;
-    }
+    dt_sum[1] += __shfl_sync(0xffffffffu, dt_sum[0], 31);
+    to_last = __shfl_sync(0xffffffffu, warp_total(to_last), 0);
+    if (lane == 31) gc[1] += to_last + __expf(cum_c[SSD_Q - 1]) * gs_total;
+    const float g_a = warp_total(gc[0] * dt_sum[0] + gc[1] * dt_sum[1]);
+    // suffix_j = sum_{i >= j} g_cum_i.
+    float suffix[2] = {warp_suffix_sum(gc[0]), warp_suffix_sum(gc[1])};
+    suffix[0] += __shfl_sync(0xffffffffu, suffix[1], 0);
     const float a = ld(x, s.a + k.h);
-    float suffix = 0.0f, g_bias = 0.0f;
-    for (int j = SSD_Q - 1; j >= 0; --j) {
-        suffix += g_cum[j];
+    float g_bias = 0.0f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int j = lane + 32 * h;
         if (j >= t_end) continue;
         // d dt' / d dt: the softplus's sigmoid (1 above 20 or without it), 0 where clamped.
         const float v = raw_c[j];
@@ -1043,17 +1069,19 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
         const float before_clamp = smooth ? softplus(v) : v;
         const float slope = before_clamp < s.dt_lo || before_clamp > s.dt_hi ? 0.0f
                             : smooth ? 1.0f / (1.0f + __expf(-v)) : 1.0f;
-        const float g = (g_dt[j] + a * suffix) * slope;
+        const float g = (gd[h] + a * suffix[h]) * slope;
         grads[at_grad.dt + (k.b * s.len + k.t0 + j) * s.heads + k.h] = g;
         g_bias += g;
     }
+    g_bias = warp_total(g_bias);
+    float g_d = 0.0f;
+    if (s.d >= 0 && !s.d_per_p)
+        for (int p = lane; p < np; p += 32) g_d += d_part[k.bch * np + p];
+    g_d = warp_total(g_d);
+    if (lane != 0) return;
     a_part[k.bch] = g_a;
     bias_part[k.bch] = g_bias;
-    if (s.d >= 0 && !s.d_per_p) {
-        float g_d = 0.0f;
-        for (int p = 0; p < np; ++p) g_d += d_part[k.bch * np + p];
-        d_head_part[k.bch] = g_d;
-    }
+    if (s.d >= 0 && !s.d_per_p) d_head_part[k.bch] = g_d;
 }
 
 // g_B or g_C (batch, L, G, N): the heads' shares (batch, H, L, N) added over each group's heads
