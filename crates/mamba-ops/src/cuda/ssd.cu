@@ -816,26 +816,51 @@ __device__ __forceinline__ void stage_matrix(int tall, int rows, int cols, Value
         }
 }
 
+// One f32 from device memory to shared memory, asynchronously (cp.async), or a zero where not
+// `valid` (src is then not read). A thread's copies have landed after copies_done().
+__device__ __forceinline__ void copy_async(float* dst, const float* src, bool valid) {
+    const unsigned int to = (unsigned int)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(to), "l"(src), "r"(valid ? 4 : 0) : "memory");
+}
+__device__ __forceinline__ void copies_done() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// stage_matrix from f32 rows in device memory (row r at row(r)), the values below the diagonal
+// only when `lower`, with asynchronous copies: no thread waits for a load before it issues the
+// next. Warp w takes rows w, w + warps, ... and lane l columns l, l + 32, ...
+template <class Row>
+__device__ __forceinline__ void copy_matrix(int tall, int rows, int cols, Row row, bool lower, Shared dst) {
+    const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (int r = threadIdx.x / 32; r < tall; r += warps) {
+        const float* src = row(min(r, rows - 1));
+        for (int c = lane; c < dst.width; c += 32) {
+            const bool valid = r < rows && c < cols && (!lower || c <= r);
+            copy_async(&at(dst, r, c), valid ? src + c : src, valid);
+        }
+    }
+}
+
 // Rows t0 .. t0 + SSD_Q of a (batch, L, K, width) input at inner index k into dst (zeros past
-// the sequence).
+// the sequence): copied asynchronously when f32, widened through registers when bf16.
 __device__ __forceinline__ void stage_input_rows(const in_t* __restrict__ x, const SsdArgs& s, long long offset,
                                                  long long b, int t0, int k, int inner, int width, Shared dst) {
+#ifdef IN_BF16
     stage_matrix(
         SSD_Q, min(SSD_Q, s.len - t0), width,
         [&](int r, int c) { return ld(x, offset + token_row(s, b, t0 + r, k, inner, width) + c); }, dst);
+#else
+    copy_matrix(
+        SSD_Q, min(SSD_Q, s.len - t0), width,
+        [&](int r) { return x + offset + token_row(s, b, t0 + r, k, inner, width); }, false, dst);
+#endif
 }
 
-// The same from f32 (batch, L, H, P) rows (go), each row scaled by scale[i] when given.
-__device__ __forceinline__ void stage_float_rows(const float* __restrict__ src, const SsdArgs& s, const ChunkHead& k,
-                                                 const float* scale, Shared dst) {
+// The same from f32 (batch, L, H, P) rows (go), copied asynchronously.
+__device__ __forceinline__ void copy_float_rows(const float* __restrict__ src, const SsdArgs& s, const ChunkHead& k,
+                                                Shared dst) {
     const int width = s.head_dim;
-    stage_matrix(
+    copy_matrix(
         SSD_Q, min(SSD_Q, s.len - k.t0), width,
-        [&](int r, int c) {
-            const float v = src[token_row(s, k.b, k.t0 + r, k.h, s.heads, width) + c];
-            return scale != nullptr ? scale[r] * v : v;
-        },
-        dst);
+        [&](int r) { return src + token_row(s, k.b, k.t0 + r, k.h, s.heads, width); }, false, dst);
 }
 
 // Each chunk's own share of the gradient of the state entering it, sum_i exp(cum_i)
@@ -850,10 +875,14 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     const Shared cs{gos.p + SSD_Q * gos.width, pad32(nn)};
     float* scale = cs.p + SSD_Q * cs.width;  // exp(cum_i)
     const ChunkHead k = chunk_head(s, blockIdx.x);
-    for (int j = threadIdx.x; j < SSD_Q; j += blockDim.x) scale[j] = __expf(cum[chunk_step0(s, k) + j]);
-    __syncthreads();
-    stage_float_rows(go, s, k, scale, gos);
+    copy_float_rows(go, s, k, gos);
     stage_input_rows(x, s, s.c, k.b, k.t0, k.g, s.groups, nn, cs);
+    for (int j = threadIdx.x; j < SSD_Q; j += blockDim.x) scale[j] = __expf(cum[chunk_step0(s, k) + j]);
+    copies_done();
+    __syncthreads();
+    // go's rows scaled in place.
+    for (int i = threadIdx.x / 32; i < SSD_Q; i += blockDim.x / 32)
+        for (int p = threadIdx.x % 32; p < gos.width; p += 32) at(gos, i, p) *= scale[i];
     __syncthreads();
     const Rows none{{nullptr, 0}};
     two_products(
@@ -944,18 +973,20 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
         const int t = k.t0 + j;
         raw_c[j] = t < s.len ? ld(x, s.dt + (k.b * s.len + t) * s.heads + k.h) + bias : 0.0f;
     }
+    // The f32 operands' copies first, so that they are in flight while bf16 inputs are widened.
+    copy_float_rows(go_g, s, k, gos);
+    const long long state0 = k.bch * np * (long long)nn;
+    copy_matrix(
+        pw, np, nn, [&](int p) { return g_states + state0 + p * nn; }, false, gst);
+    copy_matrix(
+        pw, np, nn, [&](int p) { return states + state0 + p * nn; }, false, sin);
+    const long long cb0 = (k.bc * s.groups + k.g) * (long long)SSD_Q * SSD_Q;
+    copy_matrix(
+        SSD_Q, SSD_Q, SSD_Q, [&](int i) { return cb + cb0 + i * SSD_Q; }, true, m);
     stage_input_rows(x, s, s.x, k.b, k.t0, k.h, s.heads, np, xs);
-    stage_float_rows(go_g, s, k, nullptr, gos);
     stage_input_rows(x, s, s.b, k.b, k.t0, k.g, s.groups, nn, bs);
     stage_input_rows(x, s, s.c, k.b, k.t0, k.g, s.groups, nn, cs);
-    const long long state0 = k.bch * np * (long long)nn;
-    stage_matrix(
-        pw, np, nn, [&](int p, int n) { return g_states[state0 + p * nn + n]; }, gst);
-    stage_matrix(
-        pw, np, nn, [&](int p, int n) { return states[state0 + p * nn + n]; }, sin);
-    const long long cb0 = (k.bc * s.groups + k.g) * (long long)SSD_Q * SSD_Q;
-    stage_matrix(
-        SSD_Q, SSD_Q, SSD_Q, [&](int i, int j) { return j <= i ? cb[cb0 + i * SSD_Q + j] : 0.0f; }, m);
+    copies_done();
     __syncthreads();
     for (int j = tid; j < SSD_Q; j += blockDim.x) {
         into[j] = __expf(cum_c[SSD_Q - 1] - cum_c[j]);
@@ -967,21 +998,24 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     two_products(SSD_Q, SSD_Q, np, Rows{gos}, Cols{xs}, none.m, nullptr, one, 0, none, none,
                  [&](int i, int j, float v) { at(w, i, j) = v; });
     __syncthreads();
-    // The diagonal block's sums: a thread per column j (col_e, col_f), then per row i (row_f).
     const auto e_of = [&](int i, int j) {  // (CB ∘ l ∘ GX)_ij, j <= i
         return at(m, i, j) * __expf(cum_c[i] - cum_c[j]) * at(w, i, j);
     };
-    if (tid < SSD_Q) {
-        const int j = tid;
-        float e_sum = 0.0f;
-        for (int i = j; i < SSD_Q; ++i) e_sum += e_of(i, j);
-        col_e[j] = e_sum;
-        col_f[j] = e_sum * dt_c[j];
-    } else if (tid < 2 * SSD_Q) {
-        const int i = tid - SSD_Q;
-        float f_sum = 0.0f;
-        for (int j = 0; j <= i; ++j) f_sum += e_of(i, j) * dt_c[j];
-        row_f[i] = f_sum;
+    // The diagonal block's sums, eight threads to each column j (col_e, col_f) and to each row i
+    // (row_f), each taking every eighth step.
+    static_assert(BWD_THREADS == 8 * SSD_Q, "eight threads to a row");
+    {
+        const int line = tid / 8, part = tid % 8;
+        float e_sum = 0.0f, f_sum = 0.0f;
+        for (int i = line + part; i < SSD_Q; i += 8) e_sum += e_of(i, line);
+        for (int j = part; j <= line; j += 8) f_sum += e_of(line, j) * dt_c[j];
+        e_sum = lane_group_sum(e_sum, 8);
+        f_sum = lane_group_sum(f_sum, 8);
+        if (part == 0) {
+            col_e[line] = e_sum;
+            col_f[line] = e_sum * dt_c[line];
+            row_f[line] = f_sum;
+        }
     }
     __syncthreads();
     // M = CB ∘ l ∘ dt'_j and W = GX ∘ l ∘ dt'_j (zero above the diagonal).
