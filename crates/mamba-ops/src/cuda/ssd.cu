@@ -700,31 +700,94 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned int (&a)[
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// acc[j] += a(r0 .. r0 + 16, k) b(k, c0 + 8 j .. + 8), k < depth (a multiple of 8). Fragments of
-// m16n8k8, g = lane / 4, t = lane % 4: a at rows g, g + 8 and columns t, t + 4; b at rows t,
-// t + 4 and column g; acc[j][e] at row g (+8 for e >= 2) and column 8 j + 2 t (+1 for odd e).
+// Fragments of m16n8k8, g = lane / 4, t = lane % 4: a at rows g, g + 8 and depths t, t + 4; b
+// at depths t, t + 4 and column g; acc[j][e] at row g (+8 for e >= 2) and column 8 j + 2 t (+1
+// for odd e). A lane's fragment values of an operand, for one tile, are at fixed indices
+// base + 8 f + g (f < F: A's rows r0 + g, r0 + g + 8; B's columns c0 + 8 j + g) and depths
+// k + t + 4 h, k = kb + 8 q (kb a multiple of 32, q < 4). Their addresses are worked out once per
+// tile, so that a load in the depth loop costs one addition:
+//   along a row of the shared matrix (A as Rows, B as Cols): row[f][kb + off[q][h]], off the
+//   swizzled place of depth 8 q + 4 h + t in a row congruent to g modulo 8 (the same for every f);
+//   down a column (A as Cols, B as Rows): column[f][h][(kb + 8 q) width].
+//
+// Addresses are byte offsets into the backward kernels' dynamic shared memory (bwd_smem).
+extern __shared__ float bwd_smem[];
+__device__ __forceinline__ int byte_at(const float* p) {
+    return (int)(reinterpret_cast<const char*>(p) - reinterpret_cast<const char*>(bwd_smem));
+}
+__device__ __forceinline__ float shared_at(int byte) {
+    return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(bwd_smem) + byte);
+}
+template <int F>
+struct Along {
+    int row[F];
+    int off[4][2];
+    __device__ __forceinline__ Along(Shared m, int base) {
+        const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+        for (int f = 0; f < F; ++f) row[f] = byte_at(m.p + (base + 8 * f + g) * m.width);
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) off[q][h] = 4 * (((8 * q + 4 * h) ^ swizzle(g)) + t);
+    }
+    __device__ __forceinline__ float value(int f, int kb, int q, int h) const {
+        return shared_at(row[f] + 4 * kb + off[q][h]);
+    }
+};
+template <int F>
+struct Down {
+    int column[F][2];
+    int width;
+    __device__ __forceinline__ Down(Shared m, int base) : width(m.width) {
+        const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+#pragma unroll
+        for (int f = 0; f < F; ++f)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                column[f][h] = byte_at(m.p + (t + 4 * h) * m.width + ((base + 8 * f + g) ^ swizzle(t + 4 * h)));
+    }
+    __device__ __forceinline__ float value(int f, int kb, int q, int h) const {
+        return shared_at(column[f][h] + 4 * (kb + 8 * q) * width);
+    }
+};
+__device__ __forceinline__ Along<2> a_view(Rows a, int r0) { return Along<2>(a.m, r0); }
+__device__ __forceinline__ Down<2> a_view(Cols a, int r0) { return Down<2>(a.m, r0); }
+template <int NT>
+__device__ __forceinline__ Down<NT> b_view(Rows b, int c0) {
+    return Down<NT>(b.m, c0);
+}
+template <int NT>
+__device__ __forceinline__ Along<NT> b_view(Cols b, int c0) {
+    return Along<NT>(b.m, c0);
+}
+
+// acc[j] += a(r0 .. r0 + 16, k) b(k, c0 + 8 j .. + 8), k < depth (a multiple of 32).
 template <int NT, class A, class B>
 __device__ __forceinline__ void multiply_into(float (&acc)[NT][4], int r0, int c0, int depth, A a, B b) {
-    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    const auto av = a_view(a, r0);
+    const auto bv = b_view<NT>(b, c0);
 #ifndef IN_BF16
     float fix[NT][4] = {};  // the hi lo and lo hi terms, kept apart so that they chain less
 #endif
-#pragma unroll 2
-    for (int k = 0; k < depth; k += 8) {
-        const Tf32 av[4] = {split(get(a, r0 + g, k + t)), split(get(a, r0 + g + 8, k + t)),
-                            split(get(a, r0 + g, k + t + 4)), split(get(a, r0 + g + 8, k + t + 4))};
-        const unsigned int a_hi[4] = {av[0].hi, av[1].hi, av[2].hi, av[3].hi};
+    for (int kb = 0; kb < depth; kb += 32) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const Tf32 as[4] = {split(av.value(0, kb, q, 0)), split(av.value(1, kb, q, 0)),
+                                split(av.value(0, kb, q, 1)), split(av.value(1, kb, q, 1))};
+            const unsigned int a_hi[4] = {as[0].hi, as[1].hi, as[2].hi, as[3].hi};
 #ifndef IN_BF16
-        const unsigned int a_lo[4] = {av[0].lo, av[1].lo, av[2].lo, av[3].lo};
+            const unsigned int a_lo[4] = {as[0].lo, as[1].lo, as[2].lo, as[3].lo};
 #endif
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            const Tf32 b0 = split(get(b, k + t, c0 + 8 * j + g)), b1 = split(get(b, k + t + 4, c0 + 8 * j + g));
-            mma_tf32(acc[j], a_hi, b0.hi, b1.hi);
+            for (int j = 0; j < NT; ++j) {
+                const Tf32 b0 = split(bv.value(j, kb, q, 0)), b1 = split(bv.value(j, kb, q, 1));
+                mma_tf32(acc[j], a_hi, b0.hi, b1.hi);
 #ifndef IN_BF16
-            mma_tf32(fix[j], a_hi, b0.lo, b1.lo);
-            mma_tf32(fix[j], a_lo, b0.hi, b1.hi);
+                mma_tf32(fix[j], a_hi, b0.lo, b1.lo);
+                mma_tf32(fix[j], a_lo, b0.hi, b1.hi);
 #endif
+            }
         }
     }
 #ifndef IN_BF16
@@ -740,10 +803,12 @@ __device__ __forceinline__ void multiply_into(float (&acc)[NT][4], int r0, int c
 //   8 q .. 8 q + 7 of out[r][c] dot(r, c);  out[r][.] *= scale(r);  out += a2 b2 (depth k2);
 //   emit(r, c, out) for r < m, c < n.
 // Sizes are rounded up to multiples of 32 (the operands' zero padding). Each warp takes tiles of
-// 16 rows by 8 NT columns.
-template <int NT, class A1, class B1, class A2, class B2, class Scale, class Emit>
-__device__ __forceinline__ void tiled_products(int m, int n, int k1, A1 a1, B1 b1, Shared dot, float* part,
-                                               Scale scale, int k2, A2 a2, B2 b2, Emit emit) {
+// 16 rows by 8 PRODUCT_NT columns.
+#define PRODUCT_NT 2
+template <class A1, class B1, class A2, class B2, class Scale, class Emit>
+__device__ void two_products(int m, int n, int k1, A1 a1, B1 b1, Shared dot, float* part, Scale scale, int k2,
+                             A2 a2, B2 b2, Emit emit) {
+    constexpr int NT = PRODUCT_NT;
     const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
     const int col_tiles = pad32(n) / (8 * NT), parts = pad32(n) / 8;
     for (int tile = threadIdx.x / 32; tile < pad32(m) / 16 * col_tiles; tile += blockDim.x / 32) {
@@ -776,15 +841,6 @@ __device__ __forceinline__ void tiled_products(int m, int n, int k1, A1 a1, B1 b
                 if (r < m && c < n) emit(r, c, acc[j][e]);
             }
     }
-}
-
-// tiled_products with tiles 32 columns wide where that still gives every warp one, else 16.
-template <class... Rest>
-__device__ void two_products(int m, int n, Rest... rest) {
-    if (pad32(m) / 16 * (pad32(n) / 32) >= (int)(blockDim.x / 32))
-        tiled_products<4>(m, n, rest...);
-    else
-        tiled_products<2>(m, n, rest...);
 }
 
 // dst's first `tall` rows: value(r, c) for r < rows and c < cols, zeros past them. Warp w takes
@@ -869,9 +925,8 @@ __device__ __forceinline__ void copy_float_rows(const float* __restrict__ src, c
 extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     ssd_bwd_own_states(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ go,
                        const float* __restrict__ cum, float* __restrict__ own) {
-    extern __shared__ float smem[];
     const int np = s.head_dim, nn = s.state;
-    const Shared gos{smem, pad32(np)};
+    const Shared gos{bwd_smem, pad32(np)};
     const Shared cs{gos.p + SSD_Q * gos.width, pad32(nn)};
     float* scale = cs.p + SSD_Q * cs.width;  // exp(cum_i)
     const ChunkHead k = chunk_head(s, blockIdx.x);
@@ -941,9 +996,8 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
                   SsdGradsAt at_grad, float* __restrict__ b_share, float* __restrict__ c_share,
                   float* __restrict__ a_part, float* __restrict__ bias_part, float* __restrict__ d_part,
                   float* __restrict__ d_head_part) {
-    extern __shared__ float smem[];
     const int np = s.head_dim, nn = s.state, pw = pad32(np), nw = pad32(nn);
-    const Shared xs{smem, pw};                       // X    (Q, P)
+    const Shared xs{bwd_smem, pw};                     // X    (Q, P)
     const Shared gos{xs.p + SSD_Q * pw, pw};         // go   (Q, P)
     const Shared bs{gos.p + SSD_Q * pw, nw};         // B    (Q, N)
     const Shared cs{bs.p + SSD_Q * nw, nw};          // C    (Q, N)
