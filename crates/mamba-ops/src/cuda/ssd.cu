@@ -631,6 +631,7 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
 // Every sum runs in a fixed order (no float atomics): every run gives the same bits.
 #ifdef SSD_BWD
 #define BWD_THREADS 512
+#define BWD_OWN_THREADS 256  // ssd_bwd_own_states' (SSD_BWD_OWN_THREADS in launch.rs)
 
 // Where each gradient goes in the flat output (element offsets; -1 for an absent input).
 struct SsdGradsAt {
@@ -922,7 +923,7 @@ __device__ __forceinline__ void copy_float_rows(const float* __restrict__ src, c
 // Each chunk's own share of the gradient of the state entering it, sum_i exp(cum_i)
 // outer(go_i, C_i), into own (batch, chunks, H, P, N). One (batch, chunk, head) per block;
 // dynamic shared memory: go scaled (SSD_Q x pad32(P)), C (SSD_Q x pad32(N)), exp(cum).
-extern "C" __global__ void __launch_bounds__(BWD_THREADS)
+extern "C" __global__ void __launch_bounds__(BWD_OWN_THREADS)
     ssd_bwd_own_states(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ go,
                        const float* __restrict__ cum, float* __restrict__ own) {
     const int np = s.head_dim, nn = s.state;
@@ -1018,16 +1019,13 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     float* u_c = col_e + SSD_Q;          // go_i . (S_in C_i)
     float* u_x = u_c + SSD_Q;            // x_i . (G B_i)
     float* red = u_x + SSD_Q;            // each warp's sum of <G, S_in>
+    float* d_c = red + BWD_THREADS / 32; // g_D's part per p
 
     const ChunkHead k = chunk_head(s, blockIdx.x);
     const int tid = threadIdx.x;
-    stage_steps(s, k, dtp, cum, dt_c, cum_c, SSD_Q);
-    const float bias = ld_or(x, s.dt_bias, k.h, 0.0f);
-    for (int j = tid; j < SSD_Q; j += blockDim.x) {
-        const int t = k.t0 + j;
-        raw_c[j] = t < s.len ? ld(x, s.dt + (k.b * s.len + t) * s.heads + k.h) + bias : 0.0f;
-    }
-    // The f32 operands' copies first, so that they are in flight while bf16 inputs are widened.
+    const float a = ld(x, s.a + k.h);
+    // The f32 operands' copies first, so that they are in flight while the steps are read and
+    // bf16 inputs widened.
     copy_float_rows(go_g, s, k, gos);
     const long long state0 = k.bch * np * (long long)nn;
     copy_matrix(
@@ -1040,6 +1038,12 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     stage_input_rows(x, s, s.x, k.b, k.t0, k.h, s.heads, np, xs);
     stage_input_rows(x, s, s.b, k.b, k.t0, k.g, s.groups, nn, bs);
     stage_input_rows(x, s, s.c, k.b, k.t0, k.g, s.groups, nn, cs);
+    stage_steps(s, k, dtp, cum, dt_c, cum_c, SSD_Q);
+    const float bias = ld_or(x, s.dt_bias, k.h, 0.0f);
+    for (int j = tid; j < SSD_Q; j += blockDim.x) {
+        const int t = k.t0 + j;
+        raw_c[j] = t < s.len ? ld(x, s.dt + (k.b * s.len + t) * s.heads + k.h) + bias : 0.0f;
+    }
     copies_done();
     __syncthreads();
     for (int j = tid; j < SSD_Q; j += blockDim.x) {
@@ -1111,6 +1115,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
             float v = 0.0f;
             for (int i = 0; i < SSD_Q; ++i) v += at(gos, i, p) * at(xs, i, p);
             d_part[k.bch * np + p] = v;
+            d_c[p] = v;
         }
     __syncthreads();
     if (tid < SSD_Q) {
@@ -1145,7 +1150,6 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     // suffix_j = sum_{i >= j} g_cum_i.
     float suffix[2] = {warp_suffix_sum(gc[0]), warp_suffix_sum(gc[1])};
     suffix[0] += __shfl_sync(0xffffffffu, suffix[1], 0);
-    const float a = ld(x, s.a + k.h);
     float g_bias = 0.0f;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -1164,7 +1168,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     g_bias = warp_total(g_bias);
     float g_d = 0.0f;
     if (s.d >= 0 && !s.d_per_p)
-        for (int p = lane; p < np; p += 32) g_d += d_part[k.bch * np + p];
+        for (int p = lane; p < np; p += 32) g_d += d_c[p];
     g_d = warp_total(g_d);
     if (lane != 0) return;
     a_part[k.bch] = g_a;
