@@ -421,7 +421,7 @@ mod tests {
         for width in [4, 16, 32, 64, 128, 200] {
             let padded = launch::ssd_bwd_width(width);
             assert!(
-                padded >= width && padded % 32 == 0 && padded < width + 32,
+                padded >= width && padded.is_multiple_of(32) && padded < width + 32,
                 "{width}: {padded}"
             );
         }
