@@ -678,15 +678,14 @@ __device__ __forceinline__ float get(Cols a, int r, int c) { return at(a.m, c, r
 // The products run on tensor cores as tf32 mma.sync m16n8k8 with f32 sums. For f32 inputs
 // each operand value is split into hi (its top 19 bits, exact in tf32) and lo = v - hi (whose
 // bits past tf32 the tensor cores ignore), and a product is hi hi + hi lo + lo hi: about f32's
-// precision. For bf16 inputs hi alone (rounded to nearest), finer than the inputs.
+// precision. For bf16 inputs the value as it is (the tensor cores truncate it to tf32: the bf16
+// inputs exactly, the f32 intermediates within 2^-10, finer than the inputs).
 struct Tf32 {
     unsigned int hi, lo;
 };
 __device__ __forceinline__ Tf32 split(float v) {
 #ifdef IN_BF16
-    unsigned int hi;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(hi) : "f"(v));
-    return {hi, 0u};
+    return {__float_as_uint(v), 0u};
 #else
     const unsigned int hi = __float_as_uint(v) & 0xffffe000u;
     return {hi, __float_as_uint(v - __uint_as_float(hi))};
@@ -850,21 +849,21 @@ __device__ void two_products(int m, int n, int k1, A1 a1, B1 b1, Shared dot, flo
 // would wait out its latency in turn), and no value's place takes a division.
 #define STAGE_ROWS 4
 #define STAGE_SEGMENTS 4
-template <class Value>
+template <int ROWS = STAGE_ROWS, class Value>
 __device__ __forceinline__ void stage_matrix(int tall, int rows, int cols, Value value, Shared dst) {
     const int lane = threadIdx.x % 32, warps = blockDim.x / 32, segments = dst.width / 32;
-    for (int r0 = threadIdx.x / 32; r0 < tall; r0 += STAGE_ROWS * warps)
+    for (int r0 = threadIdx.x / 32; r0 < tall; r0 += ROWS * warps)
         for (int s0 = 0; s0 < segments; s0 += STAGE_SEGMENTS) {
-            float v[STAGE_ROWS][STAGE_SEGMENTS];
+            float v[ROWS][STAGE_SEGMENTS];
 #pragma unroll
-            for (int i = 0; i < STAGE_ROWS; ++i)
+            for (int i = 0; i < ROWS; ++i)
 #pragma unroll
                 for (int q = 0; q < STAGE_SEGMENTS; ++q) {
                     const int r = r0 + i * warps, c = lane + 32 * (s0 + q);
                     v[i][q] = r < rows && c < cols ? value(r, c) : 0.0f;
                 }
 #pragma unroll
-            for (int i = 0; i < STAGE_ROWS; ++i)
+            for (int i = 0; i < ROWS; ++i)
 #pragma unroll
                 for (int q = 0; q < STAGE_SEGMENTS; ++q) {
                     const int r = r0 + i * warps;
@@ -918,6 +917,27 @@ __device__ __forceinline__ void copy_float_rows(const float* __restrict__ src, c
     copy_matrix(
         SSD_Q, min(SSD_Q, s.len - k.t0), width,
         [&](int r) { return src + token_row(s, k.b, k.t0 + r, k.h, s.heads, width); }, false, dst);
+}
+
+// The chunk's B and C rows (its head's group) into bs and the SSD_Q rows after it (cs, alike):
+// copied asynchronously when f32; when bf16, widened through registers as one matrix of
+// 2 SSD_Q rows, twice the loads in flight.
+__device__ __forceinline__ void stage_group_rows(const in_t* __restrict__ x, const SsdArgs& s, const ChunkHead& k,
+                                                 Shared bs) {
+#ifdef IN_BF16
+    const int valid = min(SSD_Q, s.len - k.t0);
+    stage_matrix<2 * STAGE_ROWS>(
+        2 * SSD_Q, 2 * SSD_Q, s.state,
+        [&](int r, int n) {
+            const int i = r % SSD_Q;
+            const long long at = (r < SSD_Q ? s.b : s.c) + token_row(s, k.b, k.t0 + i, k.g, s.groups, s.state);
+            return i < valid ? ld(x, at + n) : 0.0f;
+        },
+        bs);
+#else
+    stage_input_rows(x, s, s.b, k.b, k.t0, k.g, s.groups, s.state, bs);
+    stage_input_rows(x, s, s.c, k.b, k.t0, k.g, s.groups, s.state, Shared{bs.p + SSD_Q * bs.width, bs.width});
+#endif
 }
 
 // Each chunk's own share of the gradient of the state entering it, sum_i exp(cum_i)
@@ -1036,8 +1056,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     copy_matrix(
         SSD_Q, SSD_Q, SSD_Q, [&](int i) { return cb + cb0 + i * SSD_Q; }, true, m);
     stage_input_rows(x, s, s.x, k.b, k.t0, k.h, s.heads, np, xs);
-    stage_input_rows(x, s, s.b, k.b, k.t0, k.g, s.groups, nn, bs);
-    stage_input_rows(x, s, s.c, k.b, k.t0, k.g, s.groups, nn, cs);
+    stage_group_rows(x, s, k, bs);
     stage_steps(s, k, dtp, cum, dt_c, cum_c, SSD_Q);
     const float bias = ld_or(x, s.dt_bias, k.h, 0.0f);
     for (int j = tid; j < SSD_Q; j += blockDim.x) {
