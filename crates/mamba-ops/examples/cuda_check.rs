@@ -731,31 +731,10 @@ fn scan_case(name: &'static str, batch: usize, d: usize, len: usize, init: bool)
 /// The Mamba-2 SSD over `len` tokens of `h` heads of 64 channels, N 128, one group (24 heads:
 /// mamba2-130m; 80: mamba2-2.7b).
 fn ssd_case(name: &'static str, h: usize, len: usize) -> ModelCase {
-    let (p, n2) = (64, 128);
     ModelCase {
         name,
-        specs: vec![
-            spec("x", &[1, len, h, p], -1.0, 1.0),
-            spec("dt", &[1, len, h], -0.5, 0.5),
-            spec("A", &[h], -16.0, -1.0),
-            spec("B", &[1, len, 1, n2], -1.0, 1.0),
-            spec("C", &[1, len, 1, n2], -1.0, 1.0),
-            spec("D", &[h], 0.5, 1.5),
-            spec("dt_bias", &[h], -6.0, -2.0),
-            spec("initial_states", &[1, h, p, n2], -0.1, 0.1),
-        ],
-        call: |t| {
-            ssd_of(
-                t,
-                SsdOptions {
-                    d: Some(&t[5]),
-                    dt_bias: Some(&t[6]),
-                    dt_softplus: true,
-                    initial_states: Some(&t[7]),
-                    ..Default::default()
-                },
-            )
-        },
+        specs: ssd_init_specs(len, h, 64, 128),
+        call: ssd_with_init,
         flops: ssd_flops(h, len),
     }
 }
@@ -763,33 +742,41 @@ fn ssd_case(name: &'static str, h: usize, len: usize) -> ModelCase {
 /// The SSD backward at a head dimension and state size off the kernels' multiples of 32 (20
 /// and 12, padded in shared memory), with an initial state and two chunks, the second partial.
 fn ssd_padded_case() -> ModelCase {
-    let (len, h, p, n) = (90, 4, 20, 12);
     ModelCase {
         name: "bwd ssd b1 H4 G1 P20 N12 L90 init",
-        specs: vec![
-            spec("x", &[1, len, h, p], -1.0, 1.0),
-            spec("dt", &[1, len, h], -0.5, 0.5),
-            spec("A", &[h], -8.0, -1.0),
-            spec("B", &[1, len, 1, n], -1.0, 1.0),
-            spec("C", &[1, len, 1, n], -1.0, 1.0),
-            spec("D", &[h], 0.5, 1.5),
-            spec("dt_bias", &[h], -4.0, -2.0),
-            spec("initial_states", &[1, h, p, n], -0.5, 0.5),
-        ],
-        call: |t| {
-            ssd_of(
-                t,
-                SsdOptions {
-                    d: Some(&t[5]),
-                    dt_bias: Some(&t[6]),
-                    dt_softplus: true,
-                    initial_states: Some(&t[7]),
-                    ..Default::default()
-                },
-            )
-        },
+        specs: ssd_init_specs(90, 4, 20, 12),
+        call: ssd_with_init,
         flops: 0.0,
     }
+}
+
+/// The inputs of [`ssd_with_init`]: `len` tokens of `h` heads of `p` channels, one group of
+/// state size `n`.
+fn ssd_init_specs(len: usize, h: usize, p: usize, n: usize) -> Vec<Spec> {
+    vec![
+        spec("x", &[1, len, h, p], -1.0, 1.0),
+        spec("dt", &[1, len, h], -0.5, 0.5),
+        spec("A", &[h], -16.0, -1.0),
+        spec("B", &[1, len, 1, n], -1.0, 1.0),
+        spec("C", &[1, len, 1, n], -1.0, 1.0),
+        spec("D", &[h], 0.5, 1.5),
+        spec("dt_bias", &[h], -6.0, -2.0),
+        spec("initial_states", &[1, h, p, n], -0.1, 0.1),
+    ]
+}
+
+/// The SSD with D per head, dt_bias, the softplus and an initial state, packed.
+fn ssd_with_init(t: &[Tensor]) -> mamba_ops::Result<PackedCall> {
+    ssd_of(
+        t,
+        SsdOptions {
+            d: Some(&t[5]),
+            dt_bias: Some(&t[6]),
+            dt_softplus: true,
+            initial_states: Some(&t[7]),
+            ..Default::default()
+        },
+    )
 }
 
 /// The SSD of the inputs `x, dt, A, B, C` in `t[..5]` with `opts`, packed.
