@@ -672,8 +672,6 @@ struct Rows {
 struct Cols {
     Shared m;
 };
-__device__ __forceinline__ float get(Rows a, int r, int c) { return at(a.m, r, c); }
-__device__ __forceinline__ float get(Cols a, int r, int c) { return at(a.m, c, r); }
 
 // The products run on tensor cores as tf32 mma.sync m16n8k8 with f32 sums. For f32 inputs
 // each operand value is split into hi (its top 19 bits, exact in tf32) and lo = v - hi (whose
