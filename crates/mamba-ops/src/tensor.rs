@@ -364,6 +364,17 @@ pub(crate) struct Present {
     pub init: bool,
 }
 
+impl Present {
+    /// Which inputs of an op with five required ones (the scan's and the SSD's) are packed, in
+    /// packing order: the five, then D, z, the bias and the initial state.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn after_five_required(self) -> [bool; 9] {
+        [
+            true, true, true, true, true, self.d, self.z, self.bias, self.init,
+        ]
+    }
+}
+
 fn present_inputs<'a>(
     required: Vec<&'a Tensor>,
     optional: [Option<&'a Tensor>; 4],

@@ -273,17 +273,8 @@ fn scan_args(
     softplus: bool,
     segments: usize,
 ) -> Result<ScanArgs> {
-    let [u, delta, a, b, c, d, z, delta_bias, initial_state] = p.offsets([
-        true,
-        true,
-        true,
-        true,
-        true,
-        present.d,
-        present.z,
-        present.bias,
-        present.init,
-    ])?;
+    let [u, delta, a, b, c, d, z, delta_bias, initial_state] =
+        p.offsets(present.after_five_required())?;
     Ok(ScanArgs {
         u,
         delta,
@@ -837,18 +828,8 @@ pub(crate) struct SsdFlags {
 
 /// `SsdArgs` for `dims` cut into chunks of `chunk` steps.
 fn ssd_args(p: &Packed, dims: &SsdDims, flags: SsdFlags, chunk: usize) -> Result<SsdArgs> {
-    let present = flags.present;
-    let [x, dt, a, b, c, d, z, dt_bias, initial_states] = p.offsets([
-        true,
-        true,
-        true,
-        true,
-        true,
-        present.d,
-        present.z,
-        present.bias,
-        present.init,
-    ])?;
+    let [x, dt, a, b, c, d, z, dt_bias, initial_states] =
+        p.offsets(flags.present.after_five_required())?;
     Ok(SsdArgs {
         inputs: SsdOffsets {
             x,
@@ -1050,21 +1031,21 @@ pub(super) fn ssd_grads_at(dims: &SsdDims, flags: SsdFlags) -> (SsdOffsets, usiz
         ..
     } = *dims;
     let (tokens, bc_len) = (nb * nl * nh * np, nb * nl * ng * nn);
-    let present = flags.present;
     let sizes = [
-        (true, tokens),
-        (true, nb * nl * nh),
-        (true, nh),
-        (true, bc_len),
-        (true, bc_len),
-        (present.d, if flags.d_per_p { nh * np } else { nh }),
-        (present.z, tokens),
-        (present.bias, nh),
-        (present.init, nb * nh * np * nn),
+        tokens,
+        nb * nl * nh,
+        nh,
+        bc_len,
+        bc_len,
+        if flags.d_per_p { nh * np } else { nh },
+        tokens,
+        nh,
+        nb * nh * np * nn,
     ];
     let mut starts = [-1i64; 9];
     let mut total = 0;
-    for (start, &(here, len)) in starts.iter_mut().zip(&sizes) {
+    let present = flags.present.after_five_required();
+    for ((start, here), len) in starts.iter_mut().zip(present).zip(sizes) {
         if here {
             *start = total as i64;
             total += len;
