@@ -8,10 +8,10 @@
 //!    and 64, run on the GPU with f32 and with bf16 inputs and are compared with the fast CPU path
 //!    on the same (rounded) values by relative L2 error;
 //! 3. the backward kernels (gated RMSNorm, causal conv1d, selective scan, SSD) at those sizes,
-//!    mamba2-2.7b's SSD, one small grouped scan and one small gated SSD, on fresh random inputs
-//!    and output gradients: gradients of every input compared
-//!    with the fast CPU backward by relative L2 error, two GPU runs compared bit for bit (the
-//!    summed weight gradients are deterministic), and the conv fixtures' gradients of
+//!    mamba-2.8b's scan, mamba2-2.7b's SSD, a long narrow scan, one small grouped scan and one
+//!    small gated SSD, on fresh random inputs and output gradients: gradients of every input
+//!    compared with the fast CPU backward by relative L2 error, two GPU runs compared bit for
+//!    bit (the summed weight gradients are deterministic), and the conv fixtures' gradients of
 //!    `sum(out * proj_out)` through candle's autograd on the GPU;
 //! 4. each kernel is timed with CUDA events (warm-up, then the median of many batches of
 //!    launches queued behind a long copy, so that the device runs them back to back, rotating
@@ -965,6 +965,9 @@ fn backward_cases() -> Vec<ModelCase> {
     ];
     vec![
         scan_case("bwd m1 selective_scan d1536 N16 L2048", 1, d1, 2048, true),
+        scan_case("bwd m1 selective_scan d5120 N16 L2048", 1, 5120, 2048, true),
+        // 320 segments: the combines' runs of 40 take their loads in three turns.
+        scan_case("bwd selective_scan d64 N16 L5000", 1, 64, 5000, true),
         ModelCase {
             name: "bwd selective_scan b2 d64 G2 N4 L37 plain",
             specs: vec![

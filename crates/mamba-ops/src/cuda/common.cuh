@@ -62,13 +62,28 @@ __device__ __forceinline__ float silu_grad(float x) {
 }
 
 // Deterministic sum of per-block partial sums: out[j] = sum_{p < count} parts[p * stride + j]
-// for j < width, the parts added in order p = 0, 1, ... (no atomics), so that a gradient summed
-// over blocks is the same on every run. One thread per j.
-extern "C" __global__ void sum_parts(const float* __restrict__ parts, int count, int stride,
-                                     int width, float* __restrict__ out) {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= width) return;
+// for j < width, the parts added in a fixed order (no atomics), so that a gradient summed over
+// blocks is the same on every run. A block is 32 j (one per lane) by SUM_WARPS warps: warp w adds
+// the w-th of SUM_WARPS runs of consecutive parts in order, then the runs' sums are added in
+// order. Grid: ceil(width / 32); block: 32 * SUM_WARPS threads.
+#define SUM_WARPS 8
+extern "C" __global__ void __launch_bounds__(32 * SUM_WARPS)
+    sum_parts(const float* __restrict__ parts, int count, int stride, int width, float* __restrict__ out) {
+    __shared__ float runs[SUM_WARPS][32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int j = blockIdx.x * 32 + lane;
+    const int per = (count + SUM_WARPS - 1) / SUM_WARPS;
+    const int p0 = min(count, warp * per), p1 = min(count, p0 + per);
+    float run = 0.0f;
+    if (j < width) {
+#pragma unroll 8
+        for (int p = p0; p < p1; ++p) run += parts[(long long)p * stride + j];
+    }
+    runs[warp][lane] = run;
+    __syncthreads();
+    if (warp != 0 || j >= width) return;
     float total = 0.0f;
-    for (int p = 0; p < count; ++p) total += parts[(long long)p * stride + j];
+#pragma unroll
+    for (int w = 0; w < SUM_WARPS; ++w) total += runs[w][lane];
     out[j] = total;
 }

@@ -28,8 +28,9 @@
 //   1. selective_scan_segments: each segment k of each channel from a zero state, giving its own
 //      end state H_k and total step S_k = sum of dt (the segment multiplies an entering state by
 //      exp(A * S_k));
-//   2. selective_scan_combine: the state entering each segment, one (batch, channel, n) per
-//      thread: h_in(0) = initial_state, h_in(k+1) = exp(A * S_k) * h_in(k) + H_k.
+//   2. selective_scan_combine: the state entering each segment, h_in(0) = initial_state,
+//      h_in(k+1) = exp(A * S_k) * h_in(k) + H_k, the segments cut into runs walked side by side
+//      (combine_segments).
 // Only the segments' end states (batch, segments, dim, N) pass through device memory.
 //
 // In the segment kernels a warp is 32 adjacent channels at the same step of one segment, so
@@ -51,6 +52,14 @@ __device__ __forceinline__ float exp2_approx(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+}
+
+// The STATE_N values of a B or C row from element i of the packed inputs. (Loading them four at
+// a time, where aligned, measured slower on the H200: 385 -> 394 us f32, 407 -> 486 us bf16 for
+// the backward at d 1536; more registers per thread.)
+__device__ __forceinline__ void load_state_row(const in_t* __restrict__ x, long long i, float (&v)[STATE_N]) {
+#pragma unroll
+    for (int n = 0; n < STATE_N; ++n) v[n] = ld(x, i + n);
 }
 
 // The per-channel inputs of one step: raw delta, u and (optionally) z, loaded one step ahead
@@ -150,37 +159,90 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
     seg_dt[((long long)th.b * s.segments + th.k) * s.dim + th.d] = dt_sum;
 }
 
-// 2. The state entering each segment, in place of the segment's own end state, and the state
-// after the last one into last_state. One (batch, channel, n) per thread; the segments are
-// taken COMBINE_AHEAD at a time, their loads issued together.
+// The running value entering each segment, in place of the segment's own value v(k), walking
+// the segments forwards (BACKWARD false) or backwards, from `start`: v(k) is replaced by r, then
+// r = exp(A_n S_k) r + v(k); returns r after the last segment. The walk is cut into
+// COMBINE_PARTS runs of consecutive segments, one warp each, with a lane per (batch, channel,
+// n) entry, so that a warp's loads of one segment are one row: each warp first composes its
+// run into one map r -> alpha r + beta, then, from the maps of the runs before it (shared
+// memory, added in order), walks the run again from the value entering it. COMBINE_AHEAD
+// segments' loads are issued together. Every thread of the block must call it.
+#define COMBINE_PARTS 8
 #define COMBINE_AHEAD 16
-extern "C" __global__ void selective_scan_combine(const in_t* __restrict__ x, ScanArgs s,
-                                                  float* __restrict__ seg_state,
-                                                  const float* __restrict__ seg_dt,
-                                                  float* __restrict__ last_state) {
-    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // (b, d, n)
-    if (e >= (long long)s.batch * s.dim * STATE_N) return;
+template <bool BACKWARD>
+__device__ __forceinline__ float combine_segments(const in_t* __restrict__ x, const ScanArgs& s,
+                                                  const float* __restrict__ seg_dt, float* __restrict__ values,
+                                                  long long e, bool active, float start) {
+    __shared__ float alphas[COMBINE_PARTS][32], betas[COMBINE_PARTS][32];
+    const int lane = threadIdx.x % 32, part = threadIdx.x / 32;
     const int n = (int)(e % STATE_N);
     const long long bd = e / STATE_N;
     const int d = (int)(bd % s.dim), b = (int)(bd / s.dim);
-    const float a2n = ld(x, s.a + (long long)d * STATE_N + n) * LOG2E;
-    float running = ld_or(x, s.initial_state, e, 0.0f);
-    for (int k0 = 0; k0 < s.segments; k0 += COMBINE_AHEAD) {
+    const float a2n = active ? ld(x, s.a + (long long)d * STATE_N + n) * LOG2E : 0.0f;
+    const int per = (s.segments + COMBINE_PARTS - 1) / COMBINE_PARTS;
+    const int i0 = min(s.segments, part * per), i1 = min(s.segments, i0 + per);  // the run, in walking order
+    const auto value_at = [&](int i) {
+        const int k = BACKWARD ? s.segments - 1 - i : i;
+        return segment_state_at(s, b, k, d) + n;
+    };
+    const auto decay_at = [&](int i) {
+        const int k = BACKWARD ? s.segments - 1 - i : i;
+        return exp2_approx(a2n * seg_dt[((long long)b * s.segments + k) * s.dim + d]);
+    };
+    float alpha = 1.0f, beta = 0.0f;
+    for (int i = i0; i < i1; i += COMBINE_AHEAD) {
         float own[COMBINE_AHEAD], decay[COMBINE_AHEAD];
 #pragma unroll
         for (int j = 0; j < COMBINE_AHEAD; ++j) {
-            if (k0 + j >= s.segments) break;
-            own[j] = seg_state[segment_state_at(s, b, k0 + j, d) + n];
-            decay[j] = exp2_approx(a2n * seg_dt[((long long)b * s.segments + k0 + j) * s.dim + d]);
+            const bool here = active && i + j < i1;
+            own[j] = here ? values[value_at(i + j)] : 0.0f;
+            decay[j] = here ? decay_at(i + j) : 1.0f;
         }
 #pragma unroll
         for (int j = 0; j < COMBINE_AHEAD; ++j) {
-            if (k0 + j >= s.segments) break;
-            seg_state[segment_state_at(s, b, k0 + j, d) + n] = running;
-            running = decay[j] * running + own[j];
+            beta = fmaf(decay[j], beta, own[j]);
+            alpha *= decay[j];
         }
     }
-    last_state[e] = running;
+    alphas[part][lane] = alpha;
+    betas[part][lane] = beta;
+    __syncthreads();
+    float running = start;
+    for (int j = 0; j < part; ++j) running = fmaf(alphas[j][lane], running, betas[j][lane]);
+    for (int i = i0; i < i1; i += COMBINE_AHEAD) {
+        float own[COMBINE_AHEAD], decay[COMBINE_AHEAD];
+#pragma unroll
+        for (int j = 0; j < COMBINE_AHEAD; ++j) {
+            const bool here = active && i + j < i1;
+            own[j] = here ? values[value_at(i + j)] : 0.0f;
+            decay[j] = here ? decay_at(i + j) : 1.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < COMBINE_AHEAD; ++j) {
+            if (active && i + j < i1) values[value_at(i + j)] = running;
+            running = fmaf(decay[j], running, own[j]);
+        }
+    }
+    return running;
+}
+
+// The (batch, channel, n) entry of a combine thread, and whether there is one.
+__device__ __forceinline__ long long combine_entry(const ScanArgs& s, bool& active) {
+    const long long e = (long long)blockIdx.x * 32 + threadIdx.x % 32;
+    active = e < (long long)s.batch * s.dim * STATE_N;
+    return active ? e : 0;
+}
+
+// 2. The state entering each segment, in place of the segment's own end state, and the state
+// after the last one into last_state. Grid: (batch * dim * N / 32); block 32 * COMBINE_PARTS.
+extern "C" __global__ void __launch_bounds__(32 * COMBINE_PARTS)
+    selective_scan_combine(const in_t* __restrict__ x, ScanArgs s, float* __restrict__ seg_state,
+                           const float* __restrict__ seg_dt, float* __restrict__ last_state) {
+    bool active;
+    const long long e = combine_entry(s, active);
+    const float start = active ? ld_or(x, s.initial_state, e, 0.0f) : 0.0f;
+    const float last = combine_segments<false>(x, s, seg_dt, seg_state, e, active, start);
+    if (active && threadIdx.x / 32 == COMBINE_PARTS - 1) last_state[e] = last;
 }
 
 // Forward of short sequences (selective_scan_sequential): one thread per (sequence, channel),
@@ -471,11 +533,12 @@ extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 2)
 //      g_last_state: lambda_end(k-1) = exp(A S_k) lambda_end(k) + Lambda_k; what reaches the
 //      front is g_initial_state;
 //   5. selective_scan_bwd: each segment again, its states recomputed forward from the entering
-//      state into a per-thread array (at most SCAN_BWD_SEG + 1 states), then walked down with
-//      the entering adjoint, writing g_u, g_delta, g_z per step. The A, D and delta_bias sums
+//      state into a per-thread array (at most SCAN_BWD_SEG states), then walked down with
+//      the entering adjoint, writing g_u, g_delta, g_z per step; h_{t-1} a_t is taken as
+//      h_t - dt_t u_t B_t, so that only h_t is kept. The A, D and delta_bias sums
 //      go per (batch, segment) to parts [A (dim, N) | D (dim) | delta_bias (dim)], added in
-//      order by sum_parts; the B and C sums over the warp's 32 channels (shuffles) go per
-//      (batch, step, warp of channels) to b_parts / c_parts, added over a group's warps in
+//      order by sum_parts; the B and C sums over the warp's 32 channels (transposed_sums) go
+//      per (batch, step, warp of channels) to b_parts / c_parts, added over a group's warps in
 //      order by selective_scan_bwd_sum_bc. No float atomics: every run gives the same bits.
 // Needs dim and dim / groups to be multiples of 32 (the launcher checks).
 
@@ -512,10 +575,11 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
         const long long row = (long long)th.b * s.len + t;
         const BwdStep st = load_bwd_step(x, s, grad, row, th.d, bias);
         const float go = s.z >= 0 ? st.g * silu(st.z) : st.g;
-        const long long bc = (row * s.groups + th.g) * STATE_N;
+        float cv[STATE_N];
+        load_state_row(x, s.c + (row * s.groups + th.g) * STATE_N, cv);
 #pragma unroll
         for (int n = 0; n < STATE_N; ++n)
-            lam[n] = exp2_approx(st.dt * a2[n]) * (lam[n] + go * ld(x, s.c + bc + n));
+            lam[n] = exp2_approx(st.dt * a2[n]) * (lam[n] + go * cv[n]);
     }
     const long long at = segment_state_at(s, th.b, th.k, th.d);
 #pragma unroll
@@ -523,27 +587,68 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
 }
 
 // 4. The adjoint entering each segment from the right, in place of the segment's own, and
-// g_initial_state (into grads at init_at, when given). One (batch, channel, n) per thread.
-extern "C" __global__ void selective_scan_bwd_combine(const in_t* __restrict__ x, ScanArgs s,
-                                                      const float* __restrict__ grad,
-                                                      const float* __restrict__ seg_dt,
-                                                      float* __restrict__ adj,
-                                                      float* __restrict__ grads,
-                                                      long long init_at) {
-    const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // (b, d, n)
-    if (e >= (long long)s.batch * s.dim * STATE_N) return;
-    const int n = (int)(e % STATE_N);
-    const long long bd = e / STATE_N;
-    const int d = (int)(bd % s.dim), b = (int)(bd / s.dim);
-    const float a2n = ld(x, s.a + (long long)d * STATE_N + n) * LOG2E;
-    float running = grad[(long long)s.batch * s.len * s.dim + e];
-    for (int k = s.segments - 1; k >= 0; --k) {
-        const long long at = segment_state_at(s, b, k, d) + n;
-        const float own = adj[at];
-        adj[at] = running;
-        running = exp2_approx(a2n * seg_dt[((long long)b * s.segments + k) * s.dim + d]) * running + own;
+// g_initial_state (into grads at init_at, when given). Grid and block as the forward's combine.
+extern "C" __global__ void __launch_bounds__(32 * COMBINE_PARTS)
+    selective_scan_bwd_combine(const in_t* __restrict__ x, ScanArgs s, const float* __restrict__ grad,
+                               const float* __restrict__ seg_dt, float* __restrict__ adj,
+                               float* __restrict__ grads, long long init_at) {
+    bool active;
+    const long long e = combine_entry(s, active);
+    const float start = active ? grad[(long long)s.batch * s.len * s.dim + e] : 0.0f;
+    const float front = combine_segments<true>(x, s, seg_dt, adj, e, active, start);
+    if (active && init_at >= 0 && threadIdx.x / 32 == COMBINE_PARTS - 1) grads[init_at + e] = front;
+}
+
+// One round of transposed_sums: lanes with bit HALF set keep the upper half of v[0 .. 2 HALF)
+// and send the lower half to their partner, the others the reverse; v[i] becomes the kept value
+// i plus the partner's.
+template <int HALF>
+__device__ __forceinline__ void fold_halves(float (&v)[32]) {
+    const bool upper = threadIdx.x & HALF;
+#pragma unroll
+    for (int i = 0; i < HALF; ++i) {
+        const float lower = v[i], higher = v[i + HALF];
+        v[i] = (upper ? higher : lower) + __shfl_xor_sync(0xffffffffu, upper ? lower : higher, HALF);
     }
-    if (init_at >= 0) grads[init_at + e] = running;
+}
+
+// Over a warp's lanes, the sums of 32 values at once: lane l ends with the total of v[l] (31
+// shuffles; one value at a time takes 5 each).
+__device__ __forceinline__ float transposed_sums(float (&v)[32]) {
+    fold_halves<16>(v);
+    fold_halves<8>(v);
+    fold_halves<4>(v);
+    fold_halves<2>(v);
+    fold_halves<1>(v);
+    return v[0];
+}
+
+// One step's g_B and g_C shares (gb, gc per n) summed over the warp's 32 channels into b_parts /
+// c_parts at `at`: with N = 16 the 32 sums at once, lane l writing g_B's n = l (l < 16) or g_C's
+// n = l - 16; else each sum alone, written by lane n % 32.
+__device__ __forceinline__ void store_bc_parts(const float (&gb)[STATE_N], const float (&gc)[STATE_N],
+                                               float* __restrict__ b_parts, float* __restrict__ c_parts,
+                                               long long at) {
+    const int lane = threadIdx.x % 32;
+    if constexpr (2 * STATE_N == 32) {
+        float v[32];
+#pragma unroll
+        for (int n = 0; n < STATE_N; ++n) {
+            v[n] = gb[n];
+            v[STATE_N + n] = gc[n];
+        }
+        const float total = transposed_sums(v);
+        (lane < STATE_N ? b_parts : c_parts)[at + lane % STATE_N] = total;
+    } else {
+#pragma unroll
+        for (int n = 0; n < STATE_N; ++n) {
+            const float b = lane_group_sum(gb[n], 32), c = lane_group_sum(gc[n], 32);
+            if (lane == n % 32) {
+                b_parts[at + n] = b;
+                c_parts[at + n] = c;
+            }
+        }
+    }
 }
 
 // 5. The gradients of each segment's steps (see above). grads starts with g_u (batch, L, dim)
@@ -555,14 +660,14 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
                        float* __restrict__ b_parts, float* __restrict__ c_parts) {
     const SegmentThread th = segment_thread(s);
     if (th.k >= s.segments) return;
-    const int lane = threadIdx.x % 32, warps = s.dim / 32;
-    float a2[STATE_N], lam[STATE_N], g_a[STATE_N];
-    float hs[SCAN_BWD_SEG + 1][STATE_N];  // hs[i] = h_{t0 + i - 1}
+    const int warps = s.dim / 32;
+    float a2[STATE_N], lam[STATE_N], g_a[STATE_N], h[STATE_N];
+    float hs[SCAN_BWD_SEG][STATE_N];  // hs[i] = h_{t0 + i}
     load_a2(x, s, th.d, a2);
     const long long at = segment_state_at(s, th.b, th.k, th.d);
 #pragma unroll
     for (int n = 0; n < STATE_N; ++n) {
-        hs[0][n] = seg_state[at + n];
+        h[n] = seg_state[at + n];
         lam[n] = adj[at + n];
         g_a[n] = 0.0f;
     }
@@ -571,11 +676,13 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
     for (int t = th.t0; t < th.t1; ++t) {
         const long long row = (long long)th.b * s.len + t;
         const BwdStep st = load_bwd_step(x, s, grad, row, th.d, bias);
-        const long long bc = (row * s.groups + th.g) * STATE_N;
-        const int i = t - th.t0;
+        float bv[STATE_N];
+        load_state_row(x, s.b + (row * s.groups + th.g) * STATE_N, bv);
 #pragma unroll
-        for (int n = 0; n < STATE_N; ++n)
-            hs[i + 1][n] = exp2_approx(st.dt * a2[n]) * hs[i][n] + st.dt * st.u * ld(x, s.b + bc + n);
+        for (int n = 0; n < STATE_N; ++n) {
+            h[n] = exp2_approx(st.dt * a2[n]) * h[n] + st.dt * st.u * bv[n];
+            hs[t - th.t0][n] = h[n];
+        }
     }
     float g_skip = 0.0f, g_bias = 0.0f;
     for (int t = th.t1 - 1; t >= th.t0; --t) {
@@ -583,30 +690,30 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
         const BwdStep st = load_bwd_step(x, s, grad, row, th.d, bias);
         const long long bc = (row * s.groups + th.g) * STATE_N;
         const int i = t - th.t0;
+        const float du = st.dt * st.u;
+        float bv[STATE_N], cv[STATE_N];
+        load_state_row(x, s.b + bc, bv);
+        load_state_row(x, s.c + bc, cv);
         float y = skip * st.u;
 #pragma unroll
-        for (int n = 0; n < STATE_N; ++n) y += ld(x, s.c + bc + n) * hs[i + 1][n];
+        for (int n = 0; n < STATE_N; ++n) y += cv[n] * hs[i][n];
         const float go = s.z >= 0 ? st.g * silu(st.z) : st.g;
         if (s.z >= 0) grads[gz_at + row * s.dim + th.d] = st.g * y * silu_grad(st.z);
-        float lam_b = 0.0f, g_dt = 0.0f;
-        const long long part_at = ((row * warps) + th.d / 32) * STATE_N;
+        float lam_b = 0.0f, g_dt = 0.0f, gb[STATE_N], gc[STATE_N];
 #pragma unroll
         for (int n = 0; n < STATE_N; ++n) {
-            const float bn = ld(x, s.b + bc + n), cn = ld(x, s.c + bc + n);
+            const float bn = bv[n], cn = cv[n];
             const float decay = exp2_approx(st.dt * a2[n]);
             lam[n] += go * cn;
-            const float carried = hs[i][n] * decay;  // h_{t-1} a_t
+            const float carried = hs[i][n] - du * bn;  // h_{t-1} a_t = h_t - dt u B_t
             g_a[n] += lam[n] * carried * st.dt;
             g_dt += lam[n] * (carried * a2[n] * (1.0f / LOG2E) + bn * st.u);
             lam_b += lam[n] * bn;
-            const float gb = lane_group_sum(lam[n] * st.dt * st.u, 32);
-            const float gc = lane_group_sum(go * hs[i + 1][n], 32);
-            if (lane == n % 32) {
-                b_parts[part_at + n] = gb;
-                c_parts[part_at + n] = gc;
-            }
+            gb[n] = lam[n] * du;
+            gc[n] = go * hs[i][n];
             lam[n] *= decay;
         }
+        store_bc_parts(gb, gc, b_parts, c_parts, ((row * warps) + th.d / 32) * STATE_N);
         grads[row * s.dim + th.d] = go * skip + st.dt * lam_b;
         const float g_delta = s.softplus ? g_dt / (1.0f + expf(-st.delta)) : g_dt;
         grads[(long long)s.batch * s.len * s.dim + row * s.dim + th.d] = g_delta;
