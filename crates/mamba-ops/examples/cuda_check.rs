@@ -966,7 +966,7 @@ fn backward_cases() -> Vec<ModelCase> {
     vec![
         scan_case("bwd m1 selective_scan d1536 N16 L2048", 1, d1, 2048, true),
         scan_case("bwd m1 selective_scan d5120 N16 L2048", 1, 5120, 2048, true),
-        // 320 segments: the combines' runs of 40 take their loads in three turns.
+        // 160 segments: the combines' runs of 20 take their loads in two turns.
         scan_case("bwd selective_scan d64 N16 L5000", 1, 64, 5000, true),
         ModelCase {
             name: "bwd selective_scan b2 d64 G2 N4 L37 plain",
