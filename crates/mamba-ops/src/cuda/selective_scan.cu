@@ -185,19 +185,20 @@ __device__ __forceinline__ float combine_segments(const in_t* __restrict__ x, co
         const int k = BACKWARD ? s.segments - 1 - i : i;
         return segment_state_at(s, b, k, d) + n;
     };
-    const auto decay_at = [&](int i) {
-        const int k = BACKWARD ? s.segments - 1 - i : i;
-        return exp2_approx(a2n * seg_dt[((long long)b * s.segments + k) * s.dim + d]);
+    // The values and decays of walked positions i .. i + COMBINE_AHEAD - 1 (none past the run).
+    const auto load_turn = [&](int i, float(&own)[COMBINE_AHEAD], float(&decay)[COMBINE_AHEAD]) {
+#pragma unroll
+        for (int j = 0; j < COMBINE_AHEAD; ++j) {
+            const bool here = active && i + j < i1;
+            const int k = BACKWARD ? s.segments - 1 - (i + j) : i + j;
+            own[j] = here ? values[value_at(i + j)] : 0.0f;
+            decay[j] = here ? exp2_approx(a2n * seg_dt[((long long)b * s.segments + k) * s.dim + d]) : 1.0f;
+        }
     };
     float alpha = 1.0f, beta = 0.0f;
     for (int i = i0; i < i1; i += COMBINE_AHEAD) {
         float own[COMBINE_AHEAD], decay[COMBINE_AHEAD];
-#pragma unroll
-        for (int j = 0; j < COMBINE_AHEAD; ++j) {
-            const bool here = active && i + j < i1;
-            own[j] = here ? values[value_at(i + j)] : 0.0f;
-            decay[j] = here ? decay_at(i + j) : 1.0f;
-        }
+        load_turn(i, own, decay);
 #pragma unroll
         for (int j = 0; j < COMBINE_AHEAD; ++j) {
             beta = fmaf(decay[j], beta, own[j]);
@@ -211,12 +212,7 @@ __device__ __forceinline__ float combine_segments(const in_t* __restrict__ x, co
     for (int j = 0; j < part; ++j) running = fmaf(alphas[j][lane], running, betas[j][lane]);
     for (int i = i0; i < i1; i += COMBINE_AHEAD) {
         float own[COMBINE_AHEAD], decay[COMBINE_AHEAD];
-#pragma unroll
-        for (int j = 0; j < COMBINE_AHEAD; ++j) {
-            const bool here = active && i + j < i1;
-            own[j] = here ? values[value_at(i + j)] : 0.0f;
-            decay[j] = here ? decay_at(i + j) : 1.0f;
-        }
+        load_turn(i, own, decay);
 #pragma unroll
         for (int j = 0; j < COMBINE_AHEAD; ++j) {
             if (active && i + j < i1) values[value_at(i + j)] = running;
