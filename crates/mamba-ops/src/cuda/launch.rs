@@ -388,7 +388,7 @@ pub(crate) fn selective_scan_backward(
     let mut b_parts = p.buffer(nb * nl * (nd / 32) * nn)?;
     let mut c_parts = p.buffer(nb * nl * (nd / 32) * nn)?;
     let segment_grid = (nd / 32, segments / SCAN_WARPS, nb);
-    let per_state = config(
+    let combine = config(
         ((nb * nd * nn).div_ceil(32), 1, 1),
         32 * SCAN_COMBINE_PARTS,
         0,
@@ -411,7 +411,7 @@ pub(crate) fn selective_scan_backward(
             .arg(&mut seg_state)
             .arg(&seg_dt)
             .arg(&mut last_state);
-        unsafe { launch(&mut builder, per_state) }?;
+        unsafe { launch(&mut builder, combine) }?;
     }
     {
         let f = func("selective_scan_bwd_segments")?;
@@ -429,7 +429,7 @@ pub(crate) fn selective_scan_backward(
             .arg(&mut adj)
             .arg(&mut grads)
             .arg(&init_at);
-        unsafe { launch(&mut builder, per_state) }?;
+        unsafe { launch(&mut builder, combine) }?;
     }
     {
         let f = func("selective_scan_bwd")?;
