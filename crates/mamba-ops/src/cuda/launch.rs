@@ -80,10 +80,10 @@ fn sum_parts(
 // ---------------------------------------------------------------------------------------
 // Selective scan
 
-/// Segments (warps of 32 channels) per block of the scan backward's segment kernels. With 4
-/// rather than 8 the gradient kernel (153 registers) fits three blocks to a multiprocessor
-/// instead of one: on the H200 the backward went 379.8 -> 333.5 us at d 1536 and 1169 -> 1003
-/// us at d 5120 (f32; 2 measured the same as 4).
+/// Segments (warps of 32 channels) per block of the scan backward's segment kernels. The
+/// gradient kernel takes 150-166 registers a thread: one 8-warp block fits a multiprocessor,
+/// three 4-warp blocks do. On the H200 the backward went 379.8 -> 333.5 us at d 1536 and
+/// 1169 -> 1003 us at d 5120 with 4 (f32; 2 measured the same as 4).
 const SCAN_WARPS: usize = 4;
 /// Most channels (warps) per block of the chunked forward scan.
 const SCAN_MOST_CHANNELS: usize = 8;

@@ -669,6 +669,10 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
     }
     const float bias = ld_or(x, s.delta_bias, th.d, 0.0f);
     const float skip = ld_or(x, s.d, th.d, 0.0f);
+    // Four steps at a time, so that the next steps' loads are issued before this one's
+    // arithmetic (H200, d 1536 / 5120: 2-3 % faster than the loop as written; by 2, and the
+    // adjoint segments' loop by 2 or 4, no faster).
+#pragma unroll 4
     for (int t = th.t0; t < th.t1; ++t) {
         const long long row = (long long)th.b * s.len + t;
         const BwdStep st = load_bwd_step(x, s, grad, row, th.d, bias);
