@@ -49,6 +49,21 @@ const THREADS: usize = 128;
 /// steps' sequences.
 pub(super) const MAX_GRID_Y: usize = 65_535;
 
+/// Where each input's gradient starts in a backward's flat output that holds the gradients of
+/// the `present` inputs one after another, in packing order (`sizes` values each; -1 for an
+/// absent input), and the output's length.
+fn gradient_starts<const K: usize>(present: [bool; K], sizes: [usize; K]) -> ([i64; K], usize) {
+    let mut starts = [-1i64; K];
+    let mut total = 0;
+    for ((start, here), len) in starts.iter_mut().zip(present).zip(sizes) {
+        if here {
+            *start = total as i64;
+            total += len;
+        }
+    }
+    (starts, total)
+}
+
 /// Threads per block of `sum_parts` (`32 * SUM_WARPS` in `common.cuh`).
 const SUM_PARTS_THREADS: usize = 256;
 
@@ -99,15 +114,9 @@ const SCAN_STAGED_BC: usize = 16;
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct ScanArgs {
-    u: i64,
-    delta: i64,
-    a: i64,
-    b: i64,
-    c: i64,
-    d: i64,
-    z: i64,
-    delta_bias: i64,
-    initial_state: i64,
+    /// Element offsets of u, delta, A, B, C, D, z, delta_bias and initial_state in the packed
+    /// buffer (-1 for an absent one): the kernel's nine leading `long long` fields.
+    inputs: [i64; 9],
     batch: i32,
     len: i32,
     dim: i32,
@@ -309,18 +318,8 @@ fn scan_args(
     softplus: bool,
     segments: usize,
 ) -> Result<ScanArgs> {
-    let [u, delta, a, b, c, d, z, delta_bias, initial_state] =
-        p.offsets(present.after_five_required())?;
     Ok(ScanArgs {
-        u,
-        delta,
-        a,
-        b,
-        c,
-        d,
-        z,
-        delta_bias,
-        initial_state,
+        inputs: p.offsets(present.after_five_required())?,
         batch: int(dims.batch)?,
         len: int(dims.len)?,
         dim: int(dims.dim)?,
@@ -362,22 +361,13 @@ pub(crate) fn selective_scan_backward(
         nd * nn,
         bc,
         bc,
-        if present.d { nd } else { 0 },
-        if present.z { tokens } else { 0 },
-        if present.bias { nd } else { 0 },
-        if present.init { nb * nd * nn } else { 0 },
+        nd,
+        tokens,
+        nd,
+        nb * nd * nn,
     ];
-    let starts: Vec<usize> = sizes
-        .iter()
-        .scan(0, |at, &n| {
-            let start = *at;
-            *at += n;
-            Some(start)
-        })
-        .collect();
-    let total: usize = sizes.iter().sum();
-    let at_if = |here: bool, i: usize| if here { starts[i] as i64 } else { -1 };
-    let (gz_at, init_at) = (at_if(present.z, 6), at_if(present.init, 8));
+    let (at, total) = gradient_starts(present.after_five_required(), sizes);
+    let (gz_at, init_at) = (at[6], at[8]);
     let mut grads = p.buffer(total)?;
     let mut seg_state = p.buffer(nb * segments * nd * nn)?;
     let mut seg_dt = p.buffer(nb * segments * nd)?;
@@ -454,7 +444,8 @@ pub(crate) fn selective_scan_backward(
         (present.bias, nd * nn + nd, nd, 7),
     ] {
         if here {
-            let mut out = grads.slice_mut(starts[input]..starts[input] + len);
+            let start = at[input] as usize;
+            let mut out = grads.slice_mut(start..start + len);
             sum_parts(
                 p,
                 &sum,
@@ -467,7 +458,8 @@ pub(crate) fn selective_scan_backward(
     }
     for (part, input) in [(&b_parts, 3), (&c_parts, 4)] {
         let f = func("selective_scan_bwd_sum_bc")?;
-        let mut out = grads.slice_mut(starts[input]..starts[input] + bc);
+        let start = at[input] as usize;
+        let mut out = grads.slice_mut(start..start + bc);
         let mut builder = p.stream.launch_builder(&f);
         builder.arg(&args).arg(part).arg(&mut out);
         let cfg = config((bc.div_ceil(THREADS), 1, 1), THREADS, 0)?;
@@ -825,6 +817,23 @@ pub(super) struct SsdOffsets {
 // SAFETY: plain old data laid out as the kernel's `SsdGradsAt`.
 unsafe impl DeviceRepr for SsdOffsets {}
 
+impl From<[i64; 9]> for SsdOffsets {
+    /// The offsets in packing order.
+    fn from([x, dt, a, b, c, d, z, dt_bias, initial_states]: [i64; 9]) -> Self {
+        SsdOffsets {
+            x,
+            dt,
+            a,
+            b,
+            c,
+            d,
+            z,
+            dt_bias,
+            initial_states,
+        }
+    }
+}
+
 /// `SsdArgs` of `ssd.cu` (its nine offsets first, laid out as `SsdOffsets`).
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -858,20 +867,8 @@ pub(crate) struct SsdFlags {
 
 /// `SsdArgs` for `dims` cut into chunks of `chunk` steps.
 fn ssd_args(p: &Packed, dims: &SsdDims, flags: SsdFlags, chunk: usize) -> Result<SsdArgs> {
-    let [x, dt, a, b, c, d, z, dt_bias, initial_states] =
-        p.offsets(flags.present.after_five_required())?;
     Ok(SsdArgs {
-        inputs: SsdOffsets {
-            x,
-            dt,
-            a,
-            b,
-            c,
-            d,
-            z,
-            dt_bias,
-            initial_states,
-        },
+        inputs: p.offsets(flags.present.after_five_required())?.into(),
         batch: int(dims.batch)?,
         len: int(dims.len)?,
         heads: int(dims.heads)?,
@@ -1072,27 +1069,8 @@ pub(super) fn ssd_grads_at(dims: &SsdDims, flags: SsdFlags) -> (SsdOffsets, usiz
         nh,
         nb * nh * np * nn,
     ];
-    let mut starts = [-1i64; 9];
-    let mut total = 0;
-    let present = flags.present.after_five_required();
-    for ((start, here), len) in starts.iter_mut().zip(present).zip(sizes) {
-        if here {
-            *start = total as i64;
-            total += len;
-        }
-    }
-    let at = SsdOffsets {
-        x: starts[0],
-        dt: starts[1],
-        a: starts[2],
-        b: starts[3],
-        c: starts[4],
-        d: starts[5],
-        z: starts[6],
-        dt_bias: starts[7],
-        initial_states: starts[8],
-    };
-    (at, total)
+    let (starts, total) = gradient_starts(flags.present.after_five_required(), sizes);
+    (starts.into(), total)
 }
 
 /// Gradients of the chunked SSD given `grad = [g_y (batch, L, H, P) | g_final (batch, H, P,
