@@ -23,7 +23,7 @@
 //! Outputs are poisoned with NaNs before every checked run, so an unwritten element fails.
 //! Prints a short table last and writes the full log to `--out DIR` (default `.`); exits with
 //! status 1 when a check fails. `--cases TEXT` keeps the model-size cases whose name contains
-//! TEXT, `--no-fixtures` skips part 1 and `--no-timings` part 4 (for runs under a profiler or
+//! TEXT (`--cases ^TEXT`: whose name starts with TEXT), `--no-fixtures` skips part 1 and `--no-timings` part 4 (for runs under a profiler or
 //! `compute-sanitizer`).
 //!
 //! `cargo run --release -p mamba-ops --features cuda --example cuda_check -- --fixtures DIR`
@@ -130,6 +130,15 @@ struct Plan {
     timings: bool,
 }
 
+/// Whether `--cases only` keeps the case named `name`: its name contains `only`, or starts
+/// with it when `only` begins with `^`.
+fn case_wanted(name: &str, only: &str) -> bool {
+    match only.strip_prefix('^') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name.contains(only),
+    }
+}
+
 fn run(plan: &Plan, log: &mut Log) -> R<Vec<Row>> {
     let gpu = Device::new_cuda(0)?;
     mamba_ops::cuda::set_poison_outputs(true);
@@ -148,7 +157,7 @@ fn run(plan: &Plan, log: &mut Log) -> R<Vec<Row>> {
         .filter(|c| {
             plan.cases
                 .as_ref()
-                .is_none_or(|only| c.name.contains(only.as_str()))
+                .is_none_or(|only| case_wanted(c.name, only))
         })
         .collect();
     for case in &cases {
@@ -160,7 +169,7 @@ fn run(plan: &Plan, log: &mut Log) -> R<Vec<Row>> {
         .filter(|c| {
             plan.cases
                 .as_ref()
-                .is_none_or(|only| c.name.contains(only.as_str()))
+                .is_none_or(|only| case_wanted(c.name, only))
         })
         .collect();
     for case in &bwd_cases {

@@ -34,7 +34,7 @@ __device__ __forceinline__ float ld_or(const in_t* p, long long offset, long lon
 }
 
 // silu(x) = x * sigmoid(x) = x / (1 + exp(-x)).
-__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+__device__ __forceinline__ float silu(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
 
 // softplus(x) = ln(1 + exp(x)), and x itself above 20 as PyTorch does.
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }

@@ -293,6 +293,10 @@ extern "C" __global__ void __launch_bounds__(SEQ_THREADS)
 // steps of 8 columns fall in distinct banks too.
 __device__ __forceinline__ int chunk_pos(int t) { return t + 4 * (t / 32); }
 
+// chunk_pos(t + r) - chunk_pos(t) for a thread's row t < rows_per_turn and r a multiple of
+// rows_per_turn, both powers of two (so t % 32 + r % 32 < 32): a constant for each turn.
+__device__ __forceinline__ constexpr int turn_pos(int r) { return r + 4 * (r / 32); }
+
 // A chunk's inputs on their way to shared memory, held as loaded (bf16 widened only when
 // stored, so that no instruction waits for the loads before the current chunk is computed) by
 // the thread that loaded them: element k of each array is element e = threadIdx.x + k *
@@ -318,13 +322,15 @@ template <int COLS>
 __device__ __forceinline__ void load_slab(const in_t* __restrict__ x, long long offset, long long row0,
                                           int rows, int stride, int col0, in_t (&v)[STAGED(COLS)]) {
     const in_t* chunk = x + offset + row0 * stride + col0;
-    if constexpr (SCAN_THREADS % COLS == 0) {  // each thread keeps its column: offsets step evenly
+    if constexpr (SCAN_THREADS % COLS == 0) {  // each thread keeps its column: one pointer steps down it
         constexpr int rows_per_turn = SCAN_THREADS / COLS;
-        const int t = threadIdx.x / COLS, at = t * stride + threadIdx.x % COLS;
+        const int t = threadIdx.x / COLS;
+        const in_t* p = chunk + (long long)t * stride + threadIdx.x % COLS;
+        const long long step = (long long)rows_per_turn * stride;
 #pragma unroll
-        for (int k = 0; k < STAGED(COLS); ++k) {
+        for (int k = 0; k < STAGED(COLS); ++k, p += step) {
             const int row = t + k * rows_per_turn;
-            v[k] = in_chunk<COLS>(row) && row < rows ? chunk[at + k * rows_per_turn * stride] : in_t(0);
+            v[k] = in_chunk<COLS>(row) && row < rows ? *p : in_t(0);
         }
     } else {
 #pragma unroll
@@ -339,12 +345,13 @@ __device__ __forceinline__ void load_slab(const in_t* __restrict__ x, long long 
 template <int COLS>
 __device__ __forceinline__ void store_slab(const in_t (&v)[STAGED(COLS)], float* __restrict__ dst) {
     if constexpr (SCAN_THREADS % COLS == 0) {
+        constexpr int rows_per_turn = SCAN_THREADS / COLS;
         const int t = threadIdx.x / COLS;
-        float* col = dst + (threadIdx.x % COLS) * SCAN_COLUMN;
+        float* col = dst + (threadIdx.x % COLS) * SCAN_COLUMN + chunk_pos(t);
 #pragma unroll
         for (int k = 0; k < STAGED(COLS); ++k) {
-            const int row = t + k * (SCAN_THREADS / COLS);
-            if (in_chunk<COLS>(row)) col[chunk_pos(row)] = widen(v[k]);
+            const int row = t + k * rows_per_turn;
+            if (in_chunk<COLS>(row)) col[turn_pos(k * rows_per_turn)] = widen(v[k]);
         }
     } else {
 #pragma unroll
@@ -376,6 +383,21 @@ __device__ __forceinline__ void write_items(float* col, int first, const float (
     float* p = col + chunk_pos(first);
 #pragma unroll
     for (int i = 0; i < SCAN_ITEMS; ++i) p[i] = v[i];
+}
+
+// The chunk's outputs from their shared columns (column c, step t at cols[c * SCAN_COLUMN +
+// chunk_pos(t)]) to rows row0 ... of out, the first `rows` of them: each thread keeps one
+// column, a pointer stepping down its rows.
+__device__ __forceinline__ void store_outputs(const float* cols, float* __restrict__ out, long long row0,
+                                              int rows, int dim, int c0) {
+    constexpr int rows_per_turn = SCAN_THREADS / SCAN_CHANNELS;
+    const int t = threadIdx.x / SCAN_CHANNELS, c = threadIdx.x % SCAN_CHANNELS;
+    const float* col = cols + c * SCAN_COLUMN + chunk_pos(t);
+    float* p = out + (row0 + t) * dim + c0 + c;
+    const long long step = (long long)rows_per_turn * dim;
+#pragma unroll
+    for (int k = 0; k < SCAN_ITEMS; ++k, p += step)
+        if (t + k * rows_per_turn < rows) *p = col[turn_pos(k * rows_per_turn)];
 }
 
 // State n over the warp's chunk: adds C_t,n h_t,n to y for the lane's steps and returns the
@@ -492,11 +514,7 @@ extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 2)
         }
         write_items(u_cols + warp * SCAN_COLUMN, first, y);  // only this warp reads its column
         __syncthreads();
-        const long long row0 = (long long)b * s.len + t0;
-        for (int e = threadIdx.x; e < SCAN_CHUNK * SCAN_CHANNELS; e += SCAN_THREADS) {
-            const int t = e / SCAN_CHANNELS, c = e % SCAN_CHANNELS;
-            if (t < rows) out[(row0 + t) * s.dim + c0 + c] = u_cols[c * SCAN_COLUMN + chunk_pos(t)];
-        }
+        store_outputs(u_cols, out, (long long)b * s.len + t0, rows, s.dim, c0);
     }
     float* last_state = out + (long long)s.batch * s.len * s.dim + ((long long)b * s.dim + d) * STATE_N;
 #pragma unroll
