@@ -23,8 +23,8 @@
 //! Outputs are poisoned with NaNs before every checked run, so an unwritten element fails.
 //! Prints a short table last and writes the full log to `--out DIR` (default `.`); exits with
 //! status 1 when a check fails. `--cases TEXT` keeps the model-size cases whose name contains
-//! TEXT (`--cases ^TEXT`: whose name starts with TEXT), `--no-fixtures` skips part 1 and `--no-timings` part 4 (for runs under a profiler or
-//! `compute-sanitizer`).
+//! TEXT (`--cases ^TEXT`: whose name starts with TEXT), `--no-fixtures` skips part 1 and
+//! `--no-timings` part 4 (for runs under a profiler or `compute-sanitizer`).
 //!
 //! `cargo run --release -p mamba-ops --features cuda --example cuda_check -- --fixtures DIR`
 
