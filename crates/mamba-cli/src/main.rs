@@ -62,10 +62,10 @@ fn keep_backtraces_out_of_errors() {
 }
 
 /// How long candle's quantised-product workers spin for the next product before they sleep,
-/// unless `CANDLE_BARRIER_POOL_SPIN_LIMIT` says otherwise. candle's default (25 000 pauses,
-/// about half a millisecond here) keeps a core busy through each of our own threaded phases
-/// (SSD, conv, norms, f32 products) between two of its products: mamba2-130m / mamba-130m
-/// q4_0 and q8_0 prefill at 2 threads ran 10-20 % faster with 200 (BENCHMARKS.md).
+/// unless `CANDLE_BARRIER_POOL_SPIN_LIMIT` says otherwise. candle's default, 25 000 pauses,
+/// keeps a core busy through our own threaded phases (SSD, conv, norms, f32 products) between
+/// two of its products: mamba2-130m / mamba-130m q4_0 and q8_0 prefill at 2 threads ran 8-20 %
+/// faster with 200 (BENCHMARKS.md).
 const CANDLE_SPIN_LIMIT: &str = "200";
 
 /// Sizes rayon's global pool and sets `RAYON_NUM_THREADS`, which candle's CPU matrix
