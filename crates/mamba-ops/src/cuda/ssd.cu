@@ -361,6 +361,25 @@ __device__ __forceinline__ void block_product(int depth, ARead a_read, AFinish a
     __syncthreads();
 }
 
+// Over a warp's lanes (every lane calls them): the inclusive prefix sum and the inclusive
+// suffix sum of v.
+__device__ __forceinline__ float warp_prefix_sum(float v) {
+    const int lane = threadIdx.x % 32;
+    for (int offset = 1; offset < 32; offset *= 2) {
+        const float before = __shfl_up_sync(0xffffffffu, v, offset);
+        if (lane >= offset) v += before;
+    }
+    return v;
+}
+__device__ __forceinline__ float warp_suffix_sum(float v) {
+    const int lane = threadIdx.x % 32;
+    for (int offset = 1; offset < 32; offset *= 2) {
+        const float after = __shfl_down_sync(0xffffffffu, v, offset);
+        if (lane + offset < 32) v += after;
+    }
+    return v;
+}
+
 // dt'_t and cum_t = sum_{j<=t} dt'_j A[h] inside each chunk. Block: SSD_Q threads, one step each;
 // grid: batch * heads * chunks.
 extern "C" __global__ void ssd_dt(const in_t* __restrict__ x, SsdArgs s, float* __restrict__ dtp,
@@ -377,11 +396,7 @@ extern "C" __global__ void ssd_dt(const in_t* __restrict__ x, SsdArgs s, float* 
                                             ld_or(x, s.dt_bias, h, 0.0f), s.softplus, s.dt_lo, s.dt_hi)
                                : 0.0f;
     // Inclusive prefix sum of dt' A over the chunk: within each warp, then across warps.
-    float sum = dt * ld(x, s.a + h);
-    for (int offset = 1; offset < 32; offset *= 2) {
-        const float before = __shfl_up_sync(0xffffffffu, sum, offset);
-        if (lane >= offset) sum += before;
-    }
+    float sum = warp_prefix_sum(dt * ld(x, s.a + h));
     if (lane == 31) warp_sums[warp] = sum;
     __syncthreads();
     for (int w = 0; w < warp; ++w) sum += warp_sums[w];
@@ -821,8 +836,7 @@ __device__ void two_products(int m, int n, int k1, A1 a1, B1 b1, Shared dot, flo
                 const int r = r0 + g + 8 * h;
                 if (dot.p != nullptr) {
                     float d = acc[j][2 * h] * at(dot, r, c) + acc[j][2 * h + 1] * at(dot, r, c + 1);
-                    d += __shfl_xor_sync(0xffffffffu, d, 1);
-                    d += __shfl_xor_sync(0xffffffffu, d, 2);
+                    d = lane_group_sum(d, 4);
                     if (t == 0) part[r * parts + c0 / 8 + j] = d;
                 }
                 const float sc = scale(r);
@@ -979,29 +993,6 @@ extern "C" __global__ void ssd_bwd_state_passing(SsdArgs s, const float* __restr
     if (at_grad.initial_states >= 0) grads[at_grad.initial_states + bh * entries + e] = front;
 }
 
-// Over a warp's lanes (every lane calls them): the sum of v (whole in lane 0), the inclusive
-// prefix sum and the inclusive suffix sum of v.
-__device__ __forceinline__ float warp_total(float v) {
-    for (int lanes = 16; lanes > 0; lanes /= 2) v += __shfl_down_sync(0xffffffffu, v, lanes);
-    return v;
-}
-__device__ __forceinline__ float warp_prefix_sum(float v) {
-    const int lane = threadIdx.x % 32;
-    for (int offset = 1; offset < 32; offset *= 2) {
-        const float before = __shfl_up_sync(0xffffffffu, v, offset);
-        if (lane >= offset) v += before;
-    }
-    return v;
-}
-__device__ __forceinline__ float warp_suffix_sum(float v) {
-    const int lane = threadIdx.x % 32;
-    for (int offset = 1; offset < 32; offset *= 2) {
-        const float after = __shfl_down_sync(0xffffffffu, v, offset);
-        if (lane + offset < 32) v += after;
-    }
-    return v;
-}
-
 // The gradients of one (batch, chunk, head) (equations above). Writes g_X and g_dt (with the
 // processed step's derivative) into grads, the head's shares of g_B and g_C into b_share and
 // c_share (batch, H, L, N), and the chunk's parts of g_A (a_part), g_dt_bias (bias_part) and
@@ -1124,7 +1115,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     // each warp's.
     float gs = 0.0f;
     for (int e = tid; e < pw * nw; e += blockDim.x) gs += gst.p[e] * sin.p[e];
-    gs = warp_total(gs);
+    gs = lane_group_sum(gs, 32);
     if (tid % 32 == 0) red[tid / 32] = gs;
     // g_D's part: sum_i go_i x_i per p.
     if (s.d >= 0)
@@ -1161,9 +1152,9 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
         dt_sum[h] = warp_prefix_sum(dt_c[i]);
     }
     dt_sum[1] += __shfl_sync(0xffffffffu, dt_sum[0], 31);
-    to_last = __shfl_sync(0xffffffffu, warp_total(to_last), 0);
+    to_last = lane_group_sum(to_last, 32);
     if (lane == 31) gc[1] += to_last + __expf(cum_c[SSD_Q - 1]) * gs_total;
-    const float g_a = warp_total(gc[0] * dt_sum[0] + gc[1] * dt_sum[1]);
+    const float g_a = lane_group_sum(gc[0] * dt_sum[0] + gc[1] * dt_sum[1], 32);
     // suffix_j = sum_{i >= j} g_cum_i.
     float suffix[2] = {warp_suffix_sum(gc[0]), warp_suffix_sum(gc[1])};
     suffix[0] += __shfl_sync(0xffffffffu, suffix[1], 0);
@@ -1182,11 +1173,11 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
         grads[at_grad.dt + (k.b * s.len + k.t0 + j) * s.heads + k.h] = g;
         g_bias += g;
     }
-    g_bias = warp_total(g_bias);
+    g_bias = lane_group_sum(g_bias, 32);
     float g_d = 0.0f;
     if (s.d >= 0 && !s.d_per_p)
         for (int p = lane; p < np; p += 32) g_d += d_c[p];
-    g_d = warp_total(g_d);
+    g_d = lane_group_sum(g_d, 32);
     if (lane != 0) return;
     a_part[k.bch] = g_a;
     bias_part[k.bch] = g_bias;
