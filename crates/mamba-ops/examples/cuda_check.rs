@@ -130,12 +130,16 @@ struct Plan {
     timings: bool,
 }
 
-/// Whether `--cases only` keeps the case named `name`: its name contains `only`, or starts
-/// with it when `only` begins with `^`.
-fn case_wanted(name: &str, only: &str) -> bool {
-    match only.strip_prefix('^') {
-        Some(prefix) => name.starts_with(prefix),
-        None => name.contains(only),
+impl Plan {
+    /// Whether `--cases` keeps the case named `name`: every case without it; else those whose
+    /// name contains its text, or starts with it when the text begins with `^`.
+    fn wants(&self, name: &str) -> bool {
+        self.cases
+            .as_deref()
+            .is_none_or(|only| match only.strip_prefix('^') {
+                Some(prefix) => name.starts_with(prefix),
+                None => name.contains(only),
+            })
     }
 }
 
@@ -154,11 +158,7 @@ fn run(plan: &Plan, log: &mut Log) -> R<Vec<Row>> {
     let mut rng = StdRng::seed_from_u64(seed);
     let cases: Vec<ModelCase> = model_cases()
         .into_iter()
-        .filter(|c| {
-            plan.cases
-                .as_ref()
-                .is_none_or(|only| case_wanted(c.name, only))
-        })
+        .filter(|c| plan.wants(c.name))
         .collect();
     for case in &cases {
         check_model_case(case, &gpu, &mut rng, log, &mut rows)?;
@@ -166,11 +166,7 @@ fn run(plan: &Plan, log: &mut Log) -> R<Vec<Row>> {
     log.line("\n== backward at model sizes, GPU vs fast CPU backward ==");
     let bwd_cases: Vec<ModelCase> = backward_cases()
         .into_iter()
-        .filter(|c| {
-            plan.cases
-                .as_ref()
-                .is_none_or(|only| case_wanted(c.name, only))
-        })
+        .filter(|c| plan.wants(c.name))
         .collect();
     for case in &bwd_cases {
         check_backward_case(case, &gpu, &mut rng, log, &mut rows)?;
