@@ -1,5 +1,6 @@
 //! Building blocks shared by the model families: linear layers (f32 or bf16 weights,
-//! f32 activations), embeddings, RMSNorm and tensor/slice conversions.
+//! f32 activations; a prefill's product by bf16 weights rounds them to bf16 where the CPU has
+//! bf16 dot products), embeddings, RMSNorm and tensor/slice conversions.
 
 use crate::error::{Error, Result};
 use crate::int8_product::Int8Product;
@@ -7,7 +8,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use half::bf16;
 use mamba_ops::causal_conv1d::{causal_conv1d_update_into, ConvUpdateDims, ConvUpdateInputs};
-use mamba_ops::gemm::{matmul_threaded, MatRef};
+use mamba_ops::gemm::{bf16_dot_supported, matmul_bf16_nt, matmul_threaded, MatRef};
 use mamba_ops::gemv::{gemv, Weights};
 use mamba_ops::quant::{QuantMatrix, BLOCK};
 use rayon::prelude::*;
@@ -249,7 +250,8 @@ impl Linear {
     /// [`Linear::forward`] on host slices for any number of rows, `x: (rows, in)` →
     /// `y: (rows, out)`: a few rows go to the matrix-vector kernels, more to one threaded
     /// matrix product: q8_0 / q4_0 weights on candle's integer kernels where they take the
-    /// matrix (`int8_product`), otherwise (and bf16 weights) widened to f32 for it.
+    /// matrix (`int8_product`), bf16 weights on the CPU's bf16 dot products where it has them
+    /// ([`bf16_dot_products`]), otherwise widened to f32 for it.
     pub fn forward_rows_host(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
         self.forward_rows_host_parts(x, &mut [y])
     }
@@ -291,7 +293,9 @@ impl Linear {
                 match v {
                     HostValues::F32(v) => products(v, parts),
                     HostValues::Bf16(v) => {
-                        with_widened(v.len(), |buf| widen_bf16(v, buf), |w| products(w, parts))
+                        if !bf16_dot_products(x, v, (rows, inp), parts) {
+                            with_widened(v.len(), |buf| widen_bf16(v, buf), |w| products(w, parts))
+                        }
                     }
                 }
                 Ok(())
@@ -390,6 +394,8 @@ thread_local! {
     /// A bf16 or quantised matrix widened to f32 for a prefill's product, reused from
     /// product to product: it stays in the cache between layers and needs no zeroing.
     static WIDENED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// A prefill's activations rounded to bf16 for a product by bf16 weights.
+    static ROUNDED: Cell<Vec<bf16>> = const { Cell::new(Vec::new()) };
 }
 
 /// Most values a prefill's per-thread scratch ([`WIDENED`], [`INT8_OUTPUT`]) keeps (16 MB, a
@@ -399,15 +405,15 @@ const SCRATCH_MAX: usize = 4 << 20;
 
 /// Runs `f` on `len` values (contents unspecified) of the per-thread `pool` when they fit
 /// [`SCRATCH_MAX`], otherwise on a buffer of their own.
-fn with_bounded_scratch<R>(
-    pool: &'static std::thread::LocalKey<Cell<Vec<f32>>>,
+fn with_bounded_scratch<T: Copy + Default, R>(
+    pool: &'static std::thread::LocalKey<Cell<Vec<T>>>,
     len: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
+    f: impl FnOnce(&mut [T]) -> R,
 ) -> R {
     if len <= SCRATCH_MAX {
         with_scratch(pool, len, f)
     } else {
-        f(&mut vec![0.0f32; len])
+        f(&mut vec![T::default(); len])
     }
 }
 
@@ -417,6 +423,43 @@ fn with_widened(len: usize, fill: impl FnOnce(&mut [f32]), read: impl FnOnce(&[f
         fill(buf);
         read(buf)
     })
+}
+
+/// `x (rows, inp)` times the bf16 weights `w (out, inp)` into the output's parts, on the CPU's
+/// bf16 dot products: `x` rounded to bf16 once, as PyTorch and llama.cpp multiply by bf16
+/// weights, and the products of bf16 pairs summed in f32 (twice the f32 product's rate; the
+/// weights are read as stored instead of widened). `false`, with nothing written, where the CPU
+/// lacks the instructions.
+fn bf16_dot_products(
+    x: &[f32],
+    w: &[bf16],
+    (rows, inp): (usize, usize),
+    parts: &mut [&mut [f32]],
+) -> bool {
+    if !bf16_dot_supported() {
+        return false;
+    }
+    with_bounded_scratch(&ROUNDED, x.len(), |xb| {
+        round_to_bf16(x, xb);
+        for (columns, part) in parts_with_columns(parts, rows) {
+            let weights = &w[columns.start * inp..columns.end * inp];
+            let width = columns.len();
+            matmul_bf16_nt((rows, width, inp), part, width, xb, weights);
+        }
+    });
+    true
+}
+
+/// `out[i] = v[i]` rounded to bf16 (to nearest, ties to even), spread over rayon's threads.
+fn round_to_bf16(v: &[f32], out: &mut [bf16]) {
+    const CHUNK: usize = 1 << 14;
+    out.par_chunks_mut(CHUNK)
+        .zip(v.par_chunks(CHUNK))
+        .for_each(|(out, v)| {
+            out.iter_mut()
+                .zip(v)
+                .for_each(|(o, v)| *o = bf16::from_f32(*v))
+        });
 }
 
 /// `out[i] = v[i]` as f32, spread over rayon's threads.
@@ -466,14 +509,14 @@ pub fn with_host_values<R>(t: &Tensor, f: impl FnOnce(HostValues) -> Result<R>) 
 
 /// Runs `f` on a per-thread buffer of `len` values (contents unspecified) kept from call
 /// to call, so that the decoding step allocates nothing once it has run once.
-pub fn with_scratch<R>(
-    pool: &'static std::thread::LocalKey<std::cell::Cell<Vec<f32>>>,
+pub fn with_scratch<T: Copy + Default, R>(
+    pool: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>,
     len: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
+    f: impl FnOnce(&mut [T]) -> R,
 ) -> R {
     let mut buf = pool.take();
     if buf.len() < len {
-        buf.resize(len, 0.0);
+        buf.resize(len, T::default());
     }
     let result = f(&mut buf[..len]);
     pool.set(buf);
@@ -697,7 +740,8 @@ mod tests {
 
     /// Each part of a split projection equals its columns of the whole product through
     /// the tensors (bias included), for a few rows (matrix-vector kernels) and many (GEMM),
-    /// dense and quantised weights.
+    /// dense and quantised weights. The activations are bf16 values, which the product by bf16
+    /// weights on bf16 dot instructions takes exactly.
     #[test]
     fn projection_parts_are_the_columns_of_the_whole_product() {
         let (out, inp, widths) = (40, 64, [7, 25, 8]);
@@ -707,7 +751,10 @@ mod tests {
             let mut linear = Linear::new(weight.clone(), Some(bias.clone()));
             linear.convert(format).unwrap();
             for rows in [3, GEMV_MAX_ROWS + 21] {
-                let x = lcg_values(rows * inp, 5);
+                let x: Vec<f32> = lcg_values(rows * inp, 5)
+                    .into_iter()
+                    .map(|v| bf16::from_f32(v).to_f32())
+                    .collect();
                 let want = f32_vec(
                     &linear
                         .forward(&Tensor::from_slice(&x, (rows, inp), &Device::Cpu).unwrap())

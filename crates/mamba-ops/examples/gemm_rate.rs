@@ -1,10 +1,12 @@
-//! The f32 GEMM rate that prefill is compared with: `matmul_threaded` (the gemm crate, as
-//! candle uses it) on a square 2048 product and on the 130m models' projections over 512
-//! tokens (the rows of one piece of a host forward pass), best of several rounds.
+//! The GEMM rates that prefill is compared with: `matmul_threaded` (the gemm crate, as candle
+//! uses it; f32) and `matmul_bf16_nt` (bf16 operands, f32 sums; on CPUs with AVX-512 BF16) on a
+//! square 2048 product and on the 130m models' projections over 512 tokens (the rows of one
+//! piece of a host forward pass), best of several rounds.
 //!
 //! `RAYON_NUM_THREADS=1 cargo run --release -p mamba-ops --example gemm_rate`
 
-use mamba_ops::gemm::{matmul_threaded, MatRef};
+use half::bf16;
+use mamba_ops::gemm::{bf16_dot_supported, matmul_bf16_nt, matmul_threaded, MatRef};
 use std::time::Instant;
 
 const ROUNDS: usize = 5;
@@ -17,25 +19,47 @@ const SHAPES: [(&str, usize, usize, usize); 4] = [
     ("130m out_proj, 512 tokens", 512, 768, 1536),
 ];
 
+/// The best of [`ROUNDS`] timings of `product`, in GFLOP/s for an `m x n x k` product.
+fn best_rate((m, n, k): (usize, usize, usize), mut product: impl FnMut()) -> f64 {
+    let best = (0..ROUNDS)
+        .map(|_| {
+            let start = Instant::now();
+            product();
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    2.0 * (m * n * k) as f64 / best / 1e9
+}
+
+/// Fails loudly if `y[0]` is not the first row of `x` dotted with the first row of `w`.
+fn check_first(y: &[f32], x: &[f32], w: &[f32], k: usize) {
+    let expected: f32 = (0..k).map(|j| x[j] * w[j]).sum();
+    assert!((y[0] - expected).abs() <= 1e-3 * expected.abs().max(1.0));
+}
+
 fn main() {
+    let threads = rayon::current_num_threads();
     for (name, m, n, k) in SHAPES {
-        let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.125).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.125).collect();
         let mut y = vec![0.0f32; m * n];
-        let best = (0..ROUNDS)
-            .map(|_| {
-                let start = Instant::now();
-                let (lhs, rhs) = (MatRef::rows(&x, k), MatRef::transposed(&w, k));
-                matmul_threaded((m, n, k), &mut y, n, lhs, rhs, false);
-                start.elapsed().as_secs_f64()
-            })
-            .fold(f64::INFINITY, f64::min);
-        let expected: f32 = (0..k).map(|j| x[j] * w[j]).sum();
-        assert!((y[0] - expected).abs() <= 1e-3 * expected.abs().max(1.0));
-        println!(
-            "{name}: {:.1} GFLOP/s ({} threads, best of {ROUNDS})",
-            2.0 * (m * n * k) as f64 / best / 1e9,
-            rayon::current_num_threads()
-        );
+        let f32_rate = best_rate((m, n, k), || {
+            let (lhs, rhs) = (MatRef::rows(&x, k), MatRef::transposed(&w, k));
+            matmul_threaded((m, n, k), &mut y, n, lhs, rhs, false);
+        });
+        check_first(&y, &x, &w, k);
+        print!("{name}: f32 {f32_rate:.1} GFLOP/s");
+        if bf16_dot_supported() {
+            let (xb, wb): (Vec<bf16>, Vec<bf16>) = (
+                x.iter().map(|&v| bf16::from_f32(v)).collect(),
+                w.iter().map(|&v| bf16::from_f32(v)).collect(),
+            );
+            let bf16_rate = best_rate((m, n, k), || {
+                matmul_bf16_nt((m, n, k), &mut y, n, &xb, &wb);
+            });
+            check_first(&y, &x, &w, k);
+            print!(", bf16 {bf16_rate:.1} GFLOP/s");
+        }
+        println!(" ({threads} threads, best of {ROUNDS})");
     }
 }

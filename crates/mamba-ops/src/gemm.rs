@@ -124,3 +124,158 @@ fn matmul_with(
         );
     }
 }
+
+/// Whether this CPU runs [`matmul_bf16_nt`]: AVX-512 with its BF16 dot products.
+pub fn bf16_dot_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *SUPPORTED.get_or_init(|| {
+            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `dst (m x n, row-major with dst_row_stride) = lhs (m x k) * rhs^T` for bf16 `lhs: (m, k)` and
+/// `rhs: (n, k)`, both row-major and contiguous: products of bf16 pairs summed in f32 (AVX-512
+/// BF16 `vdpbf16ps`, the gemmkit crate's kernels), spread over rayon's threads. Returns `false`
+/// and leaves `dst` alone where the CPU lacks the instructions ([`bf16_dot_supported`]).
+///
+/// # Panics
+/// If a slice is too short for the given sizes (a bug in the caller, never bad user input).
+pub fn matmul_bf16_nt(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    lhs: &[half::bf16],
+    rhs: &[half::bf16],
+) -> bool {
+    assert!(
+        MatRef::rows(dst, dst_row_stride).covers(m, n),
+        "matmul_bf16_nt: destination too short"
+    );
+    assert!(
+        lhs.len() >= m * k && rhs.len() >= n * k,
+        "matmul_bf16_nt: operand too short"
+    );
+    if !bf16_dot_supported() {
+        return false;
+    }
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        for row in dst.chunks_mut(dst_row_stride).take(m) {
+            row[..n].fill(0.0);
+        }
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    bf16_dot_product((m, n, k), dst, dst_row_stride, lhs, rhs);
+    true
+}
+
+/// [`matmul_bf16_nt`] on gemmkit's driver, in its column-major frame: `dst^T (n x m) = rhs
+/// (n x k) * lhs^T (k x m)`, so that the f32 output is written in place (gemmkit's public bf16
+/// entry points round their output to bf16).
+#[cfg(target_arch = "x86_64")]
+fn bf16_dot_product(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    lhs: &[half::bf16],
+    rhs: &[half::bf16],
+) {
+    use gemmkit::kernel::Bf16DotGemmF32;
+    use gemmkit::simd::Avx512Bf16;
+    thread_local! {
+        static PACKING: std::cell::RefCell<gemmkit::Workspace> =
+            const { std::cell::RefCell::new(gemmkit::Workspace::new()) };
+    }
+    let threads = gemmkit::Parallelism::Rayon(rayon::current_num_threads());
+    PACKING.with_borrow_mut(|ws| {
+        // SAFETY: the caller checked the CPU has avx512f and avx512bf16 (the token's
+        // precondition) and that every index the product touches lies inside the slices
+        // (rhs: n rows of k, lhs: m rows of k, dst: m rows at dst_row_stride); `dst` is
+        // borrowed mutably, so it aliases neither operand. The frame is column-major as the
+        // driver requires (the output's row stride is 1), and m, n, k > 0.
+        unsafe {
+            gemmkit::driver::run::<Bf16DotGemmF32, Avx512Bf16, 2, 12>(
+                Avx512Bf16,
+                n,
+                k,
+                m,
+                1.0,
+                rhs.as_ptr(),
+                k as isize,
+                1,
+                lhs.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                dst.as_mut_ptr(),
+                1,
+                dst_row_stride as isize,
+                threads,
+                ws,
+            )
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+    use mamba_testing::lcg_values;
+
+    fn bf16_values(n: usize, seed: u64) -> Vec<bf16> {
+        lcg_values(n, seed)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect()
+    }
+
+    /// The bf16 dot product equals the f32 product of the same (widened) values, up to the
+    /// order of the f32 sums, over shapes with edge tiles, odd depths and a strided output.
+    #[test]
+    fn bf16_dot_product_equals_the_f32_product_of_its_values() {
+        if !bf16_dot_supported() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        for (m, n, k) in [(1, 1, 1), (37, 29, 131), (200, 70, 768), (9, 300, 64)] {
+            let lhs = bf16_values(m * k, 1);
+            let rhs = bf16_values(n * k, 2);
+            let stride = n + 3;
+            let mut got = vec![f32::NAN; m * stride];
+            assert!(matmul_bf16_nt((m, n, k), &mut got, stride, &lhs, &rhs));
+            let (l32, r32): (Vec<f32>, Vec<f32>) = (
+                lhs.iter().map(|v| v.to_f32()).collect(),
+                rhs.iter().map(|v| v.to_f32()).collect(),
+            );
+            let mut want = vec![0.0f32; m * n];
+            let (l, r) = (MatRef::rows(&l32, k), MatRef::transposed(&r32, k));
+            matmul((m, n, k), &mut want, n, l, r, false);
+            for i in 0..m {
+                for j in 0..n {
+                    let (g, w) = (got[i * stride + j], want[i * n + j]);
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (k as f32).sqrt(),
+                        "({i}, {j}) of {m}x{n}x{k}: {g} against {w}"
+                    );
+                }
+                assert!(
+                    got[i * stride + n..(i + 1) * stride]
+                        .iter()
+                        .all(|v| v.is_nan()),
+                    "row {i}'s padding was written"
+                );
+            }
+        }
+    }
+}
