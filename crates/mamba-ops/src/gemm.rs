@@ -193,38 +193,40 @@ fn bf16_dot_product(
     use gemmkit::kernel::Bf16DotGemmF32;
     use gemmkit::simd::Avx512Bf16;
     thread_local! {
-        static PACKING: std::cell::RefCell<gemmkit::Workspace> =
-            const { std::cell::RefCell::new(gemmkit::Workspace::new()) };
+        /// gemmkit's packing buffers, reused from product to product. Taken out while a
+        /// product runs: a thread waiting inside one may run another (rayon's work stealing).
+        static PACKING: std::cell::Cell<gemmkit::Workspace> =
+            const { std::cell::Cell::new(gemmkit::Workspace::new()) };
     }
     let threads = gemmkit::Parallelism::Rayon(rayon::current_num_threads());
-    PACKING.with_borrow_mut(|ws| {
-        // SAFETY: the caller checked the CPU has avx512f and avx512bf16 (the token's
-        // precondition) and that every index the product touches lies inside the slices
-        // (rhs: n rows of k, lhs: m rows of k, dst: m rows at dst_row_stride); `dst` is
-        // borrowed mutably, so it aliases neither operand. The frame is column-major as the
-        // driver requires (the output's row stride is 1), and m, n, k > 0.
-        unsafe {
-            gemmkit::driver::run::<Bf16DotGemmF32, Avx512Bf16, 2, 12>(
-                Avx512Bf16,
-                n,
-                k,
-                m,
-                1.0,
-                rhs.as_ptr(),
-                k as isize,
-                1,
-                lhs.as_ptr(),
-                1,
-                k as isize,
-                0.0,
-                dst.as_mut_ptr(),
-                1,
-                dst_row_stride as isize,
-                threads,
-                ws,
-            )
-        }
-    });
+    let mut ws = PACKING.take();
+    // SAFETY: the caller checked the CPU has avx512f and avx512bf16 (the token's
+    // precondition) and that every index the product touches lies inside the slices
+    // (rhs: n rows of k, lhs: m rows of k, dst: m rows at dst_row_stride); `dst` is
+    // borrowed mutably, so it aliases neither operand. The frame is column-major as the
+    // driver requires (the output's row stride is 1), and m, n, k > 0.
+    unsafe {
+        gemmkit::driver::run::<Bf16DotGemmF32, Avx512Bf16, 2, 12>(
+            Avx512Bf16,
+            n,
+            k,
+            m,
+            1.0,
+            rhs.as_ptr(),
+            k as isize,
+            1,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            dst.as_mut_ptr(),
+            1,
+            dst_row_stride as isize,
+            threads,
+            &mut ws,
+        )
+    }
+    PACKING.set(ws);
 }
 
 #[cfg(test)]
