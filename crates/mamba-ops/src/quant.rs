@@ -17,7 +17,7 @@
 //! interleaved blocks (`{f16 d; quants}`) as GGUF files store them.
 
 use crate::error::{OpError, Result};
-use half::f16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Values per quantisation block.
@@ -152,6 +152,32 @@ impl QuantMatrix {
             .zip(self.quants.par_chunks(qb))
             .with_min_len(256)
             .for_each(|((dst, d), q)| dequantize_block(format, d.to_f32(), q, dst));
+    }
+
+    /// [`QuantMatrix::dequantize_into`] rounded to bf16 (to nearest, ties to even), for a
+    /// product on bf16 dot instructions.
+    ///
+    /// # Panics
+    /// If `out` does not hold `rows * cols` values.
+    pub fn dequantize_into_bf16(&self, out: &mut [bf16]) {
+        assert_eq!(
+            out.len(),
+            self.rows * self.cols,
+            "dequantising into a wrong size"
+        );
+        let qb = self.format.quant_bytes_per_block();
+        let format = self.format;
+        out.par_chunks_mut(BLOCK)
+            .zip(self.scales.par_iter())
+            .zip(self.quants.par_chunks(qb))
+            .with_min_len(256)
+            .for_each(|((dst, d), q)| {
+                let mut block = [0.0f32; BLOCK];
+                dequantize_block(format, d.to_f32(), q, &mut block);
+                dst.iter_mut()
+                    .zip(block)
+                    .for_each(|(o, v)| *o = bf16::from_f32(v));
+            });
     }
 
     pub fn format(&self) -> QuantFormat {
@@ -350,6 +376,18 @@ mod tests {
             let block = q.row_block(1, 3);
             assert_eq!((block.rows(), block.cols()), (3, 64));
             assert_eq!(block.dequantize(), q.dequantize()[64..4 * 64]);
+        }
+    }
+
+    #[test]
+    fn dequantised_bf16_values_are_the_dequantised_values_rounded() {
+        let w = ramp(3 * 64);
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+            let q = QuantMatrix::quantize(&w, 3, 64, format).unwrap();
+            let mut got = vec![bf16::ZERO; w.len()];
+            q.dequantize_into_bf16(&mut got);
+            let want: Vec<bf16> = q.dequantize().into_iter().map(bf16::from_f32).collect();
+            assert_eq!(got, want, "{format:?}");
         }
     }
 
