@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use half::bf16;
 use mamba_ops::causal_conv1d::{causal_conv1d_update_into, ConvUpdateDims, ConvUpdateInputs};
-use mamba_ops::gemm::{bf16_dot_supported, matmul_bf16_nt, matmul_threaded, MatRef};
+use mamba_ops::gemm::{bf16_dot_supported, matmul_bf16_nt, matmul_threaded, round_to_bf16, MatRef};
 use mamba_ops::gemv::{gemv, Weights};
 use mamba_ops::quant::{QuantMatrix, BLOCK};
 use rayon::prelude::*;
@@ -469,18 +469,6 @@ fn dequantised_bf16_products(
             q.dequantize_into_bf16(w);
             bf16_dot_products(x, w, (rows, inp), parts)
         })
-}
-
-/// `out[i] = v[i]` rounded to bf16 (to nearest, ties to even), spread over rayon's threads.
-fn round_to_bf16(v: &[f32], out: &mut [bf16]) {
-    const CHUNK: usize = 1 << 14;
-    out.par_chunks_mut(CHUNK)
-        .zip(v.par_chunks(CHUNK))
-        .for_each(|(out, v)| {
-            out.iter_mut()
-                .zip(v)
-                .for_each(|(o, v)| *o = bf16::from_f32(*v))
-        });
 }
 
 /// `out[i] = v[i]` as f32, spread over rayon's threads.

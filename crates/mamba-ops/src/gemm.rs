@@ -140,6 +140,52 @@ pub fn bf16_dot_supported() -> bool {
     }
 }
 
+/// `out[i] = v[i]` rounded to bf16 (to nearest, ties to even), spread over rayon's threads:
+/// AVX-512 BF16's conversion where [`bf16_dot_supported`] (it reads subnormal inputs as zero),
+/// else one value at a time.
+///
+/// # Panics
+/// If the slices differ in length.
+pub fn round_to_bf16(v: &[f32], out: &mut [half::bf16]) {
+    use rayon::prelude::*;
+    assert_eq!(v.len(), out.len(), "round_to_bf16: lengths differ");
+    const CHUNK: usize = 1 << 14;
+    let vector = bf16_dot_supported();
+    out.par_chunks_mut(CHUNK)
+        .zip(v.par_chunks(CHUNK))
+        .for_each(|(out, v)| {
+            #[cfg(target_arch = "x86_64")]
+            if vector {
+                // SAFETY: bf16_dot_supported checked avx512f and avx512bf16 on this CPU.
+                return unsafe { round_to_bf16_avx512(v, out) };
+            }
+            let _ = vector;
+            out.iter_mut()
+                .zip(v)
+                .for_each(|(o, v)| *o = half::bf16::from_f32(*v));
+        });
+}
+
+/// [`round_to_bf16`] 16 values per `vcvtneps2bf16`, the tail one at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn round_to_bf16_avx512(v: &[f32], out: &mut [half::bf16]) {
+    use std::arch::x86_64::*;
+    let whole = v.len() / 16 * 16;
+    for (v, out) in v[..whole].chunks_exact(16).zip(out.chunks_exact_mut(16)) {
+        // SAFETY: v holds 16 f32 (one unaligned 64-byte load), out 16 bf16 (one unaligned
+        // 32-byte store).
+        unsafe {
+            let rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(v.as_ptr()));
+            out.as_mut_ptr().cast::<__m256bh>().write_unaligned(rounded);
+        }
+    }
+    out[whole..]
+        .iter_mut()
+        .zip(&v[whole..])
+        .for_each(|(o, v)| *o = half::bf16::from_f32(*v));
+}
+
 /// `dst (m x n, row-major with dst_row_stride) = lhs (m x k) * rhs^T` for bf16 `lhs: (m, k)` and
 /// `rhs: (n, k)`, both row-major and contiguous: products of bf16 pairs summed in f32 (AVX-512
 /// BF16 `vdpbf16ps`, the gemmkit crate's kernels), spread over rayon's threads. Returns `false`
@@ -244,6 +290,16 @@ mod tests {
 
     /// The bf16 dot product equals the f32 product of the same (widened) values, up to the
     /// order of the f32 sums, over shapes with edge tiles, odd depths and a strided output.
+    /// The vector rounding equals half's, tail included.
+    #[test]
+    fn rounding_to_bf16_is_to_nearest_even() {
+        let v: Vec<f32> = lcg_values(1000, 3).into_iter().map(|x| x * 1e3).collect();
+        let mut got = vec![bf16::ZERO; v.len()];
+        round_to_bf16(&v, &mut got);
+        let want: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn bf16_dot_product_equals_the_f32_product_of_its_values() {
         if !bf16_dot_supported() {

@@ -165,18 +165,14 @@ impl QuantMatrix {
             self.rows * self.cols,
             "dequantising into a wrong size"
         );
+        const BLOCKS_PER_TASK: usize = 256;
         let qb = self.format.quant_bytes_per_block();
         let format = self.format;
-        out.par_chunks_mut(BLOCK)
-            .zip(self.scales.par_iter())
-            .zip(self.quants.par_chunks(qb))
-            .with_min_len(256)
-            .for_each(|((dst, d), q)| {
-                let mut block = [0.0f32; BLOCK];
-                dequantize_block(format, d.to_f32(), q, &mut block);
-                dst.iter_mut()
-                    .zip(block)
-                    .for_each(|(o, v)| *o = bf16::from_f32(v));
+        out.par_chunks_mut(BLOCK * BLOCKS_PER_TASK)
+            .zip(self.scales.par_chunks(BLOCKS_PER_TASK))
+            .zip(self.quants.par_chunks(qb * BLOCKS_PER_TASK))
+            .for_each(|((dst, scales), quants)| {
+                dequantize_blocks_bf16(format, scales, quants, dst)
             });
     }
 
@@ -271,6 +267,74 @@ fn dequantize_block(format: QuantFormat, d: f32, q: &[u8], dst: &mut [f32]) {
                 *lo = l as f32 * d;
                 *hi = h as f32 * d;
             }
+        }
+    }
+}
+
+/// Consecutive blocks' values rounded to bf16 (`dst[32 i + j] = bf16(q_ij d_i)`): with AVX-512
+/// BF16's conversion where the CPU has it, else one value at a time.
+fn dequantize_blocks_bf16(format: QuantFormat, scales: &[f16], quants: &[u8], dst: &mut [bf16]) {
+    let qb = format.quant_bytes_per_block();
+    let blocks = dst
+        .chunks_exact_mut(BLOCK)
+        .zip(scales)
+        .zip(quants.chunks_exact(qb));
+    #[cfg(target_arch = "x86_64")]
+    if crate::gemm::bf16_dot_supported() {
+        for ((dst, d), q) in blocks {
+            // SAFETY: bf16_dot_supported checked avx512f and avx512bf16 on this CPU.
+            unsafe { x86::dequantize_block_bf16(format, d.to_f32(), q, dst) };
+        }
+        return;
+    }
+    for ((dst, d), q) in blocks {
+        let mut values = [0.0f32; BLOCK];
+        dequantize_block(format, d.to_f32(), q, &mut values);
+        dst.iter_mut()
+            .zip(values)
+            .for_each(|(o, v)| *o = bf16::from_f32(v));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{QuantFormat, BLOCK};
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    /// One block's values `q_j d` rounded to bf16 by `vcvtneps2bf16` (to nearest, ties to
+    /// even; the instruction reads subnormal inputs as zero).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) fn dequantize_block_bf16(format: QuantFormat, d: f32, q: &[u8], dst: &mut [bf16]) {
+        let dst = &mut dst[..BLOCK];
+        // Values 0..16 and 16..32 of the block as i32.
+        let (low, high) = match format {
+            QuantFormat::Q8_0 => {
+                let q = &q[..BLOCK];
+                // SAFETY: q holds 32 bytes, read as two unaligned 16-byte loads.
+                unsafe {
+                    (
+                        _mm512_cvtepi8_epi32(_mm_loadu_si128(q.as_ptr().cast())),
+                        _mm512_cvtepi8_epi32(_mm_loadu_si128(q[16..].as_ptr().cast())),
+                    )
+                }
+            }
+            QuantFormat::Q4_0 => {
+                let q = &q[..BLOCK / 2];
+                // SAFETY: q holds 16 bytes, read as one unaligned load.
+                let bytes = unsafe { _mm512_cvtepu8_epi32(_mm_loadu_si128(q.as_ptr().cast())) };
+                let eight = _mm512_set1_epi32(8);
+                (
+                    _mm512_sub_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0xf)), eight),
+                    _mm512_sub_epi32(_mm512_srli_epi32::<4>(bytes), eight),
+                )
+            }
+        };
+        let scale = _mm512_set1_ps(d);
+        for (ints, out) in [low, high].into_iter().zip(dst.chunks_exact_mut(16)) {
+            let rounded = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(ints), scale));
+            // SAFETY: out holds 16 bf16 values, 32 bytes, written by one unaligned store.
+            unsafe { out.as_mut_ptr().cast::<__m256bh>().write_unaligned(rounded) };
         }
     }
 }
