@@ -408,7 +408,7 @@ const SCRATCH_MAX: usize = 4 << 20;
 
 /// Runs `f` on `len` values (contents unspecified) of the per-thread `pool` when they fit
 /// [`SCRATCH_MAX`], otherwise on a buffer of their own.
-fn with_bounded_scratch<T: Copy + Default, R>(
+pub(crate) fn with_bounded_scratch<T: Copy + Default, R>(
     pool: &'static std::thread::LocalKey<Cell<Vec<T>>>,
     len: usize,
     f: impl FnOnce(&mut [T]) -> R,

@@ -14,7 +14,7 @@ use crate::config::Mamba2Config;
 use crate::error::Result;
 use crate::layers::{
     columns, conv_step_silu_host, copy_columns, f32_vec, load_f32, split_scratch,
-    swap_time_channels, with_scratch, Linear,
+    swap_time_channels, with_bounded_scratch, with_scratch, Linear,
 };
 use crate::model::{step_through_host, Mixer};
 use crate::state::{LayerState, StateSize};
@@ -234,72 +234,68 @@ impl Mixer for Mamba2Mixer {
             ..
         } = self.in_proj_widths();
         let rows = batch * len;
-        let (mut z, mut xbc, mut dt) = (
-            vec![0.0f32; rows * di],       // (b, L, d_inner)
-            vec![0.0f32; rows * conv_dim], // (b, L, d_inner + 2GN)
-            vec![0.0f32; rows * nh],       // (b, L, H)
-        );
-        self.in_proj
-            .forward_rows_host_parts(x, &mut [&mut z, &mut xbc, &mut dt])?;
-        let conv = causal_conv1d_token_major(
-            &ConvDims {
-                batch,
-                dim: conv_dim,
-                len,
-                width: c.conv_kernel,
-            },
-            &ConvInputs {
-                x: &xbc,
-                weight: &pr.conv_weight,
-                bias: pr.conv_bias.as_deref(),
-                initial_states: Some(&state.conv),
-                silu: true,
-            },
-        )?; // (b, L, conv_dim)
-        let (mut xs, mut b, mut cm) = (
-            vec![0.0f32; rows * di],
-            vec![0.0f32; rows * gn],
-            vec![0.0f32; rows * gn],
-        );
-        copy_columns(&conv.out, conv_dim, 0, di, &mut xs);
-        copy_columns(&conv.out, conv_dim, di, gn, &mut b);
-        copy_columns(&conv.out, conv_dim, di + gn, gn, &mut cm);
-        let ssd = mamba_ops::ssd::ssd(
-            &SsdDims {
-                batch,
-                len,
-                heads: nh,
-                head_dim: c.head_dim,
-                groups: c.n_groups,
-                state: c.state_size,
-                chunk_size: c.chunk_size.min(HOST_CHUNK_SIZE),
-            },
-            &SsdInputs {
-                x: &xs,
-                dt: &dt,
-                a: &pr.a,
-                b: &b,
-                c: &cm,
-                d: Some(&pr.d),
-                z: None,
-                dt_bias: Some(&pr.dt_bias),
-                dt_softplus: true,
-                dt_limit: self.dt_limit(),
-                initial_states: Some(&state.ssm),
-            },
-        )?;
-        let mut y = ssd.y; // (b, L, d_inner)
-        let norm_dims = NormDims {
-            rows,
-            hidden: di,
-            group_size: self.norm_group_size(),
-            eps: c.layer_norm_epsilon as f32,
-            norm_before_gate: c.norm_before_gate,
-        };
-        rmsnorm_gated_in_place(&norm_dims, &mut y, &pr.norm_weight, Some(&z))?;
-        state.conv = conv.final_states;
-        state.ssm = ssd.final_state;
-        self.out_proj.forward_rows_host(&y, out)
+        // z (b, L, d_inner), xBC (b, L, d_inner + 2GN), dt (b, L, H), then the conv's output
+        // cut into xs (b, L, d_inner), B and C (b, L, GN): every value written before it is read.
+        let lens = [di, conv_dim, nh, di, gn, gn].map(|l| l * rows);
+        with_bounded_scratch(&PIECE_SCRATCH, lens.iter().sum(), |buf| {
+            let [z, xbc, dt, xs, b, cm] = split_scratch(buf, lens);
+            self.in_proj
+                .forward_rows_host_parts(x, &mut [&mut *z, &mut *xbc, &mut *dt])?;
+            let conv = causal_conv1d_token_major(
+                &ConvDims {
+                    batch,
+                    dim: conv_dim,
+                    len,
+                    width: c.conv_kernel,
+                },
+                &ConvInputs {
+                    x: xbc,
+                    weight: &pr.conv_weight,
+                    bias: pr.conv_bias.as_deref(),
+                    initial_states: Some(&state.conv),
+                    silu: true,
+                },
+            )?; // (b, L, conv_dim)
+            copy_columns(&conv.out, conv_dim, 0, di, xs);
+            copy_columns(&conv.out, conv_dim, di, gn, b);
+            copy_columns(&conv.out, conv_dim, di + gn, gn, cm);
+            let ssd = mamba_ops::ssd::ssd(
+                &SsdDims {
+                    batch,
+                    len,
+                    heads: nh,
+                    head_dim: c.head_dim,
+                    groups: c.n_groups,
+                    state: c.state_size,
+                    chunk_size: c.chunk_size.min(HOST_CHUNK_SIZE),
+                },
+                &SsdInputs {
+                    x: xs,
+                    dt,
+                    a: &pr.a,
+                    b,
+                    c: cm,
+                    d: Some(&pr.d),
+                    z: None,
+                    dt_bias: Some(&pr.dt_bias),
+                    dt_softplus: true,
+                    dt_limit: self.dt_limit(),
+                    initial_states: Some(&state.ssm),
+                },
+            )?;
+            let mut y = ssd.y; // (b, L, d_inner)
+            let norm_dims = NormDims {
+                rows,
+                hidden: di,
+                group_size: self.norm_group_size(),
+                eps: c.layer_norm_epsilon as f32,
+                norm_before_gate: c.norm_before_gate,
+            };
+            rmsnorm_gated_in_place(&norm_dims, &mut y, &pr.norm_weight, Some(z))?;
+            state.conv = conv.final_states;
+            state.ssm = ssd.final_state;
+            self.out_proj.forward_rows_host(&y, out)
+        })
     }
 
     /// The fused one-token step on host slices, `x, out: (b, hidden)`:
@@ -381,6 +377,9 @@ impl Mixer for Mamba2Mixer {
 thread_local! {
     /// The intermediates of [`Mamba2Mixer::step_host`].
     static STEP_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// A prefill piece's projections and conv outputs (`forward_host`), reused from layer to
+    /// layer: no zeroing and no fresh pages per layer.
+    static PIECE_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// The longest SSD chunk of the CPU inference path: the chunk length only changes the
