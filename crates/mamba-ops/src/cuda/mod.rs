@@ -384,6 +384,27 @@ mod tests {
         }
     }
 
+    /// Blocks of 4 channels, three to a multiprocessor, only where blocks of 8 leave the one
+    /// wave half idle and the halved blocks still fit one (132 multiprocessors): d 1536 at batch
+    /// 1, not d 5120 or five sequences of d 1536, nor N past what the 4-channel kernel holds.
+    #[test]
+    fn scans_under_one_wave_spread_over_smaller_blocks() {
+        let spread = |batch, dim, state| {
+            let chunk = launch::ScanChunk::new(dim, 1, state, 2048).unwrap();
+            let defines: HashMap<_, _> = chunk
+                .spread_over(batch, dim, state, 132)
+                .defines(state)
+                .into_iter()
+                .collect();
+            (defines["SCAN_CHANNELS"], defines["SCAN_BLOCKS_PER_SM"])
+        };
+        assert_eq!(spread(1, 1536, 16), (4, 3));
+        assert_eq!(spread(1, 768, 16), (4, 3));
+        assert_eq!(spread(1, 5120, 16), (8, 2));
+        assert_eq!(spread(5, 1536, 16), (8, 2));
+        assert_eq!(spread(1, 1536, 64), (8, 2));
+    }
+
     /// The forward scan takes a thread per channel where the H200 measured it faster (132
     /// multiprocessors, d1536, 8 channels per chunked block), and the chunked kernel where that
     /// was faster or N is past what the sequential kernel stages.
@@ -491,7 +512,13 @@ mod tests {
                         .map(|(dim, groups, n, len)| {
                             let chunk = launch::ScanChunk::new(dim, groups, n, len).unwrap();
                             chunk.defines(n).to_vec()
-                        }),
+                        })
+                        .into_iter()
+                        .chain([launch::ScanChunk::new(1536, 1, 16, 2048)
+                            .unwrap()
+                            .spread_over(1, 1536, 16, 132)
+                            .defines(16)
+                            .to_vec()]),
                     )
                     .collect(),
             ),

@@ -307,6 +307,13 @@ struct ChunkSlabs {
     in_t b[STAGED(STATE_N)], c[STAGED(STATE_N)];
 };
 
+// Whether each thread of a COLS-column slab keeps one column, turn after turn: the block's
+// threads cover whole rows, a power of two of them (so that `turn_pos` holds).
+template <int COLS>
+__device__ __forceinline__ constexpr bool column_per_thread() {
+    return SCAN_THREADS % COLS == 0 && ((SCAN_THREADS / COLS) & (SCAN_THREADS / COLS - 1)) == 0;
+}
+
 // Whether row `row` of a COLS-column slab, as the threads' turns reach it, is inside the chunk:
 // always when the turns cover the chunk exactly, else only the rows before SCAN_CHUNK (a short
 // chunk of few columns takes fewer threads than the block has).
@@ -322,7 +329,7 @@ template <int COLS>
 __device__ __forceinline__ void load_slab(const in_t* __restrict__ x, long long offset, long long row0,
                                           int rows, int stride, int col0, in_t (&v)[STAGED(COLS)]) {
     const in_t* chunk = x + offset + row0 * stride + col0;
-    if constexpr (SCAN_THREADS % COLS == 0) {  // each thread keeps its column: one pointer steps down it
+    if constexpr (column_per_thread<COLS>()) {  // one pointer steps down the thread's column
         constexpr int rows_per_turn = SCAN_THREADS / COLS;
         const int t = threadIdx.x / COLS;
         const in_t* p = chunk + (long long)t * stride + threadIdx.x % COLS;
@@ -344,7 +351,7 @@ __device__ __forceinline__ void load_slab(const in_t* __restrict__ x, long long 
 // The slab into shared columns: column c, step t at dst[c * SCAN_COLUMN + chunk_pos(t)].
 template <int COLS>
 __device__ __forceinline__ void store_slab(const in_t (&v)[STAGED(COLS)], float* __restrict__ dst) {
-    if constexpr (SCAN_THREADS % COLS == 0) {
+    if constexpr (column_per_thread<COLS>()) {
         constexpr int rows_per_turn = SCAN_THREADS / COLS;
         const int t = threadIdx.x / COLS;
         float* col = dst + (threadIdx.x % COLS) * SCAN_COLUMN + chunk_pos(t);
@@ -462,15 +469,16 @@ __device__ __forceinline__ float softplus_branchless(float x) {
 // SCAN_CHANNELS + 2 * STATE_N) * SCAN_COLUMN floats. out: [out (batch, L, dim) | last_state].
 // Per-n values the same on every lane of a warp (A_n log2(e), the carried state) are held by
 // lane n % 32 in slot n / 32 and broadcast when used. The next chunk's loads are issued before
-// the current chunk is computed; at most 128 registers (two blocks per multiprocessor) spill a
-// little but measured faster than one block.
+// the current chunk is computed; at most 128 registers (blocks of 8 channels, two per
+// multiprocessor, SCAN_BLOCKS_PER_SM = 2) spill a little but measured faster than one block.
+// Blocks of 4 channels run three to a multiprocessor (168 registers) when that fills one wave.
 #define SCAN_SLOTS ((STATE_N + 31) / 32)
 #if SCAN_SLOTS == 1
 #define SLOT(n) 0
 #else
 #define SLOT(n) ((n) / 32)
 #endif
-extern "C" __global__ void __launch_bounds__(SCAN_THREADS, 2)
+extern "C" __global__ void __launch_bounds__(SCAN_THREADS, SCAN_BLOCKS_PER_SM)
     selective_scan_chunked(const in_t* __restrict__ x, ScanArgs s, float* __restrict__ out) {
     extern __shared__ float4 scan_shared[];
     float* delta_cols = reinterpret_cast<float*>(scan_shared);  // [channel][step]
