@@ -269,19 +269,7 @@ impl Mixer for Mamba2Mixer {
                     state: c.state_size,
                     chunk_size: c.chunk_size.min(HOST_CHUNK_SIZE),
                 },
-                &SsdInputs {
-                    x: xs,
-                    dt,
-                    a: &pr.a,
-                    b,
-                    c: cm,
-                    d: Some(&pr.d),
-                    z: None,
-                    dt_bias: Some(&pr.dt_bias),
-                    dt_softplus: true,
-                    dt_limit: self.dt_limit(),
-                    initial_states: Some(&state.ssm),
-                },
+                &self.ssd_inputs([xs, dt, b, cm], Some(&state.ssm)),
             )?;
             let mut y = ssd.y; // (b, L, d_inner)
             let norm_dims = NormDims {
@@ -347,18 +335,7 @@ impl Mixer for Mamba2Mixer {
                 groups: c.n_groups,
                 per_head: true,
             };
-            let inputs = StepInputs {
-                x: xs,
-                dt,
-                a: &pr.a,
-                b,
-                c: cm,
-                d: Some(&pr.d),
-                z: None,
-                dt_bias: Some(&pr.dt_bias),
-                dt_softplus: true,
-                dt_limit: self.dt_limit(),
-            };
+            let inputs = StepInputs::from(&self.ssd_inputs([xs, dt, b, cm], None));
             step_dims.check(&state.ssm, &inputs)?;
             selective_state_update_into(&step_dims, &mut state.ssm, &inputs, y);
             let norm_dims = NormDims {
@@ -398,6 +375,29 @@ struct InProjWidths {
 }
 
 impl Mamba2Mixer {
+    /// The SSD's inputs: this layer's parameters with `[x, dt, B, C]` (token-major) and the
+    /// states to start from.
+    fn ssd_inputs<'a>(
+        &'a self,
+        [x, dt, b, c]: [&'a [f32]; 4],
+        initial_states: Option<&'a [f32]>,
+    ) -> SsdInputs<'a> {
+        let pr = &self.decode;
+        SsdInputs {
+            x,
+            dt,
+            a: &pr.a,
+            b,
+            c,
+            d: Some(&pr.d),
+            z: None,
+            dt_bias: Some(&pr.dt_bias),
+            dt_softplus: true,
+            dt_limit: self.dt_limit(),
+            initial_states,
+        }
+    }
+
     fn in_proj_widths(&self) -> InProjWidths {
         let c = &self.cfg;
         let (d_inner, heads) = (c.d_inner(), c.num_heads);

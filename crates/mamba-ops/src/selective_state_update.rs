@@ -18,6 +18,7 @@ use crate::math::{
     dot, exp_fast, process_dt, process_dt_fast, silu, silu_fast, softplus_fast, with_simd,
 };
 use crate::selective_scan::state_step;
+use crate::ssd::SsdInputs;
 use rayon::prelude::*;
 
 /// Sizes of one step.
@@ -46,6 +47,25 @@ pub struct StepInputs<'a> {
     pub dt_softplus: bool,
     /// Clamp of Δ after the softplus (Mamba-2's `time_step_limit`).
     pub dt_limit: (f32, f32),
+}
+
+impl<'a> From<&SsdInputs<'a>> for StepInputs<'a> {
+    /// The chunked scan's inputs for one step of each sequence (the state updated in place
+    /// stands for its `initial_states`).
+    fn from(s: &SsdInputs<'a>) -> Self {
+        StepInputs {
+            x: s.x,
+            dt: s.dt,
+            a: s.a,
+            b: s.b,
+            c: s.c,
+            d: s.d,
+            z: s.z,
+            dt_bias: s.dt_bias,
+            dt_softplus: s.dt_softplus,
+            dt_limit: s.dt_limit,
+        }
+    }
 }
 
 fn expect_len(name: &str, got: usize, want: usize) -> Result<()> {
