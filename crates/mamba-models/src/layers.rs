@@ -249,9 +249,10 @@ impl Linear {
 impl Linear {
     /// [`Linear::forward`] on host slices for any number of rows, `x: (rows, in)` →
     /// `y: (rows, out)`: a few rows go to the matrix-vector kernels, more to one threaded
-    /// matrix product: q8_0 / q4_0 weights on candle's integer kernels where they take the
-    /// matrix (`int8_product`), bf16 weights on the CPU's bf16 dot products where it has them
-    /// ([`bf16_dot_products`]), otherwise widened to f32 for it.
+    /// matrix product: bf16 weights, and q4_0 weights dequantised to bf16, on the CPU's bf16
+    /// dot products where it has them ([`bf16_dot_products`], [`dequantised_bf16_products`]);
+    /// q8_0 weights (and q4_0 elsewhere) on candle's integer kernels where they take the
+    /// matrix (`int8_product`); the rest widened to f32 for it.
     pub fn forward_rows_host(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
         self.forward_rows_host_parts(x, &mut [y])
     }
@@ -401,7 +402,8 @@ thread_local! {
     static DEQUANTISED: Cell<Vec<bf16>> = const { Cell::new(Vec::new()) };
 }
 
-/// Most values a prefill's per-thread scratch ([`WIDENED`], [`INT8_OUTPUT`]) keeps (16 MB, a
+/// Most values a prefill's per-thread scratch ([`WIDENED`], [`INT8_OUTPUT`], [`ROUNDED`],
+/// [`DEQUANTISED`], Mamba-2's piece buffers) keeps (16 MB of f32, a
 /// 130m model's in_proj one and a half times over); larger buffers are made for the call, so
 /// that a thread does not hold on to a model-sized one.
 const SCRATCH_MAX: usize = 4 << 20;
