@@ -185,10 +185,14 @@ impl ScanChunk {
     /// N = 16 the 4-channel kernel takes 168 registers at three blocks, without spills.
     pub(super) fn spread_over(self, batch: usize, dim: usize, state: usize, sms: usize) -> Self {
         let blocks = batch * dim / self.channels;
-        if self.channels == 8 && state <= 16 && blocks < 2 * sms && 2 * blocks <= 3 * sms {
+        if self.channels == 8
+            && state <= 16
+            && blocks < self.blocks_per_sm * sms
+            && 2 * blocks <= SPREAD_BLOCKS_PER_SM * sms
+        {
             ScanChunk {
                 channels: 4,
-                blocks_per_sm: 3,
+                blocks_per_sm: SPREAD_BLOCKS_PER_SM,
                 ..self
             }
         } else {
@@ -282,6 +286,10 @@ pub(super) fn one_thread_per_channel(dims: &ScanDims, channels: usize, sms: usiz
 /// Blocks of `selective_scan_chunked` a multiprocessor holds (its launch bounds: 256 threads
 /// at 128 registers).
 const CHUNKED_BLOCKS_PER_SM: usize = 2;
+
+/// Blocks of 4 channels of `selective_scan_chunked` a multiprocessor holds when
+/// [`ScanChunk::spread_over`] takes them (168 registers at N = 16).
+const SPREAD_BLOCKS_PER_SM: usize = 3;
 
 /// Blocks of `selective_scan_sequential` a multiprocessor holds (128 threads at 72 registers).
 const SEQ_BLOCKS_PER_SM: usize = 7;
