@@ -29,6 +29,17 @@
 static_assert(TILE == 64 && PRODUCT_THREADS == 256 && SSD_Q % TILE == 0, "a chunk is whole tiles");
 #define ROW_TILES (SSD_Q / TILE)
 #define SLAB 16  // depth of one shared-memory slab
+// Slabs stored and multiplied per barrier of a block product (SLAB_SETS * SLAB deep), each
+// thread holding the next set's raw values in registers meanwhile. A bf16 slab's tensor-core
+// passes are short next to the barrier and the stores around them, so bf16 inputs take two
+// slabs per barrier (H200, H 24 / H 80: 89.8 -> 86.4 us, 269 -> 247 us); f32 slabs are long
+// FMA blocks, and two per barrier were no faster (CUDA_NOTES).
+#ifdef IN_BF16
+#define SLAB_SETS 2
+#else
+#define SLAB_SETS 1
+#endif
+#define SLAB_BUFS (2 * SLAB_SETS)  // one set being multiplied while the next is stored
 #define PAD 4    // keeps rows 16-byte aligned while spreading them over the banks
 
 struct SsdArgs {
@@ -146,8 +157,8 @@ struct AsRead {
 // hit 32 distinct banks and its stores of groups along rows (rows 4i + q, one pair) at most
 // two to a bank: with rows simply padded those stores met eight to a bank.
 struct Slabs {
-    unsigned short hi[2][TILE][SLAB];
-    unsigned short lo[2][TILE][SLAB];
+    unsigned short hi[SLAB_BUFS][TILE][SLAB];
+    unsigned short lo[SLAB_BUFS][TILE][SLAB];
 };
 
 // Where value k of a slab row goes: its pair k / 2 XORed with bits of the row (bit 2 of the
@@ -230,8 +241,9 @@ __device__ __forceinline__ void multiply_slab(const Slabs& as, const Slabs& bs, 
     }
 }
 #else
-// Two shared-memory slabs per operand, [k][row]: one being multiplied while the next is filled.
-typedef float Slabs[2][SLAB][TILE + PAD];
+// Two sets of shared-memory slabs per operand, [k][row]: one being multiplied while the next is
+// filled.
+typedef float Slabs[SLAB_BUFS][SLAB][TILE + PAD];
 
 // Each thread owns 4 x 4 outputs of the tile: acc[r][q] at row 4 (tid / 16) + r, column
 // 4 (tid % 16) + q.
@@ -328,9 +340,10 @@ __device__ __forceinline__ void stash(Slabs& sl, int buf, int row, int k, int k0
 // operand per slab: along k when A_K_FAST (B_K_FAST) says the operand's consecutive k are
 // adjacent in memory, else along m (n). a_read(k, m) gives the raw group from (k, m) on (zeros
 // outside the operand) and a_finish(k, m, v) the factor made from one value (a scale, a
-// decay, a mask): the next slab's groups are read into registers before the current slab is
-// multiplied, and finished when they go to shared memory, so that the multiplication runs
-// while the loads are in flight. A_EXACT / B_EXACT say the operand's values are inputs used
+// decay, a mask): the next set of SLAB_SETS slabs is read into registers before the current set
+// is multiplied, and finished when it goes to shared memory, so that the multiplication runs
+// while the loads are in flight (a set reaching past `depth` holds zeros there and its slabs
+// past it are not multiplied). A_EXACT / B_EXACT say the operand's values are inputs used
 // as they are (one bf16 plane holds bf16 inputs exactly; the finish is not called). Every
 // thread of the block must call it.
 template <bool A_K_FAST, bool B_K_FAST, bool A_EXACT, bool B_EXACT, class ARead, class AFinish, class BRead,
@@ -344,18 +357,33 @@ __device__ __forceinline__ void block_product(int depth, ARead a_read, AFinish a
     const int a_m = A_K_FAST ? tid / K_GROUPS : tid % ROW_GROUPS * 4;
     const int b_k = B_K_FAST ? tid % K_GROUPS * 4 : tid / ROW_GROUPS;
     const int b_n = B_K_FAST ? tid / K_GROUPS : tid % ROW_GROUPS * 4;
-    auto ra = a_read(a_k, a_m);
-    auto rb = b_read(b_k, b_n);
-    int buf = 0;
-    for (int k0 = 0; k0 < depth; k0 += SLAB, buf ^= 1) {
-        stash<A_K_FAST, A_EXACT>(as, buf, a_m, a_k, k0, ra, a_finish);
-        stash<B_K_FAST, B_EXACT>(bs, buf, b_n, b_k, k0, rb, b_finish);
-        __syncthreads();
-        if (k0 + SLAB < depth) {
-            ra = a_read(k0 + SLAB + a_k, a_m);
-            rb = b_read(k0 + SLAB + b_k, b_n);
+    constexpr int SET = SLAB_SETS * SLAB;  // depth stored per barrier
+    decltype(a_read(0, 0)) ra[SLAB_SETS];
+    decltype(b_read(0, 0)) rb[SLAB_SETS];
+#pragma unroll
+    for (int q = 0; q < SLAB_SETS; ++q) {
+        ra[q] = a_read(q * SLAB + a_k, a_m);
+        rb[q] = b_read(q * SLAB + b_k, b_n);
+    }
+    int set = 0;
+    for (int k0 = 0; k0 < depth; k0 += SET, set ^= 1) {
+#pragma unroll
+        for (int q = 0; q < SLAB_SETS; ++q) {
+            const int buf = set * SLAB_SETS + q, kq = k0 + q * SLAB;
+            stash<A_K_FAST, A_EXACT>(as, buf, a_m, a_k, kq, ra[q], a_finish);
+            stash<B_K_FAST, B_EXACT>(bs, buf, b_n, b_k, kq, rb[q], b_finish);
         }
-        multiply_slab<A_EXACT, B_EXACT>(as, bs, buf, acc);
+        __syncthreads();
+        if (k0 + SET < depth) {
+#pragma unroll
+            for (int q = 0; q < SLAB_SETS; ++q) {
+                ra[q] = a_read(k0 + SET + q * SLAB + a_k, a_m);
+                rb[q] = b_read(k0 + SET + q * SLAB + b_k, b_n);
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < SLAB_SETS; ++q)
+            if (k0 + q * SLAB < depth) multiply_slab<A_EXACT, B_EXACT>(as, bs, set * SLAB_SETS + q, acc);
     }
     // The slabs are free again once every thread has multiplied the last one.
     __syncthreads();
