@@ -400,10 +400,13 @@ thread_local! {
     static ROUNDED: Cell<Vec<bf16>> = const { Cell::new(Vec::new()) };
     /// A q4_0 matrix dequantised to bf16 for a prefill's product.
     static DEQUANTISED: Cell<Vec<bf16>> = const { Cell::new(Vec::new()) };
+    /// A prefill piece's projections and the like inside one layer (the mixers'
+    /// `forward_host`), reused from layer to layer: no zeroing and no fresh pages per layer.
+    pub(crate) static PIECE_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// Most values a prefill's per-thread scratch ([`WIDENED`], [`INT8_OUTPUT`], [`ROUNDED`],
-/// [`DEQUANTISED`], Mamba-2's piece buffers) keeps (16 MB of f32, a
+/// [`DEQUANTISED`], [`PIECE_SCRATCH`]) keeps (16 MB of f32, a
 /// 130m model's in_proj one and a half times over); larger buffers are made for the call, so
 /// that a thread does not hold on to a model-sized one.
 const SCRATCH_MAX: usize = 4 << 20;

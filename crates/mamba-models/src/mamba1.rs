@@ -22,7 +22,7 @@ use crate::config::MambaConfig;
 use crate::error::Result;
 use crate::layers::{
     columns, conv_step_silu_host, copy_columns, f32_vec, load_f32, rms_normalize, split_scratch,
-    swap_time_channels, with_scratch, Linear, RmsNorm,
+    swap_time_channels, with_bounded_scratch, with_scratch, Linear, RmsNorm, PIECE_SCRATCH,
 };
 use crate::model::{step_through_host, Mixer};
 use crate::state::{LayerState, StateSize};
@@ -347,60 +347,59 @@ impl Mixer for MambaMixer {
         );
         let p = &self.decode;
         let rows = batch * len;
-        let (mut xs, mut z) = (vec![0.0f32; rows * di], vec![0.0f32; rows * di]); // (b, L, d_inner)
-        self.in_proj
-            .forward_rows_host_parts(x, &mut [&mut xs, &mut z])?;
-        let conv = causal_conv1d_token_major(
-            &ConvDims {
-                batch,
-                dim: di,
-                len,
-                width: w,
-            },
-            &ConvInputs {
-                x: &xs,
-                weight: &p.conv_weight,
-                bias: p.conv_bias.as_deref(),
-                initial_states: Some(&state.conv),
-                silu: true,
-            },
-        )?;
-        let xc = conv.out; // (b, L, d_inner)
-        let (mut dt, mut b, mut c) = (
-            vec![0.0f32; rows * r], // (b, L, dt_rank)
-            vec![0.0f32; rows * n], // (b, L, N)
-            vec![0.0f32; rows * n], // (b, L, N)
-        );
-        self.x_proj
-            .forward_rows_host_parts(&xc, &mut [&mut dt, &mut b, &mut c])?;
-        self.dt_bc_norms
-            .apply_host([&mut dt, &mut b, &mut c], rows)?;
-        let mut delta = vec![0.0f32; rows * di];
-        self.dt_proj.forward_rows_host(&dt, &mut delta)?;
-        let scan = selective_scan_token_major(
-            &ScanDims {
-                batch,
-                dim: di,
-                len,
-                state: n,
-                bc: BcForm::Varying { groups: 1 },
-            },
-            &ScanInputs {
-                u: &xc,
-                delta: &delta,
-                a: &p.a,
-                b: &b,
-                c: &c,
-                d: Some(&p.d),
-                z: Some(&z),
-                delta_bias: Some(&p.dt_bias),
-                delta_softplus: true,
-                initial_state: Some(&state.ssm),
-            },
-        )?;
-        state.conv = conv.final_states;
-        state.ssm = scan.last_state;
-        self.out_proj.forward_rows_host(&scan.out, out)
+        // xs, z (b, L, d_inner), dt (b, L, dt_rank), B, C (b, L, N), then Δ (b, L, d_inner):
+        // every value written before it is read.
+        let lens = [di, di, r, n, n, di].map(|l| l * rows);
+        with_bounded_scratch(&PIECE_SCRATCH, lens.iter().sum(), |buf| {
+            let [xs, z, dt, b, c, delta] = split_scratch(buf, lens);
+            self.in_proj
+                .forward_rows_host_parts(x, &mut [&mut *xs, &mut *z])?;
+            let conv = causal_conv1d_token_major(
+                &ConvDims {
+                    batch,
+                    dim: di,
+                    len,
+                    width: w,
+                },
+                &ConvInputs {
+                    x: xs,
+                    weight: &p.conv_weight,
+                    bias: p.conv_bias.as_deref(),
+                    initial_states: Some(&state.conv),
+                    silu: true,
+                },
+            )?;
+            let xc = conv.out; // (b, L, d_inner)
+            self.x_proj
+                .forward_rows_host_parts(&xc, &mut [&mut *dt, &mut *b, &mut *c])?;
+            self.dt_bc_norms
+                .apply_host([&mut *dt, &mut *b, &mut *c], rows)?;
+            self.dt_proj.forward_rows_host(dt, delta)?;
+            let scan = selective_scan_token_major(
+                &ScanDims {
+                    batch,
+                    dim: di,
+                    len,
+                    state: n,
+                    bc: BcForm::Varying { groups: 1 },
+                },
+                &ScanInputs {
+                    u: &xc,
+                    delta,
+                    a: &p.a,
+                    b,
+                    c,
+                    d: Some(&p.d),
+                    z: Some(z),
+                    delta_bias: Some(&p.dt_bias),
+                    delta_softplus: true,
+                    initial_state: Some(&state.ssm),
+                },
+            )?;
+            state.conv = conv.final_states;
+            state.ssm = scan.last_state;
+            self.out_proj.forward_rows_host(&scan.out, out)
+        })
     }
 
     /// The fused one-token step on host slices, `x, out: (b, hidden)`:

@@ -14,7 +14,7 @@ use crate::config::Mamba2Config;
 use crate::error::Result;
 use crate::layers::{
     columns, conv_step_silu_host, copy_columns, f32_vec, load_f32, split_scratch,
-    swap_time_channels, with_bounded_scratch, with_scratch, Linear,
+    swap_time_channels, with_bounded_scratch, with_scratch, Linear, PIECE_SCRATCH,
 };
 use crate::model::{step_through_host, Mixer};
 use crate::state::{LayerState, StateSize};
@@ -354,9 +354,6 @@ impl Mixer for Mamba2Mixer {
 thread_local! {
     /// The intermediates of [`Mamba2Mixer::step_host`].
     static STEP_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-    /// A prefill piece's projections and conv outputs (`forward_host`), reused from layer to
-    /// layer: no zeroing and no fresh pages per layer.
-    static PIECE_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// The longest SSD chunk of the CPU inference path: the chunk length only changes the
