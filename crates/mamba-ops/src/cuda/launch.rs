@@ -929,8 +929,9 @@ struct SsdChunks {
 }
 
 impl SsdChunks {
-    /// `ssd_dt`, `ssd_chunk_products` and `ssd_state_passing` of `variant` (compiled with
-    /// `SSD_Q = chunk`), the state after the last chunk into `final_state`.
+    /// `ssd_chunk_products` (with dt' and the running sums) and `ssd_state_passing` of
+    /// `variant` (compiled with `SSD_Q = chunk`), the state after the last chunk into
+    /// `final_state`.
     fn run(
         p: &Packed,
         variant: &Variant,
@@ -962,19 +963,12 @@ impl SsdChunks {
         // inputs were checked against the sizes in `args`, and the scratch buffers have the
         // sizes `ssd.cu` gives them.
         {
-            let f = func("ssd_dt")?;
-            let mut builder = p.builder(&f);
-            builder.arg(args).arg(&mut out.dtp).arg(&mut out.cum);
-            let cfg = config((nb * nh * chunks, 1, 1), chunk, 0)?;
-            unsafe { launch(&mut builder, cfg) }?;
-        }
-        {
             let f = func("ssd_chunk_products")?;
             let mut builder = p.builder(&f);
             builder
                 .arg(args)
-                .arg(&out.dtp)
-                .arg(&out.cum)
+                .arg(&mut out.dtp)
+                .arg(&mut out.cum)
                 .arg(&mut out.cb)
                 .arg(&mut out.states);
             let blocks = nb * chunks * ng * lower_tiles + nb * chunks * nh * state_tiles;
@@ -1022,7 +1016,7 @@ impl SsdChunks {
 }
 
 /// Chunked SSD (inputs `x, dt, A, B, C, [D], [z], [dt_bias], [initial_states]`); output
-/// `[y (batch, L, H, P) | final_state (batch, H, P, N)]`. Four kernels in order (see `ssd.cu`).
+/// `[y (batch, L, H, P) | final_state (batch, H, P, N)]`. Three kernels in order (see `ssd.cu`).
 pub(crate) fn ssd(p: &Packed, dims: &SsdDims, flags: SsdFlags) -> Result<CudaSlice<f32>> {
     let args = ssd_args(p, dims, flags, SSD_CHUNK)?;
     let defines = ssd_defines();

@@ -4,11 +4,10 @@
 //   S_t[h] = exp(dt'_t[h] A[h]) S_{t-1}[h] + dt'_t[h] outer(x_t[h], B_t[g(h)])      (P x N)
 //   y_t[h] = S_t[h] C_t[g(h)] + D[h] x_t[h],   then y *= silu(z) when z is given.
 // Time is cut into chunks of SSD_Q steps (the last one padded with dt' = 0, x = B = C = 0, which
-// is exact). Inside a chunk, a_t = dt'_t A[h] and cum_t = a_1 + ... + a_t. Four kernels:
-//   ssd_dt           dt'_t and cum_t for every (batch, head, chunk);
+// is exact). Inside a chunk, a_t = dt'_t A[h] and cum_t = a_1 + ... + a_t. Three kernels:
 //   ssd_chunk_products  CB[i][j] = C_i . B_j for every pair of steps of a chunk, once per group,
 //                    and Z(c) = sum_j exp(cum_last - cum_j) dt'_j outer(x_j, B_j), the state the
-//                    chunk alone produces;
+//                    chunk alone produces, with dt'_t and cum_t for every (batch, head, chunk);
 //   ssd_state_passing  S_in(0) = initial_states, S_in(c+1) = exp(cum_last(c)) S_in(c) + Z(c),
 //                    walking the chunks in order; leaves S_in(c) in place of Z(c) and writes
 //                    the final state;
@@ -27,6 +26,7 @@
 // A chunk is ROW_TILES tiles long: CB and the chunk scan's outputs are cut into tiles of TILE
 // steps.
 static_assert(TILE == 64 && PRODUCT_THREADS == 256 && SSD_Q % TILE == 0, "a chunk is whole tiles");
+static_assert(SSD_Q <= PRODUCT_THREADS, "a product block takes a chunk's steps one per thread");
 #define ROW_TILES (SSD_Q / TILE)
 #define SLAB 16  // depth of one shared-memory slab
 // Slabs stored and multiplied per barrier of a block product (SLAB_SETS * SLAB deep), each
@@ -408,29 +408,38 @@ __device__ __forceinline__ float warp_suffix_sum(float v) {
     return v;
 }
 
-// dt'_t and cum_t = sum_{j<=t} dt'_j A[h] inside each chunk. Block: SSD_Q threads, one step each;
-// grid: batch * heads * chunks.
-extern "C" __global__ void ssd_dt(const in_t* __restrict__ x, SsdArgs s, float* __restrict__ dtp,
-                                  float* __restrict__ cum) {
+// dt'_t and cum_t = sum_{j<=t} dt'_j A[h] for the SSD_Q steps of chunk c of (batch, head) `bh`,
+// one step per thread of the block's first SSD_Q, into dt_c and cum_c (shared), and into the
+// scratch dtp and cum as well when `publish` is set. Every thread of the block must call it.
+__device__ __forceinline__ void chunk_steps(const in_t* __restrict__ x, const SsdArgs& s, long long bh, int c,
+                                            float* dt_c, float* cum_c, bool publish, float* __restrict__ dtp,
+                                            float* __restrict__ cum) {
     __shared__ float warp_sums[SSD_Q / 32];
-    const long long bhc = blockIdx.x;
-    const int c = (int)(bhc % s.chunks);
-    const long long bh = bhc / s.chunks;
     const int h = (int)(bh % s.heads);
     const long long b = bh / s.heads;
     const int k = threadIdx.x, lane = k % 32, warp = k / 32;
     const int t = c * SSD_Q + k;
-    const float dt = t < s.len ? process_dt(ld(x, s.dt + (b * s.len + t) * s.heads + h),
-                                            ld_or(x, s.dt_bias, h, 0.0f), s.softplus, s.dt_lo, s.dt_hi)
-                               : 0.0f;
-    // Inclusive prefix sum of dt' A over the chunk: within each warp, then across warps.
-    float sum = warp_prefix_sum(dt * ld(x, s.a + h));
-    if (lane == 31) warp_sums[warp] = sum;
+    float dt = 0.0f, sum = 0.0f;
+    if (k < SSD_Q) {
+        if (t < s.len)
+            dt = process_dt(ld(x, s.dt + (b * s.len + t) * s.heads + h), ld_or(x, s.dt_bias, h, 0.0f),
+                            s.softplus, s.dt_lo, s.dt_hi);
+        // Inclusive prefix sum of dt' A over the chunk: within each warp, then across warps.
+        sum = warp_prefix_sum(dt * ld(x, s.a + h));
+        if (lane == 31) warp_sums[warp] = sum;
+    }
     __syncthreads();
-    for (int w = 0; w < warp; ++w) sum += warp_sums[w];
-    const long long at = bh * ((long long)s.chunks * SSD_Q) + t;
-    dtp[at] = dt;
-    cum[at] = sum;
+    if (k < SSD_Q) {
+        for (int w = 0; w < warp; ++w) sum += warp_sums[w];
+        dt_c[k] = dt;
+        cum_c[k] = sum;
+        if (publish) {
+            const long long at = bh * ((long long)s.chunks * SSD_Q) + t;
+            dtp[at] = dt;
+            cum[at] = sum;
+        }
+    }
+    __syncthreads();
 }
 
 // The tiles of CB on or below the diagonal, in rows: tile `tile` is (i0, j0) / TILE.
@@ -469,14 +478,16 @@ __device__ __forceinline__ void chunk_cb(const in_t* __restrict__ x, const SsdAr
 
 // Z(c)[p][n] = sum_j exp(cum_last - cum_j) dt'_j x_j[p] B_j[n] for one (batch, chunk, head)
 // `bch` and one TILE x TILE tile (n0, p0) of (P, N).
+// The chunk's dt' and cum are computed here; the block of the first tile (n0 = p0 = 0) also
+// leaves them in dtp and cum for the kernels after this one.
 __device__ __forceinline__ void chunk_state(const in_t* __restrict__ x, const SsdArgs& s, long long bch,
-                                            int n0, int p0, const float* __restrict__ dtp,
-                                            const float* __restrict__ cum, float* __restrict__ states,
-                                            Slabs& as, Slabs& bs, float* weight) {
+                                            int n0, int p0, float* __restrict__ dtp, float* __restrict__ cum,
+                                            float* __restrict__ states, Slabs& as, Slabs& bs, float* weight) {
+    __shared__ float dt_c[SSD_Q], cum_c[SSD_Q];
     const ChunkHead k = chunk_head(s, bch);
-    const long long step0 = chunk_step0(s, k);
+    chunk_steps(x, s, k.b * s.heads + k.h, k.c, dt_c, cum_c, n0 == 0 && p0 == 0, dtp, cum);
     for (int j = threadIdx.x; j < SSD_Q; j += PRODUCT_THREADS)
-        weight[j] = __expf(cum[step0 + SSD_Q - 1] - cum[step0 + j]) * dtp[step0 + j];
+        weight[j] = __expf(cum_c[SSD_Q - 1] - cum_c[j]) * dt_c[j];
     __syncthreads();
     float acc[4][4] = {};
     block_product<false, false, false, true>(
@@ -512,8 +523,8 @@ __device__ __forceinline__ void chunk_state(const in_t* __restrict__ x, const Ss
 // per multiprocessor (80 registers, no spills): the registers holding the next slab took it
 // to 96, two blocks, and the SSD from 136 to 140 us (H 24, f32, H200).
 extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
-    ssd_chunk_products(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ dtp,
-                       const float* __restrict__ cum, float* __restrict__ cb, float* __restrict__ states) {
+    ssd_chunk_products(const in_t* __restrict__ x, SsdArgs s, float* __restrict__ dtp, float* __restrict__ cum,
+                       float* __restrict__ cb, float* __restrict__ states) {
     __shared__ __align__(16) Slabs as, bs;
     __shared__ float weight[SSD_Q];  // exp(cum_last - cum_j) dt'_j
     constexpr int LOWER_TILES = ROW_TILES * (ROW_TILES + 1) / 2;
@@ -663,7 +674,7 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
 //
 // and G runs backwards over the chunks as the states run forwards: G(last) = g_final,
 // G(c-1) = exp(cum_last(c)) G(c) + sum_i exp(cum_i) outer(go_i, C_i); what leaves the first
-// chunk is g_initial_states. Kernels, after the forward ones (ssd_dt, ssd_chunk_products,
+// chunk is g_initial_states. Kernels, after the forward ones (ssd_chunk_products,
 // ssd_state_passing and, with z, ssd_chunk_scan without the gate for the ungated output):
 //   ssd_bwd_gate          with z: go, and g_z = g_y out silu'(z);
 //   ssd_bwd_own_states    each chunk's sum_i exp(cum_i) outer(go_i, C_i);
