@@ -140,18 +140,12 @@ impl QuantMatrix {
     /// # Panics
     /// If `out` does not hold `rows * cols` values.
     pub fn dequantize_into(&self, out: &mut [f32]) {
-        assert_eq!(
-            out.len(),
-            self.rows * self.cols,
-            "dequantising into a wrong size"
-        );
-        let qb = self.format.quant_bytes_per_block();
         let format = self.format;
-        out.par_chunks_mut(BLOCK)
-            .zip(self.scales.par_iter())
-            .zip(self.quants.par_chunks(qb))
-            .with_min_len(256)
-            .for_each(|((dst, d), q)| dequantize_block(format, d.to_f32(), q, dst));
+        self.for_block_runs(out, |scales, quants, dst| {
+            for (dst, d, q) in blocks(format, scales, quants, dst) {
+                dequantize_block(format, d, q, dst);
+            }
+        });
     }
 
     /// [`QuantMatrix::dequantize_into`] rounded to bf16 (to nearest, ties to even), for a
@@ -160,6 +154,18 @@ impl QuantMatrix {
     /// # Panics
     /// If `out` does not hold `rows * cols` values.
     pub fn dequantize_into_bf16(&self, out: &mut [bf16]) {
+        let format = self.format;
+        self.for_block_runs(out, |scales, quants, dst| {
+            dequantize_blocks_bf16(format, scales, quants, dst)
+        });
+    }
+
+    /// Runs `f(scales, quants, values)` on runs of consecutive blocks and their values in
+    /// `out` (`rows * cols` of them), spread over rayon's threads.
+    ///
+    /// # Panics
+    /// If `out` does not hold `rows * cols` values.
+    fn for_block_runs<T: Send>(&self, out: &mut [T], f: impl Fn(&[f16], &[u8], &mut [T]) + Sync) {
         assert_eq!(
             out.len(),
             self.rows * self.cols,
@@ -167,13 +173,10 @@ impl QuantMatrix {
         );
         const BLOCKS_PER_TASK: usize = 256;
         let qb = self.format.quant_bytes_per_block();
-        let format = self.format;
         out.par_chunks_mut(BLOCK * BLOCKS_PER_TASK)
             .zip(self.scales.par_chunks(BLOCKS_PER_TASK))
             .zip(self.quants.par_chunks(qb * BLOCKS_PER_TASK))
-            .for_each(|((dst, scales), quants)| {
-                dequantize_blocks_bf16(format, scales, quants, dst)
-            });
+            .for_each(|((dst, scales), quants)| f(scales, quants, dst));
     }
 
     pub fn format(&self) -> QuantFormat {
@@ -271,25 +274,34 @@ fn dequantize_block(format: QuantFormat, d: f32, q: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Each block of a run: its values in `dst`, its scale and its quantised bytes.
+fn blocks<'a, T>(
+    format: QuantFormat,
+    scales: &'a [f16],
+    quants: &'a [u8],
+    dst: &'a mut [T],
+) -> impl Iterator<Item = (&'a mut [T], f32, &'a [u8])> {
+    let qb = format.quant_bytes_per_block();
+    dst.chunks_exact_mut(BLOCK)
+        .zip(scales)
+        .zip(quants.chunks_exact(qb))
+        .map(|((dst, d), q)| (dst, d.to_f32(), q))
+}
+
 /// Consecutive blocks' values rounded to bf16 (`dst[32 i + j] = bf16(q_ij d_i)`): with AVX-512
 /// BF16's conversion where the CPU has it, else one value at a time.
 fn dequantize_blocks_bf16(format: QuantFormat, scales: &[f16], quants: &[u8], dst: &mut [bf16]) {
-    let qb = format.quant_bytes_per_block();
-    let blocks = dst
-        .chunks_exact_mut(BLOCK)
-        .zip(scales)
-        .zip(quants.chunks_exact(qb));
     #[cfg(target_arch = "x86_64")]
     if crate::gemm::bf16_dot_supported() {
-        for ((dst, d), q) in blocks {
+        for (dst, d, q) in blocks(format, scales, quants, dst) {
             // SAFETY: bf16_dot_supported checked avx512f and avx512bf16 on this CPU.
-            unsafe { x86::dequantize_block_bf16(format, d.to_f32(), q, dst) };
+            unsafe { x86::dequantize_block_bf16(format, d, q, dst) };
         }
         return;
     }
-    for ((dst, d), q) in blocks {
+    for (dst, d, q) in blocks(format, scales, quants, dst) {
         let mut values = [0.0f32; BLOCK];
-        dequantize_block(format, d.to_f32(), q, &mut values);
+        dequantize_block(format, d, q, &mut values);
         dst.iter_mut()
             .zip(values)
             .for_each(|(o, v)| *o = bf16::from_f32(v));
