@@ -917,27 +917,51 @@ fn ssd_args(p: &Packed, dims: &SsdDims, flags: SsdFlags, chunk: usize) -> Result
     })
 }
 
+/// Threads and dynamic shared memory of `ssd_chunk_scan_tc` (`TC_THREADS`, `TC_STAGES *
+/// TC_STAGE_BYTES` in `ssd.cu`), and the depth of its slices (`TC_SLICE`).
+const SSD_TC_THREADS: usize = 256;
+const SSD_TC_SHARED: usize = 2 * 6 * 4096;
+const SSD_TC_SLICE: usize = 32;
+
+/// Whether the forward's chunk scan can run as `ssd_chunk_scan_tc`: bf16 inputs, N a whole
+/// (non-zero) number of its slices, P of 16-byte rows, and x and C starting 16-byte aligned (its copies
+/// move 16 bytes at a time).
+fn ssd_scan_staged(p: &Packed, args: &SsdArgs) -> Result<bool> {
+    Ok(p.is_bf16()
+        && args.state > 0
+        && (args.state as usize).is_multiple_of(SSD_TC_SLICE)
+        && args.head_dim % 8 == 0
+        && p.aligned16(args.inputs.x)?
+        && p.aligned16(args.inputs.c)?)
+}
+
 /// What the SSD's first three kernels leave for the chunk scan (and the backward), at a chunk
 /// length of `chunk` steps: dt' and cum `(batch, H, chunks * chunk)`, CB `(batch, chunks, G,
-/// chunk, chunk)` and the state entering each chunk `(batch, chunks, H, P, N)`.
+/// chunk, chunk)` and each chunk's own state `(batch, chunks, H, P, N)`, replaced by the state
+/// entering the chunk, or (`planes`, for `ssd_chunk_scan_tc`) left as it is, the entering
+/// states going to bf16 planes hi and lo `(batch, chunks, H, 2, P, N)` in a buffer of the same
+/// bytes.
 struct SsdChunks {
     chunk: usize,
     dtp: CudaSlice<f32>,
     cum: CudaSlice<f32>,
     cb: CudaSlice<f32>,
     states: CudaSlice<f32>,
+    planes: Option<CudaSlice<f32>>,
 }
 
 impl SsdChunks {
     /// `ssd_chunk_products` (with dt' and the running sums) and `ssd_state_passing` of
     /// `variant` (compiled with `SSD_Q = chunk`), the state after the last chunk into
-    /// `final_state`.
+    /// `final_state`; with `split`, `ssd_state_passing_split` instead (for
+    /// `ssd_chunk_scan_tc`).
     fn run(
         p: &Packed,
         variant: &Variant,
         args: &SsdArgs,
         chunk: usize,
         final_state: &mut CudaViewMut<f32>,
+        split: bool,
     ) -> Result<Self> {
         let func = |name: &str| kernel(p.device(), &SSD, variant, name);
         let (nb, nh, np, ng, nn) = (
@@ -955,6 +979,11 @@ impl SsdChunks {
             cum: p.buffer(steps)?,
             cb: p.buffer(nb * chunks * ng * chunk * chunk)?,
             states: p.buffer(nb * chunks * nh * np * nn)?,
+            planes: if split {
+                Some(p.buffer(nb * chunks * nh * np * nn)?)
+            } else {
+                None
+            },
         };
         let row_tiles = chunk / SSD_TILE;
         let lower_tiles = row_tiles * (row_tiles + 1) / 2;
@@ -976,21 +1005,28 @@ impl SsdChunks {
             unsafe { launch(&mut builder, cfg) }?;
         }
         {
-            let f = func("ssd_state_passing")?;
+            let f = func(if split {
+                "ssd_state_passing_split"
+            } else {
+                "ssd_state_passing"
+            })?;
             let mut builder = p.builder(&f);
             builder
                 .arg(args)
                 .arg(&out.cum)
                 .arg(&mut out.states)
                 .arg(final_state);
+            if let Some(planes) = &mut out.planes {
+                builder.arg(planes);
+            }
             let cfg = config((nb * nh, (np * nn).div_ceil(THREADS), 1), THREADS, 0)?;
             unsafe { launch(&mut builder, cfg) }?;
         }
         Ok(out)
     }
 
-    /// `ssd_chunk_scan`: the output `(batch, L, H, P)` into `y`, gated by z unless `args.z`
-    /// is -1.
+    /// `ssd_chunk_scan` (or `ssd_chunk_scan_tc` when the states were split): the output
+    /// `(batch, L, H, P)` into `y`, gated by z unless `args.z` is -1.
     fn scan(
         &self,
         p: &Packed,
@@ -998,20 +1034,37 @@ impl SsdChunks {
         args: &SsdArgs,
         y: &mut CudaViewMut<f32>,
     ) -> Result<()> {
-        let f = kernel(p.device(), &SSD, variant, "ssd_chunk_scan")?;
+        let (f, threads, shared) = match self.planes {
+            Some(_) => (
+                kernel_with_shared(
+                    p.device(),
+                    &SSD,
+                    variant,
+                    "ssd_chunk_scan_tc",
+                    SSD_TC_SHARED,
+                )?,
+                SSD_TC_THREADS,
+                SSD_TC_SHARED,
+            ),
+            None => (
+                kernel(p.device(), &SSD, variant, "ssd_chunk_scan")?,
+                SSD_PRODUCT_THREADS,
+                0,
+            ),
+        };
         let mut builder = p.builder(&f);
         builder
             .arg(args)
             .arg(&self.dtp)
             .arg(&self.cum)
             .arg(&self.cb)
-            .arg(&self.states)
+            .arg(self.planes.as_ref().unwrap_or(&self.states))
             .arg(y);
         let block_heads = (args.batch * args.chunks * args.heads) as usize;
         let p_tiles = (args.head_dim as usize).div_ceil(SSD_TILE);
         let grid = (block_heads, p_tiles * (self.chunk / SSD_TILE), 1);
         // SAFETY: as in `run`; `y` holds (batch, L, H, P) values.
-        unsafe { launch(&mut builder, config(grid, SSD_PRODUCT_THREADS, 0)?) }
+        unsafe { launch(&mut builder, config(grid, threads, shared)?) }
     }
 }
 
@@ -1023,7 +1076,15 @@ pub(crate) fn ssd(p: &Packed, dims: &SsdDims, flags: SsdFlags) -> Result<CudaSli
     let variant = p.variant(&defines);
     let y_len = dims.batch * dims.len * dims.heads * dims.head_dim;
     let mut out = p.buffer(y_len + dims.batch * dims.heads * dims.head_dim * dims.state)?;
-    let chunks = SsdChunks::run(p, &variant, &args, SSD_CHUNK, &mut out.slice_mut(y_len..))?;
+    let split = ssd_scan_staged(p, &args)?;
+    let chunks = SsdChunks::run(
+        p,
+        &variant,
+        &args,
+        SSD_CHUNK,
+        &mut out.slice_mut(y_len..),
+        split,
+    )?;
     chunks.scan(p, &variant, &args, &mut out.slice_mut(..y_len))?;
     Ok(out)
 }
@@ -1152,7 +1213,7 @@ pub(crate) fn ssd_backward(
     // The forward again, at the backward's chunk length, and with z the output before the
     // gate, which g_z needs.
     let mut final_state = p.buffer(state_len)?;
-    let fwd = SsdChunks::run(p, &variant, &args, q, &mut final_state.slice_mut(..))?;
+    let fwd = SsdChunks::run(p, &variant, &args, q, &mut final_state.slice_mut(..), false)?;
     let ungated = if present.z {
         let mut out = p.buffer(tokens)?;
         let inputs = SsdOffsets {

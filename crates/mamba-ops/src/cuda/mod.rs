@@ -37,8 +37,8 @@ pub(crate) use launch::*;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtrMut, LaunchArgs, LaunchConfig,
-    PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchArgs,
+    LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::{self, nvrtc};
 use candle_core::cuda_backend::{CudaStorageSlice, DeviceId, WrapErr};
@@ -275,7 +275,7 @@ impl<'a> Packed<'a> {
     fn variant<'d>(&self, defines: &'d [(&'static str, usize)]) -> Variant<'d> {
         Variant {
             defines,
-            bf16: matches!(self.input, Input::Bf16(_)),
+            bf16: self.is_bf16(),
         }
     }
 
@@ -287,6 +287,23 @@ impl<'a> Packed<'a> {
             Input::Bf16(v) => builder.arg(v),
         };
         builder
+    }
+
+    /// Whether the inputs are bf16.
+    fn is_bf16(&self) -> bool {
+        matches!(self.input, Input::Bf16(_))
+    }
+
+    /// Whether the input starting at element `offset` of the packed buffer starts 16-byte
+    /// aligned.
+    fn aligned16(&self, offset: i64) -> candle_core::Result<bool> {
+        let (address, size) = match &self.input {
+            Input::F32(v) => (v.device_ptr(&self.stream).0, 4),
+            Input::Bf16(v) => (v.device_ptr(&self.stream).0, 2),
+        };
+        let offset = u64::try_from(offset)
+            .map_err(|_| cuda_err(format!("input offset {offset} is negative")))?;
+        Ok((address + offset * size) % 16 == 0)
     }
 
     /// An f32 buffer of `len` elements for the kernels to fill (NaNs when poisoning).

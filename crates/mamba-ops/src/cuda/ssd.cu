@@ -14,6 +14,8 @@
 //   ssd_chunk_scan   y_i = exp(cum_i) S_in(c) C_i                                (off-diagonal)
 //                        + sum_{j<=i} CB[i][j] exp(cum_i - cum_j) dt'_j x_j          (diagonal)
 //                    then the D skip and the z gate.
+// With bf16 inputs of suitable sizes the last two run as ssd_state_passing_split and
+// ssd_chunk_scan_tc instead (S_in left as bf16 planes, operands copied asynchronously: below).
 // The matrix-shaped parts run as block products over shared-memory slabs: f32 FMAs for f32
 // inputs, tensor cores (bf16 operands split in two where not exact, f32 sums) for bf16 inputs.
 // Layouts: x, z, y: (batch, L, H, P); dt: (batch, L, H); A, dt_bias: (H); D: (H) or
@@ -540,16 +542,23 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
     chunk_state(x, s, tile / p_tiles / n_tiles, n0, p0, dtp, cum, states, as, bs, weight);
 }
 
+// Where pass_chunks leaves the running value entering a chunk: in place of the chunk's own value.
+struct InPlace {
+    float* values;
+    __device__ __forceinline__ void operator()(long long at, long long, float running) const { values[at] = running; }
+};
+
 // One (p, n) entry of a (batch, head)'s states walked over the chunks, forwards (BACKWARD
 // false: from the first chunk) or backwards (from the last): each chunk's own value v(c) is
-// replaced by the running value r entering it, then r = exp(cum_last(c)) r + v(c); returns r
-// after the last chunk walked. The chunks are taken PASS_AHEAD at a time, their values loaded
-// together before the short recurrence over them, so that several loads are in flight rather
-// than one per chunk.
+// replaced by the running value r entering it (`store(at, e, r)`, at v(c)'s index), then
+// r = exp(cum_last(c)) r + v(c); returns r after the last chunk walked. The chunks are taken
+// PASS_AHEAD at a time, their values loaded together before the short recurrence over them, so
+// that several loads are in flight rather than one per chunk.
 #define PASS_AHEAD 8
-template <bool BACKWARD>
-__device__ __forceinline__ float pass_chunks(const SsdArgs& s, const float* __restrict__ cum, float* __restrict__ values,
-                                             long long bh, long long e, float running) {
+template <bool BACKWARD, class Store>
+__device__ __forceinline__ float pass_chunks(const SsdArgs& s, const float* __restrict__ cum,
+                                             const float* __restrict__ values, Store store, long long bh,
+                                             long long e, float running) {
     const int h = (int)(bh % s.heads);
     const long long b = bh / s.heads;
     const long long entries = (long long)s.head_dim * s.state;
@@ -568,7 +577,7 @@ __device__ __forceinline__ float pass_chunks(const SsdArgs& s, const float* __re
 #pragma unroll
         for (int k = 0; k < PASS_AHEAD; ++k) {
             if (i0 + k >= s.chunks) break;
-            values[at(chunk_of(i0 + k))] = running;
+            store(at(chunk_of(i0 + k)), e, running);
             running = decay[k] * running + own[k];
         }
     }
@@ -586,7 +595,7 @@ extern "C" __global__ void ssd_state_passing(const in_t* __restrict__ x, SsdArgs
     const long long e = (long long)blockIdx.y * blockDim.x + threadIdx.x;
     if (e >= entries) return;
     const float initial = ld_or(x, s.initial_states, bh * entries + e, 0.0f);
-    final_state[bh * entries + e] = pass_chunks<false>(s, cum, states, bh, e, initial);
+    final_state[bh * entries + e] = pass_chunks<false>(s, cum, states, InPlace{states}, bh, e, initial);
 }
 
 // y for one (batch, chunk, head), one tile of TILE steps i0 .. of the chunk and one of TILE
@@ -656,6 +665,304 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
         }
     }
 }
+
+#if defined(IN_BF16) && !defined(SSD_BWD)
+// ---------------------------------------------------------------------------------------------
+// The chunk scan with bf16 inputs, staged asynchronously (the launcher's choice when N is a
+// multiple of TC_SLICE, P of 8, and x and C start 16-byte aligned; ssd_chunk_scan otherwise).
+// The same sums as ssd_chunk_scan, without register staging or a barrier per slab:
+//   - the state passing leaves each entering state already split, as two bf16 planes hi and lo
+//     (ssd_state_passing_split), so every operand of the off-diagonal product is copied to
+//     shared memory as it is stored (cp.async) and read as tensor-core fragments (ldmatrix);
+//   - the diagonal's x likewise (ldmatrix.trans), and its CB as f32, decayed, masked and split
+//     in registers by the one warp that uses each row.
+// Eight warps: the first four run the off-diagonal product, the other four the diagonal one, at
+// the same time; in each group, warp w % 4 owns 16 rows of the 64 x 64 output tile (all 64
+// columns, eight m16n8 tiles), so that no value is decayed or split twice. Both products walk
+// their depth in slices of TC_SLICE (N / TC_SLICE for the off-diagonal, up to the tile's last
+// step for the diagonal); slice q of each shares stage q % TC_STAGES of a ring in shared memory,
+// copied TC_STAGES - 1 slices ahead, with one barrier per slice. The diagonal group's sums reach
+// the other group through shared memory at the end.
+// ---------------------------------------------------------------------------------------------
+#define TC_WARPS 8
+#define TC_THREADS (TC_WARPS * 32)
+#define TC_SLICE 32
+#define TC_STAGES 2
+// Half a stage: the off-diagonal's C (64 steps x 32 n), S hi and S lo (64 p x 32 n), bf16 rows
+// of 64 bytes; or the diagonal's CB (64 steps x 32 steps, f32) and x (32 steps x 64 p, bf16),
+// rows of 128 bytes.
+#define TC_ROW64 4096
+#define TC_HALF (3 * TC_ROW64)
+#define TC_STAGE_BYTES (2 * TC_HALF)
+static_assert(TILE == 2 * TC_SLICE && 2 * TILE == 16 * TC_WARPS, "a stage is laid out for 64 x 64 tiles");
+static_assert(TILE * (TILE + PAD) * 4 <= TC_STAGES * TC_STAGE_BYTES, "the diagonal's sums fit the stages");
+
+__device__ __forceinline__ unsigned int shared_address(const void* p) {
+    return (unsigned int)__cvta_generic_to_shared(p);
+}
+
+// 16 bytes from global src to shared dst, or zeros when !valid (src is then not read).
+__device__ __forceinline__ void copy16(unsigned int dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int PENDING>
+__device__ __forceinline__ void copies_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+
+__device__ __forceinline__ void fragments(unsigned int addr, unsigned int (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void fragments_transposed(unsigned int addr, unsigned int (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// Byte offset of 16-byte chunk c of a row in rows of 64 / 128 bytes, the chunks XORed with
+// bits of the row so that eight consecutive rows' chunk c (one ldmatrix matrix) meet distinct
+// banks.
+__device__ __forceinline__ int at64(int row, int c) { return row * 64 + ((c ^ (row >> 1 & 3)) << 4); }
+__device__ __forceinline__ int at128(int row, int c) { return row * 128 + ((c ^ (row & 7)) << 4); }
+
+// v0, v1 rounded to bf16 and packed (v0 in the low half), and what rounding left, the same way.
+__device__ __forceinline__ unsigned int bf16x2(float v0, float v1) {
+    unsigned int r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(v1), "f"(v0));
+    return r;
+}
+__device__ __forceinline__ void split_pair(float v0, float v1, unsigned int& hi, unsigned int& lo) {
+    hi = bf16x2(v0, v1);
+    lo = bf16x2(v0 - __uint_as_float(hi << 16), v1 - __uint_as_float(hi & 0xffff0000u));
+}
+
+// S_in(c) as ssd_state_passing computes it, left as bf16 planes hi = bf16(v), lo = bf16(v - hi):
+// planes (batch, chunks, H, 2, P, N), the chunk states themselves untouched.
+struct SplitPlanes {
+    unsigned short* planes;
+    long long entries;
+    __device__ __forceinline__ void operator()(long long at, long long e, float running) const {
+        const long long hi_at = 2 * (at - e) + e;
+        const unsigned short hi = bf16_bits(running);
+        planes[hi_at] = hi;
+        planes[hi_at + entries] = bf16_rest(running, hi);
+    }
+};
+
+extern "C" __global__ void ssd_state_passing_split(const in_t* __restrict__ x, SsdArgs s,
+                                                   const float* __restrict__ cum, const float* __restrict__ states,
+                                                   float* __restrict__ final_state,
+                                                   unsigned short* __restrict__ planes) {
+    const long long bh = blockIdx.x;
+    const long long entries = (long long)s.head_dim * s.state;
+    const long long e = (long long)blockIdx.y * blockDim.x + threadIdx.x;
+    if (e >= entries) return;
+    const float initial = ld_or(x, s.initial_states, bh * entries + e, 0.0f);
+    final_state[bh * entries + e] =
+        pass_chunks<false>(s, cum, states, SplitPlanes{planes, entries}, bh, e, initial);
+}
+
+// Where a block of ssd_chunk_scan_tc works: (batch, chunk, head), its tile's first step i0
+// within the chunk and first p0 of P.
+struct ScanTile {
+    ChunkHead k;
+    long long bcg;  // (batch, chunk, group) of CB
+    int i0, p0;
+};
+
+// Slice q of both products into the stage at `stage` (the off-diagonal's half first), where the
+// product has one: 768 chunks of 16 bytes each, three per thread.
+__device__ __forceinline__ void stage_slice(const in_t* __restrict__ x, const SsdArgs& s, const ScanTile& w,
+                                            const float* __restrict__ cb, const unsigned short* __restrict__ planes,
+                                            int q, unsigned int stage) {
+    if (q < s.state / TC_SLICE) {
+        const int n0 = q * TC_SLICE;
+        const long long entries = (long long)s.head_dim * s.state;
+#pragma unroll
+        for (int e = threadIdx.x; e < 3 * 256; e += TC_THREADS) {
+            const int part = e / 256, row = e % 256 / 4, c = e % 4;
+            const unsigned int dst = stage + part * TC_ROW64 + at64(row, c);
+            if (part == 0) {  // C of step i0 + row
+                const int t = w.k.t0 + w.i0 + row;
+                const bool ok = t < s.len;
+                copy16(dst, x + s.c + token_row(s, w.k.b, ok ? t : 0, w.k.g, s.groups, s.state) + n0 + 8 * c, ok);
+            } else {  // S_in's plane part - 1 at p0 + row
+                const int p = w.p0 + row;
+                const bool ok = p < s.head_dim;
+                copy16(dst, planes + (w.k.bch * 2 + part - 1) * entries + (long long)(ok ? p : 0) * s.state + n0 + 8 * c,
+                       ok);
+            }
+        }
+    }
+    if (q < (w.i0 + TILE) / TC_SLICE) {
+        const int j0 = q * TC_SLICE;
+        stage += TC_HALF;
+#pragma unroll
+        for (int e = threadIdx.x; e < 3 * 256; e += TC_THREADS) {
+            if (e < 512) {  // CB rows i0 + row, steps j0 .. j0 + 31
+                const int row = e / 8, c = e % 8;
+                copy16(stage + at128(row, c), cb + (w.bcg * SSD_Q + w.i0 + row) * SSD_Q + j0 + 4 * c, true);
+            } else {  // x of step j0 + row
+                const int row = (e - 512) / 8, c = (e - 512) % 8;
+                const int t = w.k.t0 + j0 + row, p = w.p0 + 8 * c;
+                const bool ok = t < s.len && p < s.head_dim;
+                copy16(stage + 2 * TC_ROW64 + at128(row, c),
+                       x + s.x + token_row(s, w.k.b, ok ? t : 0, w.k.h, s.heads, s.head_dim) + (ok ? p : 0), ok);
+            }
+        }
+    }
+}
+
+// acc += C (this warp's 16 steps x 32 n) times S_in (32 n x 64 p), S_in as hi and lo.
+__device__ __forceinline__ void off_diagonal_slice(unsigned int stage, float (&acc)[8][4]) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32 % 4, m = lane / 8, r8 = lane % 8;
+#pragma unroll
+    for (int kk = 0; kk < TC_SLICE / 16; ++kk) {
+        unsigned int a[4];
+        {
+            const int row = 16 * warp + (m % 2) * 8 + r8;
+            fragments(stage + at64(row, 2 * kk + m / 2), a);
+        }
+#pragma unroll
+        for (int jp = 0; jp < 4; ++jp) {
+            const int row = 8 * (2 * jp + m / 2) + r8, at = at64(row, 2 * kk + m % 2);
+            unsigned int hi[4], lo[4];
+            fragments(stage + TC_ROW64 + at, hi);
+            fragments(stage + 2 * TC_ROW64 + at, lo);
+            mma_bf16(acc[2 * jp], a, hi[0], hi[1]);
+            mma_bf16(acc[2 * jp], a, lo[0], lo[1]);
+            mma_bf16(acc[2 * jp + 1], a, hi[2], hi[3]);
+            mma_bf16(acc[2 * jp + 1], a, lo[2], lo[3]);
+        }
+    }
+}
+
+// acc += M (this warp's 16 steps x steps j0 .. j0 + 31) times x (those steps x 64 p), with
+// M[i][j] = CB[i][j] exp(cum_i - cum_j) dt'_j for j <= i, else 0 (masked by selection: above
+// the diagonal the exponential can overflow). cum_rows: cum of the lane's two rows.
+__device__ __forceinline__ void diagonal_slice(const unsigned char* stages, unsigned int stage_at, int i0, int j0,
+                                               const float* cum_c, const float* dt_c, const float (&cum_rows)[2],
+                                               float (&acc)[8][4]) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32 % 4, m = lane / 8, r8 = lane % 8;
+    const int g = lane / 4, t = lane % 4;
+    const unsigned int stage = shared_address(stages) + stage_at;
+#pragma unroll
+    for (int kk = 0; kk < TC_SLICE / 16; ++kk) {
+        if (j0 + 16 * kk > i0 + 16 * warp + 15) break;  // past this warp's last row
+        unsigned int ah[4], al[4];
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {  // rows g (+8 for odd f), columns 2t, 2t + 1 (+8 from f = 2)
+            const int row = 16 * warp + g + (f % 2) * 8, col = 16 * kk + 2 * t + (f / 2) * 8;
+            const float2 v = *reinterpret_cast<const float2*>(stages + stage_at + at128(row, col / 4) + col % 4 * 4);
+            const int i = i0 + row, j = j0 + col;
+            const float d0 = __expf(cum_rows[f % 2] - cum_c[j]) * dt_c[j] * v.x;
+            const float d1 = __expf(cum_rows[f % 2] - cum_c[j + 1]) * dt_c[j + 1] * v.y;
+            split_pair(j <= i ? d0 : 0.0f, j + 1 <= i ? d1 : 0.0f, ah[f], al[f]);
+        }
+#pragma unroll
+        for (int jp = 0; jp < 4; ++jp) {
+            const int row = 16 * kk + (m % 2) * 8 + r8;
+            unsigned int b[4];
+            fragments_transposed(stage + 2 * TC_ROW64 + at128(row, 2 * jp + m / 2), b);
+            mma_bf16(acc[2 * jp], ah, b[0], b[1]);
+            mma_bf16(acc[2 * jp], al, b[0], b[1]);
+            mma_bf16(acc[2 * jp + 1], ah, b[2], b[3]);
+            mma_bf16(acc[2 * jp + 1], al, b[2], b[3]);
+        }
+    }
+}
+
+// y as ssd_chunk_scan computes it. Grid: (batch * chunks * heads, P tiles * ROW_TILES); block
+// TC_THREADS; dynamic shared memory TC_STAGES * TC_STAGE_BYTES. Three blocks per multiprocessor
+// (80 registers, 20 bytes spilled): measured on the H200 against two blocks (125 registers) and
+// against three or four stages, all slower (CUDA_NOTES).
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 3)
+    ssd_chunk_scan_tc(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ dtp,
+                      const float* __restrict__ cum, const float* __restrict__ cb,
+                      const unsigned short* __restrict__ planes, float* __restrict__ y) {
+    extern __shared__ __align__(128) unsigned char tc_stages[];
+    __shared__ float cum_c[SSD_Q], dt_c[SSD_Q];
+    ScanTile w;
+    w.k = chunk_head(s, blockIdx.x);
+    w.bcg = w.k.bc * s.groups + w.k.g;
+    const int p_tiles = (s.head_dim + TILE - 1) / TILE;
+    w.p0 = (int)(blockIdx.y % p_tiles) * TILE;
+    w.i0 = (int)(blockIdx.y / p_tiles) * TILE;
+    const unsigned int base = shared_address(tc_stages);
+    const int off_slices = s.state / TC_SLICE, diagonal_slices = (w.i0 + TILE) / TC_SLICE;
+    const int slices = max(off_slices, diagonal_slices);
+#pragma unroll
+    for (int q = 0; q < TC_STAGES - 1; ++q) {
+        if (q < slices) stage_slice(x, s, w, cb, planes, q, base + q * TC_STAGE_BYTES);
+        copies_commit();
+    }
+    stage_steps(s, w.k, dtp, cum, dt_c, cum_c, w.i0 + TILE);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const bool diagonal = warp >= 4;
+    const int r0 = 16 * (warp % 4) + g;  // the lane's rows of the tile: r0, r0 + 8
+    float acc[8][4] = {};
+    for (int q = 0; q < slices; ++q) {
+        copies_wait<TC_STAGES - 2>();
+        __syncthreads();
+        const int ahead = q + TC_STAGES - 1;
+        if (ahead < slices) stage_slice(x, s, w, cb, planes, ahead, base + ahead % TC_STAGES * TC_STAGE_BYTES);
+        copies_commit();
+        const int stage_at = q % TC_STAGES * TC_STAGE_BYTES;
+        if (!diagonal && q < off_slices) {
+            off_diagonal_slice(base + stage_at, acc);
+            if (q == off_slices - 1) {
+                const float scale[2] = {__expf(cum_c[w.i0 + r0]), __expf(cum_c[w.i0 + r0 + 8])};
+#pragma unroll
+                for (int n = 0; n < 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[n][e] *= scale[e / 2];
+            }
+        } else if (diagonal && q < diagonal_slices) {
+            const float cum_rows[2] = {cum_c[w.i0 + r0], cum_c[w.i0 + r0 + 8]};
+            diagonal_slice(tc_stages, stage_at + TC_HALF, w.i0, q * TC_SLICE, cum_c, dt_c, cum_rows, acc);
+        }
+    }
+    // The diagonal group's sums to the off-diagonal group, through the stages (free once every
+    // warp is past its last slice).
+    copies_wait<0>();
+    __syncthreads();
+    float(*sums)[TILE + PAD] = reinterpret_cast<float(*)[TILE + PAD]>(tc_stages);
+    if (diagonal) {
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sums[r0 + (e / 2) * 8][8 * n + 2 * t + e % 2] = acc[n][e];
+    }
+    __syncthreads();
+    if (diagonal) return;
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[n][e] += sums[r0 + (e / 2) * 8][8 * n + 2 * t + e % 2];
+    // The D skip and the z gate; each lane's outputs come in pairs of adjacent p.
+    const ChunkHead& k = w.k;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int step = k.t0 + w.i0 + r0 + 8 * half, p = w.p0 + 8 * n + 2 * t;
+            if (step >= s.len || p >= s.head_dim) continue;
+            const long long at = token_row(s, k.b, step, k.h, s.heads, s.head_dim) + p;
+            float v[2];
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const float skip = s.d < 0 ? 0.0f : ld(x, s.d + (s.d_per_p ? k.h * s.head_dim + p + q : k.h));
+                v[q] = acc[n][2 * half + q] + skip * ld(x, s.x + at + q);
+                if (s.z >= 0) v[q] *= silu(ld(x, s.z + at + q));
+            }
+            *reinterpret_cast<float2*>(y + at) = make_float2(v[0], v[1]);
+        }
+    }
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Backward (compiled with SSD_BWD, in a variant of its own chunk length): the gradients of
@@ -1028,7 +1335,7 @@ extern "C" __global__ void ssd_bwd_state_passing(SsdArgs s, const float* __restr
     const long long entries = (long long)s.head_dim * s.state;
     const long long e = (long long)blockIdx.y * blockDim.x + threadIdx.x;
     if (e >= entries) return;
-    const float front = pass_chunks<true>(s, cum, own, bh, e, g_final[bh * entries + e]);
+    const float front = pass_chunks<true>(s, cum, own, InPlace{own}, bh, e, g_final[bh * entries + e]);
     if (at_grad.initial_states >= 0) grads[at_grad.initial_states + bh * entries + e] = front;
 }
 
