@@ -923,15 +923,17 @@ const SSD_TC_THREADS: usize = 256;
 const SSD_TC_SHARED: usize = 2 * 6 * 4096;
 const SSD_TC_SLICE: usize = 32;
 
-/// Whether the forward's chunk scan can run as `ssd_chunk_scan_tc`: bf16 inputs, N a whole
-/// (non-zero) number of its slices, P of 16-byte rows, and x and C starting 16-byte aligned (its copies
-/// move 16 bytes at a time).
-fn ssd_scan_staged(p: &Packed, args: &SsdArgs) -> Result<bool> {
+/// Whether the forward can run its staged kernels (`ssd_chunk_products_tc`,
+/// `ssd_state_passing_split`, `ssd_chunk_scan_tc`): bf16 inputs, N a whole (non-zero) number of
+/// their slices, P of 16-byte rows, and x, B and C starting 16-byte aligned (their copies move
+/// 16 bytes at a time).
+fn ssd_staged(p: &Packed, args: &SsdArgs) -> Result<bool> {
     Ok(p.is_bf16()
         && args.state > 0
         && (args.state as usize).is_multiple_of(SSD_TC_SLICE)
         && args.head_dim % 8 == 0
         && p.aligned16(args.inputs.x)?
+        && p.aligned16(args.inputs.b)?
         && p.aligned16(args.inputs.c)?)
 }
 
@@ -953,8 +955,8 @@ struct SsdChunks {
 impl SsdChunks {
     /// `ssd_chunk_products` (with dt' and the running sums) and `ssd_state_passing` of
     /// `variant` (compiled with `SSD_Q = chunk`), the state after the last chunk into
-    /// `final_state`; with `split`, `ssd_state_passing_split` instead (for
-    /// `ssd_chunk_scan_tc`).
+    /// `final_state`; with `split`, their staged versions `ssd_chunk_products_tc` and
+    /// `ssd_state_passing_split` instead (for `ssd_chunk_scan_tc`).
     fn run(
         p: &Packed,
         variant: &Variant,
@@ -992,7 +994,11 @@ impl SsdChunks {
         // inputs were checked against the sizes in `args`, and the scratch buffers have the
         // sizes `ssd.cu` gives them.
         {
-            let f = func("ssd_chunk_products")?;
+            let f = func(if split {
+                "ssd_chunk_products_tc"
+            } else {
+                "ssd_chunk_products"
+            })?;
             let mut builder = p.builder(&f);
             builder
                 .arg(args)
@@ -1076,7 +1082,7 @@ pub(crate) fn ssd(p: &Packed, dims: &SsdDims, flags: SsdFlags) -> Result<CudaSli
     let variant = p.variant(&defines);
     let y_len = dims.batch * dims.len * dims.heads * dims.head_dim;
     let mut out = p.buffer(y_len + dims.batch * dims.heads * dims.head_dim * dims.state)?;
-    let split = ssd_scan_staged(p, &args)?;
+    let split = ssd_staged(p, &args)?;
     let chunks = SsdChunks::run(
         p,
         &variant,

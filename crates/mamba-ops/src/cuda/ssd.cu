@@ -14,8 +14,9 @@
 //   ssd_chunk_scan   y_i = exp(cum_i) S_in(c) C_i                                (off-diagonal)
 //                        + sum_{j<=i} CB[i][j] exp(cum_i - cum_j) dt'_j x_j          (diagonal)
 //                    then the D skip and the z gate.
-// With bf16 inputs of suitable sizes the last two run as ssd_state_passing_split and
-// ssd_chunk_scan_tc instead (S_in left as bf16 planes, operands copied asynchronously: below).
+// With bf16 inputs of suitable sizes the three run as ssd_chunk_products_tc,
+// ssd_state_passing_split and ssd_chunk_scan_tc instead (operands copied asynchronously, S_in
+// left as bf16 planes: below).
 // The matrix-shaped parts run as block products over shared-memory slabs: f32 FMAs for f32
 // inputs, tensor cores (bf16 operands split in two where not exact, f32 sums) for bf16 inputs.
 // Layouts: x, z, y: (batch, L, H, P); dt: (batch, L, H); A, dt_bias: (H); D: (H) or
@@ -669,7 +670,7 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
 #if defined(IN_BF16) && !defined(SSD_BWD)
 // ---------------------------------------------------------------------------------------------
 // The chunk scan with bf16 inputs, staged asynchronously (the launcher's choice when N is a
-// multiple of TC_SLICE, P of 8, and x and C start 16-byte aligned; ssd_chunk_scan otherwise).
+// multiple of TC_SLICE, P of 8, and x, B and C start 16-byte aligned; ssd_chunk_scan otherwise).
 // The same sums as ssd_chunk_scan, without register staging or a barrier per slab:
 //   - the state passing leaves each entering state already split, as two bf16 planes hi and lo
 //     (ssd_state_passing_split), so every operand of the off-diagonal product is copied to
@@ -763,6 +764,165 @@ extern "C" __global__ void ssd_state_passing_split(const in_t* __restrict__ x, S
     const float initial = ld_or(x, s.initial_states, bh * entries + e, 0.0f);
     final_state[bh * entries + e] =
         pass_chunks<false>(s, cum, states, SplitPlanes{planes, entries}, bh, e, initial);
+}
+
+// The chunk products with bf16 inputs, staged asynchronously (with ssd_chunk_scan_tc; the same
+// blocks and sums as ssd_chunk_products). CB tiles: C and B copied as stored, fragments by
+// ldmatrix, one plane each. Chunk-state tiles: x and B copied as stored; x's fragments
+// (ldmatrix.trans) scaled by the chunk-state weights and split in registers. Eight warps,
+// warp w owning rows 16 (w % 4) .. +16 and columns 32 (w / 4) .. +32 of the 64 x 64 tile; the
+// depth in slices of TC_SLICE through PRODUCT_STAGES stages, one barrier per slice.
+#define PRODUCT_STAGES 3
+#define PRODUCT_STAGE_BYTES (2 * TC_ROW64)
+
+// A CB tile's slice q: C of the tile's rows (64 x 32 n) then B of its columns (64 x 32 n), rows
+// of 64 bytes; 512 chunks of 16 bytes, two per thread.
+__device__ __forceinline__ void stage_cb_slice(const in_t* __restrict__ x, const SsdArgs& s, long long b, int g,
+                                               int t0, int i0, int j0, int q, unsigned int stage) {
+#pragma unroll
+    for (int e = threadIdx.x; e < 512; e += PRODUCT_THREADS) {
+        const int part = e / 256, row = e % 256 / 4, c = e % 4;
+        const int t = t0 + (part == 0 ? i0 : j0) + row;
+        const bool ok = t < s.len;
+        copy16(stage + part * TC_ROW64 + at64(row, c),
+               x + (part == 0 ? s.c : s.b) + token_row(s, b, ok ? t : 0, g, s.groups, s.state) + q * TC_SLICE + 8 * c,
+               ok);
+    }
+}
+
+// A chunk-state tile's slice q: x (32 steps x 64 p) then B (32 steps x 64 n), rows of 128 bytes.
+__device__ __forceinline__ void stage_state_slice(const in_t* __restrict__ x, const SsdArgs& s, const ChunkHead& k,
+                                                  int p0, int n0, int q, unsigned int stage) {
+#pragma unroll
+    for (int e = threadIdx.x; e < 512; e += PRODUCT_THREADS) {
+        const int part = e / 256, row = e % 256 / 8, c = e % 8;
+        const int t = k.t0 + q * TC_SLICE + row, at = (part == 0 ? p0 : n0) + 8 * c;
+        const bool ok = t < s.len && at < (part == 0 ? s.head_dim : s.state);
+        const long long src = part == 0 ? s.x + token_row(s, k.b, ok ? t : 0, k.h, s.heads, s.head_dim)
+                                        : s.b + token_row(s, k.b, ok ? t : 0, k.g, s.groups, s.state);
+        copy16(stage + part * TC_ROW64 + at128(row, c), x + src + (ok ? at : 0), ok);
+    }
+}
+
+// acc += C (this warp's 16 rows x 32 n) times B^T (32 n x this warp's 32 columns).
+__device__ __forceinline__ void cb_slice(unsigned int stage, float (&acc)[4][4]) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, m = lane / 8, r8 = lane % 8;
+#pragma unroll
+    for (int kk = 0; kk < TC_SLICE / 16; ++kk) {
+        unsigned int a[4];
+        fragments(stage + at64(16 * (warp % 4) + (m % 2) * 8 + r8, 2 * kk + m / 2), a);
+#pragma unroll
+        for (int jp = 0; jp < 2; ++jp) {
+            unsigned int b[4];
+            fragments(stage + TC_ROW64 + at64(32 * (warp / 4) + 8 * (2 * jp + m / 2) + r8, 2 * kk + m % 2), b);
+            mma_bf16(acc[2 * jp], a, b[0], b[1]);
+            mma_bf16(acc[2 * jp + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// acc += (x weighted)^T (this warp's 16 p x the slice's 32 steps) times B (those steps x this
+// warp's 32 n); weight: the chunk-state weights of the slice's steps on.
+__device__ __forceinline__ void state_slice(unsigned int stage, const float* weight, float (&acc)[4][4]) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, m = lane / 8, r8 = lane % 8, t = lane % 4;
+#pragma unroll
+    for (int kk = 0; kk < TC_SLICE / 16; ++kk) {
+        unsigned int a[4], ah[4], al[4];
+        fragments_transposed(stage + at128(16 * kk + (m / 2) * 8 + r8, 2 * (warp % 4) + m % 2), a);
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {  // steps 2t, 2t + 1 (+8 from f = 2) of this k16 step
+            const int j = 16 * kk + 2 * t + (f / 2) * 8;
+            split_pair(__uint_as_float(a[f] << 16) * weight[j], __uint_as_float(a[f] & 0xffff0000u) * weight[j + 1],
+                       ah[f], al[f]);
+        }
+#pragma unroll
+        for (int jp = 0; jp < 2; ++jp) {
+            unsigned int b[4];
+            fragments_transposed(
+                stage + TC_ROW64 + at128(16 * kk + (m % 2) * 8 + r8, 4 * (warp / 4) + 2 * jp + m / 2), b);
+            mma_bf16(acc[2 * jp], ah, b[0], b[1]);
+            mma_bf16(acc[2 * jp], al, b[0], b[1]);
+            mma_bf16(acc[2 * jp + 1], ah, b[2], b[3]);
+            mma_bf16(acc[2 * jp + 1], al, b[2], b[3]);
+        }
+    }
+}
+
+// This thread's outputs of a 64 x 64 tile (rows row0 + r, columns col0 + c) as pairs:
+// out(row, col, v0, v1) for each.
+template <class Out>
+__device__ __forceinline__ void tile_pairs(const float (&acc)[4][4], Out out) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int r0 = 16 * (warp % 4) + lane / 4, c0 = 32 * (warp / 4) + 2 * (lane % 4);
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) out(r0 + 8 * half, c0 + 8 * n, acc[n][2 * half], acc[n][2 * half + 1]);
+}
+
+// Slices 0 .. slices - 1 of a product through the stages at `base`: stage(q, at) issues slice
+// q's copies, multiply(at) multiplies the slice in the stage at `at`. Every thread calls it.
+template <class Stage, class Multiply>
+__device__ __forceinline__ void staged_product(int slices, unsigned int base, Stage stage, Multiply multiply) {
+#pragma unroll
+    for (int q = 0; q < PRODUCT_STAGES - 1; ++q) {
+        if (q < slices) stage(q, base + q * PRODUCT_STAGE_BYTES);
+        copies_commit();
+    }
+    for (int q = 0; q < slices; ++q) {
+        copies_wait<PRODUCT_STAGES - 2>();
+        __syncthreads();
+        const int ahead = q + PRODUCT_STAGES - 1;
+        if (ahead < slices) stage(ahead, base + ahead % PRODUCT_STAGES * PRODUCT_STAGE_BYTES);
+        copies_commit();
+        multiply(q, base + q % PRODUCT_STAGES * PRODUCT_STAGE_BYTES);
+    }
+}
+
+// ssd_chunk_products' blocks and outputs (the CB tiles, then the chunk-state tiles with dt' and
+// cum). Three blocks per multiprocessor: 80 registers, no spills.
+extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
+    ssd_chunk_products_tc(const in_t* __restrict__ x, SsdArgs s, float* __restrict__ dtp, float* __restrict__ cum,
+                          float* __restrict__ cb, float* __restrict__ states) {
+    __shared__ __align__(128) unsigned char stages[PRODUCT_STAGES * PRODUCT_STAGE_BYTES];
+    __shared__ float dt_c[SSD_Q], cum_c[SSD_Q], weight[SSD_Q];
+    const unsigned int base = shared_address(stages);
+    constexpr int LOWER_TILES = ROW_TILES * (ROW_TILES + 1) / 2;
+    const long long cb_blocks = (long long)s.batch * s.chunks * s.groups * LOWER_TILES;
+    float acc[4][4] = {};
+    if (blockIdx.x < cb_blocks) {
+        const long long bcg = blockIdx.x / LOWER_TILES;
+        const int g = (int)(bcg % s.groups);
+        const long long bc = bcg / s.groups;
+        const int t0 = (int)(bc % s.chunks) * SSD_Q;
+        const long long b = bc / s.chunks;
+        int i0, j0;
+        lower_tile((int)(blockIdx.x % LOWER_TILES), i0, j0);
+        staged_product(
+            s.state / TC_SLICE, base,
+            [&](int q, unsigned int at) { stage_cb_slice(x, s, b, g, t0, i0, j0, q, at); },
+            [&](int, unsigned int at) { cb_slice(at, acc); });
+        tile_pairs(acc, [&](int r, int c, float v0, float v1) {
+            *reinterpret_cast<float2*>(cb + (bcg * SSD_Q + i0 + r) * SSD_Q + j0 + c) = make_float2(v0, v1);
+        });
+        return;
+    }
+    const long long tile = blockIdx.x - cb_blocks;
+    const int n_tiles = (s.state + TILE - 1) / TILE, p_tiles = (s.head_dim + TILE - 1) / TILE;
+    const int p0 = (int)(tile % p_tiles) * TILE;
+    const int n0 = (int)(tile / p_tiles % n_tiles) * TILE;
+    const ChunkHead k = chunk_head(s, tile / p_tiles / n_tiles);
+    chunk_steps(x, s, k.b * s.heads + k.h, k.c, dt_c, cum_c, n0 == 0 && p0 == 0, dtp, cum);
+    for (int j = threadIdx.x; j < SSD_Q; j += PRODUCT_THREADS)
+        weight[j] = __expf(cum_c[SSD_Q - 1] - cum_c[j]) * dt_c[j];
+    staged_product(
+        SSD_Q / TC_SLICE, base, [&](int q, unsigned int at) { stage_state_slice(x, s, k, p0, n0, q, at); },
+        [&](int q, unsigned int at) { state_slice(at, weight + q * TC_SLICE, acc); });
+    tile_pairs(acc, [&](int r, int c, float v0, float v1) {
+        const int p = p0 + r, n = n0 + c;
+        if (p < s.head_dim && n < s.state)
+            *reinterpret_cast<float2*>(states + (k.bch * s.head_dim + p) * (long long)s.state + n) = make_float2(v0, v1);
+    });
 }
 
 // Where a block of ssd_chunk_scan_tc works: (batch, chunk, head), its tile's first step i0
