@@ -538,12 +538,30 @@ pub fn with_scratch<T: Copy + Default, R>(
 }
 
 /// Cuts `buf` into consecutive slices of the given lengths.
-pub fn split_scratch<const N: usize>(mut buf: &mut [f32], lens: [usize; N]) -> [&mut [f32]; N] {
+fn split_scratch<const N: usize>(mut buf: &mut [f32], lens: [usize; N]) -> [&mut [f32]; N] {
     lens.map(|len| {
         let (head, tail) = std::mem::take(&mut buf).split_at_mut(len);
         buf = tail;
         head
     })
+}
+
+/// [`with_scratch`] on consecutive slices of the given lengths, one buffer for them all.
+pub fn with_split_scratch<const N: usize, R>(
+    pool: &'static std::thread::LocalKey<std::cell::Cell<Vec<f32>>>,
+    lens: [usize; N],
+    f: impl FnOnce([&mut [f32]; N]) -> R,
+) -> R {
+    with_scratch(pool, lens.iter().sum(), |buf| f(split_scratch(buf, lens)))
+}
+
+/// [`with_bounded_scratch`] on consecutive slices of the given lengths.
+pub(crate) fn with_bounded_split_scratch<const N: usize, R>(
+    pool: &'static std::thread::LocalKey<Cell<Vec<f32>>>,
+    lens: [usize; N],
+    f: impl FnOnce([&mut [f32]; N]) -> R,
+) -> R {
+    with_bounded_scratch(pool, lens.iter().sum(), |buf| f(split_scratch(buf, lens)))
 }
 
 /// One new input per channel and sequence through a Mamba mixer's depthwise causal conv

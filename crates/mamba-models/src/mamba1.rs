@@ -21,8 +21,9 @@
 use crate::config::MambaConfig;
 use crate::error::Result;
 use crate::layers::{
-    columns, conv_step_silu_host, copy_columns, f32_vec, load_f32, rms_normalize, split_scratch,
-    swap_time_channels, with_bounded_scratch, with_scratch, Linear, RmsNorm, PIECE_SCRATCH,
+    columns, conv_step_silu_host, copy_columns, f32_vec, load_f32, rms_normalize,
+    swap_time_channels, with_bounded_split_scratch, with_split_scratch, Linear, RmsNorm,
+    PIECE_SCRATCH,
 };
 use crate::model::{step_through_host, Mixer};
 use crate::state::{LayerState, StateSize};
@@ -350,8 +351,7 @@ impl Mixer for MambaMixer {
         // xs, z (b, L, d_inner), dt (b, L, dt_rank), B, C (b, L, N), then Δ (b, L, d_inner):
         // every value written before it is read.
         let lens = [di, di, r, n, n, di].map(|l| l * rows);
-        with_bounded_scratch(&PIECE_SCRATCH, lens.iter().sum(), |buf| {
-            let [xs, z, dt, b, c, delta] = split_scratch(buf, lens);
+        with_bounded_split_scratch(&PIECE_SCRATCH, lens, |[xs, z, dt, b, c, delta]| {
             self.in_proj
                 .forward_rows_host_parts(x, &mut [&mut *xs, &mut *z])?;
             let conv = causal_conv1d_token_major(
@@ -420,41 +420,44 @@ impl Mixer for MambaMixer {
         let (di, n, r) = (self.d_inner, self.state_size, self.dt_rank);
         let p = &self.decode;
         let lens = [2 * di, di, di, di, r + 2 * n, r, n, n, di, di].map(|l| l * batch);
-        with_scratch(&STEP_SCRATCH, lens.iter().sum(), |buf| {
-            let [xz, xs, z, xc, dbc, dt, b, c, delta, y] = split_scratch(buf, lens);
-            self.in_proj.forward_step_host(x, xz)?; // (b, 2 d_inner)
-            copy_columns(xz, 2 * di, 0, di, xs);
-            copy_columns(xz, 2 * di, di, di, z);
-            conv_step_silu_host(
-                &mut state.conv,
-                xs,
-                (&p.conv_weight, p.conv_bias.as_deref()),
-                (batch, self.conv_kernel),
-                xc,
-            )?;
-            self.x_proj.forward_step_host(xc, dbc)?; // (b, dt_rank + 2N)
-            copy_columns(dbc, r + 2 * n, 0, r, dt);
-            copy_columns(dbc, r + 2 * n, r, n, b);
-            copy_columns(dbc, r + 2 * n, r + n, n, c);
-            self.dt_bc_norms.apply_host([dt, b, c], batch)?;
-            self.dt_proj.forward_step_host(dt, delta)?; // (b, d_inner), bias added below
-            let step_dims = StepDims::mamba1(batch, di, n);
-            let inputs = StepInputs {
-                x: xc,
-                dt: delta,
-                a: &p.a,
-                b,
-                c,
-                d: Some(&p.d),
-                z: Some(z),
-                dt_bias: Some(&p.dt_bias),
-                dt_softplus: true,
-                dt_limit: NO_DT_LIMIT,
-            };
-            step_dims.check(&state.ssm, &inputs)?;
-            selective_state_update_into(&step_dims, &mut state.ssm, &inputs, y);
-            self.out_proj.forward_step_host(y, out)
-        })
+        with_split_scratch(
+            &STEP_SCRATCH,
+            lens,
+            |[xz, xs, z, xc, dbc, dt, b, c, delta, y]| {
+                self.in_proj.forward_step_host(x, xz)?; // (b, 2 d_inner)
+                copy_columns(xz, 2 * di, 0, di, xs);
+                copy_columns(xz, 2 * di, di, di, z);
+                conv_step_silu_host(
+                    &mut state.conv,
+                    xs,
+                    (&p.conv_weight, p.conv_bias.as_deref()),
+                    (batch, self.conv_kernel),
+                    xc,
+                )?;
+                self.x_proj.forward_step_host(xc, dbc)?; // (b, dt_rank + 2N)
+                copy_columns(dbc, r + 2 * n, 0, r, dt);
+                copy_columns(dbc, r + 2 * n, r, n, b);
+                copy_columns(dbc, r + 2 * n, r + n, n, c);
+                self.dt_bc_norms.apply_host([dt, b, c], batch)?;
+                self.dt_proj.forward_step_host(dt, delta)?; // (b, d_inner), bias added below
+                let step_dims = StepDims::mamba1(batch, di, n);
+                let inputs = StepInputs {
+                    x: xc,
+                    dt: delta,
+                    a: &p.a,
+                    b,
+                    c,
+                    d: Some(&p.d),
+                    z: Some(z),
+                    dt_bias: Some(&p.dt_bias),
+                    dt_softplus: true,
+                    dt_limit: NO_DT_LIMIT,
+                };
+                step_dims.check(&state.ssm, &inputs)?;
+                selective_state_update_into(&step_dims, &mut state.ssm, &inputs, y);
+                self.out_proj.forward_step_host(y, out)
+            },
+        )
     }
 }
 

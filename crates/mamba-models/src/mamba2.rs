@@ -13,8 +13,8 @@
 use crate::config::Mamba2Config;
 use crate::error::Result;
 use crate::layers::{
-    columns, conv_step_silu_host, copy_columns, f32_vec, load_f32, split_scratch,
-    swap_time_channels, with_bounded_scratch, with_scratch, Linear, PIECE_SCRATCH,
+    columns, conv_step_silu_host, copy_columns, f32_vec, load_f32, swap_time_channels,
+    with_bounded_split_scratch, with_split_scratch, Linear, PIECE_SCRATCH,
 };
 use crate::model::{step_through_host, Mixer};
 use crate::state::{LayerState, StateSize};
@@ -237,8 +237,7 @@ impl Mixer for Mamba2Mixer {
         // z (b, L, d_inner), xBC (b, L, d_inner + 2GN), dt (b, L, H), then the conv's output
         // cut into xs (b, L, d_inner), B and C (b, L, GN): every value written before it is read.
         let lens = [di, conv_dim, nh, di, gn, gn].map(|l| l * rows);
-        with_bounded_scratch(&PIECE_SCRATCH, lens.iter().sum(), |buf| {
-            let [z, xbc, dt, xs, b, cm] = split_scratch(buf, lens);
+        with_bounded_split_scratch(&PIECE_SCRATCH, lens, |[z, xbc, dt, xs, b, cm]| {
             self.in_proj
                 .forward_rows_host_parts(x, &mut [&mut *z, &mut *xbc, &mut *dt])?;
             let conv = causal_conv1d_token_major(
@@ -311,43 +310,46 @@ impl Mixer for Mamba2Mixer {
             total: width,
         } = self.in_proj_widths();
         let lens = [width, di, conv_dim, nh, conv_dim, di, gn, gn, di].map(|l| l * batch);
-        with_scratch(&STEP_SCRATCH, lens.iter().sum(), |buf| {
-            let [zxbcdt, z, xbc, dt, xbc_conv, xs, b, cm, y] = split_scratch(buf, lens);
-            self.in_proj.forward_step_host(x, zxbcdt)?; // (b, 2 d_inner + 2GN + H)
-            copy_columns(zxbcdt, width, 0, di, z);
-            copy_columns(zxbcdt, width, di, conv_dim, xbc);
-            copy_columns(zxbcdt, width, di + conv_dim, nh, dt);
-            conv_step_silu_host(
-                &mut state.conv,
-                xbc,
-                (&pr.conv_weight, pr.conv_bias.as_deref()),
-                (batch, c.conv_kernel),
-                xbc_conv,
-            )?;
-            copy_columns(xbc_conv, conv_dim, 0, di, xs);
-            copy_columns(xbc_conv, conv_dim, di, gn, b);
-            copy_columns(xbc_conv, conv_dim, di + gn, gn, cm);
-            let step_dims = StepDims {
-                batch,
-                heads: nh,
-                head_dim: c.head_dim,
-                state: c.state_size,
-                groups: c.n_groups,
-                per_head: true,
-            };
-            let inputs = StepInputs::from(&self.ssd_inputs([xs, dt, b, cm], None));
-            step_dims.check(&state.ssm, &inputs)?;
-            selective_state_update_into(&step_dims, &mut state.ssm, &inputs, y);
-            let norm_dims = NormDims {
-                rows: batch,
-                hidden: di,
-                group_size: self.norm_group_size(),
-                eps: c.layer_norm_epsilon as f32,
-                norm_before_gate: c.norm_before_gate,
-            };
-            rmsnorm_gated_in_place(&norm_dims, y, &pr.norm_weight, Some(z))?;
-            self.out_proj.forward_step_host(y, out)
-        })
+        with_split_scratch(
+            &STEP_SCRATCH,
+            lens,
+            |[zxbcdt, z, xbc, dt, xbc_conv, xs, b, cm, y]| {
+                self.in_proj.forward_step_host(x, zxbcdt)?; // (b, 2 d_inner + 2GN + H)
+                copy_columns(zxbcdt, width, 0, di, z);
+                copy_columns(zxbcdt, width, di, conv_dim, xbc);
+                copy_columns(zxbcdt, width, di + conv_dim, nh, dt);
+                conv_step_silu_host(
+                    &mut state.conv,
+                    xbc,
+                    (&pr.conv_weight, pr.conv_bias.as_deref()),
+                    (batch, c.conv_kernel),
+                    xbc_conv,
+                )?;
+                copy_columns(xbc_conv, conv_dim, 0, di, xs);
+                copy_columns(xbc_conv, conv_dim, di, gn, b);
+                copy_columns(xbc_conv, conv_dim, di + gn, gn, cm);
+                let step_dims = StepDims {
+                    batch,
+                    heads: nh,
+                    head_dim: c.head_dim,
+                    state: c.state_size,
+                    groups: c.n_groups,
+                    per_head: true,
+                };
+                let inputs = StepInputs::from(&self.ssd_inputs([xs, dt, b, cm], None));
+                step_dims.check(&state.ssm, &inputs)?;
+                selective_state_update_into(&step_dims, &mut state.ssm, &inputs, y);
+                let norm_dims = NormDims {
+                    rows: batch,
+                    hidden: di,
+                    group_size: self.norm_group_size(),
+                    eps: c.layer_norm_epsilon as f32,
+                    norm_before_gate: c.norm_before_gate,
+                };
+                rmsnorm_gated_in_place(&norm_dims, y, &pr.norm_weight, Some(z))?;
+                self.out_proj.forward_step_host(y, out)
+            },
+        )
     }
 }
 

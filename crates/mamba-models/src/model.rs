@@ -15,7 +15,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{Family, ModelConfig};
 use crate::error::{Error, Result};
 use crate::layers::{
-    f32_vec, split_scratch, with_scratch, Embedding, Linear, RmsNorm, WeightFormat,
+    f32_vec, with_scratch, with_split_scratch, Embedding, Linear, RmsNorm, WeightFormat,
 };
 use crate::mamba1::{MambaMixer, MixerSpec};
 use crate::mamba2::Mamba2Mixer;
@@ -185,8 +185,7 @@ impl Block {
 
     /// [`Block::step`] on the host: `h: (batch, hidden)` advanced in place.
     fn step_host(&self, h: &mut [f32], batch: usize, state: &mut LayerState) -> Result<()> {
-        with_scratch(&BLOCK_SCRATCH, 2 * h.len(), |buf| {
-            let [normed, mixed] = split_scratch(buf, [h.len(), h.len()]);
+        with_split_scratch(&BLOCK_SCRATCH, [h.len(), h.len()], |[normed, mixed]| {
             self.norm.forward_host(h, normed)?;
             self.mixer.step_host(normed, batch, state, mixed)?;
             h.iter_mut().zip(mixed.iter()).for_each(|(v, m)| *v += m);
