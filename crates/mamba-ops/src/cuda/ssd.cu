@@ -586,17 +586,25 @@ __device__ __forceinline__ float pass_chunks(const SsdArgs& s, const float* __re
 }
 
 // S_in(c+1) = exp(cum_last(c)) S_in(c) + Z(c) over the chunks in order, one (p, n) entry per
-// thread; S_in(c) replaces Z(c) and the state after the last chunk goes to final_state.
-// Grid: (batch * heads, P * N / blockDim.x).
-extern "C" __global__ void ssd_state_passing(const in_t* __restrict__ x, SsdArgs s,
-                                             const float* __restrict__ cum, float* __restrict__ states,
-                                             float* __restrict__ final_state) {
+// thread, each S_in(c) going where `store` puts it and the state after the last chunk to
+// final_state. Grid: (batch * heads, P * N / blockDim.x).
+template <class Store>
+__device__ __forceinline__ void pass_states(const in_t* __restrict__ x, const SsdArgs& s,
+                                            const float* __restrict__ cum, const float* __restrict__ states,
+                                            float* __restrict__ final_state, Store store) {
     const long long bh = blockIdx.x;
     const long long entries = (long long)s.head_dim * s.state;
     const long long e = (long long)blockIdx.y * blockDim.x + threadIdx.x;
     if (e >= entries) return;
     const float initial = ld_or(x, s.initial_states, bh * entries + e, 0.0f);
-    final_state[bh * entries + e] = pass_chunks<false>(s, cum, states, InPlace{states}, bh, e, initial);
+    final_state[bh * entries + e] = pass_chunks<false>(s, cum, states, store, bh, e, initial);
+}
+
+// pass_states with S_in(c) in place of Z(c).
+extern "C" __global__ void ssd_state_passing(const in_t* __restrict__ x, SsdArgs s,
+                                             const float* __restrict__ cum, float* __restrict__ states,
+                                             float* __restrict__ final_state) {
+    pass_states(x, s, cum, states, final_state, InPlace{states});
 }
 
 // y for one (batch, chunk, head), one tile of TILE steps i0 .. of the chunk and one of TILE
@@ -753,17 +761,12 @@ struct SplitPlanes {
     }
 };
 
+// pass_states with S_in(c) as planes.
 extern "C" __global__ void ssd_state_passing_split(const in_t* __restrict__ x, SsdArgs s,
                                                    const float* __restrict__ cum, const float* __restrict__ states,
                                                    float* __restrict__ final_state,
                                                    unsigned short* __restrict__ planes) {
-    const long long bh = blockIdx.x;
-    const long long entries = (long long)s.head_dim * s.state;
-    const long long e = (long long)blockIdx.y * blockDim.x + threadIdx.x;
-    if (e >= entries) return;
-    const float initial = ld_or(x, s.initial_states, bh * entries + e, 0.0f);
-    final_state[bh * entries + e] =
-        pass_chunks<false>(s, cum, states, SplitPlanes{planes, entries}, bh, e, initial);
+    pass_states(x, s, cum, states, final_state, SplitPlanes{planes, (long long)s.head_dim * s.state});
 }
 
 // The chunk products with bf16 inputs, staged asynchronously (with ssd_chunk_scan_tc; the same
@@ -860,23 +863,37 @@ __device__ __forceinline__ void tile_pairs(const float (&acc)[4][4], Out out) {
         for (int half = 0; half < 2; ++half) out(r0 + 8 * half, c0 + 8 * n, acc[n][2 * half], acc[n][2 * half + 1]);
 }
 
-// Slices 0 .. slices - 1 of a product through the stages at `base`: stage(q, at) issues slice
-// q's copies, multiply(at) multiplies the slice in the stage at `at`. Every thread calls it.
+// A ring of STAGES shared-memory stages of STAGE_BYTES from `base`, slice q of a product in
+// stage q % STAGES: start_stages issues the copies of the first STAGES - 1 slices (of
+// `slices`), run_stages then takes the slices in order, each after a barrier once its copies
+// have landed, issuing slice q + STAGES - 1's copies before multiplying slice q. stage(q, at)
+// issues slice q's copies into the stage at shared address `at`, multiply(q, at) multiplies
+// it. Every thread calls them.
+template <int STAGES, int STAGE_BYTES, class Stage>
+__device__ __forceinline__ void start_stages(int slices, unsigned int base, Stage stage) {
+#pragma unroll
+    for (int q = 0; q < STAGES - 1; ++q) {
+        if (q < slices) stage(q, base + q * STAGE_BYTES);
+        copies_commit();
+    }
+}
+template <int STAGES, int STAGE_BYTES, class Stage, class Multiply>
+__device__ __forceinline__ void run_stages(int slices, unsigned int base, Stage stage, Multiply multiply) {
+    for (int q = 0; q < slices; ++q) {
+        copies_wait<STAGES - 2>();
+        __syncthreads();
+        const int ahead = q + STAGES - 1;
+        if (ahead < slices) stage(ahead, base + ahead % STAGES * STAGE_BYTES);
+        copies_commit();
+        multiply(q, base + q % STAGES * STAGE_BYTES);
+    }
+}
+
+// Slices 0 .. slices - 1 of a product through PRODUCT_STAGES stages (start_stages, run_stages).
 template <class Stage, class Multiply>
 __device__ __forceinline__ void staged_product(int slices, unsigned int base, Stage stage, Multiply multiply) {
-#pragma unroll
-    for (int q = 0; q < PRODUCT_STAGES - 1; ++q) {
-        if (q < slices) stage(q, base + q * PRODUCT_STAGE_BYTES);
-        copies_commit();
-    }
-    for (int q = 0; q < slices; ++q) {
-        copies_wait<PRODUCT_STAGES - 2>();
-        __syncthreads();
-        const int ahead = q + PRODUCT_STAGES - 1;
-        if (ahead < slices) stage(ahead, base + ahead % PRODUCT_STAGES * PRODUCT_STAGE_BYTES);
-        copies_commit();
-        multiply(q, base + q % PRODUCT_STAGES * PRODUCT_STAGE_BYTES);
-    }
+    start_stages<PRODUCT_STAGES, PRODUCT_STAGE_BYTES>(slices, base, stage);
+    run_stages<PRODUCT_STAGES, PRODUCT_STAGE_BYTES>(slices, base, stage, multiply);
 }
 
 // ssd_chunk_products' blocks and outputs (the CB tiles, then the chunk-state tiles with dt' and
@@ -1054,25 +1071,16 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 3)
     const unsigned int base = shared_address(tc_stages);
     const int off_slices = s.state / TC_SLICE, diagonal_slices = (w.i0 + TILE) / TC_SLICE;
     const int slices = max(off_slices, diagonal_slices);
-#pragma unroll
-    for (int q = 0; q < TC_STAGES - 1; ++q) {
-        if (q < slices) stage_slice(x, s, w, cb, planes, q, base + q * TC_STAGE_BYTES);
-        copies_commit();
-    }
+    const auto stage = [&](int q, unsigned int at) { stage_slice(x, s, w, cb, planes, q, at); };
+    start_stages<TC_STAGES, TC_STAGE_BYTES>(slices, base, stage);
     stage_steps(s, w.k, dtp, cum, dt_c, cum_c, w.i0 + TILE);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
     const bool diagonal = warp >= 4;
     const int r0 = 16 * (warp % 4) + g;  // the lane's rows of the tile: r0, r0 + 8
     float acc[8][4] = {};
-    for (int q = 0; q < slices; ++q) {
-        copies_wait<TC_STAGES - 2>();
-        __syncthreads();
-        const int ahead = q + TC_STAGES - 1;
-        if (ahead < slices) stage_slice(x, s, w, cb, planes, ahead, base + ahead % TC_STAGES * TC_STAGE_BYTES);
-        copies_commit();
-        const int stage_at = q % TC_STAGES * TC_STAGE_BYTES;
+    run_stages<TC_STAGES, TC_STAGE_BYTES>(slices, base, stage, [&](int q, unsigned int at) {
         if (!diagonal && q < off_slices) {
-            off_diagonal_slice(base + stage_at, acc);
+            off_diagonal_slice(at, acc);
             if (q == off_slices - 1) {
                 const float scale[2] = {__expf(cum_c[w.i0 + r0]), __expf(cum_c[w.i0 + r0 + 8])};
 #pragma unroll
@@ -1082,9 +1090,9 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 3)
             }
         } else if (diagonal && q < diagonal_slices) {
             const float cum_rows[2] = {cum_c[w.i0 + r0], cum_c[w.i0 + r0 + 8]};
-            diagonal_slice(tc_stages, stage_at + TC_HALF, w.i0, q * TC_SLICE, cum_c, dt_c, cum_rows, acc);
+            diagonal_slice(tc_stages, at - base + TC_HALF, w.i0, q * TC_SLICE, cum_c, dt_c, cum_rows, acc);
         }
-    }
+    });
     // The diagonal group's sums to the off-diagonal group, through the stages (free once every
     // warp is past its last slice).
     copies_wait<0>();
