@@ -1,6 +1,7 @@
 //! The fused decoding step on an NVIDIA GPU: a whole Mamba-1, FalconMamba or Mamba-2 model's
-//! one-token step as three or four kernels per layer (`mamba_ops::cuda::decode`), recorded once
-//! as a CUDA graph and replayed every token.
+//! one-token step as three or four kernels per layer (`mamba_ops::cuda::decode`), or two for a
+//! small model at batch 1 (`in_proj` with its conv, then one tail kernel for the rest),
+//! recorded once as a CUDA graph and replayed every token.
 //!
 //! Why: through candle's ops a step launches about twenty kernels per layer, allocates each
 //! intermediate and widens bf16 weights on every call; measured on an H200, that work, not
@@ -27,7 +28,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Storage, Tensor, TensorId};
 use mamba_ops::cuda::decode::{
     BlasProduct, BlasProducts, ConvStep, DecodeKernels, DecodeSpec, DevicePtr as Addr,
-    GatedNormStep, Gemv, GemvConv, Mamba1Step, Mamba2Step,
+    GatedNormStep, Gemv, GemvConv, Mamba1Step, Mamba1Tail, Mamba2Step, Mamba2Tail, TailProduct,
 };
 use std::sync::Arc;
 
@@ -119,6 +120,15 @@ enum Launch {
         call: Mamba2Step,
     },
     GatedNorm(GatedNormStep),
+    /// A mixer after its conv in one launch (batch 1).
+    Mamba1Tail {
+        layer: usize,
+        call: Mamba1Tail,
+    },
+    Mamba2Tail {
+        layer: usize,
+        call: Mamba2Tail,
+    },
 }
 
 /// The input of a cuBLAS product: `x` (rows `stride` apart) or its RMSNorm
@@ -158,6 +168,10 @@ pub(crate) struct FusedDecoder {
     state_table: CudaSlice<u64>,
     table_addr: Addr,
     state_tensors: Vec<TensorId>,
+    /// One grid-barrier counter (u32) per layer for the tail kernels, zeroed at the start of
+    /// every step.
+    _barriers: CudaSlice<u32>,
+    barriers_addr: Addr,
     logits: CudaSlice<f32>,
     graph: Option<Graph>,
     /// `(conv, ssm)` shapes of each layer's state for one sequence.
@@ -215,6 +229,8 @@ struct Builder<'k> {
     prepared: Addr,
     /// The device table of `(conv, ssm)` state addresses per layer.
     states: Addr,
+    /// The tail kernels' barrier counters, one u32 per layer.
+    barriers: Addr,
 }
 
 impl Builder<'_> {
@@ -292,6 +308,24 @@ impl Builder<'_> {
             accumulate,
             conv: None,
         }))
+    }
+
+    /// `out_proj` (`rows x cols`) at the end of a tail kernel, adding into the residual
+    /// stream, with the layer's barrier counter.
+    fn tail_product(
+        &mut self,
+        linear: &Linear,
+        (rows, cols): (usize, usize),
+        ctx: &LayerCtx,
+    ) -> Result<TailProduct> {
+        Ok(TailProduct {
+            weight: self.weight(linear)?,
+            rows,
+            cols,
+            bias: self.optional_param(linear.bias())?,
+            h: ctx.hidden.0,
+            barrier: self.barriers + 4 * ctx.layer as u64,
+        })
     }
 }
 
@@ -382,6 +416,10 @@ impl FusedDecoder {
             .alloc_zeros::<u64>(2 * weights.blocks.len())
             .map_err(cuda_err)?;
         let table_addr = state_table.device_ptr(&stream).0;
+        let barriers = stream
+            .alloc_zeros::<u32>(weights.blocks.len().max(1))
+            .map_err(cuda_err)?;
+        let barriers_addr = barriers.device_ptr(&stream).0;
         let mut builder = Builder {
             kernels: &kernels,
             stream: stream.clone(),
@@ -389,6 +427,7 @@ impl FusedDecoder {
             batch,
             prepared,
             states: table_addr,
+            barriers: barriers_addr,
         };
         let mut launches = Vec::new();
         let mut state_shapes = Vec::new();
@@ -433,6 +472,8 @@ impl FusedDecoder {
             state_table,
             table_addr,
             state_tensors: Vec::new(),
+            _barriers: barriers,
+            barriers_addr,
             logits,
             graph: None,
             state_shapes,
@@ -534,6 +575,7 @@ impl FusedDecoder {
         // holds the addresses of the current state's tensors, checked against the model's
         // shapes in `state_addresses`.
         unsafe {
+            k.clear_barriers(s, self.barriers_addr, self.state_shapes.len())?;
             let (table_addr, bf16) = self.embedding;
             k.embed(
                 s,
@@ -558,6 +600,8 @@ impl FusedDecoder {
                     Launch::Mamba1 { layer, call } => k.mamba1_step(s, table, *layer, call)?,
                     Launch::Mamba2 { layer, call } => k.mamba2_step(s, table, *layer, call)?,
                     Launch::GatedNorm(n) => k.gated_norm(s, n)?,
+                    Launch::Mamba1Tail { layer, call } => k.mamba1_tail(s, table, *layer, call)?,
+                    Launch::Mamba2Tail { layer, call } => k.mamba2_tail(s, table, *layer, call)?,
                 }
             }
         }
@@ -763,6 +807,31 @@ fn layer_launches(b: &mut Builder, block: &BlockWeights, ctx: &LayerCtx) -> Resu
                 (0, d_inner),
                 (conv_weight, conv_bias),
             )?;
+            let step = Mamba1Step {
+                xc: s.conv,
+                dbc: s.dbc,
+                dbc_stride: dbc_width,
+                xz: s.proj,
+                dt_weight,
+                dt_bias: b.param(dt_bias)?,
+                a: b.param(a)?,
+                d: b.param(d)?,
+                d_inner,
+                dt_rank,
+                bc_eps,
+                y: s.y,
+            };
+            if x_proj.bias().is_none() && b.kernels.mamba1_tail_fits((h, d_inner), dt_rank) {
+                launches.push(Launch::Mamba1Tail {
+                    layer,
+                    call: Mamba1Tail {
+                        x_proj: b.weight(x_proj)?,
+                        step,
+                        out_proj: b.tail_product(out_proj, (h, d_inner), ctx)?,
+                    },
+                });
+                return Ok(launches);
+            }
             launches.extend([
                 b.gemv(
                     x_proj,
@@ -771,23 +840,7 @@ fn layer_launches(b: &mut Builder, block: &BlockWeights, ctx: &LayerCtx) -> Resu
                     (s.dbc, dbc_width),
                     false,
                 )?,
-                Launch::Mamba1 {
-                    layer,
-                    call: Mamba1Step {
-                        xc: s.conv,
-                        dbc: s.dbc,
-                        dbc_stride: dbc_width,
-                        xz: s.proj,
-                        dt_weight,
-                        dt_bias: b.param(dt_bias)?,
-                        a: b.param(a)?,
-                        d: b.param(d)?,
-                        d_inner,
-                        dt_rank,
-                        bc_eps,
-                        y: s.y,
-                    },
-                },
+                Launch::Mamba1 { layer, call: step },
                 b.gemv(
                     out_proj,
                     (h, d_inner),
@@ -827,24 +880,33 @@ fn layer_launches(b: &mut Builder, block: &BlockWeights, ctx: &LayerCtx) -> Resu
                 (d_inner, conv_dim),
                 (conv_weight, conv_bias),
             )?;
-            launches.extend([Launch::Mamba2 {
-                layer,
-                call: Mamba2Step {
-                    xbc: s.conv,
-                    zxbcdt: s.proj,
-                    in_stride: width,
-                    dt_offset: d_inner + conv_dim,
-                    dt_bias: b.param(dt_bias)?,
-                    a: b.param(a)?,
-                    d: b.param(d)?,
-                    heads,
-                    head_dim,
-                    groups,
-                    dt_limit,
-                    gate: gate_in_step,
-                    y: s.y,
-                },
-            }]);
+            let step = Mamba2Step {
+                xbc: s.conv,
+                zxbcdt: s.proj,
+                in_stride: width,
+                dt_offset: d_inner + conv_dim,
+                dt_bias: b.param(dt_bias)?,
+                a: b.param(a)?,
+                d: b.param(d)?,
+                heads,
+                head_dim,
+                groups,
+                dt_limit,
+                gate: gate_in_step,
+                y: s.y,
+            };
+            if gate_in_step && b.kernels.mamba2_tail_fits((h, d_inner), groups) {
+                launches.push(Launch::Mamba2Tail {
+                    layer,
+                    call: Mamba2Tail {
+                        step,
+                        norm: Some((b.param(norm_weight)?, norm_eps)),
+                        out_proj: b.tail_product(out_proj, (h, d_inner), ctx)?,
+                    },
+                });
+                return Ok(launches);
+            }
+            launches.push(Launch::Mamba2 { layer, call: step });
             let out_input = if gate_in_step {
                 GemvInput {
                     x: s.y,

@@ -1,6 +1,7 @@
 //! The kernels of the fused decoding step (`decode_step.cu`): a matrix-vector product with an
 //! optional RMSNorm folded into its input, embedding rows, the one-token causal conv, the
-//! Mamba-1 and Mamba-2 SSM steps and Mamba-2's gated norm. They take raw
+//! Mamba-1 and Mamba-2 SSM steps, Mamba-2's gated norm, and the tail kernels that run a small
+//! model's mixer after `in_proj` as one launch at batch 1. They take raw
 //! device addresses and are launched on a stream of the caller's choosing, so that a decode
 //! engine can record a whole model's step once as a CUDA graph and replay it every token.
 //!
@@ -10,7 +11,8 @@
 
 use super::launch::MAX_GRID_Y;
 use super::{
-    config, cuda_err, kernel, kernel_with_shared, launch, multiprocessors, Source, Variant,
+    config, cuda_err, kernel, kernel_with_shared, launch, max_shared_opt_in, multiprocessors,
+    Source, Variant,
 };
 use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use candle_core::cuda_backend::cudarc::driver::{
@@ -67,6 +69,19 @@ const TILED_BLOCKS_PER_SM: usize = 4;
 const TILED_SHARED_MAX: usize = 96 << 10;
 /// Most bytes of dynamic shared memory a kernel takes without opting in.
 const MAX_SHARED_WITHOUT_OPT_IN: usize = 48 << 10;
+/// Threads per block of the tail kernels (`TAIL_THREADS`) and the column parts of an
+/// `out_proj` row (`TAIL_PARTS`).
+const TAIL_THREADS: usize = 512;
+const TAIL_PARTS: usize = 4;
+/// Bytes of the device's opt-in shared memory left to the tail kernels' static arrays.
+const TAIL_STATIC_SHARED: usize = 1 << 10;
+/// Largest `out_proj` (bytes of weights) whose mixer takes the tail kernel. Measured on the
+/// H200 at batch 1, ms per step without / with it: bf16 mamba-130m (2.4 MB) 0.35–0.36 / 0.34,
+/// mamba2-130m 0.40 / 0.33–0.34; f32 (4.7 MB) mamba-130m 0.38 / 0.41, mamba2-130m 0.41–0.42 /
+/// 0.39–0.40; bf16 mamba-1.4b (16.8 MB) 1.23 / 1.21, mamba-2.8b (26 MB) 2.16–2.19 /
+/// 2.46–2.51, mamba2-2.7b 2.27 / 2.39. Past a few MB the copy of the rows and the kernel's
+/// serial phases take longer than the launches they replace (BENCHMARKS.md).
+const TAIL_MAX_WEIGHT_BYTES: usize = 4 << 20;
 
 /// What the kernels are specialised for: weight type, batch and the model's sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +181,40 @@ impl DecodeSpec {
         }
     }
 
+    /// How a tail kernel (`decode_step.cu`'s `mamba1_tail` / `mamba2_tail`) is launched for an
+    /// `out_proj` of `rows x cols` and `inputs` floats staged for the SSM step: one block per
+    /// multiprocessor at most, each owning as few rows as that allows, with its rows, y' and
+    /// the partial sums in at most `max_shared` bytes of shared memory. `None` where the tail
+    /// kernels do not apply: batches past one, an `out_proj` past `TAIL_MAX_WEIGHT_BYTES`, or
+    /// rows that do not fit.
+    fn tail_plan(
+        &self,
+        multiprocessors: usize,
+        max_shared: usize,
+        (rows, cols): (usize, usize),
+        inputs: usize,
+    ) -> Option<TailPlan> {
+        let weight_bytes = if self.bf16_weights { 2 } else { 4 };
+        if self.batch != 1
+            || rows == 0
+            || cols == 0
+            || !cols.is_multiple_of(self.chunk())
+            || rows * cols * weight_bytes > TAIL_MAX_WEIGHT_BYTES
+        {
+            return None;
+        }
+        let rows_per_block = rows.div_ceil(multiprocessors.max(1));
+        let shared = rows_per_block * cols * weight_bytes
+            + cols * 4
+            + inputs.div_ceil(4) * 16
+            + rows_per_block * TAIL_PARTS * 4;
+        (shared <= max_shared).then(|| TailPlan {
+            grid: rows.div_ceil(rows_per_block),
+            rows_per_block,
+            shared,
+        })
+    }
+
     /// Weight elements per 16-byte chunk of a row.
     fn chunk(&self) -> usize {
         if self.bf16_weights {
@@ -202,6 +251,14 @@ impl GemvKernel {
     fn staged(self) -> bool {
         matches!(self, GemvKernel::R2Staged | GemvKernel::R4Staged)
     }
+}
+
+/// How a tail kernel is launched: blocks, `out_proj` rows per block, dynamic shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TailPlan {
+    grid: usize,
+    rows_per_block: usize,
+    shared: usize,
 }
 
 /// How one product is launched: kernel, warps per row group, blocks, dynamic shared memory.
@@ -336,6 +393,16 @@ struct Mamba2Args {
     dt_hi: f32,
 }
 
+/// `TailArgs` of `decode_step.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TailArgs {
+    rows: i32,
+    cols: i32,
+    rows_per_block: i32,
+    norm_eps: f32,
+}
+
 /// `PrepArgs` of `decode_step.cu`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -364,6 +431,7 @@ unsafe impl DeviceRepr for Mamba1Args {}
 unsafe impl DeviceRepr for Mamba2Args {}
 unsafe impl DeviceRepr for GatedNormArgs {}
 unsafe impl DeviceRepr for PrepArgs {}
+unsafe impl DeviceRepr for TailArgs {}
 
 /// `y (+)= W x'` for every sequence: `W: (rows, cols)` in the weight type, `x: (batch, cols)`
 /// with `x_stride` elements between sequences, `y: (batch, rows)` likewise.
@@ -476,6 +544,41 @@ pub struct GatedNormStep {
     pub norm_before_gate: bool,
 }
 
+/// `out_proj` at the end of a tail kernel: `h += W y' (+ bias)` for `W: (rows, cols)` in the
+/// weight type, with `barrier` the layer's counter of the kernel's grid barriers (one u32,
+/// zeroed before the step by [`DecodeKernels::clear_barriers`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TailProduct {
+    pub weight: DevicePtr,
+    pub rows: usize,
+    pub cols: usize,
+    /// f32 `(rows)`.
+    pub bias: Option<DevicePtr>,
+    /// The residual stream `(rows)`.
+    pub h: DevicePtr,
+    pub barrier: DevicePtr,
+}
+
+/// Mamba-1's mixer after `in_proj` and its conv, at batch 1, in one launch: `x_proj` (its
+/// weight `(dt_rank + 2 N, d_inner)` in the weight type, output in `step.dbc`), the SSM step
+/// and `out_proj` with the residual add.
+#[derive(Debug, Clone, Copy)]
+pub struct Mamba1Tail {
+    pub x_proj: DevicePtr,
+    pub step: Mamba1Step,
+    pub out_proj: TailProduct,
+}
+
+/// Mamba-2's mixer after `in_proj` and its conv, at batch 1, in one launch: the SSM step
+/// (its gate set when `norm` is) and `out_proj` of `y`, or of `rmsnorm(y) * weight` with
+/// `norm = (weight, eps)`, with the residual add.
+#[derive(Debug, Clone, Copy)]
+pub struct Mamba2Tail {
+    pub step: Mamba2Step,
+    pub norm: Option<(DevicePtr, f32)>,
+    pub out_proj: TailProduct,
+}
+
 /// The decode kernels loaded for one [`DecodeSpec`] on one device.
 pub struct DecodeKernels {
     spec: DecodeSpec,
@@ -490,6 +593,9 @@ pub struct DecodeKernels {
     mamba2_step: CudaFunction,
     gated_norm: CudaFunction,
     prepare_rows: CudaFunction,
+    /// `mamba1_tail`, `mamba2_tail`, and the dynamic shared memory they are allowed.
+    tails: [CudaFunction; 2],
+    tail_shared_max: usize,
 }
 
 /// `v` as a kernel's `int`.
@@ -520,6 +626,9 @@ impl DecodeKernels {
         let load = |name| kernel(dev, &DECODE_STEP, &variant, name);
         let load_tiled =
             |name| kernel_with_shared(dev, &DECODE_STEP, &variant, name, TILED_SHARED_MAX);
+        let tail_shared_max = max_shared_opt_in(dev)?.saturating_sub(TAIL_STATIC_SHARED);
+        let load_tail =
+            |name| kernel_with_shared(dev, &DECODE_STEP, &variant, name, tail_shared_max);
         Ok(DecodeKernels {
             spec,
             multiprocessors: multiprocessors(dev)?,
@@ -540,6 +649,8 @@ impl DecodeKernels {
             mamba2_step: load("mamba2_ssm_step")?,
             gated_norm: load("gated_norm_step")?,
             prepare_rows: load("prepare_rows")?,
+            tails: [load_tail("mamba1_tail")?, load_tail("mamba2_tail")?],
+            tail_shared_max,
         })
     }
 
@@ -752,14 +863,7 @@ impl DecodeKernels {
         layer: usize,
         m: &Mamba1Step,
     ) -> Result<()> {
-        let args = Mamba1Args {
-            batch: int(self.spec.batch)?,
-            d_inner: int(m.d_inner)?,
-            dt_rank: int(m.dt_rank)?,
-            xz_stride: long(2 * m.d_inner)?,
-            dbc_stride: long(m.dbc_stride)?,
-            bc_eps: m.bc_eps.unwrap_or(-1.0),
-        };
+        let args = self.mamba1_args(m)?;
         let layer = int(layer)?;
         let launch = if self.spec.batch > TILED_AFTER_BATCH {
             self.mamba1_tiled_launch(m)?
@@ -829,18 +933,7 @@ impl DecodeKernels {
         m: &Mamba2Step,
     ) -> Result<()> {
         let d_inner = m.heads * m.head_dim;
-        let args = Mamba2Args {
-            batch: int(self.spec.batch)?,
-            heads: int(m.heads)?,
-            head_dim: int(m.head_dim)?,
-            groups: int(m.groups)?,
-            gate: m.gate.into(),
-            xbc_stride: long(d_inner + 2 * m.groups * self.spec.state_size)?,
-            in_stride: long(m.in_stride)?,
-            dt_offset: long(m.dt_offset)?,
-            dt_lo: m.dt_limit.0,
-            dt_hi: m.dt_limit.1,
-        };
+        let args = self.mamba2_args(m)?;
         let layer = int(layer)?;
         let Some(cfg) = self.state_rows_config(d_inner, 2 * m.groups * self.spec.state_size)?
         else {
@@ -859,6 +952,184 @@ impl DecodeKernels {
         ];
         // SAFETY: the parameters are `mamba2_ssm_step`'s, in order, alive for the call.
         unsafe { self.launch_small(stream, &self.mamba2_step, cfg, &mut params) }
+    }
+
+    fn mamba1_args(&self, m: &Mamba1Step) -> Result<Mamba1Args> {
+        Ok(Mamba1Args {
+            batch: int(self.spec.batch)?,
+            d_inner: int(m.d_inner)?,
+            dt_rank: int(m.dt_rank)?,
+            xz_stride: long(2 * m.d_inner)?,
+            dbc_stride: long(m.dbc_stride)?,
+            bc_eps: m.bc_eps.unwrap_or(-1.0),
+        })
+    }
+
+    fn mamba2_args(&self, m: &Mamba2Step) -> Result<Mamba2Args> {
+        Ok(Mamba2Args {
+            batch: int(self.spec.batch)?,
+            heads: int(m.heads)?,
+            head_dim: int(m.head_dim)?,
+            groups: int(m.groups)?,
+            gate: m.gate.into(),
+            xbc_stride: long(m.heads * m.head_dim + 2 * m.groups * self.spec.state_size)?,
+            in_stride: long(m.in_stride)?,
+            dt_offset: long(m.dt_offset)?,
+            dt_lo: m.dt_limit.0,
+            dt_hi: m.dt_limit.1,
+        })
+    }
+
+    /// The floats the tail kernels stage for the SSM step: Mamba-1's `[dt_low | B | C]`
+    /// (`dt_rank` given) or Mamba-2's `[B | C]` (`groups` given).
+    fn tail_inputs(&self, dt_rank: Option<usize>, groups: usize) -> usize {
+        dt_rank.map_or(2 * groups * self.spec.state_size, |r| {
+            r + 2 * self.spec.state_size
+        })
+    }
+
+    /// Whether a Mamba-1 mixer with this `out_proj` (`rows x cols`) and `dt_rank` runs as
+    /// one tail kernel ([`DecodeKernels::mamba1_tail`]): batch 1, and the rows fit.
+    pub fn mamba1_tail_fits(&self, out_proj: (usize, usize), dt_rank: usize) -> bool {
+        self.tail_fits(out_proj, self.tail_inputs(Some(dt_rank), 0))
+    }
+
+    /// [`DecodeKernels::mamba1_tail_fits`] for Mamba-2 with `groups` groups of B and C.
+    pub fn mamba2_tail_fits(&self, out_proj: (usize, usize), groups: usize) -> bool {
+        self.tail_fits(out_proj, self.tail_inputs(None, groups))
+    }
+
+    fn tail_fits(&self, out_proj: (usize, usize), inputs: usize) -> bool {
+        self.spec
+            .tail_plan(self.multiprocessors, self.tail_shared_max, out_proj, inputs)
+            .is_some()
+    }
+
+    /// The launch of a tail kernel and its `TailArgs`.
+    fn tail_launch(
+        &self,
+        p: &TailProduct,
+        inputs: usize,
+        norm_eps: f32,
+    ) -> Result<(LaunchConfig, TailArgs)> {
+        let plan = self
+            .spec
+            .tail_plan(
+                self.multiprocessors,
+                self.tail_shared_max,
+                (p.rows, p.cols),
+                inputs,
+            )
+            .ok_or_else(|| {
+                cuda_err(format!(
+                    "no tail kernel for an out_proj of {} x {} at batch {}",
+                    p.rows, p.cols, self.spec.batch
+                ))
+            })?;
+        let args = TailArgs {
+            rows: int(p.rows)?,
+            cols: int(p.cols)?,
+            rows_per_block: int(plan.rows_per_block)?,
+            norm_eps,
+        };
+        let cfg = config((plan.grid, 1, 1), TAIL_THREADS, plan.shared)?
+            .ok_or_else(|| cuda_err("an empty tail kernel".into()))?;
+        Ok((cfg, args))
+    }
+
+    /// Zeroes `count` barrier counters (u32) at `barriers`, on the stream.
+    ///
+    /// # Safety
+    /// `barriers` points to a live device buffer of `count` u32.
+    pub unsafe fn clear_barriers(
+        &self,
+        stream: &Arc<CudaStream>,
+        barriers: DevicePtr,
+        count: usize,
+    ) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        // SAFETY: the caller vouches for the buffer.
+        unsafe { sys::cuMemsetD32Async(barriers, 0, count, stream.cu_stream()) }
+            .result()
+            .map_err(|e| cuda_err(format!("clearing the tail barriers: {e:?}")))
+    }
+
+    /// # Safety
+    /// As for [`DecodeKernels::mamba1_step`], with `t.x_proj` and `t.out_proj`'s weight
+    /// 16-byte aligned; the spec's batch is 1 and [`DecodeKernels::mamba1_tail_fits`] holds.
+    pub unsafe fn mamba1_tail(
+        &self,
+        stream: &Arc<CudaStream>,
+        states: DevicePtr,
+        layer: usize,
+        t: &Mamba1Tail,
+    ) -> Result<()> {
+        let m = &t.step;
+        let args = self.mamba1_args(m)?;
+        let inputs = self.tail_inputs(Some(m.dt_rank), 0);
+        let (cfg, tail) = self.tail_launch(&t.out_proj, inputs, -1.0)?;
+        let layer = int(layer)?;
+        let bias = or_null(t.out_proj.bias);
+        let mut params = [
+            param(&t.x_proj),
+            param(&t.out_proj.weight),
+            param(&bias),
+            param(&m.xc),
+            param(&m.xz),
+            param(&m.dt_weight),
+            param(&m.dt_bias),
+            param(&m.a),
+            param(&m.d),
+            param(&states),
+            param(&layer),
+            param(&args),
+            param(&tail),
+            param(&t.out_proj.barrier),
+            param(&m.dbc),
+            param(&m.y),
+            param(&t.out_proj.h),
+        ];
+        // SAFETY: the parameters are `mamba1_tail`'s, in order, alive for the call.
+        unsafe { launch_dependent(stream, &self.tails[0], cfg, &mut params, true) }
+    }
+
+    /// # Safety
+    /// As for [`DecodeKernels::mamba2_step`], with `t.out_proj`'s weight 16-byte aligned; the
+    /// spec's batch is 1 and [`DecodeKernels::mamba2_tail_fits`] holds.
+    pub unsafe fn mamba2_tail(
+        &self,
+        stream: &Arc<CudaStream>,
+        states: DevicePtr,
+        layer: usize,
+        t: &Mamba2Tail,
+    ) -> Result<()> {
+        let m = &t.step;
+        let args = self.mamba2_args(m)?;
+        let inputs = self.tail_inputs(None, m.groups);
+        let (cfg, tail) =
+            self.tail_launch(&t.out_proj, inputs, t.norm.map_or(-1.0, |(_, eps)| eps))?;
+        let layer = int(layer)?;
+        let bias = or_null(t.out_proj.bias);
+        let norm_w = or_null(t.norm.map(|(w, _)| w));
+        let mut params = [
+            param(&t.out_proj.weight),
+            param(&bias),
+            param(&norm_w),
+            param(&m.xbc),
+            param(&m.zxbcdt),
+            param(&m.dt_bias),
+            param(&m.a),
+            param(&m.d),
+            param(&states),
+            param(&layer),
+            param(&args),
+            param(&tail),
+            param(&t.out_proj.barrier),
+            param(&m.y),
+            param(&t.out_proj.h),
+        ];
+        // SAFETY: the parameters are `mamba2_tail`'s, in order, alive for the call.
+        unsafe { launch_dependent(stream, &self.tails[1], cfg, &mut params, true) }
     }
 
     /// The input of a cuBLAS product: `out (batch, cols)`, contiguous, = `x` (rows
@@ -1000,6 +1271,54 @@ impl BlasProducts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tail plans exist only at batch 1 and for small `out_proj`s, whose rows fit the
+    /// blocks' shared memory; their grid is at most one block per multiprocessor (so every block is
+    /// resident while the others wait at a barrier), and every block owns at least one row.
+    #[test]
+    fn tail_plans_keep_every_block_resident_and_busy() {
+        let (sms, max_shared) = (132, (227 << 10) - TAIL_STATIC_SHARED);
+        for bf16_weights in [true, false] {
+            for batch in [1, 2] {
+                let spec = DecodeSpec {
+                    bf16_weights,
+                    batch,
+                    state_size: 16,
+                    conv_kernel: 4,
+                };
+                for (rows, cols) in [(1, 8), (64, 128), (768, 1536), (2048, 4096), (2560, 5120)] {
+                    let plan = spec.tail_plan(sms, max_shared, (rows, cols), 192);
+                    let what = format!("{spec:?}, {rows} x {cols}: {plan:?}");
+                    let weight = if bf16_weights { 2 } else { 4 };
+                    let Some(plan) = plan else {
+                        assert!(
+                            batch > 1 || rows * cols * weight > TAIL_MAX_WEIGHT_BYTES,
+                            "{what}"
+                        );
+                        continue;
+                    };
+                    assert!(rows * cols * weight <= TAIL_MAX_WEIGHT_BYTES, "{what}");
+                    assert_eq!(batch, 1, "{what}");
+                    assert!((1..=sms).contains(&plan.grid), "{what}");
+                    assert!((plan.grid - 1) * plan.rows_per_block < rows, "{what}");
+                    assert!(plan.grid * plan.rows_per_block >= rows, "{what}");
+                    assert!(plan.shared <= max_shared, "{what}");
+                }
+            }
+        }
+        let spec = |bf16_weights| DecodeSpec {
+            bf16_weights,
+            batch: 1,
+            state_size: 16,
+            conv_kernel: 4,
+        };
+        // The 130m models take it in bf16, not in f32; the 1.4b to 2.8b ones do not.
+        for bf16_weights in [true, false] {
+            let plan = |rows, cols| spec(bf16_weights).tail_plan(sms, max_shared, (rows, cols), 80);
+            assert_eq!(plan(768, 1536).is_some(), bf16_weights);
+            assert!(plan(2048, 4096).is_none() && plan(2560, 5120).is_none());
+        }
+    }
 
     /// The launch plans of the products of the 130m to 2.8b models (and odd sizes) keep
     /// what the kernels need: a power-of-two split of at most eight warps, a grid of 1 to

@@ -16,7 +16,9 @@
 //         * silu(z)
 //   h  += out_proj(y)
 // (Mamba-2 with several norm groups, or the gate after the norm, runs gated_norm_step between
-// the SSM step and out_proj.) At the end logits = lm_head(rmsnorm(h) * w_f).
+// the SSM step and out_proj.) At batch 1 a small model's mixer runs everything after in_proj
+// as one launch (mamba1_tail / mamba2_tail, at the end of this file). At the end
+// logits = lm_head(rmsnorm(h) * w_f).
 
 // ---------------------------------------------------------------------------------------
 // Matrix-vector products: y[b, r] (+)= sum_c W[r, c] * x'[b, c] (+ bias[r]), where x' is x,
@@ -1049,4 +1051,385 @@ extern "C" __global__ void __launch_bounds__(ROW_BLOCK)
         const float v = a.norm_before_gate ? yi : yi * gate;
         yb[i] = a.norm_before_gate ? v * inv * w[i] * gate : v * inv * w[i];
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// A mixer's tail in one launch at batch 1 (the tail kernels): everything after in_proj and
+// its conv, with out_proj's weights copied into shared memory while the rest runs.
+//   Mamba-1: dbc = x_proj(xc) | barrier | y = ssm_step(xc, dbc, z) | barrier | h += out_proj(y)
+//   Mamba-2: y = ssm_step(xbc, dt) * silu(z) | barrier | h += out_proj(rmsnorm(y) * w)
+// Block i owns out_proj's rows [i * rows_per_block, ...). At its start, before it waits for
+// in_proj, it loads what no kernel of this step writes for its first rows (x_proj's weights,
+// the SSM step's parameters and state), then one thread asks the copy engine for its out_proj
+// rows (cp.async.bulk into shared memory, completion counted by an mbarrier), so that the copy
+// runs under x_proj and the SSM step and out_proj reads no device memory at the end. The other
+// phases spread their work over the whole grid; barriers between them (grid_barrier) count the
+// blocks that arrived on one counter per layer, zeroed before every step. The grid is at most
+// one block per multiprocessor and the next kernel may start only once every block has passed
+// a barrier, so every block is resident and a barrier never waits for a block that has nowhere
+// to run. Activations written by other blocks of this launch, or by the kernels before it, are
+// read through L2 (__ldcg).
+// Used for small models only (`TAIL_MAX_WEIGHT_BYTES` in decode.rs): on the H200 it made
+// mamba2-130m bf16 0.40 -> 0.33 ms per step, but mamba-2.8b 2.16 -> 2.46 ms: there the kernel
+// alone takes 22 us per layer under ncu (24 us for the three kernels it replaces) at 28 % of the
+// DRAM's peak throughput, its phases waiting on each other, and the next in_proj starts only
+// after its last barrier.
+// ---------------------------------------------------------------------------------------
+
+#define TAIL_THREADS 512
+#define TAIL_WARPS (TAIL_THREADS / 32)
+#define TAIL_ROWS 4   // out_proj rows one warp multiplies at once, sharing each load of y
+#define TAIL_PARTS 4  // column parts of an out_proj row (a task is TAIL_ROWS rows by one part)
+#define TAIL_COPY_PIECE 32768  // bytes per bulk copy instruction
+
+struct TailArgs {
+    int rows, cols, rows_per_block;  // out_proj: rows = hidden, cols = d_inner
+    float norm_eps;                  // >= 0: out_proj's input is rmsnorm(y) * norm_w
+};
+
+__device__ __forceinline__ unsigned int shared_address(const void* p) {
+    return (unsigned int)__cvta_generic_to_shared(p);
+}
+
+// The block's part of dynamic shared memory: out_proj's rows (as stored), y' in chunk planes
+// (chunk c's k-th float4 at plane k), the small inputs every row of the SSM step reads, and
+// each (row, part)'s partial sum.
+struct TailShared {
+    const uint4* w;
+    float4* y;
+    float* inputs;
+    float* parts;
+};
+
+__device__ __forceinline__ TailShared tail_shared(const TailArgs& t, int inputs) {
+    extern __shared__ float4 tail_smem[];
+    const int w_bytes = t.rows_per_block * t.cols * (int)sizeof(in_t);  // a multiple of 16
+    float4* y = tail_smem + w_bytes / 16;
+    float* in = reinterpret_cast<float*>(y + t.cols / 4);
+    float* parts = in + (inputs + 3) / 4 * 4;
+    return {reinterpret_cast<const uint4*>(tail_smem), y, in, parts};
+}
+
+// The block's out_proj rows into w_s by the copy engine; `copied` completes when they are in.
+// Thread 0 only. Sizes and addresses are multiples of 16 bytes (the launcher's checks).
+__device__ __forceinline__ void start_row_copy(const in_t* __restrict__ w, const TailArgs& t,
+                                               const uint4* w_s, unsigned long long* copied) {
+    const int r0 = blockIdx.x * t.rows_per_block, r1 = min(t.rows, r0 + t.rows_per_block);
+    const unsigned int bytes = (unsigned int)(r1 - r0) * t.cols * sizeof(in_t);
+    const unsigned int bar = shared_address(copied), dst = shared_address(w_s);
+    const char* src = reinterpret_cast<const char*>(w + (long long)r0 * t.cols);
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+    for (unsigned int at = 0; at < bytes; at += TAIL_COPY_PIECE)
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst + at),
+            "l"(src + at), "r"(min(TAIL_COPY_PIECE, bytes - at)), "r"(bar)
+            : "memory");
+}
+
+__device__ __forceinline__ void wait_for_rows(unsigned long long* copied) {
+    const unsigned int bar = shared_address(copied);
+    unsigned int done = 0;
+    while (!done)
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0; selp.u32 %0, 1, 0, p; }"
+            : "=r"(done)
+            : "r"(bar)
+            : "memory");
+}
+
+// Every block of the grid reaches this call `target / gridDim.x`-th time before any leaves it.
+__device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int target) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(counter, 1u);
+        unsigned int seen;
+        do {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
+        } while (seen < target);
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// The sum of v over the block, added in a fixed order (the same bits every run); every thread
+// calls it and gets the total. `sums` holds TAIL_WARPS floats.
+__device__ __forceinline__ float tail_block_sum(float v, float* sums) {
+    v = warp_sum(v);
+    __syncthreads();  // sums is free
+    if (threadIdx.x % 32 == 0) sums[threadIdx.x / 32] = v;
+    __syncthreads();
+    float total = 0.0f;
+#pragma unroll
+    for (int i = 0; i < TAIL_WARPS; ++i) total += sums[i];
+    return total;
+}
+
+// x_proj: dbc[r] = W_x[r, :] . xc for rows r = blockIdx.x, + gridDim.x, ..., each row's chunks
+// dealt over the block's threads. The first XP_ROWS rows' first XP_CHUNKS chunks of a thread
+// are loaded before the kernel waits for in_proj (XProjWeights), the rest in the loop.
+#define XP_ROWS 2
+#define XP_CHUNKS 2
+
+struct XProjWeights {
+    uint4 v[XP_ROWS][XP_CHUNKS];
+};
+
+__device__ __forceinline__ void load_x_proj(const in_t* __restrict__ w_x, int rows, int cols, XProjWeights& w) {
+    const int chunks = cols / CHUNK;
+    const uint4* wv = reinterpret_cast<const uint4*>(w_x);
+#pragma unroll
+    for (int k = 0; k < XP_ROWS; ++k)
+#pragma unroll
+        for (int j = 0; j < XP_CHUNKS; ++j) {
+            const int r = blockIdx.x + k * gridDim.x, c = threadIdx.x + j * TAIL_THREADS;
+            if (r < rows && c < chunks) w.v[k][j] = load_weights(wv + (long long)r * chunks + c);
+        }
+}
+
+__device__ __forceinline__ void x_proj_rows(const in_t* __restrict__ w_x, const XProjWeights& w,
+                                            const float* __restrict__ xc, int rows, int cols, float* sums,
+                                            float* __restrict__ dbc) {
+    const int chunks = cols / CHUNK;
+    const uint4* wv = reinterpret_cast<const uint4*>(w_x);
+    for (int r = blockIdx.x, k = 0; r < rows; r += gridDim.x, ++k) {
+        float acc = 0.0f;
+        for (int c = threadIdx.x, j = 0; c < chunks; c += TAIL_THREADS, ++j) {
+            uint4 v;
+            if (k < XP_ROWS && j < XP_CHUNKS) {
+#pragma unroll
+                for (int kk = 0; kk < XP_ROWS; ++kk)
+#pragma unroll
+                    for (int jj = 0; jj < XP_CHUNKS; ++jj)
+                        if (kk == k && jj == j) v = w.v[kk][jj];
+            } else {
+                v = load_weights(wv + (long long)r * chunks + c);
+            }
+            float xv[CHUNK], wf[CHUNK];
+            load_floats<true>(xc + c * CHUNK, xv);
+            unpack(v, wf);
+#pragma unroll
+            for (int q = 0; q < CHUNK; ++q) acc += wf[q] * xv[q];
+        }
+        const float total = tail_block_sum(acc, sums);
+        if (threadIdx.x == 0) dbc[r] = total;
+    }
+}
+
+// h[r] += out_proj[r, :] . y' (+ bias[r]) for the block's rows, from the rows in shared memory:
+// y' = y, or rmsnorm(y) * norm_w (t.norm_eps >= 0), staged first. A task is TAIL_ROWS rows by
+// one of TAIL_PARTS column parts; the parts' sums are added in order.
+__device__ __forceinline__ void out_proj_rows(const TailShared& sh, const TailArgs& t, const float* __restrict__ y,
+                                              const float* __restrict__ norm_w, const float* __restrict__ bias,
+                                              unsigned long long* copied, float* sums, float* __restrict__ h) {
+    const int chunks = t.cols / CHUNK, cols4 = t.cols / 4;
+    const bool norm = t.norm_eps >= 0.0f;
+    float sq = 0.0f;
+    for (int i = threadIdx.x; i < cols4; i += TAIL_THREADS) {
+        float4 q = __ldcg(reinterpret_cast<const float4*>(y) + i);
+        if (norm) {
+            sq += q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w;
+            const float4 n = __ldg(reinterpret_cast<const float4*>(norm_w) + i);
+            q.x *= n.x, q.y *= n.y, q.z *= n.z, q.w *= n.w;
+        }
+        sh.y[(i % (CHUNK / 4)) * chunks + i / (CHUNK / 4)] = q;
+    }
+    const float scale = norm ? rsqrtf(tail_block_sum(sq, sums) / t.cols + t.norm_eps) : 1.0f;
+    wait_for_rows(copied);
+    __syncthreads();  // y' is staged
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int r0 = blockIdx.x * t.rows_per_block, rows = min(t.rows - r0, t.rows_per_block);
+    const int per_part = (chunks + TAIL_PARTS - 1) / TAIL_PARTS;
+    const int tasks = (rows + TAIL_ROWS - 1) / TAIL_ROWS * TAIL_PARTS;
+    for (int task = warp; task < tasks; task += TAIL_WARPS) {
+        const int g = task / TAIL_PARTS, part = task % TAIL_PARTS;
+        const int c_end = min(chunks, (part + 1) * per_part);
+        float acc[TAIL_ROWS] = {};
+        for (int c = part * per_part + lane; c < c_end; c += 32) {
+            float xv[CHUNK];
+#pragma unroll
+            for (int k = 0; k < CHUNK / 4; ++k) {
+                const float4 q = sh.y[k * chunks + c];
+                xv[4 * k] = q.x, xv[4 * k + 1] = q.y, xv[4 * k + 2] = q.z, xv[4 * k + 3] = q.w;
+            }
+#pragma unroll
+            for (int r = 0; r < TAIL_ROWS; ++r) {
+                float wf[CHUNK];
+                unpack(sh.w[min(g * TAIL_ROWS + r, rows - 1) * chunks + c], wf);
+#pragma unroll
+                for (int k = 0; k < CHUNK; ++k) acc[r] += wf[k] * xv[k];
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < TAIL_ROWS; ++r) {
+            const float s = warp_sum(acc[r]);
+            if (lane == 0 && g * TAIL_ROWS + r < rows) sh.parts[(g * TAIL_ROWS + r) * TAIL_PARTS + part] = s;
+        }
+    }
+    __syncthreads();
+    for (int r = threadIdx.x; r < rows; r += TAIL_THREADS) {
+        float total = 0.0f;
+#pragma unroll
+        for (int p = 0; p < TAIL_PARTS; ++p) total += sh.parts[r * TAIL_PARTS + p];
+        float val = total * scale;
+        if (bias) val += bias[r0 + r];
+        h[r0 + r] = __ldcg(h + r0 + r) + val;
+    }
+}
+
+// What a lane of Mamba-1's SSM step reads for channel c that no kernel of this step writes
+// (the state only the same step of the previous token wrote): loaded for the block's first
+// channels before the kernel waits for in_proj, for later ones in the loop.
+struct Mamba1Params {
+    float s[STATE_PER_LANE], rate[STATE_PER_LANE], w_dt[DT_PER_LANE], bias, d;
+};
+
+__device__ __forceinline__ void load_mamba1_params(const float* state, const in_t* __restrict__ dt_w,
+                                                   const float* __restrict__ dt_bias, const float* __restrict__ a_neg,
+                                                   const float* __restrict__ d, int c, int dt_rank, int lane,
+                                                   Mamba1Params& p) {
+#pragma unroll
+    for (int q = 0; q < STATE_PER_LANE; ++q) {
+        const int n = lane + q * ROW_LANES;
+        p.s[q] = n < STATE_N ? __ldcg(state + n) : 0.0f;
+        p.rate[q] = n < STATE_N ? __ldg(a_neg + c * STATE_N + n) : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < DT_PER_LANE; ++i) {
+        const int j = lane + i * ROW_LANES;
+        p.w_dt[i] = j < dt_rank ? ld(dt_w, (long long)c * dt_rank + j) : 0.0f;
+    }
+    p.bias = __ldg(dt_bias + c);
+    p.d = __ldg(d + c);
+}
+
+// Mamba-1's tail (batch 1): x_proj, the SSM step (as mamba1_ssm_step computes it, ROW_LANES
+// lanes per channel) and out_proj with the residual add. `barrier` is this layer's counter.
+extern "C" __global__ void __launch_bounds__(TAIL_THREADS, 1)
+    mamba1_tail(const in_t* __restrict__ w_x, const in_t* __restrict__ w_out, const float* __restrict__ out_bias,
+                const float* __restrict__ xc, const float* __restrict__ xz, const in_t* __restrict__ dt_w,
+                const float* __restrict__ dt_bias, const float* __restrict__ a_neg, const float* __restrict__ d,
+                float* __restrict__ const* states, int layer, Mamba1Args m, TailArgs t,
+                unsigned int* __restrict__ barrier, float* __restrict__ dbc, float* __restrict__ y,
+                float* __restrict__ h) {
+    __shared__ unsigned long long copied;
+    __shared__ float sums[TAIL_WARPS];
+    const int inputs = m.dt_rank + 2 * STATE_N;
+    const TailShared sh = tail_shared(t, inputs);
+    const int lane = threadIdx.x % ROW_LANES, per_block = TAIL_THREADS / ROW_LANES;
+    const int first = min(blockIdx.x * per_block + threadIdx.x / ROW_LANES, m.d_inner - 1);
+    float* layer_state = states[2 * layer + 1];
+    // Before the wait: x_proj's first weights and the first channels' parameters and state,
+    // then the copy of out_proj's rows.
+    XProjWeights wx;
+    load_x_proj(w_x, inputs, m.d_inner, wx);
+    Mamba1Params p;
+    load_mamba1_params(layer_state + (long long)first * STATE_N, dt_w, dt_bias, a_neg, d, first, m.dt_rank, lane, p);
+    if (threadIdx.x == 0) start_row_copy(w_out, t, sh.w, &copied);
+    wait_for_earlier_kernels();
+
+    x_proj_rows(w_x, wx, xc, inputs, m.d_inner, sums, dbc);
+    grid_barrier(barrier, gridDim.x);
+
+    for (int i = threadIdx.x; i < inputs; i += TAIL_THREADS) sh.inputs[i] = __ldcg(dbc + i);
+    __syncthreads();
+    const float* low = sh.inputs;
+    const float* bv = low + m.dt_rank;
+    const float* cv = bv + STATE_N;
+    const DbcScales scale = dbc_scales(low, bv, cv, m.dt_rank, m.bc_eps, lane, ROW_LANES);
+    for (int c0 = blockIdx.x * per_block; c0 < m.d_inner; c0 += gridDim.x * per_block) {
+        const int ch = c0 + threadIdx.x / ROW_LANES;
+        const bool active = ch < m.d_inner;
+        const int c = active ? ch : m.d_inner - 1;
+        float* state = layer_state + (long long)c * STATE_N;
+        if (c0 != blockIdx.x * per_block)
+            load_mamba1_params(state, dt_w, dt_bias, a_neg, d, c, m.dt_rank, lane, p);
+        const float xi = __ldcg(xc + c), z = __ldcg(xz + m.d_inner + c);
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DT_PER_LANE; ++i) {
+            const int j = lane + i * ROW_LANES;
+            if (j < m.dt_rank) dot += p.w_dt[i] * low[j];
+        }
+        for (int j = lane + DT_PER_LANE * ROW_LANES; j < m.dt_rank; j += ROW_LANES)
+            dot += ld(dt_w, (long long)c * m.dt_rank + j) * low[j];
+        const float dt = softplus(lane_group_sum(dot, ROW_LANES) * scale.dt + p.bias);
+        const float dtx = dt * xi * scale.b;
+        float sum = 0.0f;
+#pragma unroll
+        for (int q = 0; q < STATE_PER_LANE; ++q) {
+            const int n = lane + q * ROW_LANES;
+            if (n >= STATE_N) continue;
+            const float next = __expf(dt * p.rate[q]) * p.s[q] + dtx * bv[n];
+            if (active) state[n] = next;
+            sum += next * cv[n];
+        }
+        sum = lane_group_sum(sum, ROW_LANES) * scale.c;
+        if (active && lane == 0) y[c] = (sum + p.d * xi) * silu(z);
+    }
+    grid_barrier(barrier, 2 * gridDim.x);
+    allow_next_kernel();  // every block has passed a barrier, so is resident: the next kernel may start
+
+    out_proj_rows(sh, t, y, nullptr, out_bias, &copied, sums, h);
+}
+
+// Mamba-2's tail (batch 1, the gate in the step and at most one norm group): the SSM step
+// (as mamba2_ssm_step computes it) and out_proj of the normed y with the residual add.
+extern "C" __global__ void __launch_bounds__(TAIL_THREADS, 1)
+    mamba2_tail(const in_t* __restrict__ w_out, const float* __restrict__ out_bias, const float* __restrict__ norm_w,
+                const float* __restrict__ xbc, const float* __restrict__ zxbcdt, const float* __restrict__ dt_bias,
+                const float* __restrict__ a_neg, const float* __restrict__ d, float* __restrict__ const* states,
+                int layer, Mamba2Args m, TailArgs t, unsigned int* __restrict__ barrier, float* __restrict__ y,
+                float* __restrict__ h) {
+    __shared__ unsigned long long copied;
+    __shared__ float sums[TAIL_WARPS];
+    const int d_inner = m.heads * m.head_dim, inputs = 2 * m.groups * STATE_N;
+    const TailShared sh = tail_shared(t, inputs);
+    const int lane = threadIdx.x % ROW_LANES, per_block = TAIL_THREADS / ROW_LANES;
+    float* layer_state = states[2 * layer + 1];
+    // Before the wait: the first rows' state, then the copy of out_proj's rows.
+    const int first = min(blockIdx.x * per_block + threadIdx.x / ROW_LANES, d_inner - 1);
+    float s[STATE_PER_LANE];
+    load_state(layer_state + (long long)first * STATE_N, lane, s);
+    if (threadIdx.x == 0) start_row_copy(w_out, t, sh.w, &copied);
+    wait_for_earlier_kernels();
+
+    for (int i = threadIdx.x; i < inputs; i += TAIL_THREADS) sh.inputs[i] = __ldcg(xbc + d_inner + i);
+    __syncthreads();
+    for (int r0 = blockIdx.x * per_block; r0 < d_inner; r0 += gridDim.x * per_block) {
+        const int hp_raw = r0 + threadIdx.x / ROW_LANES;
+        const bool active = hp_raw < d_inner;
+        const int hp = active ? hp_raw : d_inner - 1, head = hp / m.head_dim;
+        const int g = head / (m.heads / m.groups);
+        float* state = layer_state + (long long)hp * STATE_N;
+        if (r0 != blockIdx.x * per_block) load_state(state, lane, s);
+        const float xi = __ldcg(xbc + hp), dt_raw = __ldcg(zxbcdt + m.dt_offset + head);
+        const float z = m.gate ? __ldcg(zxbcdt + hp) : 0.0f;
+        const float dt = process_dt(dt_raw, __ldg(dt_bias + head), 1, m.dt_lo, m.dt_hi);
+        const float decay = __expf(dt * __ldg(a_neg + head)), dtx = dt * xi;
+        const float* bv = sh.inputs + g * STATE_N;
+        const float* cv = sh.inputs + (m.groups + g) * STATE_N;
+        float sum = 0.0f;
+#pragma unroll
+        for (int q = 0; q < STATE_PER_LANE; ++q) {
+            const int n = lane + q * ROW_LANES;
+            if (n >= STATE_N) continue;
+            const float next = decay * s[q] + dtx * bv[n];
+            if (active) state[n] = next;
+            sum += next * cv[n];
+        }
+        sum = lane_group_sum(sum, ROW_LANES);
+        if (active && lane == 0) {
+            const float out = sum + __ldg(d + head) * xi;
+            y[hp] = m.gate ? out * silu(z) : out;
+        }
+    }
+    grid_barrier(barrier, gridDim.x);
+    allow_next_kernel();  // every block has passed a barrier, so is resident: the next kernel may start
+
+    out_proj_rows(sh, t, y, norm_w, out_bias, &copied, sums, h);
 }
