@@ -989,7 +989,8 @@ impl DecodeKernels {
     }
 
     /// Whether a Mamba-1 mixer with this `out_proj` (`rows x cols`) and `dt_rank` runs as
-    /// one tail kernel ([`DecodeKernels::mamba1_tail`]): batch 1, and the rows fit.
+    /// one tail kernel ([`DecodeKernels::mamba1_tail`]): batch 1, and an `out_proj` small
+    /// enough (`TAIL_MAX_WEIGHT_BYTES`) for the kernel to pay.
     pub fn mamba1_tail_fits(&self, out_proj: (usize, usize), dt_rank: usize) -> bool {
         self.tail_fits(out_proj, self.tail_inputs(Some(dt_rank), 0))
     }
