@@ -33,6 +33,12 @@ __device__ __forceinline__ float ld_or(const in_t* p, long long offset, long lon
     return offset < 0 ? absent : ld(p, offset + i);
 }
 
+// The 32-bit shared-memory address of p (a pointer into shared memory), as `cp.async`, `ldmatrix`
+// and `mbarrier` take it.
+__device__ __forceinline__ unsigned int shared_address(const void* p) {
+    return (unsigned int)__cvta_generic_to_shared(p);
+}
+
 // silu(x) = x * sigmoid(x) = x / (1 + exp(-x)), with the fast exponential and division: a few
 // units in the last place, and about a third of the instructions of expf and the IEEE division
 // (whose slow-path check was most of silu's code in the scan forward's SASS).

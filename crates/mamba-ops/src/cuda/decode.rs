@@ -868,8 +868,7 @@ impl DecodeKernels {
         let launch = if self.spec.batch > TILED_AFTER_BATCH {
             self.mamba1_tiled_launch(m)?
         } else {
-            let inputs = m.dt_rank + 2 * self.spec.state_size;
-            self.state_rows_config(m.d_inner, inputs)?
+            self.state_rows_config(m.d_inner, self.mamba1_inputs(m.dt_rank))?
                 .map(|cfg| (&self.mamba1_step, cfg))
         };
         let Some((function, cfg)) = launch else {
@@ -935,8 +934,7 @@ impl DecodeKernels {
         let d_inner = m.heads * m.head_dim;
         let args = self.mamba2_args(m)?;
         let layer = int(layer)?;
-        let Some(cfg) = self.state_rows_config(d_inner, 2 * m.groups * self.spec.state_size)?
-        else {
+        let Some(cfg) = self.state_rows_config(d_inner, self.mamba2_inputs(m.groups))? else {
             return Ok(());
         };
         let mut params = [
@@ -980,24 +978,28 @@ impl DecodeKernels {
         })
     }
 
-    /// The floats the tail kernels stage for the SSM step: Mamba-1's `[dt_low | B | C]`
-    /// (`dt_rank` given) or Mamba-2's `[B | C]` (`groups` given).
-    fn tail_inputs(&self, dt_rank: Option<usize>, groups: usize) -> usize {
-        dt_rank.map_or(2 * groups * self.spec.state_size, |r| {
-            r + 2 * self.spec.state_size
-        })
+    /// The floats every row of Mamba-1's SSM step reads, staged once per block: a sequence's
+    /// `[dt_low | B | C]`.
+    fn mamba1_inputs(&self, dt_rank: usize) -> usize {
+        dt_rank + 2 * self.spec.state_size
+    }
+
+    /// The floats every row of Mamba-2's SSM step reads: a sequence's `[B | C]` of `groups`
+    /// groups.
+    fn mamba2_inputs(&self, groups: usize) -> usize {
+        2 * groups * self.spec.state_size
     }
 
     /// Whether a Mamba-1 mixer with this `out_proj` (`rows x cols`) and `dt_rank` runs as
     /// one tail kernel ([`DecodeKernels::mamba1_tail`]): batch 1, and an `out_proj` small
     /// enough (`TAIL_MAX_WEIGHT_BYTES`) for the kernel to pay.
     pub fn mamba1_tail_fits(&self, out_proj: (usize, usize), dt_rank: usize) -> bool {
-        self.tail_fits(out_proj, self.tail_inputs(Some(dt_rank), 0))
+        self.tail_fits(out_proj, self.mamba1_inputs(dt_rank))
     }
 
     /// [`DecodeKernels::mamba1_tail_fits`] for Mamba-2 with `groups` groups of B and C.
     pub fn mamba2_tail_fits(&self, out_proj: (usize, usize), groups: usize) -> bool {
-        self.tail_fits(out_proj, self.tail_inputs(None, groups))
+        self.tail_fits(out_proj, self.mamba2_inputs(groups))
     }
 
     fn tail_fits(&self, out_proj: (usize, usize), inputs: usize) -> bool {
@@ -1006,36 +1008,59 @@ impl DecodeKernels {
             .is_some()
     }
 
-    /// The launch of a tail kernel and its `TailArgs`.
-    fn tail_launch(
+    /// Launches tail kernel `function` (`mamba1_tail` or `mamba2_tail`) for `out`, with
+    /// `inputs` floats staged for the SSM step: its family's own parameters `leading`, then
+    /// the ones both kernels end with (the state table, the layer, the family's `args`,
+    /// `TailArgs`, the barrier counter, y and h).
+    ///
+    /// # Safety
+    /// `leading` points to the kernel's leading parameters, in order and of its types, alive
+    /// for the call; the caller vouches for every buffer.
+    unsafe fn launch_tail<A: DeviceRepr>(
         &self,
-        p: &TailProduct,
-        inputs: usize,
-        norm_eps: f32,
-    ) -> Result<(LaunchConfig, TailArgs)> {
+        stream: &Arc<CudaStream>,
+        (function, leading): (&CudaFunction, &[*mut std::ffi::c_void]),
+        (states, layer): (DevicePtr, usize),
+        args: &A,
+        (out, inputs, norm_eps): (&TailProduct, usize, f32),
+        y: DevicePtr,
+    ) -> Result<()> {
         let plan = self
             .spec
             .tail_plan(
                 self.multiprocessors,
                 self.tail_shared_max,
-                (p.rows, p.cols),
+                (out.rows, out.cols),
                 inputs,
             )
             .ok_or_else(|| {
                 cuda_err(format!(
                     "no tail kernel for an out_proj of {} x {} at batch {}",
-                    p.rows, p.cols, self.spec.batch
+                    out.rows, out.cols, self.spec.batch
                 ))
             })?;
-        let args = TailArgs {
-            rows: int(p.rows)?,
-            cols: int(p.cols)?,
+        let tail = TailArgs {
+            rows: int(out.rows)?,
+            cols: int(out.cols)?,
             rows_per_block: int(plan.rows_per_block)?,
             norm_eps,
         };
         let cfg = config((plan.grid, 1, 1), TAIL_THREADS, plan.shared)?
             .ok_or_else(|| cuda_err("an empty tail kernel".into()))?;
-        Ok((cfg, args))
+        let layer = int(layer)?;
+        let mut params = leading.to_vec();
+        params.extend([
+            param(&states),
+            param(&layer),
+            param(args),
+            param(&tail),
+            param(&out.barrier),
+            param(&y),
+            param(&out.h),
+        ]);
+        // SAFETY: the parameters are the tail kernel's, in order, alive for the call (the
+        // caller vouches for `leading`).
+        unsafe { launch_dependent(stream, function, cfg, &mut params, true) }
     }
 
     /// Zeroes `count` barrier counters (u32) at `barriers`, on the stream.
@@ -1066,12 +1091,8 @@ impl DecodeKernels {
         t: &Mamba1Tail,
     ) -> Result<()> {
         let m = &t.step;
-        let args = self.mamba1_args(m)?;
-        let inputs = self.tail_inputs(Some(m.dt_rank), 0);
-        let (cfg, tail) = self.tail_launch(&t.out_proj, inputs, -1.0)?;
-        let layer = int(layer)?;
         let bias = or_null(t.out_proj.bias);
-        let mut params = [
+        let leading = [
             param(&t.x_proj),
             param(&t.out_proj.weight),
             param(&bias),
@@ -1081,17 +1102,20 @@ impl DecodeKernels {
             param(&m.dt_bias),
             param(&m.a),
             param(&m.d),
-            param(&states),
-            param(&layer),
-            param(&args),
-            param(&tail),
-            param(&t.out_proj.barrier),
             param(&m.dbc),
-            param(&m.y),
-            param(&t.out_proj.h),
         ];
-        // SAFETY: the parameters are `mamba1_tail`'s, in order, alive for the call.
-        unsafe { launch_dependent(stream, &self.tails[0], cfg, &mut params, true) }
+        let inputs = self.mamba1_inputs(m.dt_rank);
+        // SAFETY: `leading` are `mamba1_tail`'s first parameters, in order, alive for the call.
+        unsafe {
+            self.launch_tail(
+                stream,
+                (&self.tails[0], &leading),
+                (states, layer),
+                &self.mamba1_args(m)?,
+                (&t.out_proj, inputs, -1.0),
+                m.y,
+            )
+        }
     }
 
     /// # Safety
@@ -1105,14 +1129,9 @@ impl DecodeKernels {
         t: &Mamba2Tail,
     ) -> Result<()> {
         let m = &t.step;
-        let args = self.mamba2_args(m)?;
-        let inputs = self.tail_inputs(None, m.groups);
-        let (cfg, tail) =
-            self.tail_launch(&t.out_proj, inputs, t.norm.map_or(-1.0, |(_, eps)| eps))?;
-        let layer = int(layer)?;
         let bias = or_null(t.out_proj.bias);
         let norm_w = or_null(t.norm.map(|(w, _)| w));
-        let mut params = [
+        let leading = [
             param(&t.out_proj.weight),
             param(&bias),
             param(&norm_w),
@@ -1121,16 +1140,20 @@ impl DecodeKernels {
             param(&m.dt_bias),
             param(&m.a),
             param(&m.d),
-            param(&states),
-            param(&layer),
-            param(&args),
-            param(&tail),
-            param(&t.out_proj.barrier),
-            param(&m.y),
-            param(&t.out_proj.h),
         ];
-        // SAFETY: the parameters are `mamba2_tail`'s, in order, alive for the call.
-        unsafe { launch_dependent(stream, &self.tails[1], cfg, &mut params, true) }
+        let inputs = self.mamba2_inputs(m.groups);
+        let norm_eps = t.norm.map_or(-1.0, |(_, eps)| eps);
+        // SAFETY: `leading` are `mamba2_tail`'s first parameters, in order, alive for the call.
+        unsafe {
+            self.launch_tail(
+                stream,
+                (&self.tails[1], &leading),
+                (states, layer),
+                &self.mamba2_args(m)?,
+                (&t.out_proj, inputs, norm_eps),
+                m.y,
+            )
+        }
     }
 
     /// The input of a cuBLAS product: `out (batch, cols)`, contiguous, = `x` (rows

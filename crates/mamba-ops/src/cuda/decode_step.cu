@@ -525,15 +525,18 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)
 
 #define ROW_BLOCK 256
 
-// Sum of v over the block; every thread calls it once and gets the total.
+// Sum of v over a block of THREADS threads, the warps' sums added in a fixed order (the same
+// bits every run); every thread calls it and gets the total. A block that sums again must pass
+// a barrier between the two calls (the first call's sums are read until then).
+template <int THREADS>
 __device__ __forceinline__ float block_sum(float v) {
-    __shared__ float warp_sums[ROW_BLOCK / 32];
+    __shared__ float warp_sums[THREADS / 32];
     v = warp_sum(v);
     if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
     __syncthreads();
     float total = 0.0f;
 #pragma unroll
-    for (int i = 0; i < ROW_BLOCK / 32; ++i) total += warp_sums[i];
+    for (int i = 0; i < THREADS / 32; ++i) total += warp_sums[i];
     return total;
 }
 
@@ -563,7 +566,7 @@ extern "C" __global__ void __launch_bounds__(ROW_BLOCK)
     if (a.norm_eps >= 0.0f) {
         float sq = 0.0f;
         for (int i = threadIdx.x; i < a.cols; i += ROW_BLOCK) sq += xb[i] * xb[i];
-        scale = rsqrtf(block_sum(sq) / a.cols + a.norm_eps);
+        scale = rsqrtf(block_sum<ROW_BLOCK>(sq) / a.cols + a.norm_eps);
     }
     const long long row = (long long)blockIdx.x * a.cols;
     for (int i = threadIdx.x; i < a.cols; i += ROW_BLOCK) {
@@ -730,6 +733,63 @@ __device__ __forceinline__ const float* sequence_inputs(const float* src, int le
 #endif
 }
 
+// What a lane of Mamba-1's SSM step reads for channel c that no kernel of this step writes
+// (the state only the same step of the previous token wrote), loaded before the kernel waits
+// for the kernels before it: the first DT_PER_LANE of its Δ weights, its state entries, A, the
+// Δ bias and D.
+struct Mamba1Params {
+    float w_dt[DT_PER_LANE], s[STATE_PER_LANE], rate[STATE_PER_LANE], bias, d;
+};
+
+__device__ __forceinline__ void load_mamba1_params(const float* state, const in_t* __restrict__ dt_w,
+                                                   const float* __restrict__ dt_bias, const float* __restrict__ a_neg,
+                                                   const float* __restrict__ d, int c, int dt_rank, int lane,
+                                                   Mamba1Params& p) {
+#pragma unroll
+    for (int i = 0; i < DT_PER_LANE; ++i) {
+        const int j = lane + i * ROW_LANES;
+        p.w_dt[i] = j < dt_rank ? ld(dt_w, (long long)c * dt_rank + j) : 0.0f;
+    }
+    load_state(state, lane, p.s);
+#pragma unroll
+    for (int q = 0; q < STATE_PER_LANE; ++q) {
+        const int n = lane + q * ROW_LANES;
+        p.rate[q] = n < STATE_N ? __ldg(a_neg + c * STATE_N + n) : 0.0f;
+    }
+    p.bias = __ldg(dt_bias + c);
+    p.d = __ldg(d + c);
+}
+
+// Channel c's step once its parameters are in p: dt from the Δ projection of dt_low (the lanes'
+// first weights in p, the rest of a wider dt_rank read here), the state row advanced in place
+// (when `active`), and y = (S . C + D x) silu(z), which every lane of the group gets.
+__device__ __forceinline__ float mamba1_channel_step(const Mamba1Params& p, const float* low, const float* bv,
+                                                     const float* cv, const DbcScales& scale,
+                                                     const in_t* __restrict__ dt_w, int c, int dt_rank, int lane,
+                                                     float xi, float z, bool active, float* state) {
+    float dot = 0.0f;
+#pragma unroll
+    for (int i = 0; i < DT_PER_LANE; ++i) {
+        const int j = lane + i * ROW_LANES;
+        if (j < dt_rank) dot += p.w_dt[i] * low[j];
+    }
+    for (int j = lane + DT_PER_LANE * ROW_LANES; j < dt_rank; j += ROW_LANES)
+        dot += ld(dt_w, (long long)c * dt_rank + j) * low[j];
+    const float dt = softplus(lane_group_sum(dot, ROW_LANES) * scale.dt + p.bias);
+    const float dtx = dt * xi * scale.b;
+    float sum = 0.0f;
+#pragma unroll
+    for (int q = 0; q < STATE_PER_LANE; ++q) {
+        const int n = lane + q * ROW_LANES;
+        if (!active || n >= STATE_N) continue;
+        const float next = __expf(dt * p.rate[q]) * p.s[q] + dtx * bv[n];
+        state[n] = next;
+        sum += next * cv[n];
+    }
+    sum = lane_group_sum(sum, ROW_LANES) * scale.c;
+    return (sum + p.d * xi) * silu(z);
+}
+
 // Grid: (blocks of channels, batch); dynamic shared memory (EARLY_START): dt_rank + 2 N floats.
 extern "C" __global__ void mamba1_ssm_step(const float* __restrict__ xc, const float* __restrict__ dbc,
                                            const float* __restrict__ xz, const in_t* __restrict__ dt_w,
@@ -746,21 +806,9 @@ extern "C" __global__ void mamba1_ssm_step(const float* __restrict__ xc, const f
     const long long row = (long long)b * a.d_inner + c;
 
     // Before the wait: this channel's Δ weights, A, D, Δ bias and state.
-    float w_dt[DT_PER_LANE];
-#pragma unroll
-    for (int i = 0; i < DT_PER_LANE; ++i) {
-        const int j = lane + i * ROW_LANES;
-        w_dt[i] = j < a.dt_rank ? ld(dt_w, (long long)c * a.dt_rank + j) : 0.0f;
-    }
     float* state = states[2 * layer + 1] + row * STATE_N;
-    float s[STATE_PER_LANE], decay_rate[STATE_PER_LANE];
-    load_state(state, lane, s);
-#pragma unroll
-    for (int q = 0; q < STATE_PER_LANE; ++q) {
-        const int n = lane + q * ROW_LANES;
-        decay_rate[q] = n < STATE_N ? __ldg(a_neg + c * STATE_N + n) : 0.0f;
-    }
-    const float bias_c = __ldg(dt_bias + c), d_c = __ldg(d + c);
+    Mamba1Params p;
+    load_mamba1_params(state, dt_w, dt_bias, a_neg, d, c, a.dt_rank, lane, p);
     wait_for_earlier_kernels();
 
     // This channel's input and gate, loaded before the staging's barrier so that their round
@@ -775,27 +823,8 @@ extern "C" __global__ void mamba1_ssm_step(const float* __restrict__ xc, const f
     const float* bv = low + a.dt_rank;
     const float* cv = bv + STATE_N;
     const DbcScales scale = dbc_scales(low, bv, cv, a.dt_rank, a.bc_eps, lane, ROW_LANES);
-    float dot = 0.0f;
-#pragma unroll
-    for (int i = 0; i < DT_PER_LANE; ++i) {
-        const int j = lane + i * ROW_LANES;
-        if (j < a.dt_rank) dot += w_dt[i] * low[j];
-    }
-    for (int j = lane + DT_PER_LANE * ROW_LANES; j < a.dt_rank; j += ROW_LANES)
-        dot += ld(dt_w, (long long)c * a.dt_rank + j) * low[j];
-    const float dt = softplus(lane_group_sum(dot, ROW_LANES) * scale.dt + bias_c);
-    const float dtx = dt * xi * scale.b;
-    float sum = 0.0f;
-#pragma unroll
-    for (int q = 0; q < STATE_PER_LANE; ++q) {
-        const int n = lane + q * ROW_LANES;
-        if (!active || n >= STATE_N) continue;
-        const float next = __expf(dt * decay_rate[q]) * s[q] + dtx * bv[n];
-        state[n] = next;
-        sum += next * cv[n];
-    }
-    sum = lane_group_sum(sum, ROW_LANES) * scale.c;
-    if (active && lane == 0) y[row] = (sum + d_c * xi) * silu(z);
+    const float out = mamba1_channel_step(p, low, bv, cv, scale, dt_w, c, a.dt_rank, lane, xi, z, active, state);
+    if (active && lane == 0) y[row] = out;
 }
 
 // The same step for large batches (from 17 sequences, behind cuBLAS's products), one thread
@@ -967,6 +996,34 @@ struct Mamba2Args {
     float dt_lo, dt_hi;
 };
 
+// A head's parameters in Mamba-2's step: A, the Δ bias and D.
+struct HeadParams {
+    float rate, bias, d;
+};
+
+// Row (h, p)'s step once its state entries are in s: dt processed, the row advanced in place
+// (when `active`) with the group's B and C (bv, cv), and y = S . C + D x, times silu(z) with
+// the gate, which every lane of the group gets.
+__device__ __forceinline__ float mamba2_row_step(const float (&s)[STATE_PER_LANE], const float* bv, const float* cv,
+                                                 float xi, float dt_raw, float z, const HeadParams& hd,
+                                                 const Mamba2Args& a, int lane, bool active, float* state) {
+    const float dt = process_dt(dt_raw, hd.bias, 1, a.dt_lo, a.dt_hi);
+    const float decay = __expf(dt * hd.rate);
+    const float dtx = dt * xi;
+    float sum = 0.0f;
+#pragma unroll
+    for (int q = 0; q < STATE_PER_LANE; ++q) {
+        const int n = lane + q * ROW_LANES;
+        if (!active || n >= STATE_N) continue;
+        const float next = decay * s[q] + dtx * bv[n];
+        state[n] = next;
+        sum += next * cv[n];
+    }
+    sum = lane_group_sum(sum, ROW_LANES);
+    const float out = sum + hd.d * xi;
+    return a.gate ? out * silu(z) : out;
+}
+
 // Grid: (blocks of state rows, batch); dynamic shared memory (EARLY_START): 2 G N floats.
 extern "C" __global__ void mamba2_ssm_step(const float* __restrict__ xbc, const float* __restrict__ zxbcdt,
                                            const float* __restrict__ dt_bias, const float* __restrict__ a_neg,
@@ -997,25 +1054,9 @@ extern "C" __global__ void mamba2_ssm_step(const float* __restrict__ xbc, const 
     const float z = a.gate ? load_activation(in_row + hp) : 0.0f;
     // B and C, read by every row of the sequence, staged once per block.
     const float* bc = sequence_inputs(seq + d_inner, 2 * a.groups * STATE_N, bc_s);
-    const float* bv = bc + g * STATE_N;
-    const float* cv = bc + (a.groups + g) * STATE_N;
-    const float dt = process_dt(dt_raw, bias_h, 1, a.dt_lo, a.dt_hi);
-    const float decay = __expf(dt * rate);
-    const float dtx = dt * xi;
-    float sum = 0.0f;
-#pragma unroll
-    for (int q = 0; q < STATE_PER_LANE; ++q) {
-        const int n = lane + q * ROW_LANES;
-        if (!active || n >= STATE_N) continue;
-        const float next = decay * s[q] + dtx * bv[n];
-        state[n] = next;
-        sum += next * cv[n];
-    }
-    sum = lane_group_sum(sum, ROW_LANES);
-    if (active && lane == 0) {
-        const float out = sum + d_h * xi;
-        y[row] = a.gate ? out * silu(z) : out;
-    }
+    const float out = mamba2_row_step(s, bc + g * STATE_N, bc + (a.groups + g) * STATE_N, xi, dt_raw, z,
+                                      {rate, bias_h, d_h}, a, lane, active, state);
+    if (active && lane == 0) y[row] = out;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1045,7 +1086,7 @@ extern "C" __global__ void __launch_bounds__(ROW_BLOCK)
         const float v = a.norm_before_gate ? yi : yi * silu(load_activation(zb + i));
         sq += v * v;
     }
-    const float inv = rsqrtf(block_sum(sq) / a.group_size + a.eps);
+    const float inv = rsqrtf(block_sum<ROW_BLOCK>(sq) / a.group_size + a.eps);
     for (int i = start + threadIdx.x; i < start + a.group_size; i += ROW_BLOCK) {
         const float gate = silu(load_activation(zb + i)), yi = load_activation(yb + i);
         const float v = a.norm_before_gate ? yi : yi * gate;
@@ -1086,10 +1127,6 @@ struct TailArgs {
     int rows, cols, rows_per_block;  // out_proj: rows = hidden, cols = d_inner
     float norm_eps;                  // >= 0: out_proj's input is rmsnorm(y) * norm_w
 };
-
-__device__ __forceinline__ unsigned int shared_address(const void* p) {
-    return (unsigned int)__cvta_generic_to_shared(p);
-}
 
 // The block's part of dynamic shared memory: out_proj's rows (as stored), y' in chunk planes
 // (chunk c's k-th float4 at plane k), the small inputs every row of the SSM step reads, and
@@ -1155,19 +1192,6 @@ __device__ __forceinline__ void grid_barrier(unsigned int* counter, unsigned int
     __syncthreads();
 }
 
-// The sum of v over the block, added in a fixed order (the same bits every run); every thread
-// calls it and gets the total. `sums` holds TAIL_WARPS floats.
-__device__ __forceinline__ float tail_block_sum(float v, float* sums) {
-    v = warp_sum(v);
-    __syncthreads();  // sums is free
-    if (threadIdx.x % 32 == 0) sums[threadIdx.x / 32] = v;
-    __syncthreads();
-    float total = 0.0f;
-#pragma unroll
-    for (int i = 0; i < TAIL_WARPS; ++i) total += sums[i];
-    return total;
-}
-
 // x_proj: dbc[r] = W_x[r, :] . xc for rows r = blockIdx.x, + gridDim.x, ..., each row's chunks
 // dealt over the block's threads. The first XP_ROWS rows' first XP_CHUNKS chunks of a thread
 // are loaded before the kernel waits for in_proj (XProjWeights), the rest in the loop.
@@ -1191,7 +1215,7 @@ __device__ __forceinline__ void load_x_proj(const in_t* __restrict__ w_x, int ro
 }
 
 __device__ __forceinline__ void x_proj_rows(const in_t* __restrict__ w_x, const XProjWeights& w,
-                                            const float* __restrict__ xc, int rows, int cols, float* sums,
+                                            const float* __restrict__ xc, int rows, int cols,
                                             float* __restrict__ dbc) {
     const int chunks = cols / CHUNK;
     const uint4* wv = reinterpret_cast<const uint4*>(w_x);
@@ -1214,8 +1238,9 @@ __device__ __forceinline__ void x_proj_rows(const in_t* __restrict__ w_x, const 
 #pragma unroll
             for (int q = 0; q < CHUNK; ++q) acc += wf[q] * xv[q];
         }
-        const float total = tail_block_sum(acc, sums);
+        const float total = block_sum<TAIL_THREADS>(acc);
         if (threadIdx.x == 0) dbc[r] = total;
+        __syncthreads();  // block_sum's array is free for the next row
     }
 }
 
@@ -1224,7 +1249,7 @@ __device__ __forceinline__ void x_proj_rows(const in_t* __restrict__ w_x, const 
 // one of TAIL_PARTS column parts; the parts' sums are added in order.
 __device__ __forceinline__ void out_proj_rows(const TailShared& sh, const TailArgs& t, const float* __restrict__ y,
                                               const float* __restrict__ norm_w, const float* __restrict__ bias,
-                                              unsigned long long* copied, float* sums, float* __restrict__ h) {
+                                              unsigned long long* copied, float* __restrict__ h) {
     const int chunks = t.cols / CHUNK, cols4 = t.cols / 4;
     const bool norm = t.norm_eps >= 0.0f;
     float sq = 0.0f;
@@ -1237,7 +1262,7 @@ __device__ __forceinline__ void out_proj_rows(const TailShared& sh, const TailAr
         }
         sh.y[(i % (CHUNK / 4)) * chunks + i / (CHUNK / 4)] = q;
     }
-    const float scale = norm ? rsqrtf(tail_block_sum(sq, sums) / t.cols + t.norm_eps) : 1.0f;
+    const float scale = norm ? rsqrtf(block_sum<TAIL_THREADS>(sq) / t.cols + t.norm_eps) : 1.0f;
     wait_for_rows(copied);
     __syncthreads();  // y' is staged
 
@@ -1281,43 +1306,15 @@ __device__ __forceinline__ void out_proj_rows(const TailShared& sh, const TailAr
     }
 }
 
-// What a lane of Mamba-1's SSM step reads for channel c that no kernel of this step writes
-// (the state only the same step of the previous token wrote): loaded for the block's first
-// channels before the kernel waits for in_proj, for later ones in the loop.
-struct Mamba1Params {
-    float s[STATE_PER_LANE], rate[STATE_PER_LANE], w_dt[DT_PER_LANE], bias, d;
-};
-
-__device__ __forceinline__ void load_mamba1_params(const float* state, const in_t* __restrict__ dt_w,
-                                                   const float* __restrict__ dt_bias, const float* __restrict__ a_neg,
-                                                   const float* __restrict__ d, int c, int dt_rank, int lane,
-                                                   Mamba1Params& p) {
-#pragma unroll
-    for (int q = 0; q < STATE_PER_LANE; ++q) {
-        const int n = lane + q * ROW_LANES;
-        p.s[q] = n < STATE_N ? __ldcg(state + n) : 0.0f;
-        p.rate[q] = n < STATE_N ? __ldg(a_neg + c * STATE_N + n) : 0.0f;
-    }
-#pragma unroll
-    for (int i = 0; i < DT_PER_LANE; ++i) {
-        const int j = lane + i * ROW_LANES;
-        p.w_dt[i] = j < dt_rank ? ld(dt_w, (long long)c * dt_rank + j) : 0.0f;
-    }
-    p.bias = __ldg(dt_bias + c);
-    p.d = __ldg(d + c);
-}
-
 // Mamba-1's tail (batch 1): x_proj, the SSM step (as mamba1_ssm_step computes it, ROW_LANES
 // lanes per channel) and out_proj with the residual add. `barrier` is this layer's counter.
 extern "C" __global__ void __launch_bounds__(TAIL_THREADS, 1)
     mamba1_tail(const in_t* __restrict__ w_x, const in_t* __restrict__ w_out, const float* __restrict__ out_bias,
                 const float* __restrict__ xc, const float* __restrict__ xz, const in_t* __restrict__ dt_w,
                 const float* __restrict__ dt_bias, const float* __restrict__ a_neg, const float* __restrict__ d,
-                float* __restrict__ const* states, int layer, Mamba1Args m, TailArgs t,
-                unsigned int* __restrict__ barrier, float* __restrict__ dbc, float* __restrict__ y,
-                float* __restrict__ h) {
+                float* __restrict__ dbc, float* __restrict__ const* states, int layer, Mamba1Args m, TailArgs t,
+                unsigned int* __restrict__ barrier, float* __restrict__ y, float* __restrict__ h) {
     __shared__ unsigned long long copied;
-    __shared__ float sums[TAIL_WARPS];
     const int inputs = m.dt_rank + 2 * STATE_N;
     const TailShared sh = tail_shared(t, inputs);
     const int lane = threadIdx.x % ROW_LANES, per_block = TAIL_THREADS / ROW_LANES;
@@ -1332,7 +1329,7 @@ extern "C" __global__ void __launch_bounds__(TAIL_THREADS, 1)
     if (threadIdx.x == 0) start_row_copy(w_out, t, sh.w, &copied);
     wait_for_earlier_kernels();
 
-    x_proj_rows(w_x, wx, xc, inputs, m.d_inner, sums, dbc);
+    x_proj_rows(w_x, wx, xc, inputs, m.d_inner, dbc);
     grid_barrier(barrier, gridDim.x);
 
     for (int i = threadIdx.x; i < inputs; i += TAIL_THREADS) sh.inputs[i] = __ldcg(dbc + i);
@@ -1349,32 +1346,13 @@ extern "C" __global__ void __launch_bounds__(TAIL_THREADS, 1)
         if (c0 != blockIdx.x * per_block)
             load_mamba1_params(state, dt_w, dt_bias, a_neg, d, c, m.dt_rank, lane, p);
         const float xi = __ldcg(xc + c), z = __ldcg(xz + m.d_inner + c);
-        float dot = 0.0f;
-#pragma unroll
-        for (int i = 0; i < DT_PER_LANE; ++i) {
-            const int j = lane + i * ROW_LANES;
-            if (j < m.dt_rank) dot += p.w_dt[i] * low[j];
-        }
-        for (int j = lane + DT_PER_LANE * ROW_LANES; j < m.dt_rank; j += ROW_LANES)
-            dot += ld(dt_w, (long long)c * m.dt_rank + j) * low[j];
-        const float dt = softplus(lane_group_sum(dot, ROW_LANES) * scale.dt + p.bias);
-        const float dtx = dt * xi * scale.b;
-        float sum = 0.0f;
-#pragma unroll
-        for (int q = 0; q < STATE_PER_LANE; ++q) {
-            const int n = lane + q * ROW_LANES;
-            if (n >= STATE_N) continue;
-            const float next = __expf(dt * p.rate[q]) * p.s[q] + dtx * bv[n];
-            if (active) state[n] = next;
-            sum += next * cv[n];
-        }
-        sum = lane_group_sum(sum, ROW_LANES) * scale.c;
-        if (active && lane == 0) y[c] = (sum + p.d * xi) * silu(z);
+        const float out = mamba1_channel_step(p, low, bv, cv, scale, dt_w, c, m.dt_rank, lane, xi, z, active, state);
+        if (active && lane == 0) y[c] = out;
     }
     grid_barrier(barrier, 2 * gridDim.x);
     allow_next_kernel();  // every block has passed a barrier, so is resident: the next kernel may start
 
-    out_proj_rows(sh, t, y, nullptr, out_bias, &copied, sums, h);
+    out_proj_rows(sh, t, y, nullptr, out_bias, &copied, h);
 }
 
 // Mamba-2's tail (batch 1, the gate in the step and at most one norm group): the SSM step
@@ -1386,7 +1364,6 @@ extern "C" __global__ void __launch_bounds__(TAIL_THREADS, 1)
                 int layer, Mamba2Args m, TailArgs t, unsigned int* __restrict__ barrier, float* __restrict__ y,
                 float* __restrict__ h) {
     __shared__ unsigned long long copied;
-    __shared__ float sums[TAIL_WARPS];
     const int d_inner = m.heads * m.head_dim, inputs = 2 * m.groups * STATE_N;
     const TailShared sh = tail_shared(t, inputs);
     const int lane = threadIdx.x % ROW_LANES, per_block = TAIL_THREADS / ROW_LANES;
@@ -1409,27 +1386,13 @@ extern "C" __global__ void __launch_bounds__(TAIL_THREADS, 1)
         if (r0 != blockIdx.x * per_block) load_state(state, lane, s);
         const float xi = __ldcg(xbc + hp), dt_raw = __ldcg(zxbcdt + m.dt_offset + head);
         const float z = m.gate ? __ldcg(zxbcdt + hp) : 0.0f;
-        const float dt = process_dt(dt_raw, __ldg(dt_bias + head), 1, m.dt_lo, m.dt_hi);
-        const float decay = __expf(dt * __ldg(a_neg + head)), dtx = dt * xi;
-        const float* bv = sh.inputs + g * STATE_N;
-        const float* cv = sh.inputs + (m.groups + g) * STATE_N;
-        float sum = 0.0f;
-#pragma unroll
-        for (int q = 0; q < STATE_PER_LANE; ++q) {
-            const int n = lane + q * ROW_LANES;
-            if (n >= STATE_N) continue;
-            const float next = decay * s[q] + dtx * bv[n];
-            if (active) state[n] = next;
-            sum += next * cv[n];
-        }
-        sum = lane_group_sum(sum, ROW_LANES);
-        if (active && lane == 0) {
-            const float out = sum + __ldg(d + head) * xi;
-            y[hp] = m.gate ? out * silu(z) : out;
-        }
+        const HeadParams hd = {__ldg(a_neg + head), __ldg(dt_bias + head), __ldg(d + head)};
+        const float out = mamba2_row_step(s, sh.inputs + g * STATE_N, sh.inputs + (m.groups + g) * STATE_N, xi,
+                                          dt_raw, z, hd, m, lane, active, state);
+        if (active && lane == 0) y[hp] = out;
     }
     grid_barrier(barrier, gridDim.x);
     allow_next_kernel();  // every block has passed a barrier, so is resident: the next kernel may start
 
-    out_proj_rows(sh, t, y, norm_w, out_bias, &copied, sums, h);
+    out_proj_rows(sh, t, y, norm_w, out_bias, &copied, h);
 }

@@ -706,10 +706,6 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
 static_assert(TILE == 2 * TC_SLICE && 2 * TILE == 16 * TC_WARPS, "a stage is laid out for 64 x 64 tiles");
 static_assert(TILE * (TILE + PAD) * 4 <= TC_STAGES * TC_STAGE_BYTES, "the diagonal's sums fit the stages");
 
-__device__ __forceinline__ unsigned int shared_address(const void* p) {
-    return (unsigned int)__cvta_generic_to_shared(p);
-}
-
 // 16 bytes from global src to shared dst, or zeros when !valid (src is then not read).
 __device__ __forceinline__ void copy16(unsigned int dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
