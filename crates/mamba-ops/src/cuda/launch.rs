@@ -1098,46 +1098,61 @@ pub(crate) fn ssd(p: &Packed, dims: &SsdDims, flags: SsdFlags) -> Result<CudaSli
 /// Chunk length of the SSD's backward: its chunk kernel holds a chunk's operands and two
 /// `SSD_BWD_CHUNK`-square matrices in shared memory at once.
 const SSD_BWD_CHUNK: usize = 64;
+/// Threads of `ssd_bwd_chunk` (`BWD_THREADS` of `ssd.cu`). With bf16 cells two blocks share a
+/// multiprocessor at 64 registers a thread; H200, bf16, H 80: 256 threads 896-901 us a
+/// backward, 384 872-875, 512 831-833.
 const SSD_BWD_THREADS: usize = 512;
+/// Bytes of a cell of the backward kernels' shared matrices (`cell_t` of `ssd.cu`): bf16 for
+/// bf16 inputs, f32 otherwise.
+fn ssd_bwd_cell_bytes(bf16: bool) -> usize {
+    if bf16 {
+        2
+    } else {
+        4
+    }
+}
 /// Threads of `ssd_bwd_own_states`: with 256 rather than 512 its blocks fit more to a
 /// multiprocessor (H200: 58.8 -> 53.8 us at mamba2-130m's shape under ncu).
 const SSD_BWD_OWN_THREADS: usize = 256;
 
 /// The sizes `ssd.cu` is compiled with for the backward (its forward kernels included, at the
 /// backward's chunk length).
-pub(super) fn ssd_backward_defines() -> [(&'static str, usize); 4] {
+pub(super) fn ssd_backward_defines() -> [(&'static str, usize); 5] {
     let [_, tile, threads] = ssd_defines();
-    [("SSD_Q", SSD_BWD_CHUNK), tile, threads, ("SSD_BWD", 1)]
+    [
+        ("SSD_Q", SSD_BWD_CHUNK),
+        tile,
+        threads,
+        ("SSD_BWD", 1),
+        ("BWD_THREADS", SSD_BWD_THREADS),
+    ]
 }
 
-/// The row width of a shared matrix in the backward kernels (`pad32` of `ssd.cu`): `n` rounded
-/// up to a multiple of 32, as their swizzle and tensor-core tiles need.
-pub(super) fn ssd_bwd_width(n: usize) -> usize {
-    n.next_multiple_of(32)
+/// The row width of a shared matrix in the backward kernels (`pad_width` of `ssd.cu`): `n`
+/// rounded up to a multiple of 32 (f32 cells) or 64 (bf16 cells, rows of 128 bytes), as their
+/// swizzle and tensor-core tiles need.
+pub(super) fn ssd_bwd_width(n: usize, bf16: bool) -> usize {
+    n.next_multiple_of(if bf16 { 64 } else { 32 })
 }
 
-/// Bytes of `ssd_bwd_chunk`'s shared memory for head dimension `np` and state size `nn`: X
-/// and go (Q x P), B and C (Q x N), G and S_in (P x N), M and W (Q x Q), widths and P rows at
-/// [`ssd_bwd_width`]; the parts of two row dots (one per 8 columns); ten per-step vectors, one
-/// value per warp and g_D's part per p.
-pub(super) fn ssd_bwd_chunk_shared(np: usize, nn: usize) -> usize {
+/// Bytes of `ssd_bwd_chunk`'s shared memory for head dimension `np` and state size `nn`, bf16
+/// or f32 inputs: the cells of X and go (Q x P), B and C (Q x N), G and S_in (P x N), M and W
+/// (Q x Q), widths and P rows at [`ssd_bwd_width`]; then floats: the parts of two row dots
+/// (one per 8 columns), ten per-step vectors, one value per warp, g_D's part per p and the
+/// diagonal block's column and row sums per 16 x 16 tile (2 Q / 16 x Q).
+pub(super) fn ssd_bwd_chunk_shared(np: usize, nn: usize, bf16: bool) -> usize {
     let q = SSD_BWD_CHUNK;
-    let (pw, nw) = (ssd_bwd_width(np), ssd_bwd_width(nn));
-    let floats = 2 * q * pw
-        + 2 * q * nw
-        + 2 * pw * nw
-        + 2 * q * q
-        + q * nw / 8
-        + q * pw / 8
-        + 10 * q
-        + SSD_BWD_THREADS / 32
-        + pw;
-    4 * floats
+    let (pw, nw) = (ssd_bwd_width(np, bf16), ssd_bwd_width(nn, bf16));
+    let cells = 2 * q * pw + 2 * q * nw + 2 * pw * nw + 2 * q * q;
+    let floats = q * nw / 8 + q * pw / 8 + 10 * q + SSD_BWD_THREADS / 32 + pw + 2 * q / 16 * q;
+    ssd_bwd_cell_bytes(bf16) * cells + 4 * floats
 }
 
-/// Bytes of `ssd_bwd_own_states`' shared memory: go (Q x P), C (Q x N), exp(cum).
-fn ssd_bwd_own_states_shared(np: usize, nn: usize) -> usize {
-    4 * (SSD_BWD_CHUNK * (ssd_bwd_width(np) + ssd_bwd_width(nn) + 1))
+/// Bytes of `ssd_bwd_own_states`' shared memory: the cells of go (Q x P) and C (Q x N), then
+/// exp(cum) as floats.
+fn ssd_bwd_own_states_shared(np: usize, nn: usize, bf16: bool) -> usize {
+    let q = SSD_BWD_CHUNK;
+    ssd_bwd_cell_bytes(bf16) * q * (ssd_bwd_width(np, bf16) + ssd_bwd_width(nn, bf16)) + 4 * q
 }
 
 /// Where each input's gradient starts in the SSD backward's flat output (in the packing order,
@@ -1190,8 +1205,10 @@ pub(crate) fn ssd_backward(
     } = *dims;
     // Both shared-memory kernels are allowed the device's most (their launches ask for what
     // the sizes need, which differs from call to call).
-    let (chunk_shared, most_shared) =
-        (ssd_bwd_chunk_shared(np, nn), max_shared_opt_in(p.device())?);
+    let (chunk_shared, most_shared) = (
+        ssd_bwd_chunk_shared(np, nn, p.is_bf16()),
+        max_shared_opt_in(p.device())?,
+    );
     if chunk_shared > most_shared {
         return Ok(None);
     }
@@ -1259,7 +1276,7 @@ pub(crate) fn ssd_backward(
         None => grad.slice(..tokens),
     };
     {
-        let shared = ssd_bwd_own_states_shared(np, nn);
+        let shared = ssd_bwd_own_states_shared(np, nn, p.is_bf16());
         let f = kernel_with_shared(
             p.device(),
             &SSD,

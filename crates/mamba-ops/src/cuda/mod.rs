@@ -450,23 +450,28 @@ mod tests {
         assert!(!sequential(64, 1, 128), "N 128 is not staged");
     }
 
-    /// The SSD backward's chunk kernel: matrix widths the least multiple of 32 that holds the
-    /// row, and shared memory for Mamba-2's head shapes within an H200's 227 KB (P 64 with N
-    /// 128, P 128 with N 64) but not past it (P 128 with N 128 keeps the tensor-operation
-    /// backward).
+    /// The SSD backward's chunk kernel: matrix widths the least multiple of 32 (f32) or 64
+    /// (bf16) that holds the row, and shared memory for Mamba-2's head shapes within an H200's 227 KB (P 64 with N
+    /// 128, P 128 with N 64) but not past it with f32 inputs (P 128 with N 128 keeps the
+    /// tensor-operation backward); with bf16 inputs P 128 with N 128 fits, and at P 64 with
+    /// N 128 two blocks share a multiprocessor's 228 KB (each block also reserves 1 KB).
     #[test]
     fn ssd_backward_chunks_fit_the_shared_memory() {
-        for width in [4, 16, 32, 64, 128, 200] {
-            let padded = launch::ssd_bwd_width(width);
-            assert!(
-                padded >= width && padded.is_multiple_of(32) && padded < width + 32,
-                "{width}: {padded}"
-            );
+        for (bf16, multiple) in [(false, 32), (true, 64)] {
+            for width in [4, 16, 32, 64, 128, 200] {
+                let padded = launch::ssd_bwd_width(width, bf16);
+                assert!(
+                    padded >= width && padded.is_multiple_of(multiple) && padded < width + multiple,
+                    "{width}: {padded}"
+                );
+            }
         }
         const H200: usize = 227 << 10;
-        assert!(launch::ssd_bwd_chunk_shared(64, 128) <= H200);
-        assert!(launch::ssd_bwd_chunk_shared(128, 64) <= H200);
-        assert!(launch::ssd_bwd_chunk_shared(128, 128) > H200);
+        assert!(launch::ssd_bwd_chunk_shared(64, 128, false) <= H200);
+        assert!(launch::ssd_bwd_chunk_shared(128, 64, false) <= H200);
+        assert!(launch::ssd_bwd_chunk_shared(128, 128, false) > H200);
+        assert!(launch::ssd_bwd_chunk_shared(128, 128, true) <= H200);
+        assert!(2 * (launch::ssd_bwd_chunk_shared(64, 128, true) + 1024) <= 228 << 10);
     }
 
     /// The SSD backward's gradients follow the packing order, absent inputs at -1, and fill

@@ -1155,7 +1155,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 3)
 //   sum_parts             g_A, g_D and g_dt_bias: the chunks' parts added in order.
 // Every sum runs in a fixed order (no float atomics): every run gives the same bits.
 #ifdef SSD_BWD
-#define BWD_THREADS 512
+// BWD_THREADS (ssd_bwd_chunk's block) is defined by the launcher (launch.rs).
 #define BWD_OWN_THREADS 256  // ssd_bwd_own_states' (SSD_BWD_OWN_THREADS in launch.rs)
 
 // Where each gradient goes in the flat output (element offsets; -1 for an absent input).
@@ -1176,19 +1176,46 @@ extern "C" __global__ void ssd_bwd_gate(const in_t* __restrict__ x, SsdArgs s, c
     grads[at.z + e] = g * out[e] * silu_grad(z);
 }
 
-// A matrix in shared memory, `width` floats a row (a multiple of 32, zeros past the values):
-// element (r, c) at p[r * width + (c ^ swizzle(r))]. The swizzle moves a row's columns by 8
-// (r % 4) + 4 (r / 4 % 2), so that the tensor-core fragment loads below, eight rows by four
-// columns or four rows by eight columns, meet 32 distinct banks either way.
+// A shared matrix's cells: bf16 (its bits, rounded to nearest) for bf16 inputs, f32 otherwise.
+// With bf16 cells the products run as bf16 mma.sync m16n8k16 with f32 sums, their operands
+// loaded by ldmatrix, and ssd_bwd_chunk's matrices take half the space: two blocks fit a
+// multiprocessor. The bf16 inputs (x, B, C) are exact; the f32 intermediates (go, the states
+// and their gradients, M and W) are rounded to bf16, as mamba_ssm's Triton backward rounds them
+// for its products. The diagonal block's sums, which g_dt and g_A take as differences, use CB
+// and GX as f32 (gx_and_diagonal_sums).
+#ifdef IN_BF16
+#define BWD_BLOCKS 2  // ssd_bwd_chunk's blocks to a multiprocessor (64 registers a thread)
+typedef unsigned short cell_t;
+__device__ __forceinline__ cell_t to_cell(float v) { return bf16_bits(v); }
+__device__ __forceinline__ float from_cell(cell_t c) { return __uint_as_float((unsigned int)c << 16); }
+#else
+#define BWD_BLOCKS 1
+typedef float cell_t;
+__device__ __forceinline__ cell_t to_cell(float v) { return v; }
+__device__ __forceinline__ float from_cell(cell_t c) { return c; }
+#endif
+
+// A matrix in shared memory, `width` cells a row (pad_width: zeros past the values): element
+// (r, c) at p[r * width + (c ^ swizzle(r))].
+//   f32 cells: widths a multiple of 32; the swizzle moves a row's columns by 8 (r % 4) + 4 (r / 4
+//   % 2), so that the tf32 fragment loads below, eight rows by four columns or four rows by eight
+//   columns, meet 32 distinct banks either way.
+//   bf16 cells: widths a multiple of 64 (rows of 128 bytes); the swizzle XORs a row's 16-byte
+//   chunks with r % 8, so that the eight rows of an ldmatrix matrix meet distinct banks.
 struct Shared {
-    float* p;
+    cell_t* p;
     int width;
 };
+#ifdef IN_BF16
+__device__ __forceinline__ int swizzle(int r) { return (r & 7) << 3; }
+__device__ __forceinline__ int pad_width(int n) { return (n + 63) & ~63; }
+#else
 __device__ __forceinline__ int swizzle(int r) { return (r & 3) << 3 | (r & 4); }
-__device__ __forceinline__ float& at(Shared m, int r, int c) { return m.p[r * m.width + (c ^ swizzle(r))]; }
-
-// A shared matrix's width: n rounded up to a multiple of 32.
-__device__ __forceinline__ int pad32(int n) { return (n + 31) & ~31; }
+__device__ __forceinline__ int pad_width(int n) { return (n + 31) & ~31; }
+#endif
+__device__ __forceinline__ cell_t& cell(Shared m, int r, int c) { return m.p[r * m.width + (c ^ swizzle(r))]; }
+__device__ __forceinline__ float get(Shared m, int r, int c) { return from_cell(cell(m, r, c)); }
+__device__ __forceinline__ void put(Shared m, int r, int c, float v) { cell(m, r, c) = to_cell(v); }
 
 // An operand of a product: a shared matrix as it is (Rows) or transposed (Cols).
 struct Rows {
@@ -1198,21 +1225,105 @@ struct Cols {
     Shared m;
 };
 
-// The products run on tensor cores as tf32 mma.sync m16n8k8 with f32 sums. For f32 inputs
-// each operand value is split into hi (its top 19 bits, exact in tf32) and lo = v - hi (whose
-// bits past tf32 the tensor cores ignore), and a product is hi hi + hi lo + lo hi: about f32's
-// precision. For bf16 inputs the value as it is (the tensor cores truncate it to tf32: the bf16
-// inputs exactly, the f32 intermediates within 2^-10, finer than the inputs).
+extern __shared__ float bwd_smem[];
+// The cells of bwd_smem from its start, and the floats past n of them.
+__device__ __forceinline__ cell_t* shared_cells() { return reinterpret_cast<cell_t*>(bwd_smem); }
+__device__ __forceinline__ float* floats_after(cell_t* p, int n) { return reinterpret_cast<float*>(p + n); }
+
+#ifdef IN_BF16
+__device__ __forceinline__ void fragments(unsigned int addr, unsigned int (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void fragments_transposed(unsigned int addr, unsigned int (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// One ldmatrix x4 gives a lane's fragment registers for 16 outer indices (A's rows r0 .. r0 + 16,
+// or B's columns c0 .. c0 + 16, two n tiles) by 16 depths k .. k + 16: matrix i (the addresses
+// of lanes 8 i .. 8 i + 7, one row each) holds outer half `outer_half` and depth half
+// `depth_half`, both functions of i (A: a0 .. a3 = outer halves 0, 1, 0, 1 of depth halves 0, 0,
+// 1, 1; B: b0, b1 of the first n tile, then of the second = depth halves 0, 1, 0, 1 of outer
+// halves 0, 0, 1, 1). Depth runs in steps of 64 (kb), four of 16 (s) each.
+//   Along: the depth runs along the shared matrix's rows (A as Rows, B as Cols): ldmatrix, lane
+//   l addressing row outer0 + 8 outer_half + l % 8, chunk (kb + 16 s + 8 depth_half) / 8
+//   swizzled; kb / 8 is a multiple of 8, so only 2 s + depth_half meets the swizzle.
+//   Down: the depth runs down the rows (A as Cols, B as Rows): ldmatrix.trans, lane l addressing
+//   row kb + 16 s + 8 depth_half + l % 8 at chunk outer0 / 8 + outer_half, whose swizzle is the
+//   same for every kb and s.
+struct Along {
+    unsigned int row;
+    int off[4];
+    __device__ __forceinline__ Along(Shared m, int outer0, int outer_half, int depth_half) {
+        const int l = threadIdx.x % 32;
+        row = shared_address(m.p + (outer0 + 8 * outer_half + l % 8) * m.width);
+#pragma unroll
+        for (int s = 0; s < 4; ++s) off[s] = 16 * ((2 * s + depth_half) ^ (l & 7));
+    }
+    __device__ __forceinline__ void load(int kb, int s, unsigned int (&r)[4]) const {
+        fragments(row + 2 * kb + off[s], r);
+    }
+};
+struct Down {
+    unsigned int at;
+    int stride;
+    __device__ __forceinline__ Down(Shared m, int outer0, int outer_half, int depth_half) : stride(2 * m.width) {
+        const int l = threadIdx.x % 32;
+        const int chunk = (outer0 / 8 + outer_half) ^ (l & 7);
+        at = shared_address(m.p + (8 * depth_half + l % 8) * m.width + 8 * chunk);
+    }
+    __device__ __forceinline__ void load(int kb, int s, unsigned int (&r)[4]) const {
+        fragments_transposed(at + (kb + 16 * s) * stride, r);
+    }
+};
+__device__ __forceinline__ Along a_lanes(Rows a, int r0) {
+    const int i = threadIdx.x % 32 / 8;
+    return Along(a.m, r0, i % 2, i / 2);
+}
+__device__ __forceinline__ Down a_lanes(Cols a, int r0) {
+    const int i = threadIdx.x % 32 / 8;
+    return Down(a.m, r0, i % 2, i / 2);
+}
+__device__ __forceinline__ Along b_lanes(Cols b, int c0) {
+    const int i = threadIdx.x % 32 / 8;
+    return Along(b.m, c0, i / 2, i % 2);
+}
+__device__ __forceinline__ Down b_lanes(Rows b, int c0) {
+    const int i = threadIdx.x % 32 / 8;
+    return Down(b.m, c0, i / 2, i % 2);
+}
+
+// acc[j] += a(r0 .. r0 + 16, k) b(k, c0 + 8 j .. + 8), k < depth (a multiple of 64).
+template <int NT, class A, class B>
+__device__ __forceinline__ void multiply_into(float (&acc)[NT][4], int r0, int c0, int depth, A a, B b) {
+    static_assert(NT == 2, "one ldmatrix x4 of B covers two n tiles");
+    const auto av = a_lanes(a, r0);
+    const auto bv = b_lanes(b, c0);
+    for (int kb = 0; kb < depth; kb += 64) {
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            unsigned int af[4], bf[4];
+            av.load(kb, s, af);
+            bv.load(kb, s, bf);
+            mma_bf16(acc[0], af, bf[0], bf[1]);
+            mma_bf16(acc[1], af, bf[2], bf[3]);
+        }
+    }
+}
+#else
+// With f32 cells the products run on tensor cores as tf32 mma.sync m16n8k8 with f32 sums: each
+// operand value is split into hi (its top 19 bits, exact in tf32) and lo = v - hi (whose bits
+// past tf32 the tensor cores ignore), and a product is hi hi + hi lo + lo hi: about f32's
+// precision.
 struct Tf32 {
     unsigned int hi, lo;
 };
 __device__ __forceinline__ Tf32 split(float v) {
-#ifdef IN_BF16
-    return {__float_as_uint(v), 0u};
-#else
     const unsigned int hi = __float_as_uint(v) & 0xffffe000u;
     return {hi, __float_as_uint(v - __uint_as_float(hi))};
-#endif
 }
 
 __device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned int (&a)[4], unsigned int b0,
@@ -1234,7 +1345,6 @@ __device__ __forceinline__ void mma_tf32(float (&c)[4], const unsigned int (&a)[
 //   down a column (A as Cols, B as Rows): column[f][h][(kb + 8 q) width].
 //
 // Addresses are byte offsets into the backward kernels' dynamic shared memory (bwd_smem).
-extern __shared__ float bwd_smem[];
 __device__ __forceinline__ int byte_at(const float* p) {
     return (int)(reinterpret_cast<const char*>(p) - reinterpret_cast<const char*>(bwd_smem));
 }
@@ -1290,42 +1400,36 @@ template <int NT, class A, class B>
 __device__ __forceinline__ void multiply_into(float (&acc)[NT][4], int r0, int c0, int depth, A a, B b) {
     const auto av = a_view(a, r0);
     const auto bv = b_view<NT>(b, c0);
-#ifndef IN_BF16
     float fix[NT][4] = {};  // the hi lo and lo hi terms, kept apart so that they chain less
-#endif
     for (int kb = 0; kb < depth; kb += 32) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             const Tf32 as[4] = {split(av.value(0, kb, q, 0)), split(av.value(1, kb, q, 0)),
                                 split(av.value(0, kb, q, 1)), split(av.value(1, kb, q, 1))};
             const unsigned int a_hi[4] = {as[0].hi, as[1].hi, as[2].hi, as[3].hi};
-#ifndef IN_BF16
             const unsigned int a_lo[4] = {as[0].lo, as[1].lo, as[2].lo, as[3].lo};
-#endif
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
                 const Tf32 b0 = split(bv.value(j, kb, q, 0)), b1 = split(bv.value(j, kb, q, 1));
                 mma_tf32(acc[j], a_hi, b0.hi, b1.hi);
-#ifndef IN_BF16
                 mma_tf32(fix[j], a_hi, b0.lo, b1.lo);
                 mma_tf32(fix[j], a_lo, b0.hi, b1.hi);
-#endif
             }
         }
     }
-#ifndef IN_BF16
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] += fix[j][e];
-#endif
 }
 
+#endif
+
 // An m x n result from operands in shared memory, in the order
-//   out = a1 b1 (depth k1);  with dot.p: part[r * pad32(n) / 8 + q] = sum over the columns
+//   out = a1 b1 (depth k1);  with dot.p: part[r * pad_width(n) / 8 + q] = sum over the columns
 //   8 q .. 8 q + 7 of out[r][c] dot(r, c);  out[r][.] *= scale(r);  out += a2 b2 (depth k2);
 //   emit(r, c, out) for r < m, c < n.
-// Sizes are rounded up to multiples of 32 (the operands' zero padding). Each warp takes tiles of
+// Sizes are rounded up by pad_width (the operands' zero padding). Each warp takes tiles of
 // 16 rows by 8 PRODUCT_NT columns.
 #define PRODUCT_NT 2
 template <class A1, class B1, class A2, class B2, class Scale, class Emit>
@@ -1333,11 +1437,11 @@ __device__ void two_products(int m, int n, int k1, A1 a1, B1 b1, Shared dot, flo
                              A2 a2, B2 b2, Emit emit) {
     constexpr int NT = PRODUCT_NT;
     const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-    const int col_tiles = pad32(n) / (8 * NT), parts = pad32(n) / 8;
-    for (int tile = threadIdx.x / 32; tile < pad32(m) / 16 * col_tiles; tile += blockDim.x / 32) {
+    const int col_tiles = pad_width(n) / (8 * NT), parts = pad_width(n) / 8;
+    for (int tile = threadIdx.x / 32; tile < pad_width(m) / 16 * col_tiles; tile += blockDim.x / 32) {
         const int r0 = tile / col_tiles * 16, c0 = tile % col_tiles * 8 * NT;
         float acc[NT][4] = {};
-        multiply_into(acc, r0, c0, pad32(k1), a1, b1);
+        multiply_into(acc, r0, c0, pad_width(k1), a1, b1);
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
             const int c = c0 + 8 * j + 2 * t;
@@ -1345,7 +1449,7 @@ __device__ void two_products(int m, int n, int k1, A1 a1, B1 b1, Shared dot, flo
             for (int h = 0; h < 2; ++h) {
                 const int r = r0 + g + 8 * h;
                 if (dot.p != nullptr) {
-                    float d = acc[j][2 * h] * at(dot, r, c) + acc[j][2 * h + 1] * at(dot, r, c + 1);
+                    float d = acc[j][2 * h] * get(dot, r, c) + acc[j][2 * h + 1] * get(dot, r, c + 1);
                     d = lane_group_sum(d, 4);
                     if (t == 0) part[r * parts + c0 / 8 + j] = d;
                 }
@@ -1354,7 +1458,7 @@ __device__ void two_products(int m, int n, int k1, A1 a1, B1 b1, Shared dot, flo
                 acc[j][2 * h + 1] *= sc;
             }
         }
-        multiply_into(acc, r0, c0, pad32(k2), a2, b2);
+        multiply_into(acc, r0, c0, pad_width(k2), a2, b2);
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -1389,7 +1493,7 @@ __device__ __forceinline__ void stage_matrix(int tall, int rows, int cols, Value
 #pragma unroll
                 for (int q = 0; q < STAGE_SEGMENTS; ++q) {
                     const int r = r0 + i * warps;
-                    if (r < tall && s0 + q < segments) at(dst, r, lane + 32 * (s0 + q)) = v[i][q];
+                    if (r < tall && s0 + q < segments) put(dst, r, lane + 32 * (s0 + q), v[i][q]);
                 }
         }
 }
@@ -1402,19 +1506,24 @@ __device__ __forceinline__ void copy_async(float* dst, const float* src, bool va
 }
 __device__ __forceinline__ void copies_done() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
-// stage_matrix from f32 rows in device memory (row r at row(r)), the values below the diagonal
-// only when `lower`, with asynchronous copies: no thread waits for a load before it issues the
-// next. Warp w takes rows w, w + warps, ... and lane l columns l, l + 32, ...
+// stage_matrix from f32 rows in device memory (row r at row(r)). Into f32 cells with
+// asynchronous copies: no thread waits for a load before it issues the next; warp w takes rows
+// w, w + warps, ... and lane l columns l, l + 32, ... Into bf16 cells through registers, rounded.
 template <class Row>
-__device__ __forceinline__ void copy_matrix(int tall, int rows, int cols, Row row, bool lower, Shared dst) {
+__device__ __forceinline__ void copy_matrix(int tall, int rows, int cols, Row row, Shared dst) {
+#ifdef IN_BF16
+    stage_matrix(
+        tall, rows, cols, [&](int r, int c) { return row(r)[c]; }, dst);
+#else
     const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
     for (int r = threadIdx.x / 32; r < tall; r += warps) {
         const float* src = row(min(r, rows - 1));
         for (int c = lane; c < dst.width; c += 32) {
-            const bool valid = r < rows && c < cols && (!lower || c <= r);
-            copy_async(&at(dst, r, c), valid ? src + c : src, valid);
+            const bool valid = r < rows && c < cols;
+            copy_async(&cell(dst, r, c), valid ? src + c : src, valid);
         }
     }
+#endif
 }
 
 // Rows t0 .. t0 + SSD_Q of a (batch, L, K, width) input at inner index k into dst (zeros past
@@ -1428,7 +1537,7 @@ __device__ __forceinline__ void stage_input_rows(const in_t* __restrict__ x, con
 #else
     copy_matrix(
         SSD_Q, min(SSD_Q, s.len - t0), width,
-        [&](int r) { return x + offset + token_row(s, b, t0 + r, k, inner, width); }, false, dst);
+        [&](int r) { return x + offset + token_row(s, b, t0 + r, k, inner, width); }, dst);
 #endif
 }
 
@@ -1438,7 +1547,7 @@ __device__ __forceinline__ void copy_float_rows(const float* __restrict__ src, c
     const int width = s.head_dim;
     copy_matrix(
         SSD_Q, min(SSD_Q, s.len - k.t0), width,
-        [&](int r) { return src + token_row(s, k.b, k.t0 + r, k.h, s.heads, width); }, false, dst);
+        [&](int r) { return src + token_row(s, k.b, k.t0 + r, k.h, s.heads, width); }, dst);
 }
 
 // The chunk's B and C rows (its head's group) into bs and the SSD_Q rows after it (cs, alike):
@@ -1464,14 +1573,14 @@ __device__ __forceinline__ void stage_group_rows(const in_t* __restrict__ x, con
 
 // Each chunk's own share of the gradient of the state entering it, sum_i exp(cum_i)
 // outer(go_i, C_i), into own (batch, chunks, H, P, N). One (batch, chunk, head) per block;
-// dynamic shared memory: go scaled (SSD_Q x pad32(P)), C (SSD_Q x pad32(N)), exp(cum).
+// dynamic shared memory: go scaled (SSD_Q x pad_width(P)), C (SSD_Q x pad_width(N)), exp(cum).
 extern "C" __global__ void __launch_bounds__(BWD_OWN_THREADS)
     ssd_bwd_own_states(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ go,
                        const float* __restrict__ cum, float* __restrict__ own) {
     const int np = s.head_dim, nn = s.state;
-    const Shared gos{bwd_smem, pad32(np)};
-    const Shared cs{gos.p + SSD_Q * gos.width, pad32(nn)};
-    float* scale = cs.p + SSD_Q * cs.width;  // exp(cum_i)
+    const Shared gos{shared_cells(), pad_width(np)};
+    const Shared cs{gos.p + SSD_Q * gos.width, pad_width(nn)};
+    float* scale = floats_after(cs.p, SSD_Q * cs.width);  // exp(cum_i)
     const ChunkHead k = chunk_head(s, blockIdx.x);
     copy_float_rows(go, s, k, gos);
     stage_input_rows(x, s, s.c, k.b, k.t0, k.g, s.groups, nn, cs);
@@ -1480,7 +1589,7 @@ extern "C" __global__ void __launch_bounds__(BWD_OWN_THREADS)
     __syncthreads();
     // go's rows scaled in place.
     for (int i = threadIdx.x / 32; i < SSD_Q; i += blockDim.x / 32)
-        for (int p = threadIdx.x % 32; p < gos.width; p += 32) at(gos, i, p) *= scale[i];
+        for (int p = threadIdx.x % 32; p < gos.width; p += 32) put(gos, i, p, get(gos, i, p) * scale[i]);
     __syncthreads();
     const Rows none{{nullptr, 0}};
     two_products(
@@ -1503,29 +1612,79 @@ extern "C" __global__ void ssd_bwd_state_passing(SsdArgs s, const float* __restr
     if (at_grad.initial_states >= 0) grads[at_grad.initial_states + bh * entries + e] = front;
 }
 
+// GX = go X^T (Q x Q) into w's cells, and the diagonal block's sums of E = CB ∘ l ∘ GX (E_ij =
+// CB_ij exp(cum_i - cum_j) GX_ij for j <= i) taken from the f32 values of CB (cb_chunk, device
+// memory) and of GX (the products' sums) rather than from their cells: col_e[j] = sum_i E_ij and
+// row_f[i] = sum_j E_ij dt'_j. Each warp's 16 x 16 tile (tile row R, tile column T) leaves its
+// column sums in part[R][j] and its row sums in part[Q / 16 + T][i], for the caller to add in
+// order after a barrier. Tiles above the diagonal are all zeros in E and (after masking) in W:
+// their products are skipped and their cells left for the masking to zero.
+__device__ __forceinline__ void gx_and_diagonal_sums(Shared gos, Shared xs, int np, Shared w,
+                                                     const float* __restrict__ cb_chunk, const float* cum_c,
+                                                     const float* dt_c, float* part) {
+    constexpr int NT = PRODUCT_NT, TILES = SSD_Q / 16;
+    static_assert(8 * NT == 16, "square tiles of 16");
+    const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    for (int tile = threadIdx.x / 32; tile < TILES * TILES; tile += blockDim.x / 32) {
+        const int r0 = tile / TILES * 16, c0 = tile % TILES * 16;
+        float col[NT][2] = {}, row[2] = {};
+        if (c0 <= r0) {
+            float acc[NT][4] = {};
+            multiply_into(acc, r0, c0, pad_width(np), Rows{gos}, Cols{xs});
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = r0 + g + (e >= 2 ? 8 : 0), c = c0 + 8 * j + 2 * t + (e & 1);
+                    put(w, r, c, acc[j][e]);
+                    const float v = c <= r ? cb_chunk[r * SSD_Q + c] * __expf(cum_c[r] - cum_c[c]) * acc[j][e] : 0.0f;
+                    col[j][e & 1] += v;
+                    row[e >> 1] += v * dt_c[c];
+                }
+        }
+        // Columns over the tile's rows (lanes of one t), rows over its columns (lanes of one g).
+#pragma unroll
+        for (int offset = 4; offset < 32; offset *= 2)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int q = 0; q < 2; ++q) col[j][q] += __shfl_xor_sync(0xffffffffu, col[j][q], offset);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) row[h] = lane_group_sum(row[h], 4);
+        if (g == 0)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int q = 0; q < 2; ++q) part[r0 / 16 * SSD_Q + c0 + 8 * j + 2 * t + q] = col[j][q];
+        if (t == 0)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) part[(TILES + c0 / 16) * SSD_Q + r0 + g + 8 * h] = row[h];
+    }
+}
+
 // The gradients of one (batch, chunk, head) (equations above). Writes g_X and g_dt (with the
 // processed step's derivative) into grads, the head's shares of g_B and g_C into b_share and
 // c_share (batch, H, L, N), and the chunk's parts of g_A (a_part), g_dt_bias (bias_part) and
 // g_D (d_part: P per chunk; with D per head, also their sum into d_head_part). Grid: batch *
 // chunks * heads; dynamic shared memory as laid out below (the launcher's
 // `ssd_bwd_chunk_shared`).
-extern "C" __global__ void __launch_bounds__(BWD_THREADS)
+extern "C" __global__ void __launch_bounds__(BWD_THREADS, BWD_BLOCKS)
     ssd_bwd_chunk(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ go_g,
                   const float* __restrict__ dtp, const float* __restrict__ cum, const float* __restrict__ cb,
                   const float* __restrict__ states, const float* __restrict__ g_states, float* __restrict__ grads,
                   SsdGradsAt at_grad, float* __restrict__ b_share, float* __restrict__ c_share,
                   float* __restrict__ a_part, float* __restrict__ bias_part, float* __restrict__ d_part,
                   float* __restrict__ d_head_part) {
-    const int np = s.head_dim, nn = s.state, pw = pad32(np), nw = pad32(nn);
-    const Shared xs{bwd_smem, pw};                     // X    (Q, P)
+    const int np = s.head_dim, nn = s.state, pw = pad_width(np), nw = pad_width(nn);
+    const Shared xs{shared_cells(), pw};               // X    (Q, P)
     const Shared gos{xs.p + SSD_Q * pw, pw};         // go   (Q, P)
     const Shared bs{gos.p + SSD_Q * pw, nw};         // B    (Q, N)
     const Shared cs{bs.p + SSD_Q * nw, nw};          // C    (Q, N)
     const Shared gst{cs.p + SSD_Q * nw, nw};         // G    (P, N)
     const Shared sin{gst.p + pw * nw, nw};           // S_in (P, N)
-    const Shared m{sin.p + pw * nw, SSD_Q};          // CB, then M   (Q, Q)
+    const Shared m{sin.p + pw * nw, SSD_Q};          // M    (Q, Q)
     const Shared w{m.p + SSD_Q * SSD_Q, SSD_Q};      // GX, then W   (Q, Q)
-    float* part_c = w.p + SSD_Q * SSD_Q;             // (Q, N / 8): parts of go_i . (S_in C_i)
+    float* part_c = floats_after(w.p, SSD_Q * SSD_Q);  // (Q, N / 8): parts of go_i . (S_in C_i)
     float* part_x = part_c + SSD_Q * (nw / 8);       // (Q, P / 8): of x_i . (G B_i)
     float* cum_c = part_x + SSD_Q * (pw / 8);
     float* dt_c = cum_c + SSD_Q;
@@ -1539,6 +1698,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     float* u_x = u_c + SSD_Q;            // x_i . (G B_i)
     float* red = u_x + SSD_Q;            // each warp's sum of <G, S_in>
     float* d_c = red + BWD_THREADS / 32; // g_D's part per p
+    float* diag_part = d_c + pw;         // (2 Q / 16, Q): gx_and_diagonal_sums' tile sums
 
     const ChunkHead k = chunk_head(s, blockIdx.x);
     const int tid = threadIdx.x;
@@ -1548,12 +1708,10 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
     copy_float_rows(go_g, s, k, gos);
     const long long state0 = k.bch * np * (long long)nn;
     copy_matrix(
-        pw, np, nn, [&](int p) { return g_states + state0 + p * nn; }, false, gst);
+        pw, np, nn, [&](int p) { return g_states + state0 + p * nn; }, gst);
     copy_matrix(
-        pw, np, nn, [&](int p) { return states + state0 + p * nn; }, false, sin);
+        pw, np, nn, [&](int p) { return states + state0 + p * nn; }, sin);
     const long long cb0 = (k.bc * s.groups + k.g) * (long long)SSD_Q * SSD_Q;
-    copy_matrix(
-        SSD_Q, SSD_Q, SSD_Q, [&](int i) { return cb + cb0 + i * SSD_Q; }, true, m);
     stage_input_rows(x, s, s.x, k.b, k.t0, k.h, s.heads, np, xs);
     stage_group_rows(x, s, k, bs);
     stage_steps(s, k, dtp, cum, dt_c, cum_c, SSD_Q);
@@ -1569,37 +1727,26 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
         wj[j] = into[j] * dt_c[j];
     }
     const Rows none{{nullptr, 0}};
-    const auto one = [](int) { return 1.0f; };
-    // GX = go X^T.
-    two_products(SSD_Q, SSD_Q, np, Rows{gos}, Cols{xs}, none.m, nullptr, one, 0, none, none,
-                 [&](int i, int j, float v) { at(w, i, j) = v; });
+    // GX = go X^T into W's cells, with the diagonal block's sums.
+    gx_and_diagonal_sums(gos, xs, np, w, cb + cb0, cum_c, dt_c, diag_part);
     __syncthreads();
-    const auto e_of = [&](int i, int j) {  // (CB ∘ l ∘ GX)_ij, j <= i
-        return at(m, i, j) * __expf(cum_c[i] - cum_c[j]) * at(w, i, j);
-    };
-    // The diagonal block's sums, eight threads to each column j (col_e, col_f) and to each row i
-    // (row_f), each taking every eighth step.
-    static_assert(BWD_THREADS == 8 * SSD_Q, "eight threads to a row");
-    {
-        const int line = tid / 8, part = tid % 8;
-        float e_sum = 0.0f, f_sum = 0.0f;
-        for (int i = line + part; i < SSD_Q; i += 8) e_sum += e_of(i, line);
-        for (int j = part; j <= line; j += 8) f_sum += e_of(line, j) * dt_c[j];
-        e_sum = lane_group_sum(e_sum, 8);
-        f_sum = lane_group_sum(f_sum, 8);
-        if (part == 0) {
-            col_e[line] = e_sum;
-            col_f[line] = e_sum * dt_c[line];
-            row_f[line] = f_sum;
+    for (int j = tid; j < SSD_Q; j += blockDim.x) {
+        float e = 0.0f, f = 0.0f;
+        for (int q = 0; q < SSD_Q / 16; ++q) {
+            e += diag_part[q * SSD_Q + j];
+            f += diag_part[(SSD_Q / 16 + q) * SSD_Q + j];
         }
+        col_e[j] = e;
+        col_f[j] = e * dt_c[j];
+        row_f[j] = f;
     }
     __syncthreads();
     // M = CB ∘ l ∘ dt'_j and W = GX ∘ l ∘ dt'_j (zero above the diagonal).
     for (int e = tid; e < SSD_Q * SSD_Q; e += blockDim.x) {
         const int i = e / SSD_Q, j = e % SSD_Q;
         const float l = j <= i ? __expf(cum_c[i] - cum_c[j]) * dt_c[j] : 0.0f;
-        at(m, i, j) *= l;
-        at(w, i, j) = j <= i ? at(w, i, j) * l : 0.0f;
+        put(m, i, j, j <= i ? cb[cb0 + i * SSD_Q + j] * l : 0.0f);
+        put(w, i, j, j <= i ? get(w, i, j) * l : 0.0f);
     }
     __syncthreads();
     const int t_end = s.len - k.t0;  // steps of this chunk inside the sequence, if fewer than SSD_Q
@@ -1619,19 +1766,19 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
                  Rows{gos}, [&](int j, int p, float v) {
                      if (j >= t_end) return;
                      const float skip = s.d < 0 ? 0.0f : ld(x, s.d + (s.d_per_p ? k.h * np + p : k.h));
-                     grads[at_grad.x + token_row(s, k.b, k.t0 + j, k.h, s.heads, np) + p] = v + skip * at(gos, j, p);
+                     grads[at_grad.x + token_row(s, k.b, k.t0 + j, k.h, s.heads, np) + p] = v + skip * get(gos, j, p);
                  });
     // <G, S_in> (both laid out alike, zeros in the padding): each thread's share in order, then
     // each warp's.
     float gs = 0.0f;
-    for (int e = tid; e < pw * nw; e += blockDim.x) gs += gst.p[e] * sin.p[e];
+    for (int e = tid; e < pw * nw; e += blockDim.x) gs += from_cell(gst.p[e]) * from_cell(sin.p[e]);
     gs = lane_group_sum(gs, 32);
     if (tid % 32 == 0) red[tid / 32] = gs;
     // g_D's part: sum_i go_i x_i per p.
     if (s.d >= 0)
         for (int p = tid; p < np; p += blockDim.x) {
             float v = 0.0f;
-            for (int i = 0; i < SSD_Q; ++i) v += at(gos, i, p) * at(xs, i, p);
+            for (int i = 0; i < SSD_Q; ++i) v += get(gos, i, p) * get(xs, i, p);
             d_part[k.bch * np + p] = v;
             d_c[p] = v;
         }
