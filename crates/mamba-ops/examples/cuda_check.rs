@@ -755,6 +755,17 @@ fn ssd_padded_case() -> ModelCase {
     }
 }
 
+/// The SSD backward at P 128 with N 128, whose chunk kernel fits the shared memory only with
+/// bf16 inputs (f32 inputs keep the tensor-operation backward): one chunk and a partial one.
+fn ssd_wide_case() -> ModelCase {
+    ModelCase {
+        name: "bwd ssd b1 H2 G1 P128 N128 L100 init",
+        specs: ssd_init_specs(100, 2, 128, 128),
+        call: ssd_with_init,
+        flops: 0.0,
+    }
+}
+
 /// The inputs of [`ssd_with_init`]: `len` tokens of `h` heads of `p` channels, one group of
 /// state size `n`.
 fn ssd_init_specs(len: usize, h: usize, p: usize, n: usize) -> Vec<Spec> {
@@ -1007,6 +1018,7 @@ fn backward_cases() -> Vec<ModelCase> {
         },
         ssd_gated_case(),
         ssd_padded_case(),
+        ssd_wide_case(),
         ModelCase {
             name: "bwd m2 rmsnorm_gated 2048x1536",
             specs: norm.clone(),
