@@ -451,10 +451,11 @@ mod tests {
     }
 
     /// The SSD backward's chunk kernel: matrix widths the least multiple of 32 (f32) or 64
-    /// (bf16) that holds the row, and shared memory for Mamba-2's head shapes within an H200's 227 KB (P 64 with N
-    /// 128, P 128 with N 64) but not past it with f32 inputs (P 128 with N 128 keeps the
-    /// tensor-operation backward); with bf16 inputs P 128 with N 128 fits, and at P 64 with
-    /// N 128 two blocks share a multiprocessor's 228 KB (each block also reserves 1 KB).
+    /// (bf16) that holds the row, and shared memory for Mamba-2's head shapes within an
+    /// H200's 227 KB (P 64 with N 128, P 128 with N 64) but not past it with f32 inputs (P 128
+    /// with N 128 keeps the tensor-operation backward); with bf16 inputs P 128 with N 128
+    /// fits, and at P 64 with N 128 two blocks share a multiprocessor's 228 KB (each block
+    /// also reserves 1 KB).
     #[test]
     fn ssd_backward_chunks_fit_the_shared_memory() {
         for (bf16, multiple) in [(false, 32), (true, 64)] {

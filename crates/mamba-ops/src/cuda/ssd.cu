@@ -217,6 +217,19 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned int (&a)[
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Four 8 x 8 matrices of 16-bit values from shared memory (ldmatrix x4), lane l giving the
+// address of row l % 8 of matrix l / 8: as they are, or transposed.
+__device__ __forceinline__ void fragments(unsigned int addr, unsigned int (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void fragments_transposed(unsigned int addr, unsigned int (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
 // A's fragment (rows 16 (w % 4) .. +16, the slab's 16 k) from a plane.
 __device__ __forceinline__ void load_a(const unsigned short (&plane)[TILE][SLAB], unsigned int (&a)[4]) {
     const int lane = threadIdx.x % 32, row = (threadIdx.x / 32 % 4) * 16 + lane / 4, k = 2 * (lane % 4);
@@ -714,17 +727,6 @@ __device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_
 template <int PENDING>
 __device__ __forceinline__ void copies_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
-}
-
-__device__ __forceinline__ void fragments(unsigned int addr, unsigned int (&r)[4]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-__device__ __forceinline__ void fragments_transposed(unsigned int addr, unsigned int (&r)[4]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
 }
 
 // Byte offset of 16-byte chunk c of a row in rows of 64 / 128 bytes, the chunks XORed with
@@ -1231,17 +1233,6 @@ __device__ __forceinline__ cell_t* shared_cells() { return reinterpret_cast<cell
 __device__ __forceinline__ float* floats_after(cell_t* p, int n) { return reinterpret_cast<float*>(p + n); }
 
 #ifdef IN_BF16
-__device__ __forceinline__ void fragments(unsigned int addr, unsigned int (&r)[4]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-__device__ __forceinline__ void fragments_transposed(unsigned int addr, unsigned int (&r)[4]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
 // One ldmatrix x4 gives a lane's fragment registers for 16 outer indices (A's rows r0 .. r0 + 16,
 // or B's columns c0 .. c0 + 16, two n tiles) by 16 depths k .. k + 16: matrix i (the addresses
 // of lanes 8 i .. 8 i + 7, one row each) holds outer half `outer_half` and depth half
@@ -1527,7 +1518,7 @@ __device__ __forceinline__ void copy_matrix(int tall, int rows, int cols, Row ro
 }
 
 // Rows t0 .. t0 + SSD_Q of a (batch, L, K, width) input at inner index k into dst (zeros past
-// the sequence): copied asynchronously when f32, widened through registers when bf16.
+// the sequence): copied asynchronously when f32, through registers into bf16 cells when bf16.
 __device__ __forceinline__ void stage_input_rows(const in_t* __restrict__ x, const SsdArgs& s, long long offset,
                                                  long long b, int t0, int k, int inner, int width, Shared dst) {
 #ifdef IN_BF16
@@ -1551,7 +1542,7 @@ __device__ __forceinline__ void copy_float_rows(const float* __restrict__ src, c
 }
 
 // The chunk's B and C rows (its head's group) into bs and the SSD_Q rows after it (cs, alike):
-// copied asynchronously when f32; when bf16, widened through registers as one matrix of
+// copied asynchronously when f32; when bf16, through registers into bf16 cells as one matrix of
 // 2 SSD_Q rows, twice the loads in flight.
 __device__ __forceinline__ void stage_group_rows(const in_t* __restrict__ x, const SsdArgs& s, const ChunkHead& k,
                                                  Shared bs) {
@@ -1703,8 +1694,8 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS, BWD_BLOCKS)
     const ChunkHead k = chunk_head(s, blockIdx.x);
     const int tid = threadIdx.x;
     const float a = ld(x, s.a + k.h);
-    // The f32 operands' copies first, so that they are in flight while the steps are read and
-    // bf16 inputs widened.
+    // The f32 operands first: with f32 cells their asynchronous copies are in flight while the
+    // inputs and steps are read.
     copy_float_rows(go_g, s, k, gos);
     const long long state0 = k.bch * np * (long long)nn;
     copy_matrix(
