@@ -923,10 +923,10 @@ const SSD_TC_THREADS: usize = 256;
 const SSD_TC_SHARED: usize = 2 * 6 * 4096;
 const SSD_TC_SLICE: usize = 32;
 
-/// Whether the forward can run its staged kernels (`ssd_chunk_products_tc`,
-/// `ssd_state_passing_split`, `ssd_chunk_scan_tc`): bf16 inputs, N a whole (non-zero) number of
-/// their slices, P of 16-byte rows, and x, B and C starting 16-byte aligned (their copies move
-/// 16 bytes at a time).
+/// Whether the forward (and the backward's rerun of it) can run its staged kernels
+/// (`ssd_chunk_products_tc`, `ssd_state_passing_split`, `ssd_chunk_scan_tc`): bf16 inputs, N a
+/// whole (non-zero) number of their slices, P of 16-byte rows, and x, B and C starting 16-byte
+/// aligned (their copies move 16 bytes at a time).
 fn ssd_staged(p: &Packed, args: &SsdArgs) -> Result<bool> {
     Ok(p.is_bf16()
         && args.state > 0
@@ -956,7 +956,7 @@ impl SsdChunks {
     /// `ssd_chunk_products` (with dt' and the running sums) and `ssd_state_passing` of
     /// `variant` (compiled with `SSD_Q = chunk`), the state after the last chunk into
     /// `final_state`; with `split`, their staged versions `ssd_chunk_products_tc` and
-    /// `ssd_state_passing_split` instead (for `ssd_chunk_scan_tc`).
+    /// `ssd_state_passing_split` instead (for `ssd_chunk_scan_tc` and the backward).
     fn run(
         p: &Packed,
         variant: &Variant,
@@ -1226,6 +1226,12 @@ pub(crate) fn ssd_backward(
     let state_len = nb * nh * np * nn;
     let mut grads = p.buffer(total)?;
     let mut own = p.buffer(block_heads * np * nn)?;
+    // G as `ssd_bwd_chunk`'s bf16 cells, two to a float (f32 cells: G replaces own in place).
+    let mut g_cells = if p.is_bf16() {
+        Some(p.buffer((block_heads * np * nn).div_ceil(2))?)
+    } else {
+        None
+    };
     let mut b_share = p.buffer(nb * nh * nl * nn)?;
     let mut c_share = p.buffer(nb * nh * nl * nn)?;
     let mut a_part = p.buffer(block_heads)?;
@@ -1233,10 +1239,12 @@ pub(crate) fn ssd_backward(
     let mut d_part = p.buffer(block_heads * np)?;
     let mut d_head_part = p.buffer(block_heads)?;
     let (g_y, g_final) = (grad.slice(..tokens), grad.slice(tokens..tokens + state_len));
-    // The forward again, at the backward's chunk length, and with z the output before the
-    // gate, which g_z needs.
+    // The forward again, at the backward's chunk length (staged where it can be: the entering
+    // states then left as bf16 planes, whose hi plane is `ssd_bwd_chunk`'s S_in as it is), and
+    // with z the output before the gate, which g_z needs.
     let mut final_state = p.buffer(state_len)?;
-    let fwd = SsdChunks::run(p, &variant, &args, q, &mut final_state.slice_mut(..), false)?;
+    let split = ssd_staged(p, &args)?;
+    let fwd = SsdChunks::run(p, &variant, &args, q, &mut final_state.slice_mut(..), split)?;
     let ungated = if present.z {
         let mut out = p.buffer(tokens)?;
         let inputs = SsdOffsets {
@@ -1292,18 +1300,17 @@ pub(crate) fn ssd_backward(
     {
         let f = func("ssd_bwd_state_passing")?;
         let mut builder = p.stream.launch_builder(&f);
-        builder
-            .arg(&args)
-            .arg(&fwd.cum)
-            .arg(&g_final)
-            .arg(&mut own)
-            .arg(&mut grads)
-            .arg(&at);
+        builder.arg(&args).arg(&fwd.cum).arg(&g_final).arg(&mut own);
+        if let Some(g_cells) = &mut g_cells {
+            builder.arg(g_cells);
+        }
+        builder.arg(&mut grads).arg(&at);
         let cfg = config((nb * nh, (np * nn).div_ceil(THREADS), 1), THREADS, 0)?;
         unsafe { launch(&mut builder, cfg) }?;
     }
     {
         let f = kernel_with_shared(p.device(), &SSD, &variant, "ssd_bwd_chunk", most_shared)?;
+        let states_as_planes = i32::from(fwd.planes.is_some());
         let mut builder = p.builder(&f);
         builder
             .arg(&args)
@@ -1311,8 +1318,9 @@ pub(crate) fn ssd_backward(
             .arg(&fwd.dtp)
             .arg(&fwd.cum)
             .arg(&fwd.cb)
-            .arg(&fwd.states)
-            .arg(&own)
+            .arg(fwd.planes.as_ref().unwrap_or(&fwd.states))
+            .arg(&states_as_planes)
+            .arg(g_cells.as_ref().unwrap_or(&own))
             .arg(&mut grads)
             .arg(&at)
             .arg(&mut b_share)

@@ -688,10 +688,12 @@ extern "C" __global__ void __launch_bounds__(PRODUCT_THREADS, 3)
     }
 }
 
-#if defined(IN_BF16) && !defined(SSD_BWD)
+#ifdef IN_BF16
 // ---------------------------------------------------------------------------------------------
 // The chunk scan with bf16 inputs, staged asynchronously (the launcher's choice when N is a
 // multiple of TC_SLICE, P of 8, and x, B and C start 16-byte aligned; ssd_chunk_scan otherwise).
+// Compiled for the backward too, which runs them at its chunk length and reads the entering
+// states' hi plane as its bf16 cells.
 // The same sums as ssd_chunk_scan, without register staging or a barrier per slab:
 //   - the state passing leaves each entering state already split, as two bf16 planes hi and lo
 //     (ssd_state_passing_split), so every operand of the off-diagonal product is copied to
@@ -1147,8 +1149,9 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 3)
 //
 // and G runs backwards over the chunks as the states run forwards: G(last) = g_final,
 // G(c-1) = exp(cum_last(c)) G(c) + sum_i exp(cum_i) outer(go_i, C_i); what leaves the first
-// chunk is g_initial_states. Kernels, after the forward ones (ssd_chunk_products,
-// ssd_state_passing and, with z, ssd_chunk_scan without the gate for the ungated output):
+// chunk is g_initial_states. Kernels, after the forward ones (ssd_chunk_products and
+// ssd_state_passing, or their staged versions where the forward would stage them; with z, the
+// chunk scan without the gate for the ungated output):
 //   ssd_bwd_gate          with z: go, and g_z = g_y out silu'(z);
 //   ssd_bwd_own_states    each chunk's sum_i exp(cum_i) outer(go_i, C_i);
 //   ssd_bwd_state_passing G(c) over the chunks, from the end, and g_initial_states;
@@ -1184,7 +1187,7 @@ extern "C" __global__ void ssd_bwd_gate(const in_t* __restrict__ x, SsdArgs s, c
 // multiprocessor. The bf16 inputs (x, B, C) are exact; the f32 intermediates (go, the states
 // and their gradients, M and W) are rounded to bf16, as mamba_ssm's Triton backward rounds them
 // for its products. The diagonal block's sums, which g_dt and g_A take as differences, use CB
-// and GX as f32 (gx_and_diagonal_sums).
+// and GX as f32 (masked_products_and_diagonal_sums).
 #ifdef IN_BF16
 #define BWD_BLOCKS 2  // ssd_bwd_chunk's blocks to a multiprocessor (64 registers a thread)
 typedef unsigned short cell_t;
@@ -1517,6 +1520,29 @@ __device__ __forceinline__ void copy_matrix(int tall, int rows, int cols, Row ro
 #endif
 }
 
+// copy_matrix from rows of cells in device memory (row r at row(r)): f32 cells as copy_matrix;
+// bf16 cells 16 bytes (eight cells, which the swizzle keeps together) at a time with
+// asynchronous copies where the rows are whole 16-byte chunks (cols a multiple of 8), through
+// registers otherwise.
+template <class Row>
+__device__ __forceinline__ void copy_cells(int tall, int rows, int cols, Row row, Shared dst) {
+#ifdef IN_BF16
+    if (cols % 8 == 0) {
+        const int chunks = dst.width / 8;
+        for (int e = threadIdx.x; e < tall * chunks; e += blockDim.x) {
+            const int r = e / chunks, c = 8 * (e % chunks);
+            const bool valid = r < rows && c < cols;
+            copy16(shared_address(&cell(dst, r, c)), valid ? row(r) + c : row(0), valid);
+        }
+    } else {
+        stage_matrix(
+            tall, rows, cols, [&](int r, int c) { return from_cell(row(r)[c]); }, dst);
+    }
+#else
+    copy_matrix(tall, rows, cols, row, dst);
+#endif
+}
+
 // Rows t0 .. t0 + SSD_Q of a (batch, L, K, width) input at inner index k into dst (zeros past
 // the sequence): copied asynchronously when f32, through registers into bf16 cells when bf16.
 __device__ __forceinline__ void stage_input_rows(const in_t* __restrict__ x, const SsdArgs& s, long long offset,
@@ -1588,51 +1614,77 @@ extern "C" __global__ void __launch_bounds__(BWD_OWN_THREADS)
         [&](int p, int n, float v) { own[(k.bch * np + p) * (long long)nn + n] = v; });
 }
 
-// G(c) over the chunks from the last: own(c) is replaced by G(c), the gradient of the state
+#ifdef IN_BF16
+// The running value as a bf16 cell at the chunk's index: what ssd_bwd_chunk's shared matrices
+// take.
+struct ToCells {
+    cell_t* cells;
+    __device__ __forceinline__ void operator()(long long at, long long, float running) const {
+        cells[at] = to_cell(running);
+    }
+};
+#endif
+
+// G(c) over the chunks from the last, as ssd_bwd_chunk's cells: into g_cells (batch, chunks, H,
+// P, N) with bf16 cells, in place of own(c) with f32 cells. G(c) is the gradient of the state
 // leaving chunk c (g_final for the last), and G(c-1) = exp(cum_last(c)) G(c) + own(c); what
 // reaches the front is g_initial_states. One (p, n) entry per thread, as ssd_state_passing.
 // Grid: (batch * heads, P * N / blockDim.x).
 extern "C" __global__ void ssd_bwd_state_passing(SsdArgs s, const float* __restrict__ cum,
                                                  const float* __restrict__ g_final, float* __restrict__ own,
+#ifdef IN_BF16
+                                                 cell_t* __restrict__ g_cells,
+#endif
                                                  float* __restrict__ grads, SsdGradsAt at_grad) {
+#ifdef IN_BF16
+    const ToCells store{g_cells};
+#else
+    const InPlace store{own};
+#endif
     const long long bh = blockIdx.x;
     const long long entries = (long long)s.head_dim * s.state;
     const long long e = (long long)blockIdx.y * blockDim.x + threadIdx.x;
     if (e >= entries) return;
-    const float front = pass_chunks<true>(s, cum, own, InPlace{own}, bh, e, g_final[bh * entries + e]);
+    const float front = pass_chunks<true>(s, cum, own, store, bh, e, g_final[bh * entries + e]);
     if (at_grad.initial_states >= 0) grads[at_grad.initial_states + bh * entries + e] = front;
 }
 
-// GX = go X^T (Q x Q) into w's cells, and the diagonal block's sums of E = CB ∘ l ∘ GX (E_ij =
-// CB_ij exp(cum_i - cum_j) GX_ij for j <= i) taken from the f32 values of CB (cb_chunk, device
-// memory) and of GX (the products' sums) rather than from their cells: col_e[j] = sum_i E_ij and
-// row_f[i] = sum_j E_ij dt'_j. Each warp's 16 x 16 tile (tile row R, tile column T) leaves its
-// column sums in part[R][j] and its row sums in part[Q / 16 + T][i], for the caller to add in
-// order after a barrier. Tiles above the diagonal are all zeros in E and (after masking) in W:
-// their products are skipped and their cells left for the masking to zero.
-__device__ __forceinline__ void gx_and_diagonal_sums(Shared gos, Shared xs, int np, Shared w,
-                                                     const float* __restrict__ cb_chunk, const float* cum_c,
-                                                     const float* dt_c, float* part) {
+// GX = go X^T (Q x Q), and from it and CB (cb_chunk, device memory) the masked matrices
+// M = CB ∘ l ∘ dt'_j into m's cells and W = GX ∘ l ∘ dt'_j into w's (l_ij = exp(cum_i - cum_j)
+// for j <= i, zero above the diagonal), with the diagonal block's sums of E = CB ∘ l ∘ GX taken
+// from the f32 values of CB and GX rather than from cells: col_e[j] = sum_i E_ij and row_f[i] =
+// sum_j E_ij dt'_j. Each warp's 16 x 16 tile (tile row R, tile column T) leaves its column sums
+// in part[R][j] and its row sums in part[Q / 16 + T][i], for the caller to add in order after a
+// barrier. Tiles above the diagonal skip their products and write zeros.
+__device__ __forceinline__ void masked_products_and_diagonal_sums(Shared gos, Shared xs, int np, Shared m, Shared w,
+                                                                  const float* __restrict__ cb_chunk,
+                                                                  const float* cum_c, const float* dt_c,
+                                                                  float* part) {
     constexpr int NT = PRODUCT_NT, TILES = SSD_Q / 16;
     static_assert(8 * NT == 16, "square tiles of 16");
     const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
     for (int tile = threadIdx.x / 32; tile < TILES * TILES; tile += blockDim.x / 32) {
         const int r0 = tile / TILES * 16, c0 = tile % TILES * 16;
         float col[NT][2] = {}, row[2] = {};
-        if (c0 <= r0) {
-            float acc[NT][4] = {};
-            multiply_into(acc, r0, c0, pad_width(np), Rows{gos}, Cols{xs});
+        float acc[NT][4] = {};
+        if (c0 <= r0) multiply_into(acc, r0, c0, pad_width(np), Rows{gos}, Cols{xs});
 #pragma unroll
-            for (int j = 0; j < NT; ++j)
+        for (int j = 0; j < NT; ++j)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int r = r0 + g + (e >= 2 ? 8 : 0), c = c0 + 8 * j + 2 * t + (e & 1);
-                    put(w, r, c, acc[j][e]);
-                    const float v = c <= r ? cb_chunk[r * SSD_Q + c] * __expf(cum_c[r] - cum_c[c]) * acc[j][e] : 0.0f;
+            for (int e = 0; e < 4; ++e) {
+                const int r = r0 + g + (e >= 2 ? 8 : 0), c = c0 + 8 * j + 2 * t + (e & 1);
+                float m_rc = 0.0f, w_rc = 0.0f;
+                if (c <= r) {
+                    const float cb_rc = cb_chunk[r * SSD_Q + c], decay = __expf(cum_c[r] - cum_c[c]);
+                    const float v = cb_rc * decay * acc[j][e], l = decay * dt_c[c];
                     col[j][e & 1] += v;
                     row[e >> 1] += v * dt_c[c];
+                    m_rc = cb_rc * l;
+                    w_rc = acc[j][e] * l;
                 }
-        }
+                put(m, r, c, m_rc);
+                put(w, r, c, w_rc);
+            }
         // Columns over the tile's rows (lanes of one t), rows over its columns (lanes of one g).
 #pragma unroll
         for (int offset = 4; offset < 32; offset *= 2)
@@ -1662,7 +1714,8 @@ __device__ __forceinline__ void gx_and_diagonal_sums(Shared gos, Shared xs, int 
 extern "C" __global__ void __launch_bounds__(BWD_THREADS, BWD_BLOCKS)
     ssd_bwd_chunk(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ go_g,
                   const float* __restrict__ dtp, const float* __restrict__ cum, const float* __restrict__ cb,
-                  const float* __restrict__ states, const float* __restrict__ g_states, float* __restrict__ grads,
+                  const float* __restrict__ states, int states_as_planes, const cell_t* __restrict__ g_cells,
+                  float* __restrict__ grads,
                   SsdGradsAt at_grad, float* __restrict__ b_share, float* __restrict__ c_share,
                   float* __restrict__ a_part, float* __restrict__ bias_part, float* __restrict__ d_part,
                   float* __restrict__ d_head_part) {
@@ -1674,7 +1727,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS, BWD_BLOCKS)
     const Shared gst{cs.p + SSD_Q * nw, nw};         // G    (P, N)
     const Shared sin{gst.p + pw * nw, nw};           // S_in (P, N)
     const Shared m{sin.p + pw * nw, SSD_Q};          // M    (Q, Q)
-    const Shared w{m.p + SSD_Q * SSD_Q, SSD_Q};      // GX, then W   (Q, Q)
+    const Shared w{m.p + SSD_Q * SSD_Q, SSD_Q};      // W   (Q, Q)
     float* part_c = floats_after(w.p, SSD_Q * SSD_Q);  // (Q, N / 8): parts of go_i . (S_in C_i)
     float* part_x = part_c + SSD_Q * (nw / 8);       // (Q, P / 8): of x_i . (G B_i)
     float* cum_c = part_x + SSD_Q * (pw / 8);
@@ -1689,19 +1742,37 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS, BWD_BLOCKS)
     float* u_x = u_c + SSD_Q;            // x_i . (G B_i)
     float* red = u_x + SSD_Q;            // each warp's sum of <G, S_in>
     float* d_c = red + BWD_THREADS / 32; // g_D's part per p
-    float* diag_part = d_c + pw;         // (2 Q / 16, Q): gx_and_diagonal_sums' tile sums
+    float* diag_part = d_c + pw;         // (2 Q / 16, Q): masked_products_and_diagonal_sums' tile sums
 
     const ChunkHead k = chunk_head(s, blockIdx.x);
     const int tid = threadIdx.x;
     const float a = ld(x, s.a + k.h);
-    // The f32 operands first: with f32 cells their asynchronous copies are in flight while the
-    // inputs and steps are read.
-    copy_float_rows(go_g, s, k, gos);
+    // G (cells) and S_in (f32, or the bf16 plane hi of the split entering states: exactly its
+    // cells).
     const long long state0 = k.bch * np * (long long)nn;
-    copy_matrix(
-        pw, np, nn, [&](int p) { return g_states + state0 + p * nn; }, gst);
-    copy_matrix(
-        pw, np, nn, [&](int p) { return states + state0 + p * nn; }, sin);
+    const auto copy_states = [&] {
+        copy_cells(
+            pw, np, nn, [&](int p) { return g_cells + state0 + p * nn; }, gst);
+#ifdef IN_BF16
+        if (states_as_planes) {
+            const cell_t* hi = reinterpret_cast<const cell_t*>(states) + 2 * state0;
+            copy_cells(
+                pw, np, nn, [&](int p) { return hi + p * nn; }, sin);
+            return;
+        }
+#endif
+        copy_matrix(
+            pw, np, nn, [&](int p) { return states + state0 + p * nn; }, sin);
+    };
+    // The asynchronous copies first, in flight while the other operands and the steps are read:
+    // with bf16 cells the states' (go goes through registers), with f32 cells go's and theirs.
+#ifdef IN_BF16
+    copy_states();
+    copy_float_rows(go_g, s, k, gos);
+#else
+    copy_float_rows(go_g, s, k, gos);
+    copy_states();
+#endif
     const long long cb0 = (k.bc * s.groups + k.g) * (long long)SSD_Q * SSD_Q;
     stage_input_rows(x, s, s.x, k.b, k.t0, k.h, s.heads, np, xs);
     stage_group_rows(x, s, k, bs);
@@ -1718,8 +1789,8 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS, BWD_BLOCKS)
         wj[j] = into[j] * dt_c[j];
     }
     const Rows none{{nullptr, 0}};
-    // GX = go X^T into W's cells, with the diagonal block's sums.
-    gx_and_diagonal_sums(gos, xs, np, w, cb + cb0, cum_c, dt_c, diag_part);
+    // M and W, with the diagonal block's sums (read by warp 0 after later barriers).
+    masked_products_and_diagonal_sums(gos, xs, np, m, w, cb + cb0, cum_c, dt_c, diag_part);
     __syncthreads();
     for (int j = tid; j < SSD_Q; j += blockDim.x) {
         float e = 0.0f, f = 0.0f;
@@ -1731,15 +1802,6 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS, BWD_BLOCKS)
         col_f[j] = e * dt_c[j];
         row_f[j] = f;
     }
-    __syncthreads();
-    // M = CB ∘ l ∘ dt'_j and W = GX ∘ l ∘ dt'_j (zero above the diagonal).
-    for (int e = tid; e < SSD_Q * SSD_Q; e += blockDim.x) {
-        const int i = e / SSD_Q, j = e % SSD_Q;
-        const float l = j <= i ? __expf(cum_c[i] - cum_c[j]) * dt_c[j] : 0.0f;
-        put(m, i, j, j <= i ? cb[cb0 + i * SSD_Q + j] * l : 0.0f);
-        put(w, i, j, j <= i ? get(w, i, j) * l : 0.0f);
-    }
-    __syncthreads();
     const int t_end = s.len - k.t0;  // steps of this chunk inside the sequence, if fewer than SSD_Q
     const auto share_at = [&](int i, int n) { return ((k.b * s.heads + k.h) * s.len + k.t0 + i) * (long long)nn + n; };
     // g_C = exp(cum) ∘ (go S_in) + W B, with the parts of go_i . (S_in C_i).
@@ -1765,11 +1827,12 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS, BWD_BLOCKS)
     for (int e = tid; e < pw * nw; e += blockDim.x) gs += from_cell(gst.p[e]) * from_cell(sin.p[e]);
     gs = lane_group_sum(gs, 32);
     if (tid % 32 == 0) red[tid / 32] = gs;
-    // g_D's part: sum_i go_i x_i per p.
+    // g_D's part: sum_i go_i x_i per p, go as f32 from device memory (its cells may be bf16).
     if (s.d >= 0)
         for (int p = tid; p < np; p += blockDim.x) {
             float v = 0.0f;
-            for (int i = 0; i < SSD_Q; ++i) v += get(gos, i, p) * get(xs, i, p);
+            for (int i = 0; i < min(SSD_Q, t_end); ++i)
+                v += go_g[token_row(s, k.b, k.t0 + i, k.h, s.heads, np) + p] * get(xs, i, p);
             d_part[k.bch * np + p] = v;
             d_c[p] = v;
         }
