@@ -1419,10 +1419,21 @@ __device__ __forceinline__ void multiply_into(float (&acc)[NT][4], int r0, int c
 
 #endif
 
+// dst[at] = v0 and, with `second`, dst[at + 1] = v1: one 8-byte store where both go and `at` is
+// even (the kernels' buffers start 8-byte aligned).
+__device__ __forceinline__ void store_pair(float* dst, long long at, float v0, float v1, bool second) {
+    if (second && (at & 1) == 0) {
+        *reinterpret_cast<float2*>(dst + at) = make_float2(v0, v1);
+        return;
+    }
+    dst[at] = v0;
+    if (second) dst[at + 1] = v1;
+}
+
 // An m x n result from operands in shared memory, in the order
 //   out = a1 b1 (depth k1);  with dot.p: part[r * pad_width(n) / 8 + q] = sum over the columns
 //   8 q .. 8 q + 7 of out[r][c] dot(r, c);  out[r][.] *= scale(r);  out += a2 b2 (depth k2);
-//   emit(r, c, out) for r < m, c < n.
+//   emit(r, c, out[r][c], out[r][c + 1], c + 1 < n) for r < m and even c < n.
 // Sizes are rounded up by pad_width (the operands' zero padding). Each warp takes tiles of
 // 16 rows by 8 PRODUCT_NT columns.
 #define PRODUCT_NT 2
@@ -1456,9 +1467,9 @@ __device__ void two_products(int m, int n, int k1, A1 a1, B1 b1, Shared dot, flo
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = r0 + g + (e >= 2 ? 8 : 0), c = c0 + 8 * j + 2 * t + (e & 1);
-                if (r < m && c < n) emit(r, c, acc[j][e]);
+            for (int h = 0; h < 2; ++h) {
+                const int r = r0 + g + 8 * h, c = c0 + 8 * j + 2 * t;
+                if (r < m && c < n) emit(r, c, acc[j][2 * h], acc[j][2 * h + 1], c + 1 < n);
             }
     }
 }
@@ -1611,7 +1622,9 @@ extern "C" __global__ void __launch_bounds__(BWD_OWN_THREADS)
     const Rows none{{nullptr, 0}};
     two_products(
         np, nn, SSD_Q, Cols{gos}, Rows{cs}, none.m, nullptr, [](int) { return 1.0f; }, 0, none, none,
-        [&](int p, int n, float v) { own[(k.bch * np + p) * (long long)nn + n] = v; });
+        [&](int p, int n, float v0, float v1, bool second) {
+            store_pair(own, (k.bch * np + p) * (long long)nn + n, v0, v1, second);
+        });
 }
 
 #ifdef IN_BF16
@@ -1806,20 +1819,23 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS, BWD_BLOCKS)
     const auto share_at = [&](int i, int n) { return ((k.b * s.heads + k.h) * s.len + k.t0 + i) * (long long)nn + n; };
     // g_C = exp(cum) ∘ (go S_in) + W B, with the parts of go_i . (S_in C_i).
     two_products(SSD_Q, nn, np, Rows{gos}, Rows{sin}, cs, part_c, [&](int i) { return __expf(cum_c[i]); }, SSD_Q,
-                 Rows{w}, Rows{bs}, [&](int i, int n, float v) {
-                     if (i < t_end) c_share[share_at(i, n)] = v;
+                 Rows{w}, Rows{bs}, [&](int i, int n, float v0, float v1, bool second) {
+                     if (i < t_end) store_pair(c_share, share_at(i, n), v0, v1, second);
                  });
     // g_B = w ∘ (X G) + W^T C.
     two_products(SSD_Q, nn, np, Rows{xs}, Rows{gst}, none.m, nullptr, [&](int j) { return wj[j]; }, SSD_Q,
-                 Cols{w}, Rows{cs}, [&](int j, int n, float v) {
-                     if (j < t_end) b_share[share_at(j, n)] = v;
+                 Cols{w}, Rows{cs}, [&](int j, int n, float v0, float v1, bool second) {
+                     if (j < t_end) store_pair(b_share, share_at(j, n), v0, v1, second);
                  });
     // g_X = w ∘ (B G^T) + M^T go + D go, with the parts of x_j . (G B_j).
     two_products(SSD_Q, np, nn, Rows{bs}, Cols{gst}, xs, part_x, [&](int j) { return wj[j]; }, SSD_Q, Cols{m},
-                 Rows{gos}, [&](int j, int p, float v) {
+                 Rows{gos}, [&](int j, int p, float v0, float v1, bool second) {
                      if (j >= t_end) return;
-                     const float skip = s.d < 0 ? 0.0f : ld(x, s.d + (s.d_per_p ? k.h * np + p : k.h));
-                     grads[at_grad.x + token_row(s, k.b, k.t0 + j, k.h, s.heads, np) + p] = v + skip * get(gos, j, p);
+                     const auto skip = [&](int q) {
+                         return s.d < 0 ? 0.0f : ld(x, s.d + (s.d_per_p ? k.h * np + q : k.h)) * get(gos, j, q);
+                     };
+                     store_pair(grads, at_grad.x + token_row(s, k.b, k.t0 + j, k.h, s.heads, np) + p, v0 + skip(p),
+                                second ? v1 + skip(p + 1) : 0.0f, second);
                  });
     // <G, S_in> (both laid out alike, zeros in the padding): each thread's share in order, then
     // each warp's.
