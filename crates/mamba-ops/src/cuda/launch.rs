@@ -1232,8 +1232,10 @@ pub(crate) fn ssd_backward(
     } else {
         None
     };
-    let mut b_share = p.buffer(nb * nh * nl * nn)?;
-    let mut c_share = p.buffer(nb * nh * nl * nn)?;
+    // The heads' shares of g_B and g_C as cells, in floats.
+    let share_floats = (nb * nh * nl * nn * ssd_bwd_cell_bytes(p.is_bf16())).div_ceil(4);
+    let mut b_share = p.buffer(share_floats)?;
+    let mut c_share = p.buffer(share_floats)?;
     let mut a_part = p.buffer(block_heads)?;
     let mut bias_part = p.buffer(block_heads)?;
     let mut d_part = p.buffer(block_heads * np)?;

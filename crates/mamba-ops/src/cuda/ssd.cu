@@ -1186,7 +1186,8 @@ extern "C" __global__ void ssd_bwd_gate(const in_t* __restrict__ x, SsdArgs s, c
 // loaded by ldmatrix, and ssd_bwd_chunk's matrices take half the space: two blocks fit a
 // multiprocessor. The bf16 inputs (x, B, C) are exact; the f32 intermediates (go, the states
 // and their gradients, M and W) are rounded to bf16, as mamba_ssm's Triton backward rounds them
-// for its products. The diagonal block's sums, which g_dt and g_A take as differences, use CB
+// for its products; so are the heads' shares of g_B and g_C before they are added over a group
+// (in f32). The diagonal block's sums, which g_dt and g_A take as differences, use CB
 // and GX as f32 (masked_products_and_diagonal_sums).
 #ifdef IN_BF16
 #define BWD_BLOCKS 2  // ssd_bwd_chunk's blocks to a multiprocessor (64 registers a thread)
@@ -1429,6 +1430,17 @@ __device__ __forceinline__ void store_pair(float* dst, long long at, float v0, f
     dst[at] = v0;
     if (second) dst[at + 1] = v1;
 }
+#ifdef IN_BF16
+// The same into bf16 cells: one 4-byte store for an aligned pair.
+__device__ __forceinline__ void store_pair(cell_t* dst, long long at, float v0, float v1, bool second) {
+    if (second && (at & 1) == 0) {
+        *reinterpret_cast<unsigned int*>(dst + at) = bf16x2(v0, v1);
+        return;
+    }
+    dst[at] = to_cell(v0);
+    if (second) dst[at + 1] = to_cell(v1);
+}
+#endif
 
 // An m x n result from operands in shared memory, in the order
 //   out = a1 b1 (depth k1);  with dot.p: part[r * pad_width(n) / 8 + q] = sum over the columns
@@ -1720,7 +1732,7 @@ __device__ __forceinline__ void masked_products_and_diagonal_sums(Shared gos, Sh
 
 // The gradients of one (batch, chunk, head) (equations above). Writes g_X and g_dt (with the
 // processed step's derivative) into grads, the head's shares of g_B and g_C into b_share and
-// c_share (batch, H, L, N), and the chunk's parts of g_A (a_part), g_dt_bias (bias_part) and
+// c_share (batch, H, L, N) as cells, and the chunk's parts of g_A (a_part), g_dt_bias (bias_part) and
 // g_D (d_part: P per chunk; with D per head, also their sum into d_head_part). Grid: batch *
 // chunks * heads; dynamic shared memory as laid out below (the launcher's
 // `ssd_bwd_chunk_shared`).
@@ -1729,7 +1741,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS, BWD_BLOCKS)
                   const float* __restrict__ dtp, const float* __restrict__ cum, const float* __restrict__ cb,
                   const float* __restrict__ states, int states_as_planes, const cell_t* __restrict__ g_cells,
                   float* __restrict__ grads,
-                  SsdGradsAt at_grad, float* __restrict__ b_share, float* __restrict__ c_share,
+                  SsdGradsAt at_grad, cell_t* __restrict__ b_share, cell_t* __restrict__ c_share,
                   float* __restrict__ a_part, float* __restrict__ bias_part, float* __restrict__ d_part,
                   float* __restrict__ d_head_part) {
     const int np = s.head_dim, nn = s.state, pw = pad_width(np), nw = pad_width(nn);
@@ -1911,9 +1923,9 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS, BWD_BLOCKS)
     if (s.d >= 0 && !s.d_per_p) d_head_part[k.bch] = g_d;
 }
 
-// g_B or g_C (batch, L, G, N): the heads' shares (batch, H, L, N) added over each group's heads
-// in order. One (batch, t, group, n) per thread.
-extern "C" __global__ void ssd_bwd_group_sum(SsdArgs s, const float* __restrict__ share, float* __restrict__ out) {
+// g_B or g_C (batch, L, G, N): the heads' shares (batch, H, L, N, cells) added over each group's
+// heads in order. One (batch, t, group, n) per thread.
+extern "C" __global__ void ssd_bwd_group_sum(SsdArgs s, const cell_t* __restrict__ share, float* __restrict__ out) {
     const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // (b, t, g, n)
     if (e >= (long long)s.batch * s.len * s.groups * s.state) return;
     const int n = (int)(e % s.state);
@@ -1925,7 +1937,7 @@ extern "C" __global__ void ssd_bwd_group_sum(SsdArgs s, const float* __restrict_
     const int per_group = s.heads / s.groups;
     float total = 0.0f;
     for (int h = g * per_group; h < (g + 1) * per_group; ++h)
-        total += share[((b * s.heads + h) * s.len + t) * (long long)s.state + n];
+        total += from_cell(share[((b * s.heads + h) * s.len + t) * (long long)s.state + n]);
     out[e] = total;
 }
 
