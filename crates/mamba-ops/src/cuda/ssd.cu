@@ -1730,18 +1730,19 @@ __device__ __forceinline__ void masked_products_and_diagonal_sums(Shared gos, Sh
     }
 }
 
-// The gradients of one (batch, chunk, head) (equations above). Writes g_X and g_dt (with the
-// processed step's derivative) into grads, the head's shares of g_B and g_C into b_share and
-// c_share (batch, H, L, N) as cells, and the chunk's parts of g_A (a_part), g_dt_bias (bias_part) and
-// g_D (d_part: P per chunk; with D per head, also their sum into d_head_part). Grid: batch *
-// chunks * heads; dynamic shared memory as laid out below (the launcher's
-// `ssd_bwd_chunk_shared`).
+// The gradients of one (batch, chunk, head) (equations above). Reads S_in as f32 states or
+// (states_as_planes) as the hi plane of the split entering states, and G as cells. Writes g_X
+// and g_dt (with the processed step's derivative) into grads, the head's shares of g_B and g_C
+// into b_share and c_share (batch, H, L, N) as cells, and the chunk's parts of g_A (a_part),
+// g_dt_bias (bias_part) and g_D (d_part: P per chunk; with D per head, also their sum into
+// d_head_part). Grid: batch * chunks * heads; dynamic shared memory as laid out below (the
+// launcher's `ssd_bwd_chunk_shared`).
 extern "C" __global__ void __launch_bounds__(BWD_THREADS, BWD_BLOCKS)
     ssd_bwd_chunk(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ go_g,
                   const float* __restrict__ dtp, const float* __restrict__ cum, const float* __restrict__ cb,
                   const float* __restrict__ states, int states_as_planes, const cell_t* __restrict__ g_cells,
-                  float* __restrict__ grads,
-                  SsdGradsAt at_grad, cell_t* __restrict__ b_share, cell_t* __restrict__ c_share,
+                  float* __restrict__ grads, SsdGradsAt at_grad, cell_t* __restrict__ b_share,
+                  cell_t* __restrict__ c_share,
                   float* __restrict__ a_part, float* __restrict__ bias_part, float* __restrict__ d_part,
                   float* __restrict__ d_head_part) {
     const int np = s.head_dim, nn = s.state, pw = pad_width(np), nw = pad_width(nn);
@@ -1752,7 +1753,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS, BWD_BLOCKS)
     const Shared gst{cs.p + SSD_Q * nw, nw};         // G    (P, N)
     const Shared sin{gst.p + pw * nw, nw};           // S_in (P, N)
     const Shared m{sin.p + pw * nw, SSD_Q};          // M    (Q, Q)
-    const Shared w{m.p + SSD_Q * SSD_Q, SSD_Q};      // W   (Q, Q)
+    const Shared w{m.p + SSD_Q * SSD_Q, SSD_Q};      // W    (Q, Q)
     float* part_c = floats_after(w.p, SSD_Q * SSD_Q);  // (Q, N / 8): parts of go_i . (S_in C_i)
     float* part_x = part_c + SSD_Q * (nw / 8);       // (Q, P / 8): of x_i . (G B_i)
     float* cum_c = part_x + SSD_Q * (pw / 8);
