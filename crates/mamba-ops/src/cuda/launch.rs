@@ -12,7 +12,7 @@ use crate::selective_state_update::StepDims;
 use crate::ssd::SsdDims;
 use crate::tensor::Present;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, CudaViewMut, DeviceRepr, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, PushKernelArg,
 };
 
 type Result<T> = candle_core::Result<T>;
@@ -937,14 +937,40 @@ fn ssd_staged(p: &Packed, args: &SsdArgs) -> Result<bool> {
         && p.aligned16(args.inputs.c)?)
 }
 
+/// How the SSD's first kernels leave the states entering each chunk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Staging {
+    /// `ssd_chunk_products` and `ssd_state_passing`: f32, in place of each chunk's own state,
+    /// for `ssd_chunk_scan`.
+    InPlace,
+    /// Their staged versions, the entering states as bf16 planes hi and lo, for
+    /// `ssd_chunk_scan_tc` (and the backward with z, which reruns the scan).
+    Planes,
+    /// The staged versions with the hi plane only: what the backward without z reads (its
+    /// bf16 cells of S_in), never the chunk scan.
+    HiPlane,
+}
+
+impl Staging {
+    /// The staging of a forward (`scan`: the chunk scan follows) with the staged kernels or not.
+    fn of(staged: bool, scan: bool) -> Self {
+        match (staged, scan) {
+            (false, _) => Staging::InPlace,
+            (true, true) => Staging::Planes,
+            (true, false) => Staging::HiPlane,
+        }
+    }
+}
+
 /// What the SSD's first three kernels leave for the chunk scan (and the backward), at a chunk
 /// length of `chunk` steps: dt' and cum `(batch, H, chunks * chunk)`, CB `(batch, chunks, G,
 /// chunk, chunk)` and each chunk's own state `(batch, chunks, H, P, N)`, replaced by the state
-/// entering the chunk, or (`planes`, for `ssd_chunk_scan_tc`) left as it is, the entering
-/// states going to bf16 planes hi and lo `(batch, chunks, H, 2, P, N)` in a buffer of the same
-/// bytes.
+/// entering the chunk, or (`planes`, staged) left as it is, the entering states going to bf16
+/// planes hi and lo `(batch, chunks, H, 2, P, N)` in a buffer of the same bytes (`staging`
+/// says which, and whether the lo planes were written).
 struct SsdChunks {
     chunk: usize,
+    staging: Staging,
     dtp: CudaSlice<f32>,
     cum: CudaSlice<f32>,
     cb: CudaSlice<f32>,
@@ -955,7 +981,7 @@ struct SsdChunks {
 impl SsdChunks {
     /// `ssd_chunk_products` (with dt' and the running sums) and `ssd_state_passing` of
     /// `variant` (compiled with `SSD_Q = chunk`), the state after the last chunk into
-    /// `final_state`; with `split`, their staged versions `ssd_chunk_products_tc` and
+    /// `final_state`; staged, their versions `ssd_chunk_products_tc` and
     /// `ssd_state_passing_split` instead (for `ssd_chunk_scan_tc` and the backward).
     fn run(
         p: &Packed,
@@ -963,8 +989,9 @@ impl SsdChunks {
         args: &SsdArgs,
         chunk: usize,
         final_state: &mut CudaViewMut<f32>,
-        split: bool,
+        staging: Staging,
     ) -> Result<Self> {
+        let split = staging != Staging::InPlace;
         let func = |name: &str| kernel(p.device(), &SSD, variant, name);
         let (nb, nh, np, ng, nn) = (
             args.batch as usize,
@@ -977,6 +1004,7 @@ impl SsdChunks {
         let steps = nb * nh * chunks * chunk;
         let mut out = SsdChunks {
             chunk,
+            staging,
             dtp: p.buffer(steps)?,
             cum: p.buffer(steps)?,
             cb: p.buffer(nb * chunks * ng * chunk * chunk)?,
@@ -1022,8 +1050,9 @@ impl SsdChunks {
                 .arg(&out.cum)
                 .arg(&mut out.states)
                 .arg(final_state);
+            let with_lo = i32::from(staging == Staging::Planes);
             if let Some(planes) = &mut out.planes {
-                builder.arg(planes);
+                builder.arg(planes).arg(&with_lo);
             }
             let cfg = config((nb * nh, (np * nn).div_ceil(THREADS), 1), THREADS, 0)?;
             unsafe { launch(&mut builder, cfg) }?;
@@ -1040,6 +1069,11 @@ impl SsdChunks {
         args: &SsdArgs,
         y: &mut CudaViewMut<f32>,
     ) -> Result<()> {
+        if self.staging == Staging::HiPlane {
+            return Err(cuda_err(
+                "the SSD's chunk scan needs both planes of the entering states".into(),
+            ));
+        }
         let (f, threads, shared) = match self.planes {
             Some(_) => (
                 kernel_with_shared(
@@ -1082,14 +1116,14 @@ pub(crate) fn ssd(p: &Packed, dims: &SsdDims, flags: SsdFlags) -> Result<CudaSli
     let variant = p.variant(&defines);
     let y_len = dims.batch * dims.len * dims.heads * dims.head_dim;
     let mut out = p.buffer(y_len + dims.batch * dims.heads * dims.head_dim * dims.state)?;
-    let split = ssd_staged(p, &args)?;
+    let staging = Staging::of(ssd_staged(p, &args)?, true);
     let chunks = SsdChunks::run(
         p,
         &variant,
         &args,
         SSD_CHUNK,
         &mut out.slice_mut(y_len..),
-        split,
+        staging,
     )?;
     chunks.scan(p, &variant, &args, &mut out.slice_mut(..y_len))?;
     Ok(out)
@@ -1183,6 +1217,107 @@ pub(super) fn ssd_grads_at(dims: &SsdDims, flags: SsdFlags) -> (SsdOffsets, usiz
     (starts.into(), total)
 }
 
+/// Threads, stages and tile width in n of `ssd_bwd_states_tc` (`STATES_THREADS`,
+/// `STATES_STAGES`, `STATES_N_TILE` of `ssd.cu`), and the bytes of one stage: a chunk's go rows
+/// of 64 + 4 f32, its C rows of 32 bf16 and its running sums.
+const SSD_STATES_THREADS: usize = 128;
+const SSD_STATES_STAGES: usize = 3;
+const SSD_STATES_N_TILE: usize = 32;
+const SSD_STATES_STAGE_BYTES: usize =
+    SSD_BWD_CHUNK * (SSD_TILE + 4) * 4 + SSD_BWD_CHUNK * SSD_STATES_N_TILE * 2 + SSD_BWD_CHUNK * 4;
+
+/// Blocks of `ssd_bwd_states_tc` for `nb * nh` (batch, head) pairs of P x N states.
+fn states_blocks(nb: usize, nh: usize, np: usize, nn: usize) -> usize {
+    nb * nh * np.div_ceil(SSD_TILE) * nn.div_ceil(SSD_STATES_N_TILE)
+}
+/// Each block of `ssd_bwd_states_tc` walks every chunk in turn, so it takes the place of
+/// `ssd_bwd_own_states` and `ssd_bwd_state_passing` only where the blocks are at least this many
+/// per multiprocessor. H200, bf16, L 2048 (chunks of 64), backward: H 80 (320 blocks, 2.4 per
+/// multiprocessor) 693 -> 662 us, H 24 (96 blocks) 241 -> 263 us.
+const STATES_BLOCKS_PER_SM: usize = 2;
+
+/// Whether `v` starts 16-byte aligned on the device.
+fn aligned16(p: &Packed, v: &CudaView<f32>) -> bool {
+    v.device_ptr(&p.stream).0 % 16 == 0
+}
+
+/// G, the gradient of the state leaving each chunk, as `ssd_bwd_chunk` reads it `(batch, chunks,
+/// H, P, N)`: bf16 cells two to a float, or f32 with f32 inputs; and g_initial_states into
+/// `grads` where asked (`at`). From go, the forward's running sums and g_final (`from`):
+/// `fused` (bf16 inputs with the staged forward, go 16-byte aligned), `ssd_bwd_states_tc` alone;
+/// else each chunk's own share by `ssd_bwd_own_states`, then `ssd_bwd_state_passing`.
+fn gradients_of_states(
+    p: &Packed,
+    variant: &Variant,
+    args: &SsdArgs,
+    from: (&CudaView<f32>, &CudaSlice<f32>, &CudaView<f32>),
+    grads: &mut CudaSlice<f32>,
+    at: &SsdOffsets,
+    fused: bool,
+) -> Result<CudaSlice<f32>> {
+    let (go, cum, g_final) = from;
+    let (nb, nh, np, nn) = (
+        args.batch as usize,
+        args.heads as usize,
+        args.head_dim as usize,
+        args.state as usize,
+    );
+    let entries = nb * args.chunks as usize * nh * np * nn;
+    // SAFETY (every launch below): the arguments match the kernel's parameters, go and g_final
+    // hold (batch, L, H, P) and (batch, H, P, N) values, cum the forward's (batch, H, chunks *
+    // SSD_BWD_CHUNK), and the G buffers (batch, chunks, H, P, N) cells.
+    if fused && p.is_bf16() {
+        let mut cells = p.buffer(entries.div_ceil(2))?;
+        let shared = SSD_STATES_STAGES * SSD_STATES_STAGE_BYTES;
+        let f = kernel_with_shared(p.device(), &SSD, variant, "ssd_bwd_states_tc", shared)?;
+        let mut builder = p.builder(&f);
+        builder
+            .arg(args)
+            .arg(go)
+            .arg(cum)
+            .arg(g_final)
+            .arg(&mut cells)
+            .arg(grads)
+            .arg(at);
+        let tiles = np.div_ceil(SSD_TILE) * nn.div_ceil(SSD_STATES_N_TILE);
+        let cfg = config((nb * nh, tiles, 1), SSD_STATES_THREADS, shared)?;
+        unsafe { launch(&mut builder, cfg) }?;
+        return Ok(cells);
+    }
+    // G as bf16 cells, two to a float (f32 cells: G replaces own in place).
+    let mut g_cells = if p.is_bf16() {
+        Some(p.buffer(entries.div_ceil(2))?)
+    } else {
+        None
+    };
+    let mut own = p.buffer(entries)?;
+    {
+        let most_shared = max_shared_opt_in(p.device())?;
+        let shared = ssd_bwd_own_states_shared(np, nn, p.is_bf16());
+        let f = kernel_with_shared(p.device(), &SSD, variant, "ssd_bwd_own_states", most_shared)?;
+        let mut builder = p.builder(&f);
+        builder.arg(args).arg(go).arg(cum).arg(&mut own);
+        let cfg = config(
+            (nb * args.chunks as usize * nh, 1, 1),
+            SSD_BWD_OWN_THREADS,
+            shared,
+        )?;
+        unsafe { launch(&mut builder, cfg) }?;
+    }
+    {
+        let f = kernel(p.device(), &SSD, variant, "ssd_bwd_state_passing")?;
+        let mut builder = p.stream.launch_builder(&f);
+        builder.arg(args).arg(cum).arg(g_final).arg(&mut own);
+        if let Some(g_cells) = &mut g_cells {
+            builder.arg(g_cells);
+        }
+        builder.arg(grads).arg(at);
+        let cfg = config((nb * nh, (np * nn).div_ceil(THREADS), 1), THREADS, 0)?;
+        unsafe { launch(&mut builder, cfg) }?;
+    }
+    Ok(g_cells.unwrap_or(own))
+}
+
 /// Gradients of the chunked SSD given `grad = [g_y (batch, L, H, P) | g_final (batch, H, P,
 /// N)]`: `[g_x | g_dt | g_A | g_B | g_C | g_D | g_z | g_dt_bias | g_initial_states]` (the
 /// optional ones where given), or `None` when a chunk's operands do not fit the device's
@@ -1225,13 +1360,6 @@ pub(crate) fn ssd_backward(
     let block_heads = nb * chunks * nh;
     let state_len = nb * nh * np * nn;
     let mut grads = p.buffer(total)?;
-    let mut own = p.buffer(block_heads * np * nn)?;
-    // G as `ssd_bwd_chunk`'s bf16 cells, two to a float (f32 cells: G replaces own in place).
-    let mut g_cells = if p.is_bf16() {
-        Some(p.buffer((block_heads * np * nn).div_ceil(2))?)
-    } else {
-        None
-    };
     // The heads' shares of g_B and g_C as cells, in floats.
     let share_floats = (nb * nh * nl * nn * ssd_bwd_cell_bytes(p.is_bf16())).div_ceil(4);
     let mut b_share = p.buffer(share_floats)?;
@@ -1245,8 +1373,15 @@ pub(crate) fn ssd_backward(
     // states then left as bf16 planes, whose hi plane is `ssd_bwd_chunk`'s S_in as it is), and
     // with z the output before the gate, which g_z needs.
     let mut final_state = p.buffer(state_len)?;
-    let split = ssd_staged(p, &args)?;
-    let fwd = SsdChunks::run(p, &variant, &args, q, &mut final_state.slice_mut(..), split)?;
+    let staging = Staging::of(ssd_staged(p, &args)?, present.z);
+    let fwd = SsdChunks::run(
+        p,
+        &variant,
+        &args,
+        q,
+        &mut final_state.slice_mut(..),
+        staging,
+    )?;
     let ungated = if present.z {
         let mut out = p.buffer(tokens)?;
         let inputs = SsdOffsets {
@@ -1285,31 +1420,18 @@ pub(crate) fn ssd_backward(
         Some(go) => go.slice(..),
         None => grad.slice(..tokens),
     };
-    {
-        let shared = ssd_bwd_own_states_shared(np, nn, p.is_bf16());
-        let f = kernel_with_shared(
-            p.device(),
-            &SSD,
-            &variant,
-            "ssd_bwd_own_states",
-            most_shared,
-        )?;
-        let mut builder = p.builder(&f);
-        builder.arg(&args).arg(&go).arg(&fwd.cum).arg(&mut own);
-        let cfg = config((block_heads, 1, 1), SSD_BWD_OWN_THREADS, shared)?;
-        unsafe { launch(&mut builder, cfg) }?;
-    }
-    {
-        let f = func("ssd_bwd_state_passing")?;
-        let mut builder = p.stream.launch_builder(&f);
-        builder.arg(&args).arg(&fwd.cum).arg(&g_final).arg(&mut own);
-        if let Some(g_cells) = &mut g_cells {
-            builder.arg(g_cells);
-        }
-        builder.arg(&mut grads).arg(&at);
-        let cfg = config((nb * nh, (np * nn).div_ceil(THREADS), 1), THREADS, 0)?;
-        unsafe { launch(&mut builder, cfg) }?;
-    }
+    let fused = staging != Staging::InPlace
+        && aligned16(p, &go)
+        && states_blocks(nb, nh, np, nn) >= STATES_BLOCKS_PER_SM * multiprocessors(p.device())?;
+    let g_states = gradients_of_states(
+        p,
+        &variant,
+        &args,
+        (&go, &fwd.cum, &g_final),
+        &mut grads,
+        &at,
+        fused,
+    )?;
     {
         let f = kernel_with_shared(p.device(), &SSD, &variant, "ssd_bwd_chunk", most_shared)?;
         let states_as_planes = i32::from(fwd.planes.is_some());
@@ -1322,7 +1444,7 @@ pub(crate) fn ssd_backward(
             .arg(&fwd.cb)
             .arg(fwd.planes.as_ref().unwrap_or(&fwd.states))
             .arg(&states_as_planes)
-            .arg(g_cells.as_ref().unwrap_or(&own))
+            .arg(&g_states)
             .arg(&mut grads)
             .arg(&at)
             .arg(&mut b_share)

@@ -749,24 +749,27 @@ __device__ __forceinline__ void split_pair(float v0, float v1, unsigned int& hi,
 }
 
 // S_in(c) as ssd_state_passing computes it, left as bf16 planes hi = bf16(v), lo = bf16(v - hi):
-// planes (batch, chunks, H, 2, P, N), the chunk states themselves untouched.
+// planes (batch, chunks, H, 2, P, N), the chunk states themselves untouched. Without `lo` only
+// the hi plane is written (the backward without z reads nothing else).
 struct SplitPlanes {
     unsigned short* planes;
     long long entries;
+    bool lo;
     __device__ __forceinline__ void operator()(long long at, long long e, float running) const {
         const long long hi_at = 2 * (at - e) + e;
         const unsigned short hi = bf16_bits(running);
         planes[hi_at] = hi;
-        planes[hi_at + entries] = bf16_rest(running, hi);
+        if (lo) planes[hi_at + entries] = bf16_rest(running, hi);
     }
 };
 
-// pass_states with S_in(c) as planes.
+// pass_states with S_in(c) as planes, both (with_lo) or the hi plane only.
 extern "C" __global__ void ssd_state_passing_split(const in_t* __restrict__ x, SsdArgs s,
                                                    const float* __restrict__ cum, const float* __restrict__ states,
                                                    float* __restrict__ final_state,
-                                                   unsigned short* __restrict__ planes) {
-    pass_states(x, s, cum, states, final_state, SplitPlanes{planes, (long long)s.head_dim * s.state});
+                                                   unsigned short* __restrict__ planes, int with_lo) {
+    pass_states(x, s, cum, states, final_state,
+                SplitPlanes{planes, (long long)s.head_dim * s.state, with_lo != 0});
 }
 
 // The chunk products with bf16 inputs, staged asynchronously (with ssd_chunk_scan_tc; the same
@@ -1155,6 +1158,8 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 3)
 //   ssd_bwd_gate          with z: go, and g_z = g_y out silu'(z);
 //   ssd_bwd_own_states    each chunk's sum_i exp(cum_i) outer(go_i, C_i);
 //   ssd_bwd_state_passing G(c) over the chunks, from the end, and g_initial_states;
+//   (ssd_bwd_states_tc    both in one walk over the chunks, with bf16 inputs where the launcher
+//                         has enough (batch, head) tiles for it;)
 //   ssd_bwd_chunk         one (batch, chunk, head): everything above, in shared memory;
 //   ssd_bwd_group_sum     g_B and g_C: the heads' shares added over each group's heads;
 //   sum_parts             g_A, g_D and g_dt_bias: the chunks' parts added in order.
@@ -1673,6 +1678,149 @@ extern "C" __global__ void ssd_bwd_state_passing(SsdArgs s, const float* __restr
     const float front = pass_chunks<true>(s, cum, own, store, bh, e, g_final[bh * entries + e]);
     if (at_grad.initial_states >= 0) grads[at_grad.initial_states + bh * entries + e] = front;
 }
+
+#ifdef IN_BF16
+// ---------------------------------------------------------------------------------------------
+// ssd_bwd_own_states and ssd_bwd_state_passing in one kernel, with bf16 inputs (the launcher's
+// choice where the forward is staged and go starts 16-byte aligned): each block walks the chunks
+// from the last, keeping G for its 64 x 32 tile of (p, n) in registers; per chunk it writes G(c)
+// as cells, multiplies the chunk's own share sum_i exp(cum_i) outer(go_i, C_i) on tensor cores,
+// and takes G(c-1) = exp(cum_last(c)) G(c) + own(c). The own shares never go to device memory.
+// A chunk's go (f32, rows of 64 p padded by PAD), C (bf16, rows of 32 n, 64 bytes) and cum are
+// copied asynchronously STATES_STAGES - 1 chunks ahead. Four warps, warp w owning p rows 16 w ..
+// +16 and the tile's 32 n (four m16n8 tiles). Grid: (batch * heads, P tiles * N tiles).
+// ---------------------------------------------------------------------------------------------
+#define STATES_THREADS 128
+#define STATES_STAGES 3
+#define STATES_N_TILE 32
+#define STATES_GO_ROW (TILE + PAD)  // floats
+#define STATES_GO_BYTES (SSD_Q * STATES_GO_ROW * 4)
+#define STATES_C_BYTES (SSD_Q * STATES_N_TILE * 2)
+#define STATES_STAGE_BYTES (STATES_GO_BYTES + STATES_C_BYTES + SSD_Q * 4)
+static_assert(TILE == 64 && SSD_Q % 16 == 0, "a stage holds 64-wide rows of go, 32-wide of C");
+static_assert(STATES_STAGE_BYTES % 128 == 0, "stages stay 128-byte aligned");
+
+// Where a block of ssd_bwd_states_tc works: (batch, head), its tile's first p0 and n0.
+struct StatesTile {
+    long long b, bh;
+    int h, g, p0, n0;
+};
+
+// Chunk c's go rows (p0 .. p0 + 63), C rows (n0 .. n0 + 31) and cum into the stage at `stage`.
+__device__ __forceinline__ void stage_own_chunk(const in_t* __restrict__ x, const SsdArgs& s,
+                                                const float* __restrict__ go, const float* __restrict__ cum,
+                                                const StatesTile& w, int c, unsigned int stage) {
+    const int t0 = c * SSD_Q;
+#pragma unroll
+    for (int e = threadIdx.x; e < SSD_Q * 16; e += STATES_THREADS) {  // go: 16 x 4 floats a row
+        const int row = e / 16, q = e % 16, t = t0 + row, p = w.p0 + 4 * q;
+        const bool ok = t < s.len && p < s.head_dim;
+        copy16(stage + (row * STATES_GO_ROW + 4 * q) * 4,
+               go + (ok ? token_row(s, w.b, t, w.h, s.heads, s.head_dim) + p : 0), ok);
+    }
+    stage += STATES_GO_BYTES;
+#pragma unroll
+    for (int e = threadIdx.x; e < SSD_Q * 4; e += STATES_THREADS) {  // C: 4 x 8 bf16 a row
+        const int row = e / 4, q = e % 4, t = t0 + row, n = w.n0 + 8 * q;
+        const bool ok = t < s.len && n < s.state;
+        copy16(stage + at64(row, q), x + s.c + (ok ? token_row(s, w.b, t, w.g, s.groups, s.state) + n : 0), ok);
+    }
+    stage += STATES_C_BYTES;
+    for (int e = threadIdx.x; e < SSD_Q / 4; e += STATES_THREADS)
+        copy16(stage + 16 * e, cum + w.bh * ((long long)s.chunks * SSD_Q) + t0 + 4 * e, true);
+}
+
+// own += (go scaled by exp(cum))^T (this warp's 16 p x the chunk's steps) times C (the steps x
+// the tile's 32 n).
+__device__ __forceinline__ void own_chunk(const unsigned char* stages, unsigned int stage_at, float (&own)[4][4]) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, m = lane / 8, r8 = lane % 8;
+    const int g = lane / 4, t = lane % 4;
+    const float* go_s = reinterpret_cast<const float*>(stages + stage_at);
+    const float* cum_s = reinterpret_cast<const float*>(stages + stage_at + STATES_GO_BYTES + STATES_C_BYTES);
+    const unsigned int c_at = shared_address(stages) + stage_at + STATES_GO_BYTES;
+#pragma unroll
+    for (int kk = 0; kk < SSD_Q / 16; ++kk) {
+        unsigned int a[4];
+#pragma unroll
+        for (int f = 0; f < 4; ++f) {  // p rows g (+8 for odd f), steps 2t, 2t + 1 (+8 from f = 2)
+            const int p = 16 * warp + g + (f % 2) * 8, i = 16 * kk + 2 * t + (f / 2) * 8;
+            a[f] = bf16x2(go_s[i * STATES_GO_ROW + p] * __expf(cum_s[i]),
+                          go_s[(i + 1) * STATES_GO_ROW + p] * __expf(cum_s[i + 1]));
+        }
+#pragma unroll
+        for (int jp = 0; jp < 2; ++jp) {
+            unsigned int b[4];
+            fragments_transposed(c_at + at64(16 * kk + (m % 2) * 8 + r8, 2 * jp + m / 2), b);
+            mma_bf16(own[2 * jp], a, b[0], b[1]);
+            mma_bf16(own[2 * jp + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// Visits a lane's entries of a (four m16n8 tiles) accumulator as pairs (p, n), (p, n + 1):
+// f(j, half, p, n) for tile j, rows r0 + 8 half and columns c0 + 8 j (+ 1) inside P x N.
+template <class F>
+__device__ __forceinline__ void lane_pairs(const SsdArgs& s, int r0, int c0, const F& f) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int p = r0 + 8 * half, n = c0 + 8 * j;
+            if (p < s.head_dim && n < s.state) f(j, half, p, n);
+        }
+}
+
+// G(c) for every chunk as cells into g_cells (batch, chunks, H, P, N), and what reaches the front
+// into g_initial_states (the equations of ssd_bwd_own_states and ssd_bwd_state_passing).
+extern "C" __global__ void __launch_bounds__(STATES_THREADS)
+    ssd_bwd_states_tc(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ go,
+                      const float* __restrict__ cum, const float* __restrict__ g_final,
+                      cell_t* __restrict__ g_cells, float* __restrict__ grads, SsdGradsAt at_grad) {
+    extern __shared__ __align__(128) unsigned char states_stages[];
+    StatesTile w;
+    w.bh = blockIdx.x;
+    w.h = (int)(w.bh % s.heads);
+    w.b = w.bh / s.heads;
+    w.g = w.h / (s.heads / s.groups);
+    const int p_tiles = (s.head_dim + TILE - 1) / TILE;
+    w.p0 = (int)(blockIdx.y % p_tiles) * TILE;
+    w.n0 = (int)(blockIdx.y / p_tiles) * STATES_N_TILE;
+    const unsigned int base = shared_address(states_stages);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int r0 = w.p0 + 16 * warp + lane / 4, c0 = w.n0 + 2 * (lane % 4);  // the lane's p (+8), n (+8 j, +1)
+    const long long entries = (long long)s.head_dim * s.state;
+    float running[4][4] = {};
+    lane_pairs(s, r0, c0, [&](int j, int half, int p, int n) {
+        const long long at = w.bh * entries + (long long)p * s.state + n;
+        running[j][2 * half] = g_final[at];
+        running[j][2 * half + 1] = n + 1 < s.state ? g_final[at + 1] : 0.0f;
+    });
+    const auto chunk_of = [&](int q) { return s.chunks - 1 - q; };  // the q-th chunk walked
+    const auto stage = [&](int q, unsigned int at) { stage_own_chunk(x, s, go, cum, w, chunk_of(q), at); };
+    start_stages<STATES_STAGES, STATES_STAGE_BYTES>(s.chunks, base, stage);
+    run_stages<STATES_STAGES, STATES_STAGE_BYTES>(s.chunks, base, stage, [&](int q, unsigned int at) {
+        const int c = chunk_of(q);
+        const long long chunk_at = ((w.b * s.chunks + c) * s.heads + w.h) * entries;
+        lane_pairs(s, r0, c0, [&](int j, int half, int p, int n) {
+            store_pair(g_cells, chunk_at + (long long)p * s.state + n, running[j][2 * half],
+                       running[j][2 * half + 1], n + 1 < s.state);
+        });
+        float own[4][4] = {};
+        own_chunk(states_stages, at - base, own);
+        const float decay =
+            __expf(reinterpret_cast<const float*>(states_stages + (at - base) + STATES_GO_BYTES + STATES_C_BYTES)[SSD_Q - 1]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) running[j][e] = decay * running[j][e] + own[j][e];
+    });
+    if (at_grad.initial_states < 0) return;
+    lane_pairs(s, r0, c0, [&](int j, int half, int p, int n) {
+        store_pair(grads, at_grad.initial_states + w.bh * entries + (long long)p * s.state + n, running[j][2 * half],
+                   running[j][2 * half + 1], n + 1 < s.state);
+    });
+}
+#endif
 
 // GX = go X^T (Q x Q), and from it and CB (cb_chunk, device memory) the masked matrices
 // M = CB ∘ l ∘ dt'_j into m's cells and W = GX ∘ l ∘ dt'_j into w's (l_ij = exp(cum_i - cum_j)
