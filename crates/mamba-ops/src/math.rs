@@ -151,13 +151,47 @@ pub fn exp2_fast(x: f32) -> f32 {
     let x = x.clamp(-126.0, 126.0);
     let shifted = x + ROUND_BIASED;
     let f = x - (shifted - ROUND_BIASED);
-    let mut p = 1.327_647_2e-3_f32;
-    p = p.mul_add(f, 9.675_542e-3);
-    p = p.mul_add(f, 5.550_713e-2);
-    p = p.mul_add(f, 0.240_221_2);
-    p = p.mul_add(f, 0.693_146_94);
-    p = p.mul_add(f, 1.000_000_1);
+    let mut p = EXP2_POLY[0];
+    for c in &EXP2_POLY[1..] {
+        p = p.mul_add(f, *c);
+    }
     p * f32::from_bits(shifted.to_bits() << 23)
+}
+
+/// The coefficients of [`exp2_fast`]'s polynomial for `2^f` on `[-0.5, 0.5]`, highest power
+/// first.
+const EXP2_POLY: [f32; 6] = [
+    1.327_647_2e-3,
+    9.675_542e-3,
+    5.550_713e-2,
+    0.240_221_2,
+    0.693_146_94,
+    1.000_000_1,
+];
+
+/// [`exp2_fast`] of sixteen values in an AVX-512 register: `x` cut to `n + f` by `roundscale`
+/// (to nearest, ties to even `n`), the same polynomial, then `scalef` for the factor `2^n`
+/// instead of building it from bits, and no lower clamp (`scalef` takes `2^n` to subnormals and
+/// zero below -126, where [`exp2_fast`] stops at `2^-126`): three vector operations fewer.
+/// Equal to [`exp2_fast`] lane by lane for `-126 <= x <= 126` except at the ties `x = k + 1/2`,
+/// which [`exp2_fast`] rounds to even `n + 127`: there the other neighbour, both within the
+/// polynomial's error.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub unsafe fn exp2_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = _mm512_min_ps(x, _mm512_set1_ps(126.0));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+    let f = _mm512_sub_ps(x, n);
+    let mut p = _mm512_set1_ps(EXP2_POLY[0]);
+    for c in &EXP2_POLY[1..] {
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*c));
+    }
+    _mm512_scalef_ps(p, n)
 }
 
 /// `a . b` with eight independent partial sums, so that it vectorises.
@@ -255,6 +289,45 @@ unsafe fn run_avx2<R>(body: impl FnOnce() -> R) -> R {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The AVX-512 form gives exp2_fast's bits from -126 to 126 (within the polynomial's error
+    /// at the ties, where the two round to different neighbours), and smaller values below.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp2_avx512_equals_exp2_fast_in_its_range() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let xs: Vec<f32> = (0..=25_200 * 16)
+            .map(|i| -126.0 + i as f32 / 1600.0)
+            .collect();
+        for chunk in xs.chunks_exact(16) {
+            let mut got = [0.0f32; 16];
+            // SAFETY: AVX-512F was detected above; the pointers cover sixteen values.
+            unsafe {
+                use std::arch::x86_64::*;
+                let v = exp2_avx512(_mm512_loadu_ps(chunk.as_ptr()));
+                _mm512_storeu_ps(got.as_mut_ptr(), v);
+            }
+            for (x, g) in chunk.iter().zip(got) {
+                let want = exp2_fast(*x);
+                if x.fract().abs() == 0.5 {
+                    assert!((g - want).abs() <= 6e-7 * want, "2^{x}: {g} against {want}");
+                } else {
+                    assert_eq!(g.to_bits(), want.to_bits(), "2^{x}");
+                }
+            }
+        }
+        let mut below = [0.0f32; 16];
+        // SAFETY: as above.
+        unsafe {
+            use std::arch::x86_64::*;
+            let v = exp2_avx512(_mm512_set1_ps(-140.0));
+            _mm512_storeu_ps(below.as_mut_ptr(), v);
+        }
+        assert!(below.iter().all(|v| *v >= 0.0 && *v < exp2_fast(-126.0)));
+    }
 
     #[test]
     fn exp2_fast_is_close_to_powers_of_two() {

@@ -14,6 +14,8 @@
 //! `(batch, N, L)` form; channel `d` uses group `d / (dim / G)`) or `(dim, N)` constant in time.
 
 use crate::error::{OpError, Result};
+#[cfg(target_arch = "x86_64")]
+use crate::math::exp2_avx512;
 use crate::math::{
     dot, exp2_fast, exp_fast, process_dt, sigmoid_fast, silu, silu_fast, silu_grad_fast,
     softplus_fast, with_simd, NO_DT_LIMIT,
@@ -511,11 +513,18 @@ impl BlockScan<'_> {
     }
 
     /// Runs the block over every step, `state: (N, LANES)`; Mamba-1's usual 16 values go
-    /// through [`BlockScan::run_steps_16`].
+    /// through [`BlockScan::run_steps_16`] (on AVX-512, [`BlockScan::run_steps_16_avx512`]).
     #[inline(always)]
     fn run(&self, state: &mut [[f32; LANES]], out: &mut [f32]) {
         match <&mut [[f32; LANES]; 16]>::try_from(&mut *state) {
-            Ok(fixed) => self.run_steps_16(fixed, out),
+            Ok(fixed) => {
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (detected just above).
+                    return unsafe { self.run_steps_16_avx512(fixed, out) };
+                }
+                self.run_steps_16(fixed, out)
+            }
             Err(_) => self.run_steps(state, out),
         }
     }
@@ -617,6 +626,49 @@ impl BlockScan<'_> {
             self.write_output(t, &step, &skip, &y, out_t);
         }
         *state = s;
+    }
+
+    /// [`BlockScan::run_steps_16`] in AVX-512 registers, the decays from [`exp2_avx512`]
+    /// (`roundscale` and `scalef`: three vector operations fewer per state value and step than
+    /// [`exp2_fast`] compiled for the same registers).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    unsafe fn run_steps_16_avx512(&self, state: &mut [[f32; LANES]; 16], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let bias = self.per_channel(self.x.delta_bias);
+        let skip = self.per_channel(self.x.d);
+        let a2: [__m512; 16] = std::array::from_fn(|n| _mm512_loadu_ps(self.a2(n).as_ptr()));
+        let mut s: [__m512; 16] = std::array::from_fn(|n| _mm512_loadu_ps(state[n].as_ptr()));
+        for (t, out_t) in out.chunks_exact_mut(LANES).enumerate() {
+            let step = self.step_inputs(t, &bias);
+            let (b, c): (&[f32; 16], &[f32; 16]) = (
+                step.b.try_into().expect("16 values"),
+                step.c.try_into().expect("16 values"),
+            );
+            let (dt, du) = (
+                _mm512_loadu_ps(step.dt.as_ptr()),
+                _mm512_loadu_ps(step.du.as_ptr()),
+            );
+            let mut y = _mm512_setzero_ps();
+            macro_rules! update {
+                ($($n:literal)*) => {$(
+                    let decay = exp2_avx512(_mm512_mul_ps(dt, a2[$n]));
+                    let input = _mm512_mul_ps(du, _mm512_set1_ps(b[$n]));
+                    s[$n] = _mm512_fmadd_ps(decay, s[$n], input);
+                    y = _mm512_fmadd_ps(_mm512_set1_ps(c[$n]), s[$n], y);
+                )*};
+            }
+            update!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+            let mut y_lanes = [0.0f32; LANES];
+            _mm512_storeu_ps(y_lanes.as_mut_ptr(), y);
+            self.write_output(t, &step, &skip, &y_lanes, out_t);
+        }
+        for (n, row) in state.iter_mut().enumerate() {
+            _mm512_storeu_ps(row.as_mut_ptr(), s[n]);
+        }
     }
 }
 
