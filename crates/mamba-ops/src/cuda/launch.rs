@@ -1226,9 +1226,9 @@ const SSD_STATES_N_TILE: usize = 32;
 const SSD_STATES_STAGE_BYTES: usize =
     SSD_BWD_CHUNK * (SSD_TILE + 4) * 4 + SSD_BWD_CHUNK * SSD_STATES_N_TILE * 2 + SSD_BWD_CHUNK * 4;
 
-/// Blocks of `ssd_bwd_states_tc` for `nb * nh` (batch, head) pairs of P x N states.
-fn states_blocks(nb: usize, nh: usize, np: usize, nn: usize) -> usize {
-    nb * nh * np.div_ceil(SSD_TILE) * nn.div_ceil(SSD_STATES_N_TILE)
+/// Tiles of `ssd_bwd_states_tc`'s blocks over one (batch, head)'s P x N states.
+fn states_tiles(np: usize, nn: usize) -> usize {
+    np.div_ceil(SSD_TILE) * nn.div_ceil(SSD_STATES_N_TILE)
 }
 /// Each block of `ssd_bwd_states_tc` walks every chunk in turn, so it takes the place of
 /// `ssd_bwd_own_states` and `ssd_bwd_state_passing` only where the blocks are at least this many
@@ -1243,9 +1243,10 @@ fn aligned16(p: &Packed, v: &CudaView<f32>) -> bool {
 
 /// G, the gradient of the state leaving each chunk, as `ssd_bwd_chunk` reads it `(batch, chunks,
 /// H, P, N)`: bf16 cells two to a float, or f32 with f32 inputs; and g_initial_states into
-/// `grads` where asked (`at`). From go, the forward's running sums and g_final (`from`):
-/// `fused` (bf16 inputs with the staged forward, go 16-byte aligned), `ssd_bwd_states_tc` alone;
-/// else each chunk's own share by `ssd_bwd_own_states`, then `ssd_bwd_state_passing`.
+/// `grads` where asked (`at`). From go, the forward's running sums and g_final (`from`): where
+/// the forward ran staged (`staged`, bf16 inputs), go starts 16-byte aligned and the blocks
+/// fill [`STATES_BLOCKS_PER_SM`], `ssd_bwd_states_tc` alone; else each chunk's own share by
+/// `ssd_bwd_own_states`, then `ssd_bwd_state_passing`.
 fn gradients_of_states(
     p: &Packed,
     variant: &Variant,
@@ -1253,7 +1254,7 @@ fn gradients_of_states(
     from: (&CudaView<f32>, &CudaSlice<f32>, &CudaView<f32>),
     grads: &mut CudaSlice<f32>,
     at: &SsdOffsets,
-    fused: bool,
+    staged: bool,
 ) -> Result<CudaSlice<f32>> {
     let (go, cum, g_final) = from;
     let (nb, nh, np, nn) = (
@@ -1266,7 +1267,10 @@ fn gradients_of_states(
     // SAFETY (every launch below): the arguments match the kernel's parameters, go and g_final
     // hold (batch, L, H, P) and (batch, H, P, N) values, cum the forward's (batch, H, chunks *
     // SSD_BWD_CHUNK), and the G buffers (batch, chunks, H, P, N) cells.
-    if fused && p.is_bf16() {
+    let fused = staged
+        && aligned16(p, go)
+        && nb * nh * states_tiles(np, nn) >= STATES_BLOCKS_PER_SM * multiprocessors(p.device())?;
+    if fused {
         let mut cells = p.buffer(entries.div_ceil(2))?;
         let shared = SSD_STATES_STAGES * SSD_STATES_STAGE_BYTES;
         let f = kernel_with_shared(p.device(), &SSD, variant, "ssd_bwd_states_tc", shared)?;
@@ -1279,8 +1283,11 @@ fn gradients_of_states(
             .arg(&mut cells)
             .arg(grads)
             .arg(at);
-        let tiles = np.div_ceil(SSD_TILE) * nn.div_ceil(SSD_STATES_N_TILE);
-        let cfg = config((nb * nh, tiles, 1), SSD_STATES_THREADS, shared)?;
+        let cfg = config(
+            (nb * nh, states_tiles(np, nn), 1),
+            SSD_STATES_THREADS,
+            shared,
+        )?;
         unsafe { launch(&mut builder, cfg) }?;
         return Ok(cells);
     }
@@ -1420,9 +1427,6 @@ pub(crate) fn ssd_backward(
         Some(go) => go.slice(..),
         None => grad.slice(..tokens),
     };
-    let fused = staging != Staging::InPlace
-        && aligned16(p, &go)
-        && states_blocks(nb, nh, np, nn) >= STATES_BLOCKS_PER_SM * multiprocessors(p.device())?;
     let g_states = gradients_of_states(
         p,
         &variant,
@@ -1430,7 +1434,7 @@ pub(crate) fn ssd_backward(
         (&go, &fwd.cum, &g_final),
         &mut grads,
         &at,
-        fused,
+        staging != Staging::InPlace,
     )?;
     {
         let f = kernel_with_shared(p.device(), &SSD, &variant, "ssd_bwd_chunk", most_shared)?;
