@@ -54,14 +54,15 @@ trait PackedKernel: Send + Sync + 'static {
     #[cfg(feature = "cuda")]
     fn cuda_forward(&self, packed: &cuda::Packed) -> candle_core::Result<CudaSlice<f32>>;
     /// The backward on the GPU, given the output's gradient (f32, the flat output's layout):
-    /// the same flat gradients as [`PackedKernel::backward`], or `None` where the op has no GPU
-    /// backward for these sizes (the caller then runs the CPU backward).
+    /// the same flat gradients as [`PackedKernel::backward`] in the packed inputs' type, or
+    /// `None` where the op has no GPU backward for these sizes (the caller then runs the CPU
+    /// backward).
     #[cfg(feature = "cuda")]
-    fn cuda_backward(
+    fn cuda_backward<G: cuda::GradType>(
         &self,
         _packed: &cuda::Packed,
         _grad_out: &CudaView<f32>,
-    ) -> candle_core::Result<Option<CudaSlice<f32>>> {
+    ) -> candle_core::Result<Option<CudaSlice<G>>> {
         Ok(None)
     }
     /// Gradients of every input, concatenated in input order.
@@ -179,8 +180,8 @@ impl<K: PackedKernel> CustomOp1 for PackedOp<K> {
 
 #[cfg(feature = "cuda")]
 impl<K: PackedKernel> PackedOp<K> {
-    /// The gradients of the packed input `arg` (f32) from the GPU backward kernels, or `None`
-    /// when `arg` is not on a CUDA device or the op has no GPU backward for its sizes.
+    /// The gradients of the packed input `arg` (in its type) from the GPU backward kernels, or
+    /// `None` when `arg` is not on a CUDA device or the op has no GPU backward for its sizes.
     fn cuda_bwd(&self, arg: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         if !arg.device().is_cuda() {
             return Ok(None);
@@ -206,10 +207,19 @@ impl<K: PackedKernel> PackedOp<K> {
             candle_core::Error::Msg(format!("{}: output gradient not contiguous", K::NAME))
         })?;
         let grad_view = grad_storage.as_cuda_slice::<f32>()?.slice(start..end);
-        let Some(grads) = self.kernel.cuda_backward(&packed, &grad_view)? else {
+        let device = packed.device().clone();
+        let grads = if packed.is_bf16() {
+            let grads = self
+                .kernel
+                .cuda_backward::<half::bf16>(&packed, &grad_view)?;
+            grads.map(|g| CudaStorage::wrap_cuda_slice(g, device))
+        } else {
+            let grads = self.kernel.cuda_backward::<f32>(&packed, &grad_view)?;
+            grads.map(|g| CudaStorage::wrap_cuda_slice(g, device))
+        };
+        let Some(storage) = grads else {
             return Ok(None);
         };
-        let storage = CudaStorage::wrap_cuda_slice(grads, packed.device().clone());
         Ok(Some(Tensor::from_storage(
             Storage::Cuda(storage),
             arg.shape(),
@@ -460,11 +470,11 @@ impl PackedKernel for ScanKernel {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_backward(
+    fn cuda_backward<G: cuda::GradType>(
         &self,
         packed: &cuda::Packed,
         grad_out: &CudaView<f32>,
-    ) -> candle_core::Result<Option<CudaSlice<f32>>> {
+    ) -> candle_core::Result<Option<CudaSlice<G>>> {
         cuda::selective_scan_backward(
             packed,
             &self.dims,
@@ -634,11 +644,11 @@ impl PackedKernel for ConvKernel {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_backward(
+    fn cuda_backward<G: cuda::GradType>(
         &self,
         packed: &cuda::Packed,
         grad_out: &CudaView<f32>,
-    ) -> candle_core::Result<Option<CudaSlice<f32>>> {
+    ) -> candle_core::Result<Option<CudaSlice<G>>> {
         cuda::causal_conv1d_backward(
             packed,
             &self.dims,
@@ -1098,11 +1108,11 @@ impl PackedKernel for SsdKernel {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_backward(
+    fn cuda_backward<G: cuda::GradType>(
         &self,
         packed: &cuda::Packed,
         grad_out: &CudaView<f32>,
-    ) -> candle_core::Result<Option<CudaSlice<f32>>> {
+    ) -> candle_core::Result<Option<CudaSlice<G>>> {
         cuda::ssd_backward(packed, &self.dims, self.flags(), grad_out)
     }
 
@@ -1305,11 +1315,11 @@ impl PackedKernel for NormKernel {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_backward(
+    fn cuda_backward<G: cuda::GradType>(
         &self,
         packed: &cuda::Packed,
         grad_out: &CudaView<f32>,
-    ) -> candle_core::Result<Option<CudaSlice<f32>>> {
+    ) -> candle_core::Result<Option<CudaSlice<G>>> {
         cuda::rmsnorm_gated_backward(packed, &self.dims, self.has_z, grad_out)
     }
 

@@ -118,7 +118,7 @@ __device__ __forceinline__ float conv_g_pre(const in_t* x, const ConvArgs& s, co
 
 extern "C" __global__ void causal_conv1d_bwd(const in_t* __restrict__ x, ConvArgs s,
                                              const float* __restrict__ grad_out,
-                                             float* __restrict__ grads, float* __restrict__ parts) {
+                                             grad_t* __restrict__ grads, float* __restrict__ parts) {
     __shared__ float warp_sums[32][CONV_W + 1];
     const long long row = blockIdx.x;
     const int d = (int)(row % s.dim);
@@ -135,7 +135,7 @@ extern "C" __global__ void causal_conv1d_bwd(const in_t* __restrict__ x, ConvArg
             if (j - k >= 0 && j - k < s.len) g += w[k] * conv_g_pre(x, s, grad_out, row, d, j - k);
         const long long init_at = (long long)s.rows * s.len + (long long)s.dim * CONV_W +
                                   (s.bias >= 0 ? s.dim : 0);
-        grads[init_at + row * (CONV_W - 1) + j] = g;
+        grads[init_at + row * (CONV_W - 1) + j] = to_grad(g);
     }
     // window[i] = xx at time t0 - (W-1) + i; g_pre[i] = g_pre at time t0 + i (0 past the end).
     float window[CONV_ITEMS + 2 * CONV_W - 2], g_pre[CONV_ITEMS + CONV_W - 1];
@@ -170,7 +170,7 @@ extern "C" __global__ void causal_conv1d_bwd(const in_t* __restrict__ x, ConvArg
         float g = q >= s.len ? g_final[row * (CONV_W - 1) + q - s.len] : 0.0f;
 #pragma unroll
         for (int k = 0; k < CONV_W; ++k) g += w[k] * g_pre[i + CONV_W - 1 - k];
-        grads[row * s.len + t] = g;
+        grads[row * s.len + t] = to_grad(g);
     }
     const int warps = blockDim.x / 32, warp = threadIdx.x / 32;
 #pragma unroll

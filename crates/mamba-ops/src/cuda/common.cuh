@@ -13,6 +13,19 @@ __device__ __forceinline__ float widen(in_t v) { return v; }
 #endif
 __device__ __forceinline__ float ld(const in_t* p, long long i) { return widen(p[i]); }
 
+// The backward kernels write the inputs' gradients in the inputs' type: f32, or bf16 rounded to
+// nearest even (NaN kept), as candle's cast of the f32 gradients would round them.
+typedef in_t grad_t;
+#ifdef IN_BF16
+__device__ __forceinline__ grad_t to_grad(float v) {
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(r) : "f"(v));
+    return r;
+}
+#else
+__device__ __forceinline__ grad_t to_grad(float v) { return v; }
+#endif
+
 // K consecutive floats from p, as float4s when K is a multiple of 4 (p then 16-byte aligned).
 template <int K>
 __device__ __forceinline__ void load_floats(const float* p, float (&v)[K]) {
@@ -70,13 +83,13 @@ __device__ __forceinline__ float silu_grad(float x) {
 }
 
 // Deterministic sum of per-block partial sums: out[j] = sum_{p < count} parts[p * stride + j]
-// for j < width, the parts added in a fixed order (no atomics), so that a gradient summed over
+// for j < width (a gradient, in grad_t), the parts added in a fixed order (no atomics), so that a gradient summed over
 // blocks is the same on every run. A block is 32 j (one per lane) by SUM_WARPS warps: warp w adds
 // the w-th of SUM_WARPS runs of consecutive parts in order, then the runs' sums are added in
 // order. Grid: ceil(width / 32); block: 32 * SUM_WARPS threads.
 #define SUM_WARPS 8
 extern "C" __global__ void __launch_bounds__(32 * SUM_WARPS)
-    sum_parts(const float* __restrict__ parts, int count, int stride, int width, float* __restrict__ out) {
+    sum_parts(const float* __restrict__ parts, int count, int stride, int width, grad_t* __restrict__ out) {
     __shared__ float runs[SUM_WARPS][32];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int j = blockIdx.x * 32 + lane;
@@ -93,5 +106,5 @@ extern "C" __global__ void __launch_bounds__(32 * SUM_WARPS)
     float total = 0.0f;
 #pragma unroll
     for (int w = 0; w < SUM_WARPS; ++w) total += runs[w][lane];
-    out[j] = total;
+    out[j] = to_grad(total);
 }

@@ -3,7 +3,7 @@
 
 use super::{
     config, cuda_err, kernel, kernel_with_shared, launch, max_shared_opt_in, multiprocessors,
-    Packed, Source, Variant,
+    GradType, Packed, Source, Variant,
 };
 use crate::causal_conv1d::{ConvDims, ConvUpdateDims};
 use crate::rmsnorm_gated::NormDims;
@@ -69,13 +69,13 @@ const SUM_PARTS_THREADS: usize = 256;
 
 /// `sum_parts` (`f`, from any module): `out[j] = sum_p parts[p * stride + j]` over `count`
 /// parts, in a fixed order, for every `j < out.len()`.
-fn sum_parts(
+fn sum_parts<G: GradType>(
     p: &Packed,
     f: &CudaFunction,
     parts: &CudaView<f32>,
     count: usize,
     stride: usize,
-    out: &mut CudaViewMut<f32>,
+    out: &mut CudaViewMut<G>,
 ) -> Result<()> {
     let width = out.len();
     let (count, stride, width_arg) = (int(count)?, int(stride)?, int(width)?);
@@ -369,14 +369,14 @@ fn scan_args(
 /// | g_initial_state]` (the optional ones where given), or `None` unless `dim` and
 /// `dim / groups` are multiples of 32 (a warp is 32 channels of one group), left to the CPU.
 /// Seven kernels in order (see `selective_scan.cu`).
-pub(crate) fn selective_scan_backward(
+pub(crate) fn selective_scan_backward<G: GradType>(
     p: &Packed,
     dims: &ScanDims,
     groups: usize,
     present: Present,
     softplus: bool,
     grad: &CudaView<f32>,
-) -> Result<Option<CudaSlice<f32>>> {
+) -> Result<Option<CudaSlice<G>>> {
     let (nb, nd, nl, nn) = (dims.batch, dims.dim, dims.len, dims.state);
     if !nd.is_multiple_of(32) || groups == 0 || !(nd / groups).is_multiple_of(32) {
         return Ok(None);
@@ -402,7 +402,7 @@ pub(crate) fn selective_scan_backward(
     ];
     let (at, total) = gradient_starts(present.after_five_required(), sizes);
     let (gz_at, init_at) = (at[6], at[8]);
-    let mut grads = p.buffer(total)?;
+    let mut grads = p.buffer_of::<G>(total)?;
     let mut seg_state = p.buffer(nb * segments * nd * nn)?;
     let mut seg_dt = p.buffer(nb * segments * nd)?;
     let mut last_state = p.buffer(nb * nd * nn)?;
@@ -570,14 +570,14 @@ pub(crate) fn causal_conv1d(
 /// Gradients of causal conv1d, given `grad = [g_out (batch, dim, L) | g_final (batch, dim,
 /// W-1)]`: `[g_x | g_weight | g_bias if bias | g_initial_states if given]`, or `None` for a
 /// width the block cannot hold (more than `THREADS - 1`), left to the CPU.
-pub(crate) fn causal_conv1d_backward(
+pub(crate) fn causal_conv1d_backward<G: GradType>(
     p: &Packed,
     dims: &ConvDims,
     has_bias: bool,
     has_init: bool,
     silu: bool,
     grad: &CudaView<f32>,
-) -> Result<Option<CudaSlice<f32>>> {
+) -> Result<Option<CudaSlice<G>>> {
     if dims.width + 1 > THREADS {
         return Ok(None);
     }
@@ -600,7 +600,7 @@ pub(crate) fn causal_conv1d_backward(
     let sums = dims.dim * dims.width + if has_bias { dims.dim } else { 0 };
     let x_len = rows * dims.len;
     let init_len = if has_init { rows * (dims.width - 1) } else { 0 };
-    let mut grads = p.buffer(x_len + sums + init_len)?;
+    let mut grads = p.buffer_of::<G>(x_len + sums + init_len)?;
     let mut parts = p.buffer(dims.batch * tiles * stride)?;
     // SAFETY (both launches): the arguments match the kernels' parameters, the packed inputs
     // were checked against `dims`, `grad` holds g_out and g_final (checked by the caller) and
@@ -817,7 +817,8 @@ pub(crate) fn selective_state_update(
 /// Chunk length of the GPU's chunked SSD, whatever `SsdDims::chunk_size` asks of the CPU path
 /// (any chunk length gives the same result up to rounding), a whole number of product tiles.
 /// On the H200 (mamba2-130m and mamba2-2.7b widths, 2048 steps) 128 beat 64 by 7-12 % with
-/// bf16 inputs and up to 5 % with f32, and 256 was slower than 128 (CUDA_NOTES).
+/// bf16 inputs and up to 5 % with f32, and 256 was slower than 128 (CUDA_NOTES), again with the
+/// staged bf16 kernels (twenty-eighth session: equal at H 80, 6 % slower at H 24).
 const SSD_CHUNK: usize = 128;
 const SSD_TILE: usize = 64;
 const SSD_PRODUCT_THREADS: usize = 256;
@@ -1247,12 +1248,12 @@ fn aligned16(p: &Packed, v: &CudaView<f32>) -> bool {
 /// the forward ran staged (`staged`, bf16 inputs), go starts 16-byte aligned and the blocks
 /// fill [`STATES_BLOCKS_PER_SM`], `ssd_bwd_states_tc` alone; else each chunk's own share by
 /// `ssd_bwd_own_states`, then `ssd_bwd_state_passing`.
-fn gradients_of_states(
+fn gradients_of_states<G: GradType>(
     p: &Packed,
     variant: &Variant,
     args: &SsdArgs,
     from: (&CudaView<f32>, &CudaSlice<f32>, &CudaView<f32>),
-    grads: &mut CudaSlice<f32>,
+    grads: &mut CudaSlice<G>,
     at: &SsdOffsets,
     staged: bool,
 ) -> Result<CudaSlice<f32>> {
@@ -1330,12 +1331,12 @@ fn gradients_of_states(
 /// optional ones where given), or `None` when a chunk's operands do not fit the device's
 /// shared memory (the caller then differentiates the tensor-operation form). The forward's
 /// kernels at the backward's chunk length, then the backward's (see `ssd.cu`).
-pub(crate) fn ssd_backward(
+pub(crate) fn ssd_backward<G: GradType>(
     p: &Packed,
     dims: &SsdDims,
     flags: SsdFlags,
     grad: &CudaView<f32>,
-) -> Result<Option<CudaSlice<f32>>> {
+) -> Result<Option<CudaSlice<G>>> {
     let SsdDims {
         batch: nb,
         len: nl,
@@ -1366,7 +1367,7 @@ pub(crate) fn ssd_backward(
     let func = |name: &str| kernel(p.device(), &SSD, &variant, name);
     let block_heads = nb * chunks * nh;
     let state_len = nb * nh * np * nn;
-    let mut grads = p.buffer(total)?;
+    let mut grads = p.buffer_of::<G>(total)?;
     // The heads' shares of g_B and g_C as cells, in floats.
     let share_floats = (nb * nh * nl * nn * ssd_bwd_cell_bytes(p.is_bf16())).div_ceil(4);
     let mut b_share = p.buffer(share_floats)?;
@@ -1553,12 +1554,12 @@ const NORM_BWD_BLOCKS_PER_SM: usize = 4;
 
 /// Gradients of gated RMSNorm, given `grad = g_out (rows, hidden)`: `[g_x | g_weight | g_z if
 /// z]`, or `None` for a group larger than [`NORM_BWD_MAX_GROUP`], left to the CPU.
-pub(crate) fn rmsnorm_gated_backward(
+pub(crate) fn rmsnorm_gated_backward<G: GradType>(
     p: &Packed,
     dims: &NormDims,
     has_z: bool,
     grad: &CudaView<f32>,
-) -> Result<Option<CudaSlice<f32>>> {
+) -> Result<Option<CudaSlice<G>>> {
     if dims.group_size > NORM_BWD_MAX_GROUP {
         return Ok(None);
     }
@@ -1579,7 +1580,7 @@ pub(crate) fn rmsnorm_gated_backward(
     let row_blocks = dims.rows.div_ceil(rows_per_block);
     let variant = p.variant(&[("NORM_THREADS", NORM_THREADS)]);
     let size = dims.rows * dims.hidden;
-    let mut grads = p.buffer(size + dims.hidden + if has_z { size } else { 0 })?;
+    let mut grads = p.buffer_of::<G>(size + dims.hidden + if has_z { size } else { 0 })?;
     let mut parts = p.buffer(row_blocks * dims.hidden)?;
     // SAFETY (both launches): the arguments match the kernels' parameters, the packed inputs
     // were checked against `dims`, `grad` holds g_out (checked by the caller), `grads` and

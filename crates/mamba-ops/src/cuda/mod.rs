@@ -21,14 +21,15 @@
 //! and writes f32 outputs into one flat buffer laid out like the CPU op's output. States, sums
 //! and accumulators are f32 whatever the input type.
 //!
-//! Every forward runs here. Backward kernels exist for gated RMSNorm, causal conv1d and the
-//! selective scan (where `dim` and `dim / groups` are multiples of 32): they
-//! take the packed inputs and the output's gradient (f32) and write the flat gradients in the
-//! CPU backward's layout; gradients summed over rows or batch (weights, biases) are per-block
-//! partial sums added in a fixed order by `sum_parts` (`common.cuh`), never float atomics, so
-//! they are the same on every run. The backward of the SSD (and of a scan of other sizes) on a
-//! GPU still copies the inputs to the host, runs the CPU backward kernel and copies the gradients
-//! back (correct, slow).
+//! Every forward runs here. Backward kernels exist for gated RMSNorm, causal conv1d, the
+//! selective scan (where `dim` and `dim / groups` are multiples of 32) and the SSD (where its
+//! chunk fits in shared memory): they take the packed inputs and the output's gradient (f32) and
+//! write the flat gradients in the CPU backward's layout and in the inputs' type ([`GradType`]);
+//! gradients summed over rows or batch (weights, biases) are per-block partial sums added in a
+//! fixed order by `sum_parts` (`common.cuh`), never float atomics, so they are the same on every
+//! run. An SSD of other sizes runs its backward as candle tensor operations on the device
+//! (`ssd_graph`), and a scan of other sizes copies the inputs to the host, runs the CPU backward
+//! kernel and copies the gradients back (correct, slow).
 
 pub mod decode;
 mod launch;
@@ -37,7 +38,7 @@ pub(crate) use launch::*;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchArgs,
+    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs,
     LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::{self, nvrtc};
@@ -290,7 +291,7 @@ impl<'a> Packed<'a> {
     }
 
     /// Whether the inputs are bf16.
-    fn is_bf16(&self) -> bool {
+    pub(crate) fn is_bf16(&self) -> bool {
         matches!(self.input, Input::Bf16(_))
     }
 
@@ -308,8 +309,14 @@ impl<'a> Packed<'a> {
 
     /// An f32 buffer of `len` elements for the kernels to fill (NaNs when poisoning).
     fn buffer(&self, len: usize) -> candle_core::Result<CudaSlice<f32>> {
+        self.buffer_of::<f32>(len)
+    }
+
+    /// A buffer of `len` elements of `T` for the kernels to fill (all bits set when
+    /// poisoning: NaNs in f32 and bf16).
+    fn buffer_of<T: DeviceRepr>(&self, len: usize) -> candle_core::Result<CudaSlice<T>> {
         // SAFETY: every element is written by the kernels before it is read.
-        let mut buf = unsafe { self.device.alloc::<f32>(len.max(1))? };
+        let mut buf = unsafe { self.device.alloc::<T>(len.max(1))? };
         if POISON.load(Ordering::Relaxed) {
             let bytes = buf.num_bytes();
             let (ptr, _record) = buf.device_ptr_mut(&self.stream);
@@ -326,6 +333,14 @@ impl<'a> Packed<'a> {
         self.device
     }
 }
+
+/// An element type the backward kernels write gradients in (`grad_t` of `common.cuh`): the
+/// packed inputs' own, f32, or bf16 rounded once to nearest even as each gradient is written
+/// (the bits a cast of the f32 gradients would give).
+pub(crate) trait GradType: DeviceRepr {}
+
+impl GradType for f32 {}
+impl GradType for bf16 {}
 
 /// A launch configuration, or `None` when the grid is empty (nothing to compute).
 fn config(

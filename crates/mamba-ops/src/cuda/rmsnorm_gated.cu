@@ -77,14 +77,14 @@ __device__ __forceinline__ float norm_block_sum(float v, float* buf) {
 
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     rmsnorm_gated_bwd(const in_t* __restrict__ x, NormArgs s, int rows_per_block,
-                      const float* __restrict__ grad_out, float* __restrict__ grads,
+                      const float* __restrict__ grad_out, grad_t* __restrict__ grads,
                       float* __restrict__ weight_parts) {
     extern __shared__ float w_acc[];
     __shared__ float sums[2][NORM_THREADS / 32];
     const int first = blockIdx.y * s.group_size;
     const long long size = (long long)s.rows * s.hidden;
-    float* gx = grads;
-    float* gz = grads + size + s.hidden;
+    grad_t* gx = grads;
+    grad_t* gz = grads + size + s.hidden;
     const bool gate_first = s.z >= 0 && !s.norm_before_gate;
     const bool gate_last = s.z >= 0 && s.norm_before_gate;
     for (int i = threadIdx.x; i < s.group_size; i += NORM_THREADS) w_acc[i] = 0.0f;
@@ -113,15 +113,15 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
             w_acc[i] += gm * n;
             if (gate_last) {
                 const float zi = ld(x, s.z + base + i);
-                gz[base + i] = grad_out[base + i] * n * w * silu_grad(zi);
+                gz[base + i] = to_grad(grad_out[base + i] * n * w * silu_grad(zi));
             }
             const float g_v = r * (gm * w - n * mean_gn_n);
             if (gate_first) {
                 const float zi = ld(x, s.z + base + i);
-                gx[base + i] = g_v * silu(zi);
-                gz[base + i] = g_v * ld(x, s.x + base + i) * silu_grad(zi);
+                gx[base + i] = to_grad(g_v * silu(zi));
+                gz[base + i] = to_grad(g_v * ld(x, s.x + base + i) * silu_grad(zi));
             } else {
-                gx[base + i] = g_v;
+                gx[base + i] = to_grad(g_v);
             }
         }
     }

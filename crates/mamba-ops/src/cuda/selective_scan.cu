@@ -631,12 +631,12 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
 extern "C" __global__ void __launch_bounds__(32 * COMBINE_PARTS)
     selective_scan_bwd_combine(const in_t* __restrict__ x, ScanArgs s, const float* __restrict__ grad,
                                const float* __restrict__ seg_dt, float* __restrict__ adj,
-                               float* __restrict__ grads, long long init_at) {
+                               grad_t* __restrict__ grads, long long init_at) {
     bool active;
     const long long e = combine_entry(s, active);
     const float start = active ? grad[(long long)s.batch * s.len * s.dim + e] : 0.0f;
     const float front = combine_segments<true>(x, s, seg_dt, adj, e, active, start);
-    if (active && init_at >= 0 && threadIdx.x / 32 == COMBINE_PARTS - 1) grads[init_at + e] = front;
+    if (active && init_at >= 0 && threadIdx.x / 32 == COMBINE_PARTS - 1) grads[init_at + e] = to_grad(front);
 }
 
 // One round of transposed_sums: lanes with bit HALF set keep the upper half of v[0 .. 2 HALF)
@@ -696,7 +696,7 @@ __device__ __forceinline__ void store_bc_parts(const float (&gb)[STATE_N], const
 extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
     selective_scan_bwd(const in_t* __restrict__ x, ScanArgs s, const float* __restrict__ grad,
                        const float* __restrict__ seg_state, const float* __restrict__ adj,
-                       float* __restrict__ grads, long long gz_at, float* __restrict__ parts,
+                       grad_t* __restrict__ grads, long long gz_at, float* __restrict__ parts,
                        float* __restrict__ b_parts, float* __restrict__ c_parts) {
     const SegmentThread th = segment_thread(s);
     if (th.k >= s.segments) return;
@@ -742,7 +742,7 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
 #pragma unroll
         for (int n = 0; n < STATE_N; ++n) y += cv[n] * hs[i][n];
         const float go = s.z >= 0 ? st.g * silu(st.z) : st.g;
-        if (s.z >= 0) grads[gz_at + row * s.dim + th.d] = st.g * y * silu_grad(st.z);
+        if (s.z >= 0) grads[gz_at + row * s.dim + th.d] = to_grad(st.g * y * silu_grad(st.z));
         float lam_b = 0.0f, g_dt = 0.0f, gb[STATE_N], gc[STATE_N];
 #pragma unroll
         for (int n = 0; n < STATE_N; ++n) {
@@ -758,9 +758,9 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
             lam[n] *= decay;
         }
         store_bc_parts(gb, gc, b_parts, c_parts, ((row * warps) + th.d / 32) * STATE_N);
-        grads[row * s.dim + th.d] = go * skip + st.dt * lam_b;
+        grads[row * s.dim + th.d] = to_grad(go * skip + st.dt * lam_b);
         const float g_delta = s.softplus ? g_dt / (1.0f + expf(-st.delta)) : g_dt;
-        grads[(long long)s.batch * s.len * s.dim + row * s.dim + th.d] = g_delta;
+        grads[(long long)s.batch * s.len * s.dim + row * s.dim + th.d] = to_grad(g_delta);
         g_skip += go * st.u;
         g_bias += g_delta;
     }
@@ -775,7 +775,7 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
 // 6. g_B or g_C (batch, L, groups, N): the warps' partial sums (batch, L, dim / 32, N) added
 // over the warps of each group in order. One (batch, step, group, n) per thread.
 extern "C" __global__ void selective_scan_bwd_sum_bc(ScanArgs s, const float* __restrict__ part,
-                                                     float* __restrict__ out) {
+                                                     grad_t* __restrict__ out) {
     const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // (b, t, g, n)
     if (e >= (long long)s.batch * s.len * s.groups * STATE_N) return;
     const int per_group = s.dim / s.groups / 32;
@@ -783,5 +783,5 @@ extern "C" __global__ void selective_scan_bwd_sum_bc(ScanArgs s, const float* __
     const int n = (int)(e % STATE_N);
     float total = 0.0f;
     for (int j = 0; j < per_group; ++j) total += part[(r * per_group + j) * STATE_N + n];
-    out[e] = total;
+    out[e] = to_grad(total);
 }

@@ -1177,13 +1177,13 @@ struct SsdGradsAt {
 // per thread.
 extern "C" __global__ void ssd_bwd_gate(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ grad,
                                         const float* __restrict__ out, float* __restrict__ go,
-                                        float* __restrict__ grads, SsdGradsAt at) {
+                                        grad_t* __restrict__ grads, SsdGradsAt at) {
     const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= (long long)s.batch * s.len * s.heads * s.head_dim) return;
     const float g = grad[e];
     const float z = ld(x, s.z + e);
     go[e] = g * silu(z);
-    grads[at.z + e] = g * out[e] * silu_grad(z);
+    grads[at.z + e] = to_grad(g * out[e] * silu_grad(z));
 }
 
 // A shared matrix's cells: bf16 (its bits, rounded to nearest) for bf16 inputs, f32 otherwise.
@@ -1436,14 +1436,15 @@ __device__ __forceinline__ void store_pair(float* dst, long long at, float v0, f
     if (second) dst[at + 1] = v1;
 }
 #ifdef IN_BF16
-// The same into bf16 cells: one 4-byte store for an aligned pair.
+// The same into bf16 cells (or gradients): one 4-byte store for an aligned pair, the same
+// rounding (`cvt.rn`) either way.
 __device__ __forceinline__ void store_pair(cell_t* dst, long long at, float v0, float v1, bool second) {
     if (second && (at & 1) == 0) {
         *reinterpret_cast<unsigned int*>(dst + at) = bf16x2(v0, v1);
         return;
     }
-    dst[at] = to_cell(v0);
-    if (second) dst[at + 1] = to_cell(v1);
+    dst[at] = to_grad(v0);
+    if (second) dst[at + 1] = to_grad(v1);
 }
 #endif
 
@@ -1665,7 +1666,7 @@ extern "C" __global__ void ssd_bwd_state_passing(SsdArgs s, const float* __restr
 #ifdef IN_BF16
                                                  cell_t* __restrict__ g_cells,
 #endif
-                                                 float* __restrict__ grads, SsdGradsAt at_grad) {
+                                                 grad_t* __restrict__ grads, SsdGradsAt at_grad) {
 #ifdef IN_BF16
     const ToCells store{g_cells};
 #else
@@ -1676,7 +1677,7 @@ extern "C" __global__ void ssd_bwd_state_passing(SsdArgs s, const float* __restr
     const long long e = (long long)blockIdx.y * blockDim.x + threadIdx.x;
     if (e >= entries) return;
     const float front = pass_chunks<true>(s, cum, own, store, bh, e, g_final[bh * entries + e]);
-    if (at_grad.initial_states >= 0) grads[at_grad.initial_states + bh * entries + e] = front;
+    if (at_grad.initial_states >= 0) grads[at_grad.initial_states + bh * entries + e] = to_grad(front);
 }
 
 #ifdef IN_BF16
@@ -1775,7 +1776,7 @@ __device__ __forceinline__ void lane_pairs(const SsdArgs& s, int r0, int c0, con
 extern "C" __global__ void __launch_bounds__(STATES_THREADS)
     ssd_bwd_states_tc(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ go,
                       const float* __restrict__ cum, const float* __restrict__ g_final,
-                      cell_t* __restrict__ g_cells, float* __restrict__ grads, SsdGradsAt at_grad) {
+                      cell_t* __restrict__ g_cells, grad_t* __restrict__ grads, SsdGradsAt at_grad) {
     extern __shared__ __align__(128) unsigned char states_stages[];
     StatesTile w;
     w.bh = blockIdx.x;
@@ -1889,7 +1890,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS, BWD_BLOCKS)
     ssd_bwd_chunk(const in_t* __restrict__ x, SsdArgs s, const float* __restrict__ go_g,
                   const float* __restrict__ dtp, const float* __restrict__ cum, const float* __restrict__ cb,
                   const float* __restrict__ states, int states_as_planes, const cell_t* __restrict__ g_cells,
-                  float* __restrict__ grads, SsdGradsAt at_grad, cell_t* __restrict__ b_share,
+                  grad_t* __restrict__ grads, SsdGradsAt at_grad, cell_t* __restrict__ b_share,
                   cell_t* __restrict__ c_share,
                   float* __restrict__ a_part, float* __restrict__ bias_part, float* __restrict__ d_part,
                   float* __restrict__ d_head_part) {
@@ -2058,7 +2059,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS, BWD_BLOCKS)
         const float slope = before_clamp < s.dt_lo || before_clamp > s.dt_hi ? 0.0f
                             : smooth ? 1.0f / (1.0f + __expf(-v)) : 1.0f;
         const float g = (gd[h] + a * suffix[h]) * slope;
-        grads[at_grad.dt + (k.b * s.len + k.t0 + j) * s.heads + k.h] = g;
+        grads[at_grad.dt + (k.b * s.len + k.t0 + j) * s.heads + k.h] = to_grad(g);
         g_bias += g;
     }
     g_bias = lane_group_sum(g_bias, 32);
@@ -2074,7 +2075,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS, BWD_BLOCKS)
 
 // g_B or g_C (batch, L, G, N): the heads' shares (batch, H, L, N, cells) added over each group's
 // heads in order. One (batch, t, group, n) per thread.
-extern "C" __global__ void ssd_bwd_group_sum(SsdArgs s, const cell_t* __restrict__ share, float* __restrict__ out) {
+extern "C" __global__ void ssd_bwd_group_sum(SsdArgs s, const cell_t* __restrict__ share, grad_t* __restrict__ out) {
     const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // (b, t, g, n)
     if (e >= (long long)s.batch * s.len * s.groups * s.state) return;
     const int n = (int)(e % s.state);
@@ -2087,7 +2088,7 @@ extern "C" __global__ void ssd_bwd_group_sum(SsdArgs s, const cell_t* __restrict
     float total = 0.0f;
     for (int h = g * per_group; h < (g + 1) * per_group; ++h)
         total += from_cell(share[((b * s.heads + h) * s.len + t) * (long long)s.state + n]);
-    out[e] = total;
+    out[e] = to_grad(total);
 }
 
 #endif
