@@ -83,10 +83,10 @@ __device__ __forceinline__ float silu_grad(float x) {
 }
 
 // Deterministic sum of per-block partial sums: out[j] = sum_{p < count} parts[p * stride + j]
-// for j < width (a gradient, in grad_t), the parts added in a fixed order (no atomics), so that a gradient summed over
-// blocks is the same on every run. A block is 32 j (one per lane) by SUM_WARPS warps: warp w adds
-// the w-th of SUM_WARPS runs of consecutive parts in order, then the runs' sums are added in
-// order. Grid: ceil(width / 32); block: 32 * SUM_WARPS threads.
+// for j < width (a gradient, stored as grad_t), the parts added in a fixed order (no atomics), so
+// that a gradient summed over blocks is the same on every run. A block is 32 j (one per lane) by
+// SUM_WARPS warps: warp w adds the w-th of SUM_WARPS runs of consecutive parts in order, then
+// the runs' sums are added in order. Grid: ceil(width / 32); block: 32 * SUM_WARPS threads.
 #define SUM_WARPS 8
 extern "C" __global__ void __launch_bounds__(32 * SUM_WARPS)
     sum_parts(const float* __restrict__ parts, int count, int stride, int width, grad_t* __restrict__ out) {
