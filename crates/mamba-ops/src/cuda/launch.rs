@@ -368,7 +368,7 @@ fn scan_args(
 /// g_last_state (batch, dim, N)]`: `[g_u | g_delta | g_A | g_B | g_C | g_D | g_z | g_delta_bias
 /// | g_initial_state]` (the optional ones where given), or `None` unless `dim` and
 /// `dim / groups` are multiples of 32 (a warp is 32 channels of one group), left to the CPU.
-/// Seven kernels in order (see `selective_scan.cu`).
+/// Six kernels in order (see `selective_scan.cu`).
 pub(crate) fn selective_scan_backward<G: GradType>(
     p: &Packed,
     dims: &ScanDims,
@@ -428,29 +428,21 @@ pub(crate) fn selective_scan_backward<G: GradType>(
         unsafe { launch(&mut builder, config(segment_grid, 32 * SCAN_WARPS, 0)?) }?;
     }
     {
-        let f = func("selective_scan_combine")?;
-        let mut builder = p.builder(&f);
-        builder
-            .arg(&args)
-            .arg(&mut seg_state)
-            .arg(&seg_dt)
-            .arg(&mut last_state);
-        unsafe { launch(&mut builder, combine) }?;
-    }
-    {
         let f = func("selective_scan_bwd_segments")?;
         let mut builder = p.builder(&f);
         builder.arg(&args).arg(grad).arg(&mut adj);
         unsafe { launch(&mut builder, config(segment_grid, 32 * SCAN_WARPS, 0)?) }?;
     }
     {
-        let f = func("selective_scan_bwd_combine")?;
+        let f = func("selective_scan_combine")?;
         let mut builder = p.builder(&f);
         builder
             .arg(&args)
             .arg(grad)
             .arg(&seg_dt)
+            .arg(&mut seg_state)
             .arg(&mut adj)
+            .arg(&mut last_state)
             .arg(&mut grads)
             .arg(&init_at);
         unsafe { launch(&mut builder, combine) }?;

@@ -30,7 +30,7 @@
 //      exp(A * S_k));
 //   2. selective_scan_combine: the state entering each segment, h_in(0) = initial_state,
 //      h_in(k+1) = exp(A * S_k) * h_in(k) + H_k, the segments cut into runs walked side by side
-//      (combine_segments).
+//      (combine_segments); the backward's adjoint the same way, from the end, in the same launch.
 // Only the segments' end states (batch, segments, dim, N) pass through device memory.
 //
 // In the segment kernels a warp is 32 adjacent channels at the same step of one segment, so
@@ -227,18 +227,6 @@ __device__ __forceinline__ long long combine_entry(const ScanArgs& s, bool& acti
     const long long e = (long long)blockIdx.x * 32 + threadIdx.x % 32;
     active = e < (long long)s.batch * s.dim * STATE_N;
     return active ? e : 0;
-}
-
-// 2. The state entering each segment, in place of the segment's own end state, and the state
-// after the last one into last_state. Grid: (batch * dim * N / 32); block 32 * COMBINE_PARTS.
-extern "C" __global__ void __launch_bounds__(32 * COMBINE_PARTS)
-    selective_scan_combine(const in_t* __restrict__ x, ScanArgs s, float* __restrict__ seg_state,
-                           const float* __restrict__ seg_dt, float* __restrict__ last_state) {
-    bool active;
-    const long long e = combine_entry(s, active);
-    const float start = active ? ld_or(x, s.initial_state, e, 0.0f) : 0.0f;
-    const float last = combine_segments<false>(x, s, seg_dt, seg_state, e, active, start);
-    if (active && threadIdx.x / 32 == COMBINE_PARTS - 1) last_state[e] = last;
 }
 
 // Forward of short sequences (selective_scan_sequential): one thread per (sequence, channel),
@@ -565,14 +553,15 @@ extern "C" __global__ void __launch_bounds__(SCAN_THREADS, SCAN_BLOCKS_PER_SM)
 // and g_initial_state = lambda after step 0. B and C gradients add over the channels of a group.
 // The adjoint lambda obeys the forward's recurrence backwards, lambda_{t-1} = a_t (lambda_t +
 // go_t C_t), so it is split over the same segments (of at most SCAN_BWD_SEG steps):
-//   1.-2. the forward's selective_scan_segments and _combine give the state entering each
-//      segment (nothing of the (batch, dim, L, N) states is stored);
-//   3. selective_scan_bwd_segments: each segment from a zero adjoint, walking down, gives its
+//   1. the forward's selective_scan_segments gives each segment's end state from a zero state
+//      (nothing of the (batch, dim, L, N) states is stored);
+//   2. selective_scan_bwd_segments: each segment from a zero adjoint, walking down, gives its
 //      own adjoint at its start, Lambda_k;
-//   4. selective_scan_bwd_combine: the adjoint entering each segment from the right, from
-//      g_last_state: lambda_end(k-1) = exp(A S_k) lambda_end(k) + Lambda_k; what reaches the
-//      front is g_initial_state;
-//   5. selective_scan_bwd: each segment again, its states recomputed forward from the entering
+//   3. selective_scan_combine: the state entering each segment, and the adjoint entering each
+//      segment from the right, from g_last_state: lambda_end(k-1) = exp(A S_k) lambda_end(k) +
+//      Lambda_k; what reaches the front is g_initial_state (one launch for both walks: as two
+//      launches they took 43.5-45 us under ncu at d 1536, as one 36.7-38);
+//   4. selective_scan_bwd: each segment again, its states recomputed forward from the entering
 //      state into a per-thread array (at most SCAN_BWD_SEG states), then walked down with
 //      the entering adjoint, writing g_u, g_delta, g_z per step; h_{t-1} a_t is taken as
 //      h_t - dt_t u_t B_t, so that only h_t is kept. The A, D and delta_bias sums
@@ -600,7 +589,7 @@ __device__ __forceinline__ BwdStep load_bwd_step(const in_t* x, const ScanArgs& 
     return st;
 }
 
-// 3. Each segment's own adjoint at its start, from a zero adjoint at its end, into adj.
+// 2. Each segment's own adjoint at its start, from a zero adjoint at its end, into adj.
 extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
     selective_scan_bwd_segments(const in_t* __restrict__ x, ScanArgs s,
                                 const float* __restrict__ grad, float* __restrict__ adj) {
@@ -626,17 +615,24 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
     for (int n = 0; n < STATE_N; ++n) adj[at + n] = lam[n];
 }
 
-// 4. The adjoint entering each segment from the right, in place of the segment's own, and
-// g_initial_state (into grads at init_at, when given). Grid and block as the forward's combine.
+// 3. In place of each segment's own values, the state entering it (from initial_state; the
+// state after the last segment into last_state) and the adjoint entering it from the right
+// (from g_last_state; what reaches the front into grads at init_at as g_initial_state, when
+// given). Grid: (batch * dim * N / 32); block 32 * COMBINE_PARTS.
 extern "C" __global__ void __launch_bounds__(32 * COMBINE_PARTS)
-    selective_scan_bwd_combine(const in_t* __restrict__ x, ScanArgs s, const float* __restrict__ grad,
-                               const float* __restrict__ seg_dt, float* __restrict__ adj,
-                               grad_t* __restrict__ grads, long long init_at) {
+    selective_scan_combine(const in_t* __restrict__ x, ScanArgs s, const float* __restrict__ grad,
+                           const float* __restrict__ seg_dt, float* __restrict__ seg_state,
+                           float* __restrict__ adj, float* __restrict__ last_state, grad_t* __restrict__ grads,
+                           long long init_at) {
     bool active;
     const long long e = combine_entry(s, active);
-    const float start = active ? grad[(long long)s.batch * s.len * s.dim + e] : 0.0f;
-    const float front = combine_segments<true>(x, s, seg_dt, adj, e, active, start);
-    if (active && init_at >= 0 && threadIdx.x / 32 == COMBINE_PARTS - 1) grads[init_at + e] = to_grad(front);
+    const bool last_part = threadIdx.x / 32 == COMBINE_PARTS - 1;
+    const float initial = active ? ld_or(x, s.initial_state, e, 0.0f) : 0.0f;
+    const float last = combine_segments<false>(x, s, seg_dt, seg_state, e, active, initial);
+    if (active && last_part) last_state[e] = last;
+    const float g_last = active ? grad[(long long)s.batch * s.len * s.dim + e] : 0.0f;
+    const float front = combine_segments<true>(x, s, seg_dt, adj, e, active, g_last);
+    if (active && init_at >= 0 && last_part) grads[init_at + e] = to_grad(front);
 }
 
 // One round of transposed_sums: lanes with bit HALF set keep the upper half of v[0 .. 2 HALF)
@@ -691,7 +687,7 @@ __device__ __forceinline__ void store_bc_parts(const float (&gb)[STATE_N], const
     }
 }
 
-// 5. The gradients of each segment's steps (see above). grads starts with g_u (batch, L, dim)
+// 4. The gradients of each segment's steps (see above). grads starts with g_u (batch, L, dim)
 // and g_delta (batch, L, dim); g_z sits at gz_at (-1 without z).
 extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
     selective_scan_bwd(const in_t* __restrict__ x, ScanArgs s, const float* __restrict__ grad,
@@ -772,7 +768,7 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
     parts[p + (long long)s.dim * STATE_N + s.dim + th.d] = g_bias;
 }
 
-// 6. g_B or g_C (batch, L, groups, N): the warps' partial sums (batch, L, dim / 32, N) added
+// 5. g_B or g_C (batch, L, groups, N): the warps' partial sums (batch, L, dim / 32, N) added
 // over the warps of each group in order. One (batch, step, group, n) per thread.
 extern "C" __global__ void selective_scan_bwd_sum_bc(ScanArgs s, const float* __restrict__ part,
                                                      grad_t* __restrict__ out) {
