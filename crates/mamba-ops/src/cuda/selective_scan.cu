@@ -54,6 +54,25 @@ __device__ __forceinline__ float exp2_approx(float x) {
     return y;
 }
 
+// softplus(x) = max(x, 0) + log1p(t) with t = exp(-|x|) in (0, 1], without a branch:
+// log1p(t) = 2 atanh(s) = 2 (s + s^3 / 3 + s^5 / 5 + ...) with s = t / (2 + t) <= 1/3, seven
+// terms (the next is below 2e-8 of the sum). Above 20 the log1p term is below x's last place,
+// so x comes out as PyTorch's softplus gives it. Fewer instructions than log1pf(expf(x)) and its
+// branches; for the chunked kernel and the backward's gradient kernel (the sequential forward
+// measured slower with a similar form, the backward's segment walks slower with this one).
+__device__ __forceinline__ float softplus_branchless(float x) {
+    const float t = exp2_approx(-fabsf(x) * LOG2E);
+    const float s = __fdividef(t, 2.0f + t), s2 = s * s;
+    float p = 2.0f / 13.0f;
+    p = fmaf(p, s2, 2.0f / 11.0f);
+    p = fmaf(p, s2, 2.0f / 9.0f);
+    p = fmaf(p, s2, 2.0f / 7.0f);
+    p = fmaf(p, s2, 2.0f / 5.0f);
+    p = fmaf(p, s2, 2.0f / 3.0f);
+    p = fmaf(p, s2, 2.0f);
+    return fmaf(p, s, fmaxf(x, 0.0f));
+}
+
 // The STATE_N values of a B or C row from element i of the packed inputs. (Loading them four at
 // a time, where aligned, measured slower on the H200: 385 -> 394 us f32, 407 -> 486 us bf16 for
 // the backward at d 1536; more registers per thread.)
@@ -435,24 +454,6 @@ __device__ __forceinline__ float scan_state(float a2n, const float (&dt)[SCAN_IT
     return __shfl_sync(0xffffffffu, fmaf(wa, carry, wh), 31);
 }
 
-// softplus(x) = max(x, 0) + log1p(t) with t = exp(-|x|) in (0, 1], without a branch:
-// log1p(t) = 2 atanh(s) = 2 (s + s^3 / 3 + s^5 / 5 + ...) with s = t / (2 + t) <= 1/3, seven
-// terms (the next is below 2e-8 of the sum). Above 20 the log1p term is below x's last place,
-// so x comes out as PyTorch's softplus gives it. Fewer instructions than log1pf(expf(x)) and its
-// branches; for the chunked kernel (the sequential one measured slower with a similar form).
-__device__ __forceinline__ float softplus_branchless(float x) {
-    const float t = exp2_approx(-fabsf(x) * LOG2E);
-    const float s = __fdividef(t, 2.0f + t), s2 = s * s;
-    float p = 2.0f / 13.0f;
-    p = fmaf(p, s2, 2.0f / 11.0f);
-    p = fmaf(p, s2, 2.0f / 9.0f);
-    p = fmaf(p, s2, 2.0f / 7.0f);
-    p = fmaf(p, s2, 2.0f / 5.0f);
-    p = fmaf(p, s2, 2.0f / 3.0f);
-    p = fmaf(p, s2, 2.0f);
-    return fmaf(p, s, fmaxf(x, 0.0f));
-}
-
 // Grid (dim / SCAN_CHANNELS, batch); block SCAN_THREADS; dynamic shared memory (3 *
 // SCAN_CHANNELS + 2 * STATE_N) * SCAN_COLUMN floats. out: [out (batch, L, dim) | last_state].
 // Per-n values the same on every lane of a warp (A_n log2(e), the carried state) are held by
@@ -576,13 +577,17 @@ struct BwdStep {
     float delta, dt, u, z, g;
 };
 
+// One step's inputs; with BRANCHLESS, dt from softplus_branchless (the gradient kernel: 1-2 %
+// faster whole backwards on the H200), else from softplus (the adjoint segments: the branchless
+// form made them slower, 57.6 -> 72.1 us under ncu at d 1536 f32).
+template <bool BRANCHLESS>
 __device__ __forceinline__ BwdStep load_bwd_step(const in_t* x, const ScanArgs& s,
                                                  const float* grad, long long row, int d,
                                                  float bias) {
     const long long at = row * s.dim + d;
     BwdStep st;
     st.delta = ld(x, s.delta + at) + bias;
-    st.dt = s.softplus ? softplus(st.delta) : st.delta;
+    st.dt = !s.softplus ? st.delta : BRANCHLESS ? softplus_branchless(st.delta) : softplus(st.delta);
     st.u = ld(x, s.u + at);
     st.z = s.z >= 0 ? ld(x, s.z + at) : 0.0f;
     st.g = grad[at];
@@ -602,7 +607,7 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
     const float bias = ld_or(x, s.delta_bias, th.d, 0.0f);
     for (int t = th.t1 - 1; t >= th.t0; --t) {
         const long long row = (long long)th.b * s.len + t;
-        const BwdStep st = load_bwd_step(x, s, grad, row, th.d, bias);
+        const BwdStep st = load_bwd_step<false>(x, s, grad, row, th.d, bias);
         const float go = s.z >= 0 ? st.g * silu(st.z) : st.g;
         float cv[STATE_N];
         load_state_row(x, s.c + (row * s.groups + th.g) * STATE_N, cv);
@@ -715,7 +720,7 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
 #pragma unroll 4
     for (int t = th.t0; t < th.t1; ++t) {
         const long long row = (long long)th.b * s.len + t;
-        const BwdStep st = load_bwd_step(x, s, grad, row, th.d, bias);
+        const BwdStep st = load_bwd_step<true>(x, s, grad, row, th.d, bias);
         float bv[STATE_N];
         load_state_row(x, s.b + (row * s.groups + th.g) * STATE_N, bv);
 #pragma unroll
@@ -727,7 +732,7 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
     float g_skip = 0.0f, g_bias = 0.0f;
     for (int t = th.t1 - 1; t >= th.t0; --t) {
         const long long row = (long long)th.b * s.len + t;
-        const BwdStep st = load_bwd_step(x, s, grad, row, th.d, bias);
+        const BwdStep st = load_bwd_step<true>(x, s, grad, row, th.d, bias);
         const long long bc = (row * s.groups + th.g) * STATE_N;
         const int i = t - th.t0;
         const float du = st.dt * st.u;
@@ -760,7 +765,7 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
         store_bc_parts(gb, gc, b_parts, c_parts, ((row * warps) + th.d / 32) * STATE_N);
         grads[row * s.dim + th.d] = to_grad(go * skip + st.dt * lam_b);
         const float g_dt = lam_ha * (1.0f / LOG2E) + st.u * lam_b;
-        const float g_delta = s.softplus ? g_dt / (1.0f + expf(-st.delta)) : g_dt;
+        const float g_delta = s.softplus ? __fdividef(g_dt, 1.0f + exp2_approx(-st.delta * LOG2E)) : g_dt;
         grads[(long long)s.batch * s.len * s.dim + row * s.dim + th.d] = to_grad(g_delta);
         g_skip += go * st.u;
         g_bias += g_delta;
