@@ -495,8 +495,14 @@ impl BlockScan<'_> {
     /// `LANES` values of a `(batch, L, dim)` input at step `t`.
     #[inline(always)]
     fn lanes(&self, v: &[f32], t: usize) -> [f32; LANES] {
-        let at = (self.batch * self.dims.len + t) * self.dims.dim + self.first;
+        let at = self.lanes_at(t);
         v[at..at + LANES].try_into().expect("LANES values")
+    }
+
+    /// Where the block's first lane of step `t` sits in a `(batch, L, dim)` input.
+    #[inline(always)]
+    fn lanes_at(&self, t: usize) -> usize {
+        (self.batch * self.dims.len + t) * self.dims.dim + self.first
     }
 
     #[inline(always)]
@@ -644,7 +650,7 @@ impl BlockScan<'_> {
         if t >= self.dims.len {
             return;
         }
-        let at = (self.batch * self.dims.len + t) * self.dims.dim + self.first;
+        let at = self.lanes_at(t);
         for v in [Some(self.x.delta), Some(self.x.u), self.x.z]
             .into_iter()
             .flatten()

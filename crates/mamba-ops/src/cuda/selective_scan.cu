@@ -24,13 +24,14 @@
 // channel), which the launcher picks where it measured faster.
 
 // Backward (below) cuts each channel's sequence into `segments` consecutive pieces walked side
-// by side, starting with the two kernels that give the state entering each segment:
-//   1. selective_scan_segments: each segment k of each channel from a zero state, giving its own
-//      end state H_k and total step S_k = sum of dt (the segment multiplies an entering state by
-//      exp(A * S_k));
-//   2. selective_scan_combine: the state entering each segment, h_in(0) = initial_state,
-//      h_in(k+1) = exp(A * S_k) * h_in(k) + H_k, the segments cut into runs walked side by side
-//      (combine_segments); the backward's adjoint the same way, from the end, in the same launch.
+// by side. The state entering each segment comes from two of its kernels (the list before the
+// backward's kernels gives all of them and their order):
+//   - selective_scan_segments: each segment k of each channel from a zero state, giving its own
+//     end state H_k and total step S_k = sum of dt (the segment multiplies an entering state by
+//     exp(A * S_k));
+//   - selective_scan_combine: the state entering each segment, h_in(0) = initial_state,
+//     h_in(k+1) = exp(A * S_k) * h_in(k) + H_k, the segments cut into runs walked side by side
+//     (combine_segments); the backward's adjoint the same way, from the end, in the same launch.
 // Only the segments' end states (batch, segments, dim, N) pass through device memory.
 //
 // In the segment kernels a warp is 32 adjacent channels at the same step of one segment, so
