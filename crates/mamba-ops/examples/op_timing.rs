@@ -3,7 +3,8 @@
 //! `RAYON_NUM_THREADS=2 cargo run --release -p mamba-ops --example op_timing`.
 
 use mamba_ops::causal_conv1d::{
-    causal_conv1d, causal_conv1d_backward, causal_conv1d_backward_reference, ConvDims, ConvInputs,
+    causal_conv1d, causal_conv1d_backward, causal_conv1d_backward_reference,
+    causal_conv1d_token_major, ConvDims, ConvInputs,
 };
 use mamba_ops::math::NO_DT_LIMIT;
 use mamba_ops::rmsnorm_gated::{
@@ -155,6 +156,12 @@ fn conv(rng: &mut StdRng) {
     let reference = seconds(2, || causal_conv1d_backward_reference(&dims, &x, &xs, None));
     let fast = seconds(5, || causal_conv1d_backward(&dims, &x, &xs, None));
     report("causal conv1d d=1536 L=512 W=4", forward, reference, fast);
+    // The same sizes read as token-major inputs: prefill's convolution.
+    let token_major = seconds(5, || causal_conv1d_token_major(&dims, &x));
+    println!(
+        "causal conv1d, token-major (prefill): forward {:.3} ms",
+        token_major * 1e3
+    );
 }
 
 fn norm(rng: &mut StdRng) {
