@@ -405,7 +405,6 @@ pub(crate) fn selective_scan_backward<G: GradType>(
     let mut grads = p.buffer_of::<G>(total)?;
     let mut seg_state = p.buffer(nb * segments * nd * nn)?;
     let mut seg_dt = p.buffer(nb * segments * nd)?;
-    let mut last_state = p.buffer(nb * nd * nn)?;
     let mut adj = p.buffer(nb * segments * nd * nn)?;
     let width = nd * nn + 2 * nd;
     let mut parts = p.buffer(nb * segments * width)?;
@@ -442,7 +441,6 @@ pub(crate) fn selective_scan_backward<G: GradType>(
             .arg(&seg_dt)
             .arg(&mut seg_state)
             .arg(&mut adj)
-            .arg(&mut last_state)
             .arg(&mut grads)
             .arg(&init_at);
         unsafe { launch(&mut builder, combine) }?;

@@ -622,23 +622,20 @@ extern "C" __global__ void __launch_bounds__(32 * SCAN_WARPS)
 }
 
 // 3. In place of each segment's own values, the state entering it (from initial_state; the
-// state after the last segment into last_state) and the adjoint entering it from the right
+// state after the last segment is not needed) and the adjoint entering it from the right
 // (from g_last_state; what reaches the front into grads at init_at as g_initial_state, when
 // given). Grid: (batch * dim * N / 32); block 32 * COMBINE_PARTS.
 extern "C" __global__ void __launch_bounds__(32 * COMBINE_PARTS)
     selective_scan_combine(const in_t* __restrict__ x, ScanArgs s, const float* __restrict__ grad,
                            const float* __restrict__ seg_dt, float* __restrict__ seg_state,
-                           float* __restrict__ adj, float* __restrict__ last_state, grad_t* __restrict__ grads,
-                           long long init_at) {
+                           float* __restrict__ adj, grad_t* __restrict__ grads, long long init_at) {
     bool active;
     const long long e = combine_entry(s, active);
-    const bool last_part = threadIdx.x / 32 == COMBINE_PARTS - 1;
     const float initial = active ? ld_or(x, s.initial_state, e, 0.0f) : 0.0f;
-    const float last = combine_segments<false>(x, s, seg_dt, seg_state, e, active, initial);
-    if (active && last_part) last_state[e] = last;
+    combine_segments<false>(x, s, seg_dt, seg_state, e, active, initial);
     const float g_last = active ? grad[(long long)s.batch * s.len * s.dim + e] : 0.0f;
     const float front = combine_segments<true>(x, s, seg_dt, adj, e, active, g_last);
-    if (active && init_at >= 0 && last_part) grads[init_at + e] = to_grad(front);
+    if (active && init_at >= 0 && threadIdx.x / 32 == COMBINE_PARTS - 1) grads[init_at + e] = to_grad(front);
 }
 
 // One round of transposed_sums: lanes with bit HALF set keep the upper half of v[0 .. 2 HALF)
