@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::layers::{with_host_values, HostValues};
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
-use mamba_ops::gemm::{matmul_threaded, MatRef};
+use mamba_ops::gemm::matmul_nt_threaded;
 use mamba_ops::quant::QuantMatrix;
 use std::borrow::Cow;
 
@@ -85,13 +85,12 @@ impl Int8Product {
         })?;
         let tail_rows = self.out - self.head_rows;
         if tail_rows > 0 {
-            matmul_threaded(
+            matmul_nt_threaded(
                 (rows, tail_rows, self.cols),
                 &mut y[self.head_rows..],
                 self.out,
-                MatRef::rows(x, self.cols),
-                MatRef::transposed(&self.tail, self.cols),
-                false,
+                x,
+                &self.tail,
             );
         }
         Ok(())

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use half::bf16;
 use mamba_ops::causal_conv1d::{causal_conv1d_update_into, ConvUpdateDims, ConvUpdateInputs};
-use mamba_ops::gemm::{bf16_dot_supported, matmul_bf16_nt, matmul_threaded, round_to_bf16, MatRef};
+use mamba_ops::gemm::{bf16_dot_supported, matmul_bf16_nt, matmul_nt_threaded, round_to_bf16};
 use mamba_ops::gemv::{gemv, Weights};
 use mamba_ops::quant::{QuantMatrix, BLOCK};
 use rayon::prelude::*;
@@ -279,13 +279,12 @@ impl Linear {
         let inp = x.len() / rows;
         let products = |w: &[f32], parts: &mut [&mut [f32]]| {
             for (columns, part) in parts_with_columns(parts, rows) {
-                matmul_threaded(
+                matmul_nt_threaded(
                     (rows, columns.len(), inp),
                     part,
                     columns.len(),
-                    MatRef::rows(x, inp),
-                    MatRef::transposed(&w[columns.start * inp..columns.end * inp], inp),
-                    false,
+                    x,
+                    &w[columns.start * inp..columns.end * inp],
                 );
             }
         };

@@ -1,12 +1,16 @@
 //! The GEMM rates that prefill is compared with: `matmul_threaded` (the gemm crate, as candle
-//! uses it; f32) and `matmul_bf16_nt` (bf16 operands, f32 sums; on CPUs with AVX-512 BF16) on a
+//! uses it; f32), `matmul_nt_threaded` (the gemm crate on transposed blocks of the weights, as
+//! the projections run it; f32) and `matmul_bf16_nt` (bf16 operands, f32 sums; on CPUs with
+//! AVX-512 BF16) on a
 //! square 2048 product and on the 130m models' projections over 512 tokens (the rows of one
 //! piece of a host forward pass), best of several rounds.
 //!
 //! `RAYON_NUM_THREADS=1 cargo run --release -p mamba-ops --example gemm_rate`
 
 use half::bf16;
-use mamba_ops::gemm::{bf16_dot_supported, matmul_bf16_nt, matmul_threaded, MatRef};
+use mamba_ops::gemm::{
+    bf16_dot_supported, matmul_bf16_nt, matmul_nt_threaded, matmul_threaded, MatRef,
+};
 use std::time::Instant;
 
 const ROUNDS: usize = 5;
@@ -48,7 +52,11 @@ fn main() {
             matmul_threaded((m, n, k), &mut y, n, lhs, rhs, false);
         });
         check_first(&y, &x, &w, k);
-        print!("{name}: f32 {f32_rate:.1} GFLOP/s");
+        let blocks_rate = best_rate((m, n, k), || {
+            matmul_nt_threaded((m, n, k), &mut y, n, &x, &w);
+        });
+        check_first(&y, &x, &w, k);
+        print!("{name}: f32 {f32_rate:.1} GFLOP/s, f32 blocks {blocks_rate:.1} GFLOP/s");
         if bf16_dot_supported() {
             let (xb, wb): (Vec<bf16>, Vec<bf16>) = (
                 x.iter().map(|&v| bf16::from_f32(v)).collect(),
