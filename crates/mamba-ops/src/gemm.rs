@@ -195,38 +195,45 @@ pub fn matmul_nt_threaded(
         lhs.covers(m, k) && rhs.covers(k, n),
         "matmul_nt_threaded: operand too short"
     );
-    let width = rhs_block_rows(n, rayon::current_num_threads());
+    let threads = rayon::current_num_threads();
+    let width = rhs_block_rows(n, threads);
+    let col_blocks = n.div_ceil(width);
+    let height = lhs_block_rows(m, col_blocks, threads);
     let dst = BlockOutputs(dst.as_mut_ptr());
-    (0..n.div_ceil(width)).into_par_iter().for_each(|block| {
-        let cols = block * width..n.min((block + 1) * width);
-        let mut transposed = TRANSPOSED.take();
-        transposed.resize(cols.len() * k, 0.0);
-        // transposed: (k, cols), row-major: the block of rhs^T
-        transpose_into(
-            &rhs_rows[cols.start * k..cols.end * k],
-            cols.len(),
-            k,
-            &mut transposed,
-        );
-        // SAFETY: m, n, k > 0 and the asserts above cover dst and the operands; the blocks'
-        // column ranges are disjoint, so no two threads write the same element, and dst was
-        // borrowed mutably, so it aliases neither operand.
-        unsafe {
-            product_into(
-                (m, cols.len(), k),
-                dst.at(cols.start),
-                dst_row_stride,
-                lhs,
-                MatRef::rows(&transposed, cols.len()),
-                false,
-                gemm::Parallelism::None,
-            )
-        }
-        TRANSPOSED.set(transposed);
-    });
+    (0..col_blocks * m.div_ceil(height))
+        .into_par_iter()
+        .for_each(|task| {
+            let (col_block, row_block) = (task % col_blocks, task / col_blocks);
+            let cols = col_block * width..n.min((col_block + 1) * width);
+            let rows = row_block * height..m.min((row_block + 1) * height);
+            let mut transposed = TRANSPOSED.take();
+            transposed.resize(cols.len() * k, 0.0);
+            // transposed: (k, cols), row-major: the block of rhs^T
+            transpose_into(
+                &rhs_rows[cols.start * k..cols.end * k],
+                cols.len(),
+                k,
+                &mut transposed,
+            );
+            // SAFETY: m, n, k > 0 and the asserts above cover dst and the operands; the
+            // tasks' (rows, columns) ranges are disjoint, so no two threads write the same
+            // element, and dst was borrowed mutably, so it aliases neither operand.
+            unsafe {
+                product_into(
+                    (rows.len(), cols.len(), k),
+                    dst.at(rows.start * dst_row_stride + cols.start),
+                    dst_row_stride,
+                    MatRef::rows(&lhs.data[rows.start * k..], k),
+                    MatRef::rows(&transposed, cols.len()),
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+            TRANSPOSED.set(transposed);
+        });
 }
 
-/// The output of [`matmul_nt_threaded`], written by its blocks (disjoint columns) from
+/// The output of [`matmul_nt_threaded`], written by its tasks (disjoint blocks) from
 /// several threads.
 struct BlockOutputs(*mut f32);
 
@@ -253,15 +260,30 @@ fn transposed_blocks_pay() -> bool {
     }
 }
 
-/// Rows of `rhs` per block of [`matmul_nt_threaded`]: two blocks or more per thread, whole
-/// panels of the gemm crate's AVX-512 kernel (64 rows), at most 256 (mamba-130m's in_proj over
-/// 512 tokens on one thread, one run each: 98, 104, 97 and 100 GFLOP/s with blocks of 128,
-/// 256, 512 and 1 024 rows).
+/// Rows of `rhs` per block of [`matmul_nt_threaded`]: all of them up to 256, else two blocks
+/// or more per thread, whole panels of the gemm crate's AVX-512 kernel (64 rows), at most 256
+/// (mamba-130m's in_proj over 512 tokens on one thread, one run each: 98, 104, 97 and 100
+/// GFLOP/s with blocks of 128, 256, 512 and 1 024 rows).
 fn rhs_block_rows(n: usize, threads: usize) -> usize {
     const PANEL: usize = 64;
+    const MOST: usize = 4 * PANEL;
+    if n <= MOST {
+        return n;
+    }
     n.div_ceil(2 * threads.max(1))
         .next_multiple_of(PANEL)
-        .clamp(PANEL, 4 * PANEL)
+        .clamp(PANEL, MOST)
+}
+
+/// Rows of `lhs` per task of [`matmul_nt_threaded`]: all of them where the `col_blocks` blocks
+/// of `rhs` give every thread two tasks, else as many row ranges as make up two tasks a thread,
+/// each of 64 rows or more (each task transposes its block of `rhs` anew).
+fn lhs_block_rows(m: usize, col_blocks: usize, threads: usize) -> usize {
+    const FEWEST: usize = 64;
+    let row_blocks = (2 * threads.max(1))
+        .div_ceil(col_blocks)
+        .clamp(1, m.div_ceil(FEWEST).max(1));
+    m.div_ceil(row_blocks)
 }
 
 /// Whether this CPU runs [`matmul_bf16_nt`]: AVX-512 with its BF16 dot products.
