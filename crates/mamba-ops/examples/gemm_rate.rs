@@ -1,9 +1,8 @@
 //! The GEMM rates that prefill is compared with: `matmul_threaded` (the gemm crate, as candle
 //! uses it; f32), `matmul_nt_threaded` (the gemm crate on transposed blocks of the weights, as
 //! the projections run it; f32) and `matmul_bf16_nt` (bf16 operands, f32 sums; on CPUs with
-//! AVX-512 BF16) on a
-//! square 2048 product and on the 130m models' projections over 512 tokens (the rows of one
-//! piece of a host forward pass), best of several rounds.
+//! AVX-512 BF16) on a square 2048 product and on the 130m models' projections over 512 tokens
+//! (the rows of one piece of a host forward pass), best of several rounds.
 //!
 //! `RAYON_NUM_THREADS=1 cargo run --release -p mamba-ops --example gemm_rate`
 

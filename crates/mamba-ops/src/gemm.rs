@@ -163,9 +163,11 @@ unsafe fn product_into(
 /// Writing a row-major output, the gemm crate packs `rhs` (its rows are the output's columns)
 /// into its kernel's panels one value at a time: 9-12 % of a projection's time on this
 /// project's AVX-512 host. A column-major copy it packs by whole vectors. So where the CPU has
-/// AVX-512, each thread takes blocks of `rhs`'s rows, transposes them with vector shuffles
-/// ([`transpose_into`]) and runs the gemm crate on the transposed block: the same packed
-/// values, so the same products. Elsewhere this is one [`matmul_threaded`].
+/// AVX-512, the product is cut into tasks, blocks of `rhs`'s rows (and, for a narrow product,
+/// of `lhs`'s rows too); each task transposes its block of `rhs` with vector shuffles
+/// ([`transpose_into`]) and runs the gemm crate on it single-threaded: the same packed values,
+/// so the same products up to the order of the f32 sums. Elsewhere this is one
+/// [`matmul_threaded`].
 ///
 /// # Panics
 /// If a slice is too short for the given sizes (a bug in the caller, never bad user input).
@@ -237,13 +239,13 @@ pub fn matmul_nt_threaded(
 /// several threads.
 struct BlockOutputs(*mut f32);
 
-// SAFETY: the blocks write disjoint elements through the pointer (see matmul_nt_threaded).
+// SAFETY: the tasks write disjoint elements through the pointer (see matmul_nt_threaded).
 unsafe impl Sync for BlockOutputs {}
 
 impl BlockOutputs {
-    /// The output's first row at column `col`.
-    fn at(&self, col: usize) -> *mut f32 {
-        self.0.wrapping_add(col)
+    /// The output element `offset` values from its start.
+    fn at(&self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
     }
 }
 
