@@ -14,6 +14,7 @@
 //! `(batch, N, L)` form; channel `d` uses group `d / (dim / G)`) or `(dim, N)` constant in time.
 
 use crate::error::{OpError, Result};
+use crate::layout::swap_inner;
 #[cfg(target_arch = "x86_64")]
 use crate::math::exp2_avx512;
 use crate::math::{
@@ -424,17 +425,7 @@ fn scan_via_channel_major(dims: &ScanDims, x: &ScanInputs) -> Result<ScanOutput>
     let BcForm::Varying { groups } = dims.bc else {
         unreachable!("checked by the caller")
     };
-    let to_channels = |v: &[f32], width: usize| -> Vec<f32> {
-        let mut t = vec![0.0; v.len()];
-        for b in 0..nb {
-            for l in 0..nl {
-                for c in 0..width {
-                    t[(b * width + c) * nl + l] = v[(b * nl + l) * width + c];
-                }
-            }
-        }
-        t
-    };
+    let to_channels = |v: &[f32], width: usize| swap_inner(v, nb, nl, width);
     let gn = groups * dims.state;
     let (u, delta, b, c) = (
         to_channels(x.u, nd),
@@ -452,16 +443,8 @@ fn scan_via_channel_major(dims: &ScanDims, x: &ScanInputs) -> Result<ScanOutput>
         ..*x
     };
     let result = selective_scan(dims, &inputs)?;
-    let mut out = vec![0.0; result.out.len()];
-    for b in 0..nb {
-        for d in 0..nd {
-            for l in 0..nl {
-                out[(b * nl + l) * nd + d] = result.out[(b * nd + d) * nl + l];
-            }
-        }
-    }
     Ok(ScanOutput {
-        out,
+        out: swap_inner(&result.out, nb, nd, nl),
         last_state: result.last_state,
     })
 }
