@@ -2,7 +2,8 @@
 //! uses it; f32), `matmul_nt_threaded` (the gemm crate on transposed blocks of the weights, as
 //! the projections run it; f32) and `matmul_bf16_nt` (bf16 operands, f32 sums; on CPUs with
 //! AVX-512 BF16) on a square 2048 product and on the 130m models' projections over 512 tokens
-//! (the rows of one piece of a host forward pass), best of several rounds.
+//! (the rows of one piece of a host forward pass; the narrow ones too, which thread
+//! differently), best of several rounds.
 //!
 //! `RAYON_NUM_THREADS=1 cargo run --release -p mamba-ops --example gemm_rate`
 
@@ -15,11 +16,13 @@ use std::time::Instant;
 const ROUNDS: usize = 5;
 
 /// `(name, m, n, k)`: `y (m x n) = x (m x k) W^T` with `W: (n, k)`, as a projection runs.
-const SHAPES: [(&str, usize, usize, usize); 4] = [
+const SHAPES: [(&str, usize, usize, usize); 6] = [
     ("square 2048", 2048, 2048, 2048),
     ("mamba2-130m in_proj, 512 tokens", 512, 3352, 768),
     ("mamba-130m in_proj, 512 tokens", 512, 3072, 768),
     ("130m out_proj, 512 tokens", 512, 768, 1536),
+    ("mamba-130m x_proj, 512 tokens", 512, 80, 1536),
+    ("mamba2-130m in_proj's dt rows, 512 tokens", 512, 24, 768),
 ];
 
 /// The best of [`ROUNDS`] timings of `product`, in GFLOP/s for an `m x n x k` product.

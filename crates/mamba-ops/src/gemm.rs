@@ -401,13 +401,10 @@ fn bf16_dot_product(
 ) {
     use gemmkit::kernel::Bf16DotGemmF32;
     use gemmkit::simd::Avx512Bf16;
-    thread_local! {
-        /// gemmkit's packing buffers, reused from product to product. Taken out while a
-        /// product runs: a thread waiting inside one may run another (rayon's work stealing).
-        static PACKING: std::cell::Cell<gemmkit::Workspace> =
-            const { std::cell::Cell::new(gemmkit::Workspace::new()) };
+    let threads = rayon::current_num_threads();
+    if threads > 1 && n <= NARROW_BF16_ROWS {
+        return bf16_dot_product_in_blocks((m, n, k), dst, dst_row_stride, lhs, rhs, threads);
     }
-    let threads = gemmkit::Parallelism::Rayon(rayon::current_num_threads());
     let mut ws = PACKING.take();
     // SAFETY: the caller checked the CPU has avx512f and avx512bf16 (the token's
     // precondition) and that every index the product touches lies inside the slices
@@ -431,11 +428,87 @@ fn bf16_dot_product(
             dst.as_mut_ptr(),
             1,
             dst_row_stride as isize,
-            threads,
+            gemmkit::Parallelism::Rayon(threads),
             &mut ws,
         )
     }
     PACKING.set(ws);
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// gemmkit's packing buffers, reused from product to product. Taken out while a product
+    /// runs: a thread waiting inside one may run another (rayon's work stealing).
+    static PACKING: std::cell::Cell<gemmkit::Workspace> =
+        const { std::cell::Cell::new(gemmkit::Workspace::new()) };
+}
+
+/// Weight rows up to which [`matmul_bf16_nt`] splits the product itself (one block per thread)
+/// instead of letting gemmkit split it: gemmkit's own split of the 130m models' `out_proj`
+/// (768 rows) ran at 242-267 GFLOP/s on two threads, against 286-322 for blocks of rows and
+/// 307-316 for ranges of tokens (`gemm_rate`, this project's Zen 4 host); wider products (the
+/// `in_proj`s, 3 072-3 352 rows) scale well as they are.
+#[cfg(target_arch = "x86_64")]
+const NARROW_BF16_ROWS: usize = 1024;
+
+/// [`bf16_dot_product`] of a narrow product as one single-threaded gemmkit product per thread:
+/// blocks of whole 32-row panels of `rhs` where each holds two panels or more, else ranges of
+/// `lhs`'s rows (whole tiles of 12), so that every thread packs and multiplies its own share.
+#[cfg(target_arch = "x86_64")]
+fn bf16_dot_product_in_blocks(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    lhs: &[half::bf16],
+    rhs: &[half::bf16],
+    threads: usize,
+) {
+    use gemmkit::kernel::Bf16DotGemmF32;
+    use gemmkit::simd::Avx512Bf16;
+    use rayon::prelude::*;
+    const PANEL: usize = 32;
+    const TILE: usize = 12;
+    let (width, height) = if n >= 2 * PANEL * threads {
+        (n.div_ceil(threads).next_multiple_of(PANEL), m)
+    } else {
+        (n, m.div_ceil(threads).next_multiple_of(TILE))
+    };
+    let col_blocks = n.div_ceil(width);
+    let out = BlockOutputs(dst.as_mut_ptr());
+    (0..col_blocks * m.div_ceil(height))
+        .into_par_iter()
+        .for_each(|task| {
+            let (col_block, row_block) = (task % col_blocks, task / col_blocks);
+            let cols = col_block * width..n.min((col_block + 1) * width);
+            let rows = row_block * height..m.min((row_block + 1) * height);
+            let mut ws = PACKING.take();
+            // SAFETY: as in bf16_dot_product, for the block: rhs rows `cols` and lhs rows
+            // `rows` lie inside the slices (checked by matmul_bf16_nt), the tasks write
+            // disjoint (rows, cols) blocks of dst, which aliases neither operand, and every
+            // size is positive.
+            unsafe {
+                gemmkit::driver::run::<Bf16DotGemmF32, Avx512Bf16, 2, 12>(
+                    Avx512Bf16,
+                    cols.len(),
+                    k,
+                    rows.len(),
+                    1.0,
+                    rhs.as_ptr().add(cols.start * k),
+                    k as isize,
+                    1,
+                    lhs.as_ptr().add(rows.start * k),
+                    1,
+                    k as isize,
+                    0.0,
+                    out.at(rows.start * dst_row_stride + cols.start),
+                    1,
+                    dst_row_stride as isize,
+                    gemmkit::Parallelism::Serial,
+                    &mut ws,
+                )
+            }
+            PACKING.set(ws);
+        });
 }
 
 #[cfg(test)]
@@ -469,34 +542,57 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512 BF16");
             return;
         }
-        for (m, n, k) in [(1, 1, 1), (37, 29, 131), (200, 70, 768), (9, 300, 64)] {
-            let lhs = bf16_values(m * k, 1);
-            let rhs = bf16_values(n * k, 2);
-            let stride = n + 3;
-            let mut got = vec![f32::NAN; m * stride];
-            assert!(matmul_bf16_nt((m, n, k), &mut got, stride, &lhs, &rhs));
-            let (l32, r32): (Vec<f32>, Vec<f32>) = (
-                lhs.iter().map(|v| v.to_f32()).collect(),
-                rhs.iter().map(|v| v.to_f32()).collect(),
-            );
-            let mut want = vec![0.0f32; m * n];
-            let (l, r) = (MatRef::rows(&l32, k), MatRef::transposed(&r32, k));
-            matmul((m, n, k), &mut want, n, l, r, false);
-            for i in 0..m {
-                for j in 0..n {
-                    let (g, w) = (got[i * stride + j], want[i * n + j]);
-                    assert!(
-                        (g - w).abs() <= 1e-5 * (k as f32).sqrt(),
-                        "({i}, {j}) of {m}x{n}x{k}: {g} against {w}"
-                    );
-                }
+        let shapes = [
+            (1, 1, 1),
+            (37, 29, 131),
+            (200, 70, 768),
+            (9, 300, 64),
+            (13, 1100, 40),
+        ];
+        // One thread: gemmkit alone; two and three: narrow products in blocks of rows of
+        // either operand (partial panels and tiles among them), the widest through gemmkit's
+        // own split.
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a thread pool");
+            for shape in shapes {
+                pool.install(|| check_bf16_product(shape));
+            }
+        }
+    }
+
+    /// [`matmul_bf16_nt`] of one shape against the f32 product of the same values, into a
+    /// strided output whose gaps stay untouched.
+    fn check_bf16_product((m, n, k): (usize, usize, usize)) {
+        let lhs = bf16_values(m * k, 1);
+        let rhs = bf16_values(n * k, 2);
+        let stride = n + 3;
+        let mut got = vec![f32::NAN; m * stride];
+        assert!(matmul_bf16_nt((m, n, k), &mut got, stride, &lhs, &rhs));
+        let (l32, r32): (Vec<f32>, Vec<f32>) = (
+            lhs.iter().map(|v| v.to_f32()).collect(),
+            rhs.iter().map(|v| v.to_f32()).collect(),
+        );
+        let mut want = vec![0.0f32; m * n];
+        let (l, r) = (MatRef::rows(&l32, k), MatRef::transposed(&r32, k));
+        matmul((m, n, k), &mut want, n, l, r, false);
+        for i in 0..m {
+            for j in 0..n {
+                let (g, w) = (got[i * stride + j], want[i * n + j]);
                 assert!(
-                    got[i * stride + n..(i + 1) * stride]
-                        .iter()
-                        .all(|v| v.is_nan()),
-                    "row {i}'s padding was written"
+                    (g - w).abs() <= 1e-5 * (k as f32).sqrt(),
+                    "({i}, {j}) of {m}x{n}x{k} on {} threads: {g} against {w}",
+                    rayon::current_num_threads()
                 );
             }
+            assert!(
+                got[i * stride + n..(i + 1) * stride]
+                    .iter()
+                    .all(|v| v.is_nan()),
+                "row {i}'s padding was written"
+            );
         }
     }
 
