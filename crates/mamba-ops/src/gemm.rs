@@ -178,7 +178,6 @@ pub fn matmul_nt_threaded(
     lhs: &[f32],
     rhs: &[f32],
 ) {
-    use rayon::prelude::*;
     thread_local! {
         /// The transposed block, reused from product to product. Taken out while a product
         /// runs: a thread waiting inside one may run another (rayon's work stealing).
@@ -202,36 +201,51 @@ pub fn matmul_nt_threaded(
     let col_blocks = n.div_ceil(width);
     let height = lhs_block_rows(m, col_blocks, threads);
     let dst = BlockOutputs(dst.as_mut_ptr());
+    for_each_block((m, n), (height, width), |rows, cols| {
+        let mut transposed = TRANSPOSED.take();
+        transposed.resize(cols.len() * k, 0.0);
+        // transposed: (k, cols), row-major: the block of rhs^T
+        transpose_into(
+            &rhs_rows[cols.start * k..cols.end * k],
+            cols.len(),
+            k,
+            &mut transposed,
+        );
+        // SAFETY: m, n, k > 0 and the asserts above cover dst and the operands; the
+        // tasks' (rows, columns) ranges are disjoint, so no two threads write the same
+        // element, and dst was borrowed mutably, so it aliases neither operand.
+        unsafe {
+            product_into(
+                (rows.len(), cols.len(), k),
+                dst.at(rows.start * dst_row_stride + cols.start),
+                dst_row_stride,
+                MatRef::rows(&lhs.data[rows.start * k..], k),
+                MatRef::rows(&transposed, cols.len()),
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+        TRANSPOSED.set(transposed);
+    });
+}
+
+/// Runs `task(rows, cols)` over rayon's threads for every block of an `m x n` output cut into
+/// blocks of `height x width` (the last row and column of blocks shorter).
+fn for_each_block(
+    (m, n): (usize, usize),
+    (height, width): (usize, usize),
+    task: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
+) {
+    use rayon::prelude::*;
+    let col_blocks = n.div_ceil(width);
     (0..col_blocks * m.div_ceil(height))
         .into_par_iter()
-        .for_each(|task| {
-            let (col_block, row_block) = (task % col_blocks, task / col_blocks);
-            let cols = col_block * width..n.min((col_block + 1) * width);
-            let rows = row_block * height..m.min((row_block + 1) * height);
-            let mut transposed = TRANSPOSED.take();
-            transposed.resize(cols.len() * k, 0.0);
-            // transposed: (k, cols), row-major: the block of rhs^T
-            transpose_into(
-                &rhs_rows[cols.start * k..cols.end * k],
-                cols.len(),
-                k,
-                &mut transposed,
-            );
-            // SAFETY: m, n, k > 0 and the asserts above cover dst and the operands; the
-            // tasks' (rows, columns) ranges are disjoint, so no two threads write the same
-            // element, and dst was borrowed mutably, so it aliases neither operand.
-            unsafe {
-                product_into(
-                    (rows.len(), cols.len(), k),
-                    dst.at(rows.start * dst_row_stride + cols.start),
-                    dst_row_stride,
-                    MatRef::rows(&lhs.data[rows.start * k..], k),
-                    MatRef::rows(&transposed, cols.len()),
-                    false,
-                    gemm::Parallelism::None,
-                )
-            }
-            TRANSPOSED.set(transposed);
+        .for_each(|block| {
+            let (col_block, row_block) = (block % col_blocks, block / col_blocks);
+            task(
+                row_block * height..m.min((row_block + 1) * height),
+                col_block * width..n.min((col_block + 1) * width),
+            )
         });
 }
 
@@ -388,9 +402,8 @@ pub fn matmul_bf16_nt(
     true
 }
 
-/// [`matmul_bf16_nt`] on gemmkit's driver, in its column-major frame: `dst^T (n x m) = rhs
-/// (n x k) * lhs^T (k x m)`, so that the f32 output is written in place (gemmkit's public bf16
-/// entry points round their output to bf16).
+/// [`matmul_bf16_nt`] after its checks: narrow products in blocks
+/// ([`bf16_dot_product_in_blocks`]), the others through gemmkit's own split.
 #[cfg(target_arch = "x86_64")]
 fn bf16_dot_product(
     (m, n, k): (usize, usize, usize),
@@ -399,40 +412,23 @@ fn bf16_dot_product(
     lhs: &[half::bf16],
     rhs: &[half::bf16],
 ) {
-    use gemmkit::kernel::Bf16DotGemmF32;
-    use gemmkit::simd::Avx512Bf16;
     let threads = rayon::current_num_threads();
     if threads > 1 && n <= NARROW_BF16_ROWS {
         return bf16_dot_product_in_blocks((m, n, k), dst, dst_row_stride, lhs, rhs, threads);
     }
-    let mut ws = PACKING.take();
-    // SAFETY: the caller checked the CPU has avx512f and avx512bf16 (the token's
-    // precondition) and that every index the product touches lies inside the slices
-    // (rhs: n rows of k, lhs: m rows of k, dst: m rows at dst_row_stride); `dst` is
-    // borrowed mutably, so it aliases neither operand. The frame is column-major as the
-    // driver requires (the output's row stride is 1), and m, n, k > 0.
+    // SAFETY: matmul_bf16_nt checked the CPU (avx512f, avx512bf16), that rhs holds n rows of
+    // k, lhs m rows of k and dst m rows at dst_row_stride, and that m, n, k > 0; dst is
+    // borrowed mutably, so it aliases neither operand.
     unsafe {
-        gemmkit::driver::run::<Bf16DotGemmF32, Avx512Bf16, 2, 12>(
-            Avx512Bf16,
-            n,
-            k,
-            m,
-            1.0,
-            rhs.as_ptr(),
-            k as isize,
-            1,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            0.0,
+        gemmkit_product(
+            (m, n, k),
             dst.as_mut_ptr(),
-            1,
-            dst_row_stride as isize,
+            dst_row_stride,
+            lhs.as_ptr(),
+            rhs.as_ptr(),
             gemmkit::Parallelism::Rayon(threads),
-            &mut ws,
         )
     }
-    PACKING.set(ws);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -463,9 +459,6 @@ fn bf16_dot_product_in_blocks(
     rhs: &[half::bf16],
     threads: usize,
 ) {
-    use gemmkit::kernel::Bf16DotGemmF32;
-    use gemmkit::simd::Avx512Bf16;
-    use rayon::prelude::*;
     const PANEL: usize = 32;
     const TILE: usize = 12;
     let (width, height) = if n >= 2 * PANEL * threads {
@@ -473,42 +466,68 @@ fn bf16_dot_product_in_blocks(
     } else {
         (n, m.div_ceil(threads).next_multiple_of(TILE))
     };
-    let col_blocks = n.div_ceil(width);
     let out = BlockOutputs(dst.as_mut_ptr());
-    (0..col_blocks * m.div_ceil(height))
-        .into_par_iter()
-        .for_each(|task| {
-            let (col_block, row_block) = (task % col_blocks, task / col_blocks);
-            let cols = col_block * width..n.min((col_block + 1) * width);
-            let rows = row_block * height..m.min((row_block + 1) * height);
-            let mut ws = PACKING.take();
-            // SAFETY: as in bf16_dot_product, for the block: rhs rows `cols` and lhs rows
-            // `rows` lie inside the slices (checked by matmul_bf16_nt), the tasks write
-            // disjoint (rows, cols) blocks of dst, which aliases neither operand, and every
-            // size is positive.
-            unsafe {
-                gemmkit::driver::run::<Bf16DotGemmF32, Avx512Bf16, 2, 12>(
-                    Avx512Bf16,
-                    cols.len(),
-                    k,
-                    rows.len(),
-                    1.0,
-                    rhs.as_ptr().add(cols.start * k),
-                    k as isize,
-                    1,
-                    lhs.as_ptr().add(rows.start * k),
-                    1,
-                    k as isize,
-                    0.0,
-                    out.at(rows.start * dst_row_stride + cols.start),
-                    1,
-                    dst_row_stride as isize,
-                    gemmkit::Parallelism::Serial,
-                    &mut ws,
-                )
-            }
-            PACKING.set(ws);
-        });
+    for_each_block((m, n), (height, width), |rows, cols| {
+        // SAFETY: as in bf16_dot_product, for the block: rhs rows `cols` and lhs rows `rows`
+        // lie inside the slices, every size is positive, and the tasks write disjoint
+        // (rows, cols) blocks of dst.
+        unsafe {
+            gemmkit_product(
+                (rows.len(), cols.len(), k),
+                out.at(rows.start * dst_row_stride + cols.start),
+                dst_row_stride,
+                lhs.as_ptr().add(rows.start * k),
+                rhs.as_ptr().add(cols.start * k),
+                gemmkit::Parallelism::Serial,
+            )
+        }
+    });
+}
+
+/// `dst (m x n) = lhs (m x k) * rhs^T` on gemmkit's driver, in its column-major frame: `dst^T
+/// (n x m) = rhs (n x k) * lhs^T (k x m)`, so that the f32 output is written in place
+/// (gemmkit's public bf16 entry points round their output to bf16).
+///
+/// # Safety
+/// The CPU has avx512f and avx512bf16; m, n, k > 0; `lhs` and `rhs` point at m and n rows of k
+/// values; `dst` is writable at every (i, j) of the product (row stride `dst_row_stride`), no
+/// other thread touches those elements meanwhile, and they alias neither operand.
+#[cfg(target_arch = "x86_64")]
+unsafe fn gemmkit_product(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_row_stride: usize,
+    lhs: *const half::bf16,
+    rhs: *const half::bf16,
+    parallelism: gemmkit::Parallelism,
+) {
+    use gemmkit::kernel::Bf16DotGemmF32;
+    use gemmkit::simd::Avx512Bf16;
+    let mut ws = PACKING.take();
+    // SAFETY: the caller's contract, which is the driver's (the frame is column-major: the
+    // output's row stride is 1).
+    unsafe {
+        gemmkit::driver::run::<Bf16DotGemmF32, Avx512Bf16, 2, 12>(
+            Avx512Bf16,
+            n,
+            k,
+            m,
+            1.0,
+            rhs,
+            k as isize,
+            1,
+            lhs,
+            1,
+            k as isize,
+            0.0,
+            dst,
+            1,
+            dst_row_stride as isize,
+            parallelism,
+            &mut ws,
+        )
+    }
+    PACKING.set(ws);
 }
 
 #[cfg(test)]
