@@ -249,11 +249,12 @@ fn for_each_block(
         });
 }
 
-/// The output of [`matmul_nt_threaded`], written by its tasks (disjoint blocks) from
-/// several threads.
+/// The output of a product cut into blocks by [`for_each_block`] ([`matmul_nt_threaded`], the
+/// narrow bf16 products), written by its tasks (disjoint blocks) from several threads.
 struct BlockOutputs(*mut f32);
 
-// SAFETY: the tasks write disjoint elements through the pointer (see matmul_nt_threaded).
+// SAFETY: the tasks write disjoint elements through the pointer (see matmul_nt_threaded and
+// bf16_dot_product_in_blocks).
 unsafe impl Sync for BlockOutputs {}
 
 impl BlockOutputs {
