@@ -318,7 +318,12 @@ fn per_row_step(dims: &StepDims, state: &mut [f32], x: &StepInputs, y: &mut [f32
                     }
                     for j in 0..m {
                         let (r, row) = (j0 + j, first + j0 + j);
-                        let g = b * dims.groups + row / rows_per_group;
+                        // (No division for the usual single group.)
+                        let g = if dims.groups == 1 {
+                            b
+                        } else {
+                            b * dims.groups + row / rows_per_group
+                        };
                         let (bvec, cvec) = (&x.b[g * nn..][..nn], &x.c[g * nn..][..nn]);
                         let xi = xs[r];
                         let ssm = if nn == 16 {
