@@ -1,38 +1,78 @@
 //! Memory bandwidth as STREAM's triad measures it (`a[i] = b[i] + s * c[i]` over three
 //! 256 MiB f32 arrays, threaded with rayon), the roofline the decoding kernels are compared
-//! with: decoding reads every weight once per token.
+//! with: decoding reads every weight once per token. Then the read-only bandwidth of the same
+//! machine (a sum over one 256 MiB array in sixteen lanes), the stream a decoding step comes
+//! closest to.
 //!
 //! `RAYON_NUM_THREADS=1 cargo run --release -p mamba-ops --example triad`
 
+use mamba_ops::math::with_simd;
 use rayon::prelude::*;
 use std::time::Instant;
 
 const LEN: usize = 64 << 20;
 const ROUNDS: usize = 5;
+/// Partial sums of the read-only pass, one per lane.
+const LANES: usize = 16;
+
+/// The best of [`ROUNDS`] timings of `pass`, in seconds.
+fn best_seconds(mut pass: impl FnMut()) -> f64 {
+    (0..ROUNDS)
+        .map(|_| {
+            let start = Instant::now();
+            pass();
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// The sum of `v` in [`LANES`] partial sums, so that the loop compiles to SIMD adds.
+fn lane_sum(v: &[f32]) -> f32 {
+    with_simd(
+        #[inline(always)]
+        || {
+            let mut lanes = [0.0f32; LANES];
+            for block in v.chunks_exact(LANES) {
+                for (l, x) in lanes.iter_mut().zip(block) {
+                    *l += x;
+                }
+            }
+            lanes.iter().sum::<f32>() + v.chunks_exact(LANES).remainder().iter().sum::<f32>()
+        },
+    )
+}
 
 fn main() {
     let (mut a, b, c) = (vec![0.0f32; LEN], vec![1.0f32; LEN], vec![2.0f32; LEN]);
-    let chunk = LEN / (4 * rayon::current_num_threads());
-    let best = (0..ROUNDS)
-        .map(|_| {
-            let start = Instant::now();
-            a.par_chunks_mut(chunk)
-                .zip(b.par_chunks(chunk))
-                .zip(c.par_chunks(chunk))
-                .for_each(|((a, b), c)| {
-                    for ((a, b), c) in a.iter_mut().zip(b).zip(c) {
-                        *a = b + 1.5 * c;
-                    }
-                });
-            start.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min);
+    let threads = rayon::current_num_threads();
+    let chunk = LEN / (4 * threads);
+    let triad = best_seconds(|| {
+        a.par_chunks_mut(chunk)
+            .zip(b.par_chunks(chunk))
+            .zip(c.par_chunks(chunk))
+            .for_each(|((a, b), c)| {
+                for ((a, b), c) in a.iter_mut().zip(b).zip(c) {
+                    *a = b + 1.5 * c;
+                }
+            });
+    });
     assert!(a.iter().all(|v| *v == 4.0), "triad computed a wrong value");
     // Two arrays read and one written per element, as STREAM counts it.
-    let bytes = 3.0 * (LEN * std::mem::size_of::<f32>()) as f64;
+    let array_bytes = (LEN * std::mem::size_of::<f32>()) as f64;
     println!(
-        "triad: {:.1} GB/s ({} threads, best of {ROUNDS})",
-        bytes / best / 1e9,
-        rayon::current_num_threads()
+        "triad: {:.1} GB/s ({threads} threads, best of {ROUNDS})",
+        3.0 * array_bytes / triad / 1e9
+    );
+    let mut total = 0.0;
+    let read = best_seconds(|| total = c.par_chunks(chunk).map(lane_sum).sum::<f32>());
+    // Every partial sum is an exact integer in f32: a lane adds at most 2^20 twos.
+    assert_eq!(
+        total,
+        2.0 * LEN as f32,
+        "the read pass summed a wrong value"
+    );
+    println!(
+        "read: {:.1} GB/s ({threads} threads, best of {ROUNDS})",
+        array_bytes / read / 1e9
     );
 }
