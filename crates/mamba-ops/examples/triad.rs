@@ -1,19 +1,17 @@
 //! Memory bandwidth as STREAM's triad measures it (`a[i] = b[i] + s * c[i]` over three
 //! 256 MiB f32 arrays, threaded with rayon), the roofline the decoding kernels are compared
 //! with: decoding reads every weight once per token. Then the read-only bandwidth of the same
-//! machine (a sum over one 256 MiB array in sixteen lanes), the stream a decoding step comes
+//! machine (a sum over one 256 MiB array in eight lanes), the stream a decoding step comes
 //! closest to.
 //!
 //! `RAYON_NUM_THREADS=1 cargo run --release -p mamba-ops --example triad`
 
-use mamba_ops::math::with_simd;
+use mamba_ops::math::{lane_sum, with_simd};
 use rayon::prelude::*;
 use std::time::Instant;
 
 const LEN: usize = 64 << 20;
 const ROUNDS: usize = 5;
-/// Partial sums of the read-only pass, one per lane.
-const LANES: usize = 16;
 
 /// The best of [`ROUNDS`] timings of `pass`, in seconds.
 fn best_seconds(mut pass: impl FnMut()) -> f64 {
@@ -24,22 +22,6 @@ fn best_seconds(mut pass: impl FnMut()) -> f64 {
             start.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min)
-}
-
-/// The sum of `v` in [`LANES`] partial sums, so that the loop compiles to SIMD adds.
-fn lane_sum(v: &[f32]) -> f32 {
-    with_simd(
-        #[inline(always)]
-        || {
-            let mut lanes = [0.0f32; LANES];
-            for block in v.chunks_exact(LANES) {
-                for (l, x) in lanes.iter_mut().zip(block) {
-                    *l += x;
-                }
-            }
-            lanes.iter().sum::<f32>() + v.chunks_exact(LANES).remainder().iter().sum::<f32>()
-        },
-    )
 }
 
 fn main() {
@@ -64,8 +46,18 @@ fn main() {
         3.0 * array_bytes / triad / 1e9
     );
     let mut total = 0.0;
-    let read = best_seconds(|| total = c.par_chunks(chunk).map(lane_sum).sum::<f32>());
-    // Every partial sum is an exact integer in f32: a lane adds at most 2^20 twos.
+    let read = best_seconds(|| {
+        total = c
+            .par_chunks(chunk)
+            .map(|v| {
+                with_simd(
+                    #[inline(always)]
+                    || lane_sum(v),
+                )
+            })
+            .sum::<f32>()
+    });
+    // Every partial sum is an exact integer in f32: a lane adds at most 2^21 twos.
     assert_eq!(
         total,
         2.0 * LEN as f32,

@@ -211,6 +211,20 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `sum(v)` with eight independent partial sums, so that it vectorises.
+#[inline(always)]
+pub fn lane_sum(v: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
 /// `ln(x)` for positive normal `x` without branches or library calls (Cephes polynomial).
 #[inline(always)]
 pub fn ln_fast(x: f32) -> f32 {

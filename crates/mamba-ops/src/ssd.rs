@@ -20,7 +20,8 @@
 use crate::error::{OpError, Result};
 use crate::gemm::{matmul, MatRef};
 use crate::math::{
-    dot, exp_fast, process_dt, process_dt_with_grad, silu, silu_fast, silu_grad_fast, with_simd,
+    dot, exp_fast, lane_sum, process_dt, process_dt_with_grad, silu, silu_fast, silu_grad_fast,
+    with_simd,
 };
 use crate::parallel::{fold_in_blocks, sum_in_order};
 use crate::selective_scan::narrow;
@@ -1346,20 +1347,6 @@ fn chunk_rows(v: &mut [f32], len: usize, chunk: usize, width: usize) -> Vec<&mut
     v.chunks_mut((len * width).max(1))
         .flat_map(|slab| slab.chunks_mut((chunk * width).max(1)))
         .collect()
-}
-
-/// Sum with eight independent partial sums, so that it vectorises.
-#[inline(always)]
-fn lane_sum(v: &[f32]) -> f32 {
-    const LANES: usize = 8;
-    let mut acc = [0.0f32; LANES];
-    let mut chunks = v.chunks_exact(LANES);
-    for c in &mut chunks {
-        for l in 0..LANES {
-            acc[l] += c[l];
-        }
-    }
-    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
 impl HeadMajorGrads {
