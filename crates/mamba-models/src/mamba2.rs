@@ -18,9 +18,10 @@ use crate::layers::{
 };
 use crate::model::{step_through_host, Mixer};
 use crate::state::{LayerState, StateSize};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use mamba_ops::causal_conv1d::{causal_conv1d_token_major, ConvDims, ConvInputs};
+use mamba_ops::gemm::Products;
 use mamba_ops::rmsnorm_gated::{rmsnorm_gated_in_place, NormDims};
 use mamba_ops::selective_state_update::{selective_state_update_into, StepDims, StepInputs};
 use mamba_ops::ssd::{SsdDims, SsdInputs};
@@ -258,7 +259,7 @@ impl Mixer for Mamba2Mixer {
             copy_columns(&conv.out, conv_dim, 0, di, xs);
             copy_columns(&conv.out, conv_dim, di, gn, b);
             copy_columns(&conv.out, conv_dim, di + gn, gn, cm);
-            let ssd = mamba_ops::ssd::ssd(
+            let ssd = mamba_ops::ssd::ssd_with(
                 &SsdDims {
                     batch,
                     len,
@@ -269,6 +270,7 @@ impl Mixer for Mamba2Mixer {
                     chunk_size: c.chunk_size.min(HOST_CHUNK_SIZE),
                 },
                 &self.ssd_inputs([xs, dt, b, cm], Some(&state.ssm)),
+                self.ssd_products(),
             )?;
             let mut y = ssd.y; // (b, L, d_inner)
             let norm_dims = NormDims {
@@ -394,6 +396,16 @@ impl Mamba2Mixer {
             dt_softplus: true,
             dt_limit: self.dt_limit(),
             initial_states,
+        }
+    }
+
+    /// The precision of the SSD's chunk products in a prefill: bf16 in a model of bf16
+    /// weights, as mamba_ssm runs one (its chunked kernels multiply the bf16 activations),
+    /// f32 otherwise.
+    fn ssd_products(&self) -> Products {
+        match self.in_proj.dense_weight() {
+            Some(w) if w.dtype() == DType::BF16 => Products::Bf16,
+            _ => Products::F32,
         }
     }
 

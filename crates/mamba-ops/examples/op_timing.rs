@@ -6,6 +6,7 @@ use mamba_ops::causal_conv1d::{
     causal_conv1d, causal_conv1d_backward, causal_conv1d_backward_reference,
     causal_conv1d_token_major, ConvDims, ConvInputs,
 };
+use mamba_ops::gemm::Products;
 use mamba_ops::math::NO_DT_LIMIT;
 use mamba_ops::rmsnorm_gated::{
     rmsnorm_gated, rmsnorm_gated_backward, rmsnorm_gated_backward_reference, NormDims,
@@ -14,7 +15,7 @@ use mamba_ops::selective_scan::{
     selective_scan, selective_scan_backward, selective_scan_backward_reference,
     selective_scan_token_major, BcForm, ScanDims, ScanInputs,
 };
-use mamba_ops::ssd::{ssd, ssd_backward, ssd_backward_reference, SsdDims, SsdInputs};
+use mamba_ops::ssd::{ssd, ssd_backward, ssd_backward_reference, ssd_with, SsdDims, SsdInputs};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -131,6 +132,11 @@ fn chunked_ssd(rng: &mut StdRng) {
     let reference = seconds(1, || ssd_backward_reference(&dims, &x, &g, None));
     let fast = seconds(5, || ssd_backward(&dims, &x, &g, None));
     report("SSD L=512 H=24 P=64 N=128 Q=128", forward, reference, fast);
+    let bf16 = seconds(5, || ssd_with(&dims, &x, Products::Bf16));
+    println!(
+        "  forward with bf16 products (a bf16 model's prefill): {:.2} ms",
+        bf16 * 1e3
+    );
 }
 
 fn conv(rng: &mut StdRng) {

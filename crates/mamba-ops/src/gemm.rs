@@ -303,6 +303,25 @@ fn lhs_block_rows(m: usize, col_blocks: usize, threads: usize) -> usize {
     m.div_ceil(row_blocks)
 }
 
+/// The precision of an op's matrix products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Products {
+    /// f32 operands, f32 sums.
+    #[default]
+    F32,
+    /// Operands rounded to bf16, products of bf16 pairs summed in f32, as PyTorch and mamba_ssm
+    /// multiply a bf16 model's activations: on AVX-512 BF16 ([`bf16_dot_supported`]), f32
+    /// elsewhere.
+    Bf16,
+}
+
+impl Products {
+    /// Whether the products run on bf16 operands on this CPU.
+    pub fn in_bf16(self) -> bool {
+        self == Products::Bf16 && bf16_dot_supported()
+    }
+}
+
 /// Whether this CPU runs [`matmul_bf16_nt`]: AVX-512 with its BF16 dot products.
 pub fn bf16_dot_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -328,20 +347,25 @@ pub fn round_to_bf16(v: &[f32], out: &mut [half::bf16]) {
     use rayon::prelude::*;
     assert_eq!(v.len(), out.len(), "round_to_bf16: lengths differ");
     const CHUNK: usize = 1 << 14;
-    let vector = bf16_dot_supported();
     out.par_chunks_mut(CHUNK)
         .zip(v.par_chunks(CHUNK))
-        .for_each(|(out, v)| {
-            #[cfg(target_arch = "x86_64")]
-            if vector {
-                // SAFETY: bf16_dot_supported checked avx512f and avx512bf16 on this CPU.
-                return unsafe { round_to_bf16_avx512(v, out) };
-            }
-            let _ = vector;
-            out.iter_mut()
-                .zip(v)
-                .for_each(|(o, v)| *o = half::bf16::from_f32(*v));
-        });
+        .for_each(|(out, v)| round_to_bf16_here(v, out));
+}
+
+/// [`round_to_bf16`] on the calling thread alone, for the short rows of a product's operands.
+///
+/// # Panics
+/// If the slices differ in length.
+pub fn round_to_bf16_here(v: &[f32], out: &mut [half::bf16]) {
+    assert_eq!(v.len(), out.len(), "round_to_bf16_here: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if bf16_dot_supported() {
+        // SAFETY: bf16_dot_supported checked avx512f and avx512bf16 on this CPU.
+        return unsafe { round_to_bf16_avx512(v, out) };
+    }
+    out.iter_mut()
+        .zip(v)
+        .for_each(|(o, v)| *o = half::bf16::from_f32(*v));
 }
 
 /// [`round_to_bf16`] 16 values per `vcvtneps2bf16`, the tail one at a time.
@@ -400,6 +424,67 @@ pub fn matmul_bf16_nt(
     }
     #[cfg(target_arch = "x86_64")]
     bf16_dot_product((m, n, k), dst, dst_row_stride, lhs, rhs);
+    true
+}
+
+/// `dst (m x n, row-major with dst_row_stride) (+)= lhs (m x k) * rhs^T` for bf16 `lhs` (`m`
+/// rows of `k`, `lhs.1` values apart) and `rhs` (`n` rows of `k`, `rhs.1` apart) on the calling
+/// thread alone, the products of bf16 pairs summed in f32, for the many small products of an op
+/// that threads over its own tasks. With `accumulate` the product is added to `dst`, otherwise
+/// it overwrites it. Returns `false` and leaves `dst` alone where the CPU lacks the
+/// instructions ([`bf16_dot_supported`]).
+///
+/// # Panics
+/// If a slice is too short for the given sizes and strides (a bug in the caller, never bad
+/// user input).
+pub fn matmul_bf16_nt_here(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    lhs: (&[half::bf16], usize),
+    rhs: (&[half::bf16], usize),
+    accumulate: bool,
+) -> bool {
+    let covers = |(v, stride): (&[half::bf16], usize), rows: usize| {
+        rows == 0 || k == 0 || (rows - 1) * stride + k <= v.len()
+    };
+    assert!(
+        MatRef::rows(dst, dst_row_stride).covers(m, n),
+        "matmul_bf16_nt_here: destination too short"
+    );
+    assert!(
+        covers(lhs, m) && covers(rhs, n),
+        "matmul_bf16_nt_here: operand too short"
+    );
+    if !bf16_dot_supported() {
+        return false;
+    }
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        if !accumulate {
+            for row in dst.chunks_mut(dst_row_stride).take(m) {
+                row[..n].fill(0.0);
+            }
+        }
+        return true;
+    }
+    // SAFETY: bf16_dot_supported checked the CPU; the asserts cover dst and both operands at
+    // their strides; m, n, k > 0; dst is borrowed mutably, so it aliases neither operand, and
+    // with `accumulate` its elements are initialised f32 values (a slice).
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        gemmkit_strided_product(
+            (m, n, k),
+            dst.as_mut_ptr(),
+            dst_row_stride,
+            (lhs.0.as_ptr(), lhs.1),
+            (rhs.0.as_ptr(), rhs.1),
+            accumulate,
+            gemmkit::Parallelism::Serial,
+        )
+    }
     true
 }
 
@@ -502,9 +587,40 @@ unsafe fn gemmkit_product(
     rhs: *const half::bf16,
     parallelism: gemmkit::Parallelism,
 ) {
+    // SAFETY: the caller's contract, with contiguous rows and an overwritten output.
+    unsafe {
+        gemmkit_strided_product(
+            (m, n, k),
+            dst,
+            dst_row_stride,
+            (lhs, k),
+            (rhs, k),
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// [`gemmkit_product`] with `lhs` and `rhs` rows `lhs.1` and `rhs.1` values apart, adding the
+/// product to `dst` with `accumulate`.
+///
+/// # Safety
+/// As [`gemmkit_product`], the rows read at their strides; with `accumulate`, the output's
+/// elements are initialised.
+#[cfg(target_arch = "x86_64")]
+unsafe fn gemmkit_strided_product(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_row_stride: usize,
+    (lhs, lhs_row_stride): (*const half::bf16, usize),
+    (rhs, rhs_row_stride): (*const half::bf16, usize),
+    accumulate: bool,
+    parallelism: gemmkit::Parallelism,
+) {
     use gemmkit::kernel::Bf16DotGemmF32;
     use gemmkit::simd::Avx512Bf16;
     let mut ws = PACKING.take();
+    let beta = if accumulate { 1.0 } else { 0.0 };
     // SAFETY: the caller's contract, which is the driver's (the frame is column-major: the
     // output's row stride is 1).
     unsafe {
@@ -515,12 +631,12 @@ unsafe fn gemmkit_product(
             m,
             1.0,
             rhs,
-            k as isize,
+            rhs_row_stride as isize,
             1,
             lhs,
             1,
-            k as isize,
-            0.0,
+            lhs_row_stride as isize,
+            beta,
             dst,
             1,
             dst_row_stride as isize,
@@ -613,6 +729,60 @@ mod tests {
                     .all(|v| v.is_nan()),
                 "row {i}'s padding was written"
             );
+        }
+    }
+
+    /// The single-threaded bf16 product reads its operands' rows at their strides (only the
+    /// first `k` values of each), overwrites or adds to a strided output, and equals the f32
+    /// product of the same values, over edge tiles and odd depths.
+    #[test]
+    fn bf16_product_here_reads_strided_rows_and_accumulates() {
+        if !bf16_dot_supported() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        for (m, n, k) in [(1, 1, 1), (32, 1536, 96), (128, 64, 37), (13, 29, 128)] {
+            let (lhs_stride, rhs_stride, dst_stride) = (k + 5, k + 3, n + 2);
+            let lhs = bf16_values(m * lhs_stride, 3);
+            let rhs = bf16_values(n * rhs_stride, 4);
+            let start = lcg_values(m * dst_stride, 5);
+            let want_product: Vec<f32> = (0..m * n)
+                .map(|ij| {
+                    let (i, j) = (ij / n, ij % n);
+                    (0..k)
+                        .map(|t| {
+                            f64::from(lhs[i * lhs_stride + t].to_f32())
+                                * f64::from(rhs[j * rhs_stride + t].to_f32())
+                        })
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            for accumulate in [false, true] {
+                let mut got = start.clone();
+                let done = matmul_bf16_nt_here(
+                    (m, n, k),
+                    &mut got,
+                    dst_stride,
+                    (&lhs, lhs_stride),
+                    (&rhs, rhs_stride),
+                    accumulate,
+                );
+                assert!(done);
+                for i in 0..m {
+                    for j in 0..dst_stride {
+                        let (g, s) = (got[i * dst_stride + j], start[i * dst_stride + j]);
+                        if j >= n {
+                            assert_eq!(g, s, "padding ({i}, {j}) of {m}x{n}x{k} written");
+                            continue;
+                        }
+                        let w = want_product[i * n + j] + if accumulate { s } else { 0.0 };
+                        assert!(
+                            (g - w).abs() <= 1e-5 * (k as f32).sqrt(),
+                            "({i}, {j}) of {m}x{n}x{k}, accumulate {accumulate}: {g} against {w}"
+                        );
+                    }
+                }
+            }
         }
     }
 

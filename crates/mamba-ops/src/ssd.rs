@@ -18,13 +18,15 @@
 //! short sequential recurrence over chunks. Matmuls go through [`crate::gemm`].
 
 use crate::error::{OpError, Result};
-use crate::gemm::{matmul, MatRef};
+use crate::gemm::{matmul, matmul_bf16_nt_here, round_to_bf16_here, MatRef, Products};
+use crate::layout::transpose_into;
 use crate::math::{
     dot, exp_fast, lane_sum, process_dt, process_dt_with_grad, silu, silu_fast, silu_grad_fast,
     with_simd,
 };
 use crate::parallel::{fold_in_blocks, sum_in_order};
 use crate::selective_scan::narrow;
+use half::bf16;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -234,8 +236,18 @@ struct ChunkTask<'a> {
     cum: &'a mut [f32],
 }
 
-/// The chunked SSD algorithm (see the module docs).
+/// The chunked SSD algorithm (see the module docs), its products in f32.
 pub fn ssd(dims: &SsdDims, x: &SsdInputs) -> Result<SsdOutput> {
+    ssd_with(dims, x, Products::F32)
+}
+
+/// [`ssd`] with the chunks' products in the given precision. With [`Products::Bf16`] the
+/// products that sum over a chunk's positions (the diagonal blocks, each chunk's own state)
+/// and the state entering each chunk times `C` round their operands to bf16, as mamba_ssm's
+/// chunked kernels do for a bf16 model; `C B^T`, the decays, the recurrence between chunks and
+/// every sum stay f32. (The positions are made the operands' inner axis first, by one
+/// transpose of the chunk's `x` and `B`: the bf16 dot products pair neighbours along it.)
+pub fn ssd_with(dims: &SsdDims, x: &SsdInputs, products: Products) -> Result<SsdOutput> {
     dims.check(x)?;
     let (nb, nh, np, nn) = (dims.batch, dims.heads, dims.head_dim, dims.state);
     let (q, nc) = (dims.chunk_size, dims.chunks());
@@ -246,7 +258,7 @@ pub fn ssd(dims: &SsdDims, x: &SsdInputs) -> Result<SsdOutput> {
     let mut tasks = chunk_tasks(dims, &mut y, &mut states, &mut cums);
     tasks
         .par_iter_mut()
-        .for_each(|task| chunk_diagonal_and_state(dims, x, &dtp, task));
+        .for_each(|task| chunk_diagonal_and_state(dims, x, &dtp, task, products));
     let final_state = pass_between_chunks(
         dims,
         x.initial_states,
@@ -258,7 +270,7 @@ pub fn ssd(dims: &SsdDims, x: &SsdInputs) -> Result<SsdOutput> {
     let mut tasks = chunk_tasks(dims, &mut y, &mut states, &mut cums);
     tasks
         .par_iter_mut()
-        .for_each(|task| chunk_off_diagonal_and_finish(dims, x, task));
+        .for_each(|task| chunk_off_diagonal_and_finish(dims, x, task, products));
     Ok(SsdOutput { y, final_state })
 }
 
@@ -300,7 +312,13 @@ fn row_offset(dims: &SsdDims, b: usize, t: usize, k: usize, inner: usize, width:
 }
 
 /// Within one chunk: the diagonal-block outputs and the state the chunk alone produces.
-fn chunk_diagonal_and_state(dims: &SsdDims, x: &SsdInputs, dtp: &[f32], task: &mut ChunkTask) {
+fn chunk_diagonal_and_state(
+    dims: &SsdDims,
+    x: &SsdInputs,
+    dtp: &[f32],
+    task: &mut ChunkTask,
+    products: Products,
+) {
     let (nh, np, ng, nn, q) = (
         dims.heads,
         dims.head_dim,
@@ -332,10 +350,14 @@ fn chunk_diagonal_and_state(dims: &SsdDims, x: &SsdInputs, dtp: &[f32], task: &m
         );
     }
     let hpg = dims.heads_per_group();
+    let position_major = products
+        .in_bf16()
+        .then(|| PositionMajor::of_chunk(dims, x, task));
     let mut factored = vec![false; nh];
     for g in 0..ng {
         let cb_g = &cb[g * ql * ql..][..ql * ql];
-        diagonal_factored(dims, x, dtp, task, cb_g, g, &mut factored);
+        let inputs = (dtp, position_major.as_ref());
+        diagonal_factored(dims, x, inputs, task, cb_g, g, &mut factored);
     }
     let mut m = vec![0.0; ql * ql];
     for h in (0..nh).filter(|&h| !factored[h]) {
@@ -360,24 +382,45 @@ fn chunk_diagonal_and_state(dims: &SsdDims, x: &SsdInputs, dtp: &[f32], task: &m
         // of the columns (three quarters of the full product's work).
         let x_at = row_offset(dims, b, t0, h, nh, np);
         let top = ql / 2;
+        // In bf16: M rounded, and x_h^T (P, ql) as the rows the products sum along.
+        let bf16_factors = position_major
+            .as_ref()
+            .map(|pm| (rounded(&m), rounded(&pm.x_t[h * np * ql..][..np * ql])));
         for (rows, cols) in [(0..top, top), (top..ql, ql)] {
             if rows.is_empty() {
                 continue;
             }
-            matmul(
-                (rows.len(), np, cols),
-                &mut task.y[rows.start * nh * np + h * np..],
-                nh * np,
-                MatRef::rows(&m[rows.start * ql..], ql),
-                MatRef::rows(&x.x[x_at..], nh * np),
-                false,
-            );
+            let out = &mut task.y[rows.start * nh * np + h * np..];
+            match &bf16_factors {
+                Some((m16, x16)) => {
+                    let m16 = &m16[rows.start * ql..];
+                    matmul_bf16_nt_here(
+                        (rows.len(), np, cols),
+                        out,
+                        nh * np,
+                        (m16, ql),
+                        (x16, ql),
+                        false,
+                    );
+                }
+                None => matmul(
+                    (rows.len(), np, cols),
+                    out,
+                    nh * np,
+                    MatRef::rows(&m[rows.start * ql..], ql),
+                    MatRef::rows(&x.x[x_at..], nh * np),
+                    false,
+                ),
+            };
         }
     }
     // The chunk's own state, S[h, p, n] = sum_j xw[j, h, p] B[j, n] with the inputs weighted
     // xw[j, h, p] = exp(cum_last[h] - cum[h][j]) dt'_{j,h} x[j, h, p]: one product per group
     // for all of its heads, (heads P, N) = xw^T (heads P, ql) B (ql, N).
     let cum_last: Vec<Option<f32>> = (0..nh).map(|h| Some(task.cum[h * q + ql - 1])).collect();
+    if let Some(pm) = &position_major {
+        return pm.chunk_own_state(dims, dtp, task, &cum_last);
+    }
     let mut xw = vec![0.0; ql * nh * np]; // (ql, H, P)
     decay_weighted_inputs(dims, x, dtp, task, (0..nh, &cum_last), &mut xw);
     for g in 0..ng {
@@ -417,7 +460,7 @@ const FACTORED_REACH: f32 = 60.0;
 fn diagonal_factored(
     dims: &SsdDims,
     x: &SsdInputs,
-    dtp: &[f32],
+    (dtp, position_major): (&[f32], Option<&PositionMajor>),
     task: &mut ChunkTask,
     cb: &[f32],
     g: usize,
@@ -444,28 +487,49 @@ fn diagonal_factored(
     for (i, row) in lower.chunks_mut(ql).enumerate() {
         row[i + 1..].fill(0.0);
     }
-    let mut weighted = vec![0.0; ql * width]; // (ql, heads P)
+    let mut factors = DiagonalFactors::new(position_major, lower, ql * width);
     for (block, rows) in blocks.iter().enumerate() {
         let mids: Vec<Option<f32>> = references
             .iter()
             .map(|r| r.as_ref().map(|r| r[block]))
             .collect();
-        decay_weighted_inputs(
-            dims,
-            x,
-            dtp,
-            task,
-            (heads.clone(), &mids),
-            &mut weighted[..rows.end * width],
-        );
-        matmul(
-            (rows.len(), width, rows.end),
-            &mut task.y[rows.start * nh * np + heads.start * np..],
-            nh * np,
-            MatRef::rows(&lower[rows.start * ql..], ql),
-            MatRef::rows(&weighted, width),
-            false,
-        );
+        let out_at = rows.start * nh * np + heads.start * np;
+        match &mut factors {
+            DiagonalFactors::F32 { lower, weighted } => {
+                decay_weighted_inputs(
+                    dims,
+                    x,
+                    dtp,
+                    task,
+                    (heads.clone(), &mids),
+                    &mut weighted[..rows.end * width],
+                );
+                matmul(
+                    (rows.len(), width, rows.end),
+                    &mut task.y[out_at..],
+                    nh * np,
+                    MatRef::rows(&lower[rows.start * ql..], ql),
+                    MatRef::rows(weighted, width),
+                    false,
+                );
+            }
+            DiagonalFactors::Bf16 {
+                inputs,
+                lower,
+                weighted,
+            } => {
+                let weighted = &mut weighted[..rows.end * width]; // (heads P, rows.end)
+                inputs.decay_weighted(dims, dtp, task, (heads.clone(), &mids), weighted);
+                matmul_bf16_nt_here(
+                    (rows.len(), width, rows.end),
+                    &mut task.y[out_at..],
+                    nh * np,
+                    (&lower[rows.start * ql..], ql),
+                    (weighted, rows.end),
+                    false,
+                );
+            }
+        }
         for i in rows.clone() {
             let y_i = &mut task.y[i * nh * np..][..nh * np];
             for (h, mid) in heads.clone().zip(&mids) {
@@ -535,6 +599,143 @@ fn decay_weighted_inputs(
     }
 }
 
+/// `v` rounded to bf16.
+fn rounded(v: &[f32]) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; v.len()];
+    round_to_bf16_here(v, &mut out);
+    out
+}
+
+/// The operands of [`diagonal_factored`]'s products: `tril(C B^T)` and the decay-weighted
+/// inputs, in f32 `(positions, heads P)`, or in bf16 with the positions innermost `(heads P,
+/// positions)`, the layout the bf16 products sum over.
+enum DiagonalFactors<'a> {
+    F32 {
+        lower: Vec<f32>,
+        weighted: Vec<f32>,
+    },
+    Bf16 {
+        inputs: &'a PositionMajor,
+        lower: Vec<bf16>,
+        weighted: Vec<bf16>,
+    },
+}
+
+impl<'a> DiagonalFactors<'a> {
+    /// Room for `len` weighted inputs beside `lower`, in the precision `position_major` asks.
+    fn new(position_major: Option<&'a PositionMajor>, lower: Vec<f32>, len: usize) -> Self {
+        match position_major {
+            None => DiagonalFactors::F32 {
+                lower,
+                weighted: vec![0.0; len],
+            },
+            Some(inputs) => DiagonalFactors::Bf16 {
+                inputs,
+                lower: rounded(&lower),
+                weighted: vec![bf16::ZERO; len],
+            },
+        }
+    }
+}
+
+/// One chunk's inputs with the positions innermost, for the bf16 products that sum over
+/// them: `x^T: (H P, ql)` in f32 (weighted by decays before rounding) and `B^T: (G N, ql)`.
+struct PositionMajor {
+    /// Positions in the chunk.
+    len: usize,
+    x_t: Vec<f32>,
+    b_t: Vec<bf16>,
+}
+
+impl PositionMajor {
+    fn of_chunk(dims: &SsdDims, x: &SsdInputs, task: &ChunkTask) -> Self {
+        let (nh, np, ng, nn) = (dims.heads, dims.head_dim, dims.groups, dims.state);
+        let (b, t0) = (task.batch, task.start);
+        let len = task.y.len() / (nh * np);
+        let mut x_t = vec![0.0; nh * np * len];
+        let x_rows = &x.x[row_offset(dims, b, t0, 0, nh, np)..][..len * nh * np];
+        transpose_into(x_rows, len, nh * np, &mut x_t);
+        let mut b_t = vec![0.0; ng * nn * len];
+        let b_rows = &x.b[row_offset(dims, b, t0, 0, ng, nn)..][..len * ng * nn];
+        transpose_into(b_rows, len, ng * nn, &mut b_t);
+        PositionMajor {
+            len,
+            x_t,
+            b_t: rounded(&b_t),
+        }
+    }
+
+    /// [`decay_weighted_inputs`] with the positions innermost and rounded to bf16:
+    /// `out[(k P + p) len' + j] = dt'_h[j] exp(reference_h - cum_h[j]) x[j, h, p]` for the
+    /// `k`-th head `h` of `heads` and the first `len' = out.len() / (heads P)` positions.
+    fn decay_weighted(
+        &self,
+        dims: &SsdDims,
+        dtp: &[f32],
+        task: &ChunkTask,
+        (heads, references): (Range<usize>, &[Option<f32>]),
+        out: &mut [bf16],
+    ) {
+        let (nh, np, q) = (dims.heads, dims.head_dim, dims.chunk_size);
+        let len = out.len() / (heads.len() * np);
+        let at = task.batch * dims.len + task.start;
+        let (mut scale, mut row) = (vec![0.0; len], vec![0.0; len]);
+        for ((h, reference), out_h) in heads.zip(references).zip(out.chunks_exact_mut(np * len)) {
+            let Some(reference) = reference else {
+                out_h.fill(bf16::ZERO);
+                continue;
+            };
+            let cum = &task.cum[h * q..][..len];
+            with_simd(
+                #[inline(always)]
+                || {
+                    for (j, (s, c)) in scale.iter_mut().zip(cum).enumerate() {
+                        *s = exp_fast(reference - c) * dtp[(at + j) * nh + h];
+                    }
+                },
+            );
+            for (p, out_hp) in out_h.chunks_exact_mut(len).enumerate() {
+                let x_hp = &self.x_t[(h * np + p) * self.len..][..len];
+                with_simd(
+                    #[inline(always)]
+                    || {
+                        row.iter_mut()
+                            .zip(x_hp.iter().zip(&scale))
+                            .for_each(|(r, (v, s))| *r = v * s)
+                    },
+                );
+                round_to_bf16_here(&row, out_hp);
+            }
+        }
+    }
+
+    /// The chunk's own state in bf16 products: per group, `S (heads P, N) = xw^T (heads P,
+    /// ql) B (ql, N)` with `xw` weighted towards the chunk's last position (`cum_last`).
+    fn chunk_own_state(
+        &self,
+        dims: &SsdDims,
+        dtp: &[f32],
+        task: &mut ChunkTask,
+        cum_last: &[Option<f32>],
+    ) {
+        let (nh, np, nn, len) = (dims.heads, dims.head_dim, dims.state, self.len);
+        let hpg = dims.heads_per_group();
+        let mut xw_t = vec![bf16::ZERO; nh * np * len]; // (H P, ql)
+        self.decay_weighted(dims, dtp, task, (0..nh, cum_last), &mut xw_t);
+        for g in 0..dims.groups {
+            let h0 = g * hpg;
+            matmul_bf16_nt_here(
+                (hpg * np, nn, len),
+                &mut task.state[h0 * np * nn..],
+                nn,
+                (&xw_t[h0 * np * len..], len),
+                (&self.b_t[g * nn * len..], len),
+                false,
+            );
+        }
+    }
+}
+
 /// Which way [`pass_between_chunks`] walks the chunks.
 #[derive(Debug, Clone, Copy)]
 enum Direction {
@@ -596,7 +797,12 @@ fn pass_between_chunks(
 }
 
 /// Adds the contribution of the state entering the chunk, then the `D` skip and `z` gate.
-fn chunk_off_diagonal_and_finish(dims: &SsdDims, x: &SsdInputs, task: &mut ChunkTask) {
+fn chunk_off_diagonal_and_finish(
+    dims: &SsdDims,
+    x: &SsdInputs,
+    task: &mut ChunkTask,
+    products: Products,
+) {
     let (nh, np, ng, nn, q) = (
         dims.heads,
         dims.head_dim,
@@ -609,16 +815,32 @@ fn chunk_off_diagonal_and_finish(dims: &SsdDims, x: &SsdInputs, task: &mut Chunk
     // C_i . S[h, p, :] for every head of a group at once: (ql, heads P) = C (ql, N) S^T.
     let mut from_state = vec![0.0; ql * nh * np]; // (ql, H, P)
     let hpg = dims.heads_per_group();
-    for g in 0..ng {
-        let h0 = g * hpg;
-        matmul(
-            (ql, hpg * np, nn),
-            &mut from_state[h0 * np..],
-            nh * np,
-            MatRef::rows(&x.c[row_offset(dims, b, t0, g, ng, nn)..], ng * nn),
-            MatRef::transposed(&task.state[h0 * np * nn..][..hpg * np * nn], nn),
-            false,
-        );
+    let c_rows = &x.c[row_offset(dims, b, t0, 0, ng, nn)..][..ql * ng * nn]; // (ql, G N)
+    if products.in_bf16() {
+        let (c16, s16) = (rounded(c_rows), rounded(task.state));
+        for g in 0..ng {
+            let h0 = g * hpg;
+            matmul_bf16_nt_here(
+                (ql, hpg * np, nn),
+                &mut from_state[h0 * np..],
+                nh * np,
+                (&c16[g * nn..], ng * nn),
+                (&s16[h0 * np * nn..], nn),
+                false,
+            );
+        }
+    } else {
+        for g in 0..ng {
+            let h0 = g * hpg;
+            matmul(
+                (ql, hpg * np, nn),
+                &mut from_state[h0 * np..],
+                nh * np,
+                MatRef::rows(&c_rows[g * nn..], ng * nn),
+                MatRef::transposed(&task.state[h0 * np * nn..][..hpg * np * nn], nn),
+                false,
+            );
+        }
     }
     for (i, (y_i, s_i)) in task
         .y
@@ -957,7 +1179,7 @@ impl ChunkForward {
         let mut cums = vec![0.0; nb * nc * nh * q];
         chunk_tasks(dims, &mut y, &mut states, &mut cums)
             .par_iter_mut()
-            .for_each(|task| chunk_diagonal_and_state(dims, x, dtp, task));
+            .for_each(|task| chunk_diagonal_and_state(dims, x, dtp, task, Products::F32));
         pass_between_chunks(
             dims,
             x.initial_states,
@@ -969,7 +1191,9 @@ impl ChunkForward {
             let ungated = SsdInputs { z: None, ..*x };
             chunk_tasks(dims, &mut y, &mut states, &mut cums)
                 .par_iter_mut()
-                .for_each(|task| chunk_off_diagonal_and_finish(dims, &ungated, task));
+                .for_each(|task| {
+                    chunk_off_diagonal_and_finish(dims, &ungated, task, Products::F32)
+                });
         }
         ChunkForward {
             states,

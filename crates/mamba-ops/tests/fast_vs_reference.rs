@@ -2,6 +2,7 @@
 //! fixtures do not cover (longer sequences, more channels, initial states, splits).
 
 use mamba_ops::causal_conv1d::*;
+use mamba_ops::gemm::{bf16_dot_supported, Products};
 use mamba_ops::math::NO_DT_LIMIT;
 use mamba_ops::selective_scan::*;
 use mamba_ops::selective_state_update::*;
@@ -401,6 +402,68 @@ fn chunked_ssd_with_mild_and_steep_decays_matches_sequential() {
     let diff = max_abs_diff(&got.y, &want.y);
     assert!(diff < 2e-4, "y differs by {diff}");
     assert!(max_abs_diff(&got.final_state, &want.final_state) < 2e-4);
+}
+
+/// The chunked SSD with bf16 products (a bf16 model's prefill) stays within bf16's rounding of
+/// the sequential definition, with mild decays (factored diagonal blocks) and steep ones (a
+/// product per head), two groups, a gate, initial states and a last chunk cut short; on a CPU
+/// with bf16 dot products it does round (it differs from the f32 products).
+#[test]
+fn chunked_ssd_with_bf16_products_stays_near_sequential() {
+    let mut rng = StdRng::seed_from_u64(21);
+    let (b, l, h, p, g, n) = (2, 150, 4, 16, 2, 32);
+    let x = random(&mut rng, b * l * h * p, -1.0, 1.0);
+    let dt = random(&mut rng, b * l * h, -1.0, 1.0);
+    let a = vec![-0.01, -8.0, -1.0, -16.0];
+    let bm = random(&mut rng, b * l * g * n, -1.0, 1.0);
+    let cm = random(&mut rng, b * l * g * n, -1.0, 1.0);
+    let d = random(&mut rng, h, -1.0, 1.0);
+    let z = random(&mut rng, b * l * h * p, -2.0, 2.0);
+    let init = random(&mut rng, b * h * p * n, -1.0, 1.0);
+    let inputs = SsdInputs {
+        x: &x,
+        dt: &dt,
+        a: &a,
+        b: &bm,
+        c: &cm,
+        d: Some(&d),
+        z: Some(&z),
+        dt_bias: None,
+        dt_softplus: true,
+        dt_limit: NO_DT_LIMIT,
+        initial_states: Some(&init),
+    };
+    for chunk_size in [64, 128] {
+        let dims = SsdDims {
+            batch: b,
+            len: l,
+            heads: h,
+            head_dim: p,
+            groups: g,
+            state: n,
+            chunk_size,
+        };
+        let want = ssd_reference(&dims, &inputs).unwrap();
+        let got = ssd_with(&dims, &inputs, Products::Bf16).unwrap();
+        for (what, got, want) in [
+            ("y", &got.y, &want.y),
+            ("state", &got.final_state, &want.final_state),
+        ] {
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(got, want);
+            assert!(
+                diff < 1e-2 * scale,
+                "chunk {chunk_size}, {what}: differs by {diff} (scale {scale})"
+            );
+        }
+        if bf16_dot_supported() {
+            let in_f32 = ssd(&dims, &inputs).unwrap();
+            assert!(
+                max_abs_diff(&got.y, &in_f32.y) > 0.0,
+                "chunk {chunk_size}: not rounded"
+            );
+        }
+    }
 }
 
 #[test]
