@@ -399,13 +399,14 @@ impl Mamba2Mixer {
         }
     }
 
-    /// The precision of the SSD's chunk products in a prefill: bf16 in a model of bf16
-    /// weights, as mamba_ssm runs one (its chunked kernels multiply the bf16 activations),
-    /// f32 otherwise.
+    /// The precision of the SSD's chunk products in a prefill: f32 in a model of f32 weights,
+    /// else bf16, as mamba_ssm runs a bf16 model (its chunked kernels multiply the bf16
+    /// activations); the projections of bf16 and quantised weights already round their
+    /// activations to bf16 or 8 bits.
     fn ssd_products(&self) -> Products {
         match self.in_proj.dense_weight() {
-            Some(w) if w.dtype() == DType::BF16 => Products::Bf16,
-            _ => Products::F32,
+            Some(w) if w.dtype() == DType::F32 => Products::F32,
+            _ => Products::Bf16,
         }
     }
 
