@@ -89,15 +89,7 @@ fn matmul_with(
         lhs.covers(m, k) && rhs.covers(k, n),
         "matmul: operand too short"
     );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for row in dst.chunks_mut(dst_row_stride).take(m) {
-                row[..n].fill(0.0);
-            }
-        }
+    if empty_product((m, n, k), dst, dst_row_stride, accumulate) {
         return;
     }
     // SAFETY: the asserts above guarantee every (row, col) index the product touches lies
@@ -113,6 +105,25 @@ fn matmul_with(
             parallelism,
         )
     }
+}
+
+/// Whether the `m x n` product over `k` has nothing to multiply (a size is 0); where `k` is 0
+/// the product is zero, so `dst` is zeroed unless the product is added to it.
+fn empty_product(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    accumulate: bool,
+) -> bool {
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 && !accumulate {
+        for row in dst.chunks_mut(dst_row_stride).take(m) {
+            row[..n].fill(0.0);
+        }
+    }
+    k == 0
 }
 
 /// The gemm crate's product into `dst`, element `(i, j)` at `dst + i * dst_row_stride + j`.
@@ -413,13 +424,7 @@ pub fn matmul_bf16_nt(
     if !bf16_dot_supported() {
         return false;
     }
-    if m == 0 || n == 0 {
-        return true;
-    }
-    if k == 0 {
-        for row in dst.chunks_mut(dst_row_stride).take(m) {
-            row[..n].fill(0.0);
-        }
+    if empty_product((m, n, k), dst, dst_row_stride, false) {
         return true;
     }
     #[cfg(target_arch = "x86_64")]
@@ -459,15 +464,7 @@ pub fn matmul_bf16_nt_here(
     if !bf16_dot_supported() {
         return false;
     }
-    if m == 0 || n == 0 {
-        return true;
-    }
-    if k == 0 {
-        if !accumulate {
-            for row in dst.chunks_mut(dst_row_stride).take(m) {
-                row[..n].fill(0.0);
-            }
-        }
+    if empty_product((m, n, k), dst, dst_row_stride, accumulate) {
         return true;
     }
     // SAFETY: bf16_dot_supported checked the CPU; the asserts cover dst and both operands at
