@@ -680,33 +680,29 @@ impl PositionMajor {
         let len = out.len() / (heads.len() * np);
         let at = task.batch * dims.len + task.start;
         let (mut scale, mut row) = (vec![0.0; len], vec![0.0; len]);
-        for ((h, reference), out_h) in heads.zip(references).zip(out.chunks_exact_mut(np * len)) {
-            let Some(reference) = reference else {
-                out_h.fill(bf16::ZERO);
-                continue;
-            };
-            let cum = &task.cum[h * q..][..len];
-            with_simd(
-                #[inline(always)]
-                || {
+        let pairs = heads.zip(references).zip(out.chunks_exact_mut(np * len));
+        with_simd(
+            #[inline(always)]
+            || {
+                for ((h, reference), out_h) in pairs {
+                    let Some(reference) = reference else {
+                        out_h.fill(bf16::ZERO);
+                        continue;
+                    };
+                    let cum = &task.cum[h * q..][..len];
                     for (j, (s, c)) in scale.iter_mut().zip(cum).enumerate() {
                         *s = exp_fast(reference - c) * dtp[(at + j) * nh + h];
                     }
-                },
-            );
-            for (p, out_hp) in out_h.chunks_exact_mut(len).enumerate() {
-                let x_hp = &self.x_t[(h * np + p) * self.len..][..len];
-                with_simd(
-                    #[inline(always)]
-                    || {
+                    for (p, out_hp) in out_h.chunks_exact_mut(len).enumerate() {
+                        let x_hp = &self.x_t[(h * np + p) * self.len..][..len];
                         row.iter_mut()
                             .zip(x_hp.iter().zip(&scale))
-                            .for_each(|(r, (v, s))| *r = v * s)
-                    },
-                );
-                round_to_bf16_here(&row, out_hp);
-            }
-        }
+                            .for_each(|(r, (v, s))| *r = v * s);
+                        round_to_bf16_here(&row, out_hp);
+                    }
+                }
+            },
+        );
     }
 
     /// The chunk's own state in bf16 products: per group, `S (heads P, N) = xw^T (heads P,
