@@ -9,6 +9,12 @@
 # THREADS (default "1 2"), FORMATS (default "f32 bf16 q8_0 q4_0") and MODELS (default
 # "mamba-130m mamba2-130m") narrow the sweep. Results: OUT_DIR/*.json, OUT_DIR/triad-t*.txt
 # and the table OUT_DIR/decode-roofline.md.
+#
+# With LLAMA_BENCH and GGUF_DIR set (as for scripts/side-by-side.sh), llama.cpp's
+# `llama-bench -p 0 -n 128` decodes the same model file right after ours, between the same
+# two bandwidth runs, and the table adds its tokens/s, the bandwidth that is at our bytes per
+# step, and the bandwidth that 1.3x its speed would take, as a share of the read-only pass:
+# past 100 % the decoding target is above this host's memory roofline.
 set -euo pipefail
 
 out=${1:?usage: bash scripts/decode-roofline.sh OUT_DIR}
@@ -29,6 +35,10 @@ for t in $threads; do
       echo "== $model $format t$t" >&2
       "$mamba" --threads "$t" --json bench --preset "$model" --dtype "$format" \
         --prompt-len 16 --gen-len 128 > "$out/$model-$format-t$t.json"
+      gguf=${GGUF_DIR:-}/$model-$format.gguf
+      if [ -n "${LLAMA_BENCH:-}" ] && [ -f "$gguf" ]; then
+        "$LLAMA_BENCH" -m "$gguf" -p 0 -n 128 -t "$t" -r 3 -o json > "$out/$model-$format-t$t.llama"
+      fi
     done
   done
   RAYON_NUM_THREADS=$t "$triad" >> "$out/triad-t$t.txt"
@@ -41,8 +51,10 @@ def bandwidth(t, kind):
     text = open(os.path.join(out, f"triad-t{t}.txt")).read()
     runs = [float(v) for v in re.findall(rf"^{kind}: ([0-9.]+) GB/s", text, re.M)]
     return sum(runs) / len(runs)
-rows = ["| model | weights | threads | tokens/s | MB moved per token | GB/s | triad GB/s | read GB/s | of triad | of read |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
+peers = glob.glob(os.path.join(out, "*.llama"))
+rows = ["| model | weights | threads | tokens/s | MB moved per token | GB/s | triad GB/s | read GB/s | of triad | of read |"
+        + (" llama.cpp tokens/s | its GB/s | ours / llama.cpp | 1.3x needs, of read |" if peers else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if peers else "")]
 for path in sorted(glob.glob(os.path.join(out, "*.json"))):
     m = json.load(open(path))
     t = m["threads"]
@@ -52,6 +64,14 @@ for path in sorted(glob.glob(os.path.join(out, "*.json"))):
     rows.append(f"| {m['preset']} | {m['dtype']} | {t} | {m['decode_tokens_per_s']:.1f} | "
                 f"{moved / 1e6:.1f} | {rate:.1f} | {triad:.1f} | {read:.1f} | "
                 f"{100 * rate / triad:.0f} % | {100 * rate / read:.0f} % |")
+    peer = path[:-len(".json")] + ".llama"
+    if os.path.exists(peer):
+        theirs = json.load(open(peer))[0]["avg_ts"]
+        their_rate = theirs * moved / 1e9
+        rows[-1] += (f" {theirs:.1f} | {their_rate:.1f} | {m['decode_tokens_per_s'] / theirs:.2f}x | "
+                     f"{100 * 1.3 * their_rate / read:.0f} % |")
+    elif peers:
+        rows[-1] += " | | | |"
 table = "\n".join(rows) + "\n"
 open(os.path.join(out, "decode-roofline.md"), "w").write(table)
 print(table)
