@@ -12,7 +12,8 @@
 //!   weights meets its sixteen activations in one `vdpbf16ps` on eight f32 lanes, where
 //!   widening the weights took a shuffle, a shift and two multiply-adds. Twice the rate in
 //!   cache (mamba-130m `in_proj` at 1 thread 39-44 -> 71-72 GB/s), so a decoding step of
-//!   several sequences, which reads each row from L1 once per sequence, is 1.4-1.6x faster.
+//!   several sequences, which reads each row from L1 once per sequence, is 1.4-1.6x faster;
+//!   taking four sequences per load of weights adds 13-55 % at eight sequences.
 //! - q8_0 and q4_0: as in llama.cpp, `x` is first quantised to q8_0 blocks, then each block
 //!   product is an integer dot product of 32 int8 pairs (AVX2 `maddubs`, or AVX-512 VNNI
 //!   `dpbusd` where the CPU has it) scaled by the two block scales. The VNNI q4_0 kernel takes
@@ -537,26 +538,35 @@ mod x86 {
             let count = out.len() / batch;
             let apart = count / ROWS;
             for r in 0..apart {
-                for b in 0..batch {
-                    let sums = dot_rows_bf16::<ROWS, DOT_VECS>(
-                        w.as_ptr().add(r * cols),
+                let rows = w.as_ptr().add(r * cols);
+                let mut b = 0;
+                while b + DOT_SEQS <= batch {
+                    let sums = dot_rows_bf16::<ROWS, DOT_SEQS, 1>(
+                        rows,
                         apart * cols,
                         cols,
-                        &x16[b * cols..][..cols],
+                        &x16[b * cols..][..DOT_SEQS * cols],
                     );
-                    for (i, s) in sums.into_iter().enumerate() {
+                    for (i, row_sums) in sums.into_iter().enumerate() {
+                        let at = (r + i * apart) * batch + b;
+                        out[at..at + DOT_SEQS].copy_from_slice(&row_sums);
+                    }
+                    b += DOT_SEQS;
+                }
+                for b in b..batch {
+                    let x = &x16[b * cols..][..cols];
+                    let sums = dot_rows_bf16::<ROWS, 1, DOT_VECS>(rows, apart * cols, cols, x);
+                    for (i, [s]) in sums.into_iter().enumerate() {
                         out[(r + i * apart) * batch + b] = s;
                     }
                 }
             }
             for r in ROWS * apart..count {
                 for b in 0..batch {
-                    out[r * batch + b] = dot_rows_bf16::<1, DOT_VECS>(
-                        w.as_ptr().add(r * cols),
-                        cols,
-                        cols,
-                        &x16[b * cols..][..cols],
-                    )[0];
+                    let x = &x16[b * cols..][..cols];
+                    let [[s]] =
+                        dot_rows_bf16::<1, 1, DOT_VECS>(w.as_ptr().add(r * cols), cols, cols, x);
+                    out[r * batch + b] = s;
                 }
             }
         }
@@ -567,9 +577,13 @@ mod x86 {
         unsafe { inner(w, cols, x16, out) }
     }
 
-    /// Vectors of sixteen columns per row and step in [`rows_bf16_dot`]: with two rows,
-    /// eight independent dot-product chains.
+    /// Vectors of sixteen columns per row and step in [`rows_bf16_dot`] for one sequence:
+    /// with two rows, eight independent dot-product chains.
     const DOT_VECS: usize = 4;
+    /// Sequences taken at once in [`rows_bf16_dot`] when a step has several: each load of
+    /// weights meets four sequences' activations (two rows: eight chains again), where one
+    /// sequence at a time loaded every row once per sequence.
+    const DOT_SEQS: usize = 4;
 
     /// Sixteen bf16 values from `p` (unaligned) as `vdpbf16ps` takes them.
     #[inline(always)]
@@ -578,50 +592,68 @@ mod x86 {
         std::mem::transmute::<__m256i, __m256bh>(_mm256_loadu_si256(p as *const __m256i))
     }
 
-    /// `R` dot products of the bf16 rows at `w`, `w + stride`, ... (each `cols` long) with
-    /// the bf16 activations `x16`, `V` vectors of sixteen columns per row and step; the
-    /// columns after the last whole vector one at a time.
+    /// `R` x `B` dot products: the bf16 rows at `w`, `w + stride`, ... (each `cols` long)
+    /// with each of the `B` rows of bf16 activations `x16: (B, cols)`, `V` vectors of
+    /// sixteen columns per row and step; the columns after the last whole vector one at a
+    /// time.
     #[inline(always)]
-    unsafe fn dot_rows_bf16<const R: usize, const V: usize>(
+    unsafe fn dot_rows_bf16<const R: usize, const B: usize, const V: usize>(
         w: *const bf16,
         stride: usize,
         cols: usize,
         x16: &[bf16],
-    ) -> [f32; R] {
-        let mut acc = [[_mm256_setzero_ps(); V]; R];
+    ) -> [[f32; B]; R] {
+        let mut acc = [[[_mm256_setzero_ps(); V]; B]; R];
         let step = 16 * V;
         let body = cols - cols % step;
         let mut c = 0;
         while c < body {
             for v in 0..V {
-                let xv = load16_bf16(x16.as_ptr().add(c + 16 * v));
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let wv = load16_bf16(w.add(r * stride + c + 16 * v));
-                    acc_r[v] = _mm256_dpbf16_ps(acc_r[v], wv, xv);
-                }
+                add_vector(&mut acc, (w, stride), (x16, cols), c + 16 * v, v);
             }
             c += step;
         }
         let blocks_end = cols - cols % 16;
         while c < blocks_end {
-            let xv = load16_bf16(x16.as_ptr().add(c));
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let wv = load16_bf16(w.add(r * stride + c));
-                acc_r[0] = _mm256_dpbf16_ps(acc_r[0], wv, xv);
-            }
+            add_vector(&mut acc, (w, stride), (x16, cols), c, 0);
             c += 16;
         }
-        let mut sums = [0.0f32; R];
-        for (r, s) in sums.iter_mut().enumerate() {
-            let total = acc[r]
-                .iter()
-                .fold(_mm256_setzero_ps(), |t, a| _mm256_add_ps(t, *a));
-            *s = hsum(total);
-            for (c, xc) in x16.iter().enumerate().skip(blocks_end) {
-                *s += (*w.add(r * stride + c)).to_f32() * xc.to_f32();
+        let mut sums = [[0.0f32; B]; R];
+        for (r, (sums_r, acc_r)) in sums.iter_mut().zip(&acc).enumerate() {
+            for (b, (s, acc_rb)) in sums_r.iter_mut().zip(acc_r).enumerate() {
+                let total = acc_rb
+                    .iter()
+                    .fold(_mm256_setzero_ps(), |t, a| _mm256_add_ps(t, *a));
+                *s = hsum(total);
+                for (c, xc) in x16[b * cols..][..cols].iter().enumerate().skip(blocks_end) {
+                    *s += (*w.add(r * stride + c)).to_f32() * xc.to_f32();
+                }
             }
         }
         sums
+    }
+
+    /// Adds the products of columns `c..c + 16` to the accumulators `acc[r][b][v]`: of row `r`
+    /// at `w + r * stride` with row `b` of `x16: (B, cols)`.
+    #[inline(always)]
+    unsafe fn add_vector<const R: usize, const B: usize, const V: usize>(
+        acc: &mut [[[__m256; V]; B]; R],
+        (w, stride): (*const bf16, usize),
+        (x16, cols): (&[bf16], usize),
+        c: usize,
+        v: usize,
+    ) {
+        // SAFETY (zeroed): vector registers of zeros, each overwritten below.
+        let mut xv: [__m256bh; B] = std::mem::zeroed();
+        for (b, x) in xv.iter_mut().enumerate() {
+            *x = load16_bf16(x16.as_ptr().add(b * cols + c));
+        }
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let wv = load16_bf16(w.add(r * stride + c));
+            for (acc_rb, x) in acc_r.iter_mut().zip(&xv) {
+                acc_rb[v] = _mm256_dpbf16_ps(acc_rb[v], wv, *x);
+            }
+        }
     }
 
     /// `R` dot products of the rows at `w`, `w + stride`, ... (each `cols` long) with `x`,
@@ -1058,11 +1090,12 @@ mod tests {
         // 200 columns: whole steps of 32 and one vector of eight after them (bf16 dots: three
         // steps of 64, eight columns one at a time); 53: one step, two vectors and five
         // columns one at a time (narrow rows like dt_proj's; bf16 dots: three vectors of 16
-        // and five); 80 (bf16 dots: a step and one vector).
+        // and five); 80 (bf16 dots: a step and one vector). Five sequences: four at once in
+        // the bf16 dots, then one.
         for (rows, cols) in [(77, 200), (33, 53), (20, 80)] {
             let w = values(rows * cols, 1);
             let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
-            for batch in [1, 3] {
+            for batch in [1, 3, 5] {
                 let (fast, slow) = both(Weights::F32(&w), rows, cols, batch);
                 assert!(max_rel_err(&fast, &slow) < 1e-5, "f32 {cols} batch {batch}");
                 let (fast, slow) = bf16_both(&wb, rows, cols, batch);
