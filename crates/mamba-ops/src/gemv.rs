@@ -11,7 +11,7 @@
 //!   for bf16 weights, and as this project's bf16 prefill does), then each 32-byte load of
 //!   weights meets its sixteen activations in one `vdpbf16ps` on eight f32 lanes, where
 //!   widening the weights took a shuffle, a shift and two multiply-adds. Twice the rate in
-//!   cache (mamba-130m `in_proj` at 1 thread 39-44 -> 71-72 GB/s), so a decoding step of
+//!   cache (a 256 x 768 matrix at 1 thread: 34-40 -> 64-69 GB/s), so a decoding step of
 //!   several sequences, which reads each row from L1 once per sequence, is 1.4-1.6x faster;
 //!   taking four sequences per load of weights adds 13-55 % at eight sequences.
 //! - q8_0 and q4_0: as in llama.cpp, `x` is first quantised to q8_0 blocks, then each block
