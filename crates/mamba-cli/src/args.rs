@@ -21,6 +21,13 @@ pub struct Cli {
     /// Print one JSON object on stdout instead of human-readable output.
     #[arg(long, global = true)]
     pub json: bool,
+
+    /// Move each weight matrix into 2 MiB pages at its first decoding product on the CPU
+    /// (Linux): decoding steps 4-16 % faster on this project's Zen 4 host (fewer address
+    /// translations while every token streams the weights from memory), for a one-time copy
+    /// that took 1-2 s per 250 MB there (a VM) and is much quicker on most machines.
+    #[arg(long, global = true)]
+    pub huge_pages: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -110,7 +110,8 @@ fn prefill_tokens(args: &BenchArgs) -> usize {
 
 /// Times the prefill of a random prompt (in chunks of `--chunk-size`, after an untimed
 /// prefill of the same prompt unless `--no-warmup`), then `gen_len` greedy decoding steps
-/// after one untimed warm-up step.
+/// after one untimed warm-up step (which also moves the weights into huge pages under
+/// `--huge-pages`).
 fn measure(model: &Model, args: &BenchArgs) -> Result<Measurement> {
     let prompts = prefill_tokens(args) / args.prompt_len;
     let prompt = random_ids(prefill_tokens(args), model.vocab_size());

@@ -39,6 +39,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     configure_threads(cli.threads)?;
+    mamba_ops::pages::set_huge_pages(cli.huge_pages);
     match cli.command {
         Command::Generate(args) => generate::run(&args, cli.json),
         Command::Score(args) => score::run(&args, cli.json),

@@ -10,6 +10,7 @@ use half::bf16;
 use mamba_ops::causal_conv1d::{causal_conv1d_update_into, ConvUpdateDims, ConvUpdateInputs};
 use mamba_ops::gemm::{bf16_dot_supported, matmul_bf16_nt, matmul_nt_threaded, round_to_bf16};
 use mamba_ops::gemv::{gemv, Weights};
+use mamba_ops::pages::back_with_huge_pages;
 use mamba_ops::quant::{QuantMatrix, BLOCK};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -71,6 +72,10 @@ pub struct Linear {
     /// Quantised weights on candle's integer kernels for prefills, made at the first one
     /// (`None` inside where those kernels do not take the matrix).
     int8: Arc<OnceLock<Option<Int8Product>>>,
+    /// Set once the weights have been offered to huge pages ([`mamba_ops::pages`], where
+    /// turned on), at the first product on the host (decoding's, which streams them from
+    /// memory every token).
+    huge_pages: Arc<OnceLock<()>>,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +92,7 @@ impl Linear {
             weight: LinearWeight::Dense(weight),
             bias,
             int8: Arc::default(),
+            huge_pages: Arc::default(),
         }
     }
 
@@ -149,6 +155,7 @@ impl Linear {
             Some(_) | None => LinearWeight::Dense(dense.to_dtype(format.load_dtype())?),
         };
         self.int8 = Arc::default();
+        self.huge_pages = Arc::default();
         Ok(())
     }
 
@@ -223,6 +230,8 @@ impl Linear {
         let out = self.out_features();
         let rows = y.len() / out.max(1);
         let inp = x.len().checked_div(rows).unwrap_or(0);
+        self.huge_pages
+            .get_or_init(|| self.back_weights_with_huge_pages());
         match &self.weight {
             LinearWeight::Dense(w) => with_host_values(w, |w| {
                 gemv(w.weights(), out, inp, x, y).map_err(Error::from)
@@ -230,6 +239,23 @@ impl Linear {
             LinearWeight::Quantized(q) => gemv(Weights::Quant(q), out, inp, x, y)?,
         }
         self.add_bias_host(y, 0..out)
+    }
+
+    /// Asks for huge pages under the weights where they are turned on (host memory only; a
+    /// hint, see [`mamba_ops::pages`]).
+    fn back_weights_with_huge_pages(&self) {
+        match &self.weight {
+            LinearWeight::Dense(w) => {
+                // Weights on an accelerator have no host pages to offer.
+                let _ = with_host_values(w, |values| {
+                    Ok(match values {
+                        HostValues::F32(v) => back_with_huge_pages(v),
+                        HostValues::Bf16(v) => back_with_huge_pages(v),
+                    })
+                });
+            }
+            LinearWeight::Quantized(q) => q.back_with_huge_pages(),
+        }
     }
 
     /// [`Linear::forward_host`] for one decoding step of `rows` sequences: the

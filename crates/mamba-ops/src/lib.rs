@@ -17,6 +17,7 @@ pub mod gemm;
 pub mod gemv;
 pub mod layout;
 pub mod math;
+pub mod pages;
 pub mod parallel;
 pub mod quant;
 pub mod rmsnorm_gated;

@@ -17,6 +17,7 @@
 //! interleaved blocks (`{f16 d; quants}`) as GGUF files store them.
 
 use crate::error::{OpError, Result};
+use crate::pages::back_with_huge_pages;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -68,6 +69,13 @@ pub struct QuantMatrix {
 }
 
 impl QuantMatrix {
+    /// Asks for huge pages under the matrix's blocks where they are turned on
+    /// ([`crate::pages`]), as decoding streams them from memory every token.
+    pub fn back_with_huge_pages(&self) {
+        back_with_huge_pages(&self.scales);
+        back_with_huge_pages(&self.quants);
+    }
+
     /// Quantises `w: (rows, cols)`; `cols` must be a multiple of 32.
     pub fn quantize(w: &[f32], rows: usize, cols: usize, format: QuantFormat) -> Result<Self> {
         check_dims(rows, cols, w.len(), rows * cols)?;
