@@ -335,6 +335,22 @@ impl Model {
         Ok(())
     }
 
+    /// Stores the output head alone in `format`, after [`Model::convert_weights`]: a GGUF
+    /// file may keep its output in more bits than its layers (llama.cpp's q4_0 files: Q6_K).
+    pub fn convert_head(&mut self, format: WeightFormat) -> Result<()> {
+        if format.quant().is_some() && !self.device().is_cpu() {
+            return Err(Error::Input(format!(
+                "{} weights run on the CPU only",
+                format.name()
+            )));
+        }
+        self.lm_head.convert(format)?;
+        #[cfg(feature = "cuda")]
+        self.reset_fused_decode();
+        self.weight_bytes_per_token = self.linear_weight_bytes();
+        Ok(())
+    }
+
     /// How the linear layers' weights are stored.
     pub fn weight_format(&self) -> WeightFormat {
         self.weight_format

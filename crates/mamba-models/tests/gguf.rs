@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use mamba_models::checkpoint::Checkpoint;
 use mamba_models::config::ModelConfig;
 use mamba_models::gguf::{self, GgufVocab, WriteOptions};
+use mamba_models::init::init_tensors;
 use mamba_models::layers::{f32_vec, QuantFormat};
 use mamba_models::{Model, WeightFormat};
 use mamba_ops::quant::QuantMatrix;
@@ -358,15 +359,16 @@ fn damaged_and_foreign_files_are_clear_errors() {
         "{err}"
     );
 
-    let k_quant = dir.path().join("k-quant.gguf");
-    rewrite(&good, &k_quant, |_, tensors| {
+    // Q8_K: ggml's activation blocks, never a model's weights.
+    let q8k_file = dir.path().join("q8k.gguf");
+    rewrite(&good, &q8k_file, |_, tensors| {
         let zeros = Tensor::zeros((64, 256), DType::F32, &Device::Cpu).unwrap();
-        let q4k = QTensor::quantize(&zeros, GgmlDType::Q4K).unwrap();
-        tensors.push(("blk.0.extra.weight".into(), q4k));
+        let q8k = QTensor::quantize(&zeros, GgmlDType::Q8K).unwrap();
+        tensors.push(("blk.0.extra.weight".into(), q8k));
     });
-    let err = load_error(&k_quant);
+    let err = load_error(&q8k_file);
     assert!(
-        err.contains("Q4_K") && err.contains("not supported"),
+        err.contains("Q8_K") && err.contains("not supported"),
         "{err}"
     );
 
@@ -404,4 +406,84 @@ fn wrong_tensor_shapes_are_named() {
         err.contains("blk.1.ssm_d") && err.contains("[8, 1]"),
         "{err}"
     );
+}
+
+/// A two-layer, one-group Mamba-2 whose matrices are 256 columns wide (k-quant blocks) and
+/// its f32 GGUF file, in `dir`.
+fn wide_mamba2_gguf(dir: &Path) -> PathBuf {
+    let json = r#"{"architectures": ["Mamba2ForCausalLM"], "vocab_size": 256, "hidden_size": 256,
+        "num_hidden_layers": 2, "state_size": 16, "expand": 2, "head_dim": 64, "num_heads": 8,
+        "n_groups": 1, "conv_kernel": 4, "tie_word_embeddings": true}"#;
+    let config = ModelConfig::from_json_str(json).unwrap();
+    let tensors = init_tensors(&config, DType::F32, 3).unwrap();
+    let model_dir = dir.join("wide");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    candle_core::safetensors::save(&tensors, model_dir.join("model.safetensors")).unwrap();
+    std::fs::write(model_dir.join("config.json"), json).unwrap();
+    let out = dir.join("wide.gguf");
+    gguf::write_checkpoint(
+        &Checkpoint::open(&model_dir).unwrap(),
+        &out,
+        &WriteOptions::default(),
+    )
+    .unwrap();
+    out
+}
+
+/// `tensor` as ggml type `ty`, and its values back in f32 (as a reader dequantises them).
+fn through(tensor: &QTensor, ty: GgmlDType) -> (QTensor, QTensor) {
+    let values = tensor.dequantize(&Device::Cpu).unwrap();
+    let blocks = QTensor::quantize(&values, ty).unwrap();
+    let back = blocks.dequantize(&Device::Cpu).unwrap();
+    (blocks, QTensor::quantize(&back, GgmlDType::F32).unwrap())
+}
+
+/// What `llama-quantize` writes and our writer does not: k-quant layers (Q4_K), the
+/// embedding in Q6_K (its q4_0 files), and unit dimensions dropped (a one-group Mamba-2's
+/// `ssm_norm` of `[1, d_inner]` as `[d_inner]`). Such a file loads as its values would in
+/// f32 and then quantised in memory: the layers in q4_0, the tied head in q8_0.
+#[test]
+fn llama_quantize_files_load_in_the_nearest_formats() {
+    let dir = TempDir::new().unwrap();
+    let f32_file = wide_mamba2_gguf(dir.path());
+    let (k_file, values_file) = (dir.path().join("k.gguf"), dir.path().join("values.gguf"));
+    let mut dequantised = HashMap::new();
+    rewrite(&f32_file, &k_file, |_, tensors| {
+        for (name, tensor) in tensors.iter_mut() {
+            let ty = if name.ends_with("ssm_in.weight") || name.ends_with("ssm_out.weight") {
+                GgmlDType::Q4K
+            } else if name == "token_embd.weight" {
+                GgmlDType::Q6K
+            } else {
+                if name.ends_with("ssm_norm.weight") {
+                    assert_eq!(tensor.shape().dims(), &[1, 512]);
+                    let values = tensor.dequantize(&Device::Cpu).unwrap().flatten_all();
+                    *tensor = QTensor::quantize(&values.unwrap(), GgmlDType::F32).unwrap();
+                }
+                continue;
+            };
+            let (blocks, values) = through(tensor, ty);
+            *tensor = blocks;
+            dequantised.insert(name.clone(), values);
+        }
+    });
+    rewrite(&f32_file, &values_file, |_, tensors| {
+        for (name, tensor) in tensors.iter_mut() {
+            if let Some(values) = dequantised.remove(name) {
+                *tensor = values;
+            }
+        }
+    });
+
+    let loaded = gguf::load(&k_file, &Device::Cpu).unwrap();
+    assert_eq!(loaded.weight_format, WeightFormat::Q4_0);
+    let mut reference = gguf::load(&values_file, &Device::Cpu).unwrap().model;
+    reference.convert_weights(WeightFormat::Q4_0).unwrap();
+    reference.convert_head(WeightFormat::Q8_0).unwrap();
+    assert_eq!(
+        loaded.model.weight_bytes_per_token(),
+        reference.weight_bytes_per_token()
+    );
+    let diff = max_abs_diff(&logits_trace(&loaded.model), &logits_trace(&reference));
+    assert!(diff <= 1e-6, "logits differ by {diff}");
 }

@@ -4,6 +4,10 @@
 //! Hugging Face layout, and the model is built from them as from a checkpoint; a file whose
 //! `ssm_in` weights are q8_0 or q4_0 then has its linear layers quantised again in that
 //! format, which gives back exactly the file's blocks (ggml's rounding is reproduced).
+//! Files of llama.cpp's other block formats (`llama-quantize` also stores the embedding of a
+//! q4_0 model in Q6_K, and writes the k-quants of `Q4_K_M` and the like) load too: their
+//! linear layers, and the output head on its own, go to the in-memory format nearest above
+//! in bits ([`format_of`]).
 
 use super::vocab::{int_value, GgufVocab};
 use super::{
@@ -23,14 +27,26 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-/// The tensor types this reader takes.
+/// The tensor types this reader takes: the ones llama.cpp stores whole models in that candle
+/// dequantises.
 const SUPPORTED_TYPES: &[GgmlDType] = &[
     GgmlDType::F32,
     GgmlDType::F16,
     GgmlDType::BF16,
     GgmlDType::Q8_0,
     GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
 ];
+
+/// [`SUPPORTED_TYPES`] as error messages list them.
+const SUPPORTED_NAMES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K-Q6_K";
 
 /// A model loaded from a GGUF file, with what else the file says.
 #[derive(Debug)]
@@ -139,7 +155,7 @@ impl GgufFile {
             let ty = self.content.tensor_infos[name].ggml_dtype;
             if !SUPPORTED_TYPES.contains(&ty) {
                 return Err(self.error(format!(
-                    "tensor {name} has ggml type {}, which is not supported (supported: F32, F16, BF16, Q8_0, Q4_0); re-quantise the model to one of these",
+                    "tensor {name} has ggml type {}, which is not supported (supported: {SUPPORTED_NAMES}); re-quantise the model to one of these",
                     type_name(ty)
                 )));
             }
@@ -152,7 +168,7 @@ impl GgufFile {
         let found = self
             .shape(&spec.gguf)
             .ok_or_else(|| self.error(format!("tensor {} is missing", spec.gguf)))?;
-        if found != spec.gguf_shape.as_slice() {
+        if without_leading_ones(found) != without_leading_ones(&spec.gguf_shape) {
             return Err(self.error(format!(
                 "tensor {} has shape {found:?} (row-major), expected {:?} from the metadata",
                 spec.gguf, spec.gguf_shape
@@ -256,6 +272,10 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
     if weight_format != WeightFormat::F32 {
         model.convert_weights(weight_format)?;
     }
+    let head_format = file_head_format(&file)?;
+    if head_format != weight_format {
+        model.convert_head(head_format)?;
+    }
     let tokenizer = vocab
         .as_ref()
         .map(GgufVocab::tokenizer)
@@ -274,17 +294,46 @@ pub fn load(path: &Path, device: &Device) -> Result<GgufModel> {
     })
 }
 
-/// The format of the linear layers, from the type of the `ssm_in` weights (all alike).
+/// The in-memory format of the linear layers, from the type of the first `ssm_in` weights.
 fn file_weight_format(file: &GgufFile) -> Result<WeightFormat> {
     let ty = file
         .ggml_type("blk.0.ssm_in.weight")
         .ok_or_else(|| file.error("tensor blk.0.ssm_in.weight is missing"))?;
-    Ok(match ty {
-        GgmlDType::Q8_0 => WeightFormat::Q8_0,
-        GgmlDType::Q4_0 => WeightFormat::Q4_0,
+    Ok(format_of(ty))
+}
+
+/// The in-memory format of the output head: `output.weight`'s type, or the embedding's
+/// when the head is tied to it.
+fn file_head_format(file: &GgufFile) -> Result<WeightFormat> {
+    let ty = file
+        .ggml_type("output.weight")
+        .or_else(|| file.ggml_type("token_embd.weight"))
+        .ok_or_else(|| file.error("tensor token_embd.weight is missing"))?;
+    Ok(format_of(ty))
+}
+
+/// The in-memory format for a matrix of ggml type `ty`: its own where it is one of ours; for
+/// llama.cpp's other blocks the nearest at or above their bits per weight (Q2_K-Q4_K and
+/// Q4_1 as q4_0; Q5_0, Q5_1, Q5_K, Q6_K as q8_0), quantised from the file's values.
+fn format_of(ty: GgmlDType) -> WeightFormat {
+    match ty {
+        GgmlDType::Q8_0 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K | GgmlDType::Q6K => {
+            WeightFormat::Q8_0
+        }
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K => {
+            WeightFormat::Q4_0
+        }
         GgmlDType::BF16 => WeightFormat::Bf16,
         _ => WeightFormat::F32,
-    })
+    }
+}
+
+/// `shape` without its leading ones: ggml drops a tensor's trailing unit dimensions (its
+/// leading ones in row-major order) when `llama-quantize` writes it again, so a one-group
+/// Mamba-2's `ssm_norm` of `[1, d_inner]` may come as `[d_inner]`.
+fn without_leading_ones(shape: &[usize]) -> &[usize] {
+    let ones = shape.iter().take_while(|d| **d == 1).count();
+    &shape[ones..]
 }
 
 /// `A_log = ln(-A)` of the file's `A`, which must be negative throughout.
@@ -329,7 +378,7 @@ fn header_error(path: &Path, err: candle_core::Error) -> Error {
         Some(id) => gguf_error(
             path,
             format!(
-                "a tensor has ggml type {} (id {id}), which is not supported (supported: F32, F16, BF16, Q8_0, Q4_0); re-quantise the model to one of these",
+                "a tensor has ggml type {} (id {id}), which is not supported (supported: {SUPPORTED_NAMES}); re-quantise the model to one of these",
                 ggml_type_id_name(id)
             ),
         ),
