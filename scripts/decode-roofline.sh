@@ -7,8 +7,9 @@
 #   bash scripts/decode-roofline.sh OUT_DIR
 #
 # THREADS (default "1 2"), FORMATS (default "f32 bf16 q8_0 q4_0") and MODELS (default
-# "mamba-130m mamba2-130m") narrow the sweep. Results: OUT_DIR/*.json, OUT_DIR/triad-t*.txt
-# and the table OUT_DIR/decode-roofline.md.
+# "mamba-130m mamba2-130m") narrow the sweep; MAMBA_FLAGS adds global flags to ours (e.g.
+# "--huge-pages"). Results: OUT_DIR/*.json, OUT_DIR/triad-t*.txt and the table
+# OUT_DIR/decode-roofline.md.
 #
 # With LLAMA_BENCH and GGUF_DIR set (as for scripts/side-by-side.sh), llama.cpp's
 # `llama-bench -p 0 -n 128` decodes the same model file right after ours, between the same
@@ -23,6 +24,7 @@ formats=${FORMATS:-"f32 bf16 q8_0 q4_0"}
 models=${MODELS:-"mamba-130m mamba2-130m"}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mamba=${MAMBA:-$repo/target/release/mamba}
+mamba_flags=${MAMBA_FLAGS:-}
 triad=${TRIAD:-$repo/target/release/examples/triad}
 [ -x "$mamba" ] || (cd "$repo" && cargo build --release -p mamba-cli)
 [ -x "$triad" ] || (cd "$repo" && cargo build --release -p mamba-ops --example triad)
@@ -33,7 +35,7 @@ for t in $threads; do
   for model in $models; do
     for format in $formats; do
       echo "== $model $format t$t" >&2
-      "$mamba" --threads "$t" --json bench --preset "$model" --dtype "$format" \
+      "$mamba" --threads "$t" --json $mamba_flags bench --preset "$model" --dtype "$format" \
         --prompt-len 16 --gen-len 128 > "$out/$model-$format-t$t.json"
       gguf=${GGUF_DIR:-}/$model-$format.gguf
       if [ -n "${LLAMA_BENCH:-}" ] && [ -f "$gguf" ]; then

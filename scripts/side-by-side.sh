@@ -10,8 +10,9 @@
 #
 # GGUF_DIR holds {mamba-130m,mamba2-130m}-{f32,bf16,q8_0,q4_0}.gguf (missing ones are
 # skipped). THREADS (default "1 2"), FORMATS (default "f32 bf16 q8_0 q4_0") and MODELS
-# (default "mamba-130m mamba2-130m") narrow the sweep. Results: OUT_DIR/llama/*.json,
-# OUT_DIR/mamba/*.json and the table OUT_DIR/side-by-side.md.
+# (default "mamba-130m mamba2-130m") narrow the sweep; MAMBA_FLAGS adds global flags to
+# ours (e.g. "--huge-pages"). Results: OUT_DIR/llama/*.json, OUT_DIR/mamba/*.json and the
+# table OUT_DIR/side-by-side.md.
 set -euo pipefail
 
 out=${1:?usage: LLAMA_BENCH=... GGUF_DIR=... bash scripts/side-by-side.sh OUT_DIR}
@@ -22,6 +23,7 @@ formats=${FORMATS:-"f32 bf16 q8_0 q4_0"}
 models=${MODELS:-"mamba-130m mamba2-130m"}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mamba=${MAMBA:-$repo/target/release/mamba}
+mamba_flags=${MAMBA_FLAGS:-}
 [ -x "$mamba" ] || (cd "$repo" && cargo build --release -p mamba-cli)
 mkdir -p "$out/llama" "$out/mamba"
 
@@ -34,7 +36,7 @@ for model in $models; do
       echo "== $tag" >&2
       "$LLAMA_BENCH" -m "$gguf" -p 512,2048 -n 128 -t "$t" -r 3 -o json > "$out/llama/$tag.json"
       for p in 512 2048; do
-        "$mamba" --threads "$t" --json bench --preset "$model" --dtype "$format" \
+        "$mamba" --threads "$t" --json $mamba_flags bench --preset "$model" --dtype "$format" \
           --prompt-len "$p" --gen-len 128 > "$out/mamba/$tag-p$p.json"
       done
     done
