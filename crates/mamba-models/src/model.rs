@@ -318,12 +318,7 @@ impl Model {
     /// output head) in `format`; embeddings, convolutions, `A`, `D`, biases and norms stay
     /// as they are (f32). Quantised weights run on the CPU.
     pub fn convert_weights(&mut self, format: WeightFormat) -> Result<()> {
-        if format.quant().is_some() && !self.device().is_cpu() {
-            return Err(Error::Input(format!(
-                "{} weights run on the CPU only",
-                format.name()
-            )));
-        }
+        self.check_format_runs_here(format)?;
         for linear in self.layers.iter_mut().flat_map(Block::linears_mut) {
             linear.convert(format)?;
         }
@@ -338,16 +333,22 @@ impl Model {
     /// Stores the output head alone in `format`, after [`Model::convert_weights`]: a GGUF
     /// file may keep its output in more bits than its layers (llama.cpp's q4_0 files: Q6_K).
     pub fn convert_head(&mut self, format: WeightFormat) -> Result<()> {
+        self.check_format_runs_here(format)?;
+        self.lm_head.convert(format)?;
+        #[cfg(feature = "cuda")]
+        self.reset_fused_decode();
+        self.weight_bytes_per_token = self.linear_weight_bytes();
+        Ok(())
+    }
+
+    /// Quantised weights run on the CPU only.
+    fn check_format_runs_here(&self, format: WeightFormat) -> Result<()> {
         if format.quant().is_some() && !self.device().is_cpu() {
             return Err(Error::Input(format!(
                 "{} weights run on the CPU only",
                 format.name()
             )));
         }
-        self.lm_head.convert(format)?;
-        #[cfg(feature = "cuda")]
-        self.reset_fused_decode();
-        self.weight_bytes_per_token = self.linear_weight_bytes();
         Ok(())
     }
 
