@@ -400,22 +400,12 @@ fn bench_times_the_first_prefill_when_asked() {
 #[test]
 fn huge_pages_generate_the_same_tokens() {
     let dir = TempDir::new().unwrap();
-    let config = dir.path().join("config.json");
-    std::fs::write(
-        &config,
+    let model = init_model(
+        dir.path(),
         r#"{"architectures": ["MambaForCausalLM"], "vocab_size": 256, "hidden_size": 512,
             "num_hidden_layers": 2, "state_size": 8, "expand": 2, "conv_kernel": 4,
             "time_step_rank": 32}"#,
-    )
-    .unwrap();
-    let model = dir.path().join("model");
-    assert_success(&mamba(&[
-        "init",
-        "--config",
-        path_arg(&config),
-        "--out",
-        path_arg(&model),
-    ]));
+    );
     for dtype in ["f32", "q8_0"] {
         let tokens = |pages: &[&str]| {
             let mut args = vec!["generate", "--model", path_arg(&model), "--dtype", dtype];

@@ -28,17 +28,7 @@ const GROWTH_BOUND: u64 = 8 << 20;
 
 /// A freshly initialised tiny model in `dir/model`.
 fn tiny_model(dir: &Path) -> PathBuf {
-    let config = dir.join("config.json");
-    std::fs::write(&config, TINY_CONFIG).unwrap();
-    let model = dir.join("model");
-    assert_success(&mamba(&[
-        "init",
-        "--config",
-        path_arg(&config),
-        "--out",
-        path_arg(&model),
-    ]));
-    model
+    init_model(dir, TINY_CONFIG)
 }
 
 /// A text file of `len` bytes of varied words.

@@ -2,7 +2,7 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Runs the binary with backtraces enabled, so that tests see that errors stay one line
@@ -65,4 +65,20 @@ pub fn assert_fails_with(args: &[&str], needle: &str) {
         "{what}: error does not mention {needle:?}: {}",
         stderr(&out)
     );
+}
+
+/// `mamba init` of the config.json text `config` into `dir/model` (the config written as
+/// `dir/config.json`): a fresh model with random weights.
+pub fn init_model(dir: &Path, config: &str) -> PathBuf {
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, config).unwrap();
+    let model = dir.join("model");
+    assert_success(&mamba(&[
+        "init",
+        "--config",
+        path_arg(&config_path),
+        "--out",
+        path_arg(&model),
+    ]));
+    model
 }
