@@ -239,6 +239,7 @@ fn per_head_step(dims: &StepDims, state: &mut [f32], x: &StepInputs, y: &mut [f3
         );
         let decay = exp_fast(dt * x.a[h]);
         let d = x.d.map_or(0.0, |v| v[h]);
+        #[cfg(target_arch = "x86_64")]
         let whole = head_state.as_ptr_range();
         with_simd(
             #[inline(always)]
@@ -269,6 +270,7 @@ fn per_head_step(dims: &StepDims, state: &mut [f32], x: &StepInputs, y: &mut [f3
 /// 1.59 and 1.97 -> 1.74 ms per token (the latter evicted first); whole decoding steps,
 /// alternating in one process: q4_0 6.91 -> 6.19 ms at 1 thread, 6.28 -> 5.84 at 2, bf16
 /// 15.38 -> 14.69 and 12.37 -> 11.85. 8 rows ahead and 2 were less steady.
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_ROWS: usize = 4;
 
 /// Asks the caches for the `len` values at `at` of `range`, none past its end.
