@@ -4,8 +4,9 @@
 //! gives anonymous memory by default, that stream crosses a page, and needs a new address
 //! translation, every 4 KiB; with 2 MiB pages every 2 MiB. Measured on this project's Zen 4
 //! host (mamba2-130m's 24 `in_proj` and `out_proj` matrices and its output head in bf16,
-//! the same products alternating between a 4 KiB and a 2 MiB copy, 40 rounds): the layers'
-//! products 6-11 % faster, the head 0-15 %, the 2 MiB copy faster in 30-35 of 40 rounds.
+//! the same products alternating between a 4 KiB and a 2 MiB copy, 40 rounds, three runs):
+//! the layers' products took 3-11 % less time, the head 1-15 %, the 2 MiB copy faster in
+//! 30-35 of 40 rounds.
 //!
 //! Linux backs a range with huge pages where it is advised to (`MADV_HUGEPAGE`, which the
 //! common transparent-huge-page mode "madvise" requires), at the next page faults; weights
