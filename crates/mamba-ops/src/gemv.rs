@@ -71,9 +71,9 @@ fn rows_per_task(rows: usize) -> usize {
 /// Bytes of weights per chunk of rows that the threads claim one at a time when there are
 /// several (see [`for_each_claimed_chunk`]). mamba2-130m decoding at 2 threads, against rayon
 /// splitting each product into four tasks per thread, switched per eight steps in one
-/// process (40 rounds, median ms per step, a noisy host): bf16 15.74 -> 12.61, q8_0 9.84 ->
-/// 7.53, q4_0 7.10 -> 5.30 with 128 KiB (faster in 25-31 of 40 rounds); 256 KiB as fast or
-/// faster (24-33 of 40), 512 KiB slower for q4_0.
+/// process (60 rounds, median ms per step): q8_0 5.98 -> 5.69 (faster in 35 of 60 rounds),
+/// q4_0 4.54 -> 4.36 (44), f32 19.18 -> 18.53 (44), bf16 9.62 -> 9.60 (27: no change).
+/// 64 KiB chunks were slower for bf16, 512 KiB for q4_0.
 const CLAIMED_CHUNK_BYTES: usize = 256 << 10;
 
 /// Output rows per claimed chunk: [`CLAIMED_CHUNK_BYTES`] of `w`'s rows, at least 16.
@@ -610,11 +610,12 @@ mod x86 {
     }
 
     /// Vectors of sixteen columns per step when a row is read alone: eight independent
-    /// dot-product chains over one stream of weights. mamba2-130m and mamba-130m bf16
-    /// decoding, switched per eight steps in one process (40 rounds, median ms per step):
-    /// against two rows far apart with four vectors each (the f32 kernel's way, which stays
-    /// faster there), 12.81 -> 11.84 and 13.61 -> 12.45 at 1 thread, 8.19 -> 7.84 and 10.87 ->
-    /// 9.77 at 2 (faster in 31-39 of 40 rounds); four or twelve vectors measured alike.
+    /// dot-product chains over one stream of weights. Against two rows far apart with four
+    /// vectors each (the f32 kernel's way, which stays faster there), switched per eight
+    /// decoding steps in one process, median ms per step: mamba2-130m bf16 at 1 thread 14.06
+    /// -> 13.14 and 15.10 -> 14.14 (faster in 24 of 40 and 40 of 60 rounds), mamba-130m 14.26
+    /// -> 13.22 (25 of 40); at 2 threads no change (11-27 of 40 or 60). Four or twelve
+    /// vectors measured alike.
     const ROW_VECS: usize = 8;
     /// Sequences taken at once in [`rows_bf16_dot`] when a step has several: each load of
     /// weights meets four sequences' activations (two rows: eight chains), where one
