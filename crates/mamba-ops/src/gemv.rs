@@ -560,9 +560,10 @@ mod x86 {
     }
 
     /// `out[(r, b)] = W[r] . x16[b]` for bf16 rows `w: (count, cols)` and bf16 activations
-    /// `x16: (batch, cols)`, `out: (count, batch)`, on AVX-512 BF16 dot products: groups of
-    /// [`DOT_SEQS`] sequences two rows at a time, far apart, and the sequences after the last
-    /// whole group (a decoding step's one) one row at a time.
+    /// `x16: (batch, cols)`, `out: (count, batch)`, on AVX-512 BF16 dot products, two rows at
+    /// a time, far apart: groups of [`DOT_SEQS`] sequences, then the sequences after the last
+    /// whole group (a decoding step's one) each alone with [`ROW_VECS`] vectors per row and
+    /// the weights asked for [`BF16_L2_PREFETCH_BYTES`] ahead.
     pub(super) fn rows_bf16_dot(w: &[bf16], cols: usize, x16: &[bf16], out: &mut [f32]) {
         #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
         unsafe fn inner(w: &[bf16], cols: usize, x16: &[bf16], out: &mut [f32]) {
@@ -570,10 +571,11 @@ mod x86 {
             let count = out.len() / batch;
             let grouped = batch - batch % DOT_SEQS;
             let apart = count / ROWS;
+            let seq = |b: usize| &x16[b * cols..][..cols];
             for r in 0..apart {
                 let rows = w.as_ptr().add(r * cols);
                 for b in (0..grouped).step_by(DOT_SEQS) {
-                    let sums = dot_rows_bf16::<ROWS, DOT_SEQS, 1>(
+                    let sums = dot_rows_bf16::<ROWS, DOT_SEQS, 1, 0>(
                         rows,
                         apart * cols,
                         cols,
@@ -584,21 +586,28 @@ mod x86 {
                         out[at..at + DOT_SEQS].copy_from_slice(&row_sums);
                     }
                 }
-            }
-            let alone = |r: usize, b: usize| {
-                let x = &x16[b * cols..][..cols];
-                let [[s]] =
-                    dot_rows_bf16::<1, 1, ROW_VECS>(w.as_ptr().add(r * cols), cols, cols, x);
-                s
-            };
-            for r in ROWS * apart..count {
-                for b in 0..grouped {
-                    out[r * batch + b] = alone(r, b);
+                for b in grouped..batch {
+                    let sums = dot_rows_bf16::<ROWS, 1, ROW_VECS, BF16_L2_PREFETCH_BYTES>(
+                        rows,
+                        apart * cols,
+                        cols,
+                        seq(b),
+                    );
+                    for (i, [s]) in sums.into_iter().enumerate() {
+                        out[(r + i * apart) * batch + b] = s;
+                    }
                 }
             }
-            for b in grouped..batch {
-                for r in 0..count {
-                    out[r * batch + b] = alone(r, b);
+            for r in ROWS * apart..count {
+                for b in 0..batch {
+                    let row = w.as_ptr().add(r * cols);
+                    let [[s]] = dot_rows_bf16::<1, 1, ROW_VECS, BF16_L2_PREFETCH_BYTES>(
+                        row,
+                        cols,
+                        cols,
+                        seq(b),
+                    );
+                    out[r * batch + b] = s;
                 }
             }
         }
@@ -609,14 +618,13 @@ mod x86 {
         unsafe { inner(w, cols, x16, out) }
     }
 
-    /// Vectors of sixteen columns per step when a row is read alone: eight independent
-    /// dot-product chains over one stream of weights. Against two rows far apart with four
-    /// vectors each (the f32 kernel's way, which stays faster there), switched per eight
-    /// decoding steps in one process, median ms per step: mamba2-130m bf16 at 1 thread 14.06
-    /// -> 13.14 and 15.10 -> 14.14 (faster in 24 of 40 and 40 of 60 rounds), mamba-130m 14.26
-    /// -> 13.22 (25 of 40); at 2 threads no change (11-27 of 40 or 60). Four or twelve
-    /// vectors measured alike.
-    const ROW_VECS: usize = 8;
+    /// Vectors of sixteen columns per row and step for a sequence taken alone: with two rows,
+    /// eight independent dot-product chains. On the Zen 4 host of the thirty-seventh session
+    /// one row with eight vectors measured faster (mamba2-130m bf16 at 1 thread 15.10 -> 14.14
+    /// ms per step, 40 of 60 rounds; no change at 2 threads); on the Intel Xeon host of the
+    /// thirty-eighth, with both ways asking for their weights ahead as now, two rows were
+    /// faster (1 thread 31.3 -> 29.4 ms, 16 of 16 rounds; 2 threads 18.3 -> 17.2, 15 of 16).
+    const ROW_VECS: usize = 4;
     /// Sequences taken at once in [`rows_bf16_dot`] when a step has several: each load of
     /// weights meets four sequences' activations (two rows: eight chains), where one
     /// sequence at a time loaded every row once per sequence.
@@ -632,9 +640,10 @@ mod x86 {
     /// `R` x `B` dot products: the bf16 rows at `w`, `w + stride`, ... (each `cols` long)
     /// with each of the `B` rows of bf16 activations `x16: (B, cols)`, `V` vectors of
     /// sixteen columns per row and step; the columns after the last whole vector one at a
-    /// time.
+    /// time. Where `AHEAD` is not zero, each step asks for the cache lines of every row that
+    /// lie `AHEAD` bytes past its loads.
     #[inline(always)]
-    unsafe fn dot_rows_bf16<const R: usize, const B: usize, const V: usize>(
+    unsafe fn dot_rows_bf16<const R: usize, const B: usize, const V: usize, const AHEAD: usize>(
         w: *const bf16,
         stride: usize,
         cols: usize,
@@ -645,6 +654,14 @@ mod x86 {
         let body = cols - cols % step;
         let mut c = 0;
         while c < body {
+            if AHEAD > 0 {
+                for r in 0..R {
+                    let at = w.add(r * stride + c) as *const u8;
+                    for line in (0..2 * step).step_by(64) {
+                        prefetch_to_l2(at.wrapping_add(AHEAD + line));
+                    }
+                }
+            }
             for v in 0..V {
                 add_vector(&mut acc, (w, stride), (x16, cols), c + 16 * v, v);
             }
@@ -964,12 +981,39 @@ mod x86 {
     /// 192 bytes ahead measured a little less (38 of 60), 512 and 1 024 slower.
     const QUANT_PREFETCH_BYTES: usize = 320;
 
-    /// Asks for the cache line [`QUANT_PREFETCH_BYTES`] after byte `at` of `quants` (past the
-    /// row's end: the next rows of the matrix, or nothing; a prefetch never faults).
+    /// Asks for the cache line [`QUANT_PREFETCH_BYTES`] after byte `at` of `quants`, and for
+    /// the one [`QUANT_L2_PREFETCH_BYTES`] after it into the L2 cache (past the row's end: the next
+    /// rows of the matrix, or nothing; a prefetch never faults).
     #[inline(always)]
     unsafe fn prefetch_ahead(quants: &[u8], at: usize) {
-        let ahead = quants.as_ptr().wrapping_add(at + QUANT_PREFETCH_BYTES);
-        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+        let at = quants.as_ptr().wrapping_add(at);
+        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(QUANT_PREFETCH_BYTES) as *const i8);
+        prefetch_to_l2(at.wrapping_add(QUANT_L2_PREFETCH_BYTES));
+    }
+
+    /// How far ahead of their loads the q8_0 / q4_0 decoding kernels ask for each row's quants
+    /// into the L2 cache. On the Intel Xeon host of the thirty-eighth session (8-9 GB/s from
+    /// memory to one core) each kernel with and without it, switched per eight steps in one
+    /// process, median ms per step of mamba2-130m: q8_0 23.4 -> 19.4 at 1 thread (16 of 16
+    /// rounds faster), 14.2 -> 11.6 at 2 (16 of 16); q4_0 14.8 -> 12.7 (16 of 16) and 9.1 ->
+    /// 7.5 (16 of 16). 2 and 8 KiB ahead did as well or a little worse.
+    const QUANT_L2_PREFETCH_BYTES: usize = 4096;
+
+    /// How far ahead of its loads the bf16 kernel asks for each of its two rows' weights into
+    /// the L2 cache when a sequence is taken alone (decoding). Same host and method as
+    /// [`QUANT_L2_PREFETCH_BYTES`]: one row at a time with and without 4 KiB ahead, 36.3 ->
+    /// 30.9 ms at 1 thread (20 of 20 rounds) and 21.5 -> 17.6 at 2 (20 of 20), asking for the
+    /// L1 cache (`prefetcht0`) a little worse at 4 KiB, much worse at 2 KiB or less; two rows
+    /// without and with 2 KiB ahead 32.6 -> 29.4 and 18.7 -> 17.2; 2 or 3 KiB against 4 KiB
+    /// ahead, 28.3 / 28.4 against 29.2 (13 and 15 of 16) and 16.1 / 16.0 against 16.4 (15 and
+    /// 16 of 16). The f32 kernel gained nothing from it (1 and 2 threads, 12 rounds each) and
+    /// goes without.
+    const BF16_L2_PREFETCH_BYTES: usize = 2048;
+
+    /// Asks for the cache line at `p` into the L2 cache (`prefetcht1`).
+    #[inline(always)]
+    unsafe fn prefetch_to_l2(p: *const u8) {
+        _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
     }
 
     /// The combined scales `d_w d_x` of blocks `k..k + 8` in the low half of a 512-bit
