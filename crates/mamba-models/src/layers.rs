@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use half::bf16;
 use mamba_ops::causal_conv1d::{causal_conv1d_update_into, ConvUpdateDims, ConvUpdateInputs};
-use mamba_ops::gemm::{bf16_dot_supported, matmul_bf16_nt, matmul_nt_threaded, round_to_bf16};
+use mamba_ops::gemm::{bf16_products_pay, matmul_bf16_nt, matmul_nt_threaded, round_to_bf16};
 use mamba_ops::gemv::{gemv, Weights};
 use mamba_ops::pages::back_with_huge_pages;
 use mamba_ops::quant::{QuantMatrix, BLOCK};
@@ -276,7 +276,7 @@ impl Linear {
     /// [`Linear::forward`] on host slices for any number of rows, `x: (rows, in)` →
     /// `y: (rows, out)`: a few rows go to the matrix-vector kernels, more to one threaded
     /// matrix product: bf16 weights, and q4_0 weights dequantised to bf16, on the CPU's bf16
-    /// dot products where it has them ([`bf16_dot_products`], [`dequantised_bf16_products`]);
+    /// dot products where they pay ([`bf16_dot_products`], [`dequantised_bf16_products`]);
     /// q8_0 weights (and q4_0 elsewhere) on candle's integer kernels where they take the
     /// matrix (`int8_product`); the rest widened to f32 for it.
     pub fn forward_rows_host(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
@@ -460,16 +460,16 @@ fn with_widened(len: usize, fill: impl FnOnce(&mut [f32]), read: impl FnOnce(&[f
 
 /// `x (rows, inp)` times the bf16 weights `w (out, inp)` into the output's parts, on the CPU's
 /// bf16 dot products: `x` rounded to bf16 once, as PyTorch and llama.cpp multiply by bf16
-/// weights, and the products of bf16 pairs summed in f32 (twice the f32 product's rate; the
-/// weights are read as stored instead of widened). `false`, with nothing written, where the CPU
-/// lacks the instructions.
+/// weights, and the products of bf16 pairs summed in f32 (twice the f32 product's rate on AMD;
+/// the weights are read as stored instead of widened). `false`, with nothing written, where
+/// they do not pay on this CPU ([`bf16_products_pay`]).
 fn bf16_dot_products(
     x: &[f32],
     w: &[bf16],
     (rows, inp): (usize, usize),
     parts: &mut [&mut [f32]],
 ) -> bool {
-    if !bf16_dot_supported() {
+    if !bf16_products_pay() {
         return false;
     }
     with_bounded_scratch(&ROUNDED, x.len(), |xb| {
@@ -494,7 +494,7 @@ fn dequantised_bf16_products(
     parts: &mut [&mut [f32]],
 ) -> bool {
     q.format() == QuantFormat::Q4_0
-        && bf16_dot_supported()
+        && bf16_products_pay()
         && with_bounded_scratch(&DEQUANTISED, q.rows() * q.cols(), |w| {
             q.dequantize_into_bf16(w);
             bf16_dot_products(x, w, (rows, inp), parts)

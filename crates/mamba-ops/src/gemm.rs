@@ -327,10 +327,40 @@ pub enum Products {
 }
 
 impl Products {
-    /// Whether the products run on bf16 operands on this CPU.
+    /// Whether the products run on bf16 operands on this CPU (where they pay,
+    /// [`bf16_products_pay`]).
     pub fn in_bf16(self) -> bool {
-        self == Products::Bf16 && bf16_dot_supported()
+        self == Products::Bf16 && bf16_products_pay()
     }
+}
+
+/// Whether a prefill's products of bf16 operands ([`matmul_bf16_nt`]) beat the f32 GEMM on
+/// this CPU, so that a bf16 model's prefill runs on them: AVX-512 BF16 on AMD cores, where a
+/// `vdpbf16ps` does twice an f32 FMA's work at its rate (`gemm_rate` on Zen 4 / Zen 5 hosts:
+/// bf16 178-418 against f32 87-216 GFLOP/s). The Intel Xeon host of the thirty-eighth session
+/// has the instructions but ran them below its f32 GEMM (bf16 90-92 against f32 136-138
+/// GFLOP/s, the 130m projections over 512 tokens and a square 2048 product, 1 thread): there a
+/// bf16 model's products are widened to f32 instead.
+pub fn bf16_products_pay() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static PAY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *PAY.get_or_init(|| bf16_dot_supported() && cpu_vendor_is_amd())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether `cpuid` names AMD as this CPU's maker.
+#[cfg(target_arch = "x86_64")]
+fn cpu_vendor_is_amd() -> bool {
+    let leaf = std::arch::x86_64::__cpuid(0);
+    let vendor = [leaf.ebx, leaf.edx, leaf.ecx]
+        .map(u32::to_le_bytes)
+        .concat();
+    vendor == b"AuthenticAMD"
 }
 
 /// Whether this CPU runs [`matmul_bf16_nt`]: AVX-512 with its BF16 dot products.
@@ -649,6 +679,23 @@ mod tests {
     use super::*;
     use half::bf16;
     use mamba_testing::lcg_values;
+
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn cpu_vendor_agrees_with_the_kernel() {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let vendor = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("vendor_id"))
+            .and_then(|rest| rest.split(':').nth(1))
+            .map(str::trim)
+            .expect("/proc/cpuinfo names no vendor_id");
+        assert_eq!(
+            cpu_vendor_is_amd(),
+            vendor == "AuthenticAMD",
+            "vendor {vendor}"
+        );
+    }
 
     fn bf16_values(n: usize, seed: u64) -> Vec<bf16> {
         lcg_values(n, seed)

@@ -2,7 +2,7 @@
 //! fixtures do not cover (longer sequences, more channels, initial states, splits).
 
 use mamba_ops::causal_conv1d::*;
-use mamba_ops::gemm::{bf16_dot_supported, Products};
+use mamba_ops::gemm::Products;
 use mamba_ops::math::NO_DT_LIMIT;
 use mamba_ops::selective_scan::*;
 use mamba_ops::selective_state_update::*;
@@ -456,7 +456,7 @@ fn chunked_ssd_with_bf16_products_stays_near_sequential() {
                 "chunk {chunk_size}, {what}: differs by {diff} (scale {scale})"
             );
         }
-        if bf16_dot_supported() {
+        if Products::Bf16.in_bf16() {
             let in_f32 = ssd(&dims, &inputs).unwrap();
             assert!(
                 max_abs_diff(&got.y, &in_f32.y) > 0.0,
