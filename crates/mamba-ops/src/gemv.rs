@@ -1002,8 +1002,9 @@ mod x86 {
     /// How far ahead of its loads the bf16 kernel asks for each of its two rows' weights into
     /// the L2 cache when a sequence is taken alone (decoding). Same host and method as
     /// [`QUANT_L2_PREFETCH_BYTES`]: one row at a time with and without 4 KiB ahead, 36.3 ->
-    /// 30.9 ms at 1 thread (20 of 20 rounds) and 21.5 -> 17.6 at 2 (20 of 20), asking for the
-    /// L1 cache (`prefetcht0`) a little worse at 4 KiB, much worse at 2 KiB or less; two rows
+    /// 30.9 ms at 1 thread (20 of 20 rounds) and 21.5 -> 17.6 at 2 (20 of 20); asking for the
+    /// L1 cache (`prefetcht0`) instead did as well 1 KiB ahead, worse 2 KiB ahead and worse
+    /// than not at all 4 KiB ahead (30.2, 32.9, 37.5 against 35.6 without); two rows
     /// without and with 2 KiB ahead 32.6 -> 29.4 and 18.7 -> 17.2; 2 or 3 KiB against 4 KiB
     /// ahead, 28.3 / 28.4 against 29.2 (13 and 15 of 16) and 16.1 / 16.0 against 16.4 (15 and
     /// 16 of 16). The f32 kernel gained nothing from it (1 and 2 threads, 12 rounds each) and

@@ -282,7 +282,7 @@ const PREFETCH_ROWS: usize = 4;
 /// from memory), whole decoding steps with and without it, switched per eight steps in one
 /// process, median ms per step of mamba2-130m: q4_0 10.99 -> 10.28 at 1 thread (16 of 16
 /// rounds faster), 5.53 -> 5.31 at 2 (24 of 30); bf16 27.1 -> 26.7 at 1 (9 of 12). 8 KiB
-/// ahead without the rows above did as well at 1 thread, less at 2 (20 of 30).
+/// ahead in place of both prefetches did as well at 1 thread, less at 2 (20 of 30).
 #[cfg(target_arch = "x86_64")]
 const L2_PREFETCH_BYTES: usize = 4096;
 
