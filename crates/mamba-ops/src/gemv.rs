@@ -599,8 +599,8 @@ mod x86 {
                 }
             }
             for r in ROWS * apart..count {
+                let row = w.as_ptr().add(r * cols);
                 for b in 0..batch {
-                    let row = w.as_ptr().add(r * cols);
                     let [[s]] = dot_rows_bf16::<1, 1, ROW_VECS, BF16_L2_PREFETCH_BYTES>(
                         row,
                         cols,
@@ -657,7 +657,7 @@ mod x86 {
             if AHEAD > 0 {
                 for r in 0..R {
                     let at = w.add(r * stride + c) as *const u8;
-                    for line in (0..2 * step).step_by(64) {
+                    for line in (0..step * std::mem::size_of::<bf16>()).step_by(64) {
                         prefetch_to_l2(at.wrapping_add(AHEAD + line));
                     }
                 }
