@@ -236,9 +236,10 @@ impl Mixer for Mamba2Mixer {
         } = self.in_proj_widths();
         let rows = batch * len;
         // z (b, L, d_inner), xBC (b, L, d_inner + 2GN), dt (b, L, H), then the conv's output
-        // cut into xs (b, L, d_inner), B and C (b, L, GN): every value written before it is read.
-        let lens = [di, conv_dim, nh, di, gn, gn].map(|l| l * rows);
-        with_bounded_split_scratch(&PIECE_SCRATCH, lens, |[z, xbc, dt, xs, b, cm]| {
+        // cut into xs (b, L, d_inner), B and C (b, L, GN), then the SSD's y (b, L, d_inner):
+        // every value written before it is read.
+        let lens = [di, conv_dim, nh, di, gn, gn, di].map(|l| l * rows);
+        with_bounded_split_scratch(&PIECE_SCRATCH, lens, |[z, xbc, dt, xs, b, cm, y]| {
             self.in_proj
                 .forward_rows_host_parts(x, &mut [&mut *z, &mut *xbc, &mut *dt])?;
             let conv = causal_conv1d_token_major(
@@ -259,7 +260,7 @@ impl Mixer for Mamba2Mixer {
             copy_columns(&conv.out, conv_dim, 0, di, xs);
             copy_columns(&conv.out, conv_dim, di, gn, b);
             copy_columns(&conv.out, conv_dim, di + gn, gn, cm);
-            let ssd = mamba_ops::ssd::ssd_with(
+            let final_state = mamba_ops::ssd::ssd_into(
                 &SsdDims {
                     batch,
                     len,
@@ -271,8 +272,8 @@ impl Mixer for Mamba2Mixer {
                 },
                 &self.ssd_inputs([xs, dt, b, cm], Some(&state.ssm)),
                 self.ssd_products(),
-            )?;
-            let mut y = ssd.y; // (b, L, d_inner)
+                y,
+            )?; // y: (b, L, d_inner)
             let norm_dims = NormDims {
                 rows,
                 hidden: di,
@@ -280,10 +281,10 @@ impl Mixer for Mamba2Mixer {
                 eps: c.layer_norm_epsilon as f32,
                 norm_before_gate: c.norm_before_gate,
             };
-            rmsnorm_gated_in_place(&norm_dims, &mut y, &pr.norm_weight, Some(z))?;
+            rmsnorm_gated_in_place(&norm_dims, y, &pr.norm_weight, Some(z))?;
             state.conv = conv.final_states;
-            state.ssm = ssd.final_state;
-            self.out_proj.forward_rows_host(&y, out)
+            state.ssm = final_state;
+            self.out_proj.forward_rows_host(y, out)
         })
     }
 

@@ -22,13 +22,15 @@ use crate::gemm::{matmul, matmul_bf16_nt_here, round_to_bf16_here, MatRef, Produ
 use crate::layout::transpose_into;
 use crate::math::{
     dot, exp_fast, lane_sum, process_dt, process_dt_with_grad, silu, silu_fast, silu_grad_fast,
-    with_simd,
+    with_simd, with_subnormals_flushed,
 };
 use crate::parallel::{fold_in_blocks, sum_in_order};
 use crate::selective_scan::narrow;
 use half::bf16;
 use rayon::prelude::*;
+use std::cell::Cell;
 use std::ops::Range;
+use std::thread::LocalKey;
 
 /// Rows `(batch, t)` per block of the deterministic `D` gradient sum.
 const ROWS_PER_BLOCK: usize = 64;
@@ -160,8 +162,18 @@ impl SsdInputs<'_> {
     /// [`SsdInputs::finish`] for one `(t, h)` row of `P` outputs, vectorised.
     #[inline(always)]
     fn finish_row(&self, dims: &SsdDims, h: usize, x: &[f32], z: Option<&[f32]>, y: &mut [f32]) {
-        for (p, (y_p, x_p)) in y.iter_mut().zip(x).enumerate() {
-            *y_p += self.skip(dims, h, p) * x_p;
+        match self.d {
+            None => {}
+            Some(d) if d.len() == dims.heads => {
+                let d = d[h];
+                y.iter_mut().zip(x).for_each(|(y_p, x_p)| *y_p += d * x_p);
+            }
+            Some(d) => {
+                let d = &d[h * dims.head_dim..][..y.len()];
+                for ((y_p, x_p), d_p) in y.iter_mut().zip(x).zip(d) {
+                    *y_p += d_p * x_p;
+                }
+            }
         }
         if let Some(z) = z {
             for (y_p, z_p) in y.iter_mut().zip(z) {
@@ -248,30 +260,73 @@ pub fn ssd(dims: &SsdDims, x: &SsdInputs) -> Result<SsdOutput> {
 /// every sum stay f32. (The positions are made the operands' inner axis first, by one
 /// transpose of the chunk's `x` and `B`: the bf16 dot products pair neighbours along it.)
 pub fn ssd_with(dims: &SsdDims, x: &SsdInputs, products: Products) -> Result<SsdOutput> {
+    let mut y = vec![0.0; x.x.len()];
+    let final_state = ssd_into(dims, x, products, &mut y)?;
+    Ok(SsdOutput { y, final_state })
+}
+
+/// [`ssd_with`] writing `y: (batch, L, H, P)` into the caller's buffer (every value
+/// overwritten, none read); returns the final state `(batch, H, P, N)`.
+pub fn ssd_into(
+    dims: &SsdDims,
+    x: &SsdInputs,
+    products: Products,
+    y: &mut [f32],
+) -> Result<Vec<f32>> {
     dims.check(x)?;
+    expect_len("y", y.len(), x.x.len())?;
+    let dtp = &x.processed_dt(dims);
     let (nb, nh, np, nn) = (dims.batch, dims.heads, dims.head_dim, dims.state);
     let (q, nc) = (dims.chunk_size, dims.chunks());
-    let dtp = x.processed_dt(dims);
-    let mut y = vec![0.0; x.x.len()];
-    let mut states = vec![0.0; nb * nc * nh * np * nn];
+    let mut states_buf = reused(&CHUNK_STATES, nb * nc * nh * np * nn);
+    let states = &mut states_buf[..nb * nc * nh * np * nn];
     let mut cums = vec![0.0; nb * nc * nh * q];
-    let mut tasks = chunk_tasks(dims, &mut y, &mut states, &mut cums);
-    tasks
-        .par_iter_mut()
-        .for_each(|task| chunk_diagonal_and_state(dims, x, &dtp, task, products));
-    let final_state = pass_between_chunks(
-        dims,
-        x.initial_states,
-        &mut states,
-        &cums,
-        Direction::Forward,
-    );
+    let mut tasks = chunk_tasks(dims, y, states, &mut cums);
+    tasks.par_iter_mut().for_each(|task| {
+        with_subnormals_flushed(|| chunk_diagonal_and_state(dims, x, dtp, task, products))
+    });
+    let final_state =
+        pass_between_chunks(dims, x.initial_states, states, &cums, Direction::Forward);
     // The tasks' `state` now hold the state entering each chunk.
-    let mut tasks = chunk_tasks(dims, &mut y, &mut states, &mut cums);
-    tasks
-        .par_iter_mut()
-        .for_each(|task| chunk_off_diagonal_and_finish(dims, x, task, products));
-    Ok(SsdOutput { y, final_state })
+    let mut tasks = chunk_tasks(dims, y, states, &mut cums);
+    tasks.par_iter_mut().for_each(|task| {
+        with_subnormals_flushed(|| chunk_off_diagonal_and_finish(dims, x, task, products))
+    });
+    give_back(&CHUNK_STATES, states_buf);
+    Ok(final_state)
+}
+
+thread_local! {
+    /// The states the chunks of a forward call produce (then the states entering them),
+    /// kept by the calling thread from call to call.
+    static CHUNK_STATES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// A chunk task's largest working buffer (its weighted inputs, then the contribution of
+    /// the state entering it), kept by each thread from task to task.
+    static TASK_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Most values a thread keeps in [`CHUNK_STATES`] or [`TASK_SCRATCH`] (16 MB of f32; a
+/// prefill piece of 512 tokens of a 130m model needs 3 MB): larger buffers are made for the
+/// call and dropped after it.
+const KEPT_MAX: usize = 4 << 20;
+
+/// The thread's buffer in `key`, grown to `len` values or more: the values a last use left
+/// (zeros where it grew), so a caller writes every value it reads. Give it back with
+/// [`give_back`]; a use nested on the same thread (rayon's work stealing) finds it empty
+/// and makes its own.
+fn reused(key: &'static LocalKey<Cell<Vec<f32>>>, len: usize) -> Vec<f32> {
+    let mut buf = key.take();
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    buf
+}
+
+/// Keeps `buf` in the thread's `key` for the next [`reused`], unless it is over [`KEPT_MAX`].
+fn give_back(key: &'static LocalKey<Cell<Vec<f32>>>, buf: Vec<f32>) {
+    if buf.len() <= KEPT_MAX {
+        key.set(buf);
+    }
 }
 
 fn chunk_tasks<'a>(
@@ -421,8 +476,9 @@ fn chunk_diagonal_and_state(
     if let Some(pm) = &position_major {
         return pm.chunk_own_state(dims, dtp, task, &cum_last);
     }
-    let mut xw = vec![0.0; ql * nh * np]; // (ql, H, P)
-    decay_weighted_inputs(dims, x, dtp, task, (0..nh, &cum_last), &mut xw);
+    let mut xw_buf = reused(&TASK_SCRATCH, ql * nh * np);
+    let xw = &mut xw_buf[..ql * nh * np]; // (ql, H, P)
+    decay_weighted_inputs(dims, x, dtp, task, (0..nh, &cum_last), xw);
     for g in 0..ng {
         let h0 = g * hpg;
         matmul(
@@ -434,6 +490,7 @@ fn chunk_diagonal_and_state(
             false,
         );
     }
+    give_back(&TASK_SCRATCH, xw_buf);
 }
 
 /// Rows of a diagonal block taken by one product of the factored form (below).
@@ -543,6 +600,9 @@ fn diagonal_factored(
     for (h, r) in heads.zip(&references) {
         factored[h] = r.is_some();
     }
+    if let DiagonalFactors::F32 { weighted, .. } = factors {
+        give_back(&TASK_SCRATCH, weighted);
+    }
 }
 
 /// The reference point of each block of rows for one head's running sum `cum`: the middle
@@ -581,22 +641,27 @@ fn decay_weighted_inputs(
     let (nh, np, q) = (dims.heads, dims.head_dim, dims.chunk_size);
     let (b, t0) = (task.batch, task.start);
     let width = heads.len() * np;
-    for (j, out_j) in out.chunks_mut(width).enumerate() {
-        let x_j = &x.x[row_offset(dims, b, t0 + j, heads.start, nh, np)..][..width];
-        for ((h, reference), (out_jh, x_jh)) in heads
-            .clone()
-            .zip(references)
-            .zip(out_j.chunks_mut(np).zip(x_j.chunks(np)))
-        {
-            let scale = reference.map_or(0.0, |r| {
-                (r - task.cum[h * q + j]).exp() * dtp[(b * dims.len + t0 + j) * nh + h]
-            });
-            out_jh
-                .iter_mut()
-                .zip(x_jh)
-                .for_each(|(o, v)| *o = scale * v);
-        }
-    }
+    with_simd(
+        #[inline(always)]
+        || {
+            for (j, out_j) in out.chunks_mut(width).enumerate() {
+                let x_j = &x.x[row_offset(dims, b, t0 + j, heads.start, nh, np)..][..width];
+                for ((h, reference), (out_jh, x_jh)) in heads
+                    .clone()
+                    .zip(references)
+                    .zip(out_j.chunks_mut(np).zip(x_j.chunks(np)))
+                {
+                    let scale = reference.map_or(0.0, |r| {
+                        (r - task.cum[h * q + j]).exp() * dtp[(b * dims.len + t0 + j) * nh + h]
+                    });
+                    out_jh
+                        .iter_mut()
+                        .zip(x_jh)
+                        .for_each(|(o, v)| *o = scale * v);
+                }
+            }
+        },
+    );
 }
 
 /// `v` rounded to bf16.
@@ -627,7 +692,7 @@ impl<'a> DiagonalFactors<'a> {
         match position_major {
             None => DiagonalFactors::F32 {
                 lower,
-                weighted: vec![0.0; len],
+                weighted: reused(&TASK_SCRATCH, len),
             },
             Some(inputs) => DiagonalFactors::Bf16 {
                 inputs,
@@ -764,30 +829,41 @@ fn pass_between_chunks(
         dims.chunk_size,
         dims.chunks(),
     );
-    let per_batch = nh * np * nn;
+    let per_head = np * nn;
     let order: Vec<usize> = match direction {
         Direction::Forward => (0..nc).collect(),
         Direction::Backward => (0..nc).rev().collect(),
     };
-    let mut last = start.map_or_else(|| vec![0.0; dims.batch * per_batch], <[f32]>::to_vec);
-    last.par_chunks_mut(per_batch)
-        .zip(per_chunk.par_chunks_mut(nc * per_batch))
-        .zip(cums.par_chunks(nc * nh * q))
-        .for_each(|((running, batch_chunks), batch_cums)| {
-            for &c in &order {
-                let ql = (dims.len - c * q).min(q);
-                let chunk = &mut batch_chunks[c * per_batch..][..per_batch];
-                for h in 0..nh {
-                    let decay = batch_cums[(c * nh + h) * q + ql - 1].exp();
-                    let own = &mut chunk[h * np * nn..][..np * nn];
-                    let run = &mut running[h * np * nn..][..np * nn];
-                    for (o, r) in own.iter_mut().zip(run.iter_mut()) {
-                        let produced = *o;
-                        *o = *r;
-                        *r = decay * *r + produced;
-                    }
-                }
-            }
+    let mut last = start.map_or_else(|| vec![0.0; dims.batch * nh * per_head], <[f32]>::to_vec);
+    // Every chunk's value of each (batch, head), in chunk order: by_head[b H + h][c].
+    let mut by_head: Vec<Vec<&mut [f32]>> = (0..dims.batch * nh)
+        .map(|_| Vec::with_capacity(nc))
+        .collect();
+    for (k, value) in per_chunk.chunks_mut(per_head).enumerate() {
+        let (b, h) = (k / (nc * nh), k % nh);
+        by_head[b * nh + h].push(value);
+    }
+    last.par_chunks_mut(per_head)
+        .zip(by_head.par_iter_mut())
+        .enumerate()
+        .for_each(|(bh, (running, chunks))| {
+            let (b, h) = (bh / nh, bh % nh);
+            with_subnormals_flushed(|| {
+                with_simd(
+                    #[inline(always)]
+                    || {
+                        for &c in &order {
+                            let ql = (dims.len - c * q).min(q);
+                            let decay = cums[((b * nc + c) * nh + h) * q + ql - 1].exp();
+                            for (o, r) in chunks[c].iter_mut().zip(running.iter_mut()) {
+                                let produced = *o;
+                                *o = *r;
+                                *r = decay * *r + produced;
+                            }
+                        }
+                    },
+                )
+            })
         });
     last
 }
@@ -809,7 +885,8 @@ fn chunk_off_diagonal_and_finish(
     let (b, t0) = (task.batch, task.start);
     let ql = task.y.len() / (nh * np);
     // C_i . S[h, p, :] for every head of a group at once: (ql, heads P) = C (ql, N) S^T.
-    let mut from_state = vec![0.0; ql * nh * np]; // (ql, H, P)
+    let mut from_state_buf = reused(&TASK_SCRATCH, ql * nh * np);
+    let from_state = &mut from_state_buf[..ql * nh * np]; // (ql, H, P)
     let hpg = dims.heads_per_group();
     let c_rows = &x.c[row_offset(dims, b, t0, 0, ng, nn)..][..ql * ng * nn]; // (ql, G N)
     if products.in_bf16() {
@@ -838,33 +915,28 @@ fn chunk_off_diagonal_and_finish(
             );
         }
     }
-    for (i, (y_i, s_i)) in task
-        .y
-        .chunks_mut(nh * np)
-        .zip(from_state.chunks(nh * np))
-        .enumerate()
-    {
-        for (h, (y_ih, s_ih)) in y_i.chunks_mut(np).zip(s_i.chunks(np)).enumerate() {
-            let decay = task.cum[h * q + i].exp();
-            y_ih.iter_mut().zip(s_ih).for_each(|(y, s)| *y += decay * s);
-        }
-    }
     let first = row_offset(dims, b, t0, 0, nh, np);
+    let cum = &task.cum;
     with_simd(
         #[inline(always)]
         || {
-            for (r, row) in task.y.chunks_mut(np).enumerate() {
+            let rows = task.y.chunks_mut(np).zip(from_state.chunks(np));
+            for (r, (y_ih, s_ih)) in rows.enumerate() {
+                let (i, h) = (r / nh, r % nh);
+                let decay = cum[h * q + i].exp();
+                y_ih.iter_mut().zip(s_ih).for_each(|(y, s)| *y += decay * s);
                 let at = first + r * np;
                 x.finish_row(
                     dims,
-                    r % nh,
+                    h,
                     &x.x[at..at + np],
                     x.z.map(|z| &z[at..at + np]),
-                    row,
+                    y_ih,
                 );
             }
         },
     );
+    give_back(&TASK_SCRATCH, from_state_buf);
 }
 
 // ---------------------------------------------------------------------------------------
