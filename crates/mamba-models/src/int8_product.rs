@@ -97,6 +97,18 @@ impl Int8Product {
     }
 }
 
+/// Whether a prefill's q8_0 / q4_0 products go to candle's integer kernels (where they take
+/// the matrix) rather than to the f32 GEMM on blocks of the weights widened as each task needs
+/// them ([`mamba_ops::gemm::matmul_nt_rows_threaded`]): on AMD cores with AVX-512 VNNI, where
+/// they ran at 1.5x the f32 GEMM (above). On the thirty-ninth session's Intel Xeon they ran
+/// below it (`int8_rate`, one thread: 3352 x 768 q8_0 18.7 against f32 135 GFLOP/s, 768 x
+/// 1536 128 against 139), and with their activation quantising (`BlockQ8K::from_float`, 10 %
+/// of a q8_0 prefill's samples) and output copies, mamba2-130m's prefill of 2048 tokens went
+/// from 423-442 to 465-480 tokens/s (1 thread) and 659-684 to 688-701 (2) on widened blocks.
+pub(crate) fn int8_products_pay() -> bool {
+    cpu_has_vnni() && mamba_ops::gemm::cpu_vendor_is_amd()
+}
+
 /// Whether candle's quantised products take their AVX-512 VNNI path on this CPU.
 fn cpu_has_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -3,12 +3,14 @@
 //! bf16 dot products), embeddings, RMSNorm and tensor/slice conversions.
 
 use crate::error::{Error, Result};
-use crate::int8_product::Int8Product;
+use crate::int8_product::{int8_products_pay, Int8Product};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use half::bf16;
 use mamba_ops::causal_conv1d::{causal_conv1d_update_into, ConvUpdateDims, ConvUpdateInputs};
-use mamba_ops::gemm::{bf16_products_pay, matmul_bf16_nt, matmul_nt_threaded, round_to_bf16};
+use mamba_ops::gemm::{
+    bf16_products_pay, matmul_bf16_nt, matmul_nt_rows_threaded, matmul_nt_threaded, round_to_bf16,
+};
 use mamba_ops::gemv::{gemv, Weights};
 use mamba_ops::pages::back_with_huge_pages;
 use mamba_ops::quant::{QuantMatrix, BLOCK};
@@ -314,13 +316,29 @@ impl Linear {
                 );
             }
         };
+        // The f32 product on weights widened a block of rows at a time by `rows_into`.
+        let widened_products = |rows_into: &WidenRows, parts: &mut [&mut [f32]]| {
+            for (columns, part) in parts_with_columns(parts, rows) {
+                let start = columns.start;
+                matmul_nt_rows_threaded(
+                    (rows, columns.len(), inp),
+                    part,
+                    columns.len(),
+                    x,
+                    |r, out| rows_into(start + r.start..start + r.end, out),
+                );
+            }
+        };
         match &self.weight {
             LinearWeight::Dense(w) => with_host_values(w, |v| {
                 match v {
                     HostValues::F32(v) => products(v, parts),
                     HostValues::Bf16(v) => {
                         if !bf16_dot_products(x, v, (rows, inp), parts) {
-                            with_widened(v.len(), |buf| widen_bf16(v, buf), |w| products(w, parts))
+                            let rows_into = |r: Range<usize>, out: &mut [f32]| {
+                                widen_bf16(&v[r.start * inp..r.end * inp], out)
+                            };
+                            widened_products(&rows_into, parts)
                         }
                     }
                 }
@@ -341,11 +359,7 @@ impl Linear {
                         })?
                     }
                 },
-                None => with_widened(
-                    q.rows() * q.cols(),
-                    |buf| q.dequantize_into(buf),
-                    |w| products(w, parts),
-                ),
+                None => widened_products(&|r, out| q.dequantize_rows_into(r, out), parts),
             },
         }
         for (columns, part) in parts_with_columns(parts, rows) {
@@ -357,6 +371,9 @@ impl Linear {
     /// The prefill product on candle's integer kernels for `q` (this layer's weights), made
     /// at the first call; `None` where those kernels do not take the matrix.
     fn int8_product(&self, q: &QuantMatrix) -> Result<Option<&Int8Product>> {
+        if !int8_products_pay() {
+            return Ok(None);
+        }
         if self.int8.get().is_none() {
             // Two threads may both make it; the first one stored wins, the same product.
             let _ = self.int8.set(Int8Product::new(q)?);
@@ -418,9 +435,6 @@ thread_local! {
     /// The whole output of a prefill's product on candle's integer kernels when it is cut
     /// into parts, before its columns go to them.
     static INT8_OUTPUT: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-    /// A bf16 or quantised matrix widened to f32 for a prefill's product, reused from
-    /// product to product: it stays in the cache between layers and needs no zeroing.
-    static WIDENED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// A prefill's activations rounded to bf16 for a product by bf16 weights.
     static ROUNDED: Cell<Vec<bf16>> = const { Cell::new(Vec::new()) };
     /// A q4_0 matrix dequantised to bf16 for a prefill's product.
@@ -430,7 +444,7 @@ thread_local! {
     pub(crate) static PIECE_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// Most values a prefill's per-thread scratch ([`WIDENED`], [`INT8_OUTPUT`], [`ROUNDED`],
+/// Most values a prefill's per-thread scratch ([`INT8_OUTPUT`], [`ROUNDED`],
 /// [`DEQUANTISED`], [`PIECE_SCRATCH`]) keeps (16 MB of f32, a
 /// 130m model's in_proj one and a half times over); larger buffers are made for the call, so
 /// that a thread does not hold on to a model-sized one.
@@ -450,13 +464,9 @@ pub(crate) fn with_bounded_scratch<T: Copy + Default, R>(
     }
 }
 
-/// Runs `read` on the `len` f32 values `fill` writes, in [`WIDENED`] when they fit.
-fn with_widened(len: usize, fill: impl FnOnce(&mut [f32]), read: impl FnOnce(&[f32])) {
-    with_bounded_scratch(&WIDENED, len, |buf| {
-        fill(buf);
-        read(buf)
-    })
-}
+/// Writes rows `rows` of a matrix stored as bf16 or quantised blocks as f32 into `out: (rows,
+/// cols)`, for [`matmul_nt_rows_threaded`].
+type WidenRows<'a> = dyn Fn(Range<usize>, &mut [f32]) + Sync + 'a;
 
 /// `x (rows, inp)` times the bf16 weights `w (out, inp)` into the output's parts, on the CPU's
 /// bf16 dot products: `x` rounded to bf16 once, as PyTorch and llama.cpp multiply by bf16
@@ -501,12 +511,9 @@ fn dequantised_bf16_products(
         })
 }
 
-/// `out[i] = v[i]` as f32, spread over rayon's threads.
+/// `out[i] = v[i]` as f32.
 fn widen_bf16(v: &[bf16], out: &mut [f32]) {
-    const CHUNK: usize = 1 << 14;
-    out.par_chunks_mut(CHUNK)
-        .zip(v.par_chunks(CHUNK))
-        .for_each(|(out, v)| out.iter_mut().zip(v).for_each(|(o, v)| *o = v.to_f32()));
+    out.iter_mut().zip(v).for_each(|(o, v)| *o = v.to_f32());
 }
 
 /// The values of a CPU tensor, borrowed.

@@ -189,24 +189,88 @@ pub fn matmul_nt_threaded(
     lhs: &[f32],
     rhs: &[f32],
 ) {
-    thread_local! {
-        /// The transposed block, reused from product to product. Taken out while a product
-        /// runs: a thread waiting inside one may run another (rayon's work stealing).
-        static TRANSPOSED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
-    }
     let (lhs, rhs_rows) = (MatRef::rows(lhs, k), rhs);
     let rhs = MatRef::transposed(rhs_rows, k);
     if !transposed_blocks_pay() || m == 0 || n == 0 || k == 0 {
         return matmul_threaded((m, n, k), dst, dst_row_stride, lhs, rhs, false);
     }
+    assert!(rhs.covers(k, n), "matmul_nt_threaded: operand too short");
+    matmul_nt_blocks((m, n, k), dst, dst_row_stride, lhs, |cols, transposed| {
+        transpose_into(
+            &rhs_rows[cols.start * k..cols.end * k],
+            cols.len(),
+            k,
+            transposed,
+        )
+    });
+}
+
+/// [`matmul_nt_threaded`] for weights `rhs: (n, k)` stored in another form (quantised blocks):
+/// `rows_into(rows, out)` writes rows `rows` of them as f32, `out: (rows.len(), k)`, each task
+/// widening only the block it multiplies (in the cache, then transposed as the dense blocks
+/// are), so that the whole matrix is never widened at once. Without AVX-512 the rows are
+/// widened whole, for [`matmul_threaded`].
+///
+/// # Panics
+/// If `dst` or `lhs` is too short for the given sizes, or `rows_into` panics.
+pub fn matmul_nt_rows_threaded(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    lhs: &[f32],
+    rows_into: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) {
+    use rayon::prelude::*;
+    thread_local! {
+        /// A task's block of rows, before its transpose.
+        static ROWS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    if !transposed_blocks_pay() || m == 0 || n == 0 || k == 0 {
+        const ROWS_PER_TASK: usize = 64;
+        let mut rhs = vec![0.0; n * k];
+        rhs.par_chunks_mut(ROWS_PER_TASK * k.max(1))
+            .enumerate()
+            .for_each(|(task, out)| {
+                let start = task * ROWS_PER_TASK;
+                rows_into(start..start + out.len() / k.max(1), out)
+            });
+        return matmul_nt_threaded((m, n, k), dst, dst_row_stride, lhs, &rhs);
+    }
+    matmul_nt_blocks(
+        (m, n, k),
+        dst,
+        dst_row_stride,
+        MatRef::rows(lhs, k),
+        |cols, transposed| {
+            let mut rows = ROWS.take();
+            rows.resize(cols.len() * k, 0.0);
+            rows_into(cols.clone(), &mut rows);
+            transpose_into(&rows, cols.len(), k, transposed);
+            ROWS.set(rows);
+        },
+    );
+}
+
+/// The blocked product of [`matmul_nt_threaded`]: tasks over blocks of the output, each
+/// with `fill(cols, out)` writing the transposed block of the weights, `out: (k, cols.len())`,
+/// and the gemm crate run on it single-threaded.
+fn matmul_nt_blocks(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    lhs: MatRef,
+    fill: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) {
+    thread_local! {
+        /// The transposed block, reused from product to product. Taken out while a product
+        /// runs: a thread waiting inside one may run another (rayon's work stealing).
+        static TRANSPOSED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    }
     assert!(
         MatRef::rows(dst, dst_row_stride).covers(m, n),
         "matmul_nt_threaded: destination too short"
     );
-    assert!(
-        lhs.covers(m, k) && rhs.covers(k, n),
-        "matmul_nt_threaded: operand too short"
-    );
+    assert!(lhs.covers(m, k), "matmul_nt_threaded: operand too short");
     let threads = rayon::current_num_threads();
     let width = rhs_block_rows(n, threads);
     let col_blocks = n.div_ceil(width);
@@ -215,16 +279,10 @@ pub fn matmul_nt_threaded(
     for_each_block((m, n), (height, width), |rows, cols| {
         let mut transposed = TRANSPOSED.take();
         transposed.resize(cols.len() * k, 0.0);
-        // transposed: (k, cols), row-major: the block of rhs^T
-        transpose_into(
-            &rhs_rows[cols.start * k..cols.end * k],
-            cols.len(),
-            k,
-            &mut transposed,
-        );
-        // SAFETY: m, n, k > 0 and the asserts above cover dst and the operands; the
-        // tasks' (rows, columns) ranges are disjoint, so no two threads write the same
-        // element, and dst was borrowed mutably, so it aliases neither operand.
+        fill(cols.clone(), &mut transposed); // (k, cols), row-major: the block of rhs^T
+                                             // SAFETY: m, n, k > 0 and the asserts above cover dst and the operands; the
+                                             // tasks' (rows, columns) ranges are disjoint, so no two threads write the same
+                                             // element, and dst was borrowed mutably, so it aliases neither operand.
         unsafe {
             product_into(
                 (rows.len(), cols.len(), k),
@@ -353,14 +411,20 @@ pub fn bf16_products_pay() -> bool {
     }
 }
 
-/// Whether `cpuid` names AMD as this CPU's maker.
-#[cfg(target_arch = "x86_64")]
-fn cpu_vendor_is_amd() -> bool {
-    let leaf = std::arch::x86_64::__cpuid(0);
-    let vendor = [leaf.ebx, leaf.edx, leaf.ecx]
-        .map(u32::to_le_bytes)
-        .concat();
-    vendor == b"AuthenticAMD"
+/// Whether `cpuid` names AMD as this CPU's maker (false on other architectures).
+pub fn cpu_vendor_is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let leaf = std::arch::x86_64::__cpuid(0);
+        let vendor = [leaf.ebx, leaf.edx, leaf.ecx]
+            .map(u32::to_le_bytes)
+            .concat();
+        vendor == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Whether this CPU runs [`matmul_bf16_nt`]: AVX-512 with its BF16 dot products.
@@ -695,6 +759,33 @@ mod tests {
             vendor == "AuthenticAMD",
             "vendor {vendor}"
         );
+    }
+
+    /// The product on rows written by a closure (here: each row of the weights plus one, as
+    /// a dequantiser writes what it stands for) equals the dense product on those rows,
+    /// exactly (the same blocks and sums), at one and two threads, over shapes of one
+    /// block, several blocks with a short last one, and a strided output.
+    #[test]
+    fn the_product_on_rows_written_by_a_closure_is_the_dense_one() {
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for (m, n, k, stride) in [(20, 30, 17, 30), (100, 700, 64, 700), (70, 300, 40, 310)] {
+                let (x, w) = (lcg_values(m * k, 1), lcg_values(n * k, 2));
+                let dense: Vec<f32> = w.iter().map(|v| v + 1.0).collect();
+                let (mut want, mut got) = (vec![0.0; m * stride], vec![0.0; m * stride]);
+                pool.install(|| {
+                    matmul_nt_threaded((m, n, k), &mut want, stride, &x, &dense);
+                    matmul_nt_rows_threaded((m, n, k), &mut got, stride, &x, |rows, out| {
+                        let src = &w[rows.start * k..rows.end * k];
+                        out.iter_mut().zip(src).for_each(|(o, v)| *o = v + 1.0);
+                    });
+                });
+                assert_eq!(got, want, "{threads} threads, {m} x {n} x {k}");
+            }
+        }
     }
 
     fn bf16_values(n: usize, seed: u64) -> Vec<bf16> {

@@ -156,6 +156,29 @@ impl QuantMatrix {
         });
     }
 
+    /// Rows `rows` of [`QuantMatrix::dequantize`], `(rows.len(), cols)` into `out`, on the
+    /// calling thread (a task's block of a product's weights).
+    ///
+    /// # Panics
+    /// If the rows are not all in the matrix or `out` does not hold their values.
+    pub fn dequantize_rows_into(&self, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        assert_eq!(
+            out.len(),
+            rows.len() * self.cols,
+            "dequantising into a wrong size"
+        );
+        let (scales, quants) = self.row_range(rows.start, rows.len());
+        let format = self.format;
+        crate::math::with_simd(
+            #[inline(always)]
+            || {
+                for (dst, d, q) in blocks(format, scales, quants, out) {
+                    dequantize_block(format, d, q, dst);
+                }
+            },
+        );
+    }
+
     /// [`QuantMatrix::dequantize_into`] rounded to bf16 (to nearest, ties to even), for a
     /// product on bf16 dot instructions.
     ///
@@ -424,6 +447,25 @@ mod tests {
             let q = QuantMatrix::quantize(&w, 4, 96, format).unwrap();
             let again = QuantMatrix::quantize(&q.dequantize(), 4, 96, format).unwrap();
             assert_eq!(q, again, "{format:?}");
+        }
+    }
+
+    #[test]
+    fn a_range_of_rows_dequantises_to_those_rows_of_the_whole() {
+        let (rows, cols) = (7, 96);
+        let w = ramp(rows * cols);
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+            let q = QuantMatrix::quantize(&w, rows, cols, format).unwrap();
+            let whole = q.dequantize();
+            for range in [0..7, 2..5, 6..7, 3..3] {
+                let mut out = vec![f32::NAN; range.len() * cols];
+                q.dequantize_rows_into(range.clone(), &mut out);
+                assert_eq!(
+                    out,
+                    whole[range.start * cols..range.end * cols],
+                    "{format:?}"
+                );
+            }
         }
     }
 
