@@ -20,7 +20,7 @@ use crate::model::{step_through_host, Mixer};
 use crate::state::{LayerState, StateSize};
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
-use mamba_ops::causal_conv1d::{causal_conv1d_token_major, ConvDims, ConvInputs};
+use mamba_ops::causal_conv1d::{causal_conv1d_token_major_into, ConvDims, ConvInputs};
 use mamba_ops::gemm::Products;
 use mamba_ops::rmsnorm_gated::{rmsnorm_gated_in_place, NormDims};
 use mamba_ops::selective_state_update::{selective_state_update_into, StepDims, StepInputs};
@@ -242,7 +242,8 @@ impl Mixer for Mamba2Mixer {
         with_bounded_split_scratch(&PIECE_SCRATCH, lens, |[z, xbc, dt, xs, b, cm, y]| {
             self.in_proj
                 .forward_rows_host_parts(x, &mut [&mut *z, &mut *xbc, &mut *dt])?;
-            let conv = causal_conv1d_token_major(
+            // xs, B and C: the conv's output channels.
+            let conv_final = causal_conv1d_token_major_into(
                 &ConvDims {
                     batch,
                     dim: conv_dim,
@@ -256,10 +257,8 @@ impl Mixer for Mamba2Mixer {
                     initial_states: Some(&state.conv),
                     silu: true,
                 },
-            )?; // (b, L, conv_dim)
-            copy_columns(&conv.out, conv_dim, 0, di, xs);
-            copy_columns(&conv.out, conv_dim, di, gn, b);
-            copy_columns(&conv.out, conv_dim, di + gn, gn, cm);
+                &mut [&mut *xs, &mut *b, &mut *cm],
+            )?;
             let final_state = mamba_ops::ssd::ssd_into(
                 &SsdDims {
                     batch,
@@ -282,7 +281,7 @@ impl Mixer for Mamba2Mixer {
                 norm_before_gate: c.norm_before_gate,
             };
             rmsnorm_gated_in_place(&norm_dims, y, &pr.norm_weight, Some(z))?;
-            state.conv = conv.final_states;
+            state.conv = conv_final;
             state.ssm = final_state;
             self.out_proj.forward_rows_host(y, out)
         })

@@ -137,8 +137,37 @@ const POSITIONS_PER_TASK: usize = 64;
 /// and the output: each output row reads `W` input rows, so blocks of positions run in
 /// parallel and the inner loop runs over contiguous channels (vectorised).
 pub fn causal_conv1d_token_major(dims: &ConvDims, x: &ConvInputs) -> Result<ConvOutput> {
+    let mut out = vec![0.0; dims.batch * dims.len * dims.dim];
+    let final_states = causal_conv1d_token_major_into(dims, x, &mut [&mut out])?;
+    Ok(ConvOutput { out, final_states })
+}
+
+/// [`causal_conv1d_token_major`] with the output's channels cut into consecutive parts, each
+/// its own contiguous `(batch, L, width)` buffer (the widths add up to `dim`; every value
+/// overwritten), as a mixer splits them (Mamba-2's x, B and C): no whole output is made and
+/// copied from. Returns the final states `(batch, dim, W-1)`.
+pub fn causal_conv1d_token_major_into(
+    dims: &ConvDims,
+    x: &ConvInputs,
+    parts: &mut [&mut [f32]],
+) -> Result<Vec<f32>> {
     dims.check(x)?;
     let (nb, nd, nl, w) = (dims.batch, dims.dim, dims.len, dims.width);
+    let widths: Vec<usize> = parts.iter().map(|p| p.len() / (nb * nl).max(1)).collect();
+    if widths.iter().sum::<usize>() != nd
+        || parts
+            .iter()
+            .zip(&widths)
+            .any(|(p, w)| p.len() != w * nb * nl)
+    {
+        return Err(shape_err(
+            "causal_conv1d",
+            format!(
+                "output parts do not split {nd} channels over {} rows",
+                nb * nl
+            ),
+        ));
+    }
     let s = w - 1;
     // Tap k of every channel side by side: (W, dim).
     let taps: Vec<f32> = (0..w)
@@ -159,16 +188,33 @@ pub fn causal_conv1d_token_major(dims: &ConvDims, x: &ConvInputs) -> Result<Conv
             &history[(b * s + (s as isize + t) as usize) * nd..][..nd]
         }
     };
-    let mut out = vec![0.0; nb * nl * nd];
-    out.par_chunks_mut(POSITIONS_PER_TASK * nd)
+    // Each task's rows of every part: tasks[task][part].
+    let mut tasks: Vec<Vec<&mut [f32]>> = Vec::new();
+    for (part, width) in parts.iter_mut().zip(&widths) {
+        for (task, rows) in part.chunks_mut(POSITIONS_PER_TASK * width).enumerate() {
+            if tasks.len() == task {
+                tasks.push(Vec::with_capacity(widths.len()));
+            }
+            tasks[task].push(rows);
+        }
+    }
+    tasks
+        .into_par_iter()
         .enumerate()
-        .for_each(|(task, rows)| {
+        .for_each(|(task, mut rows)| {
+            // A row of every channel, cut into the parts after (none needed for one part).
+            let single = rows.len() == 1;
+            let mut row_buf = vec![0.0; if single { 0 } else { nd }];
             with_simd(
                 #[inline(always)]
                 || {
-                    for (r, out_row) in rows.chunks_mut(nd).enumerate() {
+                    for r in 0..POSITIONS_PER_TASK.min(nb * nl - task * POSITIONS_PER_TASK) {
                         let row = task * POSITIONS_PER_TASK + r;
                         let (b, t) = (row / nl, (row % nl) as isize);
+                        let out_row = match rows.as_mut_slice() {
+                            [whole] => &mut whole[r * nd..][..nd],
+                            _ => &mut row_buf[..],
+                        };
                         match x.bias {
                             Some(bias) => out_row.copy_from_slice(bias),
                             None => out_row.fill(0.0),
@@ -182,6 +228,15 @@ pub fn causal_conv1d_token_major(dims: &ConvDims, x: &ConvInputs) -> Result<Conv
                         if x.silu {
                             out_row.iter_mut().for_each(|v| *v = silu_fast(*v));
                         }
+                        if single {
+                            continue;
+                        }
+                        let mut channels = row_buf.as_slice();
+                        for (part_rows, width) in rows.iter_mut().zip(&widths) {
+                            let (these, rest) = channels.split_at(*width);
+                            part_rows[r * width..][..*width].copy_from_slice(these);
+                            channels = rest;
+                        }
                     }
                 },
             )
@@ -191,7 +246,7 @@ pub fn causal_conv1d_token_major(dims: &ConvDims, x: &ConvInputs) -> Result<Conv
         let (b, d, j) = (i / (nd * s), i / s % nd, i % s);
         *v = input_row(b, nl as isize - s as isize + j as isize)[d];
     }
-    Ok(ConvOutput { out, final_states })
+    Ok(final_states)
 }
 
 /// Convolves one channel: `out[t] = bias + sum_k weight[k] * xx[t+k]`.

@@ -607,6 +607,52 @@ fn transpose_inner(x: &[f32], batch: usize, rows: usize, cols: usize) -> Vec<f32
     t
 }
 
+/// The conv's output cut into channel parts (as Mamba-2 takes x, B and C) holds the columns
+/// of the whole output, every value overwritten (the parts start as NaN), over lengths of one
+/// and of several tasks; parts that do not split the channels are an error.
+#[test]
+fn token_major_conv_into_parts_gives_the_columns_of_the_whole() {
+    let mut rng = StdRng::seed_from_u64(8);
+    for len in [3, 150] {
+        let (batch, dim, width) = (2, 24, 4);
+        let rows = batch * len;
+        let dims = ConvDims {
+            batch,
+            dim,
+            len,
+            width,
+        };
+        let x = random(&mut rng, rows * dim, -1.0, 1.0);
+        let weight = random(&mut rng, dim * width, -1.0, 1.0);
+        let init = random(&mut rng, batch * dim * (width - 1), -1.0, 1.0);
+        let inputs = ConvInputs {
+            x: &x,
+            weight: &weight,
+            bias: None,
+            initial_states: Some(&init),
+            silu: true,
+        };
+        let whole = causal_conv1d_token_major(&dims, &inputs).unwrap();
+        let widths = [16, 3, 5];
+        let mut parts: Vec<Vec<f32>> = widths.iter().map(|w| vec![f32::NAN; w * rows]).collect();
+        let mut views: Vec<&mut [f32]> = parts.iter_mut().map(Vec::as_mut_slice).collect();
+        let final_states = causal_conv1d_token_major_into(&dims, &inputs, &mut views).unwrap();
+        assert_eq!(final_states, whole.final_states, "len {len}");
+        let mut start = 0;
+        for (part, width) in parts.iter().zip(widths) {
+            let columns: Vec<f32> = whole
+                .out
+                .chunks(dim)
+                .flat_map(|row| row[start..start + width].iter().copied())
+                .collect();
+            assert_eq!(part, &columns, "len {len}, columns from {start}");
+            start += width;
+        }
+        let mut short = vec![0.0; 20 * rows];
+        assert!(causal_conv1d_token_major_into(&dims, &inputs, &mut [&mut short]).is_err());
+    }
+}
+
 #[test]
 fn token_major_conv_matches_the_reference_on_transposed_inputs() {
     let mut rng = StdRng::seed_from_u64(5);
