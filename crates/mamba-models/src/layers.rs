@@ -1,6 +1,7 @@
 //! Building blocks shared by the model families: linear layers (f32 or bf16 weights,
-//! f32 activations; a prefill's product by bf16 weights rounds them to bf16 where the CPU has
-//! bf16 dot products), embeddings, RMSNorm and tensor/slice conversions.
+//! f32 activations; a prefill's product by bf16 weights rounds them to bf16 where bf16 dot
+//! products pay, else widens them a block at a time), embeddings, RMSNorm and tensor/slice
+//! conversions.
 
 use crate::error::{Error, Result};
 use crate::int8_product::{int8_products_pay, Int8Product};

@@ -205,7 +205,7 @@ pub fn matmul_nt_threaded(
     });
 }
 
-/// [`matmul_nt_threaded`] for weights `rhs: (n, k)` stored in another form (quantised blocks):
+/// [`matmul_nt_threaded`] for weights `rhs: (n, k)` stored in another form (bf16, quantised blocks):
 /// `rows_into(rows, out)` writes rows `rows` of them as f32, `out: (rows.len(), k)`, each task
 /// widening only the block it multiplies (in the cache, then transposed as the dense blocks
 /// are), so that the whole matrix is never widened at once. Without AVX-512 the rows are

@@ -302,11 +302,11 @@ unsafe fn run_avx2<R>(body: impl FnOnce() -> R) -> R {
 
 /// Runs `body` with the CPU flushing subnormal f32 values to zero, inputs and results (x86's
 /// MXCSR DAZ and FTZ bits, as oneDNN and PyTorch's `set_flush_denormal` do), then restores
-/// the thread's previous mode (also when `body` panics). Intel cores take a microcode assist
-/// of about a hundred cycles for each multiply that reads or makes a subnormal: the SSD's
-/// decays (`exp` of sums far below zero) give them by the thousand, which doubled the SSD's
-/// prefill time on the project's Xeon host. Values that small (below 1.2e-38) are far below
-/// f32's precision relative to any sum they join. Elsewhere `body` runs as it is.
+/// the thread's previous mode (also when `body` panics). Intel cores take a slow microcode
+/// assist for each multiply that reads or makes a subnormal: the SSD's decays (`exp` of sums
+/// far below zero) give them by the thousand, which made the SSD's prefill 1.8 times slower on
+/// the project's Xeon host. Values that small (below 1.2e-38) are far below f32's precision
+/// relative to any sum they join. Elsewhere `body` runs as it is.
 pub fn with_subnormals_flushed<R>(body: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
