@@ -1,6 +1,7 @@
 //! A safe, bounds-checked front for the `gemm` crate's strided f32 matrix product.
 
 use crate::layout::transpose_into;
+use crate::scratch::{give_back, reused};
 
 /// A strided read-only matrix view: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
 #[derive(Debug, Clone, Copy)]
@@ -222,19 +223,21 @@ pub fn matmul_nt_rows_threaded(
 ) {
     use rayon::prelude::*;
     thread_local! {
-        /// A task's block of rows, before its transpose.
+        /// A task's block of rows before its transpose (or, without AVX-512, all the rows).
         static ROWS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     }
     if !transposed_blocks_pay() || m == 0 || n == 0 || k == 0 {
         const ROWS_PER_TASK: usize = 64;
-        let mut rhs = vec![0.0; n * k];
+        let mut rhs_buf = reused(&ROWS, n * k);
+        let rhs = &mut rhs_buf[..n * k];
         rhs.par_chunks_mut(ROWS_PER_TASK * k.max(1))
             .enumerate()
             .for_each(|(task, out)| {
                 let start = task * ROWS_PER_TASK;
                 rows_into(start..start + out.len() / k.max(1), out)
             });
-        return matmul_nt_threaded((m, n, k), dst, dst_row_stride, lhs, &rhs);
+        matmul_nt_threaded((m, n, k), dst, dst_row_stride, lhs, rhs);
+        return give_back(&ROWS, rhs_buf);
     }
     matmul_nt_blocks(
         (m, n, k),
@@ -242,11 +245,11 @@ pub fn matmul_nt_rows_threaded(
         dst_row_stride,
         MatRef::rows(lhs, k),
         |cols, transposed| {
-            let mut rows = ROWS.take();
-            rows.resize(cols.len() * k, 0.0);
-            rows_into(cols.clone(), &mut rows);
-            transpose_into(&rows, cols.len(), k, transposed);
-            ROWS.set(rows);
+            let mut rows_buf = reused(&ROWS, cols.len() * k);
+            let rows = &mut rows_buf[..cols.len() * k];
+            rows_into(cols.clone(), rows);
+            transpose_into(rows, cols.len(), k, transposed);
+            give_back(&ROWS, rows_buf);
         },
     );
 }
@@ -277,24 +280,24 @@ fn matmul_nt_blocks(
     let height = lhs_block_rows(m, col_blocks, threads);
     let dst = BlockOutputs(dst.as_mut_ptr());
     for_each_block((m, n), (height, width), |rows, cols| {
-        let mut transposed = TRANSPOSED.take();
-        transposed.resize(cols.len() * k, 0.0);
-        fill(cols.clone(), &mut transposed); // (k, cols), row-major: the block of rhs^T
-                                             // SAFETY: m, n, k > 0 and the asserts above cover dst and the operands; the
-                                             // tasks' (rows, columns) ranges are disjoint, so no two threads write the same
-                                             // element, and dst was borrowed mutably, so it aliases neither operand.
+        let mut transposed_buf = reused(&TRANSPOSED, cols.len() * k);
+        let transposed = &mut transposed_buf[..cols.len() * k];
+        fill(cols.clone(), transposed); // (k, cols), row-major: the block of rhs^T
+                                        // SAFETY: m, n, k > 0 and the asserts above cover dst and the operands; the
+                                        // tasks' (rows, columns) ranges are disjoint, so no two threads write the same
+                                        // element, and dst was borrowed mutably, so it aliases neither operand.
         unsafe {
             product_into(
                 (rows.len(), cols.len(), k),
                 dst.at(rows.start * dst_row_stride + cols.start),
                 dst_row_stride,
                 MatRef::rows(&lhs.data[rows.start * k..], k),
-                MatRef::rows(&transposed, cols.len()),
+                MatRef::rows(transposed, cols.len()),
                 false,
                 gemm::Parallelism::None,
             )
         }
-        TRANSPOSED.set(transposed);
+        give_back(&TRANSPOSED, transposed_buf);
     });
 }
 

@@ -475,6 +475,7 @@ fn dot_blocks_scalar(ws: &[f16], xs: &[f32], product: impl Fn(usize, usize) -> i
 mod x86 {
     //! The kernels in AVX2 (+ AVX-512 VNNI) intrinsics.
     use super::{ActivationRow, QuantFormat, BLOCK, QUAD};
+    use crate::prefetch::lines_to_l2;
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
@@ -657,9 +658,7 @@ mod x86 {
             if AHEAD > 0 {
                 for r in 0..R {
                     let at = w.add(r * stride + c) as *const u8;
-                    for line in (0..step * std::mem::size_of::<bf16>()).step_by(64) {
-                        prefetch_to_l2(at.wrapping_add(AHEAD + line));
-                    }
+                    lines_to_l2(at.wrapping_add(AHEAD), step * std::mem::size_of::<bf16>());
                 }
             }
             for v in 0..V {
@@ -988,7 +987,7 @@ mod x86 {
     unsafe fn prefetch_ahead(quants: &[u8], at: usize) {
         let at = quants.as_ptr().wrapping_add(at);
         _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(QUANT_PREFETCH_BYTES) as *const i8);
-        prefetch_to_l2(at.wrapping_add(QUANT_L2_PREFETCH_BYTES));
+        lines_to_l2(at.wrapping_add(QUANT_L2_PREFETCH_BYTES), 1);
     }
 
     /// How far ahead of their loads the q8_0 / q4_0 decoding kernels ask for each row's quants
@@ -1010,12 +1009,6 @@ mod x86 {
     /// 16 of 16). The f32 kernel gained nothing from it (1 and 2 threads, 12 rounds each) and
     /// goes without.
     const BF16_L2_PREFETCH_BYTES: usize = 2048;
-
-    /// Asks for the cache line at `p` into the L2 cache (`prefetcht1`).
-    #[inline(always)]
-    unsafe fn prefetch_to_l2(p: *const u8) {
-        _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
-    }
 
     /// The combined scales `d_w d_x` of blocks `k..k + 8` in the low half of a 512-bit
     /// register; adds their `d_w d_x Σ x` to `corr`.

@@ -19,8 +19,11 @@ pub mod layout;
 pub mod math;
 pub mod pages;
 pub mod parallel;
+#[cfg(target_arch = "x86_64")]
+mod prefetch;
 pub mod quant;
 pub mod rmsnorm_gated;
+mod scratch;
 pub mod selective_scan;
 pub mod selective_state_update;
 pub mod ssd;

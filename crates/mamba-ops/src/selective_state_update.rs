@@ -248,7 +248,8 @@ fn per_head_step(dims: &StepDims, state: &mut [f32], x: &StepInputs, y: &mut [f3
                     #[cfg(target_arch = "x86_64")]
                     {
                         prefetch(&whole, (p + PREFETCH_ROWS) * nn, nn);
-                        prefetch_to_l2_ahead(s.as_ptr(), nn);
+                        let ahead = (s.as_ptr() as *const u8).wrapping_add(L2_PREFETCH_BYTES);
+                        crate::prefetch::lines_to_l2(ahead, nn * std::mem::size_of::<f32>());
                     }
                     let i = bh * np + p;
                     let xi = x.x[i];
@@ -285,19 +286,6 @@ const PREFETCH_ROWS: usize = 4;
 /// ahead in place of both prefetches did as well at 1 thread, less at 2 (20 of 30).
 #[cfg(target_arch = "x86_64")]
 const L2_PREFETCH_BYTES: usize = 4096;
-
-/// Asks the L2 cache for the lines of the `len` values [`L2_PREFETCH_BYTES`] after `row`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn prefetch_to_l2_ahead(row: *const f32, len: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-    let ahead = (row as *const i8).wrapping_add(L2_PREFETCH_BYTES);
-    for line in (0..len * std::mem::size_of::<f32>()).step_by(64) {
-        // SAFETY: a prefetch reads nothing into the program and cannot fault, wherever it
-        // points.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line)) };
-    }
-}
 
 /// Asks the caches for the `len` values at `at` of `range`, none past its end.
 #[cfg(target_arch = "x86_64")]

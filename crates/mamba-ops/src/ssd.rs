@@ -25,12 +25,12 @@ use crate::math::{
     with_simd, with_subnormals_flushed,
 };
 use crate::parallel::{fold_in_blocks, sum_in_order};
+use crate::scratch::{give_back, reused};
 use crate::selective_scan::narrow;
 use half::bf16;
 use rayon::prelude::*;
 use std::cell::Cell;
 use std::ops::Range;
-use std::thread::LocalKey;
 
 /// Rows `(batch, t)` per block of the deterministic `D` gradient sum.
 const ROWS_PER_BLOCK: usize = 64;
@@ -301,32 +301,9 @@ thread_local! {
     /// kept by the calling thread from call to call.
     static CHUNK_STATES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// A chunk task's largest working buffer (its weighted inputs, then the contribution of
-    /// the state entering it), kept by each thread from task to task.
+    /// the state entering it), kept by each thread from task to task (both as in
+    /// [`crate::scratch`]).
     static TASK_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-}
-
-/// Most values a thread keeps in [`CHUNK_STATES`] or [`TASK_SCRATCH`] (16 MB of f32; a
-/// prefill piece of 512 tokens of a 130m model needs 3 MB): larger buffers are made for the
-/// call and dropped after it.
-const KEPT_MAX: usize = 4 << 20;
-
-/// The thread's buffer in `key`, grown to `len` values or more: the values a last use left
-/// (zeros where it grew), so a caller writes every value it reads. Give it back with
-/// [`give_back`]; a use nested on the same thread (rayon's work stealing) finds it empty
-/// and makes its own.
-fn reused(key: &'static LocalKey<Cell<Vec<f32>>>, len: usize) -> Vec<f32> {
-    let mut buf = key.take();
-    if buf.len() < len {
-        buf.resize(len, 0.0);
-    }
-    buf
-}
-
-/// Keeps `buf` in the thread's `key` for the next [`reused`], unless it is over [`KEPT_MAX`].
-fn give_back(key: &'static LocalKey<Cell<Vec<f32>>>, buf: Vec<f32>) {
-    if buf.len() <= KEPT_MAX {
-        key.set(buf);
-    }
 }
 
 fn chunk_tasks<'a>(
