@@ -446,10 +446,10 @@ thread_local! {
 }
 
 /// Most values a prefill's per-thread scratch ([`INT8_OUTPUT`], [`ROUNDED`],
-/// [`DEQUANTISED`], [`PIECE_SCRATCH`]) keeps (16 MB of f32, a
-/// 130m model's in_proj one and a half times over); larger buffers are made for the call, so
-/// that a thread does not hold on to a model-sized one.
-const SCRATCH_MAX: usize = 4 << 20;
+/// [`DEQUANTISED`], [`PIECE_SCRATCH`]) keeps (64 MB of f32: a mamba2-130m layer's
+/// intermediates for 2048 tokens, 55 MB); larger buffers are made for the call, so that a
+/// thread does not hold on to a model-sized one.
+pub(crate) const SCRATCH_MAX: usize = 16 << 20;
 
 /// Runs `f` on `len` values (contents unspecified) of the per-thread `pool` when they fit
 /// [`SCRATCH_MAX`], otherwise on a buffer of their own.

@@ -239,6 +239,14 @@ impl MambaMixer {
         ])?;
         Ok((self.dt_proj.forward(&dt)?, b, c))
     }
+
+    /// Per token, the widths of [`Mixer::forward_host`]'s intermediates in the piece
+    /// scratch: xs, z (d_inner), dt (dt_rank), B, C (N), then Δ (d_inner); every value
+    /// written before it is read.
+    fn piece_widths(&self) -> [usize; 6] {
+        let (di, n) = (self.d_inner, self.state_size);
+        [di, di, self.dt_rank, n, n, di]
+    }
 }
 
 impl Mixer for MambaMixer {
@@ -333,6 +341,10 @@ impl Mixer for MambaMixer {
 
     /// [`Mixer::forward`] for inference on host slices, `x, out: (b, L, hidden)`, through
     /// the token-major conv and scan (no transposes, no gradient bookkeeping).
+    fn host_scratch_per_token(&self) -> usize {
+        self.piece_widths().iter().sum()
+    }
+
     fn forward_host(
         &self,
         x: &[f32],
@@ -340,17 +352,10 @@ impl Mixer for MambaMixer {
         state: &mut LayerState,
         out: &mut [f32],
     ) -> Result<()> {
-        let (di, n, r, w) = (
-            self.d_inner,
-            self.state_size,
-            self.dt_rank,
-            self.conv_kernel,
-        );
+        let (di, n, w) = (self.d_inner, self.state_size, self.conv_kernel);
         let p = &self.decode;
         let rows = batch * len;
-        // xs, z (b, L, d_inner), dt (b, L, dt_rank), B, C (b, L, N), then Δ (b, L, d_inner):
-        // every value written before it is read.
-        let lens = [di, di, r, n, n, di].map(|l| l * rows);
+        let lens = self.piece_widths().map(|l| l * rows);
         with_bounded_split_scratch(&PIECE_SCRATCH, lens, |[xs, z, dt, b, c, delta]| {
             self.in_proj
                 .forward_rows_host_parts(x, &mut [&mut *xs, &mut *z])?;

@@ -219,6 +219,10 @@ impl Mixer for Mamba2Mixer {
     /// [`Mixer::forward`] for inference on host slices, `x, out: (b, L, hidden)`, through
     /// the token-major conv and the SSD op on slices (no transposes, no gradient
     /// bookkeeping).
+    fn host_scratch_per_token(&self) -> usize {
+        self.piece_widths().iter().sum()
+    }
+
     fn forward_host(
         &self,
         x: &[f32],
@@ -231,14 +235,10 @@ impl Mixer for Mamba2Mixer {
             d_inner: di,
             conv_dim,
             heads: nh,
-            group_states: gn,
             ..
         } = self.in_proj_widths();
         let rows = batch * len;
-        // z (b, L, d_inner), xBC (b, L, d_inner + 2GN), dt (b, L, H), then the conv's output
-        // cut into xs (b, L, d_inner), B and C (b, L, GN), then the SSD's y (b, L, d_inner):
-        // every value written before it is read.
-        let lens = [di, conv_dim, nh, di, gn, gn, di].map(|l| l * rows);
+        let lens = self.piece_widths().map(|l| l * rows);
         with_bounded_split_scratch(&PIECE_SCRATCH, lens, |[z, xbc, dt, xs, b, cm, y]| {
             self.in_proj
                 .forward_rows_host_parts(x, &mut [&mut *z, &mut *xbc, &mut *dt])?;
@@ -408,6 +408,16 @@ impl Mamba2Mixer {
             Some(w) if w.dtype() == DType::F32 => Products::F32,
             _ => Products::Bf16,
         }
+    }
+
+    /// Per token, the widths of [`Mixer::forward_host`]'s intermediates in the piece
+    /// scratch: z (d_inner), xBC (d_inner + 2GN), dt (H), then the conv's output cut into xs
+    /// (d_inner), B and C (GN), then the SSD's y (d_inner); every value written before it is
+    /// read.
+    fn piece_widths(&self) -> [usize; 7] {
+        let w = self.in_proj_widths();
+        let (di, gn) = (w.d_inner, w.group_states);
+        [di, w.conv_dim, w.heads, di, gn, gn, di]
     }
 
     fn in_proj_widths(&self) -> InProjWidths {

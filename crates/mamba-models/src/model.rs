@@ -15,7 +15,8 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{Family, ModelConfig};
 use crate::error::{Error, Result};
 use crate::layers::{
-    f32_vec, with_scratch, with_split_scratch, Embedding, Linear, RmsNorm, WeightFormat,
+    f32_vec, with_bounded_split_scratch, with_scratch, with_split_scratch, Embedding, Linear,
+    RmsNorm, WeightFormat, SCRATCH_MAX,
 };
 use crate::mamba1::{MambaMixer, MixerSpec};
 use crate::mamba2::Mamba2Mixer;
@@ -45,6 +46,13 @@ pub trait Mixer: Send + Sync + std::fmt::Debug {
     #[cfg(feature = "cuda")]
     fn fused_decode_weights(&self) -> Option<crate::cuda_decode::MixerWeights<'_>> {
         None
+    }
+
+    /// Values per token that [`Mixer::forward_host`] takes from the per-thread piece scratch
+    /// (its projections and the like), which bounds the tokens in one piece of a prefill
+    /// ([`Model::host_piece_len`]). None in this default, which goes through the tensors.
+    fn host_scratch_per_token(&self) -> usize {
+        0
     }
 
     /// [`Mixer::forward`] on host slices, `x, out: (batch, len, hidden)`, for inference on
@@ -107,7 +115,7 @@ fn forward_host_via_tensors(
 }
 
 thread_local! {
-    /// The normed input and the mixer output of a block's host step.
+    /// The normed input and the mixer output of a block's host step or prefill piece.
     static BLOCK_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// The residual stream of a host step.
     static STREAM_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
@@ -163,13 +171,12 @@ impl Block {
         batch_len: (usize, usize),
         state: &mut LayerState,
     ) -> Result<()> {
-        let mut normed = vec![0.0f32; h.len()];
-        let mut mixed = vec![0.0f32; h.len()];
-        self.norm.forward_host(h, &mut normed)?;
-        self.mixer
-            .forward_host(&normed, batch_len, state, &mut mixed)?;
-        h.iter_mut().zip(&mixed).for_each(|(v, m)| *v += m);
-        self.add_feed_forward_host(h, &mut normed, batch_len.0 * batch_len.1)
+        with_bounded_split_scratch(&BLOCK_SCRATCH, [h.len(), h.len()], |[normed, mixed]| {
+            self.norm.forward_host(h, normed)?;
+            self.mixer.forward_host(normed, batch_len, state, mixed)?;
+            h.iter_mut().zip(mixed.iter()).for_each(|(v, m)| *v += m);
+            self.add_feed_forward_host(h, normed, batch_len.0 * batch_len.1)
+        })
     }
 
     /// `h += ffn(RMSNorm(h))` for the `rows` tokens of `h` when the block has a feed-forward
@@ -408,20 +415,21 @@ impl Model {
     }
 
     /// [`Model::forward`] on host slices: the input goes through the whole model in pieces
-    /// of [`HOST_PIECE_LEN`] tokens per sequence, the state carried from piece to piece, so
-    /// that each layer's intermediates stay in the cache.
+    /// of [`Model::host_piece_len`] tokens per sequence, the state carried from piece to
+    /// piece, so that each layer's intermediates fit the kept scratch.
     fn forward_host(&self, ids: &[u32], state: &mut State) -> Result<Tensor> {
         check_state(state, self.layers.len())?;
         let batch = state.batch;
         let len = sequence_length(ids.len(), batch)?;
         let hidden = self.config.hidden_size();
-        if len <= HOST_PIECE_LEN {
+        let piece_len = self.host_piece_len(batch);
+        if len <= piece_len {
             let h = self.forward_piece_host(ids, (batch, len), state)?;
             return Ok(Tensor::from_vec(h, (batch, len, hidden), &Device::Cpu)?);
         }
         let mut out = vec![0.0f32; ids.len() * hidden]; // (batch, len, hidden)
-        for start in (0..len).step_by(HOST_PIECE_LEN) {
-            let end = (start + HOST_PIECE_LEN).min(len);
+        for start in (0..len).step_by(piece_len) {
+            let end = (start + piece_len).min(len);
             let piece = token_columns(ids, len, start, end); // (batch, end - start)
             let h = self.forward_piece_host(&piece, (batch, end - start), state)?;
             let piece_rows = h.chunks_exact((end - start) * hidden);
@@ -430,6 +438,21 @@ impl Model {
             }
         }
         Ok(Tensor::from_vec(out, (batch, len, hidden), &Device::Cpu)?)
+    }
+
+    /// Tokens per sequence in one piece of a host forward pass of `batch` sequences: the
+    /// most, up to [`HOST_PIECE_MOST`] and in whole [`HOST_PIECE_STEP`]s, whose
+    /// intermediates in the largest layer fit the kept scratch ([`SCRATCH_MAX`]), so that
+    /// no layer makes fresh pages for them (at least one step).
+    fn host_piece_len(&self, batch: usize) -> usize {
+        let per_token = self
+            .layers
+            .iter()
+            .map(|block| block.mixer.host_scratch_per_token())
+            .max()
+            .unwrap_or(0);
+        let fitting = SCRATCH_MAX / (per_token * batch).max(1);
+        (fitting / HOST_PIECE_STEP * HOST_PIECE_STEP).clamp(HOST_PIECE_STEP, HOST_PIECE_MOST)
     }
 
     /// The final-norm hidden states `(batch, len, hidden)` of `ids: (batch, len)` on the
@@ -731,10 +754,16 @@ fn sequence_length(total: usize, batch: usize) -> Result<usize> {
     Ok(total / batch)
 }
 
-/// Tokens per sequence in one piece of a host forward pass: a mamba2-130m layer's
-/// intermediates for 512 tokens (≈ 10 MB) stay in the cache, those of 2048 do not (prefill
-/// of 2048 tokens at 1 thread: 421 tokens/s in one piece, 438-445 in pieces of 512).
-const HOST_PIECE_LEN: usize = 512;
+/// Most tokens per sequence in one piece of a host forward pass ([`Model::host_piece_len`]):
+/// each piece widens and transposes every weight block of a product anew, so longer pieces
+/// cost less, as long as their intermediates fit the kept scratch (mamba2-130m, 2048-token
+/// prefill: in pieces of 2048 instead of 512, 3-8 % faster at 1 and 2 threads; in pieces of
+/// 2048 whose intermediates did not fit, 15-20 % slower, page faults in every layer).
+const HOST_PIECE_MOST: usize = 2048;
+
+/// The tokens per sequence of a host forward pass's pieces come in multiples of this (the
+/// SSD's chunk length in the Mamba-2 checkpoints).
+const HOST_PIECE_STEP: usize = 256;
 
 /// Positions `start..end` of every sequence of `ids: (batch, len)`, row-major.
 fn token_columns(ids: &[u32], len: usize, start: usize, end: usize) -> Vec<u32> {

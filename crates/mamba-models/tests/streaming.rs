@@ -125,9 +125,9 @@ fn chunked_scoring_gives_the_nll_and_logits_of_one_pass() {
     }
 }
 
-/// Tokens per sequence of a forward pass longer than two of the pieces (512 tokens) the
-/// CPU forward pass cuts its input into.
-const LONG_LEN: usize = 1100;
+/// Tokens per sequence of a forward pass longer than two of the pieces the CPU forward pass
+/// cuts its input into (at most 2048 tokens; a small model's pieces are that long).
+const LONG_LEN: usize = 4400;
 
 /// Every position's hidden states of one long forward pass (several pieces on the CPU,
 /// the last one short) equal those of consecutive shorter passes, for two sequences.
@@ -142,8 +142,8 @@ fn a_long_forward_pass_gives_every_position_of_shorter_passes() {
         let hidden = want.len() / ids.len();
         let mut state = model.new_state(2);
         let mut got = vec![0.0f32; want.len()]; // (2, LONG_LEN, hidden)
-        for start in (0..LONG_LEN).step_by(300) {
-            let end = (start + 300).min(LONG_LEN);
+        for start in (0..LONG_LEN).step_by(1000) {
+            let end = (start + 1000).min(LONG_LEN);
             let piece: Vec<u32> = ids
                 .chunks(LONG_LEN)
                 .flat_map(|row| row[start..end].iter().copied())
