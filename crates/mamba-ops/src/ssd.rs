@@ -1224,7 +1224,11 @@ impl ChunkForward {
         let mut cums = vec![0.0; nb * nc * nh * q];
         chunk_tasks(dims, &mut y, &mut states, &mut cums)
             .par_iter_mut()
-            .for_each(|task| chunk_diagonal_and_state(dims, x, dtp, task, Products::F32));
+            .for_each(|task| {
+                with_subnormals_flushed(|| {
+                    chunk_diagonal_and_state(dims, x, dtp, task, Products::F32)
+                })
+            });
         pass_between_chunks(
             dims,
             x.initial_states,
@@ -1237,7 +1241,9 @@ impl ChunkForward {
             chunk_tasks(dims, &mut y, &mut states, &mut cums)
                 .par_iter_mut()
                 .for_each(|task| {
-                    chunk_off_diagonal_and_finish(dims, &ungated, task, Products::F32)
+                    with_subnormals_flushed(|| {
+                        chunk_off_diagonal_and_finish(dims, &ungated, task, Products::F32)
+                    })
                 });
         }
         ChunkForward {
@@ -1316,16 +1322,18 @@ fn chunk_own_state_grads(dims: &SsdDims, x: &SsdInputs, go: &[f32], cums: &[f32]
                 let (b, c, h) = (task / (nc * nh), (task / nh) % nc, task % nh);
                 let (t0, ql) = (c * q, (nl - c * q).min(q));
                 let cum = &cums[task * q..][..ql];
-                scale_rows_by_exp(dims, go, (b, t0, h), cum, &mut scaled[..ql * np]);
-                let c_at = row_offset(dims, b, t0, h / dims.heads_per_group(), ng, nn);
-                matmul(
-                    (np, nn, ql),
-                    grad,
-                    nn,
-                    MatRef::transposed(scaled, np),
-                    MatRef::rows(&x.c[c_at..], ng * nn),
-                    false,
-                );
+                with_subnormals_flushed(|| {
+                    scale_rows_by_exp(dims, go, (b, t0, h), cum, &mut scaled[..ql * np]);
+                    let c_at = row_offset(dims, b, t0, h / dims.heads_per_group(), ng, nn);
+                    matmul(
+                        (np, nn, ql),
+                        grad,
+                        nn,
+                        MatRef::transposed(scaled, np),
+                        MatRef::rows(&x.c[c_at..], ng * nn),
+                        false,
+                    )
+                });
             },
         );
     grads
@@ -1449,7 +1457,7 @@ impl GradContext<'_> {
             .collect();
         tasks
             .par_iter_mut()
-            .for_each(|task| self.chunk_backward(task));
+            .for_each(|task| with_subnormals_flushed(|| self.chunk_backward(task)));
         drop(tasks);
         g
     }
