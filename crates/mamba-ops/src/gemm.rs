@@ -366,12 +366,17 @@ fn rhs_block_rows(n: usize, threads: usize) -> usize {
 
 /// Rows of `lhs` per task of [`matmul_nt_threaded`]: all of them where the `col_blocks` blocks
 /// of `rhs` give every thread two tasks, else as many row ranges as make up two tasks a thread,
-/// each of 64 rows or more (each task transposes its block of `rhs` anew).
+/// each of 64 rows or more (each task transposes its block of `rhs` anew). Where the tasks
+/// would not share out evenly over the threads (7 blocks of 256 rows, Mamba-2's xBC
+/// projection, on 2 threads), the row ranges are raised until they do.
 fn lhs_block_rows(m: usize, col_blocks: usize, threads: usize) -> usize {
     const FEWEST: usize = 64;
-    let row_blocks = (2 * threads.max(1))
-        .div_ceil(col_blocks)
-        .clamp(1, m.div_ceil(FEWEST).max(1));
+    let threads = threads.max(1);
+    let most = m.div_ceil(FEWEST).max(1);
+    let mut row_blocks = (2 * threads).div_ceil(col_blocks).clamp(1, most);
+    while !(col_blocks * row_blocks).is_multiple_of(threads) && row_blocks < most {
+        row_blocks += 1;
+    }
     m.div_ceil(row_blocks)
 }
 
@@ -768,6 +773,24 @@ mod tests {
     /// a dequantiser writes what it stands for) equals the dense product on those rows,
     /// exactly (the same blocks and sums), at one and two threads, over shapes of one
     /// block, several blocks with a short last one, and a strided output.
+    /// The tasks of a threaded product share out evenly over the threads wherever the rows
+    /// allow it (Mamba-2's projections over prefill pieces at 1, 2 and 4 threads), and each
+    /// range of rows holds 64 or more.
+    #[test]
+    fn blocked_products_give_every_thread_as_many_tasks() {
+        for threads in [1, 2, 4] {
+            for n in [24usize, 768, 1536, 1792, 3352] {
+                for m in [512usize, 1000, 2048] {
+                    let col_blocks = n.div_ceil(rhs_block_rows(n, threads));
+                    let height = lhs_block_rows(m, col_blocks, threads);
+                    let tasks = col_blocks * m.div_ceil(height);
+                    assert!(tasks.is_multiple_of(threads), "{m} x {n}, {threads} threads");
+                    assert!(height >= 64, "{m} x {n}, {threads} threads: {height} rows");
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_product_on_rows_written_by_a_closure_is_the_dense_one() {
         for threads in [1, 2] {
