@@ -216,13 +216,13 @@ impl Mixer for Mamba2Mixer {
         step_through_host(self, x, state)
     }
 
-    /// [`Mixer::forward`] for inference on host slices, `x, out: (b, L, hidden)`, through
-    /// the token-major conv and the SSD op on slices (no transposes, no gradient
-    /// bookkeeping).
     fn host_scratch_per_token(&self) -> usize {
         self.piece_widths().iter().sum()
     }
 
+    /// [`Mixer::forward`] for inference on host slices, `x, out: (b, L, hidden)`, through
+    /// the token-major conv and the SSD op on slices (no transposes, no gradient
+    /// bookkeeping).
     fn forward_host(
         &self,
         x: &[f32],

@@ -757,8 +757,8 @@ fn sequence_length(total: usize, batch: usize) -> Result<usize> {
 /// Most tokens per sequence in one piece of a host forward pass ([`Model::host_piece_len`]):
 /// each piece widens and transposes every weight block of a product anew, so longer pieces
 /// cost less, as long as their intermediates fit the kept scratch (mamba2-130m, 2048-token
-/// prefill: in pieces of 2048 instead of 512, 3-8 % faster at 1 and 2 threads; in pieces of
-/// 2048 whose intermediates did not fit, 15-20 % slower, page faults in every layer).
+/// prefill: in one piece instead of four, 4-12 % faster at 1 and 2 threads; in one piece whose
+/// intermediates did not fit, 15-20 % slower, page faults in every layer).
 const HOST_PIECE_MOST: usize = 2048;
 
 /// The tokens per sequence of a host forward pass's pieces come in multiples of this (the

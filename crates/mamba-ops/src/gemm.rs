@@ -769,10 +769,6 @@ mod tests {
         );
     }
 
-    /// The product on rows written by a closure (here: each row of the weights plus one, as
-    /// a dequantiser writes what it stands for) equals the dense product on those rows,
-    /// exactly (the same blocks and sums), at one and two threads, over shapes of one
-    /// block, several blocks with a short last one, and a strided output.
     /// The tasks of a threaded product share out evenly over the threads wherever the rows
     /// allow it (Mamba-2's projections over prefill pieces at 1, 2 and 4 threads), and each
     /// range of rows holds 64 or more.
@@ -784,13 +780,20 @@ mod tests {
                     let col_blocks = n.div_ceil(rhs_block_rows(n, threads));
                     let height = lhs_block_rows(m, col_blocks, threads);
                     let tasks = col_blocks * m.div_ceil(height);
-                    assert!(tasks.is_multiple_of(threads), "{m} x {n}, {threads} threads");
+                    assert!(
+                        tasks.is_multiple_of(threads),
+                        "{m} x {n}, {threads} threads"
+                    );
                     assert!(height >= 64, "{m} x {n}, {threads} threads: {height} rows");
                 }
             }
         }
     }
 
+    /// The product on rows written by a closure (here: each row of the weights plus one, as
+    /// a dequantiser writes what it stands for) equals the dense product on those rows,
+    /// exactly (the same blocks and sums), at one and two threads, over shapes of one
+    /// block, several blocks with a short last one, and a strided output.
     #[test]
     fn the_product_on_rows_written_by_a_closure_is_the_dense_one() {
         for threads in [1, 2] {
