@@ -407,16 +407,44 @@ pub fn selective_scan_token_major(dims: &ScanDims, x: &ScanInputs) -> Result<Sca
             (out, last)
         })
         .collect();
-    let mut out = vec![0.0; nb * nl * nd];
     let mut last_state = vec![0.0; nb * nd * nn];
-    for (task, (block_out, block_last)) in results.into_iter().enumerate() {
+    for (task, (_, block_last)) in results.iter().enumerate() {
         let (b, first) = (task / blocks, (task % blocks) * LANES);
-        for (t, row) in block_out.chunks(LANES).enumerate() {
-            out[(b * nl + t) * nd + first..][..LANES].copy_from_slice(row);
-        }
-        last_state[(b * nd + first) * nn..][..LANES * nn].copy_from_slice(&block_last);
+        last_state[(b * nd + first) * nn..][..LANES * nn].copy_from_slice(block_last);
     }
+    let out = gated_rows(dims, x.z, &results);
     Ok(ScanOutput { out, last_state })
+}
+
+/// The blocks' outputs (`(L, LANES)` each, task `b * blocks + block`) gathered into rows
+/// `(batch, L, dim)` and gated, `out = y * silu(z)` (no gate without `z`): row by row over
+/// the threads, so that `z` streams in order (read one block at a time across its rows it
+/// stalled the scan: a third of the loop's samples waited on it).
+fn gated_rows(dims: &ScanDims, z: Option<&[f32]>, results: &[(Vec<f32>, Vec<f32>)]) -> Vec<f32> {
+    let (nd, nl) = (dims.dim, dims.len);
+    let blocks = nd / LANES;
+    let mut out = vec![0.0; dims.batch * nl * nd];
+    out.par_chunks_mut(nd)
+        .enumerate()
+        .for_each(|(row, out_row)| {
+            let (b, t) = (row / nl, row % nl);
+            for (block, out_lanes) in out_row.chunks_exact_mut(LANES).enumerate() {
+                out_lanes.copy_from_slice(&results[b * blocks + block].0[t * LANES..][..LANES]);
+            }
+            if let Some(z) = z {
+                with_simd(
+                    #[inline(always)]
+                    || {
+                        let z_row = &z[row * nd..][..nd];
+                        out_row
+                            .iter_mut()
+                            .zip(z_row)
+                            .for_each(|(o, z)| *o *= silu_fast(*z));
+                    },
+                );
+            }
+        });
+    out
 }
 
 /// The token-major scan through the channel-major one, for shapes the block kernel skips.
@@ -549,25 +577,17 @@ impl BlockScan<'_> {
         }
     }
 
-    /// `out_t = (y + D u) * silu(z)` (no gate without `z`).
+    /// `out_t = y + D u`, before the gate ([`gated_rows`] applies it).
     #[inline(always)]
     fn write_output(
         &self,
-        t: usize,
         step: &StepInputs,
         skip: &[f32; LANES],
         y: &[f32; LANES],
         out_t: &mut [f32],
     ) {
-        let mut gate = [1.0f32; LANES];
-        if let Some(z) = self.x.z {
-            let z = self.lanes(z, t);
-            for l in 0..LANES {
-                gate[l] = silu_fast(z[l]);
-            }
-        }
         for l in 0..LANES {
-            out_t[l] = skip[l].mul_add(step.u[l], y[l]) * gate[l];
+            out_t[l] = skip[l].mul_add(step.u[l], y[l]);
         }
     }
 
@@ -587,7 +607,7 @@ impl BlockScan<'_> {
                     y[l] = cn.mul_add(s[l], y[l]);
                 }
             }
-            self.write_output(t, &step, &skip, &y, out_t);
+            self.write_output(&step, &skip, &y, out_t);
         }
     }
 
@@ -616,16 +636,16 @@ impl BlockScan<'_> {
                 )*};
             }
             update!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
-            self.write_output(t, &step, &skip, &y, out_t);
+            self.write_output(&step, &skip, &y, out_t);
         }
         *state = s;
     }
 
-    /// Asks for the block's `delta`, `u` and `z` lanes of step `t` (if there is one) to be
+    /// Asks for the block's `delta` and `u` lanes of step `t` (if there is one) to be
     /// brought into the cache. Consecutive steps of a block are a row (`dim` values, a page or
     /// more) apart, which the hardware prefetcher does not follow: without this, 38 % of the
-    /// loop's `perf` samples sat on those loads (most on `z`'s, at the step's end); with it, a
-    /// 2048-token mamba-130m bf16 prefill spends 38 % less time in the loop.
+    /// loop's `perf` samples sat on those loads (and on `z`'s, which the loop no longer reads);
+    /// with it, a 2048-token mamba-130m bf16 prefill spent 38 % less time in the loop.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn prefetch_row(&self, t: usize) {
@@ -634,10 +654,7 @@ impl BlockScan<'_> {
             return;
         }
         let at = self.lanes_at(t);
-        for v in [Some(self.x.delta), Some(self.x.u), self.x.z]
-            .into_iter()
-            .flatten()
-        {
+        for v in [self.x.delta, self.x.u] {
             // SAFETY: `at` is inside `v`, a (batch, L, dim) input; a prefetch changes no
             // program state.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().add(at).cast()) };
@@ -681,7 +698,7 @@ impl BlockScan<'_> {
             update!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
             let mut y_lanes = [0.0f32; LANES];
             _mm512_storeu_ps(y_lanes.as_mut_ptr(), y);
-            self.write_output(t, &step, &skip, &y_lanes, out_t);
+            self.write_output(&step, &skip, &y_lanes, out_t);
         }
         for (n, row) in state.iter_mut().enumerate() {
             _mm512_storeu_ps(row.as_mut_ptr(), s[n]);
