@@ -281,16 +281,14 @@ pub fn ssd_into(
     let mut states_buf = reused(&CHUNK_STATES, nb * nc * nh * np * nn);
     let states = &mut states_buf[..nb * nc * nh * np * nn];
     let mut cums = vec![0.0; nb * nc * nh * q];
-    let mut tasks = chunk_tasks(dims, y, states, &mut cums);
-    tasks.par_iter_mut().for_each(|task| {
-        with_subnormals_flushed(|| chunk_diagonal_and_state(dims, x, dtp, task, products))
+    for_each_chunk(chunk_tasks(dims, y, states, &mut cums), |task| {
+        chunk_diagonal_and_state(dims, x, dtp, task, products)
     });
     let final_state =
         pass_between_chunks(dims, x.initial_states, states, &cums, Direction::Forward);
     // The tasks' `state` now hold the state entering each chunk.
-    let mut tasks = chunk_tasks(dims, y, states, &mut cums);
-    tasks.par_iter_mut().for_each(|task| {
-        with_subnormals_flushed(|| chunk_off_diagonal_and_finish(dims, x, task, products))
+    for_each_chunk(chunk_tasks(dims, y, states, &mut cums), |task| {
+        chunk_off_diagonal_and_finish(dims, x, task, products)
     });
     give_back(&CHUNK_STATES, states_buf);
     Ok(final_state)
@@ -304,6 +302,14 @@ thread_local! {
     /// the state entering it), kept by each thread from task to task (both as in
     /// [`crate::scratch`]).
     static TASK_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on every chunk task over rayon's threads, each with subnormal values flushed to
+/// zero ([`with_subnormals_flushed`]): the chunks' decays make them by the thousand.
+fn for_each_chunk(mut tasks: Vec<ChunkTask>, f: impl Fn(&mut ChunkTask) + Sync) {
+    tasks
+        .par_iter_mut()
+        .for_each(|task| with_subnormals_flushed(|| f(task)));
 }
 
 fn chunk_tasks<'a>(
@@ -1222,13 +1228,9 @@ impl ChunkForward {
         let mut y = vec![0.0; x.x.len()];
         let mut states = vec![0.0; nb * nc * nh * np * nn];
         let mut cums = vec![0.0; nb * nc * nh * q];
-        chunk_tasks(dims, &mut y, &mut states, &mut cums)
-            .par_iter_mut()
-            .for_each(|task| {
-                with_subnormals_flushed(|| {
-                    chunk_diagonal_and_state(dims, x, dtp, task, Products::F32)
-                })
-            });
+        for_each_chunk(chunk_tasks(dims, &mut y, &mut states, &mut cums), |task| {
+            chunk_diagonal_and_state(dims, x, dtp, task, Products::F32)
+        });
         pass_between_chunks(
             dims,
             x.initial_states,
@@ -1238,13 +1240,9 @@ impl ChunkForward {
         );
         if x.z.is_some() {
             let ungated = SsdInputs { z: None, ..*x };
-            chunk_tasks(dims, &mut y, &mut states, &mut cums)
-                .par_iter_mut()
-                .for_each(|task| {
-                    with_subnormals_flushed(|| {
-                        chunk_off_diagonal_and_finish(dims, &ungated, task, Products::F32)
-                    })
-                });
+            for_each_chunk(chunk_tasks(dims, &mut y, &mut states, &mut cums), |task| {
+                chunk_off_diagonal_and_finish(dims, &ungated, task, Products::F32)
+            });
         }
         ChunkForward {
             states,
