@@ -339,8 +339,8 @@ impl Mixer for MambaMixer {
         step_through_host(self, x, state)
     }
 
-    fn host_scratch_per_token(&self) -> usize {
-        self.piece_widths().iter().sum()
+    fn host_scratch_per_token(&self) -> Option<usize> {
+        Some(self.piece_widths().iter().sum())
     }
 
     /// [`Mixer::forward`] for inference on host slices, `x, out: (b, L, hidden)`, through

@@ -50,9 +50,11 @@ pub trait Mixer: Send + Sync + std::fmt::Debug {
 
     /// Values per token that [`Mixer::forward_host`] takes from the per-thread piece scratch
     /// (its projections and the like), which bounds the tokens in one piece of a prefill
-    /// ([`Model::host_piece_len`]). None in this default, which goes through the tensors.
-    fn host_scratch_per_token(&self) -> usize {
-        0
+    /// ([`Model::host_piece_len`]). `None` in this default, which goes through the tensors
+    /// (attention: its scores grow with the piece times the context), for which the pieces
+    /// stay at [`HOST_PIECE_THROUGH_TENSORS`] tokens.
+    fn host_scratch_per_token(&self) -> Option<usize> {
+        None
     }
 
     /// [`Mixer::forward`] on host slices, `x, out: (batch, len, hidden)`, for inference on
@@ -443,14 +445,17 @@ impl Model {
     /// Tokens per sequence in one piece of a host forward pass of `batch` sequences: the
     /// most, up to [`HOST_PIECE_MOST`] and in whole [`HOST_PIECE_STEP`]s, whose
     /// intermediates in the largest layer fit the kept scratch ([`SCRATCH_MAX`]), so that
-    /// no layer makes fresh pages for them (at least one step).
+    /// no layer makes fresh pages for them (at least one step);
+    /// [`HOST_PIECE_THROUGH_TENSORS`] where a layer's mixer keeps no account of them.
     fn host_piece_len(&self, batch: usize) -> usize {
         let per_token = self
             .layers
             .iter()
             .map(|block| block.mixer.host_scratch_per_token())
-            .max()
-            .unwrap_or(0);
+            .try_fold(0, |most, layer| Some(layer?.max(most)));
+        let Some(per_token) = per_token else {
+            return HOST_PIECE_THROUGH_TENSORS;
+        };
         let fitting = SCRATCH_MAX / (per_token * batch).max(1);
         (fitting / HOST_PIECE_STEP * HOST_PIECE_STEP).clamp(HOST_PIECE_STEP, HOST_PIECE_MOST)
     }
@@ -765,6 +770,11 @@ const HOST_PIECE_MOST: usize = 2048;
 /// SSD's chunk length in the Mamba-2 checkpoints).
 const HOST_PIECE_STEP: usize = 256;
 
+/// Tokens per sequence in one piece of a host forward pass through a model with a mixer that
+/// goes through the tensors (attention in Jamba, the hybrids and the Transformer baseline):
+/// the pieces all models had before their length followed the scratch.
+const HOST_PIECE_THROUGH_TENSORS: usize = 512;
+
 /// Positions `start..end` of every sequence of `ids: (batch, len)`, row-major.
 fn token_columns(ids: &[u32], len: usize, start: usize, end: usize) -> Vec<u32> {
     ids.chunks(len)
@@ -811,7 +821,9 @@ fn checkpoint_err(e: impl Into<Error>) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use super::with_workers_awake;
+    use super::{
+        with_workers_awake, Model, HOST_PIECE_MOST, HOST_PIECE_STEP, HOST_PIECE_THROUGH_TENSORS,
+    };
     use rayon::prelude::*;
 
     fn pool(threads: usize) -> rayon::ThreadPool {
@@ -842,6 +854,27 @@ mod tests {
             assert_eq!(sum, 100_000 * 99_999 / 2, "{threads} threads");
             assert_eq!(workers, threads, "every worker took a share");
         }
+    }
+
+    /// Models of Mamba mixers alone take pieces as long as their scratch holds (the whole
+    /// 2048 for the 130m sizes at batch 1, shorter for larger batches and the 2.7b width);
+    /// a model with attention layers keeps pieces of 512.
+    #[test]
+    fn prefill_pieces_follow_the_scratch_and_stay_short_with_attention() {
+        use crate::config::preset;
+        use candle_core::DType;
+        let piece_len = |name: &str, batch: usize| {
+            let model = Model::random(&preset(name).unwrap(), DType::F32, 0).unwrap();
+            model.host_piece_len(batch)
+        };
+        assert_eq!(piece_len("mamba2-130m", 1), HOST_PIECE_MOST);
+        assert_eq!(piece_len("mamba-130m", 1), HOST_PIECE_MOST);
+        let batched = piece_len("mamba2-130m", 4);
+        assert!(
+            batched < HOST_PIECE_MOST && batched % HOST_PIECE_STEP == 0,
+            "{batched}"
+        );
+        assert_eq!(piece_len("hybrid-130m", 1), HOST_PIECE_THROUGH_TENSORS);
     }
 
     #[test]
