@@ -226,6 +226,7 @@ pub fn lane_sum(v: &[f32]) -> f32 {
 }
 
 /// `ln(x)` for positive normal `x` without branches or library calls (Cephes polynomial).
+/// Uses fused multiply-adds: call it from code compiled for FMA (see [`with_simd`]).
 #[inline(always)]
 pub fn ln_fast(x: f32) -> f32 {
     const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -238,16 +239,16 @@ pub fn ln_fast(x: f32) -> f32 {
     let r = if small { m + m - 1.0 } else { m - 1.0 };
     let z = r * r;
     let mut p = 7.037_683_6e-2_f32;
-    p = p * r - 1.151_461e-1;
-    p = p * r + 1.167_699_9e-1;
-    p = p * r - 1.242_014_1e-1;
-    p = p * r + 1.424_932_3e-1;
-    p = p * r - 1.666_805_8e-1;
-    p = p * r + 2.000_071_4e-1;
-    p = p * r - 2.499_999_4e-1;
-    p = p * r + 0.333_333_3;
-    let y = p * r * z - 2.121_944_4e-4 * e - 0.5 * z;
-    r + y + 0.693_359_4 * e
+    p = p.mul_add(r, -1.151_461e-1);
+    p = p.mul_add(r, 1.167_699_9e-1);
+    p = p.mul_add(r, -1.242_014_1e-1);
+    p = p.mul_add(r, 1.424_932_3e-1);
+    p = p.mul_add(r, -1.666_805_8e-1);
+    p = p.mul_add(r, 2.000_071_4e-1);
+    p = p.mul_add(r, -2.499_999_4e-1);
+    p = p.mul_add(r, 0.333_333_3);
+    let y = (p * r).mul_add(z, e.mul_add(-2.121_944_4e-4, -0.5 * z));
+    e.mul_add(0.693_359_4, r + y)
 }
 
 /// [`softplus`] built from [`exp_fast`] and [`ln_fast`], for vectorised loops:

@@ -79,6 +79,79 @@ struct SharedSlice<T>(*mut T);
 // (see `for_each_claimed_chunk`), of values that may move between threads (`T: Send`).
 unsafe impl<T: Send> Sync for SharedSlice<T> {}
 
+/// Columns `[first, first + width)` of every row of a row-major matrix, for one thread to
+/// write while other threads write the matrix's other bands (see [`column_bands`]).
+pub struct ColumnBand<'a> {
+    base: *mut f32,
+    rows: usize,
+    row_len: usize,
+    first: usize,
+    width: usize,
+    _matrix: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: a band only reaches its own columns, which no other band of the same matrix covers
+// (see `column_bands`), so moving it to another thread shares no values.
+unsafe impl Send for ColumnBand<'_> {}
+
+impl ColumnBand<'_> {
+    /// The band's `width` values of row `row`.
+    ///
+    /// # Panics
+    /// If `row` is past the matrix's last row.
+    pub fn row(&mut self, row: usize) -> &mut [f32] {
+        assert!(row < self.rows, "row {row} of a {}-row band", self.rows);
+        // SAFETY: the values lie inside the matrix (row < rows, first + width <= row_len),
+        // which the band borrows mutably; no other band covers these columns, and `&mut self`
+        // keeps this band from handing out the same values twice.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.base.add(row * self.row_len + self.first),
+                self.width,
+            )
+        }
+    }
+}
+
+/// Cuts a row-major `matrix` with rows of `row_len` values into side-by-side bands of columns,
+/// `widths` wide from the left, each of which a different thread may write.
+///
+/// # Panics
+/// If the widths add up to more than `row_len`, or `matrix` is not whole rows.
+pub fn column_bands(
+    matrix: &mut [f32],
+    row_len: usize,
+    widths: impl IntoIterator<Item = usize>,
+) -> Vec<ColumnBand<'_>> {
+    assert!(
+        row_len > 0 && matrix.len().is_multiple_of(row_len),
+        "column_bands: {} values are not rows of {row_len}",
+        matrix.len()
+    );
+    let rows = matrix.len() / row_len;
+    let base = matrix.as_mut_ptr();
+    let mut first = 0;
+    widths
+        .into_iter()
+        .map(|width| {
+            assert!(
+                first + width <= row_len,
+                "column_bands: bands wider than a row"
+            );
+            let band = ColumnBand {
+                base,
+                rows,
+                row_len,
+                first,
+                width,
+                _matrix: std::marker::PhantomData,
+            };
+            first += width;
+            band
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::for_each_claimed_chunk;
@@ -107,6 +180,38 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn column_bands_cover_their_own_columns_of_every_row() {
+        let (rows, row_len) = (5, 10);
+        let mut matrix = vec![-1.0f32; rows * row_len];
+        let bands = super::column_bands(&mut matrix, row_len, [3, 0, 4, 2]);
+        rayon::scope(|s| {
+            for (i, mut band) in bands.into_iter().enumerate() {
+                s.spawn(move |_| {
+                    for r in 0..rows {
+                        band.row(r).iter_mut().for_each(|v| *v = i as f32);
+                    }
+                });
+            }
+        });
+        let want: Vec<f32> = [0.0; 3]
+            .into_iter()
+            .chain([2.0; 4])
+            .chain([3.0; 2])
+            .chain([-1.0])
+            .collect();
+        for row in matrix.chunks(row_len) {
+            assert_eq!(row, &want[..]);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "bands wider than a row")]
+    fn column_bands_wider_than_the_rows_are_refused() {
+        let mut matrix = vec![0.0f32; 12];
+        super::column_bands(&mut matrix, 4, [3, 2]);
     }
 
     #[test]

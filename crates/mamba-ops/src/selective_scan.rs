@@ -21,8 +21,11 @@ use crate::math::{
     dot, exp2_fast, exp_fast, process_dt, sigmoid_fast, silu, silu_fast, silu_grad_fast,
     softplus_fast, with_simd, NO_DT_LIMIT,
 };
-use crate::parallel::{add_into, fold_in_blocks};
+use crate::parallel::{add_into, column_bands, fold_in_blocks, ColumnBand};
+use crate::scratch::{give_back, reused};
 use rayon::prelude::*;
+use std::cell::Cell;
+use std::ops::Range;
 
 /// Channels per block of the deterministic `B`/`C` gradient sums.
 const CHANNELS_PER_BLOCK: usize = 32;
@@ -355,9 +358,9 @@ const LANES: usize = 16;
 /// and `last_state: (batch, dim, N)`. `dims.bc` must be `Varying`.
 ///
 /// Sixteen channels run side by side in the lanes of a vector, so the state update,
-/// the `C . h` contraction and the gate are all lane-wise (no horizontal sums); threads
-/// take blocks of channels. Falls back to the per-channel kernel when `dim / groups` is
-/// not a multiple of 16.
+/// the `C . h` contraction and the gate are all lane-wise (no horizontal sums); each thread
+/// takes a band of such blocks of one batch row ([`scan_band`]). Falls back to the
+/// per-channel kernel when `dim / groups` is not a multiple of 16.
 pub fn selective_scan_token_major(dims: &ScanDims, x: &ScanInputs) -> Result<ScanOutput> {
     dims.check(x)?;
     let BcForm::Varying { groups } = dims.bc else {
@@ -375,76 +378,63 @@ pub fn selective_scan_token_major(dims: &ScanDims, x: &ScanInputs) -> Result<Sca
         .flat_map(|n| (0..nd).map(move |d| (n, d)))
         .map(|(n, d)| x.a[d * nn + n] * std::f32::consts::LOG2_E)
         .collect();
-    let blocks = nd / LANES;
-    let results: Vec<(Vec<f32>, Vec<f32>)> = (0..nb * blocks)
-        .into_par_iter()
-        .map(|task| {
-            let (b, block) = (task / blocks, task % blocks);
-            let mut out = vec![0.0; nl * LANES];
-            let mut state = vec![[0.0f32; LANES]; nn];
-            if let Some(h0) = x.initial_state {
-                for (l, d) in (block * LANES..(block + 1) * LANES).enumerate() {
-                    for n in 0..nn {
-                        state[n][l] = h0[(b * nd + d) * nn + n];
-                    }
-                }
-            }
-            let job = BlockScan {
-                dims,
-                x,
-                a2_t: &a2_t,
-                batch: b,
-                first: block * LANES,
-                groups,
-            };
-            with_simd(
-                #[inline(always)]
-                || job.run(&mut state, &mut out),
-            );
-            let last: Vec<f32> = (0..LANES)
-                .flat_map(|l| state.iter().map(move |s| s[l]))
-                .collect();
-            (out, last)
+    let bands = band_blocks(nb, nd / LANES, rayon::current_num_threads());
+    let mut out = vec![0.0; nb * nl * nd];
+    let mut last_state = vec![0.0; nb * nd * nn];
+    let tasks: Vec<Band> = out
+        .chunks_mut(nl * nd)
+        .zip(last_state.chunks_mut(nd * nn))
+        .enumerate()
+        .flat_map(|(batch, (out_b, last_b))| {
+            let widths = bands.iter().map(|blocks| blocks.len() * LANES);
+            let outs = column_bands(out_b, nd, widths.clone());
+            let lasts = split_widths(last_b, widths.map(|w| w * nn));
+            outs.into_iter()
+                .zip(lasts)
+                .zip(bands.clone())
+                .map(move |((out, last), blocks)| Band {
+                    batch,
+                    blocks,
+                    out,
+                    last,
+                })
         })
         .collect();
-    let mut last_state = vec![0.0; nb * nd * nn];
-    for (task, (_, block_last)) in results.iter().enumerate() {
-        let (b, first) = (task / blocks, (task % blocks) * LANES);
-        last_state[(b * nd + first) * nn..][..LANES * nn].copy_from_slice(block_last);
-    }
-    let out = gated_rows(dims, x.z, &results);
+    let job = BandScan {
+        dims,
+        x,
+        a2_t: &a2_t,
+        groups,
+    };
+    tasks.into_par_iter().for_each(|band| {
+        with_simd(
+            #[inline(always)]
+            || job.run(band),
+        )
+    });
     Ok(ScanOutput { out, last_state })
 }
 
-/// The blocks' outputs (`(L, LANES)` each, task `b * blocks + block`) gathered into rows
-/// `(batch, L, dim)` and gated, `out = y * silu(z)` (no gate without `z`): row by row over
-/// the threads, so that `z` streams in order (read one block at a time across its rows it
-/// stalled the scan: a third of the loop's samples waited on it).
-fn gated_rows(dims: &ScanDims, z: Option<&[f32]>, results: &[(Vec<f32>, Vec<f32>)]) -> Vec<f32> {
-    let (nd, nl) = (dims.dim, dims.len);
-    let blocks = nd / LANES;
-    let mut out = vec![0.0; dims.batch * nl * nd];
-    out.par_chunks_mut(nd)
-        .enumerate()
-        .for_each(|(row, out_row)| {
-            let (b, t) = (row / nl, row % nl);
-            for (block, out_lanes) in out_row.chunks_exact_mut(LANES).enumerate() {
-                out_lanes.copy_from_slice(&results[b * blocks + block].0[t * LANES..][..LANES]);
-            }
-            if let Some(z) = z {
-                with_simd(
-                    #[inline(always)]
-                    || {
-                        let z_row = &z[row * nd..][..nd];
-                        out_row
-                            .iter_mut()
-                            .zip(z_row)
-                            .for_each(|(o, z)| *o *= silu_fast(*z));
-                    },
-                );
-            }
-        });
-    out
+/// The blocks of [`LANES`] channels cut into consecutive bands, as few per batch row as give
+/// every one of `threads` threads a band (one per row when the rows alone do), sizes within a
+/// block of each other.
+fn band_blocks(batch: usize, blocks: usize, threads: usize) -> Vec<Range<usize>> {
+    let count = threads.div_ceil(batch.max(1)).clamp(1, blocks.max(1));
+    (0..count)
+        .map(|i| i * blocks / count..(i + 1) * blocks / count)
+        .collect()
+}
+
+/// `v` cut into consecutive pieces of `widths` values.
+fn split_widths(mut v: &mut [f32], widths: impl IntoIterator<Item = usize>) -> Vec<&mut [f32]> {
+    widths
+        .into_iter()
+        .map(|width| {
+            let (piece, rest) = std::mem::take(&mut v).split_at_mut(width);
+            v = rest;
+            piece
+        })
+        .collect()
 }
 
 /// The token-major scan through the channel-major one, for shapes the block kernel skips.
@@ -477,137 +467,245 @@ fn scan_via_channel_major(dims: &ScanDims, x: &ScanInputs) -> Result<ScanOutput>
     })
 }
 
-/// How many steps ahead the AVX-512 block loop prefetches its rows (2 to 6 measured alike, 16
-/// slower; none: the scan at d 1536, 512 steps, 1 thread took 6.4-6.8 ms against 5.2-5.5).
-const PREFETCH_STEPS: usize = 4;
+/// Steps that [`BandScan::run`] readies at a time: their `dt`, `dt u` and `C . h`, packed block
+/// by block (`3 * CHUNK_STEPS * 4` bytes per channel: 600 KB for a 1536-channel band), stay in
+/// the L2 cache while every block of the band runs over them.
+const CHUNK_STEPS: usize = 32;
 
-/// One block of [`LANES`] channels of one batch row.
-struct BlockScan<'a> {
+thread_local! {
+    /// [`BandScan::run`]'s packed chunk.
+    static PACKED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// One thread's share of [`selective_scan_token_major`]: consecutive blocks of one batch row.
+struct Band<'o> {
+    batch: usize,
+    blocks: Range<usize>,
+    /// The band's columns of the batch row's `out: (L, dim)`.
+    out: ColumnBand<'o>,
+    /// The band's channels of the batch row's `last_state: (dim, N)`.
+    last: &'o mut [f32],
+}
+
+/// What every band of one [`selective_scan_token_major`] call reads.
+struct BandScan<'a> {
     dims: &'a ScanDims,
     x: &'a ScanInputs<'a>,
     /// `A log2(e)`, transposed to `(N, dim)`.
     a2_t: &'a [f32],
-    batch: usize,
-    first: usize,
     groups: usize,
 }
 
-/// What every state index of one step shares: `dt` and `dt * u` per channel, and the step's
-/// `B`, `C` of the block's group.
-struct StepInputs<'s> {
-    u: [f32; LANES],
-    dt: [f32; LANES],
-    du: [f32; LANES],
-    b: &'s [f32],
-    c: &'s [f32],
+impl BandScan<'_> {
+    /// Runs the band over the steps a chunk at a time: [`BandScan::pack`] lays out the
+    /// chunk's `dt` and `dt u` block by block, reading `delta` and `u` row by row (a block
+    /// reading its own 16 lanes step after step jumps a row, a page or more, each step, which
+    /// the hardware prefetcher does not follow and which left the recurrence waiting on the
+    /// loads); each block then runs the recurrence over the chunk in L2-resident values
+    /// ([`BlockScan`]); [`BandScan::unpack`] writes the rows, `(C . h + D u) silu(z)`.
+    #[inline(always)]
+    fn run(&self, mut band: Band) {
+        let (nl, nn) = (self.dims.len, self.dims.state);
+        let first = band.blocks.start * LANES;
+        let width = band.blocks.len() * LANES;
+        let mut state = self.first_state(band.batch, first, band.blocks.len());
+        let mut packed = reused(&PACKED, 3 * CHUNK_STEPS * width);
+        let (dt, rest) = packed.split_at_mut(CHUNK_STEPS * width);
+        let (du, y) = rest.split_at_mut(CHUNK_STEPS * width);
+        let per_group = self.dims.dim / self.groups;
+        for t0 in (0..nl).step_by(CHUNK_STEPS) {
+            let steps = CHUNK_STEPS.min(nl - t0);
+            let row0 = band.batch * nl + t0;
+            let block_len = steps * LANES;
+            self.pack(row0, steps, first..first + width, dt, du);
+            for (i, block) in band.blocks.clone().enumerate() {
+                let g = block * LANES / per_group;
+                let bc_at = (row0 * self.groups + g) * nn;
+                let job = BlockScan {
+                    a2_t: self.a2_t,
+                    dim: self.dims.dim,
+                    first: block * LANES,
+                    b: &self.x.b[bc_at..],
+                    c: &self.x.c[bc_at..],
+                    bc_stride: self.groups * nn,
+                };
+                let block_values = i * block_len..(i + 1) * block_len;
+                job.run(
+                    &mut state[i * nn..(i + 1) * nn],
+                    &dt[block_values.clone()],
+                    &du[block_values.clone()],
+                    &mut y[block_values],
+                );
+            }
+            self.unpack(row0, steps, first..first + width, y, &mut band.out, t0);
+        }
+        give_back(&PACKED, packed);
+        for (channel, last) in band.last.chunks_exact_mut(nn).enumerate() {
+            let block_state = &state[channel / LANES * nn..][..nn];
+            for (h, s) in last.iter_mut().zip(block_state) {
+                *h = s[channel % LANES];
+            }
+        }
+    }
+
+    /// The band's starting state, `(blocks, N, LANES)`: `initial_state` or zeros.
+    fn first_state(&self, batch: usize, first: usize, blocks: usize) -> Vec<[f32; LANES]> {
+        let (nd, nn) = (self.dims.dim, self.dims.state);
+        let mut state = vec![[0.0f32; LANES]; blocks * nn];
+        if let Some(h0) = self.x.initial_state {
+            for (c, d) in (first..first + blocks * LANES).enumerate() {
+                for n in 0..nn {
+                    state[c / LANES * nn + n][c % LANES] = h0[(batch * nd + d) * nn + n];
+                }
+            }
+        }
+        state
+    }
+
+    /// `dt = softplus(delta + delta_bias)` (softplus when asked) and `dt u` of `channels` at
+    /// `steps` rows from `row0`, into `(blocks, steps, LANES)`.
+    #[inline(always)]
+    fn pack(
+        &self,
+        row0: usize,
+        steps: usize,
+        channels: Range<usize>,
+        dt: &mut [f32],
+        du: &mut [f32],
+    ) {
+        let nd = self.dims.dim;
+        let width = channels.len();
+        let bias = self.x.delta_bias.map(|b| &b[channels.clone()]);
+        for i in 0..steps {
+            let at = (row0 + i) * nd + channels.start;
+            let (delta, u) = (&self.x.delta[at..at + width], &self.x.u[at..at + width]);
+            for (j, (delta, u)) in delta
+                .chunks_exact(LANES)
+                .zip(u.chunks_exact(LANES))
+                .enumerate()
+            {
+                let mut v: [f32; LANES] = delta.try_into().expect("LANES values");
+                if let Some(bias) = bias {
+                    v.iter_mut()
+                        .zip(&bias[j * LANES..][..LANES])
+                        .for_each(|(v, b)| *v += b);
+                }
+                if self.x.delta_softplus {
+                    v.iter_mut().for_each(|v| *v = softplus_fast(*v));
+                }
+                let u: &[f32; LANES] = u.try_into().expect("LANES values");
+                let to = (j * steps + i) * LANES;
+                dt[to..to + LANES].copy_from_slice(&v);
+                let du: &mut [f32; LANES] = (&mut du[to..to + LANES]).try_into().expect("LANES");
+                for l in 0..LANES {
+                    du[l] = v[l] * u[l];
+                }
+            }
+        }
+    }
+
+    /// Writes the band's `steps` output rows from `row0` (`t0` within the batch row):
+    /// `(C . h + D u) silu(z)`, `C . h` from `y: (blocks, steps, LANES)`.
+    #[inline(always)]
+    fn unpack(
+        &self,
+        row0: usize,
+        steps: usize,
+        channels: Range<usize>,
+        y: &[f32],
+        out: &mut ColumnBand,
+        t0: usize,
+    ) {
+        let nd = self.dims.dim;
+        let width = channels.len();
+        let skip = self.x.d.map(|d| &d[channels.clone()]);
+        for i in 0..steps {
+            let at = (row0 + i) * nd + channels.start;
+            let u = &self.x.u[at..at + width];
+            let out_row = out.row(t0 + i);
+            for (j, out_lanes) in out_row.chunks_exact_mut(LANES).enumerate() {
+                out_lanes.copy_from_slice(&y[(j * steps + i) * LANES..][..LANES]);
+            }
+            if let Some(d) = skip {
+                out_row
+                    .iter_mut()
+                    .zip(d.iter().zip(u))
+                    .for_each(|(o, (d, u))| *o = d.mul_add(*u, *o));
+            }
+            if let Some(z) = self.x.z {
+                out_row
+                    .iter_mut()
+                    .zip(&z[at..at + width])
+                    .for_each(|(o, z)| *o *= silu_fast(*z));
+            }
+        }
+    }
+}
+
+/// The recurrence of one block of [`LANES`] channels over one chunk of steps.
+struct BlockScan<'a> {
+    /// `A log2(e)`, transposed to `(N, dim)`.
+    a2_t: &'a [f32],
+    dim: usize,
+    /// The block's first channel.
+    first: usize,
+    /// `B` and `C` of the block's group from the chunk's first step: step `i`'s `N` values
+    /// at `i * bc_stride`.
+    b: &'a [f32],
+    c: &'a [f32],
+    bc_stride: usize,
 }
 
 impl BlockScan<'_> {
-    /// `LANES` values of a `(batch, L, dim)` input at step `t`.
-    #[inline(always)]
-    fn lanes(&self, v: &[f32], t: usize) -> [f32; LANES] {
-        let at = self.lanes_at(t);
-        v[at..at + LANES].try_into().expect("LANES values")
-    }
-
-    /// Where the block's first lane of step `t` sits in a `(batch, L, dim)` input.
-    #[inline(always)]
-    fn lanes_at(&self, t: usize) -> usize {
-        (self.batch * self.dims.len + t) * self.dims.dim + self.first
-    }
-
-    #[inline(always)]
-    fn per_channel(&self, v: Option<&[f32]>) -> [f32; LANES] {
-        v.map_or([0.0; LANES], |v| {
-            v[self.first..self.first + LANES]
-                .try_into()
-                .expect("LANES values")
-        })
-    }
-
     /// `A log2(e)` of the block's channels at state index `n`.
     #[inline(always)]
     fn a2(&self, n: usize) -> [f32; LANES] {
-        self.a2_t[n * self.dims.dim + self.first..][..LANES]
+        self.a2_t[n * self.dim + self.first..][..LANES]
             .try_into()
             .expect("LANES")
     }
 
-    /// Runs the block over every step, `state: (N, LANES)`; Mamba-1's usual 16 values go
-    /// through [`BlockScan::run_steps_16`] (on AVX-512, [`BlockScan::run_steps_16_avx512`]).
+    /// Step `i`'s `B` and `C`.
     #[inline(always)]
-    fn run(&self, state: &mut [[f32; LANES]], out: &mut [f32]) {
+    fn bc(&self, i: usize, nn: usize) -> (&[f32], &[f32]) {
+        let at = i * self.bc_stride;
+        (&self.b[at..at + nn], &self.c[at..at + nn])
+    }
+
+    /// Runs the block over the chunk, `state: (N, LANES)`, `dt, du, y: (steps, LANES)`;
+    /// writes `y = C . h`. Mamba-1's usual 16 state values go through
+    /// [`BlockScan::run_steps_16`] (on AVX-512, [`BlockScan::run_steps_16_avx512`]).
+    #[inline(always)]
+    fn run(&self, state: &mut [[f32; LANES]], dt: &[f32], du: &[f32], y: &mut [f32]) {
         match <&mut [[f32; LANES]; 16]>::try_from(&mut *state) {
             Ok(fixed) => {
                 #[cfg(target_arch = "x86_64")]
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU has AVX-512F (detected just above).
-                    return unsafe { self.run_steps_16_avx512(fixed, out) };
+                    return unsafe { self.run_steps_16_avx512(fixed, dt, du, y) };
                 }
-                self.run_steps_16(fixed, out)
+                self.run_steps_16(fixed, dt, du, y)
             }
-            Err(_) => self.run_steps(state, out),
-        }
-    }
-
-    #[inline(always)]
-    fn step_inputs(&self, t: usize, bias: &[f32; LANES]) -> StepInputs<'_> {
-        let nn = self.dims.state;
-        let g = self.first / (self.dims.dim / self.groups);
-        let raw = self.lanes(self.x.delta, t);
-        let u = self.lanes(self.x.u, t);
-        let mut dt = [0.0; LANES];
-        let mut du = [0.0; LANES];
-        for l in 0..LANES {
-            let v = raw[l] + bias[l];
-            dt[l] = if self.x.delta_softplus {
-                softplus_fast(v)
-            } else {
-                v
-            };
-            du[l] = dt[l] * u[l];
-        }
-        let bc_at = ((self.batch * self.dims.len + t) * self.groups + g) * nn;
-        StepInputs {
-            u,
-            dt,
-            du,
-            b: &self.x.b[bc_at..bc_at + nn],
-            c: &self.x.c[bc_at..bc_at + nn],
-        }
-    }
-
-    /// `out_t = y + D u`, before the gate ([`gated_rows`] applies it).
-    #[inline(always)]
-    fn write_output(
-        &self,
-        step: &StepInputs,
-        skip: &[f32; LANES],
-        y: &[f32; LANES],
-        out_t: &mut [f32],
-    ) {
-        for l in 0..LANES {
-            out_t[l] = skip[l].mul_add(step.u[l], y[l]);
+            Err(_) => self.run_steps(state, dt, du, y),
         }
     }
 
     /// Any state length: the state through the slice.
     #[inline(always)]
-    fn run_steps(&self, state: &mut [[f32; LANES]], out: &mut [f32]) {
-        let bias = self.per_channel(self.x.delta_bias);
-        let skip = self.per_channel(self.x.d);
-        for (t, out_t) in out.chunks_exact_mut(LANES).enumerate() {
-            let step = self.step_inputs(t, &bias);
-            let mut y = [0.0f32; LANES];
+    fn run_steps(&self, state: &mut [[f32; LANES]], dt: &[f32], du: &[f32], y: &mut [f32]) {
+        let nn = state.len();
+        let steps = dt.chunks_exact(LANES).zip(du.chunks_exact(LANES));
+        for (i, ((dt, du), y)) in steps.zip(y.chunks_exact_mut(LANES)).enumerate() {
+            let (b, c) = self.bc(i, nn);
+            let mut sum = [0.0f32; LANES];
             for (n, s) in state.iter_mut().enumerate() {
                 let a2 = self.a2(n);
-                let (bn, cn) = (step.b[n], step.c[n]);
                 for l in 0..LANES {
-                    s[l] = exp2_fast(step.dt[l] * a2[l]).mul_add(s[l], step.du[l] * bn);
-                    y[l] = cn.mul_add(s[l], y[l]);
+                    s[l] = exp2_fast(dt[l] * a2[l]).mul_add(s[l], du[l] * b[n]);
+                    sum[l] = c[n].mul_add(s[l], sum[l]);
                 }
             }
-            self.write_output(&step, &skip, &y, out_t);
+            y.copy_from_slice(&sum);
         }
     }
 
@@ -615,90 +713,61 @@ impl BlockScan<'_> {
     /// in sixteen vector registers across the steps (a loop over the indices, even over a
     /// local array, left it in memory: a load and a store per index and step).
     #[inline(always)]
-    fn run_steps_16(&self, state: &mut [[f32; LANES]; 16], out: &mut [f32]) {
-        let bias = self.per_channel(self.x.delta_bias);
-        let skip = self.per_channel(self.x.d);
+    fn run_steps_16(&self, state: &mut [[f32; LANES]; 16], dt: &[f32], du: &[f32], y: &mut [f32]) {
         let a2: [[f32; LANES]; 16] = std::array::from_fn(|n| self.a2(n));
         let mut s = *state;
-        for (t, out_t) in out.chunks_exact_mut(LANES).enumerate() {
-            let step = self.step_inputs(t, &bias);
-            let (b, c): (&[f32; 16], &[f32; 16]) = (
-                step.b.try_into().expect("16 values"),
-                step.c.try_into().expect("16 values"),
-            );
-            let mut y = [0.0f32; LANES];
+        let steps = dt.chunks_exact(LANES).zip(du.chunks_exact(LANES));
+        for (i, ((dt, du), y)) in steps.zip(y.chunks_exact_mut(LANES)).enumerate() {
+            let (b, c) = self.bc(i, 16);
+            let mut sum = [0.0f32; LANES];
             macro_rules! update {
                 ($($n:literal)*) => {$(
                     for l in 0..LANES {
-                        s[$n][l] = exp2_fast(step.dt[l] * a2[$n][l]).mul_add(s[$n][l], step.du[l] * b[$n]);
-                        y[l] = c[$n].mul_add(s[$n][l], y[l]);
+                        s[$n][l] = exp2_fast(dt[l] * a2[$n][l]).mul_add(s[$n][l], du[l] * b[$n]);
+                        sum[l] = c[$n].mul_add(s[$n][l], sum[l]);
                     }
                 )*};
             }
             update!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
-            self.write_output(&step, &skip, &y, out_t);
+            y.copy_from_slice(&sum);
         }
         *state = s;
     }
 
-    /// Asks for the block's `delta` and `u` lanes of step `t` (if there is one) to be
-    /// brought into the cache. Consecutive steps of a block are a row (`dim` values, a page or
-    /// more) apart, which the hardware prefetcher does not follow: without this, 38 % of the
-    /// loop's `perf` samples sat on those loads (and on `z`'s, which the loop no longer reads);
-    /// with it, a 2048-token mamba-130m bf16 prefill spent 38 % less time in the loop.
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    fn prefetch_row(&self, t: usize) {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        if t >= self.dims.len {
-            return;
-        }
-        let at = self.lanes_at(t);
-        for v in [self.x.delta, self.x.u] {
-            // SAFETY: `at` is inside `v`, a (batch, L, dim) input; a prefetch changes no
-            // program state.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().add(at).cast()) };
-        }
-    }
-
     /// [`BlockScan::run_steps_16`] in AVX-512 registers, the decays from [`exp2_avx512`]
     /// (`roundscale` and `scalef`: three vector operations fewer per state value and step than
-    /// [`exp2_fast`] compiled for the same registers).
+    /// [`exp2_fast`] compiled for the same registers), `C . h` in two sums (even and odd
+    /// indices) so that its chain of dependent additions is half as long.
     ///
     /// # Safety
     /// The CPU must have AVX-512F.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    unsafe fn run_steps_16_avx512(&self, state: &mut [[f32; LANES]; 16], out: &mut [f32]) {
+    unsafe fn run_steps_16_avx512(
+        &self,
+        state: &mut [[f32; LANES]; 16],
+        dt: &[f32],
+        du: &[f32],
+        y: &mut [f32],
+    ) {
         use std::arch::x86_64::*;
-        let bias = self.per_channel(self.x.delta_bias);
-        let skip = self.per_channel(self.x.d);
         let a2: [__m512; 16] = std::array::from_fn(|n| _mm512_loadu_ps(self.a2(n).as_ptr()));
         let mut s: [__m512; 16] = std::array::from_fn(|n| _mm512_loadu_ps(state[n].as_ptr()));
-        for (t, out_t) in out.chunks_exact_mut(LANES).enumerate() {
-            self.prefetch_row(t + PREFETCH_STEPS);
-            let step = self.step_inputs(t, &bias);
-            let (b, c): (&[f32; 16], &[f32; 16]) = (
-                step.b.try_into().expect("16 values"),
-                step.c.try_into().expect("16 values"),
-            );
-            let (dt, du) = (
-                _mm512_loadu_ps(step.dt.as_ptr()),
-                _mm512_loadu_ps(step.du.as_ptr()),
-            );
-            let mut y = _mm512_setzero_ps();
+        let steps = dt.chunks_exact(LANES).zip(du.chunks_exact(LANES));
+        for (i, ((dt, du), y)) in steps.zip(y.chunks_exact_mut(LANES)).enumerate() {
+            let (b, c) = self.bc(i, 16);
+            let (dt, du) = (_mm512_loadu_ps(dt.as_ptr()), _mm512_loadu_ps(du.as_ptr()));
+            let mut sums = [_mm512_setzero_ps(); 2];
             macro_rules! update {
                 ($($n:literal)*) => {$(
                     let decay = exp2_avx512(_mm512_mul_ps(dt, a2[$n]));
                     let input = _mm512_mul_ps(du, _mm512_set1_ps(b[$n]));
                     s[$n] = _mm512_fmadd_ps(decay, s[$n], input);
-                    y = _mm512_fmadd_ps(_mm512_set1_ps(c[$n]), s[$n], y);
+                    sums[$n % 2] = _mm512_fmadd_ps(_mm512_set1_ps(c[$n]), s[$n], sums[$n % 2]);
                 )*};
             }
             update!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
-            let mut y_lanes = [0.0f32; LANES];
-            _mm512_storeu_ps(y_lanes.as_mut_ptr(), y);
-            self.write_output(&step, &skip, &y_lanes, out_t);
+            _mm512_storeu_ps(y.as_mut_ptr(), _mm512_add_ps(sums[0], sums[1]));
         }
         for (n, row) in state.iter_mut().enumerate() {
             _mm512_storeu_ps(row.as_mut_ptr(), s[n]);

@@ -514,9 +514,20 @@ fn wrong_lengths_are_errors_not_panics() {
 }
 
 /// The token-major scan (the layout models use) equals the channel-major reference,
-/// both for the 16-channel block kernel and for the fallback shapes.
+/// both for the 16-channel block kernel and for the fallback shapes, over more steps than
+/// one packed chunk and on 1 and 3 threads (one band of blocks per batch row, and two).
 #[test]
 fn token_major_scan_matches_reference() {
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a pool");
+        pool.install(token_major_scan_matches_reference_on_this_pool);
+    }
+}
+
+fn token_major_scan_matches_reference_on_this_pool() {
     let mut rng = StdRng::seed_from_u64(6);
     for (dim, groups, state) in [(32, 1, 16), (64, 2, 16), (32, 1, 5), (24, 2, 8)] {
         let dims = ScanDims {
