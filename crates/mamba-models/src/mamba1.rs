@@ -29,9 +29,9 @@ use crate::model::{step_through_host, Mixer};
 use crate::state::{LayerState, StateSize};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use mamba_ops::causal_conv1d::{causal_conv1d_token_major, ConvDims, ConvInputs};
+use mamba_ops::causal_conv1d::{causal_conv1d_token_major_into, ConvDims, ConvInputs};
 use mamba_ops::math::NO_DT_LIMIT;
-use mamba_ops::selective_scan::{selective_scan_token_major, BcForm, ScanDims, ScanInputs};
+use mamba_ops::selective_scan::{selective_scan_token_major_into, BcForm, ScanDims, ScanInputs};
 use mamba_ops::selective_state_update::{selective_state_update_into, StepDims, StepInputs};
 use mamba_ops::tensor::{causal_conv1d, selective_scan, ScanOptions, StepOptions};
 use std::cell::Cell;
@@ -241,11 +241,11 @@ impl MambaMixer {
     }
 
     /// Per token, the widths of [`Mixer::forward_host`]'s intermediates in the piece
-    /// scratch: xs, z (d_inner), dt (dt_rank), B, C (N), then Δ (d_inner); every value
-    /// written before it is read.
-    fn piece_widths(&self) -> [usize; 6] {
+    /// scratch: xs, z (d_inner), dt (dt_rank), B, C (N), then Δ and the conv's output xc
+    /// (d_inner); every value written before it is read (the scan's output reuses xs's).
+    fn piece_widths(&self) -> [usize; 7] {
         let (di, n) = (self.d_inner, self.state_size);
-        [di, di, self.dt_rank, n, n, di]
+        [di, di, self.dt_rank, n, n, di, di]
     }
 }
 
@@ -356,10 +356,10 @@ impl Mixer for MambaMixer {
         let p = &self.decode;
         let rows = batch * len;
         let lens = self.piece_widths().map(|l| l * rows);
-        with_bounded_split_scratch(&PIECE_SCRATCH, lens, |[xs, z, dt, b, c, delta]| {
+        with_bounded_split_scratch(&PIECE_SCRATCH, lens, |[xs, z, dt, b, c, delta, xc]| {
             self.in_proj
                 .forward_rows_host_parts(x, &mut [&mut *xs, &mut *z])?;
-            let conv = causal_conv1d_token_major(
+            state.conv = causal_conv1d_token_major_into(
                 &ConvDims {
                     batch,
                     dim: di,
@@ -373,14 +373,15 @@ impl Mixer for MambaMixer {
                     initial_states: Some(&state.conv),
                     silu: true,
                 },
-            )?;
-            let xc = conv.out; // (b, L, d_inner)
+                &mut [&mut *xc],
+            )?; // xc: (b, L, d_inner)
             self.x_proj
-                .forward_rows_host_parts(&xc, &mut [&mut *dt, &mut *b, &mut *c])?;
+                .forward_rows_host_parts(xc, &mut [&mut *dt, &mut *b, &mut *c])?;
             self.dt_bc_norms
                 .apply_host([&mut *dt, &mut *b, &mut *c], rows)?;
             self.dt_proj.forward_rows_host(dt, delta)?;
-            let scan = selective_scan_token_major(
+            let y = xs; // the conv has read xs: the scan writes its (b, L, d_inner) there
+            state.ssm = selective_scan_token_major_into(
                 &ScanDims {
                     batch,
                     dim: di,
@@ -389,7 +390,7 @@ impl Mixer for MambaMixer {
                     bc: BcForm::Varying { groups: 1 },
                 },
                 &ScanInputs {
-                    u: &xc,
+                    u: xc,
                     delta,
                     a: &p.a,
                     b,
@@ -400,10 +401,9 @@ impl Mixer for MambaMixer {
                     delta_softplus: true,
                     initial_state: Some(&state.ssm),
                 },
+                y,
             )?;
-            state.conv = conv.final_states;
-            state.ssm = scan.last_state;
-            self.out_proj.forward_rows_host(&scan.out, out)
+            self.out_proj.forward_rows_host(y, out)
         })
     }
 

@@ -362,6 +362,19 @@ const LANES: usize = 16;
 /// takes a band of such blocks of one batch row ([`scan_band`]). Falls back to the
 /// per-channel kernel when `dim / groups` is not a multiple of 16.
 pub fn selective_scan_token_major(dims: &ScanDims, x: &ScanInputs) -> Result<ScanOutput> {
+    let mut out = vec![0.0; dims.batch * dims.len * dims.dim];
+    let last_state = selective_scan_token_major_into(dims, x, &mut out)?;
+    Ok(ScanOutput { out, last_state })
+}
+
+/// [`selective_scan_token_major`] into a caller's `out: (batch, L, dim)` (every value
+/// overwritten, so it may hold anything: a model's kept scratch, no zeroed buffer per call);
+/// returns `last_state: (batch, dim, N)`.
+pub fn selective_scan_token_major_into(
+    dims: &ScanDims,
+    x: &ScanInputs,
+    out: &mut [f32],
+) -> Result<Vec<f32>> {
     dims.check(x)?;
     let BcForm::Varying { groups } = dims.bc else {
         return Err(shape_err(
@@ -369,8 +382,11 @@ pub fn selective_scan_token_major(dims: &ScanDims, x: &ScanInputs) -> Result<Sca
         ));
     };
     let (nb, nd, nl, nn) = (dims.batch, dims.dim, dims.len, dims.state);
+    expect_len("out", out.len(), nb * nl * nd)?;
     if (nd / groups) % LANES != 0 {
-        return scan_via_channel_major(dims, x);
+        let whole = scan_via_channel_major(dims, x)?;
+        out.copy_from_slice(&whole.out);
+        return Ok(whole.last_state);
     }
     // A transposed to (N, dim), so that a block of channels reads one vector per state
     // index, and in log2 units: exp(dt A) = 2^(dt A log2(e)).
@@ -379,7 +395,6 @@ pub fn selective_scan_token_major(dims: &ScanDims, x: &ScanInputs) -> Result<Sca
         .map(|(n, d)| x.a[d * nn + n] * std::f32::consts::LOG2_E)
         .collect();
     let bands = band_blocks(nb, nd / LANES, rayon::current_num_threads());
-    let mut out = vec![0.0; nb * nl * nd];
     let mut last_state = vec![0.0; nb * nd * nn];
     let tasks: Vec<Band> = out
         .chunks_mut(nl * nd)
@@ -412,7 +427,7 @@ pub fn selective_scan_token_major(dims: &ScanDims, x: &ScanInputs) -> Result<Sca
             || job.run(band),
         )
     });
-    Ok(ScanOutput { out, last_state })
+    Ok(last_state)
 }
 
 /// The blocks of [`LANES`] channels cut into consecutive bands, as few per batch row as give

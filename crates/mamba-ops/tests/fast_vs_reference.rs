@@ -515,7 +515,8 @@ fn wrong_lengths_are_errors_not_panics() {
 
 /// The token-major scan (the layout models use) equals the channel-major reference,
 /// both for the 16-channel block kernel and for the fallback shapes, over more steps than
-/// one packed chunk and on 1 and 3 threads (one band of blocks per batch row, and two).
+/// one packed chunk and on 1 and 3 threads (one band of blocks per batch row, and two); the
+/// same into a caller's buffer.
 #[test]
 fn token_major_scan_matches_reference() {
     for threads in [1, 3] {
@@ -566,6 +567,12 @@ fn token_major_scan_matches_reference_on_this_pool() {
             "dim {dim} groups {groups} state {state}"
         );
         assert!(max_abs_diff(&got.last_state, &want.last_state) < 1e-5);
+        // Into a caller's buffer: every value overwritten, a buffer of the wrong length refused.
+        let mut into = vec![f32::NAN; got.out.len()];
+        let last = selective_scan_token_major_into(&dims, &inputs, &mut into).unwrap();
+        assert_eq!((into, last), (got.out, got.last_state));
+        let mut short = vec![0.0; 2 * l * dim - 1];
+        assert!(selective_scan_token_major_into(&dims, &inputs, &mut short).is_err());
     }
 }
 
