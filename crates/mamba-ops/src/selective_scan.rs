@@ -1467,3 +1467,73 @@ fn gate_and_skip_backward(ch: &Channel, g_out: &[f32], out: &mut RowGrads, go: &
     }
     out.per_row[nn] = g_d;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{BlockScan, LANES};
+
+    /// Deterministic values in `[lo, hi)` (a small linear congruential sequence).
+    fn values(seed: u32, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                lo + (hi - lo) * (s >> 8) as f32 / (1u32 << 24) as f32
+            })
+            .collect()
+    }
+
+    /// The block recurrence's three forms (any state length; sixteen values portable, as
+    /// CPUs without AVX-512 run it; sixteen in AVX-512 registers where the CPU has them)
+    /// give the same outputs and states over a chunk.
+    #[test]
+    fn block_recurrence_forms_agree() {
+        let (steps, nn) = (40, 16);
+        let a2_t = values(1, nn * LANES, -6.0, -0.1);
+        let (b, c) = (
+            values(2, steps * nn, -1.0, 1.0),
+            values(3, steps * nn, -1.0, 1.0),
+        );
+        let dt = values(4, steps * LANES, 0.001, 1.5);
+        let du = values(5, steps * LANES, -1.0, 1.0);
+        let h0: Vec<[f32; LANES]> = values(6, nn * LANES, -1.0, 1.0)
+            .chunks(LANES)
+            .map(|r| r.try_into().expect("LANES"))
+            .collect();
+        let job = BlockScan {
+            a2_t: &a2_t,
+            dim: LANES,
+            first: 0,
+            b: &b,
+            c: &c,
+            bc_stride: nn,
+        };
+        let general = {
+            let (mut state, mut y) = (h0.clone(), vec![0.0; steps * LANES]);
+            job.run_steps(&mut state, &dt, &du, &mut y);
+            (state, y)
+        };
+        let mut forms = vec![("portable", {
+            let (mut state, mut y) = (h0.clone(), vec![0.0; steps * LANES]);
+            let fixed: &mut [[f32; LANES]; 16] = (&mut state[..]).try_into().expect("16");
+            job.run_steps_16(fixed, &dt, &du, &mut y);
+            (state, y)
+        })];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            let (mut state, mut y) = (h0.clone(), vec![0.0; steps * LANES]);
+            let fixed: &mut [[f32; LANES]; 16] = (&mut state[..]).try_into().expect("16");
+            // SAFETY: the CPU has AVX-512F (detected just above).
+            unsafe { job.run_steps_16_avx512(fixed, &dt, &du, &mut y) };
+            forms.push(("avx512", (state, y)));
+        }
+        for (form, (state, y)) in forms {
+            let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-4);
+            assert!(close(&y, &general.1), "{form}: outputs");
+            assert!(
+                close(state.as_flattened(), general.0.as_flattened()),
+                "{form}: states"
+            );
+        }
+    }
+}
