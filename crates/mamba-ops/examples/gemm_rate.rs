@@ -2,8 +2,8 @@
 //! uses it; f32), `matmul_nt_threaded` (the gemm crate on transposed blocks of the weights, as
 //! the projections run it; f32) and `matmul_bf16_nt` (bf16 operands, f32 sums; on CPUs with
 //! AVX-512 BF16) on a square 2048 product and on the 130m models' projections over 512 tokens
-//! (the rows of one piece of a host forward pass; the narrow ones too, which thread
-//! differently), best of several rounds.
+//! (the narrow ones too, which thread differently) and over 2048 tokens (the longest piece of
+//! a host forward pass), best of several rounds.
 //!
 //! `RAYON_NUM_THREADS=1 cargo run --release -p mamba-ops --example gemm_rate`
 
@@ -16,10 +16,14 @@ use std::time::Instant;
 const ROUNDS: usize = 5;
 
 /// `(name, m, n, k)`: `y (m x n) = x (m x k) W^T` with `W: (n, k)`, as a projection runs.
-const SHAPES: [(&str, usize, usize, usize); 6] = [
+const SHAPES: [(&str, usize, usize, usize); 8] = [
     ("square 2048", 2048, 2048, 2048),
     ("mamba2-130m in_proj, 512 tokens", 512, 3352, 768),
     ("mamba-130m in_proj, 512 tokens", 512, 3072, 768),
+    // A prefill piece of 2048 tokens, as the host forward cuts them now: Mamba-1's in_proj
+    // runs as two products of 1536 columns (x and z, each into its own buffer).
+    ("mamba-130m in_proj's x half, 2048 tokens", 2048, 1536, 768),
+    ("130m out_proj, 2048 tokens", 2048, 768, 1536),
     ("130m out_proj, 512 tokens", 512, 768, 1536),
     ("mamba-130m x_proj, 512 tokens", 512, 80, 1536),
     ("mamba2-130m in_proj's dt rows, 512 tokens", 512, 24, 768),
