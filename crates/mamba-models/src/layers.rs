@@ -15,6 +15,7 @@ use mamba_ops::gemm::{
 use mamba_ops::gemv::{gemv, Weights};
 use mamba_ops::pages::back_with_huge_pages;
 use mamba_ops::quant::{QuantMatrix, BLOCK};
+use mamba_ops::rmsnorm_gated::{rmsnorm_gated_in_place, rmsnorm_gated_into, NormDims};
 use rayon::prelude::*;
 use std::cell::Cell;
 use std::ops::Range;
@@ -728,24 +729,32 @@ impl RmsNorm {
 
     /// The norm of each `hidden`-wide row of `x`, written to `out` (host slices).
     pub fn forward_host(&self, x: &[f32], out: &mut [f32]) -> Result<()> {
-        out.copy_from_slice(x);
-        self.normalize_host(out)
+        let dims = self.dims_for(x.len());
+        self.with_f32_weight(|w| Ok(rmsnorm_gated_into(&dims, x, w, None, out)?))
     }
 
     /// The norm of each row of `x`, in place.
     pub fn normalize_host(&self, x: &mut [f32]) -> Result<()> {
+        let dims = self.dims_for(x.len());
+        self.with_f32_weight(|w| Ok(rmsnorm_gated_in_place(&dims, x, w, None)?))
+    }
+
+    /// The plain RMSNorm's sizes over `len` values: one group per row, no gate.
+    fn dims_for(&self, len: usize) -> NormDims {
         let hidden = self.weight.elem_count();
-        let dims = mamba_ops::rmsnorm_gated::NormDims {
-            rows: x.len() / hidden.max(1),
+        NormDims {
+            rows: len / hidden.max(1),
             hidden,
             group_size: hidden,
             eps: self.eps,
             norm_before_gate: true,
-        };
+        }
+    }
+
+    /// `f` on the weight's host values (a norm's weight stays f32 in every weight format).
+    fn with_f32_weight(&self, f: impl FnOnce(&[f32]) -> Result<()>) -> Result<()> {
         with_host_values(&self.weight, |w| match w {
-            HostValues::F32(w) => Ok(mamba_ops::rmsnorm_gated::rmsnorm_gated_in_place(
-                &dims, x, w, None,
-            )?),
+            HostValues::F32(w) => f(w),
             HostValues::Bf16(_) => Err(Error::Input("norm weights must be f32".into())),
         })
     }

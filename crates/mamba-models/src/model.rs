@@ -176,7 +176,7 @@ impl Block {
         with_bounded_split_scratch(&BLOCK_SCRATCH, [h.len(), h.len()], |[normed, mixed]| {
             self.norm.forward_host(h, normed)?;
             self.mixer.forward_host(normed, batch_len, state, mixed)?;
-            h.iter_mut().zip(mixed.iter()).for_each(|(v, m)| *v += m);
+            add_threaded(h, mixed);
             self.add_feed_forward_host(h, normed, batch_len.0 * batch_len.1)
         })
     }
@@ -212,6 +212,16 @@ impl Block {
             Some((norm, ffn)) => Ok((ffn.forward(&norm.forward(&h)?)? + h)?),
         }
     }
+}
+
+/// `h += v` over rayon's threads (a prefill piece's residual: 6 MB of mamba-130m's 2048
+/// tokens, 0.9 ms a layer on one thread).
+fn add_threaded(h: &mut [f32], v: &[f32]) {
+    use rayon::prelude::*;
+    const VALUES_PER_TASK: usize = 1 << 14;
+    h.par_chunks_mut(VALUES_PER_TASK)
+        .zip(v.par_chunks(VALUES_PER_TASK))
+        .for_each(|(h, v)| mamba_ops::parallel::add_into(h, v));
 }
 
 /// Where a family keeps its tensors: the folder of the embedding, blocks (`layers.{i}`) and

@@ -118,6 +118,36 @@ pub fn rmsnorm_gated_in_place(
     Ok(())
 }
 
+/// [`rmsnorm_gated`] reading `x` and writing `out` (every value overwritten): each row is
+/// copied and normalised by one thread while it sits in that core's cache, so the memory is
+/// passed over once, by all the threads (a copy of the whole input first took one thread a
+/// separate pass).
+pub fn rmsnorm_gated_into(
+    dims: &NormDims,
+    x: &[f32],
+    weight: &[f32],
+    z: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    check(dims, x, weight, z)?;
+    if out.len() != x.len() {
+        return Err(OpError::Shape {
+            op: "rmsnorm_gated",
+            msg: format!("out has {} elements, expected {}", out.len(), x.len()),
+        });
+    }
+    out.par_chunks_mut(dims.hidden)
+        .zip(x.par_chunks(dims.hidden))
+        .enumerate()
+        .with_min_len(16)
+        .for_each(|(r, (row, x_row))| {
+            row.copy_from_slice(x_row);
+            let z_row = z.map(|z| &z[r * dims.hidden..][..dims.hidden]);
+            normalize_row(dims, row, weight, z_row);
+        });
+    Ok(())
+}
+
 /// One row normalised in place, vectorised (the gate's silu in its polynomial form).
 fn normalize_row(dims: &NormDims, row: &mut [f32], weight: &[f32], z: Option<&[f32]>) {
     with_simd(

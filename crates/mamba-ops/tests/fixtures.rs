@@ -215,5 +215,11 @@ fn rmsnorm_gated_matches_fixtures() {
             let out = run(&dims, &x, &weight, z.as_deref()).unwrap();
             case.assert_output("out", &out);
         }
+        // Into a caller's buffer: every value written; a buffer of another length refused.
+        let mut out = vec![f32::NAN; x.len()];
+        rmsnorm_gated_into(&dims, &x, &weight, z.as_deref(), &mut out).unwrap();
+        case.assert_output("out", &out);
+        let mut short = vec![0.0; x.len() - 1];
+        assert!(rmsnorm_gated_into(&dims, &x, &weight, z.as_deref(), &mut short).is_err());
     }
 }
