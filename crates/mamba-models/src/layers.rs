@@ -306,6 +306,9 @@ impl Linear {
         if rows <= GEMV_MAX_ROWS {
             return self.forward_few_rows_parts(x, rows, parts);
         }
+        if parts.len() > 1 && out <= NARROW_OUTPUT_MOST {
+            return self.forward_narrow_parts(x, rows, parts);
+        }
         let inp = x.len() / rows;
         let products = |w: &[f32], parts: &mut [&mut [f32]]| {
             for (columns, part) in parts_with_columns(parts, rows) {
@@ -368,6 +371,21 @@ impl Linear {
             self.add_bias_host(part, columns)?;
         }
         Ok(())
+    }
+
+    /// [`Linear::forward_rows_host_parts`] for a narrow projection (Mamba-1's x_proj: Δ, B
+    /// and C, 48 + 16 + 16 columns): one product over all its columns, then each part's
+    /// columns copied out. Products 16 columns wide leave the GEMM's kernel mostly idle:
+    /// mamba-130m's three x_proj products over 2048 tokens ran at half the rate of one.
+    fn forward_narrow_parts(&self, x: &[f32], rows: usize, parts: &mut [&mut [f32]]) -> Result<()> {
+        let out = self.out_features();
+        with_bounded_scratch(&NARROW_OUTPUT, rows * out, |y| {
+            self.forward_rows_host_parts(x, &mut [&mut *y])?;
+            for (columns, part) in parts_with_columns(parts, rows) {
+                copy_columns(y, out, columns.start, columns.len(), part);
+            }
+            Ok(())
+        })
     }
 
     /// The prefill product on candle's integer kernels for `q` (this layer's weights), made
@@ -433,10 +451,17 @@ fn parts_with_columns<'p, 'b>(
     })
 }
 
+/// The widest projection whose parts [`Linear::forward_rows_host_parts`] computes as one
+/// product ([`Linear::forward_narrow_parts`]).
+const NARROW_OUTPUT_MOST: usize = 256;
+
 thread_local! {
     /// The whole output of a prefill's product on candle's integer kernels when it is cut
     /// into parts, before its columns go to them.
     static INT8_OUTPUT: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// The whole output of a narrow prefill product cut into parts
+    /// ([`Linear::forward_narrow_parts`]), before its columns go to them.
+    static NARROW_OUTPUT: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// A prefill's activations rounded to bf16 for a product by bf16 weights.
     static ROUNDED: Cell<Vec<bf16>> = const { Cell::new(Vec::new()) };
     /// A q4_0 matrix dequantised to bf16 for a prefill's product.
@@ -446,7 +471,7 @@ thread_local! {
     pub(crate) static PIECE_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// Most values a prefill's per-thread scratch ([`INT8_OUTPUT`], [`ROUNDED`],
+/// Most values a prefill's per-thread scratch ([`INT8_OUTPUT`], [`NARROW_OUTPUT`], [`ROUNDED`],
 /// [`DEQUANTISED`], [`PIECE_SCRATCH`]) keeps (64 MB of f32: a mamba2-130m layer's
 /// intermediates for 2048 tokens, 55 MB); larger buffers are made for the call, so that a
 /// thread does not hold on to a model-sized one.
@@ -814,12 +839,20 @@ mod tests {
 
     /// Each part of a split projection equals its columns of the whole product through
     /// the tensors (bias included), for a few rows (matrix-vector kernels) and many (GEMM),
-    /// dense and quantised weights. The activations are bf16 values, which the product by bf16
-    /// weights on bf16 dot instructions takes exactly; q4_0 weights there are rounded to bf16,
-    /// by at most 2^-9 of each weight.
+    /// dense and quantised weights, narrow projections (one product, then its columns) and
+    /// wide ones (a product per part). The activations are bf16 values, which the product by
+    /// bf16 weights on bf16 dot instructions takes exactly; q4_0 weights there are rounded to
+    /// bf16, by at most 2^-9 of each weight.
     #[test]
     fn projection_parts_are_the_columns_of_the_whole_product() {
-        let (out, inp, widths) = (40, 64, [7, 25, 8]);
+        let wide = NARROW_OUTPUT_MOST + 25;
+        for (out, widths) in [(40, [7, 25, 8]), (wide + 15, [7, wide, 8])] {
+            parts_are_the_columns_of_the_whole_product(out, widths);
+        }
+    }
+
+    fn parts_are_the_columns_of_the_whole_product(out: usize, widths: [usize; 3]) {
+        let inp = 64;
         let weight = Tensor::from_vec(lcg_values(out * inp, 3), (out, inp), &Device::Cpu).unwrap();
         let bias = Tensor::from_vec(lcg_values(out, 4), out, &Device::Cpu).unwrap();
         let formats = [
@@ -863,12 +896,14 @@ mod tests {
         }
     }
 
-    /// A q8_0 projection wide enough for candle's integer kernels (40 rows: 32 on them, 8
-    /// widened; a part across the boundary) gives its parts, and its unsplit output, the
-    /// dequantised product's columns but for the activations' 8-bit rounding.
+    /// A q8_0 projection wide enough for candle's integer kernels, and too wide to be one
+    /// narrow product (296 rows: 288 on them, 8 widened; a part across the boundary) gives
+    /// its parts, and its unsplit output, the dequantised product's columns but for the
+    /// activations' 8-bit rounding.
     #[test]
     fn an_int8_prefill_projection_fills_its_parts() {
-        let (out, inp, widths, rows) = (40, 512, [7, 30, 3], GEMV_MAX_ROWS + 21);
+        let (out, inp, widths, rows) = (296, 512, [7, 286, 3], GEMV_MAX_ROWS + 21);
+        assert!(out > NARROW_OUTPUT_MOST);
         let weight = Tensor::from_vec(lcg_values(out * inp, 6), (out, inp), &Device::Cpu).unwrap();
         let bias = Tensor::from_vec(lcg_values(out, 7), out, &Device::Cpu).unwrap();
         let mut linear = Linear::new(weight, Some(bias.clone()));
