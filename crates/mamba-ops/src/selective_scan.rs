@@ -359,7 +359,7 @@ const LANES: usize = 16;
 ///
 /// Sixteen channels run side by side in the lanes of a vector, so the state update,
 /// the `C . h` contraction and the gate are all lane-wise (no horizontal sums); each thread
-/// takes a band of such blocks of one batch row ([`scan_band`]). Falls back to the
+/// takes a band of such blocks of one batch row ([`BandScan::run`]). Falls back to the
 /// per-channel kernel when `dim / groups` is not a multiple of 16.
 pub fn selective_scan_token_major(dims: &ScanDims, x: &ScanInputs) -> Result<ScanOutput> {
     let mut out = vec![0.0; dims.batch * dims.len * dims.dim];
