@@ -171,11 +171,11 @@ const EXP2_POLY: [f32; 6] = [
 
 /// [`exp2_fast`] of sixteen values in an AVX-512 register: `x` cut to `n + f` by `roundscale`
 /// (to nearest, ties to even `n`), the same polynomial, then `scalef` for the factor `2^n`
-/// instead of building it from bits, and no lower clamp (`scalef` takes `2^n` to subnormals and
-/// zero below -126, where [`exp2_fast`] stops at `2^-126`): three vector operations fewer.
-/// Equal to [`exp2_fast`] lane by lane for `-126 <= x <= 126` except at the ties `x = k + 1/2`,
-/// which [`exp2_fast`] rounds to even `n + 127`: there the other neighbour, both within the
-/// polynomial's error.
+/// instead of building it from bits, and no clamp (`scalef` takes `2^n` to subnormals and zero
+/// below -126, where [`exp2_fast`] stops at `2^-126`, and to infinity from 128 on, where
+/// [`exp2_fast`] stops at `2^126`): four vector operations fewer. Equal to [`exp2_fast`] lane by
+/// lane for `-126 <= x <= 126` except at the ties `x = k + 1/2`, which [`exp2_fast`] rounds to
+/// even `n + 127`: there the other neighbour, both within the polynomial's error.
 ///
 /// # Safety
 /// The CPU must have AVX-512F.
@@ -184,7 +184,6 @@ const EXP2_POLY: [f32; 6] = [
 #[inline]
 pub unsafe fn exp2_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    let x = _mm512_min_ps(x, _mm512_set1_ps(126.0));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
     let f = _mm512_sub_ps(x, n);
     let mut p = _mm512_set1_ps(EXP2_POLY[0]);
@@ -380,7 +379,8 @@ mod tests {
     }
 
     /// The AVX-512 form gives exp2_fast's bits from -126 to 126 (within the polynomial's error
-    /// at the ties, where the two round to different neighbours), and smaller values below.
+    /// at the ties, where the two round to different neighbours), smaller values below, and
+    /// 2^x above (infinity from 128).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn exp2_avx512_equals_exp2_fast_in_its_range() {
@@ -416,6 +416,28 @@ mod tests {
             _mm512_storeu_ps(below.as_mut_ptr(), v);
         }
         assert!(below.iter().all(|v| *v >= 0.0 && *v < exp2_fast(-126.0)));
+        // Above 126 it keeps following 2^x, to infinity past the largest f32.
+        let mut above = [0.0f32; 16];
+        // SAFETY: as above.
+        unsafe {
+            use std::arch::x86_64::*;
+            let xs = _mm512_setr_ps(
+                127.0, 127.25, 127.5, 127.75, 128.0, 200.0, 126.5, 126.75, 127.0, 127.0, 127.0,
+                127.0, 127.0, 127.0, 127.0, 127.0,
+            );
+            _mm512_storeu_ps(above.as_mut_ptr(), exp2_avx512(xs));
+        }
+        for (x, v) in [127.0f32, 127.25, 127.5, 127.75, 126.5, 126.75]
+            .into_iter()
+            .zip([above[0], above[1], above[2], above[3], above[6], above[7]])
+        {
+            let want = 2f64.powf(x as f64);
+            assert!(
+                ((v as f64) - want).abs() <= 1e-6 * want,
+                "2^{x}: {v} against {want}"
+            );
+        }
+        assert!(above[4].is_infinite() && above[5].is_infinite());
     }
 
     #[test]
