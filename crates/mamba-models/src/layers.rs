@@ -307,7 +307,7 @@ impl Linear {
             return self.forward_few_rows_parts(x, rows, parts);
         }
         if parts.len() > 1 && out <= NARROW_OUTPUT_MOST {
-            return self.forward_narrow_parts(x, rows, parts);
+            return self.forward_whole_then_parts(x, rows, parts);
         }
         let inp = x.len() / rows;
         let products = |w: &[f32], parts: &mut [&mut [f32]]| {
@@ -353,16 +353,8 @@ impl Linear {
             LinearWeight::Quantized(q) => match self.int8_product(q)? {
                 Some(product) => match parts {
                     [y] => product.forward(x, y)?,
-                    _ => {
-                        let out = self.out_features();
-                        with_bounded_scratch(&INT8_OUTPUT, rows * out, |y| {
-                            product.forward(x, y)?;
-                            for (columns, part) in parts_with_columns(parts, rows) {
-                                copy_columns(y, out, columns.start, columns.len(), part);
-                            }
-                            Ok::<_, Error>(())
-                        })?
-                    }
+                    // The integer kernels take the whole matrix: its columns go to the parts.
+                    _ => return self.forward_whole_then_parts(x, rows, parts),
                 },
                 None => widened_products(&|r, out| q.dequantize_rows_into(r, out), parts),
             },
@@ -373,14 +365,20 @@ impl Linear {
         Ok(())
     }
 
-    /// [`Linear::forward_rows_host_parts`] for a narrow projection (Mamba-1's x_proj: Δ, B
-    /// and C, 48 + 16 + 16 columns): one product over all its columns, then each part's
-    /// columns copied out. Products 16 columns wide leave the GEMM's kernel mostly idle:
-    /// mamba-130m's three x_proj products over 2048 tokens took a quarter to a third longer
-    /// than one (4.5 against 3.4 ms on one thread).
-    fn forward_narrow_parts(&self, x: &[f32], rows: usize, parts: &mut [&mut [f32]]) -> Result<()> {
+    /// [`Linear::forward_rows_host_parts`] as one product over all the columns (bias
+    /// included), then each part's columns copied out: for a narrow projection (Mamba-1's
+    /// x_proj: Δ, B and C, 48 + 16 + 16 columns; products 16 columns wide leave the GEMM's
+    /// kernel mostly idle: mamba-130m's three x_proj products over 2048 tokens took a quarter
+    /// to a third longer than one, 4.5 against 3.4 ms on one thread) and for candle's integer
+    /// kernels, which take the whole matrix.
+    fn forward_whole_then_parts(
+        &self,
+        x: &[f32],
+        rows: usize,
+        parts: &mut [&mut [f32]],
+    ) -> Result<()> {
         let out = self.out_features();
-        with_bounded_scratch(&NARROW_OUTPUT, rows * out, |y| {
+        with_bounded_scratch(&WHOLE_OUTPUT, rows * out, |y| {
             self.forward_rows_host_parts(x, &mut [&mut *y])?;
             for (columns, part) in parts_with_columns(parts, rows) {
                 copy_columns(y, out, columns.start, columns.len(), part);
@@ -453,16 +451,13 @@ fn parts_with_columns<'p, 'b>(
 }
 
 /// The widest projection whose parts [`Linear::forward_rows_host_parts`] computes as one
-/// product ([`Linear::forward_narrow_parts`]).
+/// product ([`Linear::forward_whole_then_parts`]).
 const NARROW_OUTPUT_MOST: usize = 256;
 
 thread_local! {
-    /// The whole output of a prefill's product on candle's integer kernels when it is cut
-    /// into parts, before its columns go to them.
-    static INT8_OUTPUT: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-    /// The whole output of a narrow prefill product cut into parts
-    /// ([`Linear::forward_narrow_parts`]), before its columns go to them.
-    static NARROW_OUTPUT: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// The whole output of a prefill product cut into parts
+    /// ([`Linear::forward_whole_then_parts`]), before its columns go to them.
+    static WHOLE_OUTPUT: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
     /// A prefill's activations rounded to bf16 for a product by bf16 weights.
     static ROUNDED: Cell<Vec<bf16>> = const { Cell::new(Vec::new()) };
     /// A q4_0 matrix dequantised to bf16 for a prefill's product.
@@ -472,7 +467,7 @@ thread_local! {
     pub(crate) static PIECE_SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// Most values a prefill's per-thread scratch ([`INT8_OUTPUT`], [`NARROW_OUTPUT`], [`ROUNDED`],
+/// Most values a prefill's per-thread scratch ([`WHOLE_OUTPUT`], [`ROUNDED`],
 /// [`DEQUANTISED`], [`PIECE_SCRATCH`]) keeps (64 MB of f32: a mamba2-130m layer's
 /// intermediates for 2048 tokens, 55 MB); larger buffers are made for the call, so that a
 /// thread does not hold on to a model-sized one.
