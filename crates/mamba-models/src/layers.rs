@@ -303,11 +303,12 @@ impl Linear {
                 "output parts of {total} values do not split {out}-wide rows"
             )));
         }
-        if rows <= GEMV_MAX_ROWS {
-            return self.forward_few_rows_parts(x, rows, parts);
-        }
-        if parts.len() > 1 && out <= NARROW_OUTPUT_MOST {
+        let few_rows = rows <= GEMV_MAX_ROWS;
+        if parts.len() > 1 && (few_rows || out <= NARROW_OUTPUT_MOST) {
             return self.forward_whole_then_parts(x, rows, parts);
+        }
+        if let ([y], true) = (&mut *parts, few_rows) {
+            return self.forward_host(x, y); // the matrix-vector kernels
         }
         let inp = x.len() / rows;
         let products = |w: &[f32], parts: &mut [&mut [f32]]| {
@@ -369,8 +370,9 @@ impl Linear {
     /// included), then each part's columns copied out: for a narrow projection (Mamba-1's
     /// x_proj: Δ, B and C, 48 + 16 + 16 columns; products 16 columns wide leave the GEMM's
     /// kernel mostly idle: mamba-130m's three x_proj products over 2048 tokens took a quarter
-    /// to a third longer than one, 4.5 against 3.4 ms on one thread) and for candle's integer
-    /// kernels, which take the whole matrix.
+    /// to a third longer than one, 4.5 against 3.4 ms on one thread), for a few rows (the
+    /// matrix-vector kernels make the whole output) and for candle's integer kernels, which
+    /// take the whole matrix.
     fn forward_whole_then_parts(
         &self,
         x: &[f32],
@@ -398,26 +400,6 @@ impl Linear {
             let _ = self.int8.set(Int8Product::new(q)?);
         }
         Ok(self.int8.get().and_then(Option::as_ref))
-    }
-
-    /// [`Linear::forward_rows_host_parts`] for a few rows: the matrix-vector kernels, their
-    /// output cut into the parts.
-    fn forward_few_rows_parts(
-        &self,
-        x: &[f32],
-        rows: usize,
-        parts: &mut [&mut [f32]],
-    ) -> Result<()> {
-        if let [y] = parts {
-            return self.forward_host(x, y);
-        }
-        let out = self.out_features();
-        let mut y = vec![0.0f32; rows * out];
-        self.forward_host(x, &mut y)?;
-        for (columns, part) in parts_with_columns(parts, rows) {
-            copy_columns(&y, out, columns.start, columns.len(), part);
-        }
-        Ok(())
     }
 
     /// Adds the bias's `columns` (if there is a bias) to each row of `y`.
